@@ -1,0 +1,70 @@
+//! Store latency through the StoreActor, as the daemon uses it: a durable
+//! single-record write, and listing 1,000 VM records. Prints p50/p99 and
+//! writes them to `target/bench-results/store.txt`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use banger::actors::store::{List, Put, StoreActor};
+use banger::store::records::VmRecord;
+use banger::store::{self, Schema};
+
+const WRITES: usize = 500;
+const LISTED: usize = 1_000;
+const LISTS: usize = 200;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    format!(
+        "{name}: n={} p50={:?} p99={:?} max={:?}\n",
+        samples.len(),
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.99),
+        samples.last().copied().unwrap_or_default()
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let tmp = common::state_dir();
+    let opened = store::open(tmp.path(), Schema::production())?;
+    let report = actix::System::new().block_on(async move {
+        let (addr, _closed) = StoreActor::start(opened.store, 2);
+
+        let mut writes = Vec::with_capacity(WRITES);
+        for i in 0..WRITES {
+            let record = common::vm_record(i);
+            let start = Instant::now();
+            addr.send(Put(record)).await??;
+            writes.push(start.elapsed());
+        }
+        for i in WRITES..LISTED {
+            addr.send(Put(common::vm_record(i))).await??;
+        }
+
+        let mut lists = Vec::with_capacity(LISTS);
+        for _ in 0..LISTS {
+            let start = Instant::now();
+            let vms = addr.send(List::<VmRecord>::new()).await??;
+            lists.push(start.elapsed());
+            anyhow::ensure!(vms.len() == LISTED, "listed {} VMs", vms.len());
+        }
+        let mut report = String::new();
+        write!(report, "{}", summary("durable single-record write", writes))?;
+        write!(report, "{}", summary("list 1000 VM records", lists))?;
+        anyhow::Ok(report)
+    })?;
+
+    print!("{report}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("store.txt"), &report)?;
+    Ok(())
+}

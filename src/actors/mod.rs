@@ -1,0 +1,4 @@
+//! The daemon's actors. They hold little logic: they receive typed
+//! messages, call plain modules, and do the I/O.
+
+pub mod store;

@@ -1,0 +1,272 @@
+//! Daemon configuration: the mode (system or user), the TOML file, and the
+//! paths that follow from them. Parsing is pure; `load` reads the file.
+//! `config/bangerd.toml` documents every key with its default.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// System mode serves the whole host as root; user mode serves one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    System,
+    User,
+}
+
+impl Mode {
+    /// `--system`/`--user` when given, else system mode for root.
+    pub fn select(system: bool, user: bool) -> Mode {
+        match (system, user) {
+            (true, _) => Mode::System,
+            (_, true) => Mode::User,
+            _ if nix::unistd::geteuid().is_root() => Mode::System,
+            _ => Mode::User,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("cannot find the home directory for user-mode paths; set HOME or pass --state-dir")]
+    NoHome,
+}
+
+/// The file's keys; every one optional.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub state_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub log_level: Option<String>,
+}
+
+impl ConfigFile {
+    pub fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })
+    }
+}
+
+/// Values given on the command line; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub mode: Mode,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `banger=debug,info`.
+    pub log_level: String,
+}
+
+/// Where a mode keeps things when nothing overrides it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Defaults {
+    pub fn for_mode(mode: Mode) -> Result<Defaults, ConfigError> {
+        match mode {
+            Mode::System => Ok(Defaults {
+                config: PathBuf::from("/etc/banger/bangerd.toml"),
+                state_dir: PathBuf::from("/var/lib/banger"),
+                runtime_dir: Some(PathBuf::from("/run/banger")),
+            }),
+            Mode::User => Ok(Defaults {
+                config: dirs::config_dir()
+                    .ok_or(ConfigError::NoHome)?
+                    .join("banger/bangerd.toml"),
+                state_dir: dirs::state_dir().ok_or(ConfigError::NoHome)?.join("banger"),
+                runtime_dir: dirs::runtime_dir().map(|d| d.join("banger")),
+            }),
+        }
+    }
+
+    /// The socket path when nothing names one: the runtime directory, or a
+    /// private directory under the state directory when there is none.
+    pub fn socket(&self, state_dir: &Path) -> PathBuf {
+        match &self.runtime_dir {
+            Some(dir) => dir.join("bangerd.sock"),
+            None => state_dir.join("run/bangerd.sock"),
+        }
+    }
+}
+
+/// Combines defaults, the file and the overrides, and validates the result.
+pub fn resolve(
+    mode: Mode,
+    defaults: &Defaults,
+    file: ConfigFile,
+    overrides: Overrides,
+) -> Result<Config, ConfigError> {
+    let state_dir = overrides
+        .state_dir
+        .or(file.state_dir)
+        .unwrap_or_else(|| defaults.state_dir.clone());
+    let socket = overrides
+        .socket
+        .or(file.socket)
+        .unwrap_or_else(|| defaults.socket(&state_dir));
+    let log_level = file.log_level.unwrap_or_else(|| "info".to_string());
+    require_absolute("state_dir", &state_dir)?;
+    require_absolute("socket", &socket)?;
+    tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| ConfigError::Invalid {
+        key: "log_level",
+        reason: e.to_string(),
+    })?;
+    Ok(Config {
+        mode,
+        state_dir,
+        socket,
+        log_level,
+    })
+}
+
+fn require_absolute(key: &'static str, path: &Path) -> Result<(), ConfigError> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            reason: format!("{} is not an absolute path", path.display()),
+        })
+    }
+}
+
+/// Reads the configuration: the file named by `--config` must exist; the
+/// mode's default file may be absent.
+pub fn load(mode: Mode, overrides: Overrides) -> Result<Config, ConfigError> {
+    let defaults = Defaults::for_mode(mode)?;
+    let (path, required) = match &overrides.config {
+        Some(path) => (path.clone(), true),
+        None => (defaults.config.clone(), false),
+    };
+    let file = match std::fs::read_to_string(&path) {
+        Ok(text) => ConfigFile::parse(&text, &path)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !required => ConfigFile::default(),
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    };
+    resolve(mode, &defaults, file, overrides)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user_defaults(runtime: Option<&str>) -> Defaults {
+        Defaults {
+            config: "/home/u/.config/banger/bangerd.toml".into(),
+            state_dir: "/home/u/.local/state/banger".into(),
+            runtime_dir: runtime.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let config = resolve(
+            Mode::User,
+            &user_defaults(Some("/run/user/1000/banger")),
+            ConfigFile::default(),
+            Overrides::default(),
+        )
+        .expect("config");
+        assert_eq!(
+            config.state_dir,
+            PathBuf::from("/home/u/.local/state/banger")
+        );
+        assert_eq!(
+            config.socket,
+            PathBuf::from("/run/user/1000/banger/bangerd.sock")
+        );
+        assert_eq!(config.log_level, "info");
+    }
+
+    #[test]
+    fn without_a_runtime_dir_the_socket_lives_under_the_state_dir() {
+        let config = resolve(
+            Mode::User,
+            &user_defaults(None),
+            ConfigFile::default(),
+            Overrides {
+                state_dir: Some("/srv/banger".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect("config");
+        assert_eq!(config.socket, PathBuf::from("/srv/banger/run/bangerd.sock"));
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let file = ConfigFile::parse(
+            "state_dir = \"/from/file\"\nlog_level = \"debug\"\n",
+            Path::new("x.toml"),
+        )
+        .expect("parse");
+        let config = resolve(
+            Mode::System,
+            &user_defaults(None),
+            file,
+            Overrides {
+                state_dir: Some("/from/flag".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect("config");
+        assert_eq!(config.state_dir, PathBuf::from("/from/flag"));
+        assert_eq!(config.log_level, "debug");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_field() {
+        let err =
+            ConfigFile::parse("stat_dir = \"/x\"\n", Path::new("b.toml")).expect_err("unknown");
+        assert!(err.to_string().contains("stat_dir"), "{err}");
+
+        let file =
+            ConfigFile::parse("state_dir = \"relative\"\n", Path::new("b.toml")).expect("parse");
+        let err = resolve(Mode::User, &user_defaults(None), file, Overrides::default())
+            .expect_err("relative");
+        assert!(err.to_string().starts_with("invalid state_dir"), "{err}");
+
+        let file = ConfigFile::parse("log_level = \"[[\"\n", Path::new("b.toml")).expect("parse");
+        let err = resolve(Mode::User, &user_defaults(None), file, Overrides::default())
+            .expect_err("level");
+        assert!(err.to_string().starts_with("invalid log_level"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_config_parses_and_holds_the_defaults() {
+        let text = include_str!("../config/bangerd.toml");
+        // Every key is documented commented out; uncommented, they parse.
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# ").filter(|l| l.contains(" = ")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file = ConfigFile::parse(&uncommented, Path::new("bangerd.toml")).expect("parse");
+        assert_eq!(file.log_level.as_deref(), Some("info"));
+        assert!(file.state_dir.is_some() && file.socket.is_some());
+    }
+}

@@ -1,0 +1,6 @@
+//! banger: a host supervisor for microVMs. `bangerd` owns every VM on the
+//! host; the `banger` CLI talks to it over a Unix socket.
+
+pub mod actors;
+pub mod config;
+pub mod store;

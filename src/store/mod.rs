@@ -1,0 +1,388 @@
+//! The store: one redb file, `<state-dir>/banger.redb`, holding every
+//! record banger keeps. In the daemon only `StoreActor` calls into this
+//! module; the migration probe reads files through [`lifecycle`] without
+//! ever writing them.
+//!
+//! Layout: one table per record type (`&str` key, envelope bytes, see
+//! [`codec`]), plus two meta tables: `meta_tables` (table name -> schema
+//! version) and `meta_migrations` (migration id -> unix time applied).
+//! Every write is its own durable commit.
+
+mod codec;
+pub mod lifecycle;
+pub mod lock;
+pub mod plan;
+pub mod records;
+pub mod schema;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction,
+};
+
+pub use lifecycle::{Opened, ProbeOutcome, open, probe};
+pub use plan::{Incompatible, Observed};
+pub use records::Record;
+pub use schema::Schema;
+
+use plan::Step;
+
+const META_TABLES: TableDefinition<&str, u32> = TableDefinition::new("meta_tables");
+const META_MIGRATIONS: TableDefinition<&str, u64> = TableDefinition::new("meta_migrations");
+
+fn data_table(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("cannot read the schema versions of the store {path}")]
+    Observe {
+        path: PathBuf,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the store {path} was written by a newer banger ({reason}); run a bangerd that knows this schema"
+    )]
+    Incompatible { path: PathBuf, reason: Incompatible },
+    #[error("migration {id} failed on record {key:?}: {reason}; the store was left as it was")]
+    MigrationFailed {
+        id: String,
+        key: String,
+        reason: String,
+    },
+    #[error("store access to table {table} failed")]
+    Db {
+        table: String,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("record {key:?} in table {table} cannot be decoded")]
+    Decode {
+        table: String,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("record {key:?} in table {table} is at v{found}, this binary reads v{expected}")]
+    RecordVersion {
+        table: String,
+        key: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("record {key:?} in table {table} changed since it was read")]
+    Conflict { table: String, key: String },
+    #[error("table {0} is not part of this store's schema")]
+    UnknownTable(String),
+    #[error("another bangerd ({holder}) holds the lock {path}; stop it first")]
+    Locked { path: PathBuf, holder: String },
+}
+
+fn db_err<E: Into<redb::Error>>(table: &str) -> impl FnOnce(E) -> StoreError + '_ {
+    move |source| StoreError::Db {
+        table: table.to_string(),
+        source: source.into(),
+    }
+}
+
+/// An open store. Cheap reads run concurrently; writes serialise inside redb.
+pub struct Store {
+    db: Database,
+    schema: Schema,
+    path: PathBuf,
+}
+
+impl Store {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    fn version_of<R: Record>(&self) -> Result<u32, StoreError> {
+        self.schema
+            .version_of(R::TABLE)
+            .ok_or_else(|| StoreError::UnknownTable(R::TABLE.to_string()))
+    }
+
+    fn decode<R: Record>(&self, key: &str, bytes: &[u8]) -> Result<R, StoreError> {
+        let expected = self.version_of::<R>()?;
+        let (found, record) = codec::decode::<R>(bytes).map_err(|source| StoreError::Decode {
+            table: R::TABLE.to_string(),
+            key: key.to_string(),
+            source,
+        })?;
+        if found != expected {
+            return Err(StoreError::RecordVersion {
+                table: R::TABLE.to_string(),
+                key: key.to_string(),
+                found,
+                expected,
+            });
+        }
+        Ok(record)
+    }
+
+    fn encode<R: Record>(&self, record: &R) -> Result<Vec<u8>, StoreError> {
+        let version = self.version_of::<R>()?;
+        codec::encode(version, record).map_err(|source| StoreError::Decode {
+            table: R::TABLE.to_string(),
+            key: record.key(),
+            source,
+        })
+    }
+
+    pub fn get<R: Record>(&self, key: &str) -> Result<Option<R>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err(R::TABLE))?;
+        let table = txn
+            .open_table(data_table(R::TABLE))
+            .map_err(db_err(R::TABLE))?;
+        let value = table.get(key).map_err(db_err(R::TABLE))?;
+        value.map(|v| self.decode(key, v.value())).transpose()
+    }
+
+    pub fn list<R: Record>(&self) -> Result<Vec<R>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err(R::TABLE))?;
+        let table = txn
+            .open_table(data_table(R::TABLE))
+            .map_err(db_err(R::TABLE))?;
+        let mut records = Vec::new();
+        for entry in table.iter().map_err(db_err(R::TABLE))? {
+            let (key, value) = entry.map_err(db_err(R::TABLE))?;
+            records.push(self.decode(key.value(), value.value())?);
+        }
+        Ok(records)
+    }
+
+    /// Inserts or replaces the record; durable when this returns.
+    pub fn put<R: Record>(&self, record: &R) -> Result<(), StoreError> {
+        let bytes = self.encode(record)?;
+        self.write::<R, _>(|table| {
+            table
+                .insert(record.key().as_str(), bytes.as_slice())
+                .map(drop)
+        })
+    }
+
+    /// Removes the record; returns whether it existed.
+    pub fn delete<R: Record>(&self, key: &str) -> Result<bool, StoreError> {
+        let mut existed = false;
+        self.write::<R, _>(|table| {
+            existed = table.remove(key)?.is_some();
+            Ok(())
+        })?;
+        Ok(existed)
+    }
+
+    /// Replaces the record stored under `key` with `new` (or removes it when
+    /// `new` is `None`) only if it still equals `expected` (`None`: absent).
+    /// Two writers racing on one record: one wins, the other gets
+    /// [`StoreError::Conflict`] and re-reads.
+    pub fn compare_and_swap<R: Record + PartialEq>(
+        &self,
+        key: &str,
+        expected: Option<&R>,
+        new: Option<&R>,
+    ) -> Result<(), StoreError> {
+        let new_bytes = new.map(|r| self.encode(r)).transpose()?;
+        let txn = self.db.begin_write().map_err(db_err(R::TABLE))?;
+        {
+            let mut table = txn
+                .open_table(data_table(R::TABLE))
+                .map_err(db_err(R::TABLE))?;
+            let current = table
+                .get(key)
+                .map_err(db_err(R::TABLE))?
+                .map(|v| self.decode::<R>(key, v.value()))
+                .transpose()?;
+            if current.as_ref() != expected {
+                return Err(StoreError::Conflict {
+                    table: R::TABLE.to_string(),
+                    key: key.to_string(),
+                });
+            }
+            match &new_bytes {
+                Some(bytes) => table.insert(key, bytes.as_slice()).map(drop),
+                None => table.remove(key).map(drop),
+            }
+            .map_err(db_err(R::TABLE))?;
+        }
+        txn.commit().map_err(db_err(R::TABLE))
+    }
+
+    fn write<R: Record, F>(&self, f: F) -> Result<(), StoreError>
+    where
+        F: FnOnce(&mut redb::Table<&'static str, &'static [u8]>) -> Result<(), redb::StorageError>,
+    {
+        let txn = self.db.begin_write().map_err(db_err(R::TABLE))?;
+        {
+            let mut table = txn
+                .open_table(data_table(R::TABLE))
+                .map_err(db_err(R::TABLE))?;
+            f(&mut table).map_err(db_err(R::TABLE))?;
+        }
+        txn.commit().map_err(db_err(R::TABLE))
+    }
+
+    /// The table versions and applied migrations this store holds.
+    pub fn observe(&self) -> Result<Observed, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err("meta_tables"))?;
+        observe_read(&txn)
+    }
+}
+
+fn observe_read(txn: &redb::ReadTransaction) -> Result<Observed, StoreError> {
+    let names = table_names(txn.list_tables().map_err(db_err("meta_tables"))?);
+    let versions = names
+        .contains(META_TABLES.name())
+        .then(|| txn.open_table(META_TABLES))
+        .transpose()
+        .map_err(db_err(META_TABLES.name()))?;
+    let applied = names
+        .contains(META_MIGRATIONS.name())
+        .then(|| txn.open_table(META_MIGRATIONS))
+        .transpose()
+        .map_err(db_err(META_MIGRATIONS.name()))?;
+    collect_observed(names, versions.as_ref(), applied.as_ref())
+}
+
+fn observe_write(txn: &WriteTransaction) -> Result<Observed, StoreError> {
+    let names = table_names(txn.list_tables().map_err(db_err("meta_tables"))?);
+    // Opening a table in a write transaction creates it; the meta tables are
+    // created whenever a plan runs anyway.
+    let versions = txn
+        .open_table(META_TABLES)
+        .map_err(db_err(META_TABLES.name()))?;
+    let applied = txn
+        .open_table(META_MIGRATIONS)
+        .map_err(db_err(META_MIGRATIONS.name()))?;
+    collect_observed(names, Some(&versions), Some(&applied))
+}
+
+fn table_names(handles: impl Iterator<Item = redb::UntypedTableHandle>) -> BTreeSet<String> {
+    handles.map(|h| h.name().to_string()).collect()
+}
+
+fn collect_observed(
+    names: BTreeSet<String>,
+    versions: Option<&impl ReadableTable<&'static str, u32>>,
+    applied: Option<&impl ReadableTable<&'static str, u64>>,
+) -> Result<Observed, StoreError> {
+    let mut observed = Observed::default();
+    if let Some(versions) = versions {
+        for entry in versions.iter().map_err(db_err(META_TABLES.name()))? {
+            let (name, version) = entry.map_err(db_err(META_TABLES.name()))?;
+            observed
+                .tables
+                .insert(name.value().to_string(), version.value());
+        }
+    }
+    if let Some(applied) = applied {
+        for entry in applied.iter().map_err(db_err(META_MIGRATIONS.name()))? {
+            let (id, _) = entry.map_err(db_err(META_MIGRATIONS.name()))?;
+            observed.applied.insert(id.value().to_string());
+        }
+    }
+    observed.unrecorded = names
+        .into_iter()
+        .filter(|n| {
+            n != META_TABLES.name()
+                && n != META_MIGRATIONS.name()
+                && !observed.tables.contains_key(n)
+        })
+        .collect();
+    Ok(observed)
+}
+
+/// Applies one planned step inside the caller's write transaction.
+fn apply_step(txn: &WriteTransaction, step: &Step<'_>, applied_at: u64) -> Result<(), StoreError> {
+    let mut versions = txn
+        .open_table(META_TABLES)
+        .map_err(db_err(META_TABLES.name()))?;
+    match step {
+        Step::Create { table, version } => {
+            txn.open_table(data_table(table)).map_err(db_err(table))?;
+            versions
+                .insert(*table, *version)
+                .map_err(db_err(META_TABLES.name()))?;
+        }
+        Step::Migrate(m) => {
+            let source = m.renamed_from.unwrap_or(m.table);
+            let rewritten = rewrite_records(txn, m, source)?;
+            if source != m.table {
+                txn.delete_table(data_table(source))
+                    .map_err(db_err(source))?;
+                versions
+                    .remove(source)
+                    .map_err(db_err(META_TABLES.name()))?;
+            }
+            let mut table = txn
+                .open_table(data_table(m.table))
+                .map_err(db_err(m.table))?;
+            for (key, bytes) in &rewritten {
+                table
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(db_err(m.table))?;
+            }
+            versions
+                .insert(m.table, m.to)
+                .map_err(db_err(META_TABLES.name()))?;
+            txn.open_table(META_MIGRATIONS)
+                .and_then(|mut t| t.insert(m.id, applied_at).map(drop).map_err(Into::into))
+                .map_err(db_err(META_MIGRATIONS.name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every record of `source`, rewritten by the migration's transform into an
+/// envelope at the migration's target version.
+fn rewrite_records(
+    txn: &WriteTransaction,
+    m: &schema::Migration,
+    source: &str,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let failed = |key: &str, reason: String| StoreError::MigrationFailed {
+        id: m.id.to_string(),
+        key: key.to_string(),
+        reason,
+    };
+    let table = txn.open_table(data_table(source)).map_err(db_err(source))?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(db_err(source))? {
+        let (key, value) = entry.map_err(db_err(source))?;
+        let key = key.value().to_string();
+        let (version, data) = codec::decode::<serde_json::Value>(value.value())
+            .map_err(|e| failed(&key, format!("undecodable record: {e}")))?;
+        if version != m.from {
+            return Err(failed(
+                &key,
+                format!("record is at v{version}, the migration reads v{}", m.from),
+            ));
+        }
+        let data = (m.transform)(data).map_err(|reason| failed(&key, reason))?;
+        let bytes = codec::encode(m.to, &data).map_err(|e| failed(&key, e.to_string()))?;
+        out.push((key, bytes));
+    }
+    Ok(out)
+}

@@ -1,0 +1,172 @@
+//! The typed records the store holds, one table each. Fields added later
+//! carry `#[serde(default)]` so older records still decode; anything else is
+//! a schema change with a migration.
+
+use std::path::PathBuf;
+
+use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A record type and the table it lives in.
+pub trait Record: Serialize + DeserializeOwned + Send + 'static {
+    const TABLE: &'static str;
+    fn key(&self) -> String;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    Created,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Crashed,
+    CrashLoop,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmKind {
+    Firecracker,
+    Qemu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Short immutable id used in paths, sockets and interface names.
+    pub id: String,
+    pub name: String,
+    pub state: VmState,
+    pub vmm: VmmKind,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub kernel: String,
+    pub rootfs: PathBuf,
+    pub created_at: Timestamp,
+    #[serde(default)]
+    pub started_at: Option<Timestamp>,
+}
+
+impl Record for VmRecord {
+    const TABLE: &'static str = "vms";
+    fn key(&self) -> String {
+        self.id.clone()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The reference the image was pulled as, e.g. `docker.io/library/debian:12`.
+    pub reference: String,
+    /// Digest of the image manifest, `sha256:...`.
+    pub digest: String,
+    pub rootfs: PathBuf,
+    pub size_bytes: u64,
+    pub created_at: Timestamp,
+}
+
+impl Record for ImageRecord {
+    const TABLE: &'static str = "images";
+    fn key(&self) -> String {
+        self.reference.clone()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelRecord {
+    pub name: String,
+    pub vmlinux: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    pub created_at: Timestamp,
+}
+
+impl Record for KernelRecord {
+    const TABLE: &'static str = "kernels";
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub name: String,
+    pub bridge: String,
+    /// The network's CIDR, e.g. `172.30.0.0/24`; the gateway is its first address.
+    pub cidr: String,
+    pub created_at: Timestamp,
+}
+
+impl Record for NetworkRecord {
+    const TABLE: &'static str = "networks";
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub network: String,
+    pub address: String,
+    pub vm_id: String,
+    pub leased_at: Timestamp,
+}
+
+impl Record for LeaseRecord {
+    const TABLE: &'static str = "leases";
+    fn key(&self) -> String {
+        format!("{}/{}", self.network, self.address)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationOutcome {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Interrupted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    pub op_id: String,
+    pub method: String,
+    #[serde(default)]
+    pub target: Option<String>,
+    pub outcome: OperationOutcome,
+    pub started_at: Timestamp,
+    #[serde(default)]
+    pub finished_at: Option<Timestamp>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Record for OperationRecord {
+    const TABLE: &'static str = "operations";
+    fn key(&self) -> String {
+        self.op_id.clone()
+    }
+}
+
+/// SSH host keys pinned on first use, one record per VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostKeyRecord {
+    pub vm_id: String,
+    /// Public keys in `authorized_keys` form (`ssh-ed25519 AAAA...`).
+    pub keys: Vec<String>,
+    pub pinned_at: Timestamp,
+}
+
+impl Record for HostKeyRecord {
+    const TABLE: &'static str = "host_keys";
+    fn key(&self) -> String {
+        self.vm_id.clone()
+    }
+}

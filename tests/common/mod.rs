@@ -1,0 +1,200 @@
+//! Helpers shared by the integration tests: a real `bangerd` process per
+//! test, on a private state directory, stopped and removed even when the
+//! test fails.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub const BANGERD: &str = env!("CARGO_BIN_EXE_bangerd");
+
+/// Upper bound on how long any single event is awaited; a test that hits
+/// it has found a hang.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("banger-test-")
+        .tempdir()
+        .expect("create a temporary state dir")
+}
+
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join("banger.redb")
+}
+
+/// The probe's exit code and its one line of output.
+pub fn probe(dir: &Path) -> (i32, String) {
+    let out = Command::new(BANGERD)
+        .args(["--user", "--check-migrations", "--state-dir"])
+        .arg(dir)
+        .env_remove("XDG_CONFIG_HOME")
+        .output()
+        .expect("run bangerd --check-migrations");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "the probe prints one line: {stdout:?}"
+    );
+    (out.status.code().expect("probe exit code"), stdout)
+}
+
+/// A file's bytes and modification time, to prove it was not touched.
+#[derive(Debug, PartialEq)]
+pub struct Fingerprint {
+    bytes: Vec<u8>,
+    modified: SystemTime,
+}
+
+pub fn fingerprint(path: &Path) -> Fingerprint {
+    Fingerprint {
+        bytes: std::fs::read(path).expect("read file"),
+        modified: std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .expect("mtime"),
+    }
+}
+
+/// A running bangerd; killed on drop if the test did not stop it.
+pub struct Daemon {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    pub fn spawn(dir: &Path) -> Daemon {
+        let mut child = Command::new(BANGERD)
+            .args(["--user", "--state-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bangerd");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[bangerd] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon { child, stderr: rx }
+    }
+
+    /// Starts bangerd and waits for its `daemon ready` line.
+    pub fn start(dir: &Path) -> Daemon {
+        let mut daemon = Daemon::spawn(dir);
+        daemon
+            .wait_for_line("daemon ready")
+            .unwrap_or_else(|| panic!("bangerd never became ready: {:?}", daemon.child.try_wait()));
+        daemon
+    }
+
+    /// Waits for a stderr line containing `needle`; None if stderr closed.
+    pub fn wait_for_line(&mut self, needle: &str) -> Option<String> {
+        loop {
+            match self.stderr.recv_timeout(EVENT_TIMEOUT) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("no {needle:?} line within {EVENT_TIMEOUT:?}")
+                }
+            }
+        }
+    }
+
+    /// Every remaining stderr line, after the process has exited.
+    pub fn wait_output(mut self) -> (ExitStatus, String) {
+        let status = self.child.wait().expect("wait for bangerd");
+        let lines: Vec<String> = self.stderr.try_iter().collect();
+        let mut rest = lines.join("\n");
+        while let Ok(line) = self.stderr.recv_timeout(EVENT_TIMEOUT) {
+            rest.push('\n');
+            rest.push_str(&line);
+        }
+        (status, rest)
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(mut self) -> ExitStatus {
+        kill(self.pid(), Signal::SIGTERM).expect("send SIGTERM");
+        self.child.wait().expect("wait for bangerd")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a bangerd that must refuse to start; returns its exit code and stderr.
+pub fn refused(dir: &Path) -> (i32, String) {
+    let (status, stderr) = Daemon::spawn(dir).wait_output();
+    (status.code().expect("exit code"), stderr)
+}
+
+/// A VM record with predictable fields, keyed `vm-<i>`.
+pub fn vm_record(i: usize) -> banger::store::records::VmRecord {
+    use banger::store::records::{VmRecord, VmState, VmmKind};
+    VmRecord {
+        id: format!("vm-{i}"),
+        name: format!("test-vm-{i}"),
+        state: VmState::Stopped,
+        vmm: VmmKind::Qemu,
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: "default".into(),
+        rootfs: PathBuf::from(format!("/var/lib/banger/vms/vm-{i}/rootfs.ext4")),
+        created_at: jiff::Timestamp::now(),
+        started_at: None,
+    }
+}
+
+/// Environment variable that turns an `#[ignore]`d test into the body of a
+/// child process (see `spawn_child`).
+pub const CHILD_ENV: &str = "BANGER_TEST_CHILD_DIR";
+
+/// Re-runs this test binary as a child process executing only the ignored
+/// test `name`, with `CHILD_ENV` naming `dir`. Its stdout is piped.
+pub fn spawn_child(name: &str, dir: &Path) -> Child {
+    Command::new(std::env::current_exe().expect("test binary path"))
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child test process")
+}
+
+/// The state directory a child process was given, or None in the parent.
+pub fn child_dir() -> Option<PathBuf> {
+    std::env::var_os(CHILD_ENV).map(PathBuf::from)
+}
