@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::operations::Retention;
+
 /// System mode serves the whole host as root; user mode serves one user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -48,7 +50,17 @@ pub enum ConfigError {
 pub struct ConfigFile {
     pub state_dir: Option<PathBuf>,
     pub socket: Option<PathBuf>,
+    pub socket_group: Option<String>,
     pub log_level: Option<String>,
+    #[serde(default)]
+    pub operations: OperationsSection,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OperationsSection {
+    pub keep_finished: Option<usize>,
+    pub keep_hours: Option<u64>,
 }
 
 impl ConfigFile {
@@ -73,8 +85,11 @@ pub struct Config {
     pub mode: Mode,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// System mode shares the socket with this group (when it exists).
+    pub socket_group: String,
     /// A `RUST_LOG`-style filter, e.g. `info` or `banger=debug,info`.
     pub log_level: String,
+    pub retention: Retention,
 }
 
 /// Where a mode keeps things when nothing overrides it.
@@ -129,6 +144,25 @@ pub fn resolve(
         .or(file.socket)
         .unwrap_or_else(|| defaults.socket(&state_dir));
     let log_level = file.log_level.unwrap_or_else(|| "info".to_string());
+    let socket_group = file.socket_group.unwrap_or_else(|| "banger".to_string());
+    if socket_group.is_empty() || socket_group.contains(['/', ':', '\n']) {
+        return Err(ConfigError::Invalid {
+            key: "socket_group",
+            reason: format!("{socket_group:?} is not a group name"),
+        });
+    }
+    let defaults_retention = Retention::default();
+    let retention = Retention {
+        max_finished: file
+            .operations
+            .keep_finished
+            .unwrap_or(defaults_retention.max_finished),
+        max_age: file
+            .operations
+            .keep_hours
+            .map(|h| std::time::Duration::from_secs(h.saturating_mul(3600)))
+            .unwrap_or(defaults_retention.max_age),
+    };
     require_absolute("state_dir", &state_dir)?;
     require_absolute("socket", &socket)?;
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| ConfigError::Invalid {
@@ -139,7 +173,9 @@ pub fn resolve(
         mode,
         state_dir,
         socket,
+        socket_group,
         log_level,
+        retention,
     })
 }
 
@@ -262,11 +298,24 @@ mod tests {
         // Every key is documented commented out; uncommented, they parse.
         let uncommented: String = text
             .lines()
-            .filter_map(|l| l.strip_prefix("# ").filter(|l| l.contains(" = ")))
+            .filter_map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|l| l.contains(" = ") || l.starts_with('['))
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         let file = ConfigFile::parse(&uncommented, Path::new("bangerd.toml")).expect("parse");
-        assert_eq!(file.log_level.as_deref(), Some("info"));
-        assert!(file.state_dir.is_some() && file.socket.is_some());
+        let config = resolve(
+            Mode::System,
+            &user_defaults(None),
+            file,
+            Overrides::default(),
+        )
+        .expect("resolve");
+        assert_eq!(config.log_level, "info");
+        assert_eq!(config.socket_group, "banger");
+        assert_eq!(config.retention, Retention::default());
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/banger"));
+        assert_eq!(config.socket, PathBuf::from("/run/banger/bangerd.sock"));
     }
 }

@@ -2,5 +2,9 @@
 //! host; the `banger` CLI talks to it over a Unix socket.
 
 pub mod actors;
+pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod operations;
+pub mod rpc;
 pub mod store;

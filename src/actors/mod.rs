@@ -1,4 +1,5 @@
 //! The daemon's actors. They hold little logic: they receive typed
 //! messages, call plain modules, and do the I/O.
 
+pub mod operation;
 pub mod store;

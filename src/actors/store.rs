@@ -4,14 +4,17 @@
 //! and redb serialises the writes. The arbiter's queue is unbounded: callers
 //! bound what they put in flight.
 
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
-use crate::store::{Record, Store, StoreError};
+use crate::store::backup::Snapshot;
+use crate::store::{Observed, Record, Store, StoreError};
 
 pub struct StoreActor {
     store: Arc<Store>,
@@ -159,5 +162,43 @@ impl<R: Record + PartialEq> Handler<CompareAndSwap<R>> for StoreActor {
     fn handle(&mut self, msg: CompareAndSwap<R>, _: &mut SyncContext<Self>) -> Self::Result {
         self.store
             .compare_and_swap(&msg.key, msg.expected.as_ref(), msg.new.as_ref())
+    }
+}
+
+/// A consistent read view of the whole store (for a backup).
+pub struct TakeSnapshot;
+
+impl Message for TakeSnapshot {
+    type Result = Result<Snapshot, StoreError>;
+}
+
+impl Handler<TakeSnapshot> for StoreActor {
+    type Result = Result<Snapshot, StoreError>;
+    fn handle(&mut self, _: TakeSnapshot, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.snapshot()
+    }
+}
+
+/// What `daemon.status` and the online migration probe report.
+pub struct Describe;
+
+pub struct StoreDescription {
+    pub path: PathBuf,
+    pub observed: Observed,
+    pub records: BTreeMap<String, u64>,
+}
+
+impl Message for Describe {
+    type Result = Result<StoreDescription, StoreError>;
+}
+
+impl Handler<Describe> for StoreActor {
+    type Result = Result<StoreDescription, StoreError>;
+    fn handle(&mut self, _: Describe, _: &mut SyncContext<Self>) -> Self::Result {
+        Ok(StoreDescription {
+            path: self.store.path().to_path_buf(),
+            observed: self.store.observe()?,
+            records: self.store.record_counts()?,
+        })
     }
 }

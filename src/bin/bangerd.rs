@@ -13,11 +13,14 @@ use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use banger::actors::store::StoreActor;
 use banger::config::{self, Config, Mode, Overrides};
+use banger::daemon::SystemSupervisor;
+use banger::rpc::client::Client;
+use banger::rpc::protocol::StoreSchemaResult;
 use banger::store::lifecycle::database_path;
 use banger::store::lock::StateLock;
-use banger::store::{self, Schema, StoreError};
+use banger::store::plan::plan;
+use banger::store::{self, Observed, Schema, StoreError};
 
 /// Exit code for a store this binary must not open (newer schema).
 const EXIT_INCOMPATIBLE: u8 = 2;
@@ -25,7 +28,7 @@ const EXIT_INCOMPATIBLE: u8 = 2;
 #[derive(Parser)]
 #[command(
     name = "bangerd",
-    version,
+    version = banger::daemon::VERSION,
     about = "The banger daemon: owns and supervises the microVMs of this host"
 )]
 struct Args {
@@ -41,6 +44,9 @@ struct Args {
     /// State directory holding the store [default: from the configuration].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Unix socket to serve [default: from the configuration].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Dry run: say whether this binary can open the store, change nothing,
@@ -62,13 +68,13 @@ fn main() -> ExitCode {
     let overrides = Overrides {
         config: args.config.clone(),
         state_dir: args.state_dir.clone(),
-        socket: None,
+        socket: args.socket.clone(),
     };
     let config = config::load(mode, overrides);
 
     if args.check_migrations {
         let outcome = match &config {
-            Ok(config) => store::probe(&database_path(&config.state_dir), &Schema::production()),
+            Ok(config) => check_migrations(config),
             Err(e) => store::ProbeOutcome::CannotTell(format!("{e:#}")),
         };
         println!("{outcome}");
@@ -97,6 +103,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// The migration probe: asks a running daemon for its store's schema when
+/// one answers on the socket, else reads the file read-only.
+fn check_migrations(config: &Config) -> store::ProbeOutcome {
+    let schema = Schema::production();
+    let online = Client::connect(&config.socket).and_then(|mut client| {
+        client.call::<StoreSchemaResult>("daemon.store.schema", serde_json::json!({}))
+    });
+    match online {
+        Ok(answer) => {
+            let observed = Observed {
+                tables: answer.result.tables,
+                applied: answer.result.applied_migrations.into_iter().collect(),
+                unrecorded: Default::default(),
+            };
+            store::ProbeOutcome::from_plan(plan(&schema, &observed))
+        }
+        Err(_) => store::probe(&database_path(&config.state_dir), &schema),
     }
 }
 
@@ -137,27 +163,44 @@ fn run(config: &Config) -> anyhow::Result<()> {
         );
     }
 
+    raise_fd_limit();
     let system = actix::System::new();
     let closed = system.block_on(async {
         // Watch the signals before saying ready: a SIGTERM sent the moment
         // the daemon is ready must stop it cleanly, not kill it.
         let shutdown = ShutdownSignals::install()?;
-        let (_store, closed) = StoreActor::start(opened.store, 2);
+        let supervisor = SystemSupervisor::start(config, opened.store).await?;
         info!(
             state_dir = %config.state_dir.display(),
+            socket = %config.socket.display(),
             lock = %lock.path().display(),
             pid = std::process::id(),
+            version = %banger::daemon::VERSION,
             "daemon ready"
         );
         shutdown.recv().await;
         info!("shutting down");
-        anyhow::Ok(closed)
+        anyhow::Ok(supervisor.shutdown().await)
     })?;
     drop(system);
     if !closed.wait(Duration::from_secs(10)) {
         warn!("the store did not close within 10 s; it will be repaired on the next start");
     }
     Ok(())
+}
+
+/// Each client connection is a file descriptor: allow as many as the hard
+/// limit permits, so a thousand clients do not exhaust the default 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, "cannot raise the open-file limit");
+            }
+        }
+        _ => {}
+    }
 }
 
 /// SIGTERM and SIGINT both ask for a clean shutdown.

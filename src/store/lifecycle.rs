@@ -233,6 +233,14 @@ pub enum ProbeOutcome {
 }
 
 impl ProbeOutcome {
+    pub fn from_plan(plan: Result<Plan<'_>, Incompatible>) -> ProbeOutcome {
+        match plan {
+            Ok(plan) if plan.is_empty() => ProbeOutcome::Compatible,
+            Ok(plan) => ProbeOutcome::MigrationsNeeded(plan.step_ids()),
+            Err(reason) => ProbeOutcome::Incompatible(reason),
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             ProbeOutcome::Compatible => 0,
@@ -269,11 +277,7 @@ pub fn probe(path: &Path, schema: &Schema) -> ProbeOutcome {
             return ProbeOutcome::CannotTell(format!("cannot check {}: {e}", path.display()));
         }
     };
-    match plan(schema, &observed) {
-        Ok(plan) if plan.is_empty() => ProbeOutcome::Compatible,
-        Ok(plan) => ProbeOutcome::MigrationsNeeded(plan.step_ids()),
-        Err(reason) => ProbeOutcome::Incompatible(reason),
-    }
+    ProbeOutcome::from_plan(plan(schema, &observed))
 }
 
 /// An error and its sources as one line, for one-line answers.

@@ -8,6 +8,7 @@
 //! version) and `meta_migrations` (migration id -> unix time applied).
 //! Every write is its own durable commit.
 
+pub mod backup;
 mod codec;
 pub mod lifecycle;
 pub mod lock;
@@ -15,12 +16,13 @@ pub mod plan;
 pub mod records;
 pub mod schema;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use redb::{
-    Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction,
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+    WriteTransaction,
 };
 
 pub use lifecycle::{Opened, ProbeOutcome, open, probe};
@@ -242,6 +244,28 @@ impl Store {
             f(&mut table).map_err(db_err(R::TABLE))?;
         }
         txn.commit().map_err(db_err(R::TABLE))
+    }
+
+    /// A consistent view of every table, for a backup.
+    pub fn snapshot(&self) -> Result<backup::Snapshot, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err("meta_tables"))?;
+        Ok(backup::Snapshot { txn })
+    }
+
+    /// How many records each table of the schema holds.
+    pub fn record_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err("meta_tables"))?;
+        let mut counts = BTreeMap::new();
+        for spec in &self.schema.tables {
+            let table = txn
+                .open_table(data_table(spec.name))
+                .map_err(db_err(spec.name))?;
+            counts.insert(
+                spec.name.to_string(),
+                table.len().map_err(db_err(spec.name))?,
+            );
+        }
+        Ok(counts)
     }
 
     /// The table versions and applied migrations this store holds.

@@ -131,16 +131,28 @@ pub enum OperationOutcome {
     Succeeded,
     Failed,
     Cancelled,
+    /// The daemon stopped while the operation was in flight.
     Interrupted,
 }
 
+/// A state-changing request: recorded when it starts (an intent record) and
+/// again when it ends, so a crash in between is found at the next start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperationRecord {
     pub op_id: String,
     pub method: String,
+    /// What the operation works on: a VM name, a path, ...
     #[serde(default)]
     pub target: Option<String>,
     pub outcome: OperationOutcome,
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub current: Option<u64>,
+    #[serde(default)]
+    pub total: Option<u64>,
+    #[serde(default)]
+    pub cancellable: bool,
     pub started_at: Timestamp,
     #[serde(default)]
     pub finished_at: Option<Timestamp>,

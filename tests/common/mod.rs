@@ -29,11 +29,18 @@ pub fn db_path(dir: &Path) -> PathBuf {
     dir.join("banger.redb")
 }
 
+/// Each test's daemon listens beside its state directory.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("bangerd.sock")
+}
+
 /// The probe's exit code and its one line of output.
 pub fn probe(dir: &Path) -> (i32, String) {
     let out = Command::new(BANGERD)
         .args(["--user", "--check-migrations", "--state-dir"])
         .arg(dir)
+        .arg("--socket")
+        .arg(socket_path(dir))
         .env_remove("XDG_CONFIG_HOME")
         .output()
         .expect("run bangerd --check-migrations");
@@ -70,9 +77,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(dir: &Path) -> Daemon {
+        Daemon::spawn_with(dir, &["--user"])
+    }
+
+    /// Spawns bangerd on `dir` with extra arguments (mode, config).
+    pub fn spawn_with(dir: &Path, args: &[&str]) -> Daemon {
         let mut child = Command::new(BANGERD)
-            .args(["--user", "--state-dir"])
+            .args(args)
+            .arg("--state-dir")
             .arg(dir)
+            .arg("--socket")
+            .arg(socket_path(dir))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -95,7 +110,11 @@ impl Daemon {
 
     /// Starts bangerd and waits for its `daemon ready` line.
     pub fn start(dir: &Path) -> Daemon {
-        let mut daemon = Daemon::spawn(dir);
+        Daemon::ready(Daemon::spawn(dir))
+    }
+
+    /// Waits for a spawned daemon's `daemon ready` line.
+    pub fn ready(mut daemon: Daemon) -> Daemon {
         daemon
             .wait_for_line("daemon ready")
             .unwrap_or_else(|| panic!("bangerd never became ready: {:?}", daemon.child.try_wait()));

@@ -1,0 +1,502 @@
+//! The operations registry and one `Operation` actor per state-changing
+//! request.
+//!
+//! Ownership: an `Operation` owns its record while it runs; it publishes
+//! every change on a `watch` channel (watchers and the request's own
+//! progress notifications read it) and persists the record when it ends.
+//! The registry owns the table of running operations: it writes the intent
+//! record before an operation starts, answers list/get/cancel, and tells
+//! shutdown when nothing is left in flight. Finished operations live only
+//! in the store.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+use jiff::Timestamp;
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::actors::store::{Delete, Get, List, Put, StoreActor};
+use crate::operations::{self, Retention};
+use crate::store::StoreError;
+use crate::store::records::{OperationOutcome, OperationRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperationError {
+    #[error("no operation {0}; `banger ops ls --all` lists them")]
+    NotFound(String),
+    #[error("operation {op_id} already ended ({outcome:?})")]
+    Finished {
+        op_id: String,
+        outcome: OperationOutcome,
+    },
+    #[error("operation {op_id} ({method}) cannot be cancelled")]
+    NotCancellable { op_id: String, method: String },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("the {0} is not answering")]
+    Unavailable(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn store_gone(_: MailboxError) -> OperationError {
+    OperationError::Unavailable("store")
+}
+
+struct Running {
+    status: watch::Receiver<OperationRecord>,
+    cancel: CancellationToken,
+}
+
+pub struct OperationRegistry {
+    store: Addr<StoreActor>,
+    retention: Retention,
+    running: HashMap<String, Running>,
+    drain_waiters: Vec<oneshot::Sender<()>>,
+    shutting_down: bool,
+}
+
+impl OperationRegistry {
+    pub fn new(store: Addr<StoreActor>, retention: Retention) -> Self {
+        OperationRegistry {
+            store,
+            retention,
+            running: HashMap::new(),
+            drain_waiters: Vec::new(),
+            shutting_down: false,
+        }
+    }
+
+    fn notify_if_drained(&mut self) {
+        if self.running.is_empty() {
+            for waiter in self.drain_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+}
+
+impl Actor for OperationRegistry {
+    type Context = Context<Self>;
+}
+
+impl Supervised for OperationRegistry {
+    /// Running operations persist their own end, so forgetting them here
+    /// loses no record; they are listed from the store again once finished.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        warn!(
+            running = self.running.len(),
+            "operation registry restarting"
+        );
+        self.running.clear();
+        self.notify_if_drained();
+    }
+}
+
+/// Handed to the code doing an operation's work.
+pub struct OperationHandle {
+    pub op_id: String,
+    pub cancel: CancellationToken,
+    addr: Addr<Operation>,
+    status: watch::Receiver<OperationRecord>,
+}
+
+impl OperationHandle {
+    /// A cheap, cloneable progress reporter, usable from blocking threads.
+    /// Reports are best-effort: a full mailbox drops one, the next wins.
+    pub fn reporter(&self) -> impl Fn(&str, Option<u64>, Option<u64>) + Send + Clone + 'static {
+        let addr = self.addr.clone();
+        move |phase, current, total| {
+            let _ = addr.try_send(Report {
+                phase: phase.to_string(),
+                current,
+                total,
+            });
+        }
+    }
+
+    pub fn status(&self) -> watch::Receiver<OperationRecord> {
+        self.status.clone()
+    }
+
+    /// Records the outcome durably and ends the operation.
+    pub async fn finish(
+        self,
+        outcome: OperationOutcome,
+        error: Option<String>,
+    ) -> Result<OperationRecord, OperationError> {
+        self.addr
+            .send(Finish { outcome, error })
+            .await
+            .map_err(|_| OperationError::Unavailable("operation"))?
+    }
+}
+
+/// Starts an operation: its intent record is durable before this answers.
+pub struct Begin {
+    pub method: &'static str,
+    pub target: Option<String>,
+    pub op_id: String,
+    pub cancellable: bool,
+}
+
+impl Message for Begin {
+    type Result = Result<OperationHandle, OperationError>;
+}
+
+impl Handler<Begin> for OperationRegistry {
+    type Result = ResponseActFuture<Self, Result<OperationHandle, OperationError>>;
+
+    fn handle(&mut self, msg: Begin, _: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Box::pin(fut::ready(Err(OperationError::ShuttingDown)));
+        }
+        let record = OperationRecord {
+            op_id: msg.op_id,
+            method: msg.method.to_string(),
+            target: msg.target,
+            outcome: OperationOutcome::Running,
+            phase: Some("starting".into()),
+            current: None,
+            total: None,
+            cancellable: msg.cancellable,
+            started_at: Timestamp::now(),
+            finished_at: None,
+            error: None,
+        };
+        let store = self.store.clone();
+        let intent = record.clone();
+        Box::pin(
+            async move { store.send(Put(intent)).await.map_err(store_gone)?.map_err(OperationError::from) }
+                .into_actor(self)
+                .map(move |persisted, registry, ctx| {
+                    persisted?;
+                    let (status_tx, status) = watch::channel(record.clone());
+                    let cancel = CancellationToken::new();
+                    let op_id = record.op_id.clone();
+                    info!(op_id = %op_id, method = %record.method, target = ?record.target, "operation started");
+                    let addr = Operation {
+                        record,
+                        store: registry.store.clone(),
+                        registry: ctx.address(),
+                        status: status_tx,
+                    }
+                    .start();
+                    registry.running.insert(
+                        op_id.clone(),
+                        Running {
+                            status: status.clone(),
+                            cancel: cancel.clone(),
+                        },
+                    );
+                    Ok(OperationHandle {
+                        op_id,
+                        cancel,
+                        addr,
+                        status,
+                    })
+                }),
+        )
+    }
+}
+
+/// One operation by id: from memory while it runs, else from the store.
+pub struct GetOperation(pub String);
+
+impl Message for GetOperation {
+    type Result = Result<OperationRecord, OperationError>;
+}
+
+impl Handler<GetOperation> for OperationRegistry {
+    type Result = ResponseFuture<Result<OperationRecord, OperationError>>;
+
+    fn handle(&mut self, msg: GetOperation, _: &mut Context<Self>) -> Self::Result {
+        if let Some(running) = self.running.get(&msg.0) {
+            let record = running.status.borrow().clone();
+            return Box::pin(async move { Ok(record) });
+        }
+        let store = self.store.clone();
+        Box::pin(async move {
+            store
+                .send(Get::<OperationRecord>::new(msg.0.clone()))
+                .await
+                .map_err(store_gone)??
+                .ok_or(OperationError::NotFound(msg.0))
+        })
+    }
+}
+
+/// Operations in flight, or all recorded ones, oldest first.
+pub struct ListOperations {
+    pub all: bool,
+}
+
+impl Message for ListOperations {
+    type Result = Result<Vec<OperationRecord>, OperationError>;
+}
+
+impl Handler<ListOperations> for OperationRegistry {
+    type Result = ResponseFuture<Result<Vec<OperationRecord>, OperationError>>;
+
+    fn handle(&mut self, msg: ListOperations, _: &mut Context<Self>) -> Self::Result {
+        let mut running: HashMap<String, OperationRecord> = self
+            .running
+            .iter()
+            .map(|(id, r)| (id.clone(), r.status.borrow().clone()))
+            .collect();
+        let store = self.store.clone();
+        Box::pin(async move {
+            let mut records = if msg.all {
+                let stored = store
+                    .send(List::<OperationRecord>::new())
+                    .await
+                    .map_err(store_gone)??;
+                // A running operation's live record replaces its intent record.
+                let mut merged: Vec<OperationRecord> = stored
+                    .into_iter()
+                    .map(|r| running.remove(&r.op_id).unwrap_or(r))
+                    .collect();
+                merged.extend(running.into_values());
+                merged
+            } else {
+                running.into_values().collect::<Vec<_>>()
+            };
+            records.sort_by(|a, b| a.op_id.cmp(&b.op_id));
+            Ok(records)
+        })
+    }
+}
+
+/// The live status of a running operation, or None once it has ended.
+pub struct WatchOperation(pub String);
+
+impl Message for WatchOperation {
+    type Result = Option<watch::Receiver<OperationRecord>>;
+}
+
+impl Handler<WatchOperation> for OperationRegistry {
+    type Result = Option<watch::Receiver<OperationRecord>>;
+
+    fn handle(&mut self, msg: WatchOperation, _: &mut Context<Self>) -> Self::Result {
+        self.running.get(&msg.0).map(|r| r.status.clone())
+    }
+}
+
+/// Asks a running, cancellable operation to stop; answers its record.
+pub struct CancelOperation(pub String);
+
+impl Message for CancelOperation {
+    type Result = Result<OperationRecord, OperationError>;
+}
+
+impl Handler<CancelOperation> for OperationRegistry {
+    type Result = ResponseFuture<Result<OperationRecord, OperationError>>;
+
+    fn handle(&mut self, msg: CancelOperation, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(running) = self.running.get(&msg.0) {
+            let record = running.status.borrow().clone();
+            let result = if record.cancellable {
+                info!(op_id = %msg.0, "operation cancel requested");
+                running.cancel.cancel();
+                Ok(record)
+            } else {
+                Err(OperationError::NotCancellable {
+                    op_id: record.op_id,
+                    method: record.method,
+                })
+            };
+            return Box::pin(async move { result });
+        }
+        let get = ctx.address().send(GetOperation(msg.0));
+        Box::pin(async move {
+            let record = get
+                .await
+                .map_err(|_| OperationError::Unavailable("operation registry"))??;
+            Err(OperationError::Finished {
+                op_id: record.op_id,
+                outcome: record.outcome,
+            })
+        })
+    }
+}
+
+/// Shutdown: refuse new operations, cancel the cancellable ones, and
+/// answer once none is left in flight.
+pub struct Drain;
+
+impl Message for Drain {
+    type Result = Result<(), oneshot::error::RecvError>;
+}
+
+impl Handler<Drain> for OperationRegistry {
+    type Result = ResponseFuture<Result<(), oneshot::error::RecvError>>;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
+        for running in self.running.values() {
+            running.cancel.cancel();
+        }
+        let (tx, rx) = oneshot::channel();
+        self.drain_waiters.push(tx);
+        self.notify_if_drained();
+        Box::pin(rx)
+    }
+}
+
+/// Start-up: operations the store shows in flight were interrupted by the
+/// previous daemon's death. Marks them, removes what they left half-made,
+/// and applies the retention rule. Answers the interrupted ones.
+pub struct Reconcile;
+
+impl Message for Reconcile {
+    type Result = Result<Vec<OperationRecord>, OperationError>;
+}
+
+impl Handler<Reconcile> for OperationRegistry {
+    type Result = ResponseFuture<Result<Vec<OperationRecord>, OperationError>>;
+
+    fn handle(&mut self, _: Reconcile, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let retention = self.retention;
+        Box::pin(async move {
+            let records = store
+                .send(List::<OperationRecord>::new())
+                .await
+                .map_err(store_gone)??;
+            let now = Timestamp::now();
+            let mut interrupted = Vec::new();
+            for record in records
+                .iter()
+                .filter(|r| r.outcome == OperationOutcome::Running)
+            {
+                let record = operations::interrupted(record.clone(), now);
+                for leftover in operations::leftovers(&record) {
+                    match std::fs::remove_file(&leftover) {
+                        Ok(()) => {
+                            info!(op_id = %record.op_id, path = %leftover.display(), "removed what an interrupted operation left")
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            warn!(op_id = %record.op_id, path = %leftover.display(), error = %e, "cannot remove what an interrupted operation left")
+                        }
+                    }
+                }
+                store
+                    .send(Put(record.clone()))
+                    .await
+                    .map_err(store_gone)??;
+                warn!(op_id = %record.op_id, method = %record.method, "operation was interrupted by a daemon stop");
+                interrupted.push(record);
+            }
+            prune(&store, retention).await?;
+            Ok(interrupted)
+        })
+    }
+}
+
+async fn prune(store: &Addr<StoreActor>, retention: Retention) -> Result<(), OperationError> {
+    let records = store
+        .send(List::<OperationRecord>::new())
+        .await
+        .map_err(store_gone)??;
+    for op_id in retention.expired(&records, Timestamp::now()) {
+        store
+            .send(Delete::<OperationRecord>::new(op_id))
+            .await
+            .map_err(store_gone)??;
+    }
+    Ok(())
+}
+
+/// Sent by an `Operation` once its end is recorded.
+struct Ended(String);
+
+impl Message for Ended {
+    type Result = ();
+}
+
+impl Handler<Ended> for OperationRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Ended, ctx: &mut Context<Self>) {
+        self.running.remove(&msg.0);
+        self.notify_if_drained();
+        let store = self.store.clone();
+        let retention = self.retention;
+        ctx.spawn(
+            async move {
+                if let Err(e) = prune(&store, retention).await {
+                    warn!(error = %e, "cannot prune finished operations");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+/// One state-changing request in flight.
+pub struct Operation {
+    record: OperationRecord,
+    store: Addr<StoreActor>,
+    registry: Addr<OperationRegistry>,
+    status: watch::Sender<OperationRecord>,
+}
+
+impl Actor for Operation {
+    type Context = Context<Self>;
+}
+
+struct Report {
+    phase: String,
+    current: Option<u64>,
+    total: Option<u64>,
+}
+
+impl Message for Report {
+    type Result = ();
+}
+
+impl Handler<Report> for Operation {
+    type Result = ();
+
+    fn handle(&mut self, msg: Report, _: &mut Context<Self>) {
+        self.record.phase = Some(msg.phase);
+        self.record.current = msg.current;
+        self.record.total = msg.total;
+        self.status.send_replace(self.record.clone());
+    }
+}
+
+struct Finish {
+    outcome: OperationOutcome,
+    error: Option<String>,
+}
+
+impl Message for Finish {
+    type Result = Result<OperationRecord, OperationError>;
+}
+
+impl Handler<Finish> for Operation {
+    type Result = ResponseActFuture<Self, Result<OperationRecord, OperationError>>;
+
+    fn handle(&mut self, msg: Finish, _: &mut Context<Self>) -> Self::Result {
+        self.record.outcome = msg.outcome;
+        self.record.error = msg.error;
+        self.record.finished_at = Some(Timestamp::now());
+        let record = self.record.clone();
+        let store = self.store.clone();
+        Box::pin(
+            async move { store.send(Put(record)).await.map_err(store_gone)?.map_err(OperationError::from) }
+                .into_actor(self)
+                .map(|persisted, op, ctx| {
+                    info!(op_id = %op.record.op_id, outcome = ?op.record.outcome, error = ?op.record.error, "operation ended");
+                    op.status.send_replace(op.record.clone());
+                    op.registry.do_send(Ended(op.record.op_id.clone()));
+                    ctx.stop();
+                    persisted.map(|()| op.record.clone())
+                }),
+        )
+    }
+}

@@ -1,0 +1,308 @@
+//! The `banger` command line: parses arguments, talks to bangerd through
+//! the blocking [`Client`], prints tables or `--json`.
+//!
+//! Exit codes: 0 success; 1 the daemon reported an error; 2 usage error;
+//! 3 the daemon cannot be reached.
+
+pub mod output;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
+use jiff::Timestamp;
+use serde_json::json;
+
+use crate::config::{self, Mode, Overrides};
+use crate::daemon::VERSION;
+use crate::rpc::client::{Client, ClientError};
+use crate::rpc::protocol::{
+    BackupResult, MethodsResult, OperationResult, OperationsResult, StatusResult,
+};
+use crate::store::records::{OperationOutcome, OperationRecord};
+
+#[derive(Parser)]
+#[command(name = "banger", version = VERSION, about = "Run and supervise microVMs made from OCI images")]
+pub struct Cli {
+    /// The daemon's socket [default: the mode's, or the configuration's].
+    #[arg(long, global = true, env = "BANGER_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Talk to the system daemon (the default for root).
+    #[arg(long, global = true, conflicts_with = "user")]
+    system: bool,
+    /// Talk to your own user-mode daemon (the default for other users).
+    #[arg(long, global = true)]
+    user: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The daemon itself: status, backups, methods.
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+    /// Operations: state-changing requests in flight or finished.
+    #[command(subcommand)]
+    Ops(OpsCommand),
+    /// Print a shell completion script.
+    Completions { shell: Shell },
+}
+
+#[derive(Subcommand)]
+enum DaemonCommand {
+    /// Version, uptime, store schema and counts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a consistent copy of the store to PATH (which must not exist).
+    Backup {
+        path: PathBuf,
+        /// Copy at most this many bytes per second.
+        #[arg(long, value_name = "BYTES")]
+        rate_limit: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every RPC method the daemon serves.
+    Methods {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OpsCommand {
+    /// Operations in flight (with --all, finished ones too).
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One operation in detail.
+    Show {
+        op_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask an operation in flight to stop.
+    Cancel { op_id: String },
+    /// Follow an operation's progress until it ends.
+    Watch {
+        op_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What a command failed with, and the exit code that says so.
+enum Failure {
+    Daemon(String),
+    Unreachable(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        let message = crate::rpc::errors::describe(&e);
+        match e {
+            ClientError::Unreachable { .. } => Failure::Unreachable(message),
+            _ => Failure::Daemon(message),
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Daemon(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Unreachable(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let mode = Mode::select(cli.system, cli.user);
+    let overrides = Overrides {
+        socket: cli.socket,
+        ..Overrides::default()
+    };
+    let config = config::load(mode, overrides)
+        .map_err(|e| Failure::Daemon(crate::rpc::errors::describe(&e)))?;
+    let mut client = Client::connect(&config.socket)?;
+    let now = Timestamp::now();
+    match cli.command {
+        Command::Daemon(DaemonCommand::Status { json }) => {
+            let status = client.call::<StatusResult>("daemon.status", json!({}))?;
+            if json {
+                println!("{}", output::json(&status));
+            } else {
+                print!("{}", status_view(&status.result));
+            }
+        }
+        Command::Daemon(DaemonCommand::Backup {
+            path,
+            rate_limit,
+            json,
+        }) => {
+            let path = std::path::absolute(&path)
+                .map_err(|e| Failure::Daemon(format!("cannot resolve {}: {e}", path.display())))?;
+            let params = json!({"path": path, "rate_limit": rate_limit});
+            let mut stderr = std::io::stderr();
+            let result =
+                client.call_with_progress::<BackupResult>("daemon.backup", params, |p| {
+                    let _ = writeln!(stderr, "{}", output::progress(&p.phase, p.current, p.total));
+                })?;
+            if json {
+                println!("{}", output::json(&result));
+            } else {
+                let r = result.result;
+                println!(
+                    "backup written to {} ({} records, {} bytes)",
+                    r.path.display(),
+                    r.records,
+                    r.bytes
+                );
+            }
+        }
+        Command::Daemon(DaemonCommand::Methods { json }) => {
+            let methods = client.call::<MethodsResult>("daemon.methods", json!({}))?;
+            if json {
+                println!("{}", output::json(&methods.result.methods));
+            } else {
+                let mut rows = vec![vec!["METHOD".to_string(), "DESCRIPTION".to_string()]];
+                rows.extend(
+                    methods
+                        .result
+                        .methods
+                        .into_iter()
+                        .map(|m| vec![m.name, m.summary]),
+                );
+                print!("{}", output::table(&rows));
+            }
+        }
+        Command::Ops(OpsCommand::Ls { all, json }) => {
+            let ops =
+                client.call::<OperationsResult>("daemon.operations.list", json!({"all": all}))?;
+            if json {
+                println!("{}", output::json(&ops.result.operations));
+            } else {
+                print!("{}", output::operations_table(&ops.result.operations, now));
+            }
+        }
+        Command::Ops(OpsCommand::Show { op_id, json }) => {
+            let op =
+                client.call::<OperationResult>("daemon.operations.get", json!({"op_id": op_id}))?;
+            if json {
+                println!("{}", output::json(&op.result.operation));
+            } else {
+                print!("{}", output::operation_details(&op.result.operation, now));
+            }
+        }
+        Command::Ops(OpsCommand::Cancel { op_id }) => {
+            client.call::<OperationResult>("daemon.operations.cancel", json!({"op_id": op_id}))?;
+            println!("cancel requested for {op_id}");
+        }
+        Command::Ops(OpsCommand::Watch { op_id, json }) => {
+            let mut stdout = std::io::stdout();
+            let op = client.call_with_progress::<OperationResult>(
+                "daemon.operations.watch",
+                json!({"op_id": op_id}),
+                |p| {
+                    let line = if json {
+                        serde_json::to_string(p).unwrap_or_default()
+                    } else {
+                        output::progress(&p.phase, p.current, p.total)
+                    };
+                    let _ = writeln!(stdout, "{line}");
+                },
+            )?;
+            let op = op.result.operation;
+            if json {
+                println!("{}", serde_json::to_string(&op).unwrap_or_default());
+            } else {
+                println!("{} {}", op.op_id, output::outcome(op.outcome));
+            }
+            return ended(&op);
+        }
+        Command::Completions { .. } => {}
+    }
+    Ok(())
+}
+
+/// An operation that ended in anything but success fails the command.
+fn ended(op: &OperationRecord) -> Result<(), Failure> {
+    match op.outcome {
+        OperationOutcome::Succeeded => Ok(()),
+        outcome => Err(Failure::Daemon(format!(
+            "operation {} {}{}",
+            op.op_id,
+            output::outcome(outcome),
+            op.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ))),
+    }
+}
+
+fn status_view(status: &StatusResult) -> String {
+    let list = |items: Vec<String>| items.join(", ");
+    let rows = vec![
+        vec!["version:".into(), status.version.clone()],
+        vec!["pid:".into(), status.pid.to_string()],
+        vec!["mode:".into(), status.mode.clone()],
+        vec![
+            "uptime:".into(),
+            format!(
+                "{} (since {})",
+                output::duration(status.uptime_seconds),
+                status.started_at
+            ),
+        ],
+        vec!["state dir:".into(), status.state_dir.display().to_string()],
+        vec!["socket:".into(), status.socket.display().to_string()],
+        vec!["store:".into(), status.store.path.display().to_string()],
+        vec![
+            "schema:".into(),
+            list(
+                status
+                    .store
+                    .tables
+                    .iter()
+                    .map(|(t, v)| format!("{t} v{v}"))
+                    .collect(),
+            ),
+        ],
+        vec![
+            "records:".into(),
+            list(
+                status
+                    .store
+                    .records
+                    .iter()
+                    .map(|(t, n)| format!("{t} {n}"))
+                    .collect(),
+            ),
+        ],
+        vec![
+            "operations:".into(),
+            format!("{} running", status.operations_running),
+        ],
+    ];
+    output::table(&rows)
+}

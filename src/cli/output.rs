@@ -1,0 +1,161 @@
+//! Human output: aligned tables and relative times. `--json` output is the
+//! daemon's own JSON, printed as is.
+
+use std::io::Write;
+
+use jiff::Timestamp;
+use serde::Serialize;
+use tabwriter::TabWriter;
+
+use crate::store::records::{OperationOutcome, OperationRecord};
+
+/// Rows aligned in columns two spaces apart; the first row is the header.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let mut writer = TabWriter::new(Vec::new()).padding(2);
+    for row in rows {
+        let _ = writeln!(writer, "{}", row.join("\t"));
+    }
+    let bytes = writer.into_inner().unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// "just now", "42s ago", "5m ago", "3h ago", "2d ago".
+pub fn ago(then: Timestamp, now: Timestamp) -> String {
+    let seconds = now.as_second().saturating_sub(then.as_second());
+    match seconds {
+        s if s < 1 => "just now".into(),
+        s if s < 60 => format!("{s}s ago"),
+        s if s < 3600 => format!("{}m ago", s / 60),
+        s if s < 86_400 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// "1h 2m 3s" for an uptime.
+pub fn duration(seconds: u64) -> String {
+    let (h, m, s) = (seconds / 3600, seconds % 3600 / 60, seconds % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m {s}s"),
+        _ => format!("{h}h {m}m {s}s"),
+    }
+}
+
+/// "copying 120/400 (30%)", or the phase alone.
+pub fn progress(phase: &str, current: Option<u64>, total: Option<u64>) -> String {
+    match (current, total) {
+        (Some(c), Some(t)) if t > 0 => format!("{phase} {c}/{t} ({}%)", c * 100 / t),
+        (Some(c), _) => format!("{phase} {c}"),
+        _ => phase.to_string(),
+    }
+}
+
+pub fn outcome(outcome: OperationOutcome) -> &'static str {
+    match outcome {
+        OperationOutcome::Running => "running",
+        OperationOutcome::Succeeded => "succeeded",
+        OperationOutcome::Failed => "failed",
+        OperationOutcome::Cancelled => "cancelled",
+        OperationOutcome::Interrupted => "interrupted",
+    }
+}
+
+pub fn operations_table(operations: &[OperationRecord], now: Timestamp) -> String {
+    let mut rows = vec![
+        ["OP ID", "METHOD", "TARGET", "STATE", "PROGRESS", "STARTED"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for op in operations {
+        let progress = match op.outcome {
+            OperationOutcome::Running => {
+                progress(op.phase.as_deref().unwrap_or("-"), op.current, op.total)
+            }
+            _ => op.error.clone().unwrap_or_else(|| "-".into()),
+        };
+        rows.push(vec![
+            op.op_id.clone(),
+            op.method.clone(),
+            op.target.clone().unwrap_or_else(|| "-".into()),
+            outcome(op.outcome).into(),
+            progress,
+            ago(op.started_at, now),
+        ]);
+    }
+    table(&rows)
+}
+
+pub fn operation_details(op: &OperationRecord, now: Timestamp) -> String {
+    let mut rows = vec![
+        vec!["op id:".into(), op.op_id.clone()],
+        vec!["method:".into(), op.method.clone()],
+        vec![
+            "target:".into(),
+            op.target.clone().unwrap_or_else(|| "-".into()),
+        ],
+        vec!["state:".into(), outcome(op.outcome).into()],
+    ];
+    if op.outcome == OperationOutcome::Running {
+        rows.push(vec![
+            "progress:".into(),
+            progress(op.phase.as_deref().unwrap_or("-"), op.current, op.total),
+        ]);
+    }
+    rows.push(vec![
+        "cancellable:".into(),
+        if op.cancellable { "yes" } else { "no" }.into(),
+    ]);
+    rows.push(vec![
+        "started:".into(),
+        format!("{} ({})", op.started_at, ago(op.started_at, now)),
+    ]);
+    if let Some(finished) = op.finished_at {
+        rows.push(vec![
+            "finished:".into(),
+            format!("{finished} ({})", ago(finished, now)),
+        ]);
+    }
+    if let Some(error) = &op.error {
+        rows.push(vec!["error:".into(), error.clone()]);
+    }
+    table(&rows)
+}
+
+pub fn json(value: &impl Serialize) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let out = table(&[
+            vec!["NAME".into(), "STATE".into()],
+            vec!["a-long-name".into(), "running".into()],
+        ]);
+        assert_eq!(out, "NAME         STATE\na-long-name  running\n");
+    }
+
+    #[test]
+    fn relative_times_pick_one_unit() {
+        let now = Timestamp::from_second(1_000_000).expect("ts");
+        let at = |s: i64| Timestamp::from_second(1_000_000 - s).expect("ts");
+        assert_eq!(ago(at(0), now), "just now");
+        assert_eq!(ago(at(42), now), "42s ago");
+        assert_eq!(ago(at(301), now), "5m ago");
+        assert_eq!(ago(at(3 * 3600 + 5), now), "3h ago");
+        assert_eq!(ago(at(2 * 86_400), now), "2d ago");
+    }
+
+    #[test]
+    fn progress_shows_a_percentage_when_the_total_is_known() {
+        assert_eq!(
+            progress("copying", Some(120), Some(400)),
+            "copying 120/400 (30%)"
+        );
+        assert_eq!(progress("starting", None, None), "starting");
+        assert_eq!(duration(3723), "1h 2m 3s");
+    }
+}

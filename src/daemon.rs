@@ -1,0 +1,206 @@
+//! `SystemSupervisor`: the root of bangerd's actor tree. It starts the
+//! actors in dependency order (store, operations, RPC server), reconciles
+//! what a previous daemon left, and runs the shutdown sequence: stop
+//! accepting, cancel and drain operations, let the store close. It never
+//! touches VMs: they outlive the daemon.
+
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use actix::{Addr, MailboxError, Supervisor};
+use jiff::Timestamp;
+use nix::unistd::{Gid, geteuid};
+use tracing::{info, warn};
+
+use crate::actors::operation::{Drain, OperationError, OperationRegistry, Reconcile};
+use crate::actors::store::{StoreActor, StoreClosed};
+use crate::config::{Config, Mode};
+use crate::rpc::access::AccessPolicy;
+use crate::rpc::dispatch::{DaemonInfo, Services};
+use crate::rpc::server::{RpcServer, StopAccepting};
+use crate::store::Store;
+
+/// Store worker threads: reads run in parallel, writes serialise in redb.
+const STORE_THREADS: usize = 2;
+/// How long shutdown waits for operations to finish or honour a cancel.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `sun_path` holds 108 bytes, the terminating NUL included.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The version line of banger's binaries, with the commit and the date
+/// stamped at build time.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("BANGER_GIT_COMMIT"),
+    ", built ",
+    env!("BANGER_BUILD_DATE"),
+    ")"
+);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot {action} {path}")]
+    Socket {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the socket path {path} is {len} bytes long; Unix sockets allow {MAX_SOCKET_PATH}: choose a shorter --socket"
+    )]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    #[error("{0} exists and is not a socket; remove it or choose another --socket")]
+    NotASocket(PathBuf),
+    #[error("cannot reconcile operations left by the previous daemon")]
+    Reconcile(#[source] OperationError),
+    #[error("the operations registry stopped during start-up")]
+    RegistryGone(#[source] MailboxError),
+}
+
+pub struct SystemSupervisor {
+    rpc: Addr<RpcServer>,
+    operations: Addr<OperationRegistry>,
+    store_closed: StoreClosed,
+}
+
+impl SystemSupervisor {
+    /// Starts every actor; must run inside the actix `System`.
+    pub async fn start(config: &Config, store: Store) -> Result<SystemSupervisor, DaemonError> {
+        let (store, store_closed) = StoreActor::start(store, STORE_THREADS);
+        let operations = {
+            let (store, retention) = (store.clone(), config.retention);
+            Supervisor::start(move |_| OperationRegistry::new(store, retention))
+        };
+        let interrupted = operations
+            .send(Reconcile)
+            .await
+            .map_err(DaemonError::RegistryGone)?
+            .map_err(DaemonError::Reconcile)?;
+        if !interrupted.is_empty() {
+            warn!(
+                count = interrupted.len(),
+                "marked operations interrupted by the previous daemon's stop"
+            );
+        }
+
+        let (listener, access) = bind_socket(config)?;
+        let services = Services {
+            store,
+            operations: operations.clone(),
+            info: DaemonInfo {
+                version: VERSION.to_string(),
+                pid: std::process::id(),
+                mode: config.mode,
+                started_at: Timestamp::now(),
+                started: Instant::now(),
+                state_dir: config.state_dir.clone(),
+                socket: config.socket.clone(),
+            },
+        };
+        let socket = config.socket.clone();
+        let rpc = Supervisor::start(move |_| RpcServer::new(listener, socket, services, access));
+        Ok(SystemSupervisor {
+            rpc,
+            operations,
+            store_closed,
+        })
+    }
+
+    /// Stops serving and drains operations; answers the store's close
+    /// signal, which fires once the actor system is dropped.
+    pub async fn shutdown(self) -> StoreClosed {
+        let _ = self.rpc.send(StopAccepting).await;
+        match tokio::time::timeout(DRAIN_TIMEOUT, self.operations.send(Drain)).await {
+            Ok(Ok(Ok(()))) => info!("no operation in flight"),
+            Ok(_) => warn!("the operations registry stopped before draining"),
+            Err(_) => {
+                warn!(timeout = ?DRAIN_TIMEOUT, "operations still in flight at shutdown; they will show as interrupted")
+            }
+        }
+        self.store_closed
+    }
+}
+
+fn socket_err<'p>(
+    action: &'static str,
+    path: &'p Path,
+) -> impl FnOnce(io::Error) -> DaemonError + 'p {
+    move |source| DaemonError::Socket {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Binds the daemon's socket with the mode's permissions. The caller holds
+/// the state directory's lock, so a socket already there is stale.
+fn bind_socket(config: &Config) -> Result<(tokio::net::UnixListener, AccessPolicy), DaemonError> {
+    let path = &config.socket;
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(DaemonError::SocketPathTooLong {
+            path: path.clone(),
+            len,
+        });
+    }
+    if let Some(dir) = path.parent() {
+        let mode = match config.mode {
+            Mode::System => 0o755,
+            Mode::User => 0o700,
+        };
+        DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)
+            .map_err(socket_err("create the socket directory", dir))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            fs::remove_file(path).map_err(socket_err("remove the stale socket", path))?
+        }
+        Ok(_) => return Err(DaemonError::NotASocket(path.clone())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(socket_err("inspect", path)(e)),
+    }
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(socket_err("bind", path))?;
+    let group = match config.mode {
+        Mode::System => shared_group(path, &config.socket_group)?,
+        Mode::User => None,
+    };
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(socket_err("set the mode of", path))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(socket_err("configure", path))?;
+    let listener =
+        tokio::net::UnixListener::from_std(listener).map_err(socket_err("listen on", path))?;
+    info!(socket = %path.display(), mode = format!("{mode:o}"), "listening");
+    Ok((
+        listener,
+        AccessPolicy {
+            owner: geteuid(),
+            group,
+        },
+    ))
+}
+
+/// Gives the socket to the configured group, when it exists.
+fn shared_group(path: &Path, name: &str) -> Result<Option<Gid>, DaemonError> {
+    let Some(gid) = AccessPolicy::lookup_group(name) else {
+        info!(
+            group = name,
+            "the socket group does not exist, so only root may use the daemon; create it (groupadd --system {name}) and add users to it (usermod -aG {name} USER)"
+        );
+        return Ok(None);
+    };
+    nix::unistd::chown(path, None, Some(gid))
+        .map_err(|e| socket_err("change the group of", path)(e.into()))?;
+    Ok(Some(gid))
+}

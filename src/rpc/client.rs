@@ -1,0 +1,132 @@
+//! A blocking client for the daemon's socket, used by the CLI, by
+//! `bangerd --check-migrations` (the online probe) and by tests. One
+//! request at a time; `progress` notifications go to a callback.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::protocol::{
+    ErrorCode, HelloParams, HelloResult, Incoming, PROTOCOL_VERSION, Progress, RpcError, WithOpId,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach bangerd at {socket}; start it (`bangerd`, or `systemctl start bangerd`) or name its socket with --socket or BANGER_SOCKET"
+    )]
+    Unreachable {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the connection to bangerd failed")]
+    Io(#[from] io::Error),
+    #[error("bangerd sent something this client does not understand: {0}")]
+    Protocol(String),
+    #[error("{error}")]
+    Rpc {
+        error: RpcError,
+        op_id: Option<String>,
+    },
+}
+
+impl ClientError {
+    /// Whether the daemon answered with this error code.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Rpc { error, .. } => Some(error.code),
+            _ => None,
+        }
+    }
+}
+
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+    pub daemon_version: String,
+}
+
+impl Client {
+    /// Connects and says hello; fails if the daemon speaks another protocol.
+    pub fn connect(socket: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+        let mut client = Client {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+            next_id: 1,
+            daemon_version: String::new(),
+        };
+        let hello = HelloParams {
+            protocol_version: PROTOCOL_VERSION,
+            client_version: Some(env!("CARGO_PKG_VERSION").into()),
+        };
+        let hello: WithOpId<HelloResult> = client.call("daemon.hello", json!(hello))?;
+        client.daemon_version = hello.result.daemon_version;
+        Ok(client)
+    }
+
+    pub fn call<T: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: Value,
+    ) -> Result<WithOpId<T>, ClientError> {
+        self.call_with_progress(method, params, |_| {})
+    }
+
+    /// Sends one request and reads until its response, handing each
+    /// `progress` notification to `on_progress`.
+    pub fn call_with_progress<T: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: Value,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<WithOpId<T>, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let mut bytes =
+            serde_json::to_vec(&request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes)?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "bangerd closed the connection",
+                )));
+            }
+            match Incoming::parse(&line).map_err(|e| ClientError::Protocol(e.to_string()))? {
+                Incoming::Notification(n) if n.method == "progress" => {
+                    if let Ok(progress) = serde_json::from_value::<Progress>(n.params) {
+                        on_progress(&progress);
+                    }
+                }
+                Incoming::Notification(_) => {}
+                Incoming::Response(response)
+                    if response.id != json!(id) && response.id != Value::Null => {}
+                Incoming::Response(response) => {
+                    if let Some(error) = response.error {
+                        let code = ErrorCode::from_code(error.code).unwrap_or(ErrorCode::Internal);
+                        return Err(ClientError::Rpc {
+                            error: RpcError::new(code, error.message),
+                            op_id: error.data.and_then(|d| d.op_id),
+                        });
+                    }
+                    let result = response.result.unwrap_or(Value::Null);
+                    return serde_json::from_value(result)
+                        .map_err(|e| ClientError::Protocol(e.to_string()));
+                }
+            }
+        }
+    }
+}

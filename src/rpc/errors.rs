@@ -1,0 +1,72 @@
+//! The one mapping from the daemon's error enums to wire error codes.
+
+use actix::MailboxError;
+
+use super::protocol::{ErrorCode, RpcError};
+use crate::actors::operation::OperationError;
+use crate::store::StoreError;
+use crate::store::backup::BackupError;
+
+/// The message of an error and of its sources, as one sentence.
+pub fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl From<StoreError> for RpcError {
+    fn from(e: StoreError) -> RpcError {
+        let code = match e {
+            StoreError::Conflict { .. } => ErrorCode::Conflict,
+            _ => ErrorCode::Internal,
+        };
+        RpcError::new(code, describe(&e))
+    }
+}
+
+impl From<OperationError> for RpcError {
+    fn from(e: OperationError) -> RpcError {
+        let code = match &e {
+            OperationError::NotFound(_) => ErrorCode::NotFound,
+            OperationError::Finished { .. } | OperationError::NotCancellable { .. } => {
+                ErrorCode::Conflict
+            }
+            OperationError::ShuttingDown | OperationError::Unavailable(_) => ErrorCode::Unavailable,
+            OperationError::Store(_) => ErrorCode::Internal,
+        };
+        match e {
+            OperationError::Store(e) => e.into(),
+            e => RpcError::new(code, describe(&e)),
+        }
+    }
+}
+
+impl From<BackupError> for RpcError {
+    fn from(e: BackupError) -> RpcError {
+        let code = match &e {
+            BackupError::Cancelled => ErrorCode::Cancelled,
+            BackupError::Exists(_) => ErrorCode::AlreadyExists,
+            BackupError::InProgress(_) => ErrorCode::Conflict,
+            BackupError::Io { .. } => ErrorCode::Internal,
+            BackupError::Store(_) => ErrorCode::Internal,
+        };
+        match e {
+            BackupError::Store(e) => e.into(),
+            e => RpcError::new(code, describe(&e)),
+        }
+    }
+}
+
+impl From<MailboxError> for RpcError {
+    fn from(_: MailboxError) -> RpcError {
+        RpcError::new(
+            ErrorCode::Unavailable,
+            "the daemon is shutting down or overloaded; retry",
+        )
+    }
+}

@@ -1,0 +1,687 @@
+//! The wire protocol between `banger` and `bangerd`: closed enums of typed
+//! requests, results and errors, with no actix or tokio in sight, so the
+//! CLI, the daemon and the tests share one definition. `docs/rpc.md` is the
+//! user-facing description; the steps are:
+//!
+//! 1. The client connects to the daemon's Unix socket; the daemon admits
+//!    root, its own user and members of the configured group (SO_PEERCRED).
+//! 2. Every message is one JSON-RPC 2.0 object on one line of at most
+//!    [`MAX_LINE_BYTES`].
+//! 3. The client opens with `daemon.hello`, so an old CLI and a new daemon
+//!    can tell each other apart.
+//! 4. Every request is given an `op_id` (a ULID): it is in the result, in
+//!    the error's `data`, in every `progress` notification and in the
+//!    daemon's logs for that request.
+//! 5. Long requests send `progress` notifications, carrying the request's
+//!    `id` and `op_id`, before the final response; several requests may be
+//!    in flight on one connection.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::store::records::OperationRecord;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest accepted line, newline excluded.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Stable error codes: JSON-RPC's own, then banger's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Parse,
+    InvalidRequest,
+    MethodNotFound,
+    InvalidParams,
+    Internal,
+    NotFound,
+    AlreadyExists,
+    Conflict,
+    Unavailable,
+    Cancelled,
+    PermissionDenied,
+    ProtocolMismatch,
+}
+
+impl ErrorCode {
+    const ALL: [ErrorCode; 12] = [
+        ErrorCode::Parse,
+        ErrorCode::InvalidRequest,
+        ErrorCode::MethodNotFound,
+        ErrorCode::InvalidParams,
+        ErrorCode::Internal,
+        ErrorCode::NotFound,
+        ErrorCode::AlreadyExists,
+        ErrorCode::Conflict,
+        ErrorCode::Unavailable,
+        ErrorCode::Cancelled,
+        ErrorCode::PermissionDenied,
+        ErrorCode::ProtocolMismatch,
+    ];
+
+    pub const fn code(self) -> i64 {
+        match self {
+            ErrorCode::Parse => -32700,
+            ErrorCode::InvalidRequest => -32600,
+            ErrorCode::MethodNotFound => -32601,
+            ErrorCode::InvalidParams => -32602,
+            ErrorCode::Internal => -32603,
+            ErrorCode::NotFound => -32001,
+            ErrorCode::AlreadyExists => -32002,
+            ErrorCode::Conflict => -32003,
+            ErrorCode::Unavailable => -32004,
+            ErrorCode::Cancelled => -32005,
+            ErrorCode::PermissionDenied => -32006,
+            ErrorCode::ProtocolMismatch => -32007,
+        }
+    }
+
+    /// The code's stable name, also sent as `error.data.kind`.
+    pub const fn kind(self) -> &'static str {
+        match self {
+            ErrorCode::Parse => "parse_error",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::MethodNotFound => "method_not_found",
+            ErrorCode::InvalidParams => "invalid_params",
+            ErrorCode::Internal => "internal",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::ProtocolMismatch => "protocol_mismatch",
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.code() == code)
+    }
+}
+
+/// An error as the daemon reports it: a stable code and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RpcError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> RpcError {
+        RpcError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid_params(field: &str, reason: impl std::fmt::Display) -> RpcError {
+        RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("invalid params: {field}: {reason}"),
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorData {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorObject {
+    pub code: i64,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<ErrorData>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub jsonrpc: String,
+    pub id: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorObject>,
+}
+
+impl Response {
+    pub fn success(id: Value, result: Value) -> Response {
+        Response {
+            jsonrpc: "2.0".into(),
+            id,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn failure(id: Value, error: &RpcError, op_id: Option<&str>) -> Response {
+        Response {
+            jsonrpc: "2.0".into(),
+            id,
+            result: None,
+            error: Some(ErrorObject {
+                code: error.code.code(),
+                message: error.message.clone(),
+                data: Some(ErrorData {
+                    kind: error.code.kind().into(),
+                    op_id: op_id.map(str::to_string),
+                }),
+            }),
+        }
+    }
+}
+
+/// The `params` of a `progress` notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The `id` of the request this progress belongs to.
+    pub id: Value,
+    pub op_id: String,
+    pub phase: String,
+    #[serde(default)]
+    pub current: Option<u64>,
+    #[serde(default)]
+    pub total: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    pub jsonrpc: String,
+    pub method: String,
+    pub params: Value,
+}
+
+impl Notification {
+    pub fn progress(progress: &Progress) -> Notification {
+        Notification {
+            jsonrpc: "2.0".into(),
+            method: "progress".into(),
+            params: serde_json::to_value(progress).unwrap_or(Value::Null),
+        }
+    }
+}
+
+/// What a client reads: a notification or the final response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Notification(Notification),
+    Response(Response),
+}
+
+impl Incoming {
+    pub fn parse(line: &str) -> Result<Incoming, serde_json::Error> {
+        let value: Value = serde_json::from_str(line)?;
+        if value.get("method").is_some() {
+            serde_json::from_value(value).map(Incoming::Notification)
+        } else {
+            serde_json::from_value(value).map(Incoming::Response)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloParams {
+    pub protocol_version: u32,
+    #[serde(default)]
+    pub client_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListOperationsParams {
+    /// Include finished operations, not only those in flight.
+    #[serde(default)]
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationRef {
+    pub op_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupParams {
+    /// Where the copy goes; absolute, and must not exist yet.
+    pub path: PathBuf,
+    /// Copy at most this many bytes per second (spares a busy disk).
+    #[serde(default)]
+    pub rate_limit: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// Every request the daemon serves.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Hello(HelloParams),
+    Status,
+    Methods,
+    StoreSchema,
+    OperationsList(ListOperationsParams),
+    OperationsGet(OperationRef),
+    OperationsCancel(OperationRef),
+    OperationsWatch(OperationRef),
+    Backup(BackupParams),
+}
+
+pub struct MethodInfo {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// State-changing methods run as operations listed by `banger ops ls`.
+    pub state_changing: bool,
+}
+
+pub const METHODS: &[MethodInfo] = &[
+    MethodInfo {
+        name: "daemon.hello",
+        summary: "Exchange protocol and daemon versions; the first call on a connection.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "daemon.status",
+        summary: "Version, uptime, pid, state directory, store schema and counts.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "daemon.methods",
+        summary: "Names and one-line descriptions of every method.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "daemon.store.schema",
+        summary: "The store's table versions and applied migrations (the online migration probe).",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "daemon.operations.list",
+        summary: "Operations in flight, or with all=true also finished ones.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "daemon.operations.get",
+        summary: "One operation by op_id.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "daemon.operations.cancel",
+        summary: "Ask a cancellable operation in flight to stop.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "daemon.operations.watch",
+        summary: "Stream an operation's progress until it ends, then return it.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "daemon.backup",
+        summary: "Write a consistent copy of the store to a path, with progress; cancellable.",
+        state_changing: true,
+    },
+];
+
+impl Request {
+    pub fn method(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => "daemon.hello",
+            Request::Status => "daemon.status",
+            Request::Methods => "daemon.methods",
+            Request::StoreSchema => "daemon.store.schema",
+            Request::OperationsList(_) => "daemon.operations.list",
+            Request::OperationsGet(_) => "daemon.operations.get",
+            Request::OperationsCancel(_) => "daemon.operations.cancel",
+            Request::OperationsWatch(_) => "daemon.operations.watch",
+            Request::Backup(_) => "daemon.backup",
+        }
+    }
+
+    /// Types and validates a method's params; errors name the field.
+    pub fn parse(method: &str, params: Option<Value>) -> Result<Request, RpcError> {
+        let params = params.unwrap_or_else(|| Value::Object(Default::default()));
+        Ok(match method {
+            "daemon.hello" => Request::Hello(typed(params)?),
+            "daemon.status" => typed::<NoParams>(params).map(|_| Request::Status)?,
+            "daemon.methods" => typed::<NoParams>(params).map(|_| Request::Methods)?,
+            "daemon.store.schema" => typed::<NoParams>(params).map(|_| Request::StoreSchema)?,
+            "daemon.operations.list" => Request::OperationsList(typed(params)?),
+            "daemon.operations.get" => Request::OperationsGet(op_ref(params)?),
+            "daemon.operations.cancel" => Request::OperationsCancel(op_ref(params)?),
+            "daemon.operations.watch" => Request::OperationsWatch(op_ref(params)?),
+            "daemon.backup" => {
+                let backup: BackupParams = typed(params)?;
+                if !backup.path.is_absolute() {
+                    return Err(RpcError::invalid_params("path", "must be an absolute path"));
+                }
+                if backup.rate_limit == Some(0) {
+                    return Err(RpcError::invalid_params(
+                        "rate_limit",
+                        "must be at least 1 byte per second",
+                    ));
+                }
+                Request::Backup(backup)
+            }
+            other => {
+                return Err(RpcError::new(
+                    ErrorCode::MethodNotFound,
+                    format!("unknown method {other:?}; daemon.methods lists them"),
+                ));
+            }
+        })
+    }
+
+    /// Whether this request runs as a recorded operation.
+    pub fn is_state_changing(&self) -> bool {
+        METHODS
+            .iter()
+            .any(|m| m.name == self.method() && m.state_changing)
+    }
+}
+
+fn typed<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
+    serde_path_to_error::deserialize(params).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "params".to_string()
+        } else {
+            path
+        };
+        RpcError::invalid_params(&field, e.into_inner())
+    })
+}
+
+fn op_ref(params: Value) -> Result<OperationRef, RpcError> {
+    let op: OperationRef = typed(params)?;
+    if ulid::Ulid::from_string(&op.op_id).is_err() {
+        return Err(RpcError::invalid_params(
+            "op_id",
+            format!("{:?} is not an operation id", op.op_id),
+        ));
+    }
+    Ok(op)
+}
+
+/// A parsed request line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub id: Value,
+    pub request: Request,
+}
+
+/// Parses one request line. The error carries the request's id when one
+/// could be read, else `null`, as JSON-RPC asks.
+pub fn parse_line(line: &[u8]) -> Result<Call, (Value, RpcError)> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        (
+            Value::Null,
+            RpcError::new(ErrorCode::Parse, format!("parse error: {e}")),
+        )
+    })?;
+    let Value::Object(mut object) = value else {
+        let what = if value.is_array() {
+            "batches are not supported"
+        } else {
+            "a request must be a JSON object"
+        };
+        return Err((Value::Null, RpcError::new(ErrorCode::InvalidRequest, what)));
+    };
+    let id = object.remove("id");
+    let invalid = |id: Option<&Value>, message: &str| {
+        (
+            id.cloned().unwrap_or(Value::Null),
+            RpcError::new(ErrorCode::InvalidRequest, message),
+        )
+    };
+    let id = match id {
+        Some(id @ (Value::Number(_) | Value::String(_))) => id,
+        Some(Value::Null) | None => {
+            return Err(invalid(
+                None,
+                "a request needs an id (a number or a string)",
+            ));
+        }
+        Some(_) => return Err(invalid(None, "id must be a number or a string")),
+    };
+    if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(invalid(Some(&id), "jsonrpc must be \"2.0\""));
+    }
+    let Some(Value::String(method)) = object.remove("method") else {
+        return Err(invalid(Some(&id), "method must be a string"));
+    };
+    let params = match object.remove("params") {
+        None | Some(Value::Null) => None,
+        Some(params @ Value::Object(_)) => Some(params),
+        Some(_) => {
+            return Err((
+                id,
+                RpcError::new(
+                    ErrorCode::InvalidParams,
+                    "invalid params: params must be an object",
+                ),
+            ));
+        }
+    };
+    match Request::parse(&method, params) {
+        Ok(request) => Ok(Call { id, request }),
+        Err(e) => Err((id, e)),
+    }
+}
+
+/// A result with the request's `op_id` beside its fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WithOpId<T> {
+    pub op_id: String,
+    #[serde(flatten)]
+    pub result: T,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloResult {
+    pub protocol_version: u32,
+    pub daemon_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub path: PathBuf,
+    /// Table name to schema version.
+    pub tables: BTreeMap<String, u32>,
+    pub applied_migrations: Vec<String>,
+    /// Table name to record count.
+    pub records: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResult {
+    pub version: String,
+    pub protocol_version: u32,
+    pub pid: u32,
+    pub mode: String,
+    pub started_at: jiff::Timestamp,
+    pub uptime_seconds: u64,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub store: StoreStatus,
+    pub operations_running: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodDescription {
+    pub name: String,
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodsResult {
+    pub methods: Vec<MethodDescription>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreSchemaResult {
+    pub tables: BTreeMap<String, u32>,
+    pub applied_migrations: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationsResult {
+    pub operations: Vec<OperationRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationResult {
+    pub operation: OperationRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupResult {
+    pub path: PathBuf,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(line: &str) -> (Value, RpcError) {
+        parse_line(line.as_bytes()).expect_err("should be refused")
+    }
+
+    #[test]
+    fn a_well_formed_request_parses() {
+        let call =
+            parse_line(br#"{"jsonrpc":"2.0","id":7,"method":"daemon.status"}"#).expect("parse");
+        assert_eq!(
+            call,
+            Call {
+                id: 7.into(),
+                request: Request::Status
+            }
+        );
+        let call = parse_line(
+            br#"{"jsonrpc":"2.0","id":"a","method":"daemon.backup","params":{"path":"/tmp/b.redb","rate_limit":1000}}"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            call.request,
+            Request::Backup(BackupParams {
+                path: "/tmp/b.redb".into(),
+                rate_limit: Some(1000)
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_a_parse_error_with_a_null_id() {
+        let (id, e) = err(r#"{"jsonrpc":"2.0","id":1,"#);
+        assert_eq!((id, e.code), (Value::Null, ErrorCode::Parse));
+        assert_eq!(
+            parse_line(b"\xff\xfe{}").expect_err("utf8").1.code,
+            ErrorCode::Parse
+        );
+    }
+
+    #[test]
+    fn envelope_mistakes_are_invalid_requests() {
+        assert_eq!(err("[1,2]").1.message, "batches are not supported");
+        assert_eq!(err("42").1.code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            err(r#"{"jsonrpc":"2.0","method":"daemon.status"}"#).1.code,
+            ErrorCode::InvalidRequest
+        );
+        let (id, e) = err(r#"{"jsonrpc":"1.0","id":3,"method":"daemon.status"}"#);
+        assert_eq!((id, e.code), (3.into(), ErrorCode::InvalidRequest));
+        assert_eq!(
+            err(r#"{"jsonrpc":"2.0","id":3,"method":5}"#).1.code,
+            ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn unknown_methods_are_named() {
+        let (id, e) = err(r#"{"jsonrpc":"2.0","id":1,"method":"vm.explode"}"#);
+        assert_eq!((id, e.code), (1.into(), ErrorCode::MethodNotFound));
+        assert!(e.message.contains("vm.explode"));
+    }
+
+    #[test]
+    fn invalid_params_name_the_field() {
+        let e = err(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.backup","params":{"path":5}}"#).1;
+        assert_eq!(e.code, ErrorCode::InvalidParams);
+        assert!(
+            e.message.starts_with("invalid params: path: "),
+            "{}",
+            e.message
+        );
+        let e =
+            err(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.backup","params":{"path":"rel"}}"#).1;
+        assert_eq!(e.message, "invalid params: path: must be an absolute path");
+        let e = err(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.backup","params":{}}"#).1;
+        assert!(e.message.contains("missing field `path`"), "{}", e.message);
+        let e =
+            err(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.status","params":{"verbose":true}}"#).1;
+        assert!(
+            e.message.contains("unknown field `verbose`"),
+            "{}",
+            e.message
+        );
+        let e = err(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.operations.get","params":{"op_id":"nope"}}"#).1;
+        assert!(
+            e.message.starts_with("invalid params: op_id: "),
+            "{}",
+            e.message
+        );
+        let e = err(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.status","params":[1]}"#).1;
+        assert_eq!(e.code, ErrorCode::InvalidParams);
+    }
+
+    #[test]
+    fn every_method_parses_and_names_itself() {
+        for info in METHODS {
+            let params = match info.name {
+                "daemon.hello" => serde_json::json!({"protocol_version": 1}),
+                "daemon.backup" => serde_json::json!({"path": "/x"}),
+                n if n.starts_with("daemon.operations.") && n != "daemon.operations.list" => {
+                    serde_json::json!({"op_id": ulid::Ulid::new().to_string()})
+                }
+                _ => serde_json::json!({}),
+            };
+            let request = Request::parse(info.name, Some(params)).expect(info.name);
+            assert_eq!(request.method(), info.name);
+        }
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_code(code.code()), Some(code));
+        }
+    }
+
+    #[test]
+    fn results_carry_their_op_id_beside_their_fields() {
+        let value = serde_json::to_value(WithOpId {
+            op_id: "01J".into(),
+            result: HelloResult {
+                protocol_version: 1,
+                daemon_version: "0.1.0".into(),
+            },
+        })
+        .expect("serialize");
+        assert_eq!(
+            value,
+            serde_json::json!({"op_id": "01J", "protocol_version": 1, "daemon_version": "0.1.0"})
+        );
+    }
+}

@@ -1,0 +1,251 @@
+//! `RpcServer`: accepts connections on the daemon's Unix socket and runs
+//! one session per connection.
+//!
+//! Concurrency: sessions and requests are tasks on the actor system's
+//! runtime. Bounds: at most [`MAX_SESSIONS`] connections (more are told
+//! `unavailable` and closed) and [`MAX_IN_FLIGHT`] requests per connection
+//! (more are answered `unavailable`), so the unbounded store queue behind
+//! them never grows without limit. A session writes through one bounded
+//! channel, so a client that stops reading only slows itself.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::access::{AccessPolicy, groups_of};
+use super::dispatch::{Reply, Services, handle, line};
+use super::protocol::{ErrorCode, MAX_LINE_BYTES, Response, RpcError, parse_line};
+use crate::operations::new_op_id;
+
+pub const MAX_SESSIONS: usize = 4096;
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Lines queued for a client before its requests wait.
+const OUTBOX: usize = 256;
+
+pub struct RpcServer {
+    listener: Arc<UnixListener>,
+    socket: PathBuf,
+    services: Arc<Services>,
+    access: Arc<AccessPolicy>,
+    sessions: Arc<Semaphore>,
+    accepting: Option<SpawnHandle>,
+}
+
+impl RpcServer {
+    pub fn new(
+        listener: UnixListener,
+        socket: PathBuf,
+        services: Services,
+        access: AccessPolicy,
+    ) -> Self {
+        RpcServer {
+            listener: Arc::new(listener),
+            socket,
+            services: Arc::new(services),
+            access: Arc::new(access),
+            sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
+            accepting: None,
+        }
+    }
+}
+
+impl Actor for RpcServer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let listener = self.listener.clone();
+        let services = self.services.clone();
+        let access = self.access.clone();
+        let sessions = self.sessions.clone();
+        let accept = async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let permit = sessions.clone().try_acquire_owned().ok();
+                        let (services, access) = (services.clone(), access.clone());
+                        actix::spawn(async move {
+                            match permit {
+                                Some(_permit) => session(stream, services, access).await,
+                                None => {
+                                    refuse(
+                                        stream,
+                                        ErrorCode::Unavailable,
+                                        "too many connections; retry later",
+                                    )
+                                    .await
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors, most likely: wait for
+                        // sessions to end rather than spin.
+                        warn!(error = %e, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        };
+        self.accepting = Some(ctx.spawn(accept.into_actor(self)));
+    }
+}
+
+impl Supervised for RpcServer {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        warn!("rpc server restarting");
+        self.accepting = None;
+    }
+}
+
+/// Shutdown: stop accepting and remove the socket; sessions already open
+/// keep being served until the daemon exits.
+pub struct StopAccepting;
+
+impl Message for StopAccepting {
+    type Result = ();
+}
+
+impl Handler<StopAccepting> for RpcServer {
+    type Result = ();
+
+    fn handle(&mut self, _: StopAccepting, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.accepting.take() {
+            ctx.cancel_future(handle);
+        }
+        match std::fs::remove_file(&self.socket) {
+            Ok(()) => info!(socket = %self.socket.display(), "removed the socket"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(socket = %self.socket.display(), error = %e, "cannot remove the socket")
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: UnixStream, code: ErrorCode, message: &str) {
+    let response = Response::failure(Value::Null, &RpcError::new(code, message), None);
+    let _ = stream.write_all(&line(&response)).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<AccessPolicy>) {
+    let peer = match stream.peer_cred() {
+        Ok(peer) => peer,
+        Err(e) => {
+            warn!(error = %e, "cannot read a client's credentials; closing");
+            return;
+        }
+    };
+    let uid = nix::unistd::Uid::from_raw(peer.uid());
+    let gid = nix::unistd::Gid::from_raw(peer.gid());
+    if !access.admits(uid, gid, || groups_of(uid)) {
+        warn!(uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), "refused a client that is not root, the owner or in the socket group");
+        let message = format!(
+            "uid {} may not use this daemon; ask an administrator to add you to the banger group",
+            peer.uid()
+        );
+        refuse(stream, ErrorCode::PermissionDenied, &message).await;
+        return;
+    }
+    debug!(uid = peer.uid(), pid = ?peer.pid(), "client connected");
+
+    let (read, mut write) = stream.into_split();
+    let (out, mut outbox) = mpsc::channel::<Vec<u8>>(OUTBOX);
+    let writer = actix::spawn(async move {
+        while let Some(bytes) = outbox.recv().await {
+            if write.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let closed = CancellationToken::new();
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let codec =
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_LINE_BYTES);
+    let mut lines = FramedRead::new(read, codec);
+
+    while let Some(next) = lines.next().await {
+        let bytes = match next {
+            Ok(bytes) => bytes,
+            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
+                let error = RpcError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "request line longer than {MAX_LINE_BYTES} bytes; closing the connection"
+                    ),
+                );
+                let _ = out
+                    .send(line(&Response::failure(Value::Null, &error, None)))
+                    .await;
+                break;
+            }
+            Err(e) => {
+                debug!(error = %e, "client connection failed");
+                break;
+            }
+        };
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(&bytes);
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let op_id = new_op_id();
+        let call = match parse_line(bytes) {
+            Ok(call) => call,
+            Err((id, error)) => {
+                debug!(op_id = %op_id, error = %error, "bad request");
+                let _ = out
+                    .send(line(&Response::failure(id, &error, Some(&op_id))))
+                    .await;
+                continue;
+            }
+        };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            let error = RpcError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "more than {MAX_IN_FLIGHT} requests in flight on this connection; wait for answers"
+                ),
+            );
+            let _ = out
+                .send(line(&Response::failure(call.id, &error, Some(&op_id))))
+                .await;
+            continue;
+        };
+        let (services, out, closed) = (services.clone(), out.clone(), closed.clone());
+        let span = info_span!("request", op_id = %op_id, method = call.request.method());
+        actix::spawn(
+            async move {
+                let reply = Reply {
+                    id: &call.id,
+                    op_id: &op_id,
+                    out: &out,
+                    closed: &closed,
+                };
+                let response = match handle(&services, call.request, &reply).await {
+                    Ok(result) => Response::success(call.id.clone(), result),
+                    Err(error) => {
+                        debug!(error = %error, "request failed");
+                        Response::failure(call.id.clone(), &error, Some(&op_id))
+                    }
+                };
+                let _ = out.send(line(&response)).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    closed.cancel();
+    drop(out);
+    let _ = writer.await;
+}
