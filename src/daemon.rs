@@ -21,7 +21,7 @@ use crate::config::{Config, Mode};
 use crate::rpc::access::AccessPolicy;
 use crate::rpc::dispatch::{DaemonInfo, Services};
 use crate::rpc::server::{RpcServer, StopAccepting};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Store worker threads: reads run in parallel, writes serialise in redb.
 const STORE_THREADS: usize = 2;
@@ -58,6 +58,8 @@ pub enum DaemonError {
     NotASocket(PathBuf),
     #[error("cannot reconcile operations left by the previous daemon")]
     Reconcile(#[source] OperationError),
+    #[error("cannot read the store's schema")]
+    Store(#[source] StoreError),
     #[error("the operations registry stopped during start-up")]
     RegistryGone(#[source] MailboxError),
 }
@@ -71,6 +73,8 @@ pub struct SystemSupervisor {
 impl SystemSupervisor {
     /// Starts every actor; must run inside the actix `System`.
     pub async fn start(config: &Config, store: Store) -> Result<SystemSupervisor, DaemonError> {
+        let store_path = store.path().to_path_buf();
+        let schema = store.observe().map_err(DaemonError::Store)?;
         let (store, store_closed) = StoreActor::start(store, STORE_THREADS);
         let operations = {
             let (store, retention) = (store.clone(), config.retention);
@@ -100,6 +104,8 @@ impl SystemSupervisor {
                 started: Instant::now(),
                 state_dir: config.state_dir.clone(),
                 socket: config.socket.clone(),
+                store_path,
+                schema,
             },
         };
         let socket = config.socket.clone();

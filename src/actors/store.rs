@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use crate::store::backup::Snapshot;
-use crate::store::{Observed, Record, Store, StoreError};
+use crate::store::{Record, Store, StoreError};
 
 pub struct StoreActor {
     store: Arc<Store>,
@@ -179,26 +178,16 @@ impl Handler<TakeSnapshot> for StoreActor {
     }
 }
 
-/// What `daemon.status` and the online migration probe report.
-pub struct Describe;
+/// How many records each table holds.
+pub struct CountRecords;
 
-pub struct StoreDescription {
-    pub path: PathBuf,
-    pub observed: Observed,
-    pub records: BTreeMap<String, u64>,
+impl Message for CountRecords {
+    type Result = Result<BTreeMap<String, u64>, StoreError>;
 }
 
-impl Message for Describe {
-    type Result = Result<StoreDescription, StoreError>;
-}
-
-impl Handler<Describe> for StoreActor {
-    type Result = Result<StoreDescription, StoreError>;
-    fn handle(&mut self, _: Describe, _: &mut SyncContext<Self>) -> Self::Result {
-        Ok(StoreDescription {
-            path: self.store.path().to_path_buf(),
-            observed: self.store.observe()?,
-            records: self.store.record_counts()?,
-        })
+impl Handler<CountRecords> for StoreActor {
+    type Result = Result<BTreeMap<String, u64>, StoreError>;
+    fn handle(&mut self, _: CountRecords, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store.record_counts()
     }
 }

@@ -136,14 +136,18 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let mode = Mode::select(cli.system, cli.user);
-    let overrides = Overrides {
-        socket: cli.socket,
-        ..Overrides::default()
+    // Only the daemon's socket is needed; the configuration names it when
+    // neither --socket nor BANGER_SOCKET does.
+    let socket = match cli.socket {
+        Some(socket) => socket,
+        None => {
+            let mode = Mode::select(cli.system, cli.user);
+            config::load(mode, Overrides::default())
+                .map_err(|e| Failure::Daemon(crate::rpc::errors::describe(&e)))?
+                .socket
+        }
     };
-    let config = config::load(mode, overrides)
-        .map_err(|e| Failure::Daemon(crate::rpc::errors::describe(&e)))?;
-    let mut client = Client::connect(&config.socket)?;
+    let mut client = Client::connect(&socket)?;
     let now = Timestamp::now();
     match cli.command {
         Command::Daemon(DaemonCommand::Status { json }) => {

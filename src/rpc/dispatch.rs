@@ -19,10 +19,10 @@ use super::protocol::{
 use crate::actors::operation::{
     Begin, CancelOperation, GetOperation, ListOperations, OperationRegistry, WatchOperation,
 };
-use crate::actors::store::{Describe, StoreActor, TakeSnapshot};
+use crate::actors::store::{CountRecords, StoreActor, TakeSnapshot};
 use crate::config::Mode;
-use crate::store::backup;
 use crate::store::records::{OperationOutcome, OperationRecord};
+use crate::store::{Observed, backup};
 
 /// Facts about the running daemon, fixed at start-up.
 pub struct DaemonInfo {
@@ -33,6 +33,10 @@ pub struct DaemonInfo {
     pub started: Instant,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    pub store_path: PathBuf,
+    /// The store's schema: fixed while the daemon runs, since migrations
+    /// happen only at start-up under the state directory's lock.
+    pub schema: Observed,
 }
 
 /// What request handlers reach.
@@ -67,7 +71,7 @@ pub async fn handle(
         Request::Hello(params) => with_op_id(reply, hello(services, params)?),
         Request::Status => with_op_id(reply, status(services).await?),
         Request::Methods => with_op_id(reply, methods()),
-        Request::StoreSchema => with_op_id(reply, store_schema(services).await?),
+        Request::StoreSchema => with_op_id(reply, store_schema(services)),
         Request::OperationsList(params) => {
             let operations = services
                 .operations
@@ -128,11 +132,11 @@ fn hello(services: &Services, params: HelloParams) -> Result<HelloResult, RpcErr
 }
 
 async fn status(services: &Services) -> Result<StatusResult, RpcError> {
-    let described = services.store.send(Describe).await??;
-    let running = services
-        .operations
-        .send(ListOperations { all: false })
-        .await??;
+    let (records, running) = tokio::join!(
+        services.store.send(CountRecords),
+        services.operations.send(ListOperations { all: false })
+    );
+    let (records, running) = (records??, running??);
     let info = &services.info;
     Ok(StatusResult {
         version: info.version.clone(),
@@ -147,10 +151,10 @@ async fn status(services: &Services) -> Result<StatusResult, RpcError> {
         state_dir: info.state_dir.clone(),
         socket: info.socket.clone(),
         store: StoreStatus {
-            path: described.path,
-            tables: described.observed.tables,
-            applied_migrations: described.observed.applied.into_iter().collect(),
-            records: described.records,
+            path: info.store_path.clone(),
+            tables: info.schema.tables.clone(),
+            applied_migrations: info.schema.applied.iter().cloned().collect(),
+            records,
         },
         operations_running: running.len() as u64,
     })
@@ -168,12 +172,11 @@ fn methods() -> MethodsResult {
     }
 }
 
-async fn store_schema(services: &Services) -> Result<StoreSchemaResult, RpcError> {
-    let described = services.store.send(Describe).await??;
-    Ok(StoreSchemaResult {
-        tables: described.observed.tables,
-        applied_migrations: described.observed.applied.into_iter().collect(),
-    })
+fn store_schema(services: &Services) -> StoreSchemaResult {
+    StoreSchemaResult {
+        tables: services.info.schema.tables.clone(),
+        applied_migrations: services.info.schema.applied.iter().cloned().collect(),
+    }
 }
 
 /// Sends the operation's status as `progress` notifications, now and at

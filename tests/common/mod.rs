@@ -217,3 +217,100 @@ pub fn spawn_child(name: &str, dir: &Path) -> Child {
 pub fn child_dir() -> Option<PathBuf> {
     std::env::var_os(CHILD_ENV).map(PathBuf::from)
 }
+
+pub const BANGER: &str = env!("CARGO_BIN_EXE_banger");
+
+/// Writes `n` VM records into a fresh store under `dir` (before a daemon
+/// starts), so a backup has something to copy.
+pub fn seed_store(dir: &Path, n: usize) {
+    let opened =
+        banger::store::open(dir, banger::store::Schema::production()).expect("create store");
+    for i in 0..n {
+        opened.store.put(&vm_record(i)).expect("seed record");
+    }
+}
+
+/// A JSON-RPC request object.
+pub fn request(id: u64, method: &str, params: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+/// A raw line-level connection to a daemon, for protocol tests.
+pub struct Conn {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    /// Messages read while looking for another request's answer.
+    backlog: std::collections::VecDeque<serde_json::Value>,
+}
+
+impl Conn {
+    pub fn open(dir: &Path) -> Conn {
+        let stream =
+            std::os::unix::net::UnixStream::connect(socket_path(dir)).expect("connect to bangerd");
+        stream
+            .set_read_timeout(Some(EVENT_TIMEOUT))
+            .expect("read timeout");
+        Conn {
+            reader: BufReader::new(stream.try_clone().expect("clone stream")),
+            writer: stream,
+            backlog: Default::default(),
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.writer.write_all(bytes).expect("write to bangerd");
+    }
+
+    pub fn send(&mut self, message: &serde_json::Value) {
+        let mut line = serde_json::to_vec(message).expect("encode");
+        line.push(b'\n');
+        self.send_raw(&line);
+    }
+
+    /// The next line as JSON; None when the daemon closed the connection.
+    pub fn recv(&mut self) -> Option<serde_json::Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line).expect("read from bangerd") {
+            0 => None,
+            _ => Some(serde_json::from_str(&line).expect("bangerd sent JSON")),
+        }
+    }
+
+    /// Reads until the response to `id`, returning it and the progress
+    /// notifications seen for `id` on the way.
+    pub fn response(&mut self, id: u64) -> (serde_json::Value, Vec<serde_json::Value>) {
+        let mut progress = Vec::new();
+        let mut backlog = std::mem::take(&mut self.backlog);
+        loop {
+            let message = match backlog.pop_front() {
+                Some(message) => message,
+                None => self.recv().expect("connection closed before the response"),
+            };
+            if message["method"] == "progress" && message["params"]["id"] == id {
+                progress.push(message["params"].clone());
+            } else if message["method"].is_null() && message["id"] == id {
+                self.backlog.extend(backlog);
+                return (message, progress);
+            } else {
+                self.backlog.push_back(message);
+            }
+        }
+    }
+
+    pub fn call(&mut self, id: u64, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.send(&request(id, method, params));
+        self.response(id).0
+    }
+}
+
+/// Runs the banger CLI against the daemon of `dir`.
+pub fn banger(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BANGER)
+        .arg("--socket")
+        .arg(socket_path(dir))
+        .args(args)
+        .env_remove("BANGER_SOCKET")
+        .output()
+        .expect("run banger")
+}

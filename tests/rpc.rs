@@ -1,0 +1,432 @@
+//! The RPC surface against a real daemon: conformance (every error code,
+//! bad input of every kind, many clients), operations (progress, watch,
+//! cancel, shutdown and crash in the middle of one) and the CLI.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use serde_json::{Value, json};
+
+/// Records seeded before a backup test: enough for many progress reports.
+const SEEDED: usize = 640;
+
+fn code(response: &Value) -> i64 {
+    response["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("not an error: {response}"))
+}
+
+fn message(response: &Value) -> &str {
+    response["error"]["message"].as_str().unwrap_or_default()
+}
+
+fn new_op_id() -> String {
+    banger::operations::new_op_id()
+}
+
+#[test]
+fn malformed_input_gets_errors_and_the_connection_keeps_serving() {
+    let tmp = state_dir();
+    let _daemon = Daemon::start(tmp.path());
+    let mut conn = Conn::open(tmp.path());
+
+    conn.send_raw(b"{\"jsonrpc\":\"2.0\",\"id\":1,\n");
+    let parse = conn.recv().expect("answer");
+    assert_eq!((code(&parse), &parse["id"]), (-32700, &Value::Null));
+    assert!(
+        parse["error"]["data"]["op_id"].is_string(),
+        "errors carry an op_id: {parse}"
+    );
+
+    conn.send_raw(b"\xff\xfe\xfd not utf-8\n");
+    assert_eq!(code(&conn.recv().expect("answer")), -32700);
+
+    conn.send(&json!([1, 2]));
+    assert_eq!(code(&conn.recv().expect("answer")), -32600);
+    conn.send(&json!({"jsonrpc": "2.0", "method": "daemon.status"}));
+    assert_eq!(code(&conn.recv().expect("answer")), -32600);
+    conn.send(&json!({"jsonrpc": "1.0", "id": 2, "method": "daemon.status"}));
+    let invalid = conn.recv().expect("answer");
+    assert_eq!((code(&invalid), &invalid["id"]), (-32600, &json!(2)));
+
+    let unknown = conn.call(3, "vm.explode", json!({}));
+    assert_eq!(code(&unknown), -32601);
+    assert!(message(&unknown).contains("vm.explode"));
+
+    let params = conn.call(4, "daemon.backup", json!({"path": 17}));
+    assert_eq!(code(&params), -32602);
+    assert!(
+        message(&params).starts_with("invalid params: path: "),
+        "{params}"
+    );
+    let params = conn.call(5, "daemon.operations.list", json!({"everything": true}));
+    assert!(message(&params).contains("everything"), "{params}");
+
+    conn.send_raw(b"\n\r\n");
+    let status = conn.call(6, "daemon.status", json!({}));
+    assert!(status["result"]["op_id"].is_string(), "{status}");
+    assert_eq!(status["result"]["store"]["tables"]["vms"], 1);
+}
+
+#[test]
+fn domain_errors_have_stable_codes() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    let _daemon = Daemon::start(dir);
+    let mut conn = Conn::open(dir);
+
+    let mismatch = conn.call(1, "daemon.hello", json!({"protocol_version": 99}));
+    assert_eq!(code(&mismatch), -32007);
+    assert!(message(&mismatch).contains("v99"), "{mismatch}");
+    let hello = conn.call(2, "daemon.hello", json!({"protocol_version": 1}));
+    assert_eq!(hello["result"]["protocol_version"], 1);
+
+    let missing = conn.call(3, "daemon.operations.get", json!({"op_id": new_op_id()}));
+    assert_eq!(code(&missing), -32001);
+
+    let target = dir.join("copy.redb");
+    let done = conn.call(4, "daemon.backup", json!({"path": target}));
+    let op_id = done["result"]["op_id"].as_str().expect("op_id").to_string();
+    assert!(target.exists());
+
+    let exists = conn.call(5, "daemon.backup", json!({"path": target}));
+    assert_eq!(code(&exists), -32002);
+
+    let finished = conn.call(6, "daemon.operations.cancel", json!({"op_id": op_id}));
+    assert_eq!(code(&finished), -32003);
+    assert!(message(&finished).contains("already ended"), "{finished}");
+
+    let internal = conn.call(
+        7,
+        "daemon.backup",
+        json!({"path": dir.join("no/such/dir/x.redb")}),
+    );
+    assert_eq!(code(&internal), -32603);
+    assert!(message(&internal).contains("no/such/dir"), "{internal}");
+
+    let listed = conn.call(8, "daemon.operations.list", json!({"all": true}));
+    let outcomes: Vec<&str> = listed["result"]["operations"]
+        .as_array()
+        .expect("operations")
+        .iter()
+        .map(|op| op["outcome"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, ["succeeded", "failed", "failed"]);
+}
+
+#[test]
+fn oversized_and_half_written_requests_never_hurt_the_daemon() {
+    let tmp = state_dir();
+    let _daemon = Daemon::start(tmp.path());
+
+    let mut conn = Conn::open(tmp.path());
+    let mut huge = vec![b' '; (1 << 20) + 16];
+    huge.push(b'\n');
+    conn.send_raw(&huge);
+    let refused = conn.recv().expect("an error before closing");
+    assert_eq!(code(&refused), -32600);
+    assert!(message(&refused).contains("longer than"), "{refused}");
+    assert!(
+        conn.recv().is_none(),
+        "the connection is closed after an oversized line"
+    );
+
+    let mut half = Conn::open(tmp.path());
+    half.send_raw(br#"{"jsonrpc":"2.0","id":1,"meth"#);
+    drop(half);
+
+    let mut status = Conn::open(tmp.path());
+    assert!(status.call(1, "daemon.status", json!({}))["result"].is_object());
+}
+
+#[test]
+fn hundreds_of_concurrent_clients_are_all_served() {
+    const CLIENTS: usize = 200;
+    const CONNECTIONS: usize = 1_000;
+    let tmp = state_dir();
+    let dir = tmp.path().to_path_buf();
+    let _daemon = Daemon::start(&dir);
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&dir);
+                for i in 0..5 {
+                    let id = (c * 10 + i) as u64;
+                    let answer = conn.call(id, "daemon.status", json!({}));
+                    assert!(answer["result"]["pid"].is_number(), "{answer}");
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client thread");
+    }
+
+    // A thousand connections open at once, each asking before any reads.
+    raise_fd_limit();
+    let mut conns: Vec<Conn> = (0..CONNECTIONS).map(|_| Conn::open(&dir)).collect();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        conn.send(&request(
+            i as u64,
+            "daemon.hello",
+            json!({"protocol_version": 1}),
+        ));
+    }
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let (answer, _) = conn.response(i as u64);
+        assert_eq!(answer["result"]["protocol_version"], 1, "{answer}");
+    }
+    drop(conns);
+
+    let mut last = Conn::open(&dir);
+    assert!(last.call(1, "daemon.status", json!({}))["result"].is_object());
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+}
+
+/// Starts a backup slowed by a rate limit and waits for its first
+/// progress report; returns the op_id.
+fn start_slow_backup(conn: &mut Conn, id: u64, target: &Path, rate_limit: u64) -> String {
+    conn.send(&request(
+        id,
+        "daemon.backup",
+        json!({"path": target, "rate_limit": rate_limit}),
+    ));
+    loop {
+        let message = conn.recv().expect("progress");
+        if message["method"] == "progress" && message["params"]["phase"] == "copying" {
+            return message["params"]["op_id"]
+                .as_str()
+                .expect("op_id")
+                .to_string();
+        }
+        assert!(
+            message["method"] == "progress",
+            "backup ended early: {message}"
+        );
+    }
+}
+
+fn partial(target: &Path) -> std::path::PathBuf {
+    banger::store::backup::partial_path(target)
+}
+
+#[test]
+fn a_backup_streams_progress_to_watchers_and_can_be_cancelled() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    seed_store(dir, SEEDED);
+    let _daemon = Daemon::start(dir);
+    let target = dir.join("slow.redb");
+    let mut owner = Conn::open(dir);
+    let op_id = start_slow_backup(&mut owner, 1, &target, 20_000);
+    assert!(
+        partial(&target).exists(),
+        "the copy is built beside the target"
+    );
+
+    // A second connection fills its in-flight budget with watches; the
+    // next request on it is refused as unavailable.
+    let mut watcher = Conn::open(dir);
+    let limit = banger::rpc::server::MAX_IN_FLIGHT as u64;
+    for id in 0..limit {
+        watcher.send(&request(
+            id,
+            "daemon.operations.watch",
+            json!({"op_id": op_id}),
+        ));
+    }
+    watcher.send(&request(limit, "daemon.status", json!({})));
+    let (refused, _) = watcher.response(limit);
+    assert_eq!(code(&refused), -32004, "{refused}");
+
+    let shown = banger(dir, &["ops", "ls", "--json"]);
+    let running: Value = serde_json::from_slice(&shown.stdout).expect("ops ls --json");
+    assert_eq!(running[0]["op_id"], op_id.as_str());
+    assert_eq!(running[0]["outcome"], "running");
+    assert_eq!(running[0]["phase"], "copying");
+
+    let cancel = banger(dir, &["ops", "cancel", &op_id]);
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+
+    let (cancelled, _) = owner.response(1);
+    assert_eq!(code(&cancelled), -32005, "{cancelled}");
+    assert_eq!(cancelled["error"]["data"]["op_id"], op_id.as_str());
+    let (watched, progress) = watcher.response(0);
+    assert_eq!(watched["result"]["operation"]["outcome"], "cancelled");
+    assert!(!progress.is_empty(), "the watcher saw progress");
+    assert!(
+        !target.exists() && !partial(&target).exists(),
+        "nothing left behind"
+    );
+}
+
+#[test]
+fn ops_watch_follows_a_backup_to_its_end() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    seed_store(dir, SEEDED);
+    let _daemon = Daemon::start(dir);
+    let target = dir.join("copy").join("banger.redb");
+    std::fs::create_dir(dir.join("copy")).expect("mkdir");
+    let mut owner = Conn::open(dir);
+    let op_id = start_slow_backup(&mut owner, 1, &target, 100_000);
+
+    let watch = banger(dir, &["ops", "watch", &op_id]);
+    let stdout = String::from_utf8_lossy(&watch.stdout);
+    assert!(
+        watch.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    let copying: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("copying "))
+        .collect();
+    assert!(copying.len() >= 2, "progress streamed: {stdout}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some(format!("{op_id} succeeded").as_str())
+    );
+
+    let (done, _) = owner.response(1);
+    assert_eq!(
+        done["result"]["records"].as_u64(),
+        Some(SEEDED as u64 + 7 + 1),
+        "the VMs, 7 table versions, this operation: {done}"
+    );
+    // The backup is a store in its own right.
+    assert_eq!(probe(&dir.join("copy")), (0, "compatible".to_string()));
+    let copy = banger::store::open(&dir.join("copy"), banger::store::Schema::production())
+        .expect("open copy");
+    assert_eq!(
+        copy.store.record_counts().expect("counts")["vms"],
+        SEEDED as u64
+    );
+}
+
+#[test]
+fn sigterm_mid_backup_cancels_it_records_it_and_removes_the_socket() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    seed_store(dir, SEEDED);
+    let daemon = Daemon::start(dir);
+    let target = dir.join("b.redb");
+    let mut owner = Conn::open(dir);
+    let op_id = start_slow_backup(&mut owner, 1, &target, 20_000);
+
+    let status = daemon.stop();
+    assert!(status.success(), "{status}");
+    assert!(!socket_path(dir).exists(), "the socket is removed");
+    assert!(!partial(&target).exists());
+
+    let _daemon = Daemon::start(dir);
+    let mut conn = Conn::open(dir);
+    let op = conn.call(1, "daemon.operations.get", json!({"op_id": op_id}));
+    let outcome = op["result"]["operation"]["outcome"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(outcome == "cancelled" || outcome == "succeeded", "{op}");
+}
+
+#[test]
+fn sigkill_mid_backup_shows_interrupted_and_its_partial_file_is_removed() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    seed_store(dir, SEEDED);
+    let daemon = Daemon::start(dir);
+    let target = dir.join("b.redb");
+    let mut owner = Conn::open(dir);
+    let op_id = start_slow_backup(&mut owner, 1, &target, 20_000);
+    kill(daemon.pid(), Signal::SIGKILL).expect("SIGKILL");
+    let (status, _) = daemon.wait_output();
+    assert_eq!(status.code(), None, "killed by a signal");
+    assert!(
+        partial(&target).exists(),
+        "the killed daemon left a partial copy"
+    );
+
+    let _daemon = Daemon::start(dir);
+    let shown = banger(dir, &["ops", "show", &op_id, "--json"]);
+    let op: Value = serde_json::from_slice(&shown.stdout).expect("ops show --json");
+    assert_eq!(op["outcome"], "interrupted", "{op}");
+    assert!(op["finished_at"].is_string());
+    assert!(!partial(&target).exists(), "reconciled at start-up");
+    assert!(!target.exists());
+}
+
+#[test]
+fn the_cli_exit_codes_and_json_are_stable() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+
+    let unreachable = banger(dir, &["daemon", "status"]);
+    assert_eq!(unreachable.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(
+        stderr.contains(&socket_path(dir).display().to_string()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("start it"), "{stderr}");
+
+    assert_eq!(banger(dir, &["ops", "frobnicate"]).status.code(), Some(2));
+
+    let _daemon = Daemon::start(dir);
+    let status = banger(dir, &["daemon", "status", "--json"]);
+    assert!(status.status.success());
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status --json");
+    for field in [
+        "op_id",
+        "version",
+        "pid",
+        "mode",
+        "started_at",
+        "uptime_seconds",
+        "state_dir",
+        "socket",
+        "store",
+        "operations_running",
+    ] {
+        assert!(
+            status.get(field).is_some(),
+            "daemon status --json lacks {field}: {status}"
+        );
+    }
+    let human = banger(dir, &["daemon", "status"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("schema:"));
+
+    let missing = banger(dir, &["ops", "show", &new_op_id()]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).starts_with("error: no operation"));
+
+    let empty = banger(dir, &["ops", "ls", "--all", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&empty.stdout).expect("json"),
+        json!([])
+    );
+    let table = banger(dir, &["ops", "ls"]);
+    assert!(String::from_utf8_lossy(&table.stdout).starts_with("OP ID"));
+
+    let completions = banger(dir, &["completions", "bash"]);
+    assert!(completions.status.success() && completions.stdout.len() > 1000);
+    let version = banger(dir, &["--version"]);
+    assert!(String::from_utf8_lossy(&version.stdout).contains("(commit "));
+
+    // The online migration probe answers through the running daemon.
+    assert_eq!(probe(dir), (0, "compatible".to_string()));
+    let _ = Duration::ZERO;
+}
