@@ -95,15 +95,19 @@ impl Client {
         let mut bytes =
             serde_json::to_vec(&request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         bytes.push(b'\n');
-        self.writer.write_all(&bytes)?;
+        // A daemon that refuses a client answers and closes at once, so the
+        // write may fail while its explanation waits to be read.
+        let written = self.writer.write_all(&bytes);
         let mut line = String::new();
         loop {
             line.clear();
             if self.reader.read_line(&mut line)? == 0 {
-                return Err(ClientError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "bangerd closed the connection",
-                )));
+                return Err(ClientError::Io(written.err().unwrap_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "bangerd closed the connection",
+                    )
+                })));
             }
             match Incoming::parse(&line).map_err(|e| ClientError::Protocol(e.to_string()))? {
                 Incoming::Notification(n) if n.method == "progress" => {

@@ -217,11 +217,15 @@ impl<'c> Pacer<'c> {
             // Wait until the bytes copied so far fit the rate, in slices
             // short enough that a cancel is seen promptly.
             let due = Duration::from_secs_f64(self.copied.bytes as f64 / rate as f64);
-            while self.started.elapsed() < due {
+            loop {
+                let ahead = due.saturating_sub(self.started.elapsed());
+                if ahead.is_zero() {
+                    break;
+                }
                 if self.cancel.is_cancelled() {
                     return Err(BackupError::Cancelled);
                 }
-                std::thread::sleep((due - self.started.elapsed()).min(Duration::from_millis(50)));
+                std::thread::sleep(ahead.min(Duration::from_millis(50)));
             }
         }
         if self.cancel.is_cancelled() {
