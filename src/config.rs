@@ -54,6 +54,23 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     #[serde(default)]
     pub operations: OperationsSection,
+    #[serde(default)]
+    pub firecracker: FirecrackerSection,
+    #[serde(default)]
+    pub restart: RestartSection,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FirecrackerSection {
+    pub binary: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSection {
+    pub delay_secs: Option<f64>,
+    pub max_delay_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -90,6 +107,23 @@ pub struct Config {
     /// A `RUST_LOG`-style filter, e.g. `info` or `banger=debug,info`.
     pub log_level: String,
     pub retention: Retention,
+    /// The firecracker binary: a path, or a name looked up in PATH.
+    pub firecracker: PathBuf,
+    /// Backoff for VMs that do not set their own.
+    pub restart_delay_ms: u64,
+    pub restart_max_delay_ms: u64,
+}
+
+/// Seconds as given by a user (fractions allowed) to milliseconds.
+pub fn seconds_to_ms(key: &'static str, seconds: f64) -> Result<u64, ConfigError> {
+    if seconds.is_finite() && (0.001..=86_400.0).contains(&seconds) {
+        Ok((seconds * 1000.0).round() as u64)
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            reason: format!("{seconds} is outside 0.001 to 86400 seconds"),
+        })
+    }
 }
 
 /// Where a mode keeps things when nothing overrides it.
@@ -169,6 +203,18 @@ pub fn resolve(
         key: "log_level",
         reason: e.to_string(),
     })?;
+    let restart_delay_ms =
+        seconds_to_ms("restart.delay_secs", file.restart.delay_secs.unwrap_or(1.0))?;
+    let restart_max_delay_ms = seconds_to_ms(
+        "restart.max_delay_secs",
+        file.restart.max_delay_secs.unwrap_or(60.0),
+    )?;
+    if restart_max_delay_ms < restart_delay_ms {
+        return Err(ConfigError::Invalid {
+            key: "restart.max_delay_secs",
+            reason: "is shorter than restart.delay_secs".into(),
+        });
+    }
     Ok(Config {
         mode,
         state_dir,
@@ -176,6 +222,12 @@ pub fn resolve(
         socket_group,
         log_level,
         retention,
+        firecracker: file
+            .firecracker
+            .binary
+            .unwrap_or_else(|| PathBuf::from("firecracker")),
+        restart_delay_ms,
+        restart_max_delay_ms,
     })
 }
 
@@ -317,5 +369,10 @@ mod tests {
         assert_eq!(config.retention, Retention::default());
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/banger"));
         assert_eq!(config.socket, PathBuf::from("/run/banger/bangerd.sock"));
+        assert_eq!(config.firecracker, PathBuf::from("firecracker"));
+        assert_eq!(
+            (config.restart_delay_ms, config.restart_max_delay_ms),
+            (1_000, 60_000)
+        );
     }
 }

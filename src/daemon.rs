@@ -8,6 +8,7 @@ use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Addr, MailboxError, Supervisor};
@@ -17,11 +18,13 @@ use tracing::{info, warn};
 
 use crate::actors::operation::{Drain, OperationError, OperationRegistry, Reconcile};
 use crate::actors::store::{StoreActor, StoreClosed};
+use crate::actors::vm::{LoadVms, VmError, VmManager, VmSettings};
 use crate::config::{Config, Mode};
 use crate::rpc::access::AccessPolicy;
 use crate::rpc::dispatch::{DaemonInfo, Services};
 use crate::rpc::server::{RpcServer, StopAccepting};
 use crate::store::{Store, StoreError};
+use crate::vm::restart::RestartPolicy;
 
 /// Store worker threads: reads run in parallel, writes serialise in redb.
 const STORE_THREADS: usize = 2;
@@ -60,6 +63,10 @@ pub enum DaemonError {
     Reconcile(#[source] OperationError),
     #[error("cannot read the store's schema")]
     Store(#[source] StoreError),
+    #[error("cannot load the VMs")]
+    LoadVms(#[source] VmError),
+    #[error("the VM manager stopped during start-up")]
+    VmManagerGone,
     #[error("the operations registry stopped during start-up")]
     RegistryGone(#[source] MailboxError),
 }
@@ -92,10 +99,34 @@ impl SystemSupervisor {
             );
         }
 
+        let vm_settings = Arc::new(VmSettings {
+            firecracker: config.firecracker.clone(),
+            vms_dir: config.state_dir.join("vms"),
+            restart_defaults: RestartPolicy {
+                delay_ms: config.restart_delay_ms,
+                max_delay_ms: config.restart_max_delay_ms,
+                ..RestartPolicy::default()
+            },
+        });
+        let vms = {
+            let (store, settings) = (store.clone(), vm_settings.clone());
+            Supervisor::start(move |_| VmManager::new(store, settings))
+        };
+        // Every VM actor re-adopts or reconciles its VM as it starts.
+        let count = vms
+            .send(LoadVms)
+            .await
+            .map_err(|_| DaemonError::VmManagerGone)?
+            .map_err(DaemonError::LoadVms)?;
+        info!(vms = count, "VMs loaded");
+
         let (listener, access) = bind_socket(config)?;
         let services = Services {
             store,
             operations: operations.clone(),
+            vms,
+            vm_settings,
+            kernels_dir: config.state_dir.join("kernels"),
             info: DaemonInfo {
                 version: VERSION.to_string(),
                 pid: std::process::id(),

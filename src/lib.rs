@@ -2,9 +2,12 @@
 //! host; the `banger` CLI talks to it over a Unix socket.
 
 pub mod actors;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod operations;
 pub mod rpc;
 pub mod store;
+pub mod vm;
+pub mod vmm;

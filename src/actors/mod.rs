@@ -3,3 +3,4 @@
 
 pub mod operation;
 pub mod store;
+pub mod vm;

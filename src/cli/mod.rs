@@ -19,9 +19,12 @@ use crate::config::{self, Mode, Overrides};
 use crate::daemon::VERSION;
 use crate::rpc::client::{Client, ClientError};
 use crate::rpc::protocol::{
-    BackupResult, MethodsResult, OperationResult, OperationsResult, StatusResult,
+    BackupResult, KernelResult, KernelsResult, LogsResult, MethodsResult, OperationResult,
+    OperationsResult, StatusResult, VmResult, VmsResult,
 };
+use crate::store::records::VmmKind;
 use crate::store::records::{OperationOutcome, OperationRecord};
+use crate::vm::restart::RestartMode;
 
 #[derive(Parser)]
 #[command(name = "banger", version = VERSION, about = "Run and supervise microVMs made from OCI images")]
@@ -47,6 +50,12 @@ enum Command {
     /// Operations: state-changing requests in flight or finished.
     #[command(subcommand)]
     Ops(OpsCommand),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// The kernel catalog.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
     /// Print a shell completion script.
     Completions { shell: Shell },
 }
@@ -72,6 +81,107 @@ enum DaemonCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Create a VM; prints its name (with --json, the whole VM).
+    Create {
+        /// Generated (adjective-noun) when absent.
+        name: Option<String>,
+        #[arg(long)]
+        kernel: String,
+        /// An ext4 image; the VM gets its own copy, the file is never changed.
+        #[arg(long)]
+        rootfs: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// MiB, or a size such as 512M or 2G.
+        #[arg(long, default_value = "512")]
+        memory: String,
+        #[arg(long, value_enum)]
+        restart: Option<RestartMode>,
+        /// Seconds before the first restart after a crash (doubles each time).
+        #[arg(long, value_name = "SECS")]
+        restart_delay: Option<f64>,
+        /// The longest wait between restarts.
+        #[arg(long, value_name = "SECS")]
+        restart_max_delay: Option<f64>,
+        #[arg(long, value_enum)]
+        vmm: Option<VmmKind>,
+        /// Start it right away.
+        #[arg(long)]
+        start: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM (a no-op when it is running).
+    Start { name: String },
+    /// Stop a VM: ask the guest, then SIGKILL after the timeout.
+    Stop {
+        name: String,
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// SIGKILL a VM's VMM at once.
+    Kill { name: String },
+    /// Stop, then start a VM.
+    Restart {
+        name: String,
+        #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Remove a VM and its files.
+    #[command(alias = "remove")]
+    Rm {
+        name: String,
+        /// Kill it first if it is running.
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Every VM.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One VM in detail.
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The VM's serial console output.
+    Logs {
+        name: String,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelCommand {
+    /// Copy a vmlinux (and initrd) into the catalog under NAME.
+    Import {
+        name: String,
+        #[arg(long)]
+        vmlinux: PathBuf,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line [default: console=ttyS0 reboot=k panic=1 pci=off].
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
+    /// Every kernel in the catalog.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a kernel no VM uses.
+    #[command(alias = "remove")]
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -243,7 +353,116 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             return ended(&op);
         }
+        Command::Vm(command) => vm(&mut client, command, now)?,
+        Command::Kernel(command) => kernel(&mut client, command, now)?,
         Command::Completions { .. } => {}
+    }
+    Ok(())
+}
+
+fn absolute(path: &std::path::Path) -> Result<PathBuf, Failure> {
+    std::path::absolute(path)
+        .map_err(|e| Failure::Daemon(format!("cannot resolve {}: {e}", path.display())))
+}
+
+fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Failure> {
+    let simple =
+        |client: &mut Client, method: &str, params: serde_json::Value| -> Result<(), Failure> {
+            let vm = client.call::<VmResult>(method, params)?;
+            println!("{} {}", vm.result.vm.name, output::vm_state(&vm.result.vm));
+            Ok(())
+        };
+    match command {
+        VmCommand::Create {
+            name,
+            kernel,
+            rootfs,
+            vcpus,
+            memory,
+            restart,
+            restart_delay,
+            restart_max_delay,
+            vmm,
+            start,
+            json,
+        } => {
+            let params = json!({
+                "name": name, "kernel": kernel, "rootfs": absolute(&rootfs)?, "vcpus": vcpus, "memory": memory,
+                "restart": restart, "restart_delay_secs": restart_delay, "restart_max_delay_secs": restart_max_delay,
+                "vmm": vmm, "start": start,
+            });
+            let vm = client.call::<VmResult>("vm.create", params)?;
+            if json {
+                println!("{}", output::json(&vm.result.vm));
+            } else {
+                println!("{}", vm.result.vm.name);
+            }
+        }
+        VmCommand::Start { name } => simple(client, "vm.start", json!({"name": name}))?,
+        VmCommand::Stop { name, timeout } => simple(
+            client,
+            "vm.stop",
+            json!({"name": name, "timeout_secs": timeout}),
+        )?,
+        VmCommand::Kill { name } => simple(client, "vm.kill", json!({"name": name}))?,
+        VmCommand::Restart { name, timeout } => simple(
+            client,
+            "vm.restart",
+            json!({"name": name, "timeout_secs": timeout}),
+        )?,
+        VmCommand::Rm { name, force } => {
+            client.call::<VmResult>("vm.remove", json!({"name": name, "force": force}))?;
+            println!("{name} removed");
+        }
+        VmCommand::Ls { json } => {
+            let vms = client.call::<VmsResult>("vm.list", json!({}))?;
+            if json {
+                println!("{}", output::json(&vms.result.vms));
+            } else {
+                print!("{}", output::vms_table(&vms.result.vms, now));
+            }
+        }
+        VmCommand::Inspect { name, json } => {
+            let vm = client.call::<VmResult>("vm.get", json!({"name": name}))?;
+            if json {
+                println!("{}", output::json(&vm.result.vm));
+            } else {
+                print!("{}", output::vm_details(&vm.result.vm, now));
+            }
+        }
+        VmCommand::Logs { name, tail } => {
+            let logs = client.call::<LogsResult>("vm.logs", json!({"name": name, "tail": tail}))?;
+            print!("{}", logs.result.text);
+        }
+    }
+    Ok(())
+}
+
+fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result<(), Failure> {
+    match command {
+        KernelCommand::Import {
+            name,
+            vmlinux,
+            initrd,
+            cmdline,
+        } => {
+            let initrd = initrd.as_deref().map(absolute).transpose()?;
+            let params = json!({"name": name, "vmlinux": absolute(&vmlinux)?, "initrd": initrd, "cmdline": cmdline});
+            let kernel = client.call::<KernelResult>("kernel.import", params)?;
+            println!("{}", kernel.result.kernel.name);
+        }
+        KernelCommand::Ls { json } => {
+            let kernels = client.call::<KernelsResult>("kernel.list", json!({}))?;
+            if json {
+                println!("{}", output::json(&kernels.result.kernels));
+            } else {
+                print!("{}", output::kernels_table(&kernels.result.kernels, now));
+            }
+        }
+        KernelCommand::Rm { name } => {
+            client.call::<KernelResult>("kernel.remove", json!({"name": name}))?;
+            println!("{name} removed");
+        }
     }
     Ok(())
 }

@@ -7,7 +7,8 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tabwriter::TabWriter;
 
-use crate::store::records::{OperationOutcome, OperationRecord};
+use crate::rpc::protocol::VmView;
+use crate::store::records::{KernelRecord, OperationOutcome, OperationRecord};
 
 /// Rows aligned in columns two spaces apart; the first row is the header.
 pub fn table(rows: &[Vec<String>]) -> String {
@@ -117,6 +118,133 @@ pub fn operation_details(op: &OperationRecord, now: Timestamp) -> String {
     }
     if let Some(error) = &op.error {
         rows.push(vec!["error:".into(), error.clone()]);
+    }
+    table(&rows)
+}
+
+/// A serde enum's wire name (`crash-loop`, `on-failure`, ...).
+fn name_of(value: &impl Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The state, with what follows a crash when a restart is scheduled.
+pub fn vm_state(vm: &VmView) -> String {
+    let state = name_of(&vm.state);
+    match vm.next_restart_at {
+        Some(at) => format!("{state} (restart {})", until(at)),
+        None => state,
+    }
+}
+
+fn until(at: Timestamp) -> String {
+    let ms = at.as_millisecond() - Timestamp::now().as_millisecond();
+    if ms <= 0 {
+        "now".into()
+    } else {
+        format!("in {:.1}s", ms as f64 / 1000.0)
+    }
+}
+
+pub fn vms_table(vms: &[VmView], now: Timestamp) -> String {
+    let mut rows = vec![
+        [
+            "NAME", "ID", "STATE", "VMM", "PID", "VCPUS", "MEMORY", "KERNEL", "RESTARTS", "CREATED",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for vm in vms {
+        rows.push(vec![
+            vm.name.clone(),
+            vm.id.clone(),
+            vm_state(vm),
+            name_of(&vm.vmm),
+            vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            vm.vcpus.to_string(),
+            format!("{} MiB", vm.memory_mib),
+            vm.kernel.clone(),
+            vm.restart_count.to_string(),
+            ago(vm.created_at, now),
+        ]);
+    }
+    table(&rows)
+}
+
+pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
+    let mut rows = vec![
+        vec!["name:".into(), vm.name.clone()],
+        vec!["id:".into(), vm.id.clone()],
+        vec!["state:".into(), vm_state(vm)],
+        vec!["vmm:".into(), name_of(&vm.vmm)],
+        vec![
+            "pid:".into(),
+            vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        ],
+        vec!["vcpus:".into(), vm.vcpus.to_string()],
+        vec!["memory:".into(), format!("{} MiB", vm.memory_mib)],
+        vec!["kernel:".into(), vm.kernel.clone()],
+        vec!["rootfs:".into(), vm.rootfs.display().to_string()],
+        vec![
+            "restart:".into(),
+            format!(
+                "{} (delay {}s, max {}s), {} restarts",
+                name_of(&vm.restart_policy),
+                vm.restart_delay_secs,
+                vm.restart_max_delay_secs,
+                vm.restart_count
+            ),
+        ],
+        vec![
+            "created:".into(),
+            format!("{} ({})", vm.created_at, ago(vm.created_at, now)),
+        ],
+    ];
+    if let Some(started) = vm.started_at {
+        rows.push(vec![
+            "started:".into(),
+            format!("{started} ({})", ago(started, now)),
+        ]);
+    }
+    if let Some(exit) = &vm.last_exit {
+        let detail = match (exit.code, exit.signal) {
+            (Some(code), _) => format!(", status {code}"),
+            (_, Some(signal)) => format!(", signal {signal}"),
+            _ => String::new(),
+        };
+        rows.push(vec![
+            "last exit:".into(),
+            format!("{}{detail} ({})", name_of(&exit.kind), ago(exit.at, now)),
+        ]);
+    }
+    if let Some(error) = &vm.error {
+        rows.push(vec!["error:".into(), error.clone()]);
+    }
+    table(&rows)
+}
+
+pub fn kernels_table(kernels: &[KernelRecord], now: Timestamp) -> String {
+    let mut rows = vec![
+        ["NAME", "VMLINUX", "INITRD", "SHA256", "IMPORTED"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for k in kernels {
+        rows.push(vec![
+            k.name.clone(),
+            k.vmlinux.display().to_string(),
+            k.initrd
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".into()),
+            k.vmlinux_sha256
+                .as_deref()
+                .map(|h| h[..h.len().min(12)].to_string())
+                .unwrap_or_else(|| "-".into()),
+            ago(k.created_at, now),
+        ]);
     }
     table(&rows)
 }

@@ -1,8 +1,9 @@
 //! From a typed request to its answer: each method's handler asks the
 //! actors and does no I/O of its own beyond sending progress lines.
 
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use jiff::Timestamp;
@@ -12,17 +13,30 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
-    BackupParams, BackupResult, ErrorCode, HelloParams, HelloResult, METHODS, MethodDescription,
-    MethodsResult, Notification, OperationRef, OperationResult, OperationsResult, PROTOCOL_VERSION,
-    Progress, Request, RpcError, StatusResult, StoreSchemaResult, StoreStatus, WithOpId,
+    BackupParams, BackupResult, ErrorCode, HelloParams, HelloResult, KernelImportParams, KernelRef,
+    KernelResult, KernelsResult, LogsResult, METHODS, MemoryArg, MethodDescription, MethodsResult,
+    Notification, OperationRef, OperationResult, OperationsResult, PROTOCOL_VERSION, Progress,
+    Request, RpcError, StatusResult, StoreSchemaResult, StoreStatus, VmCreateParams, VmRef,
+    VmResult, VmView, VmsResult, WithOpId,
 };
 use crate::actors::operation::{
-    Begin, CancelOperation, GetOperation, ListOperations, OperationRegistry, WatchOperation,
+    Begin, CancelOperation, GetOperation, ListOperations, OperationHandle, OperationRegistry,
+    WatchOperation,
 };
-use crate::actors::store::{CountRecords, StoreActor, TakeSnapshot};
+use crate::actors::store::{CountRecords, Delete, Get, List, Put, StoreActor, TakeSnapshot};
+use crate::actors::vm::{
+    CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ListVms, VmCommand, VmError, VmManager, VmSettings,
+    console_log, vm_using_kernel,
+};
+use crate::catalog::{self, CatalogError};
 use crate::config::Mode;
+use crate::rpc::errors::describe;
+use crate::store::records::{KernelRecord, VmmKind};
 use crate::store::records::{OperationOutcome, OperationRecord};
 use crate::store::{Observed, backup};
+use crate::vm::{
+    InvalidVm, generate_name, parse_memory_mib, validate_name, validate_rootfs, validate_vcpus,
+};
 
 /// Facts about the running daemon, fixed at start-up.
 pub struct DaemonInfo {
@@ -43,6 +57,9 @@ pub struct DaemonInfo {
 pub struct Services {
     pub store: Addr<StoreActor>,
     pub operations: Addr<OperationRegistry>,
+    pub vms: Addr<VmManager>,
+    pub vm_settings: Arc<VmSettings>,
+    pub kernels_dir: PathBuf,
     pub info: DaemonInfo,
 }
 
@@ -99,7 +116,338 @@ pub async fn handle(
             with_op_id(reply, OperationResult { operation })
         }
         Request::Backup(params) => with_op_id(reply, backup(services, params, reply).await?),
+        Request::VmCreate(params) => {
+            let create = validate_create(services, params)?;
+            let name = create.name.clone();
+            let vm = operation(services, reply, "vm.create", &name, async {
+                Ok(services.vms.send(create).await??)
+            })
+            .await?;
+            with_op_id(
+                reply,
+                VmResult {
+                    vm: VmView::from(&vm),
+                },
+            )
+        }
+        Request::VmStart(VmRef { name }) => {
+            vm_command(services, reply, "vm.start", name, VmCommand::Start).await
+        }
+        Request::VmStop(params) => {
+            let timeout = stop_timeout(params.timeout_secs)?;
+            vm_command(
+                services,
+                reply,
+                "vm.stop",
+                params.name,
+                VmCommand::Stop { timeout },
+            )
+            .await
+        }
+        Request::VmKill(VmRef { name }) => {
+            vm_command(services, reply, "vm.kill", name, VmCommand::Kill).await
+        }
+        Request::VmRestart(params) => {
+            let timeout = stop_timeout(params.timeout_secs)?;
+            vm_command(
+                services,
+                reply,
+                "vm.restart",
+                params.name,
+                VmCommand::Restart { timeout },
+            )
+            .await
+        }
+        Request::VmRemove(params) => {
+            let command = VmCommand::Remove {
+                force: params.force,
+            };
+            vm_command(services, reply, "vm.remove", params.name, command).await
+        }
+        Request::VmList => {
+            let vms = services.vms.send(ListVms).await??;
+            with_op_id(
+                reply,
+                VmsResult {
+                    vms: vms.iter().map(VmView::from).collect(),
+                },
+            )
+        }
+        Request::VmGet(VmRef { name }) => {
+            let vm = services
+                .vms
+                .send(ForVm {
+                    name,
+                    command: VmCommand::Get,
+                })
+                .await??;
+            with_op_id(
+                reply,
+                VmResult {
+                    vm: VmView::from(&vm),
+                },
+            )
+        }
+        Request::VmLogs(params) => {
+            let vm = services
+                .vms
+                .send(ForVm {
+                    name: params.name,
+                    command: VmCommand::Get,
+                })
+                .await??;
+            let path = console_log(&services.vm_settings, &vm.id);
+            let text = tokio::task::spawn_blocking(move || read_tail(&path, params.tail))
+                .await
+                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
+            with_op_id(reply, LogsResult { text })
+        }
+        Request::KernelImport(params) => {
+            validate_name("name", &params.name)?;
+            let name = params.name.clone();
+            let kernel = operation(
+                services,
+                reply,
+                "kernel.import",
+                &name,
+                import_kernel(services, params),
+            )
+            .await?;
+            with_op_id(reply, KernelResult { kernel })
+        }
+        Request::KernelList => {
+            let mut kernels = services.store.send(List::<KernelRecord>::new()).await??;
+            kernels.sort_by(|a, b| a.name.cmp(&b.name));
+            with_op_id(reply, KernelsResult { kernels })
+        }
+        Request::KernelRemove(KernelRef { name }) => {
+            let kernel = operation(
+                services,
+                reply,
+                "kernel.remove",
+                &name.clone(),
+                remove_kernel(services, name),
+            )
+            .await?;
+            with_op_id(reply, KernelResult { kernel })
+        }
     }
+}
+
+/// Runs `work` as a recorded operation on `target`.
+async fn operation<T>(
+    services: &Services,
+    reply: &Reply<'_>,
+    method: &'static str,
+    target: &str,
+    work: impl Future<Output = Result<T, RpcError>>,
+) -> Result<T, RpcError> {
+    let op = services
+        .operations
+        .send(Begin {
+            method,
+            target: Some(target.to_string()),
+            op_id: reply.op_id.to_string(),
+            cancellable: false,
+        })
+        .await??;
+    let result = work.await;
+    finish(op, result).await
+}
+
+/// Records how an operation ended; its result stays the request's answer.
+async fn finish<T>(op: OperationHandle, result: Result<T, RpcError>) -> Result<T, RpcError> {
+    let (outcome, error) = match &result {
+        Ok(_) => (OperationOutcome::Succeeded, None),
+        Err(e) if e.code == ErrorCode::Cancelled => {
+            (OperationOutcome::Cancelled, Some(e.message.clone()))
+        }
+        Err(e) => (OperationOutcome::Failed, Some(e.message.clone())),
+    };
+    let finished = op.finish(outcome, error).await;
+    result.and_then(|value| finished.map(|_| value).map_err(RpcError::from))
+}
+
+async fn vm_command(
+    services: &Services,
+    reply: &Reply<'_>,
+    method: &'static str,
+    name: String,
+    command: VmCommand,
+) -> Result<Value, RpcError> {
+    let target = name.clone();
+    let vm = operation(services, reply, method, &target, async {
+        Ok(services.vms.send(ForVm { name, command }).await??)
+    })
+    .await?;
+    with_op_id(
+        reply,
+        VmResult {
+            vm: VmView::from(&vm),
+        },
+    )
+}
+
+fn stop_timeout(seconds: Option<f64>) -> Result<Duration, RpcError> {
+    match seconds {
+        None => Ok(DEFAULT_STOP_TIMEOUT),
+        Some(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(InvalidVm {
+            field: "timeout_secs",
+            reason: format!("{s} is outside 0 to 3600 seconds"),
+        }
+        .into()),
+    }
+}
+
+fn validate_create(services: &Services, params: VmCreateParams) -> Result<CreateVm, RpcError> {
+    let name = params.name.unwrap_or_else(generate_name);
+    validate_name("name", &name)?;
+    validate_name("kernel", &params.kernel)?;
+    let rootfs = validate_rootfs(&params.rootfs)?;
+    let vcpus = validate_vcpus(params.vcpus.unwrap_or(1))?;
+    let memory_mib = match params.memory {
+        None => 512,
+        Some(MemoryArg::Mib(mib)) => parse_memory_mib(&mib.to_string())?,
+        Some(MemoryArg::Size(text)) => parse_memory_mib(&text)?,
+    };
+    let seconds = |field: &'static str, value: Option<f64>| {
+        value
+            .map(|s| crate::config::seconds_to_ms(field, s))
+            .transpose()
+            .map_err(|e| {
+                RpcError::new(
+                    ErrorCode::InvalidParams,
+                    format!("invalid params: {}", describe(&e)),
+                )
+            })
+    };
+    let restart_delay_ms = seconds("restart_delay_secs", params.restart_delay_secs)?;
+    let restart_max_delay_ms = seconds("restart_max_delay_secs", params.restart_max_delay_secs)?;
+    let defaults = services.vm_settings.restart_defaults;
+    if restart_max_delay_ms.unwrap_or(defaults.max_delay_ms)
+        < restart_delay_ms.unwrap_or(defaults.delay_ms)
+    {
+        return Err(InvalidVm {
+            field: "restart_max_delay_secs",
+            reason: "is shorter than the restart delay".into(),
+        }
+        .into());
+    }
+    Ok(CreateVm {
+        name,
+        kernel: params.kernel,
+        rootfs,
+        vcpus,
+        memory_mib,
+        vmm: params.vmm.unwrap_or(VmmKind::Firecracker),
+        restart: params.restart,
+        restart_delay_ms,
+        restart_max_delay_ms,
+        start: params.start,
+    })
+}
+
+async fn import_kernel(
+    services: &Services,
+    params: KernelImportParams,
+) -> Result<KernelRecord, RpcError> {
+    if services
+        .store
+        .send(Get::<KernelRecord>::new(params.name.clone()))
+        .await??
+        .is_some()
+    {
+        return Err(CatalogError::Exists(params.name).into());
+    }
+    let kernels_dir = services.kernels_dir.clone();
+    let name = params.name.clone();
+    let (vmlinux, initrd) = (params.vmlinux.clone(), params.initrd.clone());
+    let imported = tokio::task::spawn_blocking(move || {
+        catalog::import_kernel(&kernels_dir, &name, &vmlinux, initrd.as_deref())
+    })
+    .await
+    .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
+    let record = KernelRecord {
+        name: params.name,
+        vmlinux: imported.vmlinux,
+        vmlinux_sha256: Some(imported.vmlinux_sha256),
+        initrd: imported.initrd,
+        initrd_sha256: imported.initrd_sha256,
+        cmdline: params.cmdline,
+        created_at: Timestamp::now(),
+    };
+    if let Err(e) = services.store.send(Put(record.clone())).await? {
+        let _ = std::fs::remove_dir_all(catalog::kernel_dir(&services.kernels_dir, &record.name));
+        return Err(e.into());
+    }
+    Ok(record)
+}
+
+async fn remove_kernel(services: &Services, name: String) -> Result<KernelRecord, RpcError> {
+    let Some(kernel) = services
+        .store
+        .send(Get::<KernelRecord>::new(name.clone()))
+        .await??
+    else {
+        return Err(VmError::KernelNotFound(name).into());
+    };
+    let vms = services.vms.send(ListVms).await??;
+    if let Some(vm) = vm_using_kernel(&vms, &name) {
+        return Err(VmError::KernelInUse {
+            kernel: name,
+            vm: vm.name.clone(),
+        }
+        .into());
+    }
+    services
+        .store
+        .send(Delete::<KernelRecord>::new(name.clone()))
+        .await??;
+    let dir = catalog::kernel_dir(&services.kernels_dir, &name);
+    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+        .await
+        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|e| {
+            RpcError::new(
+                ErrorCode::Internal,
+                format!("cannot remove the kernel's files: {e}"),
+            )
+        })?;
+    Ok(kernel)
+}
+
+/// The console log, or its last `tail` lines.
+fn read_tail(path: &Path, tail: Option<usize>) -> Result<String, RpcError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(RpcError::new(
+                ErrorCode::Internal,
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    Ok(match tail {
+        None => text.into_owned(),
+        Some(n) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out
+        }
+    })
 }
 
 fn with_op_id<T: Serialize>(reply: &Reply<'_>, result: T) -> Result<Value, RpcError> {

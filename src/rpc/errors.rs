@@ -4,8 +4,11 @@ use actix::MailboxError;
 
 use super::protocol::{ErrorCode, RpcError};
 use crate::actors::operation::OperationError;
+use crate::actors::vm::VmError;
+use crate::catalog::CatalogError;
 use crate::store::StoreError;
 use crate::store::backup::BackupError;
+use crate::vm::InvalidVm;
 
 /// The message of an error and of its sources, as one sentence.
 pub fn describe(error: &dyn std::error::Error) -> String {
@@ -68,5 +71,46 @@ impl From<MailboxError> for RpcError {
             ErrorCode::Unavailable,
             "the daemon is shutting down or overloaded; retry",
         )
+    }
+}
+
+impl From<InvalidVm> for RpcError {
+    fn from(e: InvalidVm) -> RpcError {
+        RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("invalid params: {}: {}", e.field, e.reason),
+        )
+    }
+}
+
+impl From<CatalogError> for RpcError {
+    fn from(e: CatalogError) -> RpcError {
+        match e {
+            CatalogError::Invalid { field, reason } => InvalidVm { field, reason }.into(),
+            CatalogError::Exists(_) => RpcError::new(ErrorCode::AlreadyExists, describe(&e)),
+            CatalogError::Io { .. } => RpcError::new(ErrorCode::Internal, describe(&e)),
+        }
+    }
+}
+
+impl From<VmError> for RpcError {
+    fn from(e: VmError) -> RpcError {
+        match e {
+            VmError::Invalid(e) => e.into(),
+            VmError::Catalog(e) => e.into(),
+            VmError::Store(e) => e.into(),
+            e => {
+                let code = match &e {
+                    VmError::NotFound(_) | VmError::NoKernel(_) | VmError::KernelNotFound(_) => {
+                        ErrorCode::NotFound
+                    }
+                    VmError::Exists(_) => ErrorCode::AlreadyExists,
+                    VmError::Conflict { .. } | VmError::KernelInUse { .. } => ErrorCode::Conflict,
+                    VmError::Unavailable(_) => ErrorCode::Unavailable,
+                    _ => ErrorCode::Internal,
+                };
+                RpcError::new(code, describe(&e))
+            }
+        }
     }
 }

@@ -23,7 +23,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::store::records::OperationRecord;
+use crate::store::records::{KernelRecord, OperationRecord, VmRecord, VmState, VmmKind};
+use crate::vm::restart::RestartMode;
+use crate::vm::state::LastExit;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -263,6 +265,88 @@ pub struct BackupParams {
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
+/// `--memory`: MiB as a number, or a size such as "512M" or "2G".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MemoryArg {
+    Mib(u64),
+    Size(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateParams {
+    /// Generated (`adjective-noun`) when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub kernel: String,
+    pub rootfs: PathBuf,
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    #[serde(default)]
+    pub memory: Option<MemoryArg>,
+    #[serde(default)]
+    pub restart: Option<RestartMode>,
+    #[serde(default)]
+    pub restart_delay_secs: Option<f64>,
+    #[serde(default)]
+    pub restart_max_delay_secs: Option<f64>,
+    #[serde(default)]
+    pub vmm: Option<VmmKind>,
+    #[serde(default)]
+    pub start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRef {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStopParams {
+    pub name: String,
+    /// Seconds to wait for the guest before SIGKILL (default 30).
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRemoveParams {
+    pub name: String,
+    /// Stop (kill) a running VM first.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmLogsParams {
+    pub name: String,
+    /// Only the last N lines.
+    #[serde(default)]
+    pub tail: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelImportParams {
+    pub name: String,
+    pub vmlinux: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelRef {
+    pub name: String,
+}
+
 /// Every request the daemon serves.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -275,6 +359,18 @@ pub enum Request {
     OperationsCancel(OperationRef),
     OperationsWatch(OperationRef),
     Backup(BackupParams),
+    VmCreate(VmCreateParams),
+    VmStart(VmRef),
+    VmStop(VmStopParams),
+    VmKill(VmRef),
+    VmRestart(VmStopParams),
+    VmRemove(VmRemoveParams),
+    VmList,
+    VmGet(VmRef),
+    VmLogs(VmLogsParams),
+    KernelImport(KernelImportParams),
+    KernelList,
+    KernelRemove(KernelRef),
 }
 
 pub struct MethodInfo {
@@ -330,6 +426,66 @@ pub const METHODS: &[MethodInfo] = &[
         summary: "Write a consistent copy of the store to a path, with progress; cancellable.",
         state_changing: true,
     },
+    MethodInfo {
+        name: "vm.create",
+        summary: "Create a VM from a kernel and a root filesystem (cloned), optionally starting it.",
+        state_changing: true,
+    },
+    MethodInfo {
+        name: "vm.start",
+        summary: "Start a VM; a no-op when it is running.",
+        state_changing: true,
+    },
+    MethodInfo {
+        name: "vm.stop",
+        summary: "Stop a VM gracefully, SIGKILL after the timeout; a no-op when stopped.",
+        state_changing: true,
+    },
+    MethodInfo {
+        name: "vm.kill",
+        summary: "SIGKILL a VM's VMM at once.",
+        state_changing: true,
+    },
+    MethodInfo {
+        name: "vm.restart",
+        summary: "Stop a VM, then start it.",
+        state_changing: true,
+    },
+    MethodInfo {
+        name: "vm.remove",
+        summary: "Remove a stopped VM and everything it left on the host (force: kill it first).",
+        state_changing: true,
+    },
+    MethodInfo {
+        name: "vm.list",
+        summary: "Every VM, by name.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "vm.get",
+        summary: "One VM in detail.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "vm.logs",
+        summary: "A VM's serial console output (the last lines with tail).",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "kernel.import",
+        summary: "Copy a vmlinux (and initrd) into the kernel catalog under a name.",
+        state_changing: true,
+    },
+    MethodInfo {
+        name: "kernel.list",
+        summary: "Every kernel in the catalog.",
+        state_changing: false,
+    },
+    MethodInfo {
+        name: "kernel.remove",
+        summary: "Remove a kernel no VM uses.",
+        state_changing: true,
+    },
 ];
 
 impl Request {
@@ -344,6 +500,18 @@ impl Request {
             Request::OperationsCancel(_) => "daemon.operations.cancel",
             Request::OperationsWatch(_) => "daemon.operations.watch",
             Request::Backup(_) => "daemon.backup",
+            Request::VmCreate(_) => "vm.create",
+            Request::VmStart(_) => "vm.start",
+            Request::VmStop(_) => "vm.stop",
+            Request::VmKill(_) => "vm.kill",
+            Request::VmRestart(_) => "vm.restart",
+            Request::VmRemove(_) => "vm.remove",
+            Request::VmList => "vm.list",
+            Request::VmGet(_) => "vm.get",
+            Request::VmLogs(_) => "vm.logs",
+            Request::KernelImport(_) => "kernel.import",
+            Request::KernelList => "kernel.list",
+            Request::KernelRemove(_) => "kernel.remove",
         }
     }
 
@@ -372,6 +540,18 @@ impl Request {
                 }
                 Request::Backup(backup)
             }
+            "vm.create" => Request::VmCreate(typed(params)?),
+            "vm.start" => Request::VmStart(typed(params)?),
+            "vm.stop" => Request::VmStop(typed(params)?),
+            "vm.kill" => Request::VmKill(typed(params)?),
+            "vm.restart" => Request::VmRestart(typed(params)?),
+            "vm.remove" => Request::VmRemove(typed(params)?),
+            "vm.list" => typed::<NoParams>(params).map(|_| Request::VmList)?,
+            "vm.get" => Request::VmGet(typed(params)?),
+            "vm.logs" => Request::VmLogs(typed(params)?),
+            "kernel.import" => Request::KernelImport(typed(params)?),
+            "kernel.list" => typed::<NoParams>(params).map(|_| Request::KernelList)?,
+            "kernel.remove" => Request::KernelRemove(typed(params)?),
             other => {
                 return Err(RpcError::new(
                     ErrorCode::MethodNotFound,
@@ -543,6 +723,81 @@ pub struct OperationResult {
     pub operation: OperationRecord,
 }
 
+/// A VM as `vm ls --json` and `vm inspect --json` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    pub name: String,
+    pub id: String,
+    pub state: VmState,
+    pub vmm: VmmKind,
+    /// The VMM's pid; null unless a VMM process exists.
+    pub pid: Option<i32>,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub kernel: String,
+    pub rootfs: PathBuf,
+    pub restart_policy: RestartMode,
+    pub restart_delay_secs: f64,
+    pub restart_max_delay_secs: f64,
+    pub restart_count: u32,
+    pub next_restart_at: Option<jiff::Timestamp>,
+    pub last_exit: Option<LastExit>,
+    pub created_at: jiff::Timestamp,
+    pub started_at: Option<jiff::Timestamp>,
+    /// Why the VM is `failed`.
+    pub error: Option<String>,
+}
+
+impl From<&VmRecord> for VmView {
+    fn from(vm: &VmRecord) -> VmView {
+        VmView {
+            name: vm.name.clone(),
+            id: vm.id.clone(),
+            state: vm.state,
+            vmm: vm.vmm,
+            pid: vm.process.as_ref().map(|p| p.pid),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel: vm.kernel.clone(),
+            rootfs: vm.rootfs.clone(),
+            restart_policy: vm.restart_policy.mode,
+            restart_delay_secs: vm.restart_policy.delay_ms as f64 / 1000.0,
+            restart_max_delay_secs: vm.restart_policy.max_delay_ms as f64 / 1000.0,
+            restart_count: vm.restart_count,
+            next_restart_at: vm.next_restart_at,
+            last_exit: vm.last_exit,
+            created_at: vm.created_at,
+            started_at: vm.started_at,
+            error: vm.error.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmResult {
+    pub vm: VmView,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmsResult {
+    pub vms: Vec<VmView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogsResult {
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelResult {
+    pub kernel: KernelRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelsResult {
+    pub kernels: Vec<KernelRecord>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupResult {
     pub path: PathBuf,
@@ -652,6 +907,12 @@ mod tests {
             let params = match info.name {
                 "daemon.hello" => serde_json::json!({"protocol_version": 1}),
                 "daemon.backup" => serde_json::json!({"path": "/x"}),
+                "vm.create" => serde_json::json!({"kernel": "k", "rootfs": "/r", "memory": "2G"}),
+                "kernel.import" => serde_json::json!({"name": "k", "vmlinux": "/v"}),
+                "vm.list" | "kernel.list" => serde_json::json!({}),
+                n if n.starts_with("vm.") || n.starts_with("kernel.") => {
+                    serde_json::json!({"name": "a"})
+                }
                 n if n.starts_with("daemon.operations.") && n != "daemon.operations.list" => {
                     serde_json::json!({"op_id": ulid::Ulid::new().to_string()})
                 }

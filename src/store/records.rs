@@ -8,6 +8,9 @@ use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::vm::restart::{RestartHistory, RestartPolicy};
+use crate::vm::state::LastExit;
+
 /// A record type and the table it lives in.
 pub trait Record: Serialize + DeserializeOwned + Send + 'static {
     const TABLE: &'static str;
@@ -27,7 +30,7 @@ pub enum VmState {
     Failed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum VmmKind {
     Firecracker,
@@ -44,10 +47,37 @@ pub struct VmRecord {
     pub vcpus: u8,
     pub memory_mib: u32,
     pub kernel: String,
+    /// The VM's own root disk (a clone of what the user gave).
     pub rootfs: PathBuf,
     pub created_at: Timestamp,
     #[serde(default)]
     pub started_at: Option<Timestamp>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    #[serde(default)]
+    pub restart_count: u32,
+    #[serde(default)]
+    pub restart_history: RestartHistory,
+    #[serde(default)]
+    pub next_restart_at: Option<Timestamp>,
+    #[serde(default)]
+    pub last_exit: Option<LastExit>,
+    /// The running VMM, when there is one.
+    #[serde(default)]
+    pub process: Option<VmmProcess>,
+    /// Why the VM is `failed`.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A VMM process as recorded before the VM is reported running: enough to
+/// find it again after a daemon restart and to tell it from a recycled pid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmProcess {
+    pub pid: i32,
+    /// Field 22 of `/proc/<pid>/stat`: clock ticks after boot.
+    pub start_time: u64,
+    pub api_socket: PathBuf,
 }
 
 impl Record for VmRecord {
@@ -80,7 +110,12 @@ pub struct KernelRecord {
     pub name: String,
     pub vmlinux: PathBuf,
     #[serde(default)]
+    pub vmlinux_sha256: Option<String>,
+    #[serde(default)]
     pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd_sha256: Option<String>,
+    /// Kernel command line; banger's default when absent.
     #[serde(default)]
     pub cmdline: Option<String>,
     pub created_at: Timestamp,

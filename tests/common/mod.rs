@@ -73,6 +73,10 @@ pub fn fingerprint(path: &Path) -> Fingerprint {
 pub struct Daemon {
     child: Child,
     stderr: mpsc::Receiver<String>,
+    /// Every stderr line received so far.
+    log: Vec<String>,
+    /// Where the next `wait_for_line` starts looking.
+    cursor: usize,
 }
 
 impl Daemon {
@@ -105,7 +109,12 @@ impl Daemon {
                 }
             }
         });
-        Daemon { child, stderr: rx }
+        Daemon {
+            child,
+            stderr: rx,
+            log: Vec::new(),
+            cursor: 0,
+        }
     }
 
     /// Starts bangerd and waits for its `daemon ready` line.
@@ -121,15 +130,38 @@ impl Daemon {
         daemon
     }
 
-    /// Waits for a stderr line containing `needle`; None if stderr closed.
+    /// Waits for a stderr line containing `needle` that came after the line
+    /// the previous wait returned; None if stderr closed.
     pub fn wait_for_line(&mut self, needle: &str) -> Option<String> {
+        let (index, line) = self.wait_for_line_from(&[needle], self.cursor)?;
+        self.cursor = index + 1;
+        Some(line)
+    }
+
+    /// How many stderr lines have arrived: a mark for `wait_for_line_from`.
+    pub fn mark(&mut self) -> usize {
+        self.log.extend(self.stderr.try_iter());
+        self.log.len()
+    }
+
+    /// Waits for a line containing every one of `needles` among the lines
+    /// from index `from` on, those already received included.
+    pub fn wait_for_line_from(&mut self, needles: &[&str], from: usize) -> Option<(usize, String)> {
+        let matches = |line: &str| needles.iter().all(|n| line.contains(n));
+        if let Some(index) = (from..self.log.len()).find(|&i| matches(&self.log[i])) {
+            return Some((index, self.log[index].clone()));
+        }
         loop {
             match self.stderr.recv_timeout(EVENT_TIMEOUT) {
-                Ok(line) if line.contains(needle) => return Some(line),
-                Ok(_) => continue,
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if self.log.len() > from && matches(&line) {
+                        return Some((self.log.len() - 1, line));
+                    }
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return None,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("no {needle:?} line within {EVENT_TIMEOUT:?}")
+                    panic!("no line with {needles:?} within {EVENT_TIMEOUT:?}")
                 }
             }
         }
@@ -138,7 +170,8 @@ impl Daemon {
     /// Every remaining stderr line, after the process has exited.
     pub fn wait_output(mut self) -> (ExitStatus, String) {
         let status = self.child.wait().expect("wait for bangerd");
-        let lines: Vec<String> = self.stderr.try_iter().collect();
+        let mut lines = std::mem::take(&mut self.log);
+        lines.extend(self.stderr.try_iter());
         let mut rest = lines.join("\n");
         while let Ok(line) = self.stderr.recv_timeout(EVENT_TIMEOUT) {
             rest.push('\n');
@@ -187,6 +220,13 @@ pub fn vm_record(i: usize) -> banger::store::records::VmRecord {
         rootfs: PathBuf::from(format!("/var/lib/banger/vms/vm-{i}/rootfs.ext4")),
         created_at: jiff::Timestamp::now(),
         started_at: None,
+        restart_policy: Default::default(),
+        restart_count: 0,
+        restart_history: Default::default(),
+        next_restart_at: None,
+        last_exit: None,
+        process: None,
+        error: None,
     }
 }
 
@@ -313,4 +353,109 @@ pub fn banger(dir: &Path, args: &[&str]) -> std::process::Output {
         .env_remove("BANGER_SOCKET")
         .output()
         .expect("run banger")
+}
+
+/// The firecracker fixture (real binary, v1.12.1), or None with the reason
+/// printed: scripts/test.sh installs it and sets BANGER_TEST_FIRECRACKER.
+pub fn firecracker_fixture() -> Option<PathBuf> {
+    let Some(path) = std::env::var_os("BANGER_TEST_FIRECRACKER").map(PathBuf::from) else {
+        eprintln!(
+            "SKIPPED: BANGER_TEST_FIRECRACKER is not set (scripts/test.sh installs the firecracker fixture)"
+        );
+        return None;
+    };
+    if !path.is_file() {
+        eprintln!("SKIPPED: {} does not exist", path.display());
+        return None;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED: /dev/kvm is not usable here; firecracker cannot start VMs");
+        return None;
+    }
+    Some(path)
+}
+
+/// The halt kernel: an ELF64 whose one PT_LOAD segment at 0x1000000 holds
+/// `cli; hlt; jmp back`. Firecracker boots it to Running and it idles.
+pub fn halt_kernel(path: &Path) {
+    const LOAD: u64 = 0x100_0000;
+    const OFFSET: usize = 0x1000;
+    let code = [0xfa, 0xf4, 0xeb, 0xfd];
+    let mut elf = Vec::with_capacity(OFFSET + code.len());
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers right after this header
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 0, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes()); // ehsize, phentsize, phnum, sh*
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R + X
+    for word in [
+        OFFSET as u64,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.resize(OFFSET, 0);
+    elf.extend_from_slice(&code);
+    std::fs::write(path, elf).expect("write the halt kernel");
+}
+
+/// Kills, on drop, every process whose command line mentions `dir`: the
+/// VMMs a test's daemon started outlive the daemon by design.
+pub struct ProcessReaper(pub PathBuf);
+
+impl ProcessReaper {
+    pub fn pids(&self) -> Vec<i32> {
+        let needle = self.0.to_string_lossy().into_owned();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+impl Drop for ProcessReaper {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether `pid` runs (a zombie is dead: PID 1 here reaps orphans late).
+pub fn pid_alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
 }

@@ -1,0 +1,834 @@
+//! `VmActor`, one per VM, and `VmManager`, which creates them and finds
+//! them by name.
+//!
+//! Ownership: a VmActor owns its VM's record and its VMM process (a pidfd;
+//! the process lives in its own session and outlives the daemon). It is the
+//! only writer of its record, and it persists through `ctx.wait`, so its
+//! writes reach the store in order. A VM crash is not an actor crash: the
+//! actor sees the VMM exit, records it and applies the restart policy. On
+//! daemon start each VmActor re-adopts a live VMM (same pid, same start
+//! time, API answering) or records the crash it finds.
+//!
+//! VmActors are not supervised: a VmActor stops only when its VM is
+//! removed, and a supervisor would bring a removed VM back.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use jiff::Timestamp;
+use rustix::process::Signal;
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use crate::actors::store::{Delete, Get, List, Put, StoreActor};
+use crate::catalog::CatalogError;
+use crate::rpc::errors::describe;
+use crate::store::StoreError;
+use crate::store::records::{KernelRecord, VmRecord, VmState, VmmKind, VmmProcess};
+use crate::vm::InvalidVm;
+use crate::vm::restart::{self, Decision, RestartPolicy};
+use crate::vm::state::{self, LastExit, StopIntent};
+use crate::vmm::firecracker::{self, ActionType, ApiClient, FirecrackerError, LaunchSpec, VmPaths};
+use crate::vmm::process::{ExitStatus, ProcessHandle, is_alive};
+
+/// Firecracker's kernel command line when the kernel record has none.
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// `vm stop` waits this long for the guest before SIGKILL.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where VMs live and what they run with.
+pub struct VmSettings {
+    pub firecracker: PathBuf,
+    pub vms_dir: PathBuf,
+    pub restart_defaults: RestartPolicy,
+}
+
+impl VmSettings {
+    pub fn paths(&self, id: &str) -> VmPaths {
+        VmPaths {
+            dir: self.vms_dir.join(id),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidVm),
+    #[error("no VM named {0}; `banger vm ls` lists them")]
+    NotFound(String),
+    #[error("a VM named {0} already exists")]
+    Exists(String),
+    #[error(
+        "no kernel named {0}; `banger kernel ls` lists them and `banger kernel import` adds one"
+    )]
+    NoKernel(String),
+    #[error("no kernel named {0}")]
+    KernelNotFound(String),
+    #[error("kernel {kernel} is used by VM {vm}; remove the VM first")]
+    KernelInUse { kernel: String, vm: String },
+    #[error("VM {name} is {state}; {hint}")]
+    Conflict {
+        name: String,
+        state: String,
+        hint: &'static str,
+    },
+    #[error("VM {name} failed to start")]
+    Launch {
+        name: String,
+        #[source]
+        source: FirecrackerError,
+    },
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the {0} is not answering")]
+    Unavailable(&'static str),
+}
+
+fn state_name(state: VmState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn conflict(record: &VmRecord, hint: &'static str) -> VmError {
+    VmError::Conflict {
+        name: record.name.clone(),
+        state: state_name(record.state),
+        hint,
+    }
+}
+
+pub struct VmActor {
+    record: VmRecord,
+    settings: Arc<VmSettings>,
+    store: Addr<StoreActor>,
+    process: Option<Rc<ProcessHandle>>,
+    intent: StopIntent,
+    restart_timer: Option<SpawnHandle>,
+    stop_timer: Option<SpawnHandle>,
+    exit_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl VmActor {
+    pub fn new(record: VmRecord, settings: Arc<VmSettings>, store: Addr<StoreActor>) -> VmActor {
+        VmActor {
+            record,
+            settings,
+            store,
+            process: None,
+            intent: StopIntent::None,
+            restart_timer: None,
+            stop_timer: None,
+            exit_waiters: Vec::new(),
+        }
+    }
+
+    /// Writes the record; the actor handles nothing else until it is durable.
+    fn persist(&mut self, ctx: &mut Context<Self>) {
+        let put = self.store.send(Put(self.record.clone()));
+        let vm = self.record.name.clone();
+        ctx.wait(fut::wrap_future(async move {
+            match put.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    error!(vm = %vm, error = %describe(&e), "cannot record the VM's state")
+                }
+                Err(_) => {
+                    error!(vm = %vm, "the store is not answering; the VM's state is not recorded")
+                }
+            }
+        }));
+    }
+
+    fn launch_spec(&self, kernel: &KernelRecord) -> LaunchSpec {
+        let paths = self.settings.paths(&self.record.id);
+        LaunchSpec {
+            binary: self.settings.firecracker.clone(),
+            id: self.record.id.clone(),
+            kernel: kernel.vmlinux.clone(),
+            initrd: kernel.initrd.clone(),
+            boot_args: kernel
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
+            rootfs: self.record.rootfs.clone(),
+            vcpus: self.record.vcpus,
+            memory_mib: self.record.memory_mib,
+            paths,
+        }
+    }
+
+    /// Launches the VMM; the record says `starting` (durably) before and
+    /// `running` with the pid (durably) before this reports success.
+    fn begin_start(
+        &mut self,
+        ctx: &mut Context<Self>,
+        restart: bool,
+    ) -> ResponseActFuture<Self, Result<VmRecord, VmError>> {
+        if let Some(timer) = self.restart_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        self.record.state = VmState::Starting;
+        self.record.error = None;
+        self.record.next_restart_at = None;
+        if restart {
+            self.record.restart_count += 1;
+        }
+        self.persist(ctx);
+        let store = self.store.clone();
+        let kernel_name = self.record.kernel.clone();
+        let name = self.record.name.clone();
+        let get = store.send(Get::<KernelRecord>::new(kernel_name.clone()));
+        Box::pin(
+            get
+                .into_actor(self)
+                .then(move |kernel, act, _| {
+                    let spec = match kernel {
+                        Ok(Ok(Some(kernel))) => Ok(act.launch_spec(&kernel)),
+                        Ok(Ok(None)) => Err(VmError::NoKernel(kernel_name)),
+                        Ok(Err(e)) => Err(VmError::Store(e)),
+                        Err(_) => Err(VmError::Unavailable("store")),
+                    };
+                    async move {
+                        let spec = spec?;
+                        let launched = firecracker::launch(&spec)
+                            .await
+                            .map_err(|source| VmError::Launch { name, source })?;
+                        Ok((spec.paths.api_socket(), launched))
+                    }
+                    .into_actor(act)
+                })
+                .map(|launched, act, ctx| match launched {
+                    Ok((api_socket, launched)) => {
+                        let pid = launched.process.pid();
+                        act.record.process = Some(VmmProcess {
+                            pid,
+                            start_time: launched.start_time,
+                            api_socket,
+                        });
+                        act.record.state = VmState::Running;
+                        act.record.started_at = Some(Timestamp::now());
+                        act.persist(ctx);
+                        act.watch(Rc::new(launched.process), ctx);
+                        info!(vm = %act.record.name, id = %act.record.id, pid, "VM running");
+                        Ok(act.record.clone())
+                    }
+                    Err(error) => {
+                        act.record.state = VmState::Failed;
+                        act.record.error = Some(describe(&error));
+                        act.record.process = None;
+                        act.persist(ctx);
+                        warn!(vm = %act.record.name, error = %describe(&error), "VM failed to start");
+                        Err(error)
+                    }
+                }),
+        )
+    }
+
+    fn watch(&mut self, process: Rc<ProcessHandle>, ctx: &mut Context<Self>) {
+        self.process = Some(process.clone());
+        ctx.spawn(
+            async move { process.exited().await }
+                .into_actor(self)
+                .map(|status, act, ctx| act.on_exit(status, ctx)),
+        );
+    }
+
+    fn on_exit(&mut self, status: ExitStatus, ctx: &mut Context<Self>) {
+        let now = Timestamp::now();
+        self.process = None;
+        if let Some(timer) = self.stop_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let requested = self.intent != StopIntent::None;
+        let kind = state::classify(self.intent, None);
+        self.intent = StopIntent::None;
+        let ran_for = self
+            .record
+            .started_at
+            .map(|started| {
+                Duration::from_millis(
+                    now.as_millisecond()
+                        .saturating_sub(started.as_millisecond())
+                        .max(0) as u64,
+                )
+            })
+            .unwrap_or_default();
+        self.record.process = None;
+        self.record.last_exit = Some(LastExit {
+            kind,
+            code: status.code,
+            signal: status.signal,
+            at: now,
+        });
+        let decision = if requested {
+            Decision::Stay
+        } else {
+            restart::after_exit(
+                &self.record.restart_policy,
+                &mut self.record.restart_history,
+                kind,
+                ran_for,
+                now,
+            )
+        };
+        match decision {
+            Decision::Stay => {
+                self.record.state = match kind {
+                    state::ExitKind::Crash => VmState::Crashed,
+                    _ => VmState::Stopped,
+                };
+            }
+            Decision::RestartAfter { delay, crash_loop } => {
+                self.record.state = if crash_loop {
+                    VmState::CrashLoop
+                } else {
+                    VmState::Crashed
+                };
+                self.schedule_restart(delay, now, ctx);
+            }
+        }
+        warn!(vm = %self.record.name, kind = ?kind, code = ?status.code, signal = ?status.signal, state = ?self.record.state, "VMM exited");
+        self.persist(ctx);
+        for waiter in self.exit_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+
+    fn schedule_restart(&mut self, delay: Duration, now: Timestamp, ctx: &mut Context<Self>) {
+        let at = now
+            .checked_add(
+                jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::ZERO),
+            )
+            .unwrap_or(now);
+        self.record.next_restart_at = Some(at);
+        self.restart_timer = Some(ctx.run_later(delay, |act, ctx| {
+            act.restart_timer = None;
+            info!(vm = %act.record.name, "restarting after backoff");
+            let start = act.begin_start(ctx, true);
+            ctx.spawn(start.map(|_, _, _| ()));
+        }));
+    }
+
+    /// Start-up: re-adopt a live VMM, or record the crash the daemon's
+    /// absence hid, or re-arm a pending restart.
+    fn recover(&mut self, ctx: &mut Context<Self>) {
+        let live = match (&self.record.process, state::has_process(self.record.state)) {
+            (Some(p), true) if is_alive(p.pid, p.start_time) => Some(p.clone()),
+            _ => None,
+        };
+        if let Some(recorded) = live {
+            let handle = match ProcessHandle::open(recorded.pid) {
+                Ok(handle) => Rc::new(handle),
+                Err(e) => {
+                    warn!(vm = %self.record.name, error = %e, "cannot watch the VMM; treating it as crashed");
+                    self.on_exit(ExitStatus::default(), ctx);
+                    return;
+                }
+            };
+            let api = ApiClient::new(&recorded.api_socket);
+            ctx.wait(
+                async move { api.instance_info().await }
+                    .into_actor(self)
+                    .map(move |info, act, ctx| match info {
+                        Ok(_) => {
+                            act.record.state = VmState::Running;
+                            act.persist(ctx);
+                            act.watch(handle, ctx);
+                            info!(vm = %act.record.name, pid = recorded.pid, "re-adopted running VM");
+                        }
+                        Err(e) => {
+                            // Alive but not answering: it cannot be managed,
+                            // so it goes, and the policy decides what follows.
+                            warn!(vm = %act.record.name, error = %describe(&e), "VMM does not answer; killing it");
+                            let _ = handle.signal(Signal::KILL);
+                            act.watch(handle, ctx);
+                        }
+                    }),
+            );
+        } else if state::has_process(self.record.state) {
+            warn!(vm = %self.record.name, "VMM exited while the daemon was down");
+            self.on_exit(ExitStatus::default(), ctx);
+        } else if let Some(at) = self.record.next_restart_at {
+            let now = Timestamp::now();
+            let wait = at
+                .as_millisecond()
+                .saturating_sub(now.as_millisecond())
+                .max(0) as u64;
+            self.record.next_restart_at = None;
+            self.schedule_restart(Duration::from_millis(wait), now, ctx);
+        }
+    }
+
+    fn wait_for_exit(&mut self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.exit_waiters.push(tx);
+        rx
+    }
+
+    /// Answers with the record once the VMM has exited.
+    fn after_exit(&mut self) -> ResponseActFuture<Self, Result<VmRecord, VmError>> {
+        let exited = self.wait_for_exit();
+        Box::pin(
+            exited
+                .into_actor(self)
+                .map(|_, act, _| Ok(act.record.clone())),
+        )
+    }
+}
+
+impl Actor for VmActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.recover(ctx);
+    }
+}
+
+/// What can be asked of a VM.
+pub enum VmCommand {
+    Get,
+    Start,
+    Stop { timeout: Duration },
+    Kill,
+    Restart { timeout: Duration },
+    Remove { force: bool },
+}
+
+impl Message for VmCommand {
+    type Result = Result<VmRecord, VmError>;
+}
+
+impl Handler<VmCommand> for VmActor {
+    type Result = ResponseActFuture<Self, Result<VmRecord, VmError>>;
+
+    fn handle(&mut self, command: VmCommand, ctx: &mut Context<Self>) -> Self::Result {
+        let ready = |result| -> Self::Result { Box::pin(fut::ready(result)) };
+        match command {
+            VmCommand::Get => ready(Ok(self.record.clone())),
+            VmCommand::Start => {
+                if self.process.is_some() || self.record.state == VmState::Starting {
+                    return ready(Ok(self.record.clone()));
+                }
+                if !state::can_start(self.record.state) {
+                    return ready(Err(conflict(
+                        &self.record,
+                        "wait for it to stop, then start it",
+                    )));
+                }
+                self.begin_start(ctx, false)
+            }
+            VmCommand::Stop { timeout } => self.stop(timeout, ctx),
+            VmCommand::Kill => {
+                let Some(process) = &self.process else {
+                    return self.stop(Duration::ZERO, ctx);
+                };
+                self.intent = StopIntent::Kill;
+                if let Err(e) = process.signal(Signal::KILL) {
+                    warn!(vm = %self.record.name, error = %e, "cannot signal the VMM");
+                }
+                self.after_exit()
+            }
+            VmCommand::Restart { timeout } => {
+                let stop = self.stop(timeout, ctx);
+                Box::pin(stop.then(|stopped, act, ctx| -> Self::Result {
+                    match stopped {
+                        Ok(_) => act.begin_start(ctx, false),
+                        Err(e) => Box::pin(fut::ready(Err(e))),
+                    }
+                }))
+            }
+            VmCommand::Remove { force } => {
+                let running = self.process.is_some() || self.record.state == VmState::Starting;
+                if running && !force {
+                    return ready(Err(conflict(&self.record, "stop it first, or use --force")));
+                }
+                let killed = if running {
+                    self.intent = StopIntent::Kill;
+                    if let Some(process) = &self.process {
+                        let _ = process.signal(Signal::KILL);
+                    }
+                    Some(self.wait_for_exit())
+                } else {
+                    None
+                };
+                if let Some(timer) = self.restart_timer.take() {
+                    ctx.cancel_future(timer);
+                }
+                let store = self.store.clone();
+                let record = self.record.clone();
+                let dir = self.settings.paths(&record.id).dir;
+                Box::pin(
+                    async move {
+                        if let Some(killed) = killed {
+                            let _ = killed.await;
+                        }
+                        store
+                            .send(Delete::<VmRecord>::new(record.id.clone()))
+                            .await
+                            .map_err(|_| VmError::Unavailable("store"))??;
+                        remove_dir(dir).await?;
+                        info!(vm = %record.name, id = %record.id, "VM removed");
+                        Ok(record)
+                    }
+                    .into_actor(self)
+                    .map(|removed, _, ctx| {
+                        if removed.is_ok() {
+                            ctx.stop();
+                        }
+                        removed
+                    }),
+                )
+            }
+        }
+    }
+}
+
+impl VmActor {
+    fn stop(
+        &mut self,
+        timeout: Duration,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<VmRecord, VmError>> {
+        if let Some(timer) = self.restart_timer.take() {
+            // A stop wins over a pending restart.
+            ctx.cancel_future(timer);
+            self.record.next_restart_at = None;
+            self.record.state = VmState::Stopped;
+            self.persist(ctx);
+        }
+        let Some(process) = self.process.clone() else {
+            if self.record.state == VmState::Starting {
+                return Box::pin(fut::ready(Err(conflict(
+                    &self.record,
+                    "wait for it to finish starting",
+                ))));
+            }
+            if matches!(self.record.state, VmState::Crashed | VmState::CrashLoop) {
+                self.record.state = VmState::Stopped;
+                self.persist(ctx);
+            }
+            return Box::pin(fut::ready(Ok(self.record.clone())));
+        };
+        if self.intent == StopIntent::None {
+            self.intent = StopIntent::Stop;
+            self.record.state = VmState::Stopping;
+            self.persist(ctx);
+            if let Some(recorded) = &self.record.process {
+                let api = ApiClient::new(&recorded.api_socket);
+                ctx.spawn(fut::wrap_future(async move {
+                    let _ = api.action(ActionType::SendCtrlAltDel).await;
+                }));
+            }
+            self.stop_timer = Some(ctx.run_later(timeout, move |act, _| {
+                act.stop_timer = None;
+                if act.intent == StopIntent::Stop {
+                    warn!(vm = %act.record.name, timeout = ?timeout, "guest did not stop in time; killing the VMM");
+                    act.intent = StopIntent::StopEscalated;
+                    let _ = process.signal(Signal::KILL);
+                }
+            }));
+        }
+        self.after_exit()
+    }
+}
+
+async fn remove_dir(dir: PathBuf) -> Result<(), VmError> {
+    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VmError::Io {
+            action: "remove",
+            path: dir,
+            source: e,
+        }),
+        _ => Ok(()),
+    })
+    .await
+    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+}
+
+/// A validated `vm create`.
+pub struct CreateVm {
+    pub name: String,
+    pub kernel: String,
+    pub rootfs: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub vmm: VmmKind,
+    pub restart: Option<restart::RestartMode>,
+    pub restart_delay_ms: Option<u64>,
+    pub restart_max_delay_ms: Option<u64>,
+    pub start: bool,
+}
+
+impl Message for CreateVm {
+    type Result = Result<VmRecord, VmError>;
+}
+
+/// Creates VMs, holds their actors by name, lists them.
+pub struct VmManager {
+    store: Addr<StoreActor>,
+    settings: Arc<VmSettings>,
+    vms: HashMap<String, Addr<VmActor>>,
+    /// Names being created, so two creates cannot take one name.
+    reserved: HashSet<String>,
+}
+
+impl VmManager {
+    pub fn new(store: Addr<StoreActor>, settings: Arc<VmSettings>) -> VmManager {
+        VmManager {
+            store,
+            settings,
+            vms: HashMap::new(),
+            reserved: HashSet::new(),
+        }
+    }
+}
+
+impl Actor for VmManager {
+    type Context = Context<Self>;
+}
+
+impl Supervised for VmManager {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        warn!("VM manager restarting; VMs are looked up again");
+    }
+}
+
+/// Start-up: one VmActor per stored VM. Answers how many VMs there are.
+pub struct LoadVms;
+
+impl Message for LoadVms {
+    type Result = Result<usize, VmError>;
+}
+
+impl Handler<LoadVms> for VmManager {
+    type Result = ResponseActFuture<Self, Result<usize, VmError>>;
+
+    fn handle(&mut self, _: LoadVms, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        Box::pin(
+            async move { store.send(List::<VmRecord>::new()).await }
+                .into_actor(self)
+                .map(|records, manager, _| {
+                    let records = records.map_err(|_| VmError::Unavailable("store"))??;
+                    for record in records {
+                        let name = record.name.clone();
+                        let actor =
+                            VmActor::new(record, manager.settings.clone(), manager.store.clone())
+                                .start();
+                        manager.vms.insert(name, actor);
+                    }
+                    Ok(manager.vms.len())
+                }),
+        )
+    }
+}
+
+/// A command for the VM named `name`.
+pub struct ForVm {
+    pub name: String,
+    pub command: VmCommand,
+}
+
+impl Message for ForVm {
+    type Result = Result<VmRecord, VmError>;
+}
+
+impl Handler<ForVm> for VmManager {
+    type Result = ResponseActFuture<Self, Result<VmRecord, VmError>>;
+
+    fn handle(&mut self, msg: ForVm, _: &mut Context<Self>) -> Self::Result {
+        let Some(vm) = self.vms.get(&msg.name).cloned() else {
+            return Box::pin(fut::ready(Err(VmError::NotFound(msg.name))));
+        };
+        let removing = matches!(msg.command, VmCommand::Remove { .. });
+        let name = msg.name;
+        Box::pin(
+            async move {
+                vm.send(msg.command)
+                    .await
+                    .map_err(|_| VmError::Unavailable("VM actor"))?
+            }
+            .into_actor(self)
+            .map(move |result, manager, _| {
+                if removing && result.is_ok() {
+                    manager.vms.remove(&name);
+                }
+                result
+            }),
+        )
+    }
+}
+
+/// Every VM's record, by name.
+pub struct ListVms;
+
+impl Message for ListVms {
+    type Result = Result<Vec<VmRecord>, VmError>;
+}
+
+impl Handler<ListVms> for VmManager {
+    type Result = ResponseFuture<Result<Vec<VmRecord>, VmError>>;
+
+    fn handle(&mut self, _: ListVms, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        Box::pin(async move {
+            let mut vms = store
+                .send(List::<VmRecord>::new())
+                .await
+                .map_err(|_| VmError::Unavailable("store"))??;
+            vms.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(vms)
+        })
+    }
+}
+
+impl Handler<CreateVm> for VmManager {
+    type Result = ResponseActFuture<Self, Result<VmRecord, VmError>>;
+
+    fn handle(&mut self, msg: CreateVm, _: &mut Context<Self>) -> Self::Result {
+        if self.vms.contains_key(&msg.name) || !self.reserved.insert(msg.name.clone()) {
+            return Box::pin(fut::ready(Err(VmError::Exists(msg.name))));
+        }
+        if msg.vmm == VmmKind::Qemu {
+            self.reserved.remove(&msg.name);
+            return Box::pin(fut::ready(Err(VmError::Invalid(InvalidVm {
+                field: "vmm",
+                reason: "the qemu backend has not landed yet; use firecracker".into(),
+            }))));
+        }
+        let defaults = self.settings.restart_defaults;
+        let policy = RestartPolicy {
+            mode: msg.restart.unwrap_or(defaults.mode),
+            delay_ms: msg.restart_delay_ms.unwrap_or(defaults.delay_ms),
+            max_delay_ms: msg.restart_max_delay_ms.unwrap_or(defaults.max_delay_ms),
+        };
+        let id = crate::vm::new_vm_id();
+        let dir = self.settings.paths(&id).dir;
+        let record = VmRecord {
+            id,
+            name: msg.name.clone(),
+            state: VmState::Created,
+            vmm: msg.vmm,
+            vcpus: msg.vcpus,
+            memory_mib: msg.memory_mib,
+            kernel: msg.kernel.clone(),
+            rootfs: dir.join("rootfs.ext4"),
+            created_at: Timestamp::now(),
+            started_at: None,
+            restart_policy: policy,
+            restart_count: 0,
+            restart_history: Default::default(),
+            next_restart_at: None,
+            last_exit: None,
+            process: None,
+            error: None,
+        };
+        let store = self.store.clone();
+        let name = msg.name.clone();
+        let source = msg.rootfs;
+        let start = msg.start;
+        let staged = record.clone();
+        Box::pin(
+            async move {
+                match store
+                    .send(Get::<KernelRecord>::new(msg.kernel.clone()))
+                    .await
+                {
+                    Ok(Ok(Some(_))) => {}
+                    Ok(Ok(None)) => return Err(VmError::NoKernel(msg.kernel)),
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => return Err(VmError::Unavailable("store")),
+                }
+                clone_rootfs(source, dir.clone(), staged.rootfs.clone()).await?;
+                if let Err(e) = store
+                    .send(Put(staged))
+                    .await
+                    .map_err(|_| VmError::Unavailable("store"))
+                    .and_then(|r| r.map_err(VmError::from))
+                {
+                    let _ = remove_dir(dir).await;
+                    return Err(e);
+                }
+                Ok(())
+            }
+            .into_actor(self)
+            .then(move |created, manager, _| {
+                manager.reserved.remove(&name);
+                let result: Result<Addr<VmActor>, VmError> = created.map(|()| {
+                    info!(vm = %record.name, id = %record.id, "VM created");
+                    let actor = VmActor::new(
+                        record.clone(),
+                        manager.settings.clone(),
+                        manager.store.clone(),
+                    )
+                    .start();
+                    manager.vms.insert(name.clone(), actor.clone());
+                    actor
+                });
+                let record = record.clone();
+                async move {
+                    let actor = result?;
+                    if start {
+                        actor
+                            .send(VmCommand::Start)
+                            .await
+                            .map_err(|_| VmError::Unavailable("VM actor"))?
+                    } else {
+                        Ok(record)
+                    }
+                }
+                .into_actor(manager)
+            }),
+        )
+    }
+}
+
+/// The VM's own copy of the root disk: a reflink where the filesystem
+/// allows, a copy otherwise. The user's file is never written.
+async fn clone_rootfs(source: PathBuf, dir: PathBuf, target: PathBuf) -> Result<(), VmError> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|e| VmError::Io {
+            action: "create",
+            path: dir.clone(),
+            source: e,
+        })?;
+        reflink_copy::reflink_or_copy(&source, &target)
+            .map(drop)
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
+                VmError::Io {
+                    action: "copy the root filesystem",
+                    path: source.clone(),
+                    source: e,
+                }
+            })
+    })
+    .await
+    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+}
+
+/// Whether a kernel is in use, for `kernel rm`.
+pub fn vm_using_kernel<'a>(vms: &'a [VmRecord], kernel: &str) -> Option<&'a VmRecord> {
+    vms.iter().find(|vm| vm.kernel == kernel)
+}
+
+/// Where a VM's console log is.
+pub fn console_log(settings: &VmSettings, id: &str) -> PathBuf {
+    settings.paths(id).console_log()
+}

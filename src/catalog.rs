@@ -1,0 +1,167 @@
+//! The kernel catalog's file work: importing a kernel copies its files
+//! under `<state-dir>/kernels/<name>/`, hashing them on the way, so a VM
+//! never depends on a file the user may move or change. Blocking: callers
+//! run it on a blocking thread.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("a kernel named {0} already exists; remove it first or pick another name")]
+    Exists(String),
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What an import leaves in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedKernel {
+    pub vmlinux: PathBuf,
+    pub vmlinux_sha256: String,
+    pub initrd: Option<PathBuf>,
+    pub initrd_sha256: Option<String>,
+}
+
+fn io_err<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> CatalogError + 'p {
+    move |source| CatalogError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The given file, checked: absolute, a regular file, and (for the kernel)
+/// an ELF image, which Firecracker needs.
+fn check_source(field: &'static str, path: &Path, elf: bool) -> Result<(), CatalogError> {
+    let invalid = |reason: String| CatalogError::Invalid { field, reason };
+    if !path.is_absolute() {
+        return Err(invalid(format!(
+            "{} is not an absolute path",
+            path.display()
+        )));
+    }
+    let mut file = File::open(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Err(invalid(format!("{} is not a regular file", path.display())));
+    }
+    if elf {
+        let mut magic = [0u8; 4];
+        if file.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
+            return Err(invalid(format!(
+                "{} is not an uncompressed ELF kernel (vmlinux); Firecracker cannot boot a bzImage",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to`, returning the content's sha256 in hex.
+fn copy_hashed(from: &Path, to: &Path) -> Result<String, CatalogError> {
+    let mut source = File::open(from).map_err(io_err("open", from))?;
+    let mut dest = File::create(to).map_err(io_err("create", to))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = source.read(&mut buffer).map_err(io_err("read", from))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        dest.write_all(&buffer[..n]).map_err(io_err("write", to))?;
+    }
+    dest.sync_all().map_err(io_err("sync", to))?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+pub fn kernel_dir(kernels_dir: &Path, name: &str) -> PathBuf {
+    kernels_dir.join(name)
+}
+
+/// Imports a kernel into `<kernels_dir>/<name>/`; all or nothing.
+pub fn import_kernel(
+    kernels_dir: &Path,
+    name: &str,
+    vmlinux: &Path,
+    initrd: Option<&Path>,
+) -> Result<ImportedKernel, CatalogError> {
+    check_source("vmlinux", vmlinux, true)?;
+    if let Some(initrd) = initrd {
+        check_source("initrd", initrd, false)?;
+    }
+    let target = kernel_dir(kernels_dir, name);
+    if target.exists() {
+        return Err(CatalogError::Exists(name.to_string()));
+    }
+    fs::create_dir_all(kernels_dir).map_err(io_err("create", kernels_dir))?;
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}-"))
+        .tempdir_in(kernels_dir)
+        .map_err(io_err("create a staging directory in", kernels_dir))?;
+    let vmlinux_sha256 = copy_hashed(vmlinux, &staging.path().join("vmlinux"))?;
+    let initrd_sha256 = initrd
+        .map(|initrd| copy_hashed(initrd, &staging.path().join("initrd")))
+        .transpose()?;
+    let staged = staging.keep();
+    fs::rename(&staged, &target).map_err(|e| {
+        let _ = fs::remove_dir_all(&staged);
+        match e.kind() {
+            io::ErrorKind::AlreadyExists | io::ErrorKind::DirectoryNotEmpty => {
+                CatalogError::Exists(name.to_string())
+            }
+            _ => io_err("move into place", &target)(e),
+        }
+    })?;
+    Ok(ImportedKernel {
+        vmlinux: target.join("vmlinux"),
+        vmlinux_sha256,
+        initrd: initrd_sha256.as_ref().map(|_| target.join("initrd")),
+        initrd_sha256,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_copy_and_hash_and_refuse_a_second_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vmlinux = dir.path().join("vmlinux");
+        std::fs::write(&vmlinux, b"\x7fELF rest").expect("write");
+        let kernels = dir.path().join("kernels");
+        let imported = import_kernel(&kernels, "k1", &vmlinux, None).expect("import");
+        assert_eq!(
+            std::fs::read(&imported.vmlinux).expect("read"),
+            b"\x7fELF rest"
+        );
+        assert_eq!(imported.vmlinux_sha256.len(), 64);
+        assert!(matches!(
+            import_kernel(&kernels, "k1", &vmlinux, None),
+            Err(CatalogError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn a_non_elf_kernel_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bz = dir.path().join("bzImage");
+        std::fs::write(&bz, b"MZ....").expect("write");
+        let err = import_kernel(&dir.path().join("k"), "k1", &bz, None).expect_err("not ELF");
+        assert!(err.to_string().starts_with("invalid vmlinux: "), "{err}");
+        let err = import_kernel(&dir.path().join("k"), "k1", Path::new("relative"), None)
+            .expect_err("relative");
+        assert!(err.to_string().contains("absolute"), "{err}");
+    }
+}

@@ -1,0 +1,4 @@
+//! VMM backends and the process plumbing they share.
+
+pub mod firecracker;
+pub mod process;

@@ -1,0 +1,347 @@
+//! VMs on the real firecracker binary (v1.12.1) booting the halt kernel:
+//! lifecycle, crash restarts with backoff, crash loops, stop winning over a
+//! pending restart, re-adoption after a daemon SIGKILL, and refusal of bad
+//! requests. Skips (with the reason) where the fixture or KVM is missing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// A daemon configured with the firecracker fixture, a halt kernel
+/// imported as `halt`, and a root filesystem file to clone.
+struct Fixture {
+    _reaper: ProcessReaper,
+    tmp: tempfile::TempDir,
+    daemon: Option<Daemon>,
+    rootfs: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Option<Fixture> {
+        let firecracker = firecracker_fixture()?;
+        let tmp = state_dir();
+        let dir = tmp.path().to_path_buf();
+        let dir = dir.as_path();
+        let config = dir.join("bangerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[firecracker]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.05\nmax_delay_secs = 0.2\n",
+                firecracker.display()
+            ),
+        )
+        .expect("write config");
+        halt_kernel(&dir.join("halt.elf"));
+        let rootfs = dir.join("rootfs.img");
+        std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("write rootfs");
+        let mut fixture = Fixture {
+            _reaper: ProcessReaper(dir.join("state")),
+            daemon: None,
+            rootfs,
+            tmp,
+        };
+        fixture.start_daemon();
+        let kernel = dir.join("halt.elf");
+        fixture.ok(&[
+            "kernel",
+            "import",
+            "halt",
+            "--vmlinux",
+            kernel.to_str().expect("utf-8"),
+        ]);
+        Some(fixture)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn start_daemon(&mut self) {
+        let config = self.tmp.path().join("bangerd.toml");
+        let args = ["--user", "--config", config.to_str().expect("utf-8 path")];
+        self.daemon = Some(Daemon::ready(Daemon::spawn_with(&self.state(), &args)));
+    }
+
+    fn daemon(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("daemon running")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        banger(&self.state(), args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "banger {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn create(&self, name: &str, extra: &[&str]) -> Value {
+        let rootfs = self.rootfs.to_str().expect("utf-8");
+        let mut args = vec![
+            "vm", "create", name, "--kernel", "halt", "--rootfs", rootfs, "--memory", "128M",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.ok(&args)).expect("vm create --json")
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ok(&["vm", "inspect", name, "--json"]))
+            .expect("vm inspect --json")
+    }
+
+    fn pid(&self, name: &str) -> i64 {
+        self.vm(name)["pid"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{name} has no pid"))
+    }
+}
+
+fn sigkill(pid: i64) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL");
+}
+
+fn vm_files_left(state: &Path) -> usize {
+    std::fs::read_dir(state.join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_vm_is_created_started_listed_stopped_and_removed_without_a_trace() {
+    let Some(f) = Fixture::new() else { return };
+    let before = fingerprint(&f.rootfs);
+    let vm = f.create("web", &["--start"]);
+    assert_eq!(vm["state"], "running", "{vm}");
+    let pid = vm["pid"].as_i64().expect("pid");
+    assert!(pid_alive(pid));
+    let id = vm["id"].as_str().expect("id").to_string();
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    assert!(
+        cmdline.contains(&id),
+        "the VMM is named by the VM's id: {cmdline:?}"
+    );
+
+    let listed: Value = serde_json::from_str(&f.ok(&["vm", "ls", "--json"])).expect("vm ls --json");
+    let fields = [
+        "name",
+        "id",
+        "state",
+        "vmm",
+        "pid",
+        "vcpus",
+        "memory_mib",
+        "kernel",
+        "restart_policy",
+        "restart_count",
+        "next_restart_at",
+        "last_exit",
+        "created_at",
+        "started_at",
+    ];
+    for field in fields {
+        assert!(
+            listed[0].get(field).is_some(),
+            "vm ls --json lacks {field}: {listed}"
+        );
+    }
+    assert_eq!(
+        (listed[0]["vmm"].as_str(), listed[0]["memory_mib"].as_u64()),
+        (Some("firecracker"), Some(128))
+    );
+
+    f.ok(&["vm", "start", "web"]);
+    assert_eq!(f.pid("web"), pid, "starting a running VM is a no-op");
+
+    // The halt kernel ignores Ctrl-Alt-Del: the stop times out into SIGKILL.
+    f.ok(&["vm", "stop", "web", "--timeout", "0.2"]);
+    let stopped = f.vm("web");
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["pid"], Value::Null);
+    assert_eq!(stopped["last_exit"]["kind"], "killed");
+    assert!(!pid_alive(pid));
+    f.ok(&["vm", "stop", "web"]);
+
+    f.ok(&["vm", "rm", "web"]);
+    assert_eq!(vm_files_left(&f.state()), 0, "no socket, log or disk left");
+    assert_eq!(f.run(&["vm", "rm", "web"]).status.code(), Some(1));
+    assert_eq!(
+        fingerprint(&f.rootfs),
+        before,
+        "the user's root filesystem is never written"
+    );
+}
+
+#[test]
+fn a_crashed_vmm_is_restarted_after_its_backoff_and_a_stop_wins_over_a_pending_restart() {
+    let Some(mut f) = Fixture::new() else { return };
+    f.create("crashy", &["--start"]);
+    let first = f.pid("crashy");
+    let mark = f.daemon().mark();
+    sigkill(first);
+    f.daemon()
+        .wait_for_line_from(&["VM running", "vm=crashy"], mark)
+        .expect("restarted");
+    let vm = f.vm("crashy");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["restart_count"], 1);
+    assert_eq!(vm["last_exit"]["kind"], "crash");
+    assert_ne!(vm["pid"].as_i64(), Some(first));
+
+    // A long backoff, then a stop before it fires.
+    f.create(
+        "patient",
+        &[
+            "--start",
+            "--restart-delay",
+            "30",
+            "--restart-max-delay",
+            "60",
+        ],
+    );
+    let mark = f.daemon().mark();
+    sigkill(f.pid("patient"));
+    f.daemon()
+        .wait_for_line_from(&["VMM exited", "vm=patient"], mark)
+        .expect("crash seen");
+    let crashed = f.vm("patient");
+    assert_eq!(crashed["state"], "crashed");
+    assert!(crashed["next_restart_at"].is_string(), "{crashed}");
+    f.ok(&["vm", "stop", "patient"]);
+    let stopped = f.vm("patient");
+    assert_eq!(
+        (stopped["state"].as_str(), &stopped["next_restart_at"]),
+        (Some("stopped"), &Value::Null)
+    );
+}
+
+#[test]
+fn six_fast_crashes_make_a_crash_loop_still_retried() {
+    let Some(mut f) = Fixture::new() else { return };
+    f.create("loopy", &["--start"]);
+    for crash in 1..=6 {
+        let mark = f.daemon().mark();
+        sigkill(f.pid("loopy"));
+        let (_, exited) = f
+            .daemon()
+            .wait_for_line_from(&["VMM exited", "vm=loopy"], mark)
+            .expect("exit seen");
+        let expected = if crash == 6 {
+            "state=CrashLoop"
+        } else {
+            "state=Crashed"
+        };
+        assert!(exited.contains(expected), "crash {crash}: {exited}");
+        f.daemon()
+            .wait_for_line_from(&["VM running", "vm=loopy"], mark)
+            .expect("retried");
+    }
+    assert_eq!(f.vm("loopy")["restart_count"], 6);
+}
+
+#[test]
+fn a_daemon_sigkill_leaves_vms_running_and_the_next_daemon_adopts_them() {
+    let Some(mut f) = Fixture::new() else { return };
+    let names = ["a", "b", "c", "d", "e"];
+    for name in names {
+        f.create(name, &["--start"]);
+    }
+    let pids: Vec<i64> = names.iter().map(|n| f.pid(n)).collect();
+    let daemon = f.daemon.take().expect("daemon");
+    kill(daemon.pid(), Signal::SIGKILL).expect("SIGKILL bangerd");
+    drop(daemon.wait_output());
+    assert!(pids.iter().all(|&p| pid_alive(p)), "VMs outlive the daemon");
+    sigkill(pids[0]);
+
+    f.start_daemon();
+    f.daemon()
+        .wait_for_line_from(&["VM running", "vm=a"], 0)
+        .expect("the VM that died meanwhile is restarted");
+    for (name, pid) in names.iter().zip(&pids).skip(1) {
+        let vm = f.vm(name);
+        assert_eq!(
+            (vm["state"].as_str(), vm["pid"].as_i64()),
+            (Some("running"), Some(*pid)),
+            "{name} adopted"
+        );
+        assert_eq!(vm["restart_count"], 0);
+    }
+    let a = f.vm("a");
+    assert_eq!(
+        (a["restart_count"].as_u64(), a["last_exit"]["kind"].as_str()),
+        (Some(1), Some("crash"))
+    );
+    assert_ne!(a["pid"].as_i64(), Some(pids[0]));
+}
+
+#[test]
+fn bad_requests_are_refused_and_leave_no_vm() {
+    let Some(f) = Fixture::new() else { return };
+    let rootfs = f.rootfs.to_str().expect("utf-8").to_string();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "vm", "create", "Bad_Name", "--kernel", "halt", "--rootfs", &rootfs,
+            ],
+            "invalid params: name:",
+        ),
+        (
+            &[
+                "vm", "create", "a", "--kernel", "missing", "--rootfs", &rootfs,
+            ],
+            "no kernel named missing",
+        ),
+        (
+            &[
+                "vm", "create", "a", "--kernel", "halt", "--rootfs", &rootfs, "--memory", "0",
+            ],
+            "invalid params: memory:",
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "a",
+                "--kernel",
+                "halt",
+                "--rootfs",
+                "/no/such/file",
+            ],
+            "invalid params: rootfs:",
+        ),
+        (
+            &[
+                "vm", "create", "a", "--kernel", "halt", "--rootfs", &rootfs, "--vcpus", "0",
+            ],
+            "invalid params: vcpus:",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = f.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let listed: Value = serde_json::from_str(&f.ok(&["vm", "ls", "--json"])).expect("json");
+    assert_eq!(listed, Value::Array(vec![]));
+    assert_eq!(vm_files_left(&f.state()), 0);
+
+    f.create("user", &[]);
+    let refused = f.run(&["kernel", "rm", "halt"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("used by VM user"));
+    let named = f.run(&[
+        "vm", "create", "user", "--kernel", "halt", "--rootfs", &rootfs,
+    ]);
+    assert!(String::from_utf8_lossy(&named.stderr).contains("already exists"));
+}
