@@ -64,6 +64,18 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct FirecrackerSection {
     pub binary: Option<PathBuf>,
+    pub jailer: Option<bool>,
+    pub jailer_binary: Option<PathBuf>,
+    pub jailer_uid: Option<u32>,
+    pub jailer_gid: Option<u32>,
+}
+
+/// The jailer's settings, when VMs run jailed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailerConfig {
+    pub binary: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -109,6 +121,7 @@ pub struct Config {
     pub retention: Retention,
     /// The firecracker binary: a path, or a name looked up in PATH.
     pub firecracker: PathBuf,
+    pub jailer: Option<JailerConfig>,
     /// Backoff for VMs that do not set their own.
     pub restart_delay_ms: u64,
     pub restart_max_delay_ms: u64,
@@ -222,6 +235,19 @@ pub fn resolve(
         socket_group,
         log_level,
         retention,
+        jailer: file
+            .firecracker
+            .jailer
+            .unwrap_or(false)
+            .then(|| JailerConfig {
+                binary: file
+                    .firecracker
+                    .jailer_binary
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("jailer")),
+                uid: file.firecracker.jailer_uid.unwrap_or(65534),
+                gid: file.firecracker.jailer_gid.unwrap_or(65534),
+            }),
         firecracker: file
             .firecracker
             .binary
@@ -370,6 +396,7 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/banger"));
         assert_eq!(config.socket, PathBuf::from("/run/banger/bangerd.sock"));
         assert_eq!(config.firecracker, PathBuf::from("firecracker"));
+        assert_eq!(config.jailer, None);
         assert_eq!(
             (config.restart_delay_ms, config.restart_max_delay_ms),
             (1_000, 60_000)

@@ -20,11 +20,13 @@ use crate::actors::operation::{Drain, OperationError, OperationRegistry, Reconci
 use crate::actors::store::{StoreActor, StoreClosed};
 use crate::actors::vm::{LoadVms, VmError, VmManager, VmSettings};
 use crate::config::{Config, Mode};
+use crate::host::LocalHost;
 use crate::rpc::access::AccessPolicy;
 use crate::rpc::dispatch::{DaemonInfo, Services};
 use crate::rpc::server::{RpcServer, StopAccepting};
 use crate::store::{Store, StoreError};
 use crate::vm::restart::RestartPolicy;
+use crate::vmm::firecracker::JailSpec;
 
 /// Store worker threads: reads run in parallel, writes serialise in redb.
 const STORE_THREADS: usize = 2;
@@ -101,6 +103,13 @@ impl SystemSupervisor {
 
         let vm_settings = Arc::new(VmSettings {
             firecracker: config.firecracker.clone(),
+            jail: config.jailer.as_ref().map(|jailer| JailSpec {
+                jailer: jailer.binary.clone(),
+                base: config.state_dir.join("jail"),
+                uid: jailer.uid,
+                gid: jailer.gid,
+            }),
+            host: Arc::new(LocalHost),
             vms_dir: config.state_dir.join("vms"),
             restart_defaults: RestartPolicy {
                 delay_ms: config.restart_delay_ms,

@@ -81,7 +81,10 @@ fn status_as(user: &str, banger: &Path, socket: &Path) -> Output {
 #[test]
 fn only_root_the_owner_and_group_members_are_admitted() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: creating users and switching to them needs root");
+        skip(
+            "only_root_the_owner_and_group_members_are_admitted",
+            "creating users and switching to them needs root",
+        );
         return;
     }
     let tag = format!("{:05}", std::process::id() % 100_000);

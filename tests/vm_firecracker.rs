@@ -23,8 +23,32 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new() -> Option<Fixture> {
-        let firecracker = firecracker_fixture()?;
+    fn new(test: &str) -> Option<Fixture> {
+        Fixture::with_jailer(test, false)
+    }
+
+    /// With `jailed`, firecracker runs under the real jailer (root only).
+    fn with_jailer(test: &str, jailed: bool) -> Option<Fixture> {
+        let firecracker = firecracker_fixture(test)?;
+        let jailer = if jailed {
+            if !nix::unistd::geteuid().is_root() {
+                skip(test, "the jailer needs root");
+                return None;
+            }
+            let Some(jailer) = std::env::var_os("BANGER_TEST_JAILER") else {
+                skip(
+                    test,
+                    "BANGER_TEST_JAILER is not set (scripts/test.sh installs it)",
+                );
+                return None;
+            };
+            format!(
+                "jailer = true\njailer_binary = \"{}\"\n",
+                Path::new(&jailer).display()
+            )
+        } else {
+            String::new()
+        };
         let tmp = state_dir();
         let dir = tmp.path().to_path_buf();
         let dir = dir.as_path();
@@ -32,7 +56,7 @@ impl Fixture {
         std::fs::write(
             &config,
             format!(
-                "[firecracker]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.05\nmax_delay_secs = 0.2\n",
+                "[firecracker]\nbinary = \"{}\"\n{jailer}[restart]\ndelay_secs = 0.05\nmax_delay_secs = 0.2\n",
                 firecracker.display()
             ),
         )
@@ -120,7 +144,32 @@ fn vm_files_left(state: &Path) -> usize {
 
 #[test]
 fn a_vm_is_created_started_listed_stopped_and_removed_without_a_trace() {
-    let Some(f) = Fixture::new() else { return };
+    let Some(f) =
+        Fixture::new("a_vm_is_created_started_listed_stopped_and_removed_without_a_trace")
+    else {
+        return;
+    };
+    lifecycle(&f);
+}
+
+#[test]
+fn a_jailed_vm_runs_in_its_chroot_and_leaves_nothing_behind() {
+    let Some(f) = Fixture::with_jailer(
+        "a_jailed_vm_runs_in_its_chroot_and_leaves_nothing_behind",
+        true,
+    ) else {
+        return;
+    };
+    lifecycle(&f);
+    let jails = f.state().join("jail/firecracker");
+    assert_eq!(
+        std::fs::read_dir(&jails).map(|d| d.count()).unwrap_or(0),
+        0,
+        "the chroot is removed"
+    );
+}
+
+fn lifecycle(f: &Fixture) {
     let before = fingerprint(&f.rootfs);
     let vm = f.create("web", &["--start"]);
     assert_eq!(vm["state"], "running", "{vm}");
@@ -185,7 +234,11 @@ fn a_vm_is_created_started_listed_stopped_and_removed_without_a_trace() {
 
 #[test]
 fn a_crashed_vmm_is_restarted_after_its_backoff_and_a_stop_wins_over_a_pending_restart() {
-    let Some(mut f) = Fixture::new() else { return };
+    let Some(mut f) = Fixture::new(
+        "a_crashed_vmm_is_restarted_after_its_backoff_and_a_stop_wins_over_a_pending_restart",
+    ) else {
+        return;
+    };
     f.create("crashy", &["--start"]);
     let first = f.pid("crashy");
     let mark = f.daemon().mark();
@@ -228,7 +281,9 @@ fn a_crashed_vmm_is_restarted_after_its_backoff_and_a_stop_wins_over_a_pending_r
 
 #[test]
 fn six_fast_crashes_make_a_crash_loop_still_retried() {
-    let Some(mut f) = Fixture::new() else { return };
+    let Some(mut f) = Fixture::new("six_fast_crashes_make_a_crash_loop_still_retried") else {
+        return;
+    };
     f.create("loopy", &["--start"]);
     for crash in 1..=6 {
         let mark = f.daemon().mark();
@@ -252,7 +307,11 @@ fn six_fast_crashes_make_a_crash_loop_still_retried() {
 
 #[test]
 fn a_daemon_sigkill_leaves_vms_running_and_the_next_daemon_adopts_them() {
-    let Some(mut f) = Fixture::new() else { return };
+    let Some(mut f) =
+        Fixture::new("a_daemon_sigkill_leaves_vms_running_and_the_next_daemon_adopts_them")
+    else {
+        return;
+    };
     let names = ["a", "b", "c", "d", "e"];
     for name in names {
         f.create(name, &["--start"]);
@@ -287,7 +346,9 @@ fn a_daemon_sigkill_leaves_vms_running_and_the_next_daemon_adopts_them() {
 
 #[test]
 fn bad_requests_are_refused_and_leave_no_vm() {
-    let Some(f) = Fixture::new() else { return };
+    let Some(f) = Fixture::new("bad_requests_are_refused_and_leave_no_vm") else {
+        return;
+    };
     let rootfs = f.rootfs.to_str().expect("utf-8").to_string();
     let cases: [(&[&str], &str); 5] = [
         (

@@ -26,13 +26,16 @@ use tracing::{error, info, warn};
 
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::catalog::CatalogError;
+use crate::host::HostOps;
 use crate::rpc::errors::describe;
 use crate::store::StoreError;
 use crate::store::records::{KernelRecord, VmRecord, VmState, VmmKind, VmmProcess};
 use crate::vm::InvalidVm;
 use crate::vm::restart::{self, Decision, RestartPolicy};
 use crate::vm::state::{self, LastExit, StopIntent};
-use crate::vmm::firecracker::{self, ActionType, ApiClient, FirecrackerError, LaunchSpec, VmPaths};
+use crate::vmm::firecracker::{
+    self, ActionType, ApiClient, FirecrackerError, JailSpec, LaunchSpec, VmPaths,
+};
 use crate::vmm::process::{ExitStatus, ProcessHandle, is_alive};
 
 /// Firecracker's kernel command line when the kernel record has none.
@@ -43,8 +46,11 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where VMs live and what they run with.
 pub struct VmSettings {
     pub firecracker: PathBuf,
+    /// Run firecracker under its jailer, a chroot per VM.
+    pub jail: Option<JailSpec>,
     pub vms_dir: PathBuf,
     pub restart_defaults: RestartPolicy,
+    pub host: Arc<dyn HostOps>,
 }
 
 impl VmSettings {
@@ -158,7 +164,8 @@ impl VmActor {
     fn launch_spec(&self, kernel: &KernelRecord) -> LaunchSpec {
         let paths = self.settings.paths(&self.record.id);
         LaunchSpec {
-            binary: self.settings.firecracker.clone(),
+            firecracker: self.settings.firecracker.clone(),
+            jail: self.settings.jail.clone(),
             id: self.record.id.clone(),
             kernel: kernel.vmlinux.clone(),
             initrd: kernel.initrd.clone(),
@@ -193,6 +200,7 @@ impl VmActor {
         let store = self.store.clone();
         let kernel_name = self.record.kernel.clone();
         let name = self.record.name.clone();
+        let host = self.settings.host.clone();
         let get = store.send(Get::<KernelRecord>::new(kernel_name.clone()));
         Box::pin(
             get
@@ -206,10 +214,10 @@ impl VmActor {
                     };
                     async move {
                         let spec = spec?;
-                        let launched = firecracker::launch(&spec)
+                        let launched = firecracker::launch(host.as_ref(), &spec)
                             .await
                             .map_err(|source| VmError::Launch { name, source })?;
-                        Ok((spec.paths.api_socket(), launched))
+                        Ok((spec.api_socket(), launched))
                     }
                     .into_actor(act)
                 })
@@ -473,6 +481,8 @@ impl Handler<VmCommand> for VmActor {
                 let store = self.store.clone();
                 let record = self.record.clone();
                 let dir = self.settings.paths(&record.id).dir;
+                let jail = self.settings.jail.as_ref().map(|jail| jail.dir(&record.id));
+                let host = self.settings.host.clone();
                 Box::pin(
                     async move {
                         if let Some(killed) = killed {
@@ -482,6 +492,13 @@ impl Handler<VmCommand> for VmActor {
                             .send(Delete::<VmRecord>::new(record.id.clone()))
                             .await
                             .map_err(|_| VmError::Unavailable("store"))??;
+                        if let Some(jail) = jail {
+                            host.remove_jail(&jail).map_err(|source| VmError::Io {
+                                action: "remove the jail",
+                                path: jail.clone(),
+                                source,
+                            })?;
+                        }
                         remove_dir(dir).await?;
                         info!(vm = %record.name, id = %record.id, "VM removed");
                         Ok(record)

@@ -3,12 +3,8 @@
 //! swagger file, v1.12), and the launch sequence. Supported range: 1.8
 //! (ACPI descriptions for virtio-mmio) to 1.12.
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -19,6 +15,7 @@ use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
 use super::process::{ProcessHandle, read_stat};
+use crate::host::{HostOps, JailFile, VmmCommand};
 
 /// How long one API call may take.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -216,10 +213,36 @@ impl VmPaths {
     }
 }
 
+/// Running firecracker under its jailer: a chroot per VM under `base`,
+/// dropping to `uid:gid`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSpec {
+    pub jailer: PathBuf,
+    pub base: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Paths inside a jail, as firecracker sees them from its chroot.
+const JAIL_SOCKET: &str = "run/firecracker.socket";
+const JAIL_LOG: &str = "firecracker.log";
+
+impl JailSpec {
+    /// `<base>/firecracker/<id>`: the jailer's directory for this VM.
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.base.join("firecracker").join(id)
+    }
+
+    pub fn root(&self, id: &str) -> PathBuf {
+        self.dir(id).join("root")
+    }
+}
+
 /// Everything a launch needs.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
-    pub binary: PathBuf,
+    pub firecracker: PathBuf,
+    pub jail: Option<JailSpec>,
     pub id: String,
     pub paths: VmPaths,
     pub kernel: PathBuf,
@@ -231,18 +254,106 @@ pub struct LaunchSpec {
 }
 
 impl LaunchSpec {
-    /// The firecracker command line; the rest is configured over the API.
-    pub fn argv(&self) -> Vec<String> {
-        vec![
-            "--api-sock".into(),
-            self.paths.api_socket().display().to_string(),
-            "--id".into(),
-            self.id.clone(),
-            "--log-path".into(),
-            self.paths.vmm_log().display().to_string(),
-            "--level".into(),
-            "Info".into(),
-        ]
+    /// The API socket, as the host reaches it.
+    pub fn api_socket(&self) -> PathBuf {
+        match &self.jail {
+            Some(jail) => jail.root(&self.id).join(JAIL_SOCKET),
+            None => self.paths.api_socket(),
+        }
+    }
+
+    /// Firecracker's own log, as the host sees it.
+    pub fn vmm_log(&self) -> PathBuf {
+        match &self.jail {
+            Some(jail) => jail.root(&self.id).join(JAIL_LOG),
+            None => self.paths.vmm_log(),
+        }
+    }
+
+    /// The program and arguments that start the VMM; the rest is
+    /// configured over the API.
+    pub fn command(&self) -> (PathBuf, Vec<String>) {
+        let level = ["--level".to_string(), "Info".to_string()];
+        match &self.jail {
+            None => {
+                let mut args = vec![
+                    "--api-sock".into(),
+                    self.paths.api_socket().display().to_string(),
+                    "--id".into(),
+                    self.id.clone(),
+                    "--log-path".into(),
+                    self.paths.vmm_log().display().to_string(),
+                ];
+                args.extend(level);
+                (self.firecracker.clone(), args)
+            }
+            Some(jail) => {
+                // No --daemonize and no --new-pid-ns: the jailer execs
+                // firecracker in place, so the child we spawn is the VMM.
+                let mut args = vec![
+                    "--id".into(),
+                    self.id.clone(),
+                    "--exec-file".into(),
+                    self.firecracker.display().to_string(),
+                    "--uid".into(),
+                    jail.uid.to_string(),
+                    "--gid".into(),
+                    jail.gid.to_string(),
+                    "--chroot-base-dir".into(),
+                    jail.base.display().to_string(),
+                    "--cgroup-version".into(),
+                    "2".into(),
+                    "--".into(),
+                    "--api-sock".into(),
+                    format!("/{JAIL_SOCKET}"),
+                    "--log-path".into(),
+                    format!("/{JAIL_LOG}"),
+                ];
+                args.extend(level);
+                (jail.jailer.clone(), args)
+            }
+        }
+    }
+
+    /// Kernel, initrd and root disk as firecracker opens them: host paths,
+    /// or names in the jail's root.
+    fn guest_files(&self) -> (PathBuf, Option<PathBuf>, PathBuf) {
+        match &self.jail {
+            None => (
+                self.kernel.clone(),
+                self.initrd.clone(),
+                self.rootfs.clone(),
+            ),
+            Some(_) => (
+                PathBuf::from("/vmlinux"),
+                self.initrd.as_ref().map(|_| PathBuf::from("/initrd")),
+                PathBuf::from("/rootfs.ext4"),
+            ),
+        }
+    }
+
+    /// What goes into the jail's root before the jailer starts.
+    pub fn jail_files(&self) -> Vec<JailFile> {
+        let mut files = vec![
+            JailFile {
+                source: self.kernel.clone(),
+                name: "vmlinux".into(),
+                writable: false,
+            },
+            JailFile {
+                source: self.rootfs.clone(),
+                name: "rootfs.ext4".into(),
+                writable: true,
+            },
+        ];
+        if let Some(initrd) = &self.initrd {
+            files.push(JailFile {
+                source: initrd.clone(),
+                name: "initrd".into(),
+                writable: false,
+            });
+        }
+        files
     }
 }
 
@@ -252,69 +363,54 @@ pub struct Launched {
     pub start_time: u64,
 }
 
-fn append_file(path: &Path) -> Result<File, FirecrackerError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| FirecrackerError::Io {
-            action: "open",
-            path: path.to_path_buf(),
+/// Starts firecracker (under its jailer when configured), with its serial
+/// console appended to `console.log`, then configures and starts the
+/// instance. On any failure the process is killed before this returns.
+pub async fn launch(host: &dyn HostOps, spec: &LaunchSpec) -> Result<Launched, FirecrackerError> {
+    let socket = spec.api_socket();
+    let io_err = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FirecrackerError::Io {
+            action,
+            path,
             source,
-        })
-}
-
-/// Spawns firecracker in its own session (so a daemon restart or a signal
-/// to the daemon's process group never reaches it), with its serial console
-/// appended to `console.log`, then configures and starts the instance.
-/// On any failure the process is killed before this returns.
-pub async fn launch(spec: &LaunchSpec) -> Result<Launched, FirecrackerError> {
-    let socket = spec.paths.api_socket();
-    // Firecracker refuses to bind over a stale socket.
-    match std::fs::remove_file(&socket) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(FirecrackerError::Io {
-                action: "remove the stale socket",
-                path: socket,
-                source: e,
-            });
         }
-        _ => {}
+    };
+    if let Some(jail) = &spec.jail {
+        host.prepare_jail(
+            &jail.root(&spec.id),
+            &spec.jail_files(),
+            &[JAIL_LOG],
+            jail.uid,
+            jail.gid,
+        )
+        .map_err(io_err("prepare the jail", &jail.root(&spec.id)))?;
+    } else {
+        // Firecracker refuses to bind over a stale socket.
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("remove the stale socket", &socket)(e));
+            }
+            _ => {}
+        }
     }
-    let console = append_file(&spec.paths.console_log())?;
-    let vmm_log = append_file(&spec.paths.vmm_log())?;
-    let errors = vmm_log.try_clone().map_err(|source| FirecrackerError::Io {
-        action: "duplicate",
-        path: spec.paths.vmm_log(),
-        source,
-    })?;
-    let mut command = Command::new(&spec.binary);
-    command
-        .args(spec.argv())
-        .current_dir(&spec.paths.dir)
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(console)
-        .stderr(errors);
-    #[allow(unsafe_code)]
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        command.pre_exec(|| rustix::process::setsid().map(drop).map_err(io::Error::from));
-    }
-    let child = command.spawn().map_err(|source| FirecrackerError::Spawn {
-        binary: spec.binary.clone(),
-        source,
-    })?;
+    let (program, args) = spec.command();
+    let command = VmmCommand {
+        program: program.clone(),
+        args,
+        cwd: spec.paths.dir.clone(),
+        console: spec.paths.console_log(),
+        errors: spec.paths.vmm_log(),
+    };
+    let pid = host
+        .spawn_vmm(&command)
+        .map_err(|source| FirecrackerError::Spawn {
+            binary: program.clone(),
+            source,
+        })? as i32;
     // The pidfd is the handle from here on: the pid cannot be recycled
     // before we reap it, and we reap through the pidfd.
-    let pid = child.id() as i32;
-    drop(child);
-    let process = ProcessHandle::open(pid).map_err(|source| FirecrackerError::Io {
-        action: "watch the process of",
-        path: spec.binary.clone(),
-        source,
-    })?;
+    let process = ProcessHandle::open(pid).map_err(io_err("watch the process of", &program))?;
     match configure(spec, &process).await {
         Ok(()) => {
             let start_time = read_stat(pid)
@@ -336,14 +432,15 @@ pub async fn launch(spec: &LaunchSpec) -> Result<Launched, FirecrackerError> {
 }
 
 async fn configure(spec: &LaunchSpec, process: &ProcessHandle) -> Result<(), FirecrackerError> {
-    let socket = spec.paths.api_socket();
-    wait_for_socket(&socket, process, &spec.paths.vmm_log()).await?;
+    let socket = spec.api_socket();
+    wait_for_socket(&socket, process, &spec.vmm_log()).await?;
     let api = ApiClient::new(&socket);
+    let (kernel, initrd, rootfs) = spec.guest_files();
     api.put(
         "/boot-source",
         &BootSource {
-            kernel_image_path: spec.kernel.clone(),
-            initrd_path: spec.initrd.clone(),
+            kernel_image_path: kernel,
+            initrd_path: initrd,
             boot_args: Some(spec.boot_args.clone()),
         },
     )
@@ -360,7 +457,7 @@ async fn configure(spec: &LaunchSpec, process: &ProcessHandle) -> Result<(), Fir
         "/drives/rootfs",
         &Drive {
             drive_id: "rootfs".into(),
-            path_on_host: spec.rootfs.clone(),
+            path_on_host: rootfs,
             is_root_device: true,
             is_read_only: false,
         },
@@ -404,9 +501,15 @@ async fn wait_for_socket(
 mod tests {
     use super::*;
 
-    fn spec() -> LaunchSpec {
+    fn spec(jail: bool) -> LaunchSpec {
         LaunchSpec {
-            binary: "/usr/bin/firecracker".into(),
+            firecracker: "/usr/bin/firecracker".into(),
+            jail: jail.then(|| JailSpec {
+                jailer: "/usr/bin/jailer".into(),
+                base: "/var/lib/banger/jail".into(),
+                uid: 65534,
+                gid: 65534,
+            }),
             id: "k3j9x2m4qa".into(),
             paths: VmPaths {
                 dir: "/var/lib/banger/vms/k3j9x2m4qa".into(),
@@ -421,9 +524,11 @@ mod tests {
     }
 
     #[test]
-    fn the_command_line_names_the_socket_id_and_log() {
+    fn without_a_jail_the_command_names_the_socket_id_and_log() {
+        let (program, args) = spec(false).command();
+        assert_eq!(program, PathBuf::from("/usr/bin/firecracker"));
         assert_eq!(
-            spec().argv(),
+            args,
             [
                 "--api-sock",
                 "/var/lib/banger/vms/k3j9x2m4qa/firecracker.sock",
@@ -435,6 +540,42 @@ mod tests {
                 "Info"
             ]
         );
+    }
+
+    #[test]
+    fn in_a_jail_paths_are_chroot_relative_and_the_jailer_execs_in_place() {
+        let spec = spec(true);
+        let (program, args) = spec.command();
+        assert_eq!(program, PathBuf::from("/usr/bin/jailer"));
+        assert!(
+            !args.contains(&"--daemonize".to_string())
+                && !args.contains(&"--new-pid-ns".to_string())
+        );
+        let tail: Vec<&str> = args
+            .iter()
+            .skip_while(|a| *a != "--")
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                "--",
+                "--api-sock",
+                "/run/firecracker.socket",
+                "--log-path",
+                "/firecracker.log",
+                "--level",
+                "Info"
+            ]
+        );
+        assert_eq!(
+            spec.api_socket(),
+            PathBuf::from(
+                "/var/lib/banger/jail/firecracker/k3j9x2m4qa/root/run/firecracker.socket"
+            )
+        );
+        assert_eq!(spec.guest_files().2, PathBuf::from("/rootfs.ext4"));
+        assert_eq!(spec.jail_files().len(), 2);
     }
 
     #[test]

@@ -355,17 +355,35 @@ pub fn banger(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("run banger")
 }
 
+/// Where skipped tests leave their reasons; scripts/test.sh prints them
+/// after the run, since the runner hides the output of tests that pass.
+pub const SKIPPED_LOG: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/skipped-tests.txt");
+
+/// Records why the calling test cannot run here; the test then returns.
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Ok(mut log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(SKIPPED_LOG)
+    {
+        let _ = writeln!(log, "{test}: {reason}");
+    }
+}
+
 /// The firecracker fixture (real binary, v1.12.1), or None with the reason
-/// printed: scripts/test.sh installs it and sets BANGER_TEST_FIRECRACKER.
-pub fn firecracker_fixture() -> Option<PathBuf> {
+/// recorded: scripts/test.sh installs it and sets BANGER_TEST_FIRECRACKER.
+pub fn firecracker_fixture(test: &str) -> Option<PathBuf> {
     let Some(path) = std::env::var_os("BANGER_TEST_FIRECRACKER").map(PathBuf::from) else {
-        eprintln!(
-            "SKIPPED: BANGER_TEST_FIRECRACKER is not set (scripts/test.sh installs the firecracker fixture)"
+        skip(
+            test,
+            "BANGER_TEST_FIRECRACKER is not set (scripts/test.sh installs the firecracker fixture)",
         );
         return None;
     };
     if !path.is_file() {
-        eprintln!("SKIPPED: {} does not exist", path.display());
+        skip(test, &format!("{} does not exist", path.display()));
         return None;
     }
     if std::fs::OpenOptions::new()
@@ -374,7 +392,10 @@ pub fn firecracker_fixture() -> Option<PathBuf> {
         .open("/dev/kvm")
         .is_err()
     {
-        eprintln!("SKIPPED: /dev/kvm is not usable here; firecracker cannot start VMs");
+        skip(
+            test,
+            "/dev/kvm is not usable here; firecracker cannot start VMs",
+        );
         return None;
     }
     Some(path)
@@ -417,8 +438,9 @@ pub fn halt_kernel(path: &Path) {
     std::fs::write(path, elf).expect("write the halt kernel");
 }
 
-/// Kills, on drop, every process whose command line mentions `dir`: the
-/// VMMs a test's daemon started outlive the daemon by design.
+/// Kills, on drop, every process whose command line mentions `dir` or
+/// whose root is under it: the VMMs a test's daemon started outlive the
+/// daemon by design.
 pub struct ProcessReaper(pub PathBuf);
 
 impl ProcessReaper {
@@ -430,9 +452,14 @@ impl ProcessReaper {
         entries
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
             .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
+                let in_cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
                     .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                    .unwrap_or(false)
+                    .unwrap_or(false);
+                // A jailed VMM's command line names only its chroot paths.
+                let in_jail = std::fs::read_link(format!("/proc/{pid}/root"))
+                    .map(|root| root.starts_with(&self.0))
+                    .unwrap_or(false);
+                in_cmdline || in_jail
             })
             .collect()
     }
