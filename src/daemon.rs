@@ -101,15 +101,17 @@ impl SystemSupervisor {
             );
         }
 
+        let jail_base = config.state_dir.join("jail");
         let vm_settings = Arc::new(VmSettings {
             firecracker: config.firecracker.clone(),
             jail: config.jailer.as_ref().map(|jailer| JailSpec {
                 jailer: jailer.binary.clone(),
-                base: config.state_dir.join("jail"),
+                base: jail_base.clone(),
                 uid: jailer.uid,
                 gid: jailer.gid,
             }),
             host: Arc::new(LocalHost),
+            jail_base,
             vms_dir: config.state_dir.join("vms"),
             restart_defaults: RestartPolicy {
                 delay_ms: config.restart_delay_ms,

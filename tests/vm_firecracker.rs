@@ -345,6 +345,39 @@ fn a_daemon_sigkill_leaves_vms_running_and_the_next_daemon_adopts_them() {
 }
 
 #[test]
+fn a_vmm_no_record_claims_is_terminated_at_start_up() {
+    let Some(mut f) = Fixture::new("a_vmm_no_record_claims_is_terminated_at_start_up") else {
+        return;
+    };
+    f.create("kept", &["--start"]);
+    f.create("forgotten", &["--start"]);
+    let (kept, forgotten) = (f.pid("kept"), f.pid("forgotten"));
+    let id = f.vm("forgotten")["id"].as_str().expect("id").to_string();
+    assert!(f.daemon.take().expect("daemon").stop().success());
+    // As if the record never made it to the store.
+    let opened =
+        banger::store::open(&f.state(), banger::store::Schema::production()).expect("open");
+    assert!(
+        opened
+            .store
+            .delete::<banger::store::records::VmRecord>(&id)
+            .expect("delete")
+    );
+    drop(opened);
+
+    f.start_daemon();
+    f.daemon()
+        .wait_for_line_from(&["terminating a VMM that no VM record claims", &id], 0)
+        .expect("the orphan is found");
+    assert!(pid_alive(kept), "a claimed VMM is left alone");
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    while pid_alive(forgotten) {
+        assert!(std::time::Instant::now() < deadline, "the orphan survived");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
 fn bad_requests_are_refused_and_leave_no_vm() {
     let Some(f) = Fixture::new("bad_requests_are_refused_and_leave_no_vm") else {
         return;

@@ -33,13 +33,17 @@ use crate::store::records::{KernelRecord, VmRecord, VmState, VmmKind, VmmProcess
 use crate::vm::InvalidVm;
 use crate::vm::restart::{self, Decision, RestartPolicy};
 use crate::vm::state::{self, LastExit, StopIntent};
+use crate::vmm::console;
 use crate::vmm::firecracker::{
     self, ActionType, ApiClient, FirecrackerError, JailSpec, LaunchSpec, VmPaths,
 };
+use crate::vmm::orphans::Layout;
 use crate::vmm::process::{ExitStatus, ProcessHandle, is_alive};
 
 /// Firecracker's kernel command line when the kernel record has none.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// How often a VM's console log size is checked against its cap.
+const CONSOLE_CHECK: Duration = Duration::from_secs(10);
 /// `vm stop` waits this long for the guest before SIGKILL.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,6 +53,8 @@ pub struct VmSettings {
     /// Run firecracker under its jailer, a chroot per VM.
     pub jail: Option<JailSpec>,
     pub vms_dir: PathBuf,
+    /// Where jails live (also where orphaned jailed VMMs are recognised).
+    pub jail_base: PathBuf,
     pub restart_defaults: RestartPolicy,
     pub host: Arc<dyn HostOps>,
 }
@@ -405,6 +411,19 @@ impl Actor for VmActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.recover(ctx);
+        ctx.run_interval(CONSOLE_CHECK, |act, _| {
+            let path = act.settings.paths(&act.record.id).console_log();
+            let vm = act.record.name.clone();
+            actix::spawn(async move {
+                let rotated = tokio::task::spawn_blocking(move || {
+                    console::rotate_if_larger(&path, console::MAX_CONSOLE_BYTES)
+                })
+                .await;
+                if let Ok(Err(e)) = rotated {
+                    warn!(vm = %vm, error = %e, "cannot rotate the console log");
+                }
+            });
+        });
     }
 }
 
@@ -638,20 +657,40 @@ impl Handler<LoadVms> for VmManager {
 
     fn handle(&mut self, _: LoadVms, _: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
+        let layout = Layout {
+            vms_dir: self.settings.vms_dir.clone(),
+            jail_base: self.settings.jail_base.clone(),
+        };
         Box::pin(
-            async move { store.send(List::<VmRecord>::new()).await }
-                .into_actor(self)
-                .map(|records, manager, _| {
-                    let records = records.map_err(|_| VmError::Unavailable("store"))??;
-                    for record in records {
-                        let name = record.name.clone();
-                        let actor =
-                            VmActor::new(record, manager.settings.clone(), manager.store.clone())
-                                .start();
-                        manager.vms.insert(name, actor);
+            async move {
+                let records = store
+                    .send(List::<VmRecord>::new())
+                    .await
+                    .map_err(|_| VmError::Unavailable("store"))??;
+                let known: HashSet<String> = records.iter().map(|r| r.id.clone()).collect();
+                let vmms = tokio::task::spawn_blocking(move || layout.scan())
+                    .await
+                    .map_err(|_| VmError::Unavailable("blocking thread pool"))?;
+                for (pid, id) in vmms.into_iter().filter(|(_, id)| !known.contains(id)) {
+                    warn!(pid, id = %id, "terminating a VMM that no VM record claims");
+                    if let Ok(process) = ProcessHandle::open(pid) {
+                        let _ = process.signal(Signal::KILL);
                     }
-                    Ok(manager.vms.len())
-                }),
+                }
+                Ok::<_, VmError>(records)
+            }
+            .into_actor(self)
+            .map(|records, manager, _| {
+                let records = records?;
+                for record in records {
+                    let name = record.name.clone();
+                    let actor =
+                        VmActor::new(record, manager.settings.clone(), manager.store.clone())
+                            .start();
+                    manager.vms.insert(name, actor);
+                }
+                Ok(manager.vms.len())
+            }),
         )
     }
 }
