@@ -378,6 +378,51 @@ fn a_vmm_no_record_claims_is_terminated_at_start_up() {
 }
 
 #[test]
+fn logs_show_the_console_and_follow_what_the_vmm_appends() {
+    let Some(f) = Fixture::new("logs_show_the_console_and_follow_what_the_vmm_appends") else {
+        return;
+    };
+    let id = f.create("chatty", &["--start"])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let console = f.state().join("vms").join(&id).join("console.log");
+    let append = |text: &str| {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&console)
+            .expect("open console");
+        file.write_all(text.as_bytes()).expect("append");
+    };
+    append("first line\nsecond line\n");
+    assert_eq!(
+        f.ok(&["vm", "logs", "chatty", "--tail", "1"]),
+        "second line\n"
+    );
+
+    let mut follow = std::process::Command::new(BANGER)
+        .arg("--socket")
+        .arg(socket_path(&f.state()))
+        .args(["vm", "logs", "chatty", "--follow", "--tail", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("banger vm logs --follow");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        follow.stdout.take().expect("stdout"),
+    ));
+    assert_eq!(lines.next().expect("a line").expect("read"), "second line");
+    append("third line\n");
+    assert_eq!(
+        lines.next().expect("a line").expect("read"),
+        "third line",
+        "new output is followed"
+    );
+    follow.kill().expect("stop following");
+    follow.wait().expect("reap");
+}
+
+#[test]
 fn bad_requests_are_refused_and_leave_no_vm() {
     let Some(f) = Fixture::new("bad_requests_are_refused_and_leave_no_vm") else {
         return;

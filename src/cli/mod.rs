@@ -19,9 +19,10 @@ use crate::config::{self, Mode, Overrides};
 use crate::daemon::VERSION;
 use crate::rpc::client::{Client, ClientError};
 use crate::rpc::protocol::{
-    BackupResult, KernelResult, KernelsResult, LogsResult, MethodsResult, OperationResult,
-    OperationsResult, StatusResult, VmResult, VmsResult,
+    BackupResult, ErrorObject, KernelResult, KernelsResult, LogsResult, MethodsResult,
+    OperationResult, OperationsResult, StatusResult, VmResult, VmsResult,
 };
+use crate::rpc::stream;
 use crate::store::records::VmmKind;
 use crate::store::records::{OperationOutcome, OperationRecord};
 use crate::vm::restart::RestartMode;
@@ -157,6 +158,9 @@ enum VmCommand {
         /// Only the last N lines.
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
+        /// Keep printing new output until interrupted.
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 
@@ -353,6 +357,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             return ended(&op);
         }
+        Command::Vm(VmCommand::Logs {
+            name,
+            tail,
+            follow: true,
+        }) => follow_logs(client, &name, tail)?,
         Command::Vm(command) => vm(&mut client, command, now)?,
         Command::Kernel(command) => kernel(&mut client, command, now)?,
         Command::Completions { .. } => {}
@@ -430,12 +439,42 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
                 print!("{}", output::vm_details(&vm.result.vm, now));
             }
         }
-        VmCommand::Logs { name, tail } => {
+        // `--follow` was taken by `run`: it needs the connection to itself.
+        VmCommand::Logs { name, tail, .. } => {
             let logs = client.call::<LogsResult>("vm.logs", json!({"name": name, "tail": tail}))?;
             print!("{}", logs.result.text);
         }
     }
     Ok(())
+}
+
+/// Copies the console stream to stdout until the daemon ends it.
+fn follow_logs(client: Client, name: &str, tail: Option<usize>) -> Result<(), Failure> {
+    let mut frames = client.stream(
+        "vm.logs",
+        json!({"name": name, "tail": tail, "follow": true}),
+    )?;
+    let mut stdout = std::io::stdout();
+    loop {
+        let frame = stream::read_frame(&mut frames)
+            .map_err(|e| Failure::Daemon(format!("the log stream broke: {e}")))?;
+        match frame {
+            None => return Ok(()),
+            Some(frame) if frame.kind == stream::STDOUT => {
+                stdout
+                    .write_all(&frame.payload)
+                    .and_then(|()| stdout.flush())
+                    .map_err(|e| Failure::Daemon(format!("cannot write to stdout: {e}")))?;
+            }
+            Some(frame) if frame.kind == stream::ERROR => {
+                let message = serde_json::from_slice::<ErrorObject>(&frame.payload)
+                    .map(|e| e.message)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&frame.payload).into_owned());
+                return Err(Failure::Daemon(message));
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result<(), Failure> {

@@ -73,6 +73,17 @@ impl Client {
         Ok(client)
     }
 
+    /// Sends a streaming request; once accepted, the connection carries
+    /// frames (see `rpc::stream`), read from what this returns.
+    pub fn stream(
+        mut self,
+        method: &str,
+        params: Value,
+    ) -> Result<BufReader<UnixStream>, ClientError> {
+        self.call::<Value>(method, params)?;
+        Ok(self.reader)
+    }
+
     pub fn call<T: DeserializeOwned>(
         &mut self,
         method: &str,

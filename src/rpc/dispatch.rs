@@ -31,6 +31,7 @@ use crate::actors::vm::{
 use crate::catalog::{self, CatalogError};
 use crate::config::Mode;
 use crate::rpc::errors::describe;
+use crate::rpc::stream::LogFollow;
 use crate::store::records::{KernelRecord, VmmKind};
 use crate::store::records::{OperationOutcome, OperationRecord};
 use crate::store::{Observed, backup};
@@ -424,30 +425,67 @@ async fn remove_kernel(services: &Services, name: String) -> Result<KernelRecord
     Ok(kernel)
 }
 
+/// Accepts a streaming request: what to stream, ready to run.
+pub async fn open_stream(services: &Services, request: Request) -> Result<LogFollow, RpcError> {
+    let Request::VmLogs(params) = request else {
+        return Err(RpcError::new(
+            ErrorCode::InvalidRequest,
+            "not a streaming request",
+        ));
+    };
+    let vm = services
+        .vms
+        .send(ForVm {
+            name: params.name,
+            command: VmCommand::Get,
+        })
+        .await??;
+    let path = console_log(&services.vm_settings, &vm.id);
+    let offset = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || tail_offset(&path, params.tail))
+            .await
+            .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??
+    };
+    Ok(LogFollow { path, offset })
+}
+
+/// Where the last `tail` lines of a log start (all of it without a tail).
+fn tail_offset(path: &Path, tail: Option<usize>) -> Result<u64, RpcError> {
+    let bytes = read_log(path)?;
+    Ok(tail.map_or(0, |n| tail_start(&bytes, n)) as u64)
+}
+
 /// The console log, or its last `tail` lines.
 fn read_tail(path: &Path, tail: Option<usize>) -> Result<String, RpcError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            return Err(RpcError::new(
-                ErrorCode::Internal,
-                format!("cannot read {}: {e}", path.display()),
-            ));
-        }
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    Ok(match tail {
-        None => text.into_owned(),
-        Some(n) => {
-            let lines: Vec<&str> = text.lines().collect();
-            let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
-            if !out.is_empty() {
-                out.push('\n');
-            }
-            out
-        }
-    })
+    let bytes = read_log(path)?;
+    let start = tail.map_or(0, |n| tail_start(&bytes, n));
+    Ok(String::from_utf8_lossy(&bytes[start..]).into_owned())
+}
+
+fn read_log(path: &Path) -> Result<Vec<u8>, RpcError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(RpcError::new(
+            ErrorCode::Internal,
+            format!("cannot read {}: {e}", path.display()),
+        )),
+    }
+}
+
+/// The byte offset where the last `n` lines of `text` begin.
+fn tail_start(text: &[u8], n: usize) -> usize {
+    if n == 0 {
+        return text.len();
+    }
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    body.iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(n - 1)
+        .map_or(0, |(i, _)| i + 1)
 }
 
 fn with_op_id<T: Serialize>(reply: &Reply<'_>, result: T) -> Result<Value, RpcError> {
@@ -616,4 +654,19 @@ async fn backup(
         records: copied.records,
         bytes: copied.bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_starts_after_the_nth_newline_from_the_end() {
+        let text = b"one\ntwo\nthree\n";
+        assert_eq!(&text[tail_start(text, 1)..], b"three\n");
+        assert_eq!(&text[tail_start(text, 2)..], b"two\nthree\n");
+        assert_eq!(tail_start(text, 9), 0);
+        assert_eq!(tail_start(text, 0), text.len());
+        assert_eq!(&b"a\nb"[tail_start(b"a\nb", 1)..], b"b");
+    }
 }

@@ -8,3 +8,4 @@ pub mod dispatch;
 pub mod errors;
 pub mod protocol;
 pub mod server;
+pub mod stream;

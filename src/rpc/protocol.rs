@@ -328,6 +328,9 @@ pub struct VmLogsParams {
     /// Only the last N lines.
     #[serde(default)]
     pub tail: Option<usize>,
+    /// Keep sending new output: the connection becomes a byte stream.
+    #[serde(default)]
+    pub follow: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -561,6 +564,11 @@ impl Request {
         })
     }
 
+    /// Whether an accepted request switches its connection to a byte stream.
+    pub fn is_streaming(&self) -> bool {
+        matches!(self, Request::VmLogs(VmLogsParams { follow: true, .. }))
+    }
+
     /// Whether this request runs as a recorded operation.
     pub fn is_state_changing(&self) -> bool {
         METHODS
@@ -781,6 +789,17 @@ pub struct VmResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmsResult {
     pub vms: Vec<VmView>,
+}
+
+/// The answer to a streaming request; frames follow it on the connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamAccepted {
+    pub stream: StreamInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    pub version: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

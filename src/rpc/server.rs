@@ -24,8 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::access::{AccessPolicy, groups_of};
-use super::dispatch::{Reply, Services, handle, line};
-use super::protocol::{ErrorCode, MAX_LINE_BYTES, Response, RpcError, parse_line};
+use super::dispatch::{Reply, Services, handle, line, open_stream};
+use super::protocol::{
+    ErrorCode, MAX_LINE_BYTES, Response, RpcError, StreamAccepted, StreamInfo, WithOpId, parse_line,
+};
+use super::stream::follow_log;
 use crate::operations::new_op_id;
 
 pub const MAX_SESSIONS: usize = 4096;
@@ -210,6 +213,40 @@ async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<Access
                 continue;
             }
         };
+        if call.request.is_streaming() {
+            // The connection becomes a byte stream: nothing else may be on it.
+            if in_flight.available_permits() != MAX_IN_FLIGHT {
+                let error = RpcError::new(
+                    ErrorCode::Conflict,
+                    "a streaming request needs a connection of its own; other requests are in flight on this one",
+                );
+                let _ = out
+                    .send(line(&Response::failure(call.id, &error, Some(&op_id))))
+                    .await;
+                continue;
+            }
+            match open_stream(&services, call.request).await {
+                Ok(follow) => {
+                    let accepted = WithOpId {
+                        op_id: op_id.clone(),
+                        result: StreamAccepted {
+                            stream: StreamInfo { version: 1 },
+                        },
+                    };
+                    let result = serde_json::to_value(accepted).unwrap_or_default();
+                    let _ = out.send(line(&Response::success(call.id, result))).await;
+                    let client_gone = async { while lines.next().await.is_some() {} };
+                    follow_log(follow, &out, client_gone).await;
+                    break;
+                }
+                Err(error) => {
+                    let _ = out
+                        .send(line(&Response::failure(call.id, &error, Some(&op_id))))
+                        .await;
+                    continue;
+                }
+            }
+        }
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             let error = RpcError::new(
                 ErrorCode::Unavailable,
