@@ -3,4 +3,5 @@
 # target/bench-results/<name>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo bench --locked --bench store --bench rpc
+. scripts/fixtures.sh
+cargo bench --locked --bench store --bench rpc --bench vm

@@ -479,24 +479,28 @@ impl Message for Finish {
 }
 
 impl Handler<Finish> for Operation {
-    type Result = ResponseActFuture<Self, Result<OperationRecord, OperationError>>;
+    type Result = Result<OperationRecord, OperationError>;
 
-    fn handle(&mut self, msg: Finish, _: &mut Context<Self>) -> Self::Result {
+    /// Answers at once with the final record (watchers and `get` see it from
+    /// memory); the end record is written before the operation leaves the
+    /// registry, so a shutdown drain still waits for it to be durable.
+    fn handle(&mut self, msg: Finish, ctx: &mut Context<Self>) -> Self::Result {
         self.record.outcome = msg.outcome;
         self.record.error = msg.error;
         self.record.finished_at = Some(Timestamp::now());
-        let record = self.record.clone();
-        let store = self.store.clone();
-        Box::pin(
-            async move { store.send(Put(record)).await.map_err(store_gone)?.map_err(OperationError::from) }
-                .into_actor(self)
-                .map(|persisted, op, ctx| {
-                    info!(op_id = %op.record.op_id, outcome = ?op.record.outcome, error = ?op.record.error, "operation ended");
-                    op.status.send_replace(op.record.clone());
-                    op.registry.do_send(Ended(op.record.op_id.clone()));
-                    ctx.stop();
-                    persisted.map(|()| op.record.clone())
-                }),
-        )
+        info!(op_id = %self.record.op_id, outcome = ?self.record.outcome, error = ?self.record.error, "operation ended");
+        let put = self.store.send(Put(self.record.clone()));
+        ctx.wait(async move { put.await }.into_actor(self).map(|persisted, op, ctx| {
+            match persisted {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(op_id = %op.record.op_id, error = %e, "cannot record the operation's end"),
+                Err(_) => warn!(op_id = %op.record.op_id, "the store is not answering; the operation's end is not recorded"),
+            }
+            op.registry.do_send(Ended(op.record.op_id.clone()));
+            ctx.stop();
+        }));
+        // Watchers see the end now; the sender drops when the actor stops.
+        self.status.send_replace(self.record.clone());
+        Ok(self.record.clone())
     }
 }

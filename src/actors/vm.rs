@@ -21,7 +21,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use jiff::Timestamp;
 use rustix::process::Signal;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
@@ -134,11 +134,56 @@ pub struct VmActor {
     restart_timer: Option<SpawnHandle>,
     stop_timer: Option<SpawnHandle>,
     exit_waiters: Vec<oneshot::Sender<()>>,
+    writes: mpsc::UnboundedSender<(Write, oneshot::Sender<bool>)>,
+}
+
+/// A change to a VM's record.
+enum Write {
+    Put(VmRecord),
+    Delete(VmRecord),
+}
+
+/// Applies one VM's writes in the order they were queued, answering each
+/// with whether it is durable.
+async fn write_in_order(
+    store: Addr<StoreActor>,
+    mut writes: mpsc::UnboundedReceiver<(Write, oneshot::Sender<bool>)>,
+) {
+    while let Some((write, durable)) = writes.recv().await {
+        let (record, result) = match write {
+            Write::Put(record) => {
+                let result = store.send(Put(record.clone())).await.map(|r| r.map(drop));
+                (record, result)
+            }
+            Write::Delete(record) => {
+                let result = store
+                    .send(Delete::<VmRecord>::new(record.id.clone()))
+                    .await
+                    .map(|r| r.map(drop));
+                (record, result)
+            }
+        };
+        let ok = match result {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                error!(vm = %record.name, error = %describe(&e), "cannot record the VM's state");
+                false
+            }
+            Err(_) => {
+                error!(vm = %record.name, "the store is not answering; the VM's state is not recorded");
+                false
+            }
+        };
+        let _ = durable.send(ok);
+    }
 }
 
 impl VmActor {
     pub fn new(record: VmRecord, settings: Arc<VmSettings>, store: Addr<StoreActor>) -> VmActor {
+        let (writes, queue) = mpsc::unbounded_channel();
+        actix::spawn(write_in_order(store.clone(), queue));
         VmActor {
+            writes,
             record,
             settings,
             store,
@@ -150,21 +195,20 @@ impl VmActor {
         }
     }
 
-    /// Writes the record; the actor handles nothing else until it is durable.
-    fn persist(&mut self, ctx: &mut Context<Self>) {
-        let put = self.store.send(Put(self.record.clone()));
-        let vm = self.record.name.clone();
-        ctx.wait(fut::wrap_future(async move {
-            match put.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    error!(vm = %vm, error = %describe(&e), "cannot record the VM's state")
-                }
-                Err(_) => {
-                    error!(vm = %vm, "the store is not answering; the VM's state is not recorded")
-                }
-            }
-        }));
+    /// Queues the record for the store. Writes reach the store in order
+    /// (one writer task per VM) without pausing the actor; the answer fires
+    /// when this write is durable (or has failed, and been logged), for
+    /// what must be in the store before a client hears of it.
+    fn persist(&mut self) -> oneshot::Receiver<bool> {
+        self.write(Write::Put(self.record.clone()))
+    }
+
+    fn write(&mut self, write: Write) -> oneshot::Receiver<bool> {
+        let (durable, done) = oneshot::channel();
+        if self.writes.send((write, durable)).is_err() {
+            error!(vm = %self.record.name, "the VM's writer is gone; its state is not recorded");
+        }
+        done
     }
 
     fn launch_spec(&self, kernel: &KernelRecord) -> LaunchSpec {
@@ -202,7 +246,7 @@ impl VmActor {
         if restart {
             self.record.restart_count += 1;
         }
-        self.persist(ctx);
+        self.persist();
         let store = self.store.clone();
         let kernel_name = self.record.kernel.clone();
         let name = self.record.name.clone();
@@ -227,29 +271,38 @@ impl VmActor {
                     }
                     .into_actor(act)
                 })
-                .map(|launched, act, ctx| match launched {
-                    Ok((api_socket, launched)) => {
-                        let pid = launched.process.pid();
-                        act.record.process = Some(VmmProcess {
-                            pid,
-                            start_time: launched.start_time,
-                            api_socket,
-                        });
-                        act.record.state = VmState::Running;
-                        act.record.started_at = Some(Timestamp::now());
-                        act.persist(ctx);
-                        act.watch(Rc::new(launched.process), ctx);
-                        info!(vm = %act.record.name, id = %act.record.id, pid, "VM running");
-                        Ok(act.record.clone())
+                .then(|launched, act, ctx| {
+                    let result = match launched {
+                        Ok((api_socket, launched)) => {
+                            let pid = launched.process.pid();
+                            act.record.process = Some(VmmProcess {
+                                pid,
+                                start_time: launched.start_time,
+                                api_socket,
+                            });
+                            act.record.state = VmState::Running;
+                            act.record.started_at = Some(Timestamp::now());
+                            act.watch(Rc::new(launched.process), ctx);
+                            Ok(act.record.clone())
+                        }
+                        Err(error) => {
+                            act.record.state = VmState::Failed;
+                            act.record.error = Some(describe(&error));
+                            act.record.process = None;
+                            warn!(vm = %act.record.name, error = %describe(&error), "VM failed to start");
+                            Err(error)
+                        }
+                    };
+                    let durable = act.persist();
+                    async move {
+                        let _ = durable.await;
+                        if let Ok(vm) = &result {
+                            let pid = vm.process.as_ref().map(|p| p.pid);
+                            info!(vm = %vm.name, id = %vm.id, pid, "VM running");
+                        }
+                        result
                     }
-                    Err(error) => {
-                        act.record.state = VmState::Failed;
-                        act.record.error = Some(describe(&error));
-                        act.record.process = None;
-                        act.persist(ctx);
-                        warn!(vm = %act.record.name, error = %describe(&error), "VM failed to start");
-                        Err(error)
-                    }
+                    .into_actor(act)
                 }),
         )
     }
@@ -317,11 +370,29 @@ impl VmActor {
                 self.schedule_restart(delay, now, ctx);
             }
         }
-        warn!(vm = %self.record.name, kind = ?kind, code = ?status.code, signal = ?status.signal, state = ?self.record.state, "VMM exited");
-        self.persist(ctx);
-        for waiter in self.exit_waiters.drain(..) {
-            let _ = waiter.send(());
-        }
+        let next_restart_at = self
+            .record
+            .next_restart_at
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        warn!(
+            vm = %self.record.name,
+            kind = ?kind,
+            code = ?status.code,
+            signal = ?status.signal,
+            state = ?self.record.state,
+            next_restart_at = %next_restart_at,
+            "VMM exited"
+        );
+        // Whoever waits for the exit hears of it once it is recorded.
+        let durable = self.persist();
+        let waiters = std::mem::take(&mut self.exit_waiters);
+        actix::spawn(async move {
+            let _ = durable.await;
+            for waiter in waiters {
+                let _ = waiter.send(());
+            }
+        });
     }
 
     fn schedule_restart(&mut self, delay: Duration, now: Timestamp, ctx: &mut Context<Self>) {
@@ -362,7 +433,7 @@ impl VmActor {
                     .map(move |info, act, ctx| match info {
                         Ok(_) => {
                             act.record.state = VmState::Running;
-                            act.persist(ctx);
+                            act.persist();
                             act.watch(handle, ctx);
                             info!(vm = %act.record.name, pid = recorded.pid, "re-adopted running VM");
                         }
@@ -497,39 +568,35 @@ impl Handler<VmCommand> for VmActor {
                 if let Some(timer) = self.restart_timer.take() {
                     ctx.cancel_future(timer);
                 }
-                let store = self.store.clone();
-                let record = self.record.clone();
-                let dir = self.settings.paths(&record.id).dir;
-                let jail = self.settings.jail.as_ref().map(|jail| jail.dir(&record.id));
-                let host = self.settings.host.clone();
-                Box::pin(
+                // The record goes after the exit is recorded: the writes are
+                // ordered, and nothing may be written after the delete.
+                let exited = async move {
+                    if let Some(killed) = killed {
+                        let _ = killed.await;
+                    }
+                };
+                Box::pin(exited.into_actor(self).then(|(), act, _| {
+                    let record = act.record.clone();
+                    let deleted = act.write(Write::Delete(record.clone()));
+                    let dir = act.settings.paths(&record.id).dir;
+                    let jail = act.settings.jail.as_ref().map(|jail| jail.dir(&record.id));
+                    let host = act.settings.host.clone();
                     async move {
-                        if let Some(killed) = killed {
-                            let _ = killed.await;
+                        if !deleted.await.unwrap_or(false) {
+                            return Err(VmError::Unavailable("store"));
                         }
-                        store
-                            .send(Delete::<VmRecord>::new(record.id.clone()))
-                            .await
-                            .map_err(|_| VmError::Unavailable("store"))??;
-                        if let Some(jail) = jail {
-                            host.remove_jail(&jail).map_err(|source| VmError::Io {
-                                action: "remove the jail",
-                                path: jail.clone(),
-                                source,
-                            })?;
-                        }
-                        remove_dir(dir).await?;
+                        remove_vm_files(host, jail, dir).await?;
                         info!(vm = %record.name, id = %record.id, "VM removed");
                         Ok(record)
                     }
-                    .into_actor(self)
+                    .into_actor(act)
                     .map(|removed, _, ctx| {
                         if removed.is_ok() {
                             ctx.stop();
                         }
                         removed
-                    }),
-                )
+                    })
+                }))
             }
         }
     }
@@ -546,7 +613,7 @@ impl VmActor {
             ctx.cancel_future(timer);
             self.record.next_restart_at = None;
             self.record.state = VmState::Stopped;
-            self.persist(ctx);
+            self.persist();
         }
         let Some(process) = self.process.clone() else {
             if self.record.state == VmState::Starting {
@@ -557,14 +624,14 @@ impl VmActor {
             }
             if matches!(self.record.state, VmState::Crashed | VmState::CrashLoop) {
                 self.record.state = VmState::Stopped;
-                self.persist(ctx);
+                self.persist();
             }
             return Box::pin(fut::ready(Ok(self.record.clone())));
         };
         if self.intent == StopIntent::None {
             self.intent = StopIntent::Stop;
             self.record.state = VmState::Stopping;
-            self.persist(ctx);
+            self.persist();
             if let Some(recorded) = &self.record.process {
                 let api = ApiClient::new(&recorded.api_socket);
                 ctx.spawn(fut::wrap_future(async move {
@@ -584,14 +651,28 @@ impl VmActor {
     }
 }
 
-async fn remove_dir(dir: PathBuf) -> Result<(), VmError> {
-    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VmError::Io {
-            action: "remove",
-            path: dir,
-            source: e,
-        }),
-        _ => Ok(()),
+/// Removes a VM's jail (through the host) and its directory.
+async fn remove_vm_files(
+    host: Arc<dyn HostOps>,
+    jail: Option<PathBuf>,
+    dir: PathBuf,
+) -> Result<(), VmError> {
+    tokio::task::spawn_blocking(move || {
+        if let Some(jail) = jail {
+            host.remove_jail(&jail).map_err(|source| VmError::Io {
+                action: "remove the jail",
+                path: jail.clone(),
+                source,
+            })?;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VmError::Io {
+                action: "remove",
+                path: dir,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
     })
     .await
     .map_err(|_| VmError::Unavailable("blocking thread pool"))?
@@ -799,6 +880,7 @@ impl Handler<CreateVm> for VmManager {
         let name = msg.name.clone();
         let source = msg.rootfs;
         let start = msg.start;
+        let host = self.settings.host.clone();
         let staged = record.clone();
         Box::pin(
             async move {
@@ -818,7 +900,7 @@ impl Handler<CreateVm> for VmManager {
                     .map_err(|_| VmError::Unavailable("store"))
                     .and_then(|r| r.map_err(VmError::from))
                 {
-                    let _ = remove_dir(dir).await;
+                    let _ = remove_vm_files(host, None, dir).await;
                     return Err(e);
                 }
                 Ok(())

@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::protocol::{
@@ -137,8 +138,8 @@ impl Client {
                             op_id: error.data.and_then(|d| d.op_id),
                         });
                     }
-                    let result = response.result.unwrap_or(Value::Null);
-                    return serde_json::from_value(result)
+                    let result = response.result.as_deref().map_or("null", RawValue::get);
+                    return serde_json::from_str(result)
                         .map_err(|e| ClientError::Protocol(e.to_string()));
                 }
             }

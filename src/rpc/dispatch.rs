@@ -9,6 +9,7 @@ use actix::Addr;
 use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -84,7 +85,7 @@ pub async fn handle(
     services: &Services,
     request: Request,
     reply: &Reply<'_>,
-) -> Result<Value, RpcError> {
+) -> Result<Box<RawValue>, RpcError> {
     match request {
         Request::Hello(params) => with_op_id(reply, hello(services, params)?),
         Request::Status => with_op_id(reply, status(services).await?),
@@ -275,7 +276,7 @@ async fn vm_command(
     method: &'static str,
     name: String,
     command: VmCommand,
-) -> Result<Value, RpcError> {
+) -> Result<Box<RawValue>, RpcError> {
     let target = name.clone();
     let vm = operation(services, reply, method, &target, async {
         Ok(services.vms.send(ForVm { name, command }).await??)
@@ -488,8 +489,8 @@ fn tail_start(text: &[u8], n: usize) -> usize {
         .map_or(0, |(i, _)| i + 1)
 }
 
-fn with_op_id<T: Serialize>(reply: &Reply<'_>, result: T) -> Result<Value, RpcError> {
-    serde_json::to_value(WithOpId {
+fn with_op_id<T: Serialize>(reply: &Reply<'_>, result: T) -> Result<Box<RawValue>, RpcError> {
+    serde_json::value::to_raw_value(&WithOpId {
         op_id: reply.op_id.to_string(),
         result,
     })

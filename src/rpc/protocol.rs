@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::store::records::{KernelRecord, OperationRecord, VmRecord, VmState, VmmKind};
 use crate::vm::restart::RestartMode;
@@ -144,18 +145,20 @@ pub struct ErrorObject {
     pub data: Option<ErrorData>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
     pub jsonrpc: String,
     pub id: Value,
+    /// Kept as raw JSON: results are written once by the daemon and parsed
+    /// once, straight into their type, by the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
+    pub result: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorObject>,
 }
 
 impl Response {
-    pub fn success(id: Value, result: Value) -> Response {
+    pub fn success(id: Value, result: Box<RawValue>) -> Response {
         Response {
             jsonrpc: "2.0".into(),
             id,
@@ -212,20 +215,44 @@ impl Notification {
 }
 
 /// What a client reads: a notification or the final response.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Incoming {
     Notification(Notification),
     Response(Response),
 }
 
+/// Any message a daemon sends, read in one pass; the result stays raw.
+#[derive(Deserialize)]
+struct AnyMessage {
+    jsonrpc: String,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    params: Option<Value>,
+    #[serde(default)]
+    id: Value,
+    #[serde(default)]
+    result: Option<Box<RawValue>>,
+    #[serde(default)]
+    error: Option<ErrorObject>,
+}
+
 impl Incoming {
     pub fn parse(line: &str) -> Result<Incoming, serde_json::Error> {
-        let value: Value = serde_json::from_str(line)?;
-        if value.get("method").is_some() {
-            serde_json::from_value(value).map(Incoming::Notification)
-        } else {
-            serde_json::from_value(value).map(Incoming::Response)
-        }
+        let message: AnyMessage = serde_json::from_str(line)?;
+        Ok(match message.method {
+            Some(method) => Incoming::Notification(Notification {
+                jsonrpc: message.jsonrpc,
+                method,
+                params: message.params.unwrap_or(Value::Null),
+            }),
+            None => Incoming::Response(Response {
+                jsonrpc: message.jsonrpc,
+                id: message.id,
+                result: message.result,
+                error: message.error,
+            }),
+        })
     }
 }
 

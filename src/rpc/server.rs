@@ -16,6 +16,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures_util::StreamExt;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -233,7 +234,8 @@ async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<Access
                             stream: StreamInfo { version: 1 },
                         },
                     };
-                    let result = serde_json::to_value(accepted).unwrap_or_default();
+                    let result = serde_json::value::to_raw_value(&accepted)
+                        .unwrap_or_else(|_| RawValue::NULL.to_owned());
                     let _ = out.send(line(&Response::success(call.id, result))).await;
                     let client_gone = async { while lines.next().await.is_some() {} };
                     follow_log(follow, &out, client_gone).await;

@@ -1,0 +1,331 @@
+//! VM benchmarks on the real firecracker binary and the halt kernel:
+//! - start overhead: `vm.start` through the daemon against the bare cost of
+//!   spawning firecracker and making the same API calls (banger's own
+//!   launch code called directly, no daemon);
+//! - scale: 100 VMs created and started concurrently, the daemon's memory
+//!   per VM, and `vm.list` latency with 100 and 1,000 VMs;
+//! - crash detection: SIGKILL of a VMM to the daemon recording the exit, and
+//!   how late a restart fires after its scheduled time;
+//! - re-adoption: a new daemon adopting 100 running VMs.
+//! Prints the figures and writes them to `target/bench-results/vm.txt`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use banger::host::LocalHost;
+use banger::rpc::client::Client;
+use banger::rpc::protocol::VmsResult;
+use banger::vmm::firecracker::{self, LaunchSpec, VmPaths};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+const START_SAMPLES: usize = 40;
+const SCALE: usize = 100;
+const RECORDS: usize = 1_000;
+const CRASHES: usize = 20;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * 0.99).round() as usize]
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The timestamp that starts a daemon log line.
+fn logged_at(line: &str) -> jiff::Timestamp {
+    line.split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no timestamp in {line:?}"))
+}
+
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}="))? + name.len() + 1;
+    line[start..].split_whitespace().next()
+}
+
+fn millis(d: jiff::SignedDuration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The bare cost of one start: banger's launch code with no daemon around
+/// it, spawning firecracker and making the same API calls.
+fn bare_start(
+    runtime: &tokio::runtime::Runtime,
+    firecracker: &Path,
+    kernel: &Path,
+    rootfs: &Path,
+    dir: &Path,
+    i: usize,
+) -> Duration {
+    runtime.block_on(async {
+        let vm_dir = dir.join(format!("bare{i}"));
+        std::fs::create_dir_all(&vm_dir).expect("mkdir");
+        let spec = LaunchSpec {
+            firecracker: firecracker.to_path_buf(),
+            jail: None,
+            id: format!("bare{i}"),
+            paths: VmPaths { dir: vm_dir },
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            boot_args: banger::actors::vm::DEFAULT_BOOT_ARGS.into(),
+            rootfs: rootfs.to_path_buf(),
+            vcpus: 1,
+            memory_mib: 128,
+        };
+        let start = Instant::now();
+        let launched = firecracker::launch(&LocalHost, &spec)
+            .await
+            .expect("bare launch");
+        let elapsed = start.elapsed();
+        launched
+            .process
+            .signal(rustix::process::Signal::KILL)
+            .expect("kill");
+        launched.process.exited().await;
+        elapsed
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let Some(firecracker) = common::firecracker_fixture("benches/vm") else {
+        println!("vm benchmarks skipped: the firecracker fixture or KVM is missing (see above)");
+        return Ok(());
+    };
+    let tmp = common::state_dir();
+    let dir = tmp.path().to_path_buf();
+    let state = dir.join("state");
+    let _reaper = common::ProcessReaper(dir.clone());
+    let kernel = dir.join("halt.elf");
+    common::halt_kernel(&kernel);
+    let rootfs = dir.join("rootfs.img");
+    std::fs::write(&rootfs, vec![0u8; 4096])?;
+    let config = dir.join("bangerd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[firecracker]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.1\nmax_delay_secs = 0.1\n",
+            firecracker.display()
+        ),
+    )?;
+    let mut report = String::new();
+
+    // Start overhead: bare and banger samples interleaved, so both meet the
+    // same machine conditions.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut bare = Vec::new();
+    let spawn = |state: &Path| {
+        common::Daemon::ready(common::Daemon::spawn_with(
+            state,
+            &["--user", "--config", config.to_str().expect("utf-8")],
+        ))
+    };
+    let mut daemon = spawn(&state);
+    let mut conn = common::Conn::open(&state);
+    let ok = |answer: Value| -> Value {
+        assert!(answer["result"].is_object(), "{answer}");
+        answer
+    };
+    ok(conn.call(
+        1,
+        "kernel.import",
+        json!({"name": "halt", "vmlinux": kernel}),
+    ));
+    ok(conn.call(
+        2,
+        "vm.create",
+        json!({"name": "timed", "kernel": "halt", "rootfs": rootfs, "memory": 128}),
+    ));
+    let mut through_banger = Vec::new();
+    for i in 0..START_SAMPLES as u64 {
+        bare.push(bare_start(
+            &runtime,
+            &firecracker,
+            &kernel,
+            &rootfs,
+            &dir.join("bare"),
+            i as usize,
+        ));
+        let start = Instant::now();
+        ok(conn.call(10 + i, "vm.start", json!({"name": "timed"})));
+        through_banger.push(start.elapsed());
+        ok(conn.call(1000 + i, "vm.kill", json!({"name": "timed"})));
+    }
+    let (bare_median, banger_median) = (median(bare.clone()), median(through_banger.clone()));
+    writeln!(
+        report,
+        "start, bare firecracker + API calls: median {bare_median:?} p99 {:?}",
+        p99(bare)
+    )?;
+    writeln!(
+        report,
+        "start, banger vm.start: median {banger_median:?} p99 {:?}",
+        p99(through_banger)
+    )?;
+    writeln!(
+        report,
+        "start overhead: {:.2}x the bare median (target < 1.25x)",
+        banger_median.as_secs_f64() / bare_median.as_secs_f64()
+    )?;
+    ok(conn.call(3, "vm.remove", json!({"name": "timed", "force": true})));
+
+    // Scale: 100 VMs at once.
+    let daemon_pid = daemon.pid().as_raw();
+    let rss_before = rss_kib(daemon_pid);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..SCALE)
+        .map(|i| {
+            let (state, rootfs) = (state.clone(), rootfs.clone());
+            std::thread::spawn(move || {
+                let mut conn = common::Conn::open(&state);
+                let answer = conn.call(1, "vm.create", json!({"name": format!("s{i:04}"), "kernel": "halt", "rootfs": rootfs, "memory": 128, "start": true}));
+                assert_eq!(answer["result"]["vm"]["state"], "running", "{answer}");
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("create thread panicked"))?;
+    }
+    let wall = started.elapsed();
+    let rss_after = rss_kib(daemon_pid);
+    writeln!(
+        report,
+        "{SCALE} VMs created and started concurrently: {wall:?} wall, all running"
+    )?;
+    writeln!(
+        report,
+        "daemon RSS: {rss_before} KiB before, {rss_after} KiB after: {} KiB per VM (target < 200)",
+        rss_after.saturating_sub(rss_before) / SCALE as u64
+    )?;
+    // Listing as the CLI does it: typed, through banger's own client.
+    let list = |state: &Path, n: usize| -> Vec<Duration> {
+        let mut client = Client::connect(&common::socket_path(state)).expect("connect");
+        (0..50)
+            .map(|_| {
+                let start = Instant::now();
+                let listed = client
+                    .call::<VmsResult>("vm.list", json!({}))
+                    .expect("vm.list");
+                let elapsed = start.elapsed();
+                assert_eq!(listed.result.vms.len(), n);
+                elapsed
+            })
+            .collect()
+    };
+    let at_100 = list(&state, SCALE);
+    writeln!(report, "vm.list with {SCALE} VMs: p50 {:?}", median(at_100))?;
+
+    // Crash detection and restart timing, on the running VMs.
+    let mut detection = Vec::new();
+    let mut lateness = Vec::new();
+    for i in 0..CRASHES {
+        let name = format!("s{i:04}");
+        let vm = conn.call(7000 + i as u64, "vm.get", json!({"name": name}));
+        let pid = vm["result"]["vm"]["pid"].as_i64().expect("pid") as i32;
+        let mark = daemon.mark();
+        let killed_at = jiff::Timestamp::now();
+        kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+        let vm_field = format!("vm={name}");
+        let (_, exited) = daemon
+            .wait_for_line_from(&["VMM exited", &vm_field], mark)
+            .expect("exit logged");
+        detection.push(millis(logged_at(&exited).duration_since(killed_at)));
+        let scheduled: jiff::Timestamp = field(&exited, "next_restart_at")
+            .expect("scheduled")
+            .parse()?;
+        let (_, restarted) = daemon
+            .wait_for_line_from(&["restarting after backoff", &vm_field], mark)
+            .expect("restart logged");
+        lateness.push(millis(logged_at(&restarted).duration_since(scheduled)));
+        daemon
+            .wait_for_line_from(&["VM running", &vm_field], mark)
+            .expect("running again");
+    }
+    detection.sort_by(f64::total_cmp);
+    lateness.sort_by(f64::total_cmp);
+    writeln!(
+        report,
+        "crash detection (SIGKILL to exit recorded): p50 {:.2} ms, max {:.2} ms (target p50 < 20 ms)",
+        detection[CRASHES / 2],
+        detection[CRASHES - 1]
+    )?;
+    writeln!(
+        report,
+        "restart lateness after its scheduled time: p50 {:.2} ms, max {:.2} ms (target < 50 ms)",
+        lateness[CRASHES / 2],
+        lateness[CRASHES - 1]
+    )?;
+
+    // Re-adoption of 100 running VMs by a new daemon.
+    kill(daemon.pid(), Signal::SIGKILL)?;
+    drop(daemon.wait_output());
+    let started = Instant::now();
+    let mut daemon = spawn(&state);
+    for i in 0..SCALE {
+        let vm_field = format!("vm=s{i:04}");
+        daemon
+            .wait_for_line_from(&["re-adopted running VM", &vm_field], 0)
+            .expect("adopted");
+    }
+    writeln!(
+        report,
+        "re-adoption of {SCALE} running VMs: {:?} from daemon spawn (target < 1 s)",
+        started.elapsed()
+    )?;
+
+    // 1,000 VM records (the rest created, not started).
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (state, rootfs) = (state.clone(), rootfs.clone());
+            std::thread::spawn(move || {
+                let mut conn = common::Conn::open(&state);
+                for i in (SCALE + t..RECORDS).step_by(4) {
+                    let answer = conn.call(i as u64, "vm.create", json!({"name": format!("s{i:04}"), "kernel": "halt", "rootfs": rootfs, "memory": 128}));
+                    assert!(answer["result"].is_object(), "{answer}");
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("create thread panicked"))?;
+    }
+    let at_1000 = list(&state, RECORDS);
+    writeln!(
+        report,
+        "vm.list with {RECORDS} VMs: p50 {:?} (target < 10 ms)",
+        median(at_1000)
+    )?;
+    drop(daemon);
+
+    print!("{report}");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("vm.txt"), &report)?;
+    Ok(())
+}
