@@ -490,7 +490,7 @@ impl Handler<Finish> for Operation {
         self.record.finished_at = Some(Timestamp::now());
         info!(op_id = %self.record.op_id, outcome = ?self.record.outcome, error = ?self.record.error, "operation ended");
         let put = self.store.send(Put(self.record.clone()));
-        ctx.wait(async move { put.await }.into_actor(self).map(|persisted, op, ctx| {
+        ctx.wait(put.into_actor(self).map(|persisted, op, ctx| {
             match persisted {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(op_id = %op.record.op_id, error = %e, "cannot record the operation's end"),
