@@ -7,6 +7,7 @@
 //! - crash detection: SIGKILL of a VMM to the daemon recording the exit, and
 //!   how late a restart fires after its scheduled time;
 //! - re-adoption: a new daemon adopting 100 running VMs.
+//!
 //! Prints the figures and writes them to `target/bench-results/vm.txt`.
 
 #[path = "../tests/common/mod.rs"]
