@@ -370,6 +370,33 @@ fn sigkill_mid_backup_shows_interrupted_and_its_partial_file_is_removed() {
 }
 
 #[test]
+fn systemd_hears_ready_watchdog_and_stopping() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    let notify = dir.join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).expect("bind notify socket");
+    listener
+        .set_read_timeout(Some(EVENT_TIMEOUT))
+        .expect("timeout");
+    let notify_path = notify.to_str().expect("utf-8");
+    let env = [("NOTIFY_SOCKET", notify_path), ("WATCHDOG_USEC", "200000")];
+    let daemon = Daemon::ready(Daemon::spawn_with_env(dir, &["--user"], &env));
+    let next = || {
+        let mut buffer = [0u8; 256];
+        let n = listener.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..n]).trim().to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    assert_eq!(next(), "WATCHDOG=1", "the watchdog is fed");
+    assert!(daemon.stop().success());
+    let mut seen = next();
+    while seen == "WATCHDOG=1" {
+        seen = next();
+    }
+    assert_eq!(seen, "STOPPING=1");
+}
+
+#[test]
 fn the_cli_exit_codes_and_json_are_stable() {
     let tmp = state_dir();
     let dir = tmp.path();

@@ -20,6 +20,7 @@ struct Fixture {
     tmp: tempfile::TempDir,
     daemon: Option<Daemon>,
     rootfs: PathBuf,
+    jailed: bool,
 }
 
 impl Fixture {
@@ -68,6 +69,7 @@ impl Fixture {
             _reaper: ProcessReaper(dir.join("state")),
             daemon: None,
             rootfs,
+            jailed,
             tmp,
         };
         fixture.start_daemon();
@@ -181,6 +183,29 @@ fn lifecycle(f: &Fixture) {
         cmdline.contains(&id),
         "the VMM is named by the VM's id: {cmdline:?}"
     );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("NOTIFY_SOCKET"),
+        "the VMM never inherits the daemon's systemd socket"
+    );
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    let root = banger::vmm::orphans::root_mount_source(&mountinfo).expect("root mount");
+    if f.jailed {
+        let jail = f.state().join("jail/firecracker").join(&id).join("root");
+        assert_eq!(root, jail, "a jailed VMM runs pivoted into its jail");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let uid = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            uid.contains("65534"),
+            "a jailed VMM runs as the jail's uid: {uid}"
+        );
+    } else {
+        assert_eq!(root, Path::new("/"));
+    }
 
     let listed: Value = serde_json::from_str(&f.ok(&["vm", "ls", "--json"])).expect("vm ls --json");
     let fields = [
@@ -212,6 +237,17 @@ fn lifecycle(f: &Fixture) {
 
     f.ok(&["vm", "start", "web"]);
     assert_eq!(f.pid("web"), pid, "starting a running VM is a no-op");
+
+    f.ok(&["vm", "restart", "web", "--timeout", "0.2"]);
+    let restarted = f.vm("web");
+    assert_eq!(restarted["state"], "running");
+    assert_ne!(
+        restarted["pid"].as_i64(),
+        Some(pid),
+        "a restart runs a new VMM"
+    );
+    assert!(!pid_alive(pid));
+    let pid = restarted["pid"].as_i64().expect("pid");
 
     // The halt kernel ignores Ctrl-Alt-Del: the stop times out into SIGKILL.
     f.ok(&["vm", "stop", "web", "--timeout", "0.2"]);
@@ -346,9 +382,21 @@ fn a_daemon_sigkill_leaves_vms_running_and_the_next_daemon_adopts_them() {
 
 #[test]
 fn a_vmm_no_record_claims_is_terminated_at_start_up() {
-    let Some(mut f) = Fixture::new("a_vmm_no_record_claims_is_terminated_at_start_up") else {
+    let test = "a_vmm_no_record_claims_is_terminated_at_start_up";
+    let Some(f) = Fixture::new(test) else { return };
+    orphans(f);
+}
+
+#[test]
+fn a_jailed_vmm_no_record_claims_is_terminated_at_start_up() {
+    let test = "a_jailed_vmm_no_record_claims_is_terminated_at_start_up";
+    let Some(f) = Fixture::with_jailer(test, true) else {
         return;
     };
+    orphans(f);
+}
+
+fn orphans(mut f: Fixture) {
     f.create("kept", &["--start"]);
     f.create("forgotten", &["--start"]);
     let (kept, forgotten) = (f.pid("kept"), f.pid("forgotten"));

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -178,8 +179,21 @@ fn run(config: &Config) -> anyhow::Result<()> {
             version = %banger::daemon::VERSION,
             "daemon ready"
         );
+        notify_systemd(NotifyState::Ready);
+        // The watchdog is fed from the actor system's own thread: if that
+        // thread hangs, systemd notices and restarts the daemon.
+        if let Some(period) = sd_notify::watchdog_enabled() {
+            actix::spawn(async move {
+                let mut ticks = tokio::time::interval(period / 2);
+                loop {
+                    ticks.tick().await;
+                    notify_systemd(NotifyState::Watchdog);
+                }
+            });
+        }
         shutdown.recv().await;
         info!("shutting down");
+        notify_systemd(NotifyState::Stopping);
         anyhow::Ok(supervisor.shutdown().await)
     })?;
     drop(system);
@@ -187,6 +201,14 @@ fn run(config: &Config) -> anyhow::Result<()> {
         warn!("the store did not close within 10 s; it will be repaired on the next start");
     }
     Ok(())
+}
+
+/// Tells systemd (Type=notify) about the daemon's state; a no-op outside
+/// systemd. VMMs never inherit NOTIFY_SOCKET: the spawn removes it.
+fn notify_systemd(state: NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// Each client connection is a file descriptor: allow as many as the hard

@@ -14,8 +14,10 @@ pub struct Layout {
 
 impl Layout {
     /// The VM id a process belongs to, from its arguments (an unjailed
-    /// firecracker's `--api-sock <vms_dir>/<id>/...`) or its root
-    /// directory (a jailed one's `<jail_base>/firecracker/<id>/root`).
+    /// firecracker's `--api-sock <vms_dir>/<id>/...`) or the source of its
+    /// root mount (the jailer pivots a jailed one into
+    /// `<jail_base>/firecracker/<id>/root`; the source is relative to its
+    /// filesystem, so it is matched as a suffix of the jail base).
     pub fn vm_id(&self, args: &[String], root: Option<&Path>) -> Option<String> {
         let from_socket = args
             .windows(2)
@@ -31,13 +33,19 @@ impl Layout {
                     .next()
                     .map(|c| c.as_os_str().to_string_lossy().into_owned())
             });
-        let from_root = root
-            .and_then(|root| root.strip_prefix(self.jail_base.join("firecracker")).ok())
-            .and_then(|rest| {
-                rest.components()
-                    .next()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            });
+        let from_root = root.and_then(|root| {
+            let mut parts: Vec<String> = root
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            let (Some(last), Some(id), Some(exec)) = (parts.pop(), parts.pop(), parts.pop()) else {
+                return None;
+            };
+            // Without its leading `/`, so it matches the end of the base.
+            let base: PathBuf = parts.iter().skip(1).collect();
+            let ours = last == "root" && exec == "firecracker" && !base.as_os_str().is_empty();
+            (ours && self.jail_base.ends_with(&base)).then_some(id)
+        });
         from_socket.or(from_root)
     }
 
@@ -55,13 +63,24 @@ impl Layout {
                     .split(|b| *b == 0)
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect();
-                let root = std::fs::read_link(format!("/proc/{pid}/root")).ok();
+                let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok();
+                let root = mounts.as_deref().and_then(root_mount_source);
                 let id = self.vm_id(&args, root.as_deref())?;
                 let stat = super::process::read_stat(pid).ok()??;
                 (!matches!(stat.state, 'Z' | 'X')).then_some((pid, id))
             })
             .collect()
     }
+}
+
+/// The source of the mount at `/` in a `/proc/<pid>/mountinfo`: fields
+/// are `id parent major:minor root mount-point ...`.
+pub fn root_mount_source(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let mut fields = line.split(' ').skip(3);
+        let (root, point) = (fields.next()?, fields.next()?);
+        (point == "/").then(|| PathBuf::from(root))
+    })
 }
 
 #[cfg(test)]
@@ -95,10 +114,18 @@ mod tests {
     }
 
     #[test]
-    fn a_jailed_vmm_is_known_by_its_root() {
+    fn a_jailed_vmm_is_known_by_its_root_mount() {
         let a = args(&["/firecracker", "--api-sock", "/run/firecracker.socket"]);
-        let root = Path::new("/var/lib/banger/jail/firecracker/xyz789/root");
-        assert_eq!(layout().vm_id(&a, Some(root)), Some("xyz789".into()));
+        let mountinfo = "67 44 254:0 /var/lib/banger/jail/firecracker/xyz789/root / rw,relatime - ext4 /dev/vda rw\n\
+                         68 67 0:5 / /dev rw - devtmpfs udev rw";
+        let root = root_mount_source(mountinfo).expect("root mount");
+        assert_eq!(layout().vm_id(&a, Some(&root)), Some("xyz789".into()));
+        // The state dir on a filesystem of its own: the source is relative.
+        let relative = Path::new("/banger/jail/firecracker/xyz789/root");
+        assert_eq!(layout().vm_id(&a, Some(relative)), Some("xyz789".into()));
+        let elsewhere = Path::new("/srv/jailer/firecracker/xyz789/root");
+        assert_eq!(layout().vm_id(&a, Some(elsewhere)), None);
+        assert_eq!(layout().vm_id(&a, Some(Path::new("/"))), None);
     }
 
     #[test]

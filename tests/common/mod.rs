@@ -86,7 +86,13 @@ impl Daemon {
 
     /// Spawns bangerd on `dir` with extra arguments (mode, config).
     pub fn spawn_with(dir: &Path, args: &[&str]) -> Daemon {
+        Daemon::spawn_with_env(dir, args, &[])
+    }
+
+    /// Spawns bangerd with extra arguments and environment variables.
+    pub fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(BANGERD)
+            .envs(env.iter().copied())
             .args(args)
             .arg("--state-dir")
             .arg(dir)
