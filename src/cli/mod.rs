@@ -423,13 +423,21 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
             client.call::<VmResult>("vm.remove", json!({"name": name, "force": force}))?;
             println!("{name} removed");
         }
-        VmCommand::Ls { json } => {
-            let vms = client.call::<VmsResult>("vm.list", json!({}))?;
-            if json {
-                println!("{}", output::json(&vms.result.vms));
-            } else {
-                print!("{}", output::vms_table(&vms.result.vms, now));
+        VmCommand::Ls { json: true } => {
+            // Passed through as the daemon wrote it: no parse of every VM.
+            #[derive(serde::Deserialize)]
+            struct RawVms<'a> {
+                #[serde(borrow)]
+                vms: &'a serde_json::value::RawValue,
             }
+            let raw = client.call_raw("vm.list", json!({}), |_| {})?;
+            let vms: RawVms<'_> = serde_json::from_str(raw.get())
+                .map_err(|e| Failure::Daemon(format!("bangerd sent an unexpected answer: {e}")))?;
+            println!("{}", vms.vms.get());
+        }
+        VmCommand::Ls { json: false } => {
+            let vms = client.call::<VmsResult>("vm.list", json!({}))?;
+            print!("{}", output::vms_table(&vms.result.vms, now));
         }
         VmCommand::Inspect { name, json } => {
             let vm = client.call::<VmResult>("vm.get", json!({"name": name}))?;

@@ -99,8 +99,20 @@ impl Client {
         &mut self,
         method: &str,
         params: Value,
-        mut on_progress: impl FnMut(&Progress),
+        on_progress: impl FnMut(&Progress),
     ) -> Result<WithOpId<T>, ClientError> {
+        let result = self.call_raw(method, params, on_progress)?;
+        serde_json::from_str(result.get()).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Like `call_with_progress`, answering the result as the daemon wrote
+    /// it, for output that passes JSON through untouched.
+    pub fn call_raw(
+        &mut self,
+        method: &str,
+        params: Value,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<Box<RawValue>, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
@@ -138,9 +150,7 @@ impl Client {
                             op_id: error.data.and_then(|d| d.op_id),
                         });
                     }
-                    let result = response.result.as_deref().map_or("null", RawValue::get);
-                    return serde_json::from_str(result)
-                        .map_err(|e| ClientError::Protocol(e.to_string()));
+                    return Ok(response.result.unwrap_or_else(|| RawValue::NULL.to_owned()));
                 }
             }
         }
