@@ -15,21 +15,6 @@ const SEQUENTIAL: usize = 5_000;
 const CONNECTIONS: usize = 100;
 const PER_CONNECTION: usize = 200;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn summary(name: &str, mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    format!(
-        "{name}: n={} p50={:?} p99={:?}\n",
-        samples.len(),
-        percentile(&samples, 0.50),
-        percentile(&samples, 0.99)
-    )
-}
-
 fn rss_kib(pid: i32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
@@ -66,15 +51,15 @@ fn main() -> anyhow::Result<()> {
     let sequential: Vec<Duration> = (0..SEQUENTIAL as u64)
         .map(|id| timed_status(&mut conn, id))
         .collect();
-    report.push_str(&summary("daemon.status, 1 connection", sequential));
+    report.push_str(&common::summary("daemon.status, 1 connection", &sequential));
     // The same round trip without the store: what the socket, parsing and
     // dispatch cost alone.
     let methods: Vec<Duration> = (0..SEQUENTIAL as u64)
         .map(|id| timed(&mut conn, id, "daemon.methods"))
         .collect();
-    report.push_str(&summary(
+    report.push_str(&common::summary(
         "daemon.methods (no store access), 1 connection",
-        methods,
+        &methods,
     ));
 
     let threads: Vec<_> = (0..CONNECTIONS)
@@ -96,9 +81,9 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("client thread panicked"))?,
         );
     }
-    report.push_str(&summary(
+    report.push_str(&common::summary(
         "daemon.status, 100 concurrent connections",
-        concurrent,
+        &concurrent,
     ));
     writeln!(report, "idle RSS after load: {} KiB", rss_kib(pid)?)?;
 

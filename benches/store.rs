@@ -6,7 +6,7 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use banger::actors::store::{List, Put, StoreActor};
 use banger::store::records::VmRecord;
@@ -15,22 +15,6 @@ use banger::store::{self, Schema};
 const WRITES: usize = 500;
 const LISTED: usize = 1_000;
 const LISTS: usize = 200;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn summary(name: &str, mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    format!(
-        "{name}: n={} p50={:?} p99={:?} max={:?}\n",
-        samples.len(),
-        percentile(&samples, 0.50),
-        percentile(&samples, 0.99),
-        samples.last().copied().unwrap_or_default()
-    )
-}
 
 fn main() -> anyhow::Result<()> {
     let tmp = common::state_dir();
@@ -57,8 +41,16 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(vms.len() == LISTED, "listed {} VMs", vms.len());
         }
         let mut report = String::new();
-        write!(report, "{}", summary("durable single-record write", writes))?;
-        write!(report, "{}", summary("list 1000 VM records", lists))?;
+        write!(
+            report,
+            "{}",
+            common::summary("durable single-record write", &writes)
+        )?;
+        write!(
+            report,
+            "{}",
+            common::summary("list 1000 VM records", &lists)
+        )?;
         anyhow::Ok(report)
     })?;
 

@@ -30,14 +30,8 @@ const SCALE: usize = 100;
 const RECORDS: usize = 1_000;
 const CRASHES: usize = 20;
 
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn p99(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * 0.99).round() as usize]
+fn median(samples: &[Duration]) -> Duration {
+    common::percentile(samples, 0.5)
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -174,16 +168,16 @@ fn main() -> anyhow::Result<()> {
         through_banger.push(start.elapsed());
         ok(conn.call(1000 + i, "vm.kill", json!({"name": "timed"})));
     }
-    let (bare_median, banger_median) = (median(bare.clone()), median(through_banger.clone()));
+    let (bare_median, banger_median) = (median(&bare), median(&through_banger));
     writeln!(
         report,
         "start, bare firecracker + API calls: median {bare_median:?} p99 {:?}",
-        p99(bare)
+        common::percentile(&bare, 0.99)
     )?;
     writeln!(
         report,
         "start, banger vm.start: median {banger_median:?} p99 {:?}",
-        p99(through_banger)
+        common::percentile(&through_banger, 0.99)
     )?;
     writeln!(
         report,
@@ -240,7 +234,11 @@ fn main() -> anyhow::Result<()> {
             .collect()
     };
     let at_100 = list(&state, SCALE);
-    writeln!(report, "vm.list with {SCALE} VMs: p50 {:?}", median(at_100))?;
+    writeln!(
+        report,
+        "vm.list with {SCALE} VMs: p50 {:?}",
+        median(&at_100)
+    )?;
 
     // Crash detection and restart timing, on the running VMs.
     let mut detection = Vec::new();
@@ -322,7 +320,7 @@ fn main() -> anyhow::Result<()> {
     writeln!(
         report,
         "vm.list with {RECORDS} VMs: p50 {:?} (target < 10 ms)",
-        median(at_1000)
+        median(&at_1000)
     )?;
     drop(daemon);
 

@@ -12,3 +12,16 @@ pub mod rpc;
 pub mod store;
 pub mod vm;
 pub mod vmm;
+
+/// An error and its sources as one line (`what failed: why: root cause`),
+/// for answers that are one line: RPC error messages, the probe's output.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}

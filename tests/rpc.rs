@@ -319,15 +319,22 @@ fn ops_watch_follows_a_backup_to_its_end() {
     );
 }
 
-#[test]
-fn sigterm_mid_backup_cancels_it_records_it_and_removes_the_socket() {
-    let tmp = state_dir();
-    let dir = tmp.path();
+/// A daemon over a seeded store with a slow backup under way; answers the
+/// daemon, the backup's connection, its target and its op_id.
+fn backup_in_flight(dir: &Path) -> (Daemon, Conn, std::path::PathBuf, String) {
     seed_store(dir, SEEDED);
     let daemon = Daemon::start(dir);
     let target = dir.join("b.redb");
     let mut owner = Conn::open(dir);
     let op_id = start_slow_backup(&mut owner, 1, &target, 20_000);
+    (daemon, owner, target, op_id)
+}
+
+#[test]
+fn sigterm_mid_backup_cancels_it_records_it_and_removes_the_socket() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    let (daemon, _owner, target, op_id) = backup_in_flight(dir);
 
     let status = daemon.stop();
     assert!(status.success(), "{status}");
@@ -347,11 +354,7 @@ fn sigterm_mid_backup_cancels_it_records_it_and_removes_the_socket() {
 fn sigkill_mid_backup_shows_interrupted_and_its_partial_file_is_removed() {
     let tmp = state_dir();
     let dir = tmp.path();
-    seed_store(dir, SEEDED);
-    let daemon = Daemon::start(dir);
-    let target = dir.join("b.redb");
-    let mut owner = Conn::open(dir);
-    let op_id = start_slow_backup(&mut owner, 1, &target, 20_000);
+    let (daemon, _owner, target, op_id) = backup_in_flight(dir);
     kill(daemon.pid(), Signal::SIGKILL).expect("SIGKILL");
     let (status, _) = daemon.wait_output();
     assert_eq!(status.code(), None, "killed by a signal");

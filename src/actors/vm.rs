@@ -26,8 +26,8 @@ use tracing::{error, info, warn};
 
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::catalog::CatalogError;
+use crate::error_chain;
 use crate::host::HostOps;
-use crate::rpc::errors::describe;
 use crate::store::StoreError;
 use crate::store::records::{KernelRecord, VmRecord, VmState, VmmKind, VmmProcess};
 use crate::vm::InvalidVm;
@@ -166,7 +166,7 @@ async fn write_in_order(
         let ok = match result {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                error!(vm = %record.name, error = %describe(&e), "cannot record the VM's state");
+                error!(vm = %record.name, error = %error_chain(&e), "cannot record the VM's state");
                 false
             }
             Err(_) => {
@@ -287,9 +287,9 @@ impl VmActor {
                         }
                         Err(error) => {
                             act.record.state = VmState::Failed;
-                            act.record.error = Some(describe(&error));
+                            act.record.error = Some(error_chain(&error));
                             act.record.process = None;
-                            warn!(vm = %act.record.name, error = %describe(&error), "VM failed to start");
+                            warn!(vm = %act.record.name, error = %error_chain(&error), "VM failed to start");
                             Err(error)
                         }
                     };
@@ -440,7 +440,7 @@ impl VmActor {
                         Err(e) => {
                             // Alive but not answering: it cannot be managed,
                             // so it goes, and the policy decides what follows.
-                            warn!(vm = %act.record.name, error = %describe(&e), "VMM does not answer; killing it");
+                            warn!(vm = %act.record.name, error = %error_chain(&e), "VMM does not answer; killing it");
                             let _ = handle.signal(Signal::KILL);
                             act.watch(handle, ctx);
                         }

@@ -222,7 +222,7 @@ enum Failure {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
-        let message = crate::rpc::errors::describe(&e);
+        let message = crate::error_chain(&e);
         match e {
             ClientError::Unreachable { .. } => Failure::Unreachable(message),
             _ => Failure::Daemon(message),
@@ -257,7 +257,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         None => {
             let mode = Mode::select(cli.system, cli.user);
             config::load(mode, Overrides::default())
-                .map_err(|e| Failure::Daemon(crate::rpc::errors::describe(&e)))?
+                .map_err(|e| Failure::Daemon(crate::error_chain(&e)))?
                 .socket
         }
     };

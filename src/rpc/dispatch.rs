@@ -31,7 +31,7 @@ use crate::actors::vm::{
 };
 use crate::catalog::{self, CatalogError};
 use crate::config::Mode;
-use crate::rpc::errors::describe;
+use crate::error_chain;
 use crate::rpc::stream::LogFollow;
 use crate::store::records::{KernelRecord, VmmKind};
 use crate::store::records::{OperationOutcome, OperationRecord};
@@ -320,7 +320,7 @@ fn validate_create(services: &Services, params: VmCreateParams) -> Result<Create
             .map_err(|e| {
                 RpcError::new(
                     ErrorCode::InvalidParams,
-                    format!("invalid params: {}", describe(&e)),
+                    format!("invalid params: {}", error_chain(&e)),
                 )
             })
     };

@@ -6,21 +6,10 @@ use super::protocol::{ErrorCode, RpcError};
 use crate::actors::operation::OperationError;
 use crate::actors::vm::VmError;
 use crate::catalog::CatalogError;
+use crate::error_chain;
 use crate::store::StoreError;
 use crate::store::backup::BackupError;
 use crate::vm::InvalidVm;
-
-/// The message of an error and of its sources, as one sentence.
-pub fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 impl From<StoreError> for RpcError {
     fn from(e: StoreError) -> RpcError {
@@ -28,7 +17,7 @@ impl From<StoreError> for RpcError {
             StoreError::Conflict { .. } => ErrorCode::Conflict,
             _ => ErrorCode::Internal,
         };
-        RpcError::new(code, describe(&e))
+        RpcError::new(code, error_chain(&e))
     }
 }
 
@@ -44,7 +33,7 @@ impl From<OperationError> for RpcError {
         };
         match e {
             OperationError::Store(e) => e.into(),
-            e => RpcError::new(code, describe(&e)),
+            e => RpcError::new(code, error_chain(&e)),
         }
     }
 }
@@ -60,7 +49,7 @@ impl From<BackupError> for RpcError {
         };
         match e {
             BackupError::Store(e) => e.into(),
-            e => RpcError::new(code, describe(&e)),
+            e => RpcError::new(code, error_chain(&e)),
         }
     }
 }
@@ -87,8 +76,8 @@ impl From<CatalogError> for RpcError {
     fn from(e: CatalogError) -> RpcError {
         match e {
             CatalogError::Invalid { field, reason } => InvalidVm { field, reason }.into(),
-            CatalogError::Exists(_) => RpcError::new(ErrorCode::AlreadyExists, describe(&e)),
-            CatalogError::Io { .. } => RpcError::new(ErrorCode::Internal, describe(&e)),
+            CatalogError::Exists(_) => RpcError::new(ErrorCode::AlreadyExists, error_chain(&e)),
+            CatalogError::Io { .. } => RpcError::new(ErrorCode::Internal, error_chain(&e)),
         }
     }
 }
@@ -109,7 +98,7 @@ impl From<VmError> for RpcError {
                     VmError::Unavailable(_) => ErrorCode::Unavailable,
                     _ => ErrorCode::Internal,
                 };
-                RpcError::new(code, describe(&e))
+                RpcError::new(code, error_chain(&e))
             }
         }
     }

@@ -18,6 +18,7 @@ use redb::{ConcurrencyMode, Database, DatabaseError, ReadableDatabase};
 
 use super::plan::{Incompatible, Observed, Plan, plan};
 use super::{Schema, Store, StoreError, apply_step, db_err, observe_read, observe_write};
+use crate::error_chain;
 
 pub const DATABASE_FILE: &str = "banger.redb";
 
@@ -278,16 +279,4 @@ pub fn probe(path: &Path, schema: &Schema) -> ProbeOutcome {
         }
     };
     ProbeOutcome::from_plan(plan(schema, &observed))
-}
-
-/// An error and its sources as one line, for one-line answers.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }

@@ -492,3 +492,24 @@ pub fn pid_alive(pid: i64) -> bool {
         Err(_) => false,
     }
 }
+
+/// The `p` quantile (0 to 1) of some latencies, for the benchmarks.
+pub fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted
+        .get(rank.min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// One benchmark line: the count, p50 and p99 of some latencies.
+pub fn summary(name: &str, samples: &[Duration]) -> String {
+    format!(
+        "{name}: n={} p50={:?} p99={:?}\n",
+        samples.len(),
+        percentile(samples, 0.50),
+        percentile(samples, 0.99)
+    )
+}
