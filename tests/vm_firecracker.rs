@@ -471,6 +471,30 @@ fn logs_show_the_console_and_follow_what_the_vmm_appends() {
 }
 
 #[test]
+fn a_clean_daemon_stop_leaves_vms_running_for_the_next_daemon() {
+    let test = "a_clean_daemon_stop_leaves_vms_running_for_the_next_daemon";
+    let Some(mut f) = Fixture::new(test) else {
+        return;
+    };
+    f.create("steady", &["--start"]);
+    let pid = f.pid("steady");
+    assert!(
+        f.daemon.take().expect("daemon").stop().success(),
+        "SIGTERM exits 0"
+    );
+    assert!(pid_alive(pid), "stopping the daemon never stops a VM");
+    f.start_daemon();
+    f.daemon()
+        .wait_for_line_from(&["re-adopted running VM", "vm=steady"], 0)
+        .expect("adopted");
+    let vm = f.vm("steady");
+    assert_eq!(
+        (vm["state"].as_str(), vm["pid"].as_i64()),
+        (Some("running"), Some(pid))
+    );
+}
+
+#[test]
 fn bad_requests_are_refused_and_leave_no_vm() {
     let Some(f) = Fixture::new("bad_requests_are_refused_and_leave_no_vm") else {
         return;
