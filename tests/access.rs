@@ -142,3 +142,35 @@ fn only_root_the_owner_and_group_members_are_admitted() {
 
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn without_the_group_the_system_socket_is_root_only_and_the_log_says_how_to_fix_it() {
+    let test = "without_the_group_the_system_socket_is_root_only_and_the_log_says_how_to_fix_it";
+    if !nix::unistd::geteuid().is_root() {
+        skip(test, "system mode needs root");
+        return;
+    }
+    let tmp = state_dir();
+    let config = tmp.path().join("bangerd.toml");
+    std::fs::write(&config, "socket_group = \"banger-no-such-group\"\n").expect("config");
+    let state = tmp.path().join("state");
+    let mut daemon = Daemon::ready(Daemon::spawn_with(
+        &state,
+        &["--system", "--config", config.to_str().expect("utf-8 path")],
+    ));
+    let mode = std::fs::metadata(socket_path(&state))
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let line = daemon
+        .wait_for_line_from(&["socket group does not exist"], 0)
+        .expect("logged")
+        .1;
+    assert!(
+        line.contains("groupadd --system banger-no-such-group"),
+        "{line}"
+    );
+    assert!(daemon.stop().success());
+}
