@@ -406,115 +406,92 @@ pub enum Request {
 pub struct MethodInfo {
     pub name: &'static str,
     pub summary: &'static str,
-    /// State-changing methods run as operations listed by `banger ops ls`.
-    pub state_changing: bool,
 }
 
 pub const METHODS: &[MethodInfo] = &[
     MethodInfo {
         name: "daemon.hello",
         summary: "Exchange protocol and daemon versions; the first call on a connection.",
-        state_changing: false,
     },
     MethodInfo {
         name: "daemon.status",
         summary: "Version, uptime, pid, state directory, store schema and counts.",
-        state_changing: false,
     },
     MethodInfo {
         name: "daemon.methods",
         summary: "Names and one-line descriptions of every method.",
-        state_changing: false,
     },
     MethodInfo {
         name: "daemon.store.schema",
         summary: "The store's table versions and applied migrations (the online migration probe).",
-        state_changing: false,
     },
     MethodInfo {
         name: "daemon.operations.list",
         summary: "Operations in flight, or with all=true also finished ones.",
-        state_changing: false,
     },
     MethodInfo {
         name: "daemon.operations.get",
         summary: "One operation by op_id.",
-        state_changing: false,
     },
     MethodInfo {
         name: "daemon.operations.cancel",
         summary: "Ask a cancellable operation in flight to stop.",
-        state_changing: false,
     },
     MethodInfo {
         name: "daemon.operations.watch",
         summary: "Stream an operation's progress until it ends, then return it.",
-        state_changing: false,
     },
     MethodInfo {
         name: "daemon.backup",
         summary: "Write a consistent copy of the store to a path, with progress; cancellable.",
-        state_changing: true,
     },
     MethodInfo {
         name: "vm.create",
         summary: "Create a VM from a kernel and a root filesystem (cloned), optionally starting it.",
-        state_changing: true,
     },
     MethodInfo {
         name: "vm.start",
         summary: "Start a VM; a no-op when it is running.",
-        state_changing: true,
     },
     MethodInfo {
         name: "vm.stop",
         summary: "Stop a VM gracefully, SIGKILL after the timeout; a no-op when stopped.",
-        state_changing: true,
     },
     MethodInfo {
         name: "vm.kill",
         summary: "SIGKILL a VM's VMM at once.",
-        state_changing: true,
     },
     MethodInfo {
         name: "vm.restart",
         summary: "Stop a VM, then start it.",
-        state_changing: true,
     },
     MethodInfo {
         name: "vm.remove",
         summary: "Remove a stopped VM and everything it left on the host (force: kill it first).",
-        state_changing: true,
     },
     MethodInfo {
         name: "vm.list",
         summary: "Every VM, by name.",
-        state_changing: false,
     },
     MethodInfo {
         name: "vm.get",
         summary: "One VM in detail.",
-        state_changing: false,
     },
     MethodInfo {
         name: "vm.logs",
         summary: "A VM's serial console output (the last lines with tail).",
-        state_changing: false,
     },
     MethodInfo {
         name: "kernel.import",
         summary: "Copy a vmlinux (and initrd) into the kernel catalog under a name.",
-        state_changing: true,
     },
     MethodInfo {
         name: "kernel.list",
         summary: "Every kernel in the catalog.",
-        state_changing: false,
     },
     MethodInfo {
         name: "kernel.remove",
         summary: "Remove a kernel no VM uses.",
-        state_changing: true,
     },
 ];
 
@@ -594,13 +571,6 @@ impl Request {
     /// Whether an accepted request switches its connection to a byte stream.
     pub fn is_streaming(&self) -> bool {
         matches!(self, Request::VmLogs(VmLogsParams { follow: true, .. }))
-    }
-
-    /// Whether this request runs as a recorded operation.
-    pub fn is_state_changing(&self) -> bool {
-        METHODS
-            .iter()
-            .any(|m| m.name == self.method() && m.state_changing)
     }
 }
 

@@ -117,10 +117,6 @@ impl Store {
         &self.path
     }
 
-    pub fn schema(&self) -> &Schema {
-        &self.schema
-    }
-
     fn version_of<R: Record>(&self) -> Result<u32, StoreError> {
         self.schema
             .version_of(R::TABLE)
