@@ -10,6 +10,7 @@
 //! in the store.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use actix::prelude::*;
 use jiff::Timestamp;
@@ -78,8 +79,27 @@ impl OperationRegistry {
     }
 }
 
+/// How often finished operations past the retention rule are deleted (also
+/// once at start-up); pruning after every operation would cost each one a
+/// scan of the whole table.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 impl Actor for OperationRegistry {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(PRUNE_EVERY, |registry, ctx| {
+            let (store, retention) = (registry.store.clone(), registry.retention);
+            ctx.spawn(
+                async move {
+                    if let Err(e) = prune(&store, retention).await {
+                        warn!(error = %e, "cannot prune finished operations");
+                    }
+                }
+                .into_actor(registry),
+            );
+        });
+    }
 }
 
 impl Supervised for OperationRegistry {
@@ -420,19 +440,9 @@ impl Message for Ended {
 impl Handler<Ended> for OperationRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: Ended, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Ended, _: &mut Context<Self>) {
         self.running.remove(&msg.0);
         self.notify_if_drained();
-        let store = self.store.clone();
-        let retention = self.retention;
-        ctx.spawn(
-            async move {
-                if let Err(e) = prune(&store, retention).await {
-                    warn!(error = %e, "cannot prune finished operations");
-                }
-            }
-            .into_actor(self),
-        );
     }
 }
 
