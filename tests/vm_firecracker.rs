@@ -15,10 +15,12 @@ use serde_json::Value;
 
 /// A daemon configured with the firecracker fixture, a halt kernel
 /// imported as `halt`, and a root filesystem file to clone.
+// Fields drop in order: the daemon goes before the reaper kills the VMMs it
+// left (else it would restart them), and the directory goes last.
 struct Fixture {
+    daemon: Option<Daemon>,
     _reaper: ProcessReaper,
     tmp: tempfile::TempDir,
-    daemon: Option<Daemon>,
     rootfs: PathBuf,
     jailed: bool,
 }

@@ -444,9 +444,8 @@ pub fn halt_kernel(path: &Path) {
     std::fs::write(path, elf).expect("write the halt kernel");
 }
 
-/// Kills, on drop, every process whose command line mentions `dir` or
-/// whose root is under it: the VMMs a test's daemon started outlive the
-/// daemon by design.
+/// Kills, on drop, every process whose command line or mounts mention
+/// `dir`: the VMMs a test's daemon started outlive the daemon by design.
 pub struct ProcessReaper(pub PathBuf);
 
 impl ProcessReaper {
@@ -461,9 +460,10 @@ impl ProcessReaper {
                 let in_cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
                     .map(|c| String::from_utf8_lossy(&c).contains(&needle))
                     .unwrap_or(false);
-                // A jailed VMM's command line names only its chroot paths.
-                let in_jail = std::fs::read_link(format!("/proc/{pid}/root"))
-                    .map(|root| root.starts_with(&self.0))
+                // A jailed VMM's command line names only paths in its jail,
+                // which the source of its root mount reveals.
+                let in_jail = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                    .map(|m| m.contains(&needle))
                     .unwrap_or(false);
                 in_cmdline || in_jail
             })
