@@ -1,13 +1,15 @@
 //! The operations registry and one `Operation` actor per state-changing
 //! request.
 //!
-//! Ownership: an `Operation` owns its record while it runs; it publishes
-//! every change on a `watch` channel (watchers and the request's own
-//! progress notifications read it) and persists the record when it ends.
-//! The registry owns the table of running operations: it writes the intent
-//! record before an operation starts, answers list/get/cancel, and tells
-//! shutdown when nothing is left in flight. Finished operations live only
-//! in the store.
+//! Ownership: an `Operation` owns its record while it runs: it writes the
+//! intent record first thing (before it handles anything else, so its end
+//! record always follows), publishes every change on a `watch` channel
+//! (watchers and the request's own progress notifications read it) and
+//! persists the record when it ends. Work that leaves files behind starts
+//! only once the intent is durable; other work starts alongside the write,
+//! and every answer waits for it. The registry owns the table of running
+//! operations, answers list/get/cancel, and tells shutdown when nothing is
+//! left in flight. Finished operations live only in the store.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -160,6 +162,11 @@ pub struct Begin {
     pub target: Option<String>,
     pub op_id: String,
     pub cancellable: bool,
+    /// Answer only once the intent record is durable: for work that leaves
+    /// files behind which only the record lets a later start clean up. Other
+    /// operations write it alongside their work; their end record, and so
+    /// their answer, still waits for it.
+    pub intent_first: bool,
 }
 
 impl Message for Begin {
@@ -169,7 +176,7 @@ impl Message for Begin {
 impl Handler<Begin> for OperationRegistry {
     type Result = ResponseActFuture<Self, Result<OperationHandle, OperationError>>;
 
-    fn handle(&mut self, msg: Begin, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Begin, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
             return Box::pin(fut::ready(Err(OperationError::ShuttingDown)));
         }
@@ -186,38 +193,54 @@ impl Handler<Begin> for OperationRegistry {
             finished_at: None,
             error: None,
         };
-        let store = self.store.clone();
-        let intent = record.clone();
+        let (written, intent) = oneshot::channel();
+        let (status_tx, status) = watch::channel(record.clone());
+        let cancel = CancellationToken::new();
+        let op_id = record.op_id.clone();
+        info!(op_id = %op_id, method = %record.method, target = ?record.target, "operation started");
+        let addr = Operation {
+            record,
+            store: self.store.clone(),
+            registry: ctx.address(),
+            status: status_tx,
+            intent_written: Some(written),
+        }
+        .start();
+        self.running.insert(
+            op_id.clone(),
+            Running {
+                status: status.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        let handle = OperationHandle {
+            op_id,
+            cancel,
+            addr,
+            status,
+        };
+        if !msg.intent_first {
+            return Box::pin(fut::ready(Ok(handle)));
+        }
+        let op_id = handle.op_id.clone();
         Box::pin(
-            async move { store.send(Put(intent)).await.map_err(store_gone)?.map_err(OperationError::from) }
-                .into_actor(self)
-                .map(move |persisted, registry, ctx| {
-                    persisted?;
-                    let (status_tx, status) = watch::channel(record.clone());
-                    let cancel = CancellationToken::new();
-                    let op_id = record.op_id.clone();
-                    info!(op_id = %op_id, method = %record.method, target = ?record.target, "operation started");
-                    let addr = Operation {
-                        record,
-                        store: registry.store.clone(),
-                        registry: ctx.address(),
-                        status: status_tx,
-                    }
-                    .start();
-                    registry.running.insert(
-                        op_id.clone(),
-                        Running {
-                            status: status.clone(),
-                            cancel: cancel.clone(),
-                        },
-                    );
-                    Ok(OperationHandle {
-                        op_id,
-                        cancel,
-                        addr,
-                        status,
-                    })
-                }),
+            async move {
+                match intent.await {
+                    Ok(Ok(())) => Ok(handle),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(OperationError::Unavailable("operation")),
+                }
+            }
+            .into_actor(self)
+            .map(move |result, registry, _| {
+                if result.is_err() {
+                    // The work never starts; dropping the handle stops the
+                    // operation's actor.
+                    registry.running.remove(&op_id);
+                    registry.notify_if_drained();
+                }
+                result
+            }),
         )
     }
 }
@@ -452,10 +475,29 @@ pub struct Operation {
     store: Addr<StoreActor>,
     registry: Addr<OperationRegistry>,
     status: watch::Sender<OperationRecord>,
+    /// Told once the intent record is durable.
+    intent_written: Option<oneshot::Sender<Result<(), OperationError>>>,
 }
 
 impl Actor for Operation {
     type Context = Context<Self>;
+
+    /// Writes the intent record; the actor handles nothing (its end
+    /// included) until it is durable, so the end record always follows it.
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let put = self.store.send(Put(self.record.clone()));
+        ctx.wait(put.into_actor(self).map(|written, op, _| {
+            let written = written
+                .map_err(store_gone)
+                .and_then(|r| r.map_err(OperationError::from));
+            if let Err(e) = &written {
+                warn!(op_id = %op.record.op_id, error = %e, "cannot record the operation's intent");
+            }
+            if let Some(tell) = op.intent_written.take() {
+                let _ = tell.send(written);
+            }
+        }));
+    }
 }
 
 struct Report {

@@ -251,6 +251,7 @@ async fn operation<T>(
             target: Some(target.to_string()),
             op_id: reply.op_id.to_string(),
             cancellable: false,
+            intent_first: false,
         })
         .await??;
     let result = work.await;
@@ -607,6 +608,8 @@ async fn backup(
             target: Some(params.path.display().to_string()),
             op_id: reply.op_id.to_string(),
             cancellable: true,
+            // A killed daemon's partial copy is found through this record.
+            intent_first: true,
         })
         .await??;
     let progress = forward_progress(operation.status(), reply);
