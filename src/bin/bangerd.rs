@@ -48,6 +48,7 @@ struct Args {
     /// Unix socket to serve [default: from the configuration].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Log lines on stderr as text or as JSON objects.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Dry run: say whether this binary can open the store, change nothing,

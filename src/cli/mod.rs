@@ -90,11 +90,13 @@ enum VmCommand {
     Create {
         /// Generated (adjective-noun) when absent.
         name: Option<String>,
+        /// A kernel from the catalog (`banger kernel ls`).
         #[arg(long)]
         kernel: String,
         /// An ext4 image; the VM gets its own copy, the file is never changed.
         #[arg(long)]
         rootfs: PathBuf,
+        /// Virtual CPUs, 1 to 32.
         #[arg(long, default_value_t = 1)]
         vcpus: u8,
         /// MiB, or a size such as 512M or 2G.
