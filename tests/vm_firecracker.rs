@@ -497,6 +497,34 @@ fn a_clean_daemon_stop_leaves_vms_running_for_the_next_daemon() {
 }
 
 #[test]
+fn a_stopping_vm_refuses_a_start_and_yields_to_a_kill() {
+    let test = "a_stopping_vm_refuses_a_start_and_yields_to_a_kill";
+    let Some(f) = Fixture::new(test) else { return };
+    f.create("slow", &["--start"]);
+    // The halt kernel ignores Ctrl-Alt-Del: this stop waits out its timeout.
+    let mut stopper = Conn::open(&f.state());
+    stopper.send(&request(
+        1,
+        "vm.stop",
+        serde_json::json!({"name": "slow", "timeout_secs": 60}),
+    ));
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    while f.vm("slow")["state"] != "stopping" {
+        assert!(std::time::Instant::now() < deadline, "the stop never began");
+    }
+    let start = f.run(&["vm", "start", "slow"]);
+    assert_eq!(start.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&start.stderr).contains("is stopping"),
+        "{start:?}"
+    );
+    f.ok(&["vm", "kill", "slow"]);
+    let (stopped, _) = stopper.response(1);
+    assert_eq!(stopped["result"]["vm"]["state"], "stopped", "{stopped}");
+    assert_eq!(f.vm("slow")["last_exit"]["kind"], "killed");
+}
+
+#[test]
 fn bad_requests_are_refused_and_leave_no_vm() {
     let Some(f) = Fixture::new("bad_requests_are_refused_and_leave_no_vm") else {
         return;

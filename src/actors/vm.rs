@@ -520,7 +520,10 @@ impl Handler<VmCommand> for VmActor {
         match command {
             VmCommand::Get => ready(Ok(self.record.clone())),
             VmCommand::Start => {
-                if self.process.is_some() || self.record.state == VmState::Starting {
+                // A stopping VM is on its way down: starting it is a conflict,
+                // not a no-op that the stop would then undo.
+                let stopping = self.intent != StopIntent::None;
+                if !stopping && (self.process.is_some() || self.record.state == VmState::Starting) {
                     return ready(Ok(self.record.clone()));
                 }
                 if !state::can_start(self.record.state) {
@@ -552,18 +555,24 @@ impl Handler<VmCommand> for VmActor {
                 }))
             }
             VmCommand::Remove { force } => {
-                let running = self.process.is_some() || self.record.state == VmState::Starting;
+                if self.process.is_none() && self.record.state == VmState::Starting {
+                    // No process to kill yet: the launch must finish first.
+                    return ready(Err(conflict(
+                        &self.record,
+                        "wait for it to finish starting",
+                    )));
+                }
+                let running = self.process.is_some();
                 if running && !force {
                     return ready(Err(conflict(&self.record, "stop it first, or use --force")));
                 }
-                let killed = if running {
-                    self.intent = StopIntent::Kill;
-                    if let Some(process) = &self.process {
+                let killed = match &self.process {
+                    Some(process) => {
+                        self.intent = StopIntent::Kill;
                         let _ = process.signal(Signal::KILL);
+                        Some(self.wait_for_exit())
                     }
-                    Some(self.wait_for_exit())
-                } else {
-                    None
+                    None => None,
                 };
                 if let Some(timer) = self.restart_timer.take() {
                     ctx.cancel_future(timer);
