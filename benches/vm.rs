@@ -17,7 +17,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use banger::host::LocalHost;
+use std::sync::Arc;
+
+use banger::host::{HostOps, LocalHost};
 use banger::rpc::client::Client;
 use banger::rpc::protocol::{VmsResult, WithOpId};
 use banger::vmm::firecracker::{self, LaunchSpec, VmPaths};
@@ -73,6 +75,7 @@ fn bare_start(
     dir: &Path,
     i: usize,
 ) -> Duration {
+    let host: Arc<dyn HostOps> = Arc::new(LocalHost);
     runtime.block_on(async {
         let vm_dir = dir.join(format!("bare{i}"));
         std::fs::create_dir_all(&vm_dir).expect("mkdir");
@@ -89,7 +92,7 @@ fn bare_start(
             memory_mib: 128,
         };
         let start = Instant::now();
-        let launched = firecracker::launch(&LocalHost, &spec)
+        let launched = firecracker::launch(&host, &spec)
             .await
             .expect("bare launch");
         let elapsed = start.elapsed();

@@ -25,3 +25,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     line
 }
+
+/// A unit enum variant's serde name (`crash-loop`, `on-failure`, `running`):
+/// how states and kinds read in messages and tables, as in the JSON.
+pub fn wire_name(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}

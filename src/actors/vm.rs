@@ -110,17 +110,10 @@ pub enum VmError {
     Unavailable(&'static str),
 }
 
-fn state_name(state: VmState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn conflict(record: &VmRecord, hint: &'static str) -> VmError {
     VmError::Conflict {
         name: record.name.clone(),
-        state: state_name(record.state),
+        state: crate::wire_name(&record.state),
         hint,
     }
 }
@@ -264,7 +257,7 @@ impl VmActor {
                     };
                     async move {
                         let spec = spec?;
-                        let launched = firecracker::launch(host.as_ref(), &spec)
+                        let launched = firecracker::launch(&host, &spec)
                             .await
                             .map_err(|source| VmError::Launch { name, source })?;
                         Ok((spec.api_socket(), launched))
@@ -973,9 +966,4 @@ async fn clone_rootfs(source: PathBuf, dir: PathBuf, target: PathBuf) -> Result<
 /// Whether a kernel is in use, for `kernel rm`.
 pub fn vm_using_kernel<'a>(vms: &'a [VmRecord], kernel: &str) -> Option<&'a VmRecord> {
     vms.iter().find(|vm| vm.kernel == kernel)
-}
-
-/// Where a VM's console log is.
-pub fn console_log(settings: &VmSettings, id: &str) -> PathBuf {
-    settings.paths(id).console_log()
 }

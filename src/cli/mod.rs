@@ -279,9 +279,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             rate_limit,
             json,
         }) => {
-            let path = std::path::absolute(&path)
-                .map_err(|e| Failure::Daemon(format!("cannot resolve {}: {e}", path.display())))?;
-            let params = json!({"path": path, "rate_limit": rate_limit});
+            let params = json!({"path": absolute(&path)?, "rate_limit": rate_limit});
             let mut stderr = std::io::stderr();
             let result =
                 client.call_with_progress::<BackupResult>("daemon.backup", params, |p| {
@@ -355,7 +353,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 println!("{}", serde_json::to_string(&op).unwrap_or_default());
             } else {
-                println!("{} {}", op.op_id, output::outcome(op.outcome));
+                println!("{} {}", op.op_id, crate::wire_name(&op.outcome));
             }
             return ended(&op);
         }
@@ -523,7 +521,7 @@ fn ended(op: &OperationRecord) -> Result<(), Failure> {
         outcome => Err(Failure::Daemon(format!(
             "operation {} {}{}",
             op.op_id,
-            output::outcome(outcome),
+            crate::wire_name(&outcome),
             op.error
                 .as_deref()
                 .map(|e| format!(": {e}"))

@@ -9,6 +9,7 @@ use tabwriter::TabWriter;
 
 use crate::rpc::protocol::VmView;
 use crate::store::records::{KernelRecord, OperationOutcome, OperationRecord};
+use crate::wire_name;
 
 /// Rows aligned in columns two spaces apart; the first row is the header.
 pub fn table(rows: &[Vec<String>]) -> String {
@@ -51,16 +52,6 @@ pub fn progress(phase: &str, current: Option<u64>, total: Option<u64>) -> String
     }
 }
 
-pub fn outcome(outcome: OperationOutcome) -> &'static str {
-    match outcome {
-        OperationOutcome::Running => "running",
-        OperationOutcome::Succeeded => "succeeded",
-        OperationOutcome::Failed => "failed",
-        OperationOutcome::Cancelled => "cancelled",
-        OperationOutcome::Interrupted => "interrupted",
-    }
-}
-
 pub fn operations_table(operations: &[OperationRecord], now: Timestamp) -> String {
     let mut rows = vec![
         ["OP ID", "METHOD", "TARGET", "STATE", "PROGRESS", "STARTED"]
@@ -78,7 +69,7 @@ pub fn operations_table(operations: &[OperationRecord], now: Timestamp) -> Strin
             op.op_id.clone(),
             op.method.clone(),
             op.target.clone().unwrap_or_else(|| "-".into()),
-            outcome(op.outcome).into(),
+            wire_name(&op.outcome),
             progress,
             ago(op.started_at, now),
         ]);
@@ -94,7 +85,7 @@ pub fn operation_details(op: &OperationRecord, now: Timestamp) -> String {
             "target:".into(),
             op.target.clone().unwrap_or_else(|| "-".into()),
         ],
-        vec!["state:".into(), outcome(op.outcome).into()],
+        vec!["state:".into(), wire_name(&op.outcome)],
     ];
     if op.outcome == OperationOutcome::Running {
         rows.push(vec![
@@ -122,17 +113,9 @@ pub fn operation_details(op: &OperationRecord, now: Timestamp) -> String {
     table(&rows)
 }
 
-/// A serde enum's wire name (`crash-loop`, `on-failure`, ...).
-fn name_of(value: &impl Serialize) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// The state, with what follows a crash when a restart is scheduled.
 pub fn vm_state(vm: &VmView) -> String {
-    let state = name_of(&vm.state);
+    let state = wire_name(&vm.state);
     match vm.next_restart_at {
         Some(at) => format!("{state} (restart {})", until(at)),
         None => state,
@@ -161,7 +144,7 @@ pub fn vms_table(vms: &[VmView], now: Timestamp) -> String {
             vm.name.clone(),
             vm.id.clone(),
             vm_state(vm),
-            name_of(&vm.vmm),
+            wire_name(&vm.vmm),
             vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             vm.vcpus.to_string(),
             format!("{} MiB", vm.memory_mib),
@@ -178,7 +161,7 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
         vec!["name:".into(), vm.name.clone()],
         vec!["id:".into(), vm.id.clone()],
         vec!["state:".into(), vm_state(vm)],
-        vec!["vmm:".into(), name_of(&vm.vmm)],
+        vec!["vmm:".into(), wire_name(&vm.vmm)],
         vec![
             "pid:".into(),
             vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -191,7 +174,7 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
             "restart:".into(),
             format!(
                 "{} (delay {}s, max {}s), {} restarts",
-                name_of(&vm.restart_policy),
+                wire_name(&vm.restart_policy),
                 vm.restart_delay_secs,
                 vm.restart_max_delay_secs,
                 vm.restart_count
@@ -216,7 +199,7 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
         };
         rows.push(vec![
             "last exit:".into(),
-            format!("{}{detail} ({})", name_of(&exit.kind), ago(exit.at, now)),
+            format!("{}{detail} ({})", wire_name(&exit.kind), ago(exit.at, now)),
         ]);
     }
     if let Some(error) = &vm.error {

@@ -27,7 +27,7 @@ use crate::actors::operation::{
 use crate::actors::store::{CountRecords, Delete, Get, List, Put, StoreActor, TakeSnapshot};
 use crate::actors::vm::{
     CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ListVms, VmCommand, VmError, VmManager, VmSettings,
-    console_log, vm_using_kernel,
+    vm_using_kernel,
 };
 use crate::catalog::{self, CatalogError};
 use crate::config::Mode;
@@ -191,14 +191,7 @@ pub async fn handle(
             )
         }
         Request::VmLogs(params) => {
-            let vm = services
-                .vms
-                .send(ForVm {
-                    name: params.name,
-                    command: VmCommand::Get,
-                })
-                .await??;
-            let path = console_log(&services.vm_settings, &vm.id);
+            let path = console_path(services, params.name).await?;
             let text = tokio::task::spawn_blocking(move || read_tail(&path, params.tail))
                 .await
                 .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
@@ -427,6 +420,18 @@ async fn remove_kernel(services: &Services, name: String) -> Result<KernelRecord
     Ok(kernel)
 }
 
+/// The console log of the VM named `name`.
+async fn console_path(services: &Services, name: String) -> Result<PathBuf, RpcError> {
+    let vm = services
+        .vms
+        .send(ForVm {
+            name,
+            command: VmCommand::Get,
+        })
+        .await??;
+    Ok(services.vm_settings.paths(&vm.id).console_log())
+}
+
 /// Accepts a streaming request: what to stream, ready to run.
 pub async fn open_stream(services: &Services, request: Request) -> Result<LogFollow, RpcError> {
     let Request::VmLogs(params) = request else {
@@ -435,14 +440,7 @@ pub async fn open_stream(services: &Services, request: Request) -> Result<LogFol
             "not a streaming request",
         ));
     };
-    let vm = services
-        .vms
-        .send(ForVm {
-            name: params.name,
-            command: VmCommand::Get,
-        })
-        .await??;
-    let path = console_log(&services.vm_settings, &vm.id);
+    let path = console_path(services, params.name).await?;
     let offset = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || tail_offset(&path, params.tail))

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -366,7 +367,10 @@ pub struct Launched {
 /// Starts firecracker (under its jailer when configured), with its serial
 /// console appended to `console.log`, then configures and starts the
 /// instance. On any failure the process is killed before this returns.
-pub async fn launch(host: &dyn HostOps, spec: &LaunchSpec) -> Result<Launched, FirecrackerError> {
+pub async fn launch(
+    host: &Arc<dyn HostOps>,
+    spec: &LaunchSpec,
+) -> Result<Launched, FirecrackerError> {
     let socket = spec.api_socket();
     let io_err = |action: &'static str, path: &Path| {
         let path = path.to_path_buf();
@@ -377,14 +381,24 @@ pub async fn launch(host: &dyn HostOps, spec: &LaunchSpec) -> Result<Launched, F
         }
     };
     if let Some(jail) = &spec.jail {
-        host.prepare_jail(
-            &jail.root(&spec.id),
-            &spec.jail_files(),
-            &[JAIL_LOG],
+        // Links, copies and chowns: file work, off the caller's thread.
+        let (host, root, files, uid, gid) = (
+            host.clone(),
+            jail.root(&spec.id),
+            spec.jail_files(),
             jail.uid,
             jail.gid,
-        )
-        .map_err(io_err("prepare the jail", &jail.root(&spec.id)))?;
+        );
+        let prepared = {
+            let root = root.clone();
+            tokio::task::spawn_blocking(move || {
+                host.prepare_jail(&root, &files, &[JAIL_LOG], uid, gid)
+            })
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r)
+        };
+        prepared.map_err(io_err("prepare the jail", &root))?;
     } else {
         // Firecracker refuses to bind over a stale socket.
         match std::fs::remove_file(&socket) {
