@@ -22,7 +22,8 @@ use std::sync::Arc;
 use banger::host::{HostOps, LocalHost};
 use banger::rpc::client::Client;
 use banger::rpc::protocol::{VmsResult, WithOpId};
-use banger::vmm::firecracker::{self, LaunchSpec, VmPaths};
+use banger::vmm::firecracker::Firecracker;
+use banger::vmm::{BootFiles, LaunchSpec, VmPaths, Vmm};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -79,22 +80,25 @@ fn bare_start(
     runtime.block_on(async {
         let vm_dir = dir.join(format!("bare{i}"));
         std::fs::create_dir_all(&vm_dir).expect("mkdir");
-        let spec = LaunchSpec {
-            firecracker: firecracker.to_path_buf(),
+        let backend = Firecracker {
+            binary: firecracker.to_path_buf(),
             jail: None,
+        };
+        let spec = LaunchSpec {
             id: format!("bare{i}"),
             paths: VmPaths { dir: vm_dir },
-            kernel: kernel.to_path_buf(),
-            initrd: None,
-            boot_args: banger::actors::vm::DEFAULT_BOOT_ARGS.into(),
+            boot: BootFiles {
+                vmlinux: kernel.to_path_buf(),
+                bzimage: None,
+                initrd: None,
+                args: backend.default_boot_args().into(),
+            },
             rootfs: rootfs.to_path_buf(),
             vcpus: 1,
             memory_mib: 128,
         };
         let start = Instant::now();
-        let launched = firecracker::launch(&host, &spec)
-            .await
-            .expect("bare launch");
+        let launched = backend.launch(&host, &spec).await.expect("bare launch");
         let elapsed = start.elapsed();
         launched
             .process
@@ -154,7 +158,7 @@ fn main() -> anyhow::Result<()> {
     ok(conn.call(
         2,
         "vm.create",
-        json!({"name": "timed", "kernel": "halt", "rootfs": rootfs, "memory": 128}),
+        json!({"name": "timed", "kernel": "halt", "rootfs": rootfs, "memory": 128, "vmm": "firecracker"}),
     ));
     let mut through_banger = Vec::new();
     for i in 0..START_SAMPLES as u64 {
@@ -198,7 +202,7 @@ fn main() -> anyhow::Result<()> {
             let (state, rootfs) = (state.clone(), rootfs.clone());
             std::thread::spawn(move || {
                 let mut conn = common::Conn::open(&state);
-                let answer = conn.call(1, "vm.create", json!({"name": format!("s{i:04}"), "kernel": "halt", "rootfs": rootfs, "memory": 128, "start": true}));
+                let answer = conn.call(1, "vm.create", json!({"name": format!("s{i:04}"), "kernel": "halt", "rootfs": rootfs, "memory": 128, "vmm": "firecracker", "start": true}));
                 assert_eq!(answer["result"]["vm"]["state"], "running", "{answer}");
             })
         })
@@ -308,7 +312,7 @@ fn main() -> anyhow::Result<()> {
             std::thread::spawn(move || {
                 let mut conn = common::Conn::open(&state);
                 for i in (SCALE + t..RECORDS).step_by(4) {
-                    let answer = conn.call(i as u64, "vm.create", json!({"name": format!("s{i:04}"), "kernel": "halt", "rootfs": rootfs, "memory": 128}));
+                    let answer = conn.call(i as u64, "vm.create", json!({"name": format!("s{i:04}"), "kernel": "halt", "rootfs": rootfs, "memory": 128, "vmm": "firecracker"}));
                     assert!(answer["result"].is_object(), "{answer}");
                 }
             })

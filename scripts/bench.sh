@@ -3,5 +3,8 @@
 # target/bench-results/<name>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/prerequisites.sh
 . scripts/fixtures.sh
-cargo bench --locked --bench store --bench rpc --bench vm
+BANGER_TEST_AGENT=$(scripts/build-agent.sh)
+export BANGER_TEST_AGENT
+cargo bench --locked --bench store --bench rpc --bench vm --bench guest

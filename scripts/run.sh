@@ -1,49 +1,56 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: build banger, start bangerd, and boot a
-# VM on firecracker, then keep the daemon in the foreground (Ctrl-C stops
-# the daemon; the VM keeps running, as VMs outlive their daemon).
-#
-# Until guest kernels can be imported (kernel import-deb), the VM boots the
-# 4-byte "halt kernel": it reaches Running and idles, which exercises the
-# whole lifecycle without a guest OS.
+# The main job on a fresh machine: install what banger needs, build it and
+# its static guest agent, start bangerd (user mode, in the background),
+# import Debian's cloud kernel from its package, build a busybox root disk
+# (until OCI images land), boot a VM and run `uname -a` in it through its
+# agent. A second run reuses the daemon, kernel, disk and VM it finds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+. scripts/prerequisites.sh
 cargo build --release --locked --bins
+agent=$(scripts/build-agent.sh)
 . scripts/fixtures.sh
 
 work="${XDG_STATE_HOME:-$HOME/.local/state}/banger-demo"
 mkdir -p "$work"
 socket="$work/bangerd.sock"
 config="$work/bangerd.toml"
-printf '[firecracker]\nbinary = "%s"\n' "$BANGER_TEST_FIRECRACKER" > "$config"
-
-target/release/bangerd --user --config "$config" --state-dir "$work/state" --socket "$socket" &
-daemon=$!
-trap 'kill "$daemon" 2>/dev/null || true' INT TERM
+printf '[agent]\nbinary = "%s"\n[firecracker]\nbinary = "%s"\n' \
+    "$PWD/$agent" "$BANGER_TEST_FIRECRACKER" > "$config"
 banger() { target/release/banger --socket "$socket" "$@"; }
-until banger daemon status >/dev/null 2>&1; do
-    kill -0 "$daemon" 2>/dev/null || { echo "bangerd exited" >&2; exit 1; }
-    sleep 0.1
-done
+
+if ! banger daemon status >/dev/null 2>&1; then
+    # Its own session: the daemon outlives this script, as VMs outlive it.
+    setsid target/release/bangerd --user --config "$config" --state-dir "$work/state" \
+        --socket "$socket" </dev/null >>"$work/bangerd.log" 2>&1 &
+    echo $! > "$work/bangerd.pid"
+    until banger daemon status >/dev/null 2>&1; do
+        kill -0 "$(cat "$work/bangerd.pid")" 2>/dev/null ||
+            { echo "bangerd exited; see $work/bangerd.log" >&2; exit 1; }
+        sleep 0.1
+    done
+fi
 banger daemon status
 
-if [ ! -w /dev/kvm ]; then
-    echo "no usable /dev/kvm: not booting a VM" >&2
-else
-    python3 - "$work/halt.elf" <<'PY'
-import struct, sys
-code = bytes([0xFA, 0xF4, 0xEB, 0xFD])  # cli; hlt; jmp back
-header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
-header += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x1000000, 64, 0, 0, 64, 56, 1, 0, 0, 0)
-segment = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, 0x1000000, 0x1000000, 4, 4, 0x1000)
-image = header + segment
-open(sys.argv[1], "wb").write(image + bytes(0x1000 - len(image)) + code)
-PY
-    truncate -s 64M "$work/rootfs.img"
-    banger kernel ls | grep -q '^halt ' || banger kernel import halt --vmlinux "$work/halt.elf"
-    banger vm ls | grep -q '^demo ' || banger vm create demo --kernel halt --rootfs "$work/rootfs.img" --memory 128M
-    banger vm start demo
-    banger vm ls
-fi
-wait "$daemon"
+banger kernel ls | grep -q '^debian ' ||
+    banger kernel import-deb debian "$BANGER_TEST_KERNEL_DEB"
+[ -f "$work/busybox.ext4" ] || scripts/busybox-rootfs.sh "$work/busybox.ext4" >/dev/null
+banger vm ls | grep -q '^demo ' ||
+    banger vm create demo --kernel debian --rootfs "$work/busybox.ext4" --memory 256M
+banger vm start demo >/dev/null
+banger vm ping demo --wait 120
+banger vm exec demo -- uname -a
+banger vm ls
+
+cat <<EOF
+
+bangerd runs in the background (pid $(cat "$work/bangerd.pid" 2>/dev/null || echo '?'), log $work/bangerd.log).
+Try next:
+  alias banger='$PWD/target/release/banger --socket $socket'
+  banger vm exec demo -- sh -c 'cat /proc/cpuinfo | head -5'
+  echo hello | banger vm exec demo -- cat
+  banger vm logs demo --tail 20
+  banger vm inspect demo
+  banger vm stop demo
+EOF

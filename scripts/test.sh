@@ -8,7 +8,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 
+. scripts/prerequisites.sh
 . scripts/fixtures.sh
+# The guest agent, static, for the guest tests (and the initramfs).
+BANGER_TEST_AGENT=$(scripts/build-agent.sh)
+export BANGER_TEST_AGENT
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

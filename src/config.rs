@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::operations::Retention;
+use crate::vmm::qemu::AccelChoice;
 
 /// System mode serves the whole host as root; user mode serves one user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,15 @@ pub struct ConfigFile {
     pub firecracker: FirecrackerSection,
     #[serde(default)]
     pub restart: RestartSection,
+    #[serde(default)]
+    pub qemu: QemuSection,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QemuSection {
+    pub binary: Option<PathBuf>,
+    pub accel: Option<AccelChoice>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -122,6 +132,9 @@ pub struct Config {
     /// The firecracker binary: a path, or a name looked up in PATH.
     pub firecracker: PathBuf,
     pub jailer: Option<JailerConfig>,
+    /// The QEMU binary: a path, or a name looked up in PATH.
+    pub qemu: PathBuf,
+    pub qemu_accel: AccelChoice,
     /// Backoff for VMs that do not set their own.
     pub restart_delay_ms: u64,
     pub restart_max_delay_ms: u64,
@@ -252,6 +265,11 @@ pub fn resolve(
             .firecracker
             .binary
             .unwrap_or_else(|| PathBuf::from("firecracker")),
+        qemu: file
+            .qemu
+            .binary
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+        qemu_accel: file.qemu.accel.unwrap_or_default(),
         restart_delay_ms,
         restart_max_delay_ms,
     })

@@ -24,9 +24,11 @@ use crate::host::LocalHost;
 use crate::rpc::access::AccessPolicy;
 use crate::rpc::dispatch::{DaemonInfo, Services};
 use crate::rpc::server::{RpcServer, StopAccepting};
+use crate::store::records::{Accel, VmmKind};
 use crate::store::{Store, StoreError};
 use crate::vm::restart::RestartPolicy;
-use crate::vmm::firecracker::JailSpec;
+use crate::vmm::firecracker::{Firecracker, JailSpec};
+use crate::vmm::qemu::Qemu;
 
 /// Store worker threads: reads run in parallel, writes serialise in redb.
 const STORE_THREADS: usize = 2;
@@ -102,14 +104,33 @@ impl SystemSupervisor {
         }
 
         let jail_base = config.state_dir.join("jail");
-        let vm_settings = Arc::new(VmSettings {
-            firecracker: config.firecracker.clone(),
+        let accel = config
+            .qemu_accel
+            .resolve(Path::new("/dev/kvm"), Path::new("/sys/module"));
+        let firecracker = Firecracker {
+            binary: config.firecracker.clone(),
             jail: config.jailer.as_ref().map(|jailer| JailSpec {
                 jailer: jailer.binary.clone(),
                 base: jail_base.clone(),
                 uid: jailer.uid,
                 gid: jailer.gid,
             }),
+        };
+        // Firecracker needs KVM that boots stock guests; QEMU runs anywhere.
+        let default_vmm = if accel == Accel::Kvm && installed(&firecracker.binary) {
+            VmmKind::Firecracker
+        } else {
+            VmmKind::Qemu
+        };
+        info!(default_vmm = ?default_vmm, qemu_accel = ?accel, "VMM backends");
+        let vm_settings = Arc::new(VmSettings {
+            firecracker,
+            qemu: Qemu {
+                binary: config.qemu.clone(),
+                accel,
+            },
+            default_vmm,
+            agent: agent_binary(),
             host: Arc::new(LocalHost),
             jail_base,
             vms_dir: config.state_dir.join("vms"),
@@ -251,4 +272,21 @@ fn shared_group(path: &Path, name: &str) -> Result<Option<Gid>, DaemonError> {
     nix::unistd::chown(path, None, Some(gid))
         .map_err(|e| socket_err("change the group of", path)(e.into()))?;
     Ok(Some(gid))
+}
+
+/// Whether a binary named by path or by a name in PATH exists.
+fn installed(binary: &Path) -> bool {
+    if binary.components().count() > 1 {
+        return binary.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
+}
+
+/// The guest agent injected into VMs: beside the running bangerd.
+fn agent_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("banger-agent")))
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/banger/banger-agent"))
 }

@@ -117,7 +117,17 @@ impl Fixture {
     fn create(&self, name: &str, extra: &[&str]) -> Value {
         let rootfs = self.rootfs.to_str().expect("utf-8");
         let mut args = vec![
-            "vm", "create", name, "--kernel", "halt", "--rootfs", rootfs, "--memory", "128M",
+            "vm",
+            "create",
+            name,
+            "--kernel",
+            "halt",
+            "--rootfs",
+            rootfs,
+            "--memory",
+            "128M",
+            "--vmm",
+            "firecracker",
             "--json",
         ];
         args.extend_from_slice(extra);
@@ -582,7 +592,15 @@ fn bad_requests_are_refused_and_leave_no_vm() {
     let refused = f.run(&["kernel", "rm", "halt"]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("used by VM user"));
     let named = f.run(&[
-        "vm", "create", "user", "--kernel", "halt", "--rootfs", &rootfs,
+        "vm",
+        "create",
+        "user",
+        "--kernel",
+        "halt",
+        "--rootfs",
+        &rootfs,
+        "--vmm",
+        "firecracker",
     ]);
     assert!(String::from_utf8_lossy(&named.stderr).contains("already exists"));
 }

@@ -13,7 +13,7 @@
 //! removed, and a supervisor would bring a removed VM back.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,21 +27,25 @@ use tracing::{error, info, warn};
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::catalog::CatalogError;
 use crate::error_chain;
+use crate::guest::disk::{self, InjectError};
+use crate::guest::link::{AgentEvent, AgentLink};
 use crate::host::HostOps;
 use crate::store::StoreError;
-use crate::store::records::{KernelRecord, VmRecord, VmState, VmmKind, VmmProcess};
+use crate::store::records::{KernelRecord, VmRecord, VmState, VmmKind};
 use crate::vm::InvalidVm;
 use crate::vm::restart::{self, Decision, RestartPolicy};
-use crate::vm::state::{self, LastExit, StopIntent};
+use crate::vm::state::{self, Announcement, LastExit, StopIntent};
 use crate::vmm::console;
-use crate::vmm::firecracker::{
-    self, ActionType, ApiClient, FirecrackerError, JailSpec, LaunchSpec, VmPaths,
-};
+use crate::vmm::firecracker::Firecracker;
 use crate::vmm::orphans::Layout;
 use crate::vmm::process::{ExitStatus, ProcessHandle, is_alive};
+use crate::vmm::qemu::Qemu;
+use crate::vmm::{BootFiles, LaunchSpec, VmPaths, Vmm, VmmError};
+use banger_agent::protocol::ShutdownAction;
 
-/// Firecracker's kernel command line when the kernel record has none.
-pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// How long a graceful stop waits for the agent to take the request
+/// before pressing Ctrl-Alt-Del instead.
+const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a VM's console log size is checked against its cap.
 const CONSOLE_CHECK: Duration = Duration::from_secs(10);
 /// `vm stop` waits this long for the guest before SIGKILL.
@@ -49,9 +53,12 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where VMs live and what they run with.
 pub struct VmSettings {
-    pub firecracker: PathBuf,
-    /// Run firecracker under its jailer, a chroot per VM.
-    pub jail: Option<JailSpec>,
+    pub firecracker: Firecracker,
+    pub qemu: Qemu,
+    /// The backend of a VM created without `--vmm`.
+    pub default_vmm: VmmKind,
+    /// The banger-agent binary injected into every VM's root disk.
+    pub agent: PathBuf,
     pub vms_dir: PathBuf,
     /// Where jails live (also where orphaned jailed VMMs are recognised).
     pub jail_base: PathBuf,
@@ -63,6 +70,13 @@ impl VmSettings {
     pub fn paths(&self, id: &str) -> VmPaths {
         VmPaths {
             dir: self.vms_dir.join(id),
+        }
+    }
+
+    pub fn backend(&self, kind: VmmKind) -> &dyn Vmm {
+        match kind {
+            VmmKind::Firecracker => &self.firecracker,
+            VmmKind::Qemu => &self.qemu,
         }
     }
 }
@@ -93,8 +107,16 @@ pub enum VmError {
     Launch {
         name: String,
         #[source]
-        source: FirecrackerError,
+        source: VmmError,
     },
+    #[error("VM {name} failed to start")]
+    Inject {
+        name: String,
+        #[source]
+        source: InjectError,
+    },
+    #[error("VM {name}'s agent is not answering: {reason}")]
+    Agent { name: String, reason: String },
     #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
@@ -128,6 +150,14 @@ pub struct VmActor {
     stop_timer: Option<SpawnHandle>,
     exit_waiters: Vec<oneshot::Sender<()>>,
     writes: mpsc::UnboundedSender<(Write, oneshot::Sender<bool>)>,
+    /// The guest agent, once it has answered; dropped when its connection
+    /// ends or the VMM exits.
+    agent: Option<AgentLink>,
+    /// Connecting to the agent, while the VMM runs and no link is up.
+    agent_connect: Option<SpawnHandle>,
+    agent_waiters: Vec<oneshot::Sender<AgentLink>>,
+    /// What the agent announced before the VMM exits.
+    announced: Option<Announcement>,
 }
 
 /// A change to a VM's record.
@@ -185,6 +215,10 @@ impl VmActor {
             restart_timer: None,
             stop_timer: None,
             exit_waiters: Vec::new(),
+            agent: None,
+            agent_connect: None,
+            agent_waiters: Vec::new(),
+            announced: None,
         }
     }
 
@@ -206,16 +240,20 @@ impl VmActor {
 
     fn launch_spec(&self, kernel: &KernelRecord) -> LaunchSpec {
         let paths = self.settings.paths(&self.record.id);
+        let args = kernel.cmdline.clone().unwrap_or_else(|| {
+            self.settings
+                .backend(self.record.vmm)
+                .default_boot_args()
+                .to_string()
+        });
         LaunchSpec {
-            firecracker: self.settings.firecracker.clone(),
-            jail: self.settings.jail.clone(),
             id: self.record.id.clone(),
-            kernel: kernel.vmlinux.clone(),
-            initrd: kernel.initrd.clone(),
-            boot_args: kernel
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
+            boot: BootFiles {
+                vmlinux: kernel.vmlinux.clone(),
+                bzimage: kernel.bzimage.clone(),
+                initrd: kernel.initrd.clone(),
+                args: format!("{args} banger.hostname={}", self.record.name),
+            },
             rootfs: self.record.rootfs.clone(),
             vcpus: self.record.vcpus,
             memory_mib: self.record.memory_mib,
@@ -244,6 +282,8 @@ impl VmActor {
         let kernel_name = self.record.kernel.clone();
         let name = self.record.name.clone();
         let host = self.settings.host.clone();
+        let settings = self.settings.clone();
+        let vmm = self.record.vmm;
         let get = store.send(Get::<KernelRecord>::new(kernel_name.clone()));
         Box::pin(
             get
@@ -257,24 +297,22 @@ impl VmActor {
                     };
                     async move {
                         let spec = spec?;
-                        let launched = firecracker::launch(&host, &spec)
+                        inject_agent(&spec.rootfs, &settings.agent, &name).await?;
+                        settings
+                            .backend(vmm)
+                            .launch(&host, &spec)
                             .await
-                            .map_err(|source| VmError::Launch { name, source })?;
-                        Ok((spec.api_socket(), launched))
+                            .map_err(|source| VmError::Launch { name, source })
                     }
                     .into_actor(act)
                 })
                 .then(|launched, act, ctx| {
                     let result = match launched {
-                        Ok((api_socket, launched)) => {
-                            let pid = launched.process.pid();
-                            act.record.process = Some(VmmProcess {
-                                pid,
-                                start_time: launched.start_time,
-                                api_socket,
-                            });
+                        Ok(launched) => {
+                            act.record.process = Some(launched.recorded);
                             act.record.state = VmState::Running;
                             act.record.started_at = Some(Timestamp::now());
+                            act.announced = None;
                             act.watch(Rc::new(launched.process), ctx);
                             Ok(act.record.clone())
                         }
@@ -302,6 +340,7 @@ impl VmActor {
 
     fn watch(&mut self, process: Rc<ProcessHandle>, ctx: &mut Context<Self>) {
         self.process = Some(process.clone());
+        self.connect_agent(ctx);
         ctx.spawn(
             async move { process.exited().await }
                 .into_actor(self)
@@ -315,8 +354,9 @@ impl VmActor {
         if let Some(timer) = self.stop_timer.take() {
             ctx.cancel_future(timer);
         }
+        self.drop_agent(ctx);
         let requested = self.intent != StopIntent::None;
-        let kind = state::classify(self.intent, None);
+        let kind = state::classify(self.intent, self.announced.take());
         self.intent = StopIntent::None;
         let ran_for = self
             .record
@@ -355,10 +395,11 @@ impl VmActor {
                 };
             }
             Decision::RestartAfter { delay, crash_loop } => {
-                self.record.state = if crash_loop {
-                    VmState::CrashLoop
-                } else {
-                    VmState::Crashed
+                self.record.state = match (kind, crash_loop) {
+                    // A reboot the guest asked for is not a crash.
+                    (state::ExitKind::Reboot, _) => VmState::Stopped,
+                    (_, true) => VmState::CrashLoop,
+                    (_, false) => VmState::Crashed,
                 };
                 self.schedule_restart(delay, now, ctx);
             }
@@ -419,16 +460,17 @@ impl VmActor {
                     return;
                 }
             };
-            let api = ApiClient::new(&recorded.api_socket);
+            let settings = self.settings.clone();
+            let vmm = self.record.vmm;
             ctx.wait(
-                async move { api.instance_info().await }
+                async move { settings.backend(vmm).probe(&recorded).await }
                     .into_actor(self)
                     .map(move |info, act, ctx| match info {
-                        Ok(_) => {
+                        Ok(()) => {
                             act.record.state = VmState::Running;
                             act.persist();
+                            info!(vm = %act.record.name, pid = handle.pid(), "re-adopted running VM");
                             act.watch(handle, ctx);
-                            info!(vm = %act.record.name, pid = recorded.pid, "re-adopted running VM");
                         }
                         Err(e) => {
                             // Alive but not answering: it cannot be managed,
@@ -451,6 +493,96 @@ impl VmActor {
             self.record.next_restart_at = None;
             self.schedule_restart(Duration::from_millis(wait), now, ctx);
         }
+    }
+
+    /// Connects to the guest agent in the background (the guest may still
+    /// be booting); on success the link is kept and waiters get it, and a
+    /// link that ends while the VMM runs is connected again.
+    fn connect_agent(&mut self, ctx: &mut Context<Self>) {
+        let Some(endpoint) = self.record.process.as_ref().and_then(|p| p.agent.clone()) else {
+            return;
+        };
+        if let Some(previous) = self.agent_connect.take() {
+            ctx.cancel_future(previous);
+        }
+        let (events, heard) = mpsc::unbounded_channel();
+        let connecting = async move { (AgentLink::connect(&endpoint, events).await, heard) };
+        let handle = ctx.spawn(connecting.into_actor(self).map(|(link, heard), act, ctx| {
+            act.agent_connect = None;
+            match link {
+                Ok(link) => {
+                    act.listen(heard, ctx);
+                    act.agent_ready(link, ctx)
+                }
+                Err(e) => {
+                    warn!(vm = %act.record.name, error = %error_chain(&e), "cannot connect to the agent")
+                }
+            }
+        }));
+        self.agent_connect = Some(handle);
+    }
+
+    /// Takes the agent's announcements one at a time, for as long as its
+    /// connection lasts.
+    fn listen(&mut self, mut heard: mpsc::UnboundedReceiver<AgentEvent>, ctx: &mut Context<Self>) {
+        ctx.spawn(
+            async move { (heard.recv().await, heard) }
+                .into_actor(self)
+                .map(|(event, heard), act, ctx| {
+                    let Some(AgentEvent::Shutdown(action)) = event else {
+                        return;
+                    };
+                    act.announced = Some(match action {
+                        ShutdownAction::Poweroff => Announcement::Poweroff,
+                        ShutdownAction::Reboot => Announcement::Reboot,
+                    });
+                    info!(vm = %act.record.name, announced = ?act.announced, "guest is shutting down");
+                    if let Some(agent) = &act.agent {
+                        agent.ack_shutdown();
+                    }
+                    act.listen(heard, ctx);
+                }),
+        );
+    }
+
+    fn agent_ready(&mut self, link: AgentLink, ctx: &mut Context<Self>) {
+        if let Some(hello) = link.hello() {
+            info!(
+                vm = %self.record.name,
+                kernel = %hello.kernel,
+                agent = %hello.agent_version,
+                boot_ms = hello.boot.ready_ms,
+                "agent ready"
+            );
+        }
+        for waiter in self.agent_waiters.drain(..) {
+            let _ = waiter.send(link.clone());
+        }
+        self.agent = Some(link.clone());
+        // When the connection ends while the VMM runs, connect again.
+        ctx.spawn(
+            async move { link.closed().await }
+                .into_actor(self)
+                .map(|(), act, ctx| {
+                    if act.agent.as_ref().is_some_and(AgentLink::is_closed) {
+                        act.agent = None;
+                        if act.process.is_some() {
+                            act.connect_agent(ctx);
+                        }
+                    }
+                }),
+        );
+    }
+
+    fn drop_agent(&mut self, ctx: &mut Context<Self>) {
+        if let Some(connecting) = self.agent_connect.take() {
+            ctx.cancel_future(connecting);
+        }
+        if let Some(link) = self.agent.take() {
+            link.close();
+        }
+        // Waiters hear that the VM stopped when their sender drops.
+        self.agent_waiters.clear();
     }
 
     fn wait_for_exit(&mut self) -> oneshot::Receiver<()> {
@@ -488,6 +620,52 @@ impl Actor for VmActor {
                 }
             });
         });
+    }
+}
+
+/// The VM's agent, waiting up to `timeout` for it to come up (a VM that is
+/// booting); a VM that is not running answers a conflict at once.
+pub struct GetAgent {
+    pub timeout: Duration,
+}
+
+impl Message for GetAgent {
+    type Result = Result<AgentLink, VmError>;
+}
+
+impl Handler<GetAgent> for VmActor {
+    type Result = ResponseActFuture<Self, Result<AgentLink, VmError>>;
+
+    fn handle(&mut self, msg: GetAgent, _: &mut Context<Self>) -> Self::Result {
+        if let Some(link) = self.agent.clone().filter(|l| !l.is_closed()) {
+            return Box::pin(fut::ready(Ok(link)));
+        }
+        let booting = self.process.is_some() || self.record.state == VmState::Starting;
+        if !booting || self.intent != StopIntent::None {
+            return Box::pin(fut::ready(Err(conflict(
+                &self.record,
+                "start it first: the agent runs inside the VM",
+            ))));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.agent_waiters.push(tx);
+        let name = self.record.name.clone();
+        Box::pin(fut::wrap_future(async move {
+            match tokio::time::timeout(msg.timeout, rx).await {
+                Ok(Ok(link)) => Ok(link),
+                Ok(Err(_)) => Err(VmError::Agent {
+                    name,
+                    reason: "the VM stopped".into(),
+                }),
+                Err(_) => Err(VmError::Agent {
+                    name,
+                    reason: format!(
+                        "no answer within {:?}; `banger vm logs` shows the console",
+                        msg.timeout
+                    ),
+                }),
+            }
+        }))
     }
 }
 
@@ -581,7 +759,7 @@ impl Handler<VmCommand> for VmActor {
                     let record = act.record.clone();
                     let deleted = act.write(Write::Delete(record.clone()));
                     let dir = act.settings.paths(&record.id).dir;
-                    let jail = act.settings.jail.as_ref().map(|jail| jail.dir(&record.id));
+                    let jail = act.settings.backend(record.vmm).jail_dir(&record.id);
                     let host = act.settings.host.clone();
                     async move {
                         if !deleted.await.unwrap_or(false) {
@@ -634,10 +812,28 @@ impl VmActor {
             self.intent = StopIntent::Stop;
             self.record.state = VmState::Stopping;
             self.persist();
-            if let Some(recorded) = &self.record.process {
-                let api = ApiClient::new(&recorded.api_socket);
+            if let Some(recorded) = self.record.process.clone() {
+                // The agent powers the guest off cleanly; without it,
+                // Ctrl-Alt-Del through the VMM.
+                let (agent, settings, vmm) =
+                    (self.agent.clone(), self.settings.clone(), self.record.vmm);
+                let name = self.record.name.clone();
                 ctx.spawn(fut::wrap_future(async move {
-                    let _ = api.action(ActionType::SendCtrlAltDel).await;
+                    let asked = match agent {
+                        Some(agent) => tokio::time::timeout(
+                            AGENT_STOP_TIMEOUT,
+                            agent.shutdown(ShutdownAction::Poweroff),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok()),
+                        None => false,
+                    };
+                    if !asked {
+                        info!(vm = %name, "agent not answering; sending Ctrl-Alt-Del");
+                        if let Err(e) = settings.backend(vmm).ctrl_alt_del(&recorded).await {
+                            warn!(vm = %name, error = %error_chain(&e), "cannot send Ctrl-Alt-Del");
+                        }
+                    }
                 }));
             }
             self.stop_timer = Some(ctx.run_later(timeout, move |act, _| {
@@ -651,6 +847,26 @@ impl VmActor {
         }
         self.after_exit()
     }
+}
+
+/// Puts the current agent into the VM's root disk before each boot (an
+/// upgraded banger brings its agent along). A disk that is not ext4 boots
+/// as it is, with no agent.
+async fn inject_agent(rootfs: &Path, agent: &Path, name: &str) -> Result<(), VmError> {
+    let (rootfs, agent, vm) = (rootfs.to_path_buf(), agent.to_path_buf(), name.to_string());
+    tokio::task::spawn_blocking(move || {
+        if !disk::is_ext4(&rootfs)? {
+            warn!(vm = %vm, disk = %rootfs.display(), "root disk is not ext4; booting it without banger-agent");
+            return Ok(());
+        }
+        disk::inject_agent(&rootfs, &agent)
+    })
+    .await
+    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+    .map_err(|source| VmError::Inject {
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// Removes a VM's jail (through the host) and its directory.
@@ -687,7 +903,8 @@ pub struct CreateVm {
     pub rootfs: PathBuf,
     pub vcpus: u8,
     pub memory_mib: u32,
-    pub vmm: VmmKind,
+    /// The daemon's default backend when not given.
+    pub vmm: Option<VmmKind>,
     pub restart: Option<restart::RestartMode>,
     pub restart_delay_ms: Option<u64>,
     pub restart_max_delay_ms: Option<u64>,
@@ -814,6 +1031,32 @@ impl Handler<ForVm> for VmManager {
     }
 }
 
+/// The agent of the VM named `name` (see [`GetAgent`]).
+pub struct AgentOf {
+    pub name: String,
+    pub timeout: Duration,
+}
+
+impl Message for AgentOf {
+    type Result = Result<AgentLink, VmError>;
+}
+
+impl Handler<AgentOf> for VmManager {
+    type Result = ResponseFuture<Result<AgentLink, VmError>>;
+
+    fn handle(&mut self, msg: AgentOf, _: &mut Context<Self>) -> Self::Result {
+        let vm = self.vms.get(&msg.name).cloned();
+        Box::pin(async move {
+            let vm = vm.ok_or(VmError::NotFound(msg.name))?;
+            vm.send(GetAgent {
+                timeout: msg.timeout,
+            })
+            .await
+            .map_err(|_| VmError::Unavailable("VM actor"))?
+        })
+    }
+}
+
 /// Every VM's record, by name.
 pub struct ListVms;
 
@@ -844,13 +1087,6 @@ impl Handler<CreateVm> for VmManager {
         if self.vms.contains_key(&msg.name) || !self.reserved.insert(msg.name.clone()) {
             return Box::pin(fut::ready(Err(VmError::Exists(msg.name))));
         }
-        if msg.vmm == VmmKind::Qemu {
-            self.reserved.remove(&msg.name);
-            return Box::pin(fut::ready(Err(VmError::Invalid(InvalidVm {
-                field: "vmm",
-                reason: "the qemu backend has not landed yet; use firecracker".into(),
-            }))));
-        }
         let defaults = self.settings.restart_defaults;
         let policy = RestartPolicy {
             mode: msg.restart.unwrap_or(defaults.mode),
@@ -863,7 +1099,7 @@ impl Handler<CreateVm> for VmManager {
             id,
             name: msg.name.clone(),
             state: VmState::Created,
-            vmm: msg.vmm,
+            vmm: msg.vmm.unwrap_or(self.settings.default_vmm),
             vcpus: msg.vcpus,
             memory_mib: msg.memory_mib,
             kernel: msg.kernel.clone(),

@@ -20,7 +20,7 @@ use crate::daemon::VERSION;
 use crate::rpc::client::{Client, ClientError};
 use crate::rpc::protocol::{
     BackupResult, ErrorObject, KernelResult, KernelsResult, LogsResult, MethodsResult,
-    OperationResult, OperationsResult, StatusResult, VmResult, VmsResult,
+    OperationResult, OperationsResult, PingResult, StatusResult, VmResult, VmsResult,
 };
 use crate::rpc::stream;
 use crate::store::records::VmmKind;
@@ -154,6 +154,32 @@ enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command in the VM through its agent; banger exits with the
+    /// command's status (125 when banger itself fails).
+    Exec {
+        name: String,
+        /// Set an environment variable (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "K=V")]
+        env: Vec<String>,
+        /// The command's working directory in the guest.
+        #[arg(long, short = 'w', value_name = "DIR")]
+        workdir: Option<String>,
+        /// Seconds to wait for a booting VM's agent.
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        wait: f64,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Ping the VM's agent: round trip, kernel, boot times.
+    Ping {
+        name: String,
+        /// Seconds to wait for a booting VM's agent.
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        wait: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The VM's serial console output.
     Logs {
         name: String,
@@ -220,6 +246,8 @@ enum OpsCommand {
 enum Failure {
     Daemon(String),
     Unreachable(String),
+    /// `vm exec`: the command's own exit status.
+    Status(u8),
 }
 
 impl From<ClientError> for Failure {
@@ -238,8 +266,15 @@ pub fn main() -> ExitCode {
         clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
+    // `vm exec` keeps 0-124 for the command's status.
+    let exec = matches!(cli.command, Command::Vm(VmCommand::Exec { .. }));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Status(code)) => ExitCode::from(code),
+        Err(Failure::Daemon(message) | Failure::Unreachable(message)) if exec => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXEC_FAILED)
+        }
         Err(Failure::Daemon(message)) => {
             eprintln!("error: {message}");
             ExitCode::from(1)
@@ -362,6 +397,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             tail,
             follow: true,
         }) => follow_logs(client, &name, tail)?,
+        Command::Vm(VmCommand::Exec {
+            name,
+            env,
+            workdir,
+            wait,
+            command,
+        }) => exec(client, &name, &env, workdir, wait, command)?,
         Command::Vm(command) => vm(&mut client, command, now)?,
         Command::Kernel(command) => kernel(&mut client, command, now)?,
         Command::Completions { .. } => {}
@@ -447,6 +489,21 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
                 print!("{}", output::vm_details(&vm.result.vm, now));
             }
         }
+        // Taken by `run`: it needs the connection to itself.
+        VmCommand::Exec { .. } => {}
+        VmCommand::Ping { name, wait, json } => {
+            let ping =
+                client.call::<PingResult>("vm.ping", json!({"name": name, "wait_secs": wait}))?;
+            if json {
+                println!("{}", output::json(&ping));
+            } else {
+                let p = ping.result;
+                println!(
+                    "{name}: agent {} answered in {:.2} ms; kernel {}, hostname {}, ready {} ms after boot",
+                    p.agent_version, p.round_trip_ms, p.kernel, p.hostname, p.boot.ready_ms
+                );
+            }
+        }
         // `--follow` was taken by `run`: it needs the connection to itself.
         VmCommand::Logs { name, tail, .. } => {
             let logs = client.call::<LogsResult>("vm.logs", json!({"name": name, "tail": tail}))?;
@@ -456,9 +513,100 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
     Ok(())
 }
 
+/// banger's own failure in `vm exec`, as docker and podman report theirs.
+const EXEC_FAILED: u8 = 125;
+
+/// Runs a command in a VM: stdin goes to it in frames from a thread of its
+/// own, its output comes back until the exit frame.
+fn exec(
+    client: Client,
+    name: &str,
+    env: &[String],
+    workdir: Option<String>,
+    wait: f64,
+    command: Vec<String>,
+) -> Result<(), Failure> {
+    let mut variables = serde_json::Map::new();
+    for pair in env {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(Failure::Daemon(format!("--env {pair:?} is not K=V")));
+        };
+        variables.insert(key.to_string(), json!(value));
+    }
+    let params =
+        json!({"name": name, "argv": command, "env": variables, "cwd": workdir, "wait_secs": wait});
+    let (mut frames, mut writer) = client.stream("vm.exec", params)?;
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match std::io::Read::read(&mut stdin, &mut buffer) {
+                Ok(0) | Err(_) => {
+                    let _ = writer.write_all(&stream::frame(stream::STDIN_EOF, &[]));
+                    return;
+                }
+                Ok(n) => {
+                    if writer
+                        .write_all(&stream::frame(stream::STDIN, &buffer[..n]))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+    loop {
+        let frame = stream::read_frame(&mut frames)
+            .map_err(|e| Failure::Daemon(format!("the exec stream broke: {e}")))?;
+        let Some(frame) = frame else {
+            return Err(Failure::Daemon(
+                "bangerd ended the exec stream without an exit status".into(),
+            ));
+        };
+        match frame.kind {
+            stream::STDOUT => {
+                let _ = stdout
+                    .write_all(&frame.payload)
+                    .and_then(|()| stdout.flush());
+            }
+            stream::STDERR => {
+                let _ = stderr
+                    .write_all(&frame.payload)
+                    .and_then(|()| stderr.flush());
+            }
+            stream::EXIT => {
+                let status: banger_agent::protocol::ExitStatus =
+                    serde_json::from_slice(&frame.payload).map_err(|e| {
+                        Failure::Daemon(format!("bad exit status from bangerd: {e}"))
+                    })?;
+                // A signal reads as 128 + its number, as in a shell.
+                let code = match (status.code, status.signal) {
+                    (Some(code), _) => code,
+                    (None, Some(signal)) => 128 + signal,
+                    (None, None) => i32::from(EXEC_FAILED),
+                };
+                return match u8::try_from(code) {
+                    Ok(0) => Ok(()),
+                    Ok(code) => Err(Failure::Status(code)),
+                    Err(_) => Err(Failure::Status(EXEC_FAILED)),
+                };
+            }
+            stream::ERROR => {
+                let message = serde_json::from_slice::<ErrorObject>(&frame.payload)
+                    .map(|e| e.message)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&frame.payload).into_owned());
+                return Err(Failure::Daemon(message));
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Copies the console stream to stdout until the daemon ends it.
 fn follow_logs(client: Client, name: &str, tail: Option<usize>) -> Result<(), Failure> {
-    let mut frames = client.stream(
+    let (mut frames, _) = client.stream(
         "vm.logs",
         json!({"name": name, "tail": tail, "follow": true}),
     )?;

@@ -76,13 +76,14 @@ impl Client {
 
     /// Sends a streaming request; once accepted, the connection carries
     /// frames (see `rpc::stream`), read from what this returns.
+    /// The reader and the writer of the connection, both now framed.
     pub fn stream(
         mut self,
         method: &str,
         params: Value,
-    ) -> Result<BufReader<UnixStream>, ClientError> {
+    ) -> Result<(BufReader<UnixStream>, UnixStream), ClientError> {
         self.call::<Value>(method, params)?;
-        Ok(self.reader)
+        Ok((self.reader, self.writer))
     }
 
     pub fn call<T: DeserializeOwned>(

@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use super::protocol::{
     BackupParams, BackupResult, ErrorCode, HelloParams, HelloResult, KernelImportParams, KernelRef,
     KernelResult, KernelsResult, LogsResult, METHODS, MemoryArg, MethodDescription, MethodsResult,
-    Notification, OperationRef, OperationResult, OperationsResult, PROTOCOL_VERSION, Progress,
-    Request, RpcError, StatusResult, StoreSchemaResult, StoreStatus, VmCreateParams, VmRef,
-    VmResult, VmView, VmsResult, WithOpId,
+    Notification, OperationRef, OperationResult, OperationsResult, PROTOCOL_VERSION, PingResult,
+    Progress, Request, RpcError, StatusResult, StoreSchemaResult, StoreStatus, VmCreateParams,
+    VmPingParams, VmRef, VmResult, VmView, VmsResult, WithOpId,
 };
 use crate::actors::operation::{
     Begin, CancelOperation, GetOperation, ListOperations, OperationHandle, OperationRegistry,
@@ -26,19 +26,24 @@ use crate::actors::operation::{
 };
 use crate::actors::store::{CountRecords, Delete, Get, List, Put, StoreActor, TakeSnapshot};
 use crate::actors::vm::{
-    CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ListVms, VmCommand, VmError, VmManager, VmSettings,
-    vm_using_kernel,
+    AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ListVms, VmCommand, VmError, VmManager,
+    VmSettings, vm_using_kernel,
 };
 use crate::catalog::{self, CatalogError};
 use crate::config::Mode;
 use crate::error_chain;
+use crate::guest::link::{AgentLink, ExecSession};
 use crate::rpc::stream::LogFollow;
-use crate::store::records::{KernelRecord, VmmKind};
+use crate::store::records::KernelRecord;
 use crate::store::records::{OperationOutcome, OperationRecord};
 use crate::store::{Observed, backup};
 use crate::vm::{
     InvalidVm, generate_name, parse_memory_mib, validate_name, validate_rootfs, validate_vcpus,
 };
+use banger_agent::protocol::ExecRequest;
+
+/// How long `vm exec` and `vm ping` wait for a booting VM's agent.
+const DEFAULT_AGENT_WAIT: Duration = Duration::from_secs(60);
 
 /// Facts about the running daemon, fixed at start-up.
 pub struct DaemonInfo {
@@ -197,6 +202,27 @@ pub async fn handle(
                 .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
             with_op_id(reply, LogsResult { text })
         }
+        Request::VmPing(VmPingParams { name, wait_secs }) => {
+            let link = agent_of(services, name, wait_secs).await?;
+            let round_trip = link.ping().await?;
+            let hello = link.hello().ok_or_else(|| {
+                RpcError::new(ErrorCode::Unavailable, "the agent has not said hello")
+            })?;
+            with_op_id(
+                reply,
+                PingResult {
+                    round_trip_ms: round_trip.as_secs_f64() * 1000.0,
+                    agent_version: hello.agent_version,
+                    kernel: hello.kernel,
+                    hostname: hello.hostname,
+                    boot: hello.boot,
+                },
+            )
+        }
+        Request::VmExec(_) => Err(RpcError::new(
+            ErrorCode::InvalidRequest,
+            "vm.exec is a streaming request",
+        )),
         Request::KernelImport(params) => {
             validate_name("name", &params.name)?;
             let name = params.name.clone();
@@ -336,7 +362,7 @@ fn validate_create(services: &Services, params: VmCreateParams) -> Result<Create
         rootfs,
         vcpus,
         memory_mib,
-        vmm: params.vmm.unwrap_or(VmmKind::Firecracker),
+        vmm: params.vmm,
         restart: params.restart,
         restart_delay_ms,
         restart_max_delay_ms,
@@ -370,6 +396,7 @@ async fn import_kernel(
         vmlinux_sha256: Some(imported.vmlinux_sha256),
         initrd: imported.initrd,
         initrd_sha256: imported.initrd_sha256,
+        bzimage: None,
         cmdline: params.cmdline,
         created_at: Timestamp::now(),
     };
@@ -433,21 +460,51 @@ async fn console_path(services: &Services, name: String) -> Result<PathBuf, RpcE
 }
 
 /// Accepts a streaming request: what to stream, ready to run.
-pub async fn open_stream(services: &Services, request: Request) -> Result<LogFollow, RpcError> {
-    let Request::VmLogs(params) = request else {
-        return Err(RpcError::new(
+/// The agent of a VM, waiting for a booting VM's agent up to `wait_secs`.
+async fn agent_of(
+    services: &Services,
+    name: String,
+    wait_secs: Option<f64>,
+) -> Result<AgentLink, RpcError> {
+    let timeout = wait_secs.map_or(DEFAULT_AGENT_WAIT, Duration::from_secs_f64);
+    Ok(services.vms.send(AgentOf { name, timeout }).await??)
+}
+
+/// What a streaming request streams.
+pub enum Opened {
+    Logs(LogFollow),
+    Exec(ExecSession),
+}
+
+pub async fn open_stream(services: &Services, request: Request) -> Result<Opened, RpcError> {
+    match request {
+        Request::VmLogs(params) => {
+            let path = console_path(services, params.name).await?;
+            let offset = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || tail_offset(&path, params.tail))
+                    .await
+                    .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??
+            };
+            Ok(Opened::Logs(LogFollow { path, offset }))
+        }
+        Request::VmExec(params) => {
+            let link = agent_of(services, params.name, params.wait_secs).await?;
+            let session = link
+                .exec(ExecRequest {
+                    argv: params.argv,
+                    env: params.env.into_iter().collect(),
+                    cwd: params.cwd,
+                    pty: false,
+                })
+                .await?;
+            Ok(Opened::Exec(session))
+        }
+        _ => Err(RpcError::new(
             ErrorCode::InvalidRequest,
             "not a streaming request",
-        ));
-    };
-    let path = console_path(services, params.name).await?;
-    let offset = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || tail_offset(&path, params.tail))
-            .await
-            .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??
-    };
-    Ok(LogFollow { path, offset })
+        )),
+    }
 }
 
 /// Where the last `tail` lines of a log start (all of it without a tail).

@@ -7,6 +7,7 @@ use crate::actors::operation::OperationError;
 use crate::actors::vm::VmError;
 use crate::catalog::CatalogError;
 use crate::error_chain;
+use crate::guest::link::AgentError;
 use crate::store::StoreError;
 use crate::store::backup::BackupError;
 use crate::vm::InvalidVm;
@@ -95,11 +96,23 @@ impl From<VmError> for RpcError {
                     }
                     VmError::Exists(_) => ErrorCode::AlreadyExists,
                     VmError::Conflict { .. } | VmError::KernelInUse { .. } => ErrorCode::Conflict,
-                    VmError::Unavailable(_) => ErrorCode::Unavailable,
+                    VmError::Unavailable(_) | VmError::Agent { .. } => ErrorCode::Unavailable,
                     _ => ErrorCode::Internal,
                 };
                 RpcError::new(code, error_chain(&e))
             }
         }
+    }
+}
+
+impl From<AgentError> for RpcError {
+    fn from(e: AgentError) -> RpcError {
+        let code = match &e {
+            // The agent could not do what was asked (e.g. no such program).
+            AgentError::Refused(_) => ErrorCode::InvalidParams,
+            AgentError::Version { .. } => ErrorCode::ProtocolMismatch,
+            _ => ErrorCode::Unavailable,
+        };
+        RpcError::new(code, error_chain(&e))
     }
 }

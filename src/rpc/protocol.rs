@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::store::records::{KernelRecord, OperationRecord, VmRecord, VmState, VmmKind};
+use crate::store::records::{Accel, KernelRecord, OperationRecord, VmRecord, VmState, VmmKind};
 use crate::vm::restart::RestartMode;
 use crate::vm::state::LastExit;
 
@@ -362,6 +362,46 @@ pub struct VmLogsParams {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct VmExecParams {
+    pub name: String,
+    /// The program and its arguments; the program is looked up in the
+    /// guest's PATH.
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// A pseudo-terminal (not yet served).
+    #[serde(default)]
+    pub tty: bool,
+    /// How long to wait for the agent of a VM that is still booting (default 60).
+    #[serde(default)]
+    pub wait_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmPingParams {
+    pub name: String,
+    /// How long to wait for the agent of a VM that is still booting (default 60).
+    #[serde(default)]
+    pub wait_secs: Option<f64>,
+}
+
+/// The agent's answer to `vm.ping`, with what it said in its hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub round_trip_ms: f64,
+    pub agent_version: String,
+    pub kernel: String,
+    pub hostname: String,
+    /// Guest boot clock (ms) when the agent's stages started and when it
+    /// began serving.
+    pub boot: banger_agent::protocol::BootTimes,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KernelImportParams {
     pub name: String,
     pub vmlinux: PathBuf,
@@ -398,6 +438,8 @@ pub enum Request {
     VmList,
     VmGet(VmRef),
     VmLogs(VmLogsParams),
+    VmExec(VmExecParams),
+    VmPing(VmPingParams),
     KernelImport(KernelImportParams),
     KernelList,
     KernelRemove(KernelRef),
@@ -482,6 +524,14 @@ pub const METHODS: &[MethodInfo] = &[
         summary: "A VM's serial console output (the last lines with tail).",
     },
     MethodInfo {
+        name: "vm.exec",
+        summary: "Run a command in a VM through its agent; the connection becomes a byte stream of stdin, stdout, stderr and the exit status.",
+    },
+    MethodInfo {
+        name: "vm.ping",
+        summary: "Ping a VM's agent (waiting for a booting VM's agent to come up).",
+    },
+    MethodInfo {
         name: "kernel.import",
         summary: "Copy a vmlinux (and initrd) into the kernel catalog under a name.",
     },
@@ -516,6 +566,8 @@ impl Request {
             Request::VmList => "vm.list",
             Request::VmGet(_) => "vm.get",
             Request::VmLogs(_) => "vm.logs",
+            Request::VmExec(_) => "vm.exec",
+            Request::VmPing(_) => "vm.ping",
             Request::KernelImport(_) => "kernel.import",
             Request::KernelList => "kernel.list",
             Request::KernelRemove(_) => "kernel.remove",
@@ -556,6 +608,31 @@ impl Request {
             "vm.list" => typed::<NoParams>(params).map(|_| Request::VmList)?,
             "vm.get" => Request::VmGet(typed(params)?),
             "vm.logs" => Request::VmLogs(typed(params)?),
+            "vm.exec" => {
+                let exec: VmExecParams = typed(params)?;
+                if exec.argv.is_empty() || exec.argv[0].is_empty() {
+                    return Err(RpcError::invalid_params("argv", "must name a program"));
+                }
+                if exec.tty {
+                    return Err(RpcError::invalid_params(
+                        "tty",
+                        "a pseudo-terminal is not served yet; run without -t",
+                    ));
+                }
+                if let Some(key) = exec.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+                    return Err(RpcError::invalid_params(
+                        "env",
+                        format!("{key:?} is not a variable name"),
+                    ));
+                }
+                check_wait("wait_secs", exec.wait_secs)?;
+                Request::VmExec(exec)
+            }
+            "vm.ping" => {
+                let ping: VmPingParams = typed(params)?;
+                check_wait("wait_secs", ping.wait_secs)?;
+                Request::VmPing(ping)
+            }
             "kernel.import" => Request::KernelImport(typed(params)?),
             "kernel.list" => typed::<NoParams>(params).map(|_| Request::KernelList)?,
             "kernel.remove" => Request::KernelRemove(typed(params)?),
@@ -570,7 +647,19 @@ impl Request {
 
     /// Whether an accepted request switches its connection to a byte stream.
     pub fn is_streaming(&self) -> bool {
-        matches!(self, Request::VmLogs(VmLogsParams { follow: true, .. }))
+        matches!(
+            self,
+            Request::VmLogs(VmLogsParams { follow: true, .. }) | Request::VmExec(_)
+        )
+    }
+}
+
+fn check_wait(field: &'static str, secs: Option<f64>) -> Result<(), RpcError> {
+    match secs {
+        Some(s) if !(s.is_finite() && (0.0..=3600.0).contains(&s)) => Err(
+            RpcError::invalid_params(field, "must be between 0 and 3600 seconds"),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -751,6 +840,8 @@ pub struct VmView {
     pub started_at: Option<jiff::Timestamp>,
     /// Why the VM is `failed`.
     pub error: Option<String>,
+    /// QEMU's accelerator while it runs (`kvm` or `tcg`).
+    pub accel: Option<Accel>,
 }
 
 impl From<&VmRecord> for VmView {
@@ -774,6 +865,7 @@ impl From<&VmRecord> for VmView {
             created_at: vm.created_at,
             started_at: vm.started_at,
             error: vm.error.clone(),
+            accel: vm.process.as_ref().and_then(|p| p.accel),
         }
     }
 }
@@ -925,6 +1017,7 @@ mod tests {
                 "daemon.backup" => serde_json::json!({"path": "/x"}),
                 "vm.create" => serde_json::json!({"kernel": "k", "rootfs": "/r", "memory": "2G"}),
                 "kernel.import" => serde_json::json!({"name": "k", "vmlinux": "/v"}),
+                "vm.exec" => serde_json::json!({"name": "a", "argv": ["uname", "-r"]}),
                 "vm.list" | "kernel.list" => serde_json::json!({}),
                 n if n.starts_with("vm.") || n.starts_with("kernel.") => {
                     serde_json::json!({"name": "a"})

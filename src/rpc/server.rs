@@ -17,7 +17,7 @@ use actix::prelude::*;
 use futures_util::StreamExt;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
@@ -25,11 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::access::{AccessPolicy, groups_of};
-use super::dispatch::{Reply, Services, handle, line, open_stream};
+use super::dispatch::{Opened, Reply, Services, handle, line, open_stream};
 use super::protocol::{
     ErrorCode, MAX_LINE_BYTES, Response, RpcError, StreamAccepted, StreamInfo, WithOpId, parse_line,
 };
-use super::stream::follow_log;
+use super::stream::{follow_log, relay_exec};
 use crate::operations::new_op_id;
 
 pub const MAX_SESSIONS: usize = 4096;
@@ -227,7 +227,7 @@ async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<Access
                 continue;
             }
             match open_stream(&services, call.request).await {
-                Ok(follow) => {
+                Ok(opened) => {
                     let accepted = WithOpId {
                         op_id: op_id.clone(),
                         result: StreamAccepted {
@@ -237,9 +237,23 @@ async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<Access
                     let result = serde_json::value::to_raw_value(&accepted)
                         .unwrap_or_else(|_| RawValue::NULL.to_owned());
                     let _ = out.send(line(&Response::success(call.id, result))).await;
-                    let client_gone = async { while lines.next().await.is_some() {} };
-                    follow_log(follow, &out, client_gone).await;
-                    break;
+                    match opened {
+                        Opened::Logs(follow) => {
+                            let client_gone = async { while lines.next().await.is_some() {} };
+                            follow_log(follow, &out, client_gone).await;
+                        }
+                        Opened::Exec(session) => {
+                            // Frames the client sent right behind its request
+                            // are in the line reader's buffer: read them first.
+                            let parts = lines.into_parts();
+                            let client = std::io::Cursor::new(parts.read_buf).chain(parts.io);
+                            relay_exec(session, client, &out).await;
+                        }
+                    }
+                    closed.cancel();
+                    drop(out);
+                    let _ = writer.await;
+                    return;
                 }
                 Err(error) => {
                     let _ = out

@@ -1,16 +1,23 @@
 //! The framed byte stream a connection switches to after a streaming
 //! request is accepted (docs/rpc.md, "Byte streams"): a 1-byte type, a
-//! 4-byte big-endian length, the payload. `vm logs --follow` uses it today.
+//! 4-byte big-endian length, the payload. `vm logs --follow` and `vm exec`
+//! use it.
 
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use banger_agent::protocol::{ExitStatus, FrameKind};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
 use super::protocol::{ErrorCode, ErrorObject, MAX_LINE_BYTES};
+use crate::guest::link::ExecSession;
 
+pub const STDIN: u8 = 0x01;
+pub const STDIN_EOF: u8 = 0x02;
+pub const RESIZE: u8 = 0x03;
+pub const SIGNAL: u8 = 0x04;
 pub const STDOUT: u8 = 0x11;
 pub const STDERR: u8 = 0x12;
 pub const EXIT: u8 = 0x13;
@@ -58,6 +65,131 @@ pub fn read_frame(reader: &mut impl Read) -> io::Result<Option<Frame>> {
         kind: header[0],
         payload,
     }))
+}
+
+/// Reads one frame from the client; None when it closed its end.
+async fn read_client_frame(reader: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Frame>> {
+    let mut header = [0u8; 5];
+    match reader.read_exact(&mut header[..1]).await {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        other => other?,
+    };
+    reader.read_exact(&mut header[1..]).await?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit"),
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload).await?;
+    Ok(Some(Frame {
+        kind: header[0],
+        payload,
+    }))
+}
+
+fn error_frame(code: ErrorCode, message: String) -> Vec<u8> {
+    let error = ErrorObject {
+        code: code.code(),
+        message,
+        data: None,
+    };
+    frame(ERROR, &serde_json::to_vec(&error).unwrap_or_default())
+}
+
+/// Relays a process in a guest: the client's stdin frames to the agent,
+/// its output and exit status back. A client that goes away takes the
+/// process with it (SIGKILL); an agent that goes away ends the stream with
+/// an error frame.
+pub async fn relay_exec(
+    mut session: ExecSession,
+    client: impl AsyncRead + Unpin + 'static,
+    out: &mpsc::Sender<Vec<u8>>,
+) {
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    // A reader of its own: a frame half read must not be lost when output
+    // wins the select.
+    let reader = actix::spawn(async move {
+        let mut client = client;
+        loop {
+            let frame = read_client_frame(&mut client).await;
+            let done = !matches!(frame, Ok(Some(_)));
+            if frames_tx.send(frame).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(Ok(Some(Frame { kind: STDIN, payload }))) => {
+                    if !payload.is_empty() {
+                        let _ = session.stdin(&payload);
+                    }
+                }
+                Some(Ok(Some(Frame { kind: STDIN_EOF, .. }))) => {
+                    let _ = session.stdin_eof();
+                }
+                // One signal the agent delivers: SIGKILL; a terminal size
+                // has no pty to go to yet.
+                Some(Ok(Some(Frame { kind: SIGNAL, .. }))) => {
+                    let _ = session.kill();
+                }
+                Some(Ok(Some(Frame { kind: RESIZE, .. }))) => {}
+                Some(Ok(Some(Frame { kind, .. }))) => {
+                    let _ = session.kill();
+                    let _ = out
+                        .send(error_frame(
+                            ErrorCode::InvalidRequest,
+                            format!("unknown frame type {kind:#04x}"),
+                        ))
+                        .await;
+                    break;
+                }
+                Some(Ok(None)) | Some(Err(_)) | None => {
+                    // The client is gone: nobody reads the output any more.
+                    let _ = session.kill();
+                    break;
+                }
+            },
+            output = session.output.recv() => match output {
+                Some(frame) => match frame.kind {
+                    FrameKind::Stdout | FrameKind::Stderr => {
+                        let kind = if frame.kind == FrameKind::Stdout { STDOUT } else { STDERR };
+                        for chunk in frame.payload.chunks(CHUNK) {
+                            if out.send(self::frame(kind, chunk)).await.is_err() {
+                                let _ = session.kill();
+                                break;
+                            }
+                        }
+                    }
+                    FrameKind::Exit => {
+                        let status = frame.parse::<ExitStatus>().unwrap_or(ExitStatus {
+                            code: None,
+                            signal: None,
+                        });
+                        let _ = out
+                            .send(self::frame(EXIT, &serde_json::to_vec(&status).unwrap_or_default()))
+                            .await;
+                        break;
+                    }
+                    _ => {}
+                },
+                None => {
+                    let _ = out
+                        .send(error_frame(
+                            ErrorCode::Unavailable,
+                            "the connection to the guest agent was lost (did the VM stop?)".into(),
+                        ))
+                        .await;
+                    break;
+                }
+            },
+        }
+    }
+    reader.abort();
 }
 
 /// A console log to follow from `offset`.

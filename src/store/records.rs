@@ -77,7 +77,32 @@ pub struct VmmProcess {
     pub pid: i32,
     /// Field 22 of `/proc/<pid>/stat`: clock ticks after boot.
     pub start_time: u64,
+    /// The VMM's control socket: firecracker's API, or QEMU's QMP.
     pub api_socket: PathBuf,
+    /// Where the host reaches the guest agent.
+    #[serde(default)]
+    pub agent: Option<AgentEndpoint>,
+    /// How QEMU runs the guest (Firecracker always uses KVM).
+    #[serde(default)]
+    pub accel: Option<Accel>,
+}
+
+/// The host end of a VM's agent channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "transport", rename_all = "snake_case")]
+pub enum AgentEndpoint {
+    /// A QEMU virtio-serial port's chardev socket.
+    Serial { socket: PathBuf },
+    /// Firecracker's hybrid vsock: a Unix socket and a `CONNECT <port>` handshake.
+    Vsock { socket: PathBuf, port: u32 },
+}
+
+/// QEMU's accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
 }
 
 impl Record for VmRecord {
@@ -115,6 +140,9 @@ pub struct KernelRecord {
     pub initrd: Option<PathBuf>,
     #[serde(default)]
     pub initrd_sha256: Option<String>,
+    /// The compressed kernel (QEMU boots it), from a package import.
+    #[serde(default)]
+    pub bzimage: Option<PathBuf>,
     /// Kernel command line; banger's default when absent.
     #[serde(default)]
     pub cmdline: Option<String>,

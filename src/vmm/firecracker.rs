@@ -15,8 +15,12 @@ use hyper_util::rt::TokioIo;
 use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
+use futures_util::future::BoxFuture;
+
 use super::process::{ProcessHandle, read_stat};
+use super::{LaunchSpec, Launched, Vmm, VmmError};
 use crate::host::{HostOps, JailFile, VmmCommand};
+use crate::store::records::{AgentEndpoint, VmmProcess};
 
 /// How long one API call may take.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,6 +92,14 @@ pub enum ActionType {
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
+}
+
+/// The guest's vsock device; firecracker serves its host side as a Unix
+/// socket (hybrid vsock).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Vsock {
+    pub guest_cid: u32,
+    pub uds_path: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,25 +207,6 @@ impl ApiClient {
     }
 }
 
-/// Where a VM's firecracker keeps its files, all under the VM's directory
-/// (named by the VM's short id, so paths stay short).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmPaths {
-    pub dir: PathBuf,
-}
-
-impl VmPaths {
-    pub fn api_socket(&self) -> PathBuf {
-        self.dir.join("firecracker.sock")
-    }
-    pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
-    }
-    pub fn vmm_log(&self) -> PathBuf {
-        self.dir.join("firecracker.log")
-    }
-}
-
 /// Running firecracker under its jailer: a chroot per VM under `base`,
 /// dropping to `uid:gid`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +220,10 @@ pub struct JailSpec {
 /// Paths inside a jail, as firecracker sees them from its chroot.
 const JAIL_SOCKET: &str = "run/firecracker.socket";
 const JAIL_LOG: &str = "firecracker.log";
+/// The vsock's host socket, in the VM's directory or the jail's root.
+const VSOCK_SOCKET: &str = "agent.vsock";
+/// The guest's vsock context id (2 is the host; every VM has its own device).
+const GUEST_CID: u32 = 3;
 
 impl JailSpec {
     /// `<base>/firecracker/<id>`: the jailer's directory for this VM.
@@ -239,63 +236,67 @@ impl JailSpec {
     }
 }
 
-/// Everything a launch needs.
-#[derive(Debug, Clone)]
-pub struct LaunchSpec {
-    pub firecracker: PathBuf,
+/// The Firecracker backend: its binary and, optionally, its jailer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firecracker {
+    pub binary: PathBuf,
     pub jail: Option<JailSpec>,
-    pub id: String,
-    pub paths: VmPaths,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub boot_args: String,
-    pub rootfs: PathBuf,
-    pub vcpus: u8,
-    pub memory_mib: u32,
 }
 
-impl LaunchSpec {
+/// Firecracker's kernel command line when the kernel record has none.
+/// Firecracker adds `root=/dev/vda` for the root drive itself.
+const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off init=/sbin/banger-agent";
+
+impl Firecracker {
     /// The API socket, as the host reaches it.
-    pub fn api_socket(&self) -> PathBuf {
+    pub fn api_socket(&self, spec: &LaunchSpec) -> PathBuf {
         match &self.jail {
-            Some(jail) => jail.root(&self.id).join(JAIL_SOCKET),
-            None => self.paths.api_socket(),
+            Some(jail) => jail.root(&spec.id).join(JAIL_SOCKET),
+            None => spec.paths.dir.join("firecracker.sock"),
         }
     }
 
     /// Firecracker's own log, as the host sees it.
-    pub fn vmm_log(&self) -> PathBuf {
+    pub fn vmm_log(&self, spec: &LaunchSpec) -> PathBuf {
         match &self.jail {
-            Some(jail) => jail.root(&self.id).join(JAIL_LOG),
-            None => self.paths.vmm_log(),
+            Some(jail) => jail.root(&spec.id).join(JAIL_LOG),
+            None => spec.paths.dir.join("firecracker.log"),
         }
     }
 
     /// The program and arguments that start the VMM; the rest is
     /// configured over the API.
-    pub fn command(&self) -> (PathBuf, Vec<String>) {
+    /// The vsock's host socket, as the host reaches it.
+    pub fn vsock_socket(&self, spec: &LaunchSpec) -> PathBuf {
+        match &self.jail {
+            Some(jail) => jail.root(&spec.id).join(VSOCK_SOCKET),
+            None => spec.paths.dir.join(VSOCK_SOCKET),
+        }
+    }
+
+    pub fn command(&self, spec: &LaunchSpec) -> (PathBuf, Vec<String>) {
         let level = ["--level".to_string(), "Info".to_string()];
         match &self.jail {
             None => {
                 let mut args = vec![
                     "--api-sock".into(),
-                    self.paths.api_socket().display().to_string(),
+                    self.api_socket(spec).display().to_string(),
                     "--id".into(),
-                    self.id.clone(),
+                    spec.id.clone(),
                     "--log-path".into(),
-                    self.paths.vmm_log().display().to_string(),
+                    self.vmm_log(spec).display().to_string(),
                 ];
                 args.extend(level);
-                (self.firecracker.clone(), args)
+                (self.binary.clone(), args)
             }
             Some(jail) => {
                 // No --daemonize and no --new-pid-ns: the jailer execs
                 // firecracker in place, so the child we spawn is the VMM.
                 let mut args = vec![
                     "--id".into(),
-                    self.id.clone(),
+                    spec.id.clone(),
                     "--exec-file".into(),
-                    self.firecracker.display().to_string(),
+                    self.binary.display().to_string(),
                     "--uid".into(),
                     jail.uid.to_string(),
                     "--gid".into(),
@@ -316,38 +317,40 @@ impl LaunchSpec {
         }
     }
 
-    /// Kernel, initrd and root disk as firecracker opens them: host paths,
-    /// or names in the jail's root.
-    fn guest_files(&self) -> (PathBuf, Option<PathBuf>, PathBuf) {
+    /// Kernel, initrd, root disk and vsock socket as firecracker opens
+    /// them: host paths, or names in the jail's root.
+    fn guest_files(&self, spec: &LaunchSpec) -> (PathBuf, Option<PathBuf>, PathBuf, PathBuf) {
         match &self.jail {
             None => (
-                self.kernel.clone(),
-                self.initrd.clone(),
-                self.rootfs.clone(),
+                spec.boot.vmlinux.clone(),
+                spec.boot.initrd.clone(),
+                spec.rootfs.clone(),
+                self.vsock_socket(spec),
             ),
             Some(_) => (
                 PathBuf::from("/vmlinux"),
-                self.initrd.as_ref().map(|_| PathBuf::from("/initrd")),
+                spec.boot.initrd.as_ref().map(|_| PathBuf::from("/initrd")),
                 PathBuf::from("/rootfs.ext4"),
+                PathBuf::from("/").join(VSOCK_SOCKET),
             ),
         }
     }
 
     /// What goes into the jail's root before the jailer starts.
-    pub fn jail_files(&self) -> Vec<JailFile> {
+    pub fn jail_files(&self, spec: &LaunchSpec) -> Vec<JailFile> {
         let mut files = vec![
             JailFile {
-                source: self.kernel.clone(),
+                source: spec.boot.vmlinux.clone(),
                 name: "vmlinux".into(),
                 writable: false,
             },
             JailFile {
-                source: self.rootfs.clone(),
+                source: spec.rootfs.clone(),
                 name: "rootfs.ext4".into(),
                 writable: true,
             },
         ];
-        if let Some(initrd) = &self.initrd {
+        if let Some(initrd) = &spec.boot.initrd {
             files.push(JailFile {
                 source: initrd.clone(),
                 name: "initrd".into(),
@@ -358,131 +361,179 @@ impl LaunchSpec {
     }
 }
 
-/// A running VM's process, as the launch leaves it.
-pub struct Launched {
-    pub process: ProcessHandle,
-    pub start_time: u64,
+impl Vmm for Firecracker {
+    fn default_boot_args(&self) -> &'static str {
+        BOOT_ARGS
+    }
+
+    fn launch<'a>(
+        &'a self,
+        host: &'a Arc<dyn HostOps>,
+        spec: &'a LaunchSpec,
+    ) -> BoxFuture<'a, Result<Launched, VmmError>> {
+        Box::pin(async move { Ok(self.start(host, spec).await?) })
+    }
+
+    fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
+        let api = ApiClient::new(&process.api_socket);
+        Box::pin(async move { Ok(api.instance_info().await.map(drop)?) })
+    }
+
+    fn ctrl_alt_del<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
+        let api = ApiClient::new(&process.api_socket);
+        Box::pin(async move { Ok(api.action(ActionType::SendCtrlAltDel).await?) })
+    }
+
+    fn jail_dir(&self, id: &str) -> Option<PathBuf> {
+        self.jail.as_ref().map(|jail| jail.dir(id))
+    }
 }
 
-/// Starts firecracker (under its jailer when configured), with its serial
-/// console appended to `console.log`, then configures and starts the
-/// instance. On any failure the process is killed before this returns.
-pub async fn launch(
-    host: &Arc<dyn HostOps>,
-    spec: &LaunchSpec,
-) -> Result<Launched, FirecrackerError> {
-    let socket = spec.api_socket();
-    let io_err = |action: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FirecrackerError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    if let Some(jail) = &spec.jail {
-        // Links, copies and chowns: file work, off the caller's thread.
-        let (host, root, files, uid, gid) = (
-            host.clone(),
-            jail.root(&spec.id),
-            spec.jail_files(),
-            jail.uid,
-            jail.gid,
-        );
-        let prepared = {
-            let root = root.clone();
-            tokio::task::spawn_blocking(move || {
-                host.prepare_jail(&root, &files, &[JAIL_LOG], uid, gid)
-            })
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r)
-        };
-        prepared.map_err(io_err("prepare the jail", &root))?;
-    } else {
-        // Firecracker refuses to bind over a stale socket.
-        match std::fs::remove_file(&socket) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(io_err("remove the stale socket", &socket)(e));
+impl Firecracker {
+    /// Starts firecracker (under its jailer when configured), then
+    /// configures and starts the instance. On any failure the process is
+    /// killed before this returns.
+    async fn start(
+        &self,
+        host: &Arc<dyn HostOps>,
+        spec: &LaunchSpec,
+    ) -> Result<Launched, FirecrackerError> {
+        let socket = self.api_socket(spec);
+        let io_err = |action: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| FirecrackerError::Io {
+                action,
+                path,
+                source,
             }
-            _ => {}
+        };
+        if let Some(jail) = &self.jail {
+            // Links, copies and chowns: file work, off the caller's thread.
+            let (host, root, files, uid, gid) = (
+                host.clone(),
+                jail.root(&spec.id),
+                self.jail_files(spec),
+                jail.uid,
+                jail.gid,
+            );
+            let prepared = {
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || {
+                    host.prepare_jail(&root, &files, &[JAIL_LOG], uid, gid)
+                })
+                .await
+                .map_err(io::Error::other)
+                .and_then(|r| r)
+            };
+            prepared.map_err(io_err("prepare the jail", &root))?;
+        } else {
+            // Firecracker refuses to bind over a stale socket.
+            for stale in [socket.clone(), self.vsock_socket(spec)] {
+                match std::fs::remove_file(&stale) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_err("remove the stale socket", &stale)(e));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let (program, args) = self.command(spec);
+        let command = VmmCommand {
+            program: program.clone(),
+            args,
+            cwd: spec.paths.dir.clone(),
+            console: spec.paths.console_log(),
+            errors: spec.paths.dir.join("firecracker.log"),
+        };
+        let pid = host
+            .spawn_vmm(&command)
+            .map_err(|source| FirecrackerError::Spawn {
+                binary: program.clone(),
+                source,
+            })? as i32;
+        // The pidfd is the handle from here on: the pid cannot be recycled
+        // before we reap it, and we reap through the pidfd.
+        let process = ProcessHandle::open(pid).map_err(io_err("watch the process of", &program))?;
+        match self.configure(spec, &process).await {
+            Ok(()) => {
+                let start_time = read_stat(pid)
+                    .ok()
+                    .flatten()
+                    .map(|s| s.start_time)
+                    .unwrap_or(0);
+                Ok(Launched {
+                    process,
+                    recorded: VmmProcess {
+                        pid,
+                        start_time,
+                        api_socket: socket,
+                        agent: Some(AgentEndpoint::Vsock {
+                            socket: self.vsock_socket(spec),
+                            port: banger_agent::protocol::VSOCK_PORT,
+                        }),
+                        accel: None,
+                    },
+                })
+            }
+            Err(e) => {
+                let _ = process.signal(Signal::KILL);
+                process.exited().await;
+                Err(e)
+            }
         }
     }
-    let (program, args) = spec.command();
-    let command = VmmCommand {
-        program: program.clone(),
-        args,
-        cwd: spec.paths.dir.clone(),
-        console: spec.paths.console_log(),
-        errors: spec.paths.vmm_log(),
-    };
-    let pid = host
-        .spawn_vmm(&command)
-        .map_err(|source| FirecrackerError::Spawn {
-            binary: program.clone(),
-            source,
-        })? as i32;
-    // The pidfd is the handle from here on: the pid cannot be recycled
-    // before we reap it, and we reap through the pidfd.
-    let process = ProcessHandle::open(pid).map_err(io_err("watch the process of", &program))?;
-    match configure(spec, &process).await {
-        Ok(()) => {
-            let start_time = read_stat(pid)
-                .ok()
-                .flatten()
-                .map(|s| s.start_time)
-                .unwrap_or(0);
-            Ok(Launched {
-                process,
-                start_time,
-            })
-        }
-        Err(e) => {
-            let _ = process.signal(Signal::KILL);
-            process.exited().await;
-            Err(e)
-        }
-    }
-}
 
-async fn configure(spec: &LaunchSpec, process: &ProcessHandle) -> Result<(), FirecrackerError> {
-    let socket = spec.api_socket();
-    wait_for_socket(&socket, process, &spec.vmm_log()).await?;
-    let api = ApiClient::new(&socket);
-    let (kernel, initrd, rootfs) = spec.guest_files();
-    api.put(
-        "/boot-source",
-        &BootSource {
-            kernel_image_path: kernel,
-            initrd_path: initrd,
-            boot_args: Some(spec.boot_args.clone()),
-        },
-    )
-    .await?;
-    api.put(
-        "/machine-config",
-        &MachineConfiguration {
-            vcpu_count: spec.vcpus,
-            mem_size_mib: spec.memory_mib,
-        },
-    )
-    .await?;
-    api.put(
-        "/drives/rootfs",
-        &Drive {
-            drive_id: "rootfs".into(),
-            path_on_host: rootfs,
-            is_root_device: true,
-            is_read_only: false,
-        },
-    )
-    .await?;
-    api.action(ActionType::InstanceStart).await?;
-    let info = api.instance_info().await?;
-    if info.state != "Running" {
-        return Err(FirecrackerError::NotRunning(info.state));
+    async fn configure(
+        &self,
+        spec: &LaunchSpec,
+        process: &ProcessHandle,
+    ) -> Result<(), FirecrackerError> {
+        let socket = self.api_socket(spec);
+        wait_for_socket(&socket, process, &self.vmm_log(spec)).await?;
+        let api = ApiClient::new(&socket);
+        let (kernel, initrd, rootfs, vsock) = self.guest_files(spec);
+        api.put(
+            "/boot-source",
+            &BootSource {
+                kernel_image_path: kernel,
+                initrd_path: initrd,
+                boot_args: Some(spec.boot.args.clone()),
+            },
+        )
+        .await?;
+        api.put(
+            "/machine-config",
+            &MachineConfiguration {
+                vcpu_count: spec.vcpus,
+                mem_size_mib: spec.memory_mib,
+            },
+        )
+        .await?;
+        api.put(
+            "/drives/rootfs",
+            &Drive {
+                drive_id: "rootfs".into(),
+                path_on_host: rootfs,
+                is_root_device: true,
+                is_read_only: false,
+            },
+        )
+        .await?;
+        api.put(
+            "/vsock",
+            &Vsock {
+                guest_cid: GUEST_CID,
+                uds_path: vsock,
+            },
+        )
+        .await?;
+        api.action(ActionType::InstanceStart).await?;
+        let info = api.instance_info().await?;
+        if info.state != "Running" {
+            return Err(FirecrackerError::NotRunning(info.state));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Firecracker binds its socket a few milliseconds after exec; poll for it,
@@ -515,22 +566,32 @@ async fn wait_for_socket(
 mod tests {
     use super::*;
 
-    fn spec(jail: bool) -> LaunchSpec {
-        LaunchSpec {
-            firecracker: "/usr/bin/firecracker".into(),
+    use crate::vmm::{BootFiles, VmPaths};
+
+    fn backend(jail: bool) -> Firecracker {
+        Firecracker {
+            binary: "/usr/bin/firecracker".into(),
             jail: jail.then(|| JailSpec {
                 jailer: "/usr/bin/jailer".into(),
                 base: "/var/lib/banger/jail".into(),
                 uid: 65534,
                 gid: 65534,
             }),
+        }
+    }
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
             id: "k3j9x2m4qa".into(),
             paths: VmPaths {
                 dir: "/var/lib/banger/vms/k3j9x2m4qa".into(),
             },
-            kernel: "/k".into(),
-            initrd: None,
-            boot_args: "console=ttyS0".into(),
+            boot: BootFiles {
+                vmlinux: "/k".into(),
+                bzimage: None,
+                initrd: None,
+                args: "console=ttyS0".into(),
+            },
             rootfs: "/r".into(),
             vcpus: 1,
             memory_mib: 128,
@@ -539,7 +600,7 @@ mod tests {
 
     #[test]
     fn without_a_jail_the_command_names_the_socket_id_and_log() {
-        let (program, args) = spec(false).command();
+        let (program, args) = backend(false).command(&spec());
         assert_eq!(program, PathBuf::from("/usr/bin/firecracker"));
         assert_eq!(
             args,
@@ -558,8 +619,8 @@ mod tests {
 
     #[test]
     fn in_a_jail_paths_are_chroot_relative_and_the_jailer_execs_in_place() {
-        let spec = spec(true);
-        let (program, args) = spec.command();
+        let (backend, spec) = (backend(true), spec());
+        let (program, args) = backend.command(&spec);
         assert_eq!(program, PathBuf::from("/usr/bin/jailer"));
         assert!(
             !args.contains(&"--daemonize".to_string())
@@ -583,13 +644,15 @@ mod tests {
             ]
         );
         assert_eq!(
-            spec.api_socket(),
+            backend.api_socket(&spec),
             PathBuf::from(
                 "/var/lib/banger/jail/firecracker/k3j9x2m4qa/root/run/firecracker.socket"
             )
         );
-        assert_eq!(spec.guest_files().2, PathBuf::from("/rootfs.ext4"));
-        assert_eq!(spec.jail_files().len(), 2);
+        let (_, _, rootfs, vsock) = backend.guest_files(&spec);
+        assert_eq!(rootfs, PathBuf::from("/rootfs.ext4"));
+        assert_eq!(vsock, PathBuf::from("/agent.vsock"));
+        assert_eq!(backend.jail_files(&spec).len(), 2);
     }
 
     #[test]

@@ -14,16 +14,24 @@ pub struct Layout {
 
 impl Layout {
     /// The VM id a process belongs to, from its arguments (an unjailed
-    /// firecracker's `--api-sock <vms_dir>/<id>/...`) or the source of its
+    /// firecracker's `--api-sock <vms_dir>/<id>/...`, QEMU's `-qmp
+    /// unix:<vms_dir>/<id>/...`) or the source of its
     /// root mount (the jailer pivots a jailed one into
     /// `<jail_base>/firecracker/<id>/root`; the source is relative to its
     /// filesystem, so it is matched as a suffix of the jail base).
     pub fn vm_id(&self, args: &[String], root: Option<&Path>) -> Option<String> {
         let from_socket = args
             .windows(2)
-            .find(|w| w[0] == "--api-sock")
-            .and_then(|w| {
-                Path::new(&w[1])
+            .find_map(|w| match w[0].as_str() {
+                "--api-sock" => Some(w[1].as_str()),
+                // QEMU's `-qmp unix:<path>,server=on,wait=off`.
+                "-qmp" => w[1]
+                    .strip_prefix("unix:")
+                    .and_then(|rest| rest.split(',').next()),
+                _ => None,
+            })
+            .and_then(|socket| {
+                Path::new(socket)
                     .strip_prefix(&self.vms_dir)
                     .ok()
                     .map(Path::to_path_buf)
@@ -126,6 +134,23 @@ mod tests {
         let elsewhere = Path::new("/srv/jailer/firecracker/xyz789/root");
         assert_eq!(layout().vm_id(&a, Some(elsewhere)), None);
         assert_eq!(layout().vm_id(&a, Some(Path::new("/"))), None);
+    }
+
+    #[test]
+    fn a_qemu_is_known_by_its_qmp_socket() {
+        let layout = Layout {
+            vms_dir: "/var/lib/banger/vms".into(),
+            jail_base: "/var/lib/banger/jail".into(),
+        };
+        let args: Vec<String> = [
+            "qemu-system-x86_64",
+            "-qmp",
+            "unix:/var/lib/banger/vms/k3j9x2m4qa/qmp.sock,server=on,wait=off",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(layout.vm_id(&args, None), Some("k3j9x2m4qa".into()));
     }
 
     #[test]

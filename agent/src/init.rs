@@ -1,0 +1,274 @@
+//! PID 1's own work: stage 1 in the initramfs (modules, root disk,
+//! switch_root), stage 2 on the root disk (mounts, hostname, network,
+//! sshd), and the shutdown that always ends in a reset.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::mount::{MsFlags, mount};
+use nix::sys::reboot::{RebootMode, reboot};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::children;
+use crate::cmdline::Cmdline;
+use crate::protocol::ShutdownAction;
+use crate::server;
+
+/// The initramfs's module list (load order); its presence marks stage 1.
+pub const INITRAMFS_MARKER: &str = "/etc/banger/initramfs";
+/// Where stage 1 hands over to the root disk's copy of the agent.
+const ROOT_AGENT: &str = "/sbin/banger-agent";
+/// Stage 1's start on the boot clock, passed to stage 2.
+pub const STAGE1_ENV: &str = "BANGER_STAGE1_MS";
+/// How long the root disk may take to appear.
+const ROOT_WAIT: Duration = Duration::from_secs(30);
+
+/// A failure PID 1 cannot get past: said on the console, then a reset
+/// (the host sees a crash and applies the VM's restart policy).
+pub fn fatal(what: &str) -> ! {
+    eprintln!("banger-agent: fatal: {what}; resetting");
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // reboot(2) does not return for PID 1; park if it somehow did.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    if let Err(e) = mount(Some(source), target, Some(fstype), flags, data) {
+        // EBUSY: already mounted (the kernel or stage 1 did it).
+        if e != nix::errno::Errno::EBUSY {
+            eprintln!("banger-agent: cannot mount {fstype} on {target}: {e}");
+        }
+    }
+}
+
+/// Stage 1: load the virtio modules, mount the root disk, switch into it
+/// and exec its agent.
+pub fn stage1() -> ! {
+    let started = crate::system::boot_ms();
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid, None);
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None);
+    let modules = std::fs::read_to_string(INITRAMFS_MARKER).unwrap_or_default();
+    for module in modules.lines().map(str::trim).filter(|m| !m.is_empty()) {
+        load_module(&Path::new("/lib/modules").join(module));
+    }
+    let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let deadline = Instant::now() + ROOT_WAIT;
+    while !Path::new(&cmdline.root).exists() {
+        if Instant::now() > deadline {
+            fatal(&format!("root disk {} did not appear", cmdline.root));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut flags = MsFlags::empty();
+    if cmdline.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let _ = std::fs::create_dir_all("/newroot");
+    if let Err(e) = mount(
+        Some(cmdline.root.as_str()),
+        "/newroot",
+        Some(cmdline.rootfstype.as_str()),
+        flags,
+        None::<&str>,
+    ) {
+        fatal(&format!(
+            "cannot mount {} ({}) on /newroot: {e}",
+            cmdline.root, cmdline.rootfstype
+        ));
+    }
+    for dir in ["dev", "proc", "sys"] {
+        let target = format!("/newroot/{dir}");
+        let _ = std::fs::create_dir_all(&target);
+        if let Err(e) = mount(
+            Some(format!("/{dir}").as_str()),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        ) {
+            fatal(&format!("cannot move /{dir} into the root disk: {e}"));
+        }
+    }
+    let switched = std::env::set_current_dir("/newroot")
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|()| nix::unistd::chroot(".").map_err(|e| e.to_string()))
+        .and_then(|()| std::env::set_current_dir("/").map_err(|e| e.to_string()));
+    if let Err(e) = switched {
+        fatal(&format!("cannot switch to the root disk: {e}"));
+    }
+    let error = Command::new(ROOT_AGENT)
+        .env(STAGE1_ENV, started.to_string())
+        .exec();
+    fatal(&format!(
+        "cannot run {ROOT_AGENT} on the root disk: {error}"
+    ))
+}
+
+fn load_module(path: &Path) {
+    let loaded = File::open(path)
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+        .and_then(|file| {
+            nix::kmod::finit_module(
+                &file,
+                &CString::default(),
+                nix::kmod::ModuleInitFlags::empty(),
+            )
+        });
+    match loaded {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => eprintln!("banger-agent: cannot load {}: {e}", path.display()),
+    }
+}
+
+/// Stage 2's set-up of the guest before the agent serves.
+pub fn stage2_setup(cmdline: &Cmdline) {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if !Path::new("/proc/self").exists() {
+        mount_fs("proc", "/proc", "proc", nosuid, None);
+    }
+    let mounted = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let is_mounted = |target: &str| {
+        mounted
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(target))
+    };
+    for (source, target, fstype, flags, data) in [
+        ("sysfs", "/sys", "sysfs", nosuid, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("gid=5,mode=620,ptmxmode=666"),
+        ),
+        (
+            "shm",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None,
+        ),
+        (
+            "run",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=755"),
+        ),
+        (
+            "tmp",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None,
+        ),
+    ] {
+        if !is_mounted(target) {
+            mount_fs(source, target, fstype, flags, data);
+        }
+    }
+    if let Some(hostname) = &cmdline.hostname
+        && let Err(e) = nix::unistd::sethostname(hostname)
+    {
+        eprintln!("banger-agent: cannot set the hostname {hostname}: {e}");
+    }
+    configure_network(cmdline);
+    // Ctrl-Alt-Del becomes SIGINT to PID 1: a poweroff request.
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        eprintln!("banger-agent: cannot take over Ctrl-Alt-Del: {e}");
+    }
+    start_sshd();
+}
+
+/// Loopback up, and eth0 as the VM's configuration says. The root disk's
+/// `ip` (iproute2 or busybox) does the netlink work.
+fn configure_network(cmdline: &Cmdline) {
+    let ip = ["/sbin/ip", "/bin/ip", "/usr/sbin/ip", "/usr/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(ip) = ip else {
+        if cmdline.ip.is_some() {
+            eprintln!("banger-agent: no `ip` on the root disk; eth0 is not configured");
+        }
+        return;
+    };
+    let run = |args: &[&str]| {
+        let status = children::run(Command::new(ip).args(args));
+        if status.is_none_or(|s| s.code != Some(0)) {
+            eprintln!("banger-agent: ip {} failed", args.join(" "));
+        }
+    };
+    run(&["link", "set", "lo", "up"]);
+    if let Some(address) = &cmdline.ip {
+        run(&["addr", "add", address, "dev", "eth0"]);
+        run(&["link", "set", "eth0", "up"]);
+        if let Some(gateway) = &cmdline.gateway {
+            run(&["route", "add", "default", "via", gateway]);
+        }
+    }
+    if let Some(dns) = &cmdline.dns
+        && let Err(e) = std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"))
+    {
+        eprintln!("banger-agent: cannot write /etc/resolv.conf: {e}");
+    }
+}
+
+fn start_sshd() {
+    let sshd = Path::new("/usr/sbin/sshd");
+    if !sshd.exists() {
+        return;
+    }
+    let has_keys = std::fs::read_dir("/etc/ssh").is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with("ssh_host_"))
+    });
+    if !has_keys {
+        children::run(Command::new("/usr/bin/ssh-keygen").arg("-A"));
+    }
+    let _ = std::fs::create_dir_all("/run/sshd");
+    if let Err(e) = children::spawn(Command::new(sshd).arg("-D").arg("-e")) {
+        eprintln!("banger-agent: cannot start sshd: {e}");
+    }
+}
+
+/// Ends the guest: every process asked to stop, then killed; disks synced;
+/// the hosts told; then a reset, for a poweroff too (Firecracker on x86 has
+/// no ACPI poweroff, and QEMU runs with -no-reboot): the host tells the two
+/// apart by the announcement.
+pub fn shutdown(action: ShutdownAction) -> ! {
+    eprintln!("banger-agent: {action:?}: stopping every process");
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while children::reap() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    children::reap();
+    nix::unistd::sync();
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    server::announce_shutdown(action, Duration::from_secs(2));
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    fatal("reboot(2) returned")
+}

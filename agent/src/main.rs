@@ -1,0 +1,188 @@
+//! banger-agent: PID 1 in every banger VM (stage 1 in the initramfs, stage
+//! 2 on the root disk), or, not as PID 1, `--listen PATH` to serve the
+//! protocol on a Unix socket (for tests of the host side).
+
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use banger_agent::cmdline::Cmdline;
+use banger_agent::protocol::{BootTimes, ShutdownAction, VSOCK_PORT};
+use banger_agent::server::{self, Identity, Transport};
+use banger_agent::{children, init, system};
+use nix::sys::signal::{SigSet, Signal};
+
+const USAGE: &str =
+    "usage: banger-agent (as PID 1) | banger-agent --listen PATH | banger-agent --version";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["--version"] => println!("banger-agent {}", env!("CARGO_PKG_VERSION")),
+        ["--listen", path] => listen(PathBuf::from(path)),
+        [] if std::process::id() == 1 && Path::new(init::INITRAMFS_MARKER).exists() => {
+            init::stage1()
+        }
+        [] if std::process::id() == 1 => stage2(),
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The signals PID 1 handles in its one loop; blocked in every thread.
+fn signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGPWR,
+    ] {
+        set.add(signal);
+    }
+    set
+}
+
+fn stage2() {
+    let stage2_ms = system::boot_ms();
+    let stage1_ms = std::env::var(init::STAGE1_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let set = signals();
+    if let Err(e) = set.thread_block() {
+        init::fatal(&format!("cannot block signals: {e}"));
+    }
+    // Set-up runs helpers whose exit the signal loop reaps, so it has a
+    // thread of its own.
+    std::thread::spawn(move || {
+        let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+        init::stage2_setup(&cmdline);
+        let identity = Arc::new(Identity {
+            boot: BootTimes {
+                stage1_ms,
+                stage2_ms,
+                ready_ms: system::boot_ms(),
+            },
+            init: true,
+        });
+        serve_guest(identity);
+    });
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {
+                children::reap();
+            }
+            Ok(Signal::SIGTERM) => init::shutdown(ShutdownAction::Reboot),
+            Ok(_) => init::shutdown(ShutdownAction::Poweroff),
+            Err(e) => eprintln!("banger-agent: sigwait: {e}"),
+        }
+    }
+}
+
+/// Serves the host on whatever channel the VMM gave: QEMU's virtio-serial
+/// port, Firecracker's vsock.
+fn serve_guest(identity: Arc<Identity>) {
+    match server::serial_port() {
+        Some(port) => {
+            let identity = identity.clone();
+            std::thread::spawn(move || server::serve_serial(port, identity));
+        }
+        None => eprintln!("banger-agent: no virtio-serial port; serving vsock only"),
+    }
+    std::thread::spawn(move || {
+        if let Err(e) = serve_vsock(&identity) {
+            eprintln!("banger-agent: vsock: {e}");
+        }
+    });
+    eprintln!("banger-agent: ready");
+}
+
+fn serve_vsock(identity: &Arc<Identity>) -> nix::Result<()> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept, bind, listen, socket,
+    };
+    const VMADDR_CID_ANY: u32 = u32::MAX;
+    let listener = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(
+        listener.as_raw_fd(),
+        &VsockAddr::new(VMADDR_CID_ANY, VSOCK_PORT),
+    )?;
+    listen(&listener, Backlog::new(16)?)?;
+    loop {
+        let fd = accept(listener.as_raw_fd())?;
+        #[allow(unsafe_code)]
+        // SAFETY: accept(2) just returned this descriptor; nothing else owns it.
+        let stream = unsafe { std::fs::File::from_raw_fd(fd) };
+        let identity = identity.clone();
+        std::thread::spawn(move || {
+            let served = stream.try_clone().and_then(|reader| {
+                server::serve(reader, Box::new(stream), Transport::Socket, &identity)
+            });
+            if let Err(e) = served {
+                eprintln!("banger-agent: vsock connection: {e}");
+            }
+        });
+    }
+}
+
+/// `--listen PATH`: the protocol on a Unix socket, one multiplexed stream
+/// per connection; no guest set-up and no shutdown.
+fn listen(path: PathBuf) {
+    let set = signals();
+    if let Err(e) = set.thread_block() {
+        eprintln!("banger-agent: cannot block signals: {e}");
+        std::process::exit(1);
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = match std::os::unix::net::UnixListener::bind(&path) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("banger-agent: cannot listen on {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    };
+    let identity = Arc::new(Identity {
+        boot: BootTimes {
+            stage1_ms: None,
+            stage2_ms: system::boot_ms(),
+            ready_ms: system::boot_ms(),
+        },
+        init: false,
+    });
+    std::thread::spawn(move || {
+        for stream in listener.incoming().filter_map(Result::ok) {
+            let identity = identity.clone();
+            std::thread::spawn(move || {
+                let served = stream.try_clone().and_then(|reader| {
+                    server::serve(reader, Box::new(stream), Transport::Socket, &identity)
+                });
+                if let Err(e) = served {
+                    eprintln!("banger-agent: connection: {e}");
+                }
+            });
+        }
+    });
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {
+                children::reap();
+            }
+            Ok(_) => std::process::exit(0),
+            Err(e) => eprintln!("banger-agent: sigwait: {e}"),
+        }
+    }
+}

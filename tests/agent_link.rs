@@ -1,0 +1,267 @@
+//! The host's agent link against the real banger-agent, serving on a Unix
+//! socket (`--listen`), no VM needed: hello, ping, exec with streamed
+//! stdio and exit codes, concurrent sessions on one stream, refusals that
+//! end one session and not the agent, and a stream that starts mid-frame.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use banger::guest::link::{AgentError, AgentLink, ExecSession};
+use banger::store::records::AgentEndpoint;
+use banger_agent::protocol::{
+    self, ExecRequest, ExitStatus, Frame, FrameKind, Request, Response, ShutdownAction,
+};
+use tokio::sync::mpsc;
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent(test: &str) -> Option<Agent> {
+    let Some(binary) = std::env::var_os("BANGER_TEST_AGENT").map(PathBuf::from) else {
+        common::skip(
+            test,
+            "BANGER_TEST_AGENT is not set (scripts/test.sh builds the static agent)",
+        );
+        return None;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("agent.sock");
+    let child = Command::new(binary)
+        .arg("--listen")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn banger-agent --listen");
+    // The socket appears once the agent listens; connecting retries.
+    Some(Agent {
+        child,
+        socket,
+        _dir: dir,
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn connect(socket: &Path) -> AgentLink {
+    let (events, _) = mpsc::unbounded_channel();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        AgentLink::connect(
+            &AgentEndpoint::Serial {
+                socket: socket.to_path_buf(),
+            },
+            events,
+        ),
+    )
+    .await
+    .expect("hello in time")
+    .expect("connect")
+}
+
+fn exec_request(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("GREETING".into(), "hello".into())],
+        cwd: Some("/tmp".into()),
+        pty: false,
+    }
+}
+
+/// Everything a session sends until its exit.
+async fn collect(mut session: ExecSession) -> (Vec<u8>, Vec<u8>, ExitStatus) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(frame) = session.output.recv().await {
+        match frame.kind {
+            FrameKind::Stdout => out.extend(frame.payload),
+            FrameKind::Stderr => err.extend(frame.payload),
+            FrameKind::Exit => return (out, err, frame.parse().expect("exit status")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("the session ended without an exit frame")
+}
+
+#[test]
+fn hello_ping_and_exec_with_streamed_stdio_and_exit_codes() {
+    let Some(agent) = agent("hello_ping_and_exec_with_streamed_stdio_and_exit_codes") else {
+        return;
+    };
+    runtime().block_on(async {
+        let link = connect(&agent.socket).await;
+        let hello = link.hello().expect("hello");
+        assert!(!hello.kernel.is_empty());
+        assert_eq!(hello.boot.stage1_ms, None);
+        link.ping().await.expect("ping");
+
+        let session = link
+            .exec(exec_request(&[
+                "sh",
+                "-c",
+                "echo $GREETING from $(pwd); echo err >&2; exit 7",
+            ]))
+            .await
+            .expect("exec");
+        let (out, err, status) = collect(session).await;
+        assert_eq!(String::from_utf8_lossy(&out), "hello from /tmp\n");
+        assert_eq!(String::from_utf8_lossy(&err), "err\n");
+        assert_eq!(status.code, Some(7));
+
+        let cat = link.exec(exec_request(&["cat"])).await.expect("cat");
+        let big = vec![b'x'; 200_000];
+        cat.stdin(&big).expect("stdin");
+        cat.stdin(b"\nend\n").expect("stdin");
+        cat.stdin_eof().expect("eof");
+        let (out, _, status) = collect(cat).await;
+        assert_eq!(out.len(), big.len() + 5);
+        assert_eq!(status.code, Some(0));
+
+        let sleeper = link
+            .exec(exec_request(&["sleep", "60"]))
+            .await
+            .expect("sleep");
+        sleeper.kill().expect("kill");
+        let (_, _, status) = collect(sleeper).await;
+        assert_eq!(status.signal, Some(9));
+
+        match link.exec(exec_request(&["/no/such/program"])).await {
+            Err(AgentError::Refused(message)) => assert!(message.contains("/no/such/program")),
+            Err(other) => panic!("expected a refusal, got {other}"),
+            Ok(_) => panic!("expected a refusal, got a session"),
+        }
+        assert!(matches!(
+            link.shutdown(ShutdownAction::Poweroff).await,
+            Err(AgentError::Refused(_))
+        ));
+        link.ping().await.expect("still answering");
+    });
+}
+
+#[test]
+fn twenty_sessions_share_one_stream() {
+    let Some(agent) = agent("twenty_sessions_share_one_stream") else {
+        return;
+    };
+    runtime().block_on(async {
+        let link = connect(&agent.socket).await;
+        let mut sessions = Vec::new();
+        for i in 0..20 {
+            let script = format!("for n in 1 2 3; do echo {i}-$n; done; exit {i}");
+            sessions.push(
+                link.exec(exec_request(&["sh", "-c", &script]))
+                    .await
+                    .expect("exec"),
+            );
+        }
+        for (i, session) in sessions.into_iter().enumerate() {
+            let (out, _, status) = collect(session).await;
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                format!("{i}-1\n{i}-2\n{i}-3\n")
+            );
+            assert_eq!(status.code, Some(i as i32));
+        }
+    });
+}
+
+#[test]
+fn a_malformed_request_ends_its_session_and_bad_framing_only_its_connection() {
+    let Some(agent) =
+        agent("a_malformed_request_ends_its_session_and_bad_framing_only_its_connection")
+    else {
+        return;
+    };
+    let mut stream = loop {
+        match UnixStream::connect(&agent.socket) {
+            Ok(stream) => break stream,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let bad = Frame {
+        kind: FrameKind::Request,
+        session: 5,
+        payload: b"{\"type\":\"exec\",\"argv\":".to_vec(),
+    };
+    protocol::write_frame(&mut stream, &bad).expect("write");
+    let answer = protocol::read_frame(&mut stream)
+        .expect("read")
+        .expect("an answer");
+    assert_eq!(answer.session, 5);
+    assert!(matches!(
+        answer.parse::<Response>().expect("json"),
+        Response::Error { .. }
+    ));
+    protocol::write_frame(
+        &mut stream,
+        &Frame::json(FrameKind::Request, 6, &Request::Ping),
+    )
+    .expect("write");
+    let pong = protocol::read_frame(&mut stream)
+        .expect("read")
+        .expect("pong");
+    assert_eq!(pong.parse::<Response>().expect("json"), Response::Pong);
+    // Bad magic: this connection ends, the agent does not.
+    stream.write_all(b"GARBAGE!!!").expect("write");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    runtime().block_on(async {
+        connect(&agent.socket)
+            .await
+            .ping()
+            .await
+            .expect("a new connection works");
+    });
+}
+
+#[test]
+fn a_stream_that_starts_mid_frame_is_resynchronised_by_the_hello() {
+    let Some(agent) = agent("a_stream_that_starts_mid_frame_is_resynchronised_by_the_hello") else {
+        return;
+    };
+    // A relay that puts the tail of an older frame ahead of the agent's
+    // bytes, as a serial port can after a daemon restart.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = dir.path().join("relay.sock");
+    let listener = UnixListener::bind(&relay).expect("bind");
+    let upstream = agent.socket.clone();
+    std::thread::spawn(move || {
+        let (mut host, _) = listener.accept().expect("accept");
+        let mut guest = loop {
+            match UnixStream::connect(&upstream) {
+                Ok(stream) => break stream,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let stale = Frame::json(FrameKind::Stdout, 9, &"old output").encode();
+        host.write_all(&stale[3..]).expect("stale bytes");
+        let (mut host_in, mut guest_out) = (
+            host.try_clone().expect("clone"),
+            guest.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || std::io::copy(&mut host_in, &mut guest_out));
+        let _ = std::io::copy(&mut guest, &mut host);
+    });
+    runtime().block_on(async {
+        let link = connect(&relay).await;
+        link.ping().await.expect("ping through the relay");
+    });
+}

@@ -1,0 +1,384 @@
+//! Real guests end to end: Debian's cloud kernel imported from its package,
+//! a busybox root disk, banger-agent as PID 1, on QEMU (TCG here). One VM
+//! goes through boot, exec (output, exit status, stdin), a daemon SIGKILL
+//! and restart (adopted, not rebooted), a VMM SIGKILL (restarted), and a
+//! clean stop. Firecracker guest boots skip where KVM cannot boot a stock
+//! kernel. Skips, with the reason, where a fixture is missing.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Everything a guest boot needs, or the reason it cannot run here.
+struct Guest {
+    kernel_deb: PathBuf,
+    agent: PathBuf,
+}
+
+fn guest_fixtures(test: &str) -> Option<Guest> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+    };
+    let Some(kernel_deb) = var("BANGER_TEST_KERNEL_DEB") else {
+        skip(
+            test,
+            "BANGER_TEST_KERNEL_DEB is not set (scripts/test.sh downloads the Debian cloud kernel)",
+        );
+        return None;
+    };
+    let Some(agent) = var("BANGER_TEST_AGENT") else {
+        skip(
+            test,
+            "BANGER_TEST_AGENT is not set (scripts/test.sh builds the static agent)",
+        );
+        return None;
+    };
+    for tool in ["qemu-system-x86_64", "mke2fs", "debugfs"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            skip(
+                test,
+                &format!("{tool} is not installed (scripts/test.sh installs it)"),
+            );
+            return None;
+        }
+    }
+    Some(Guest { kernel_deb, agent })
+}
+
+// Fields drop in order: the daemon before the reaper kills the VMMs it left.
+struct Fixture {
+    daemon: Option<Daemon>,
+    _reaper: ProcessReaper,
+    tmp: tempfile::TempDir,
+    rootfs: PathBuf,
+}
+
+impl Fixture {
+    fn new(guest: &Guest) -> Fixture {
+        let tmp = state_dir();
+        let dir = tmp.path();
+        std::fs::write(
+            dir.join("bangerd.toml"),
+            format!(
+                "[agent]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.1\nmax_delay_secs = 1\n",
+                guest.agent.display()
+            ),
+        )
+        .expect("write config");
+        let rootfs = dir.join("busybox.ext4");
+        let built = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/busybox-rootfs.sh"
+        ))
+        .arg(&rootfs)
+        .output()
+        .expect("run scripts/busybox-rootfs.sh");
+        assert!(
+            built.status.success(),
+            "busybox root disk: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let mut fixture = Fixture {
+            _reaper: ProcessReaper(dir.join("state")),
+            daemon: None,
+            rootfs,
+            tmp,
+        };
+        fixture.start_daemon();
+        fixture
+    }
+
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn start_daemon(&mut self) {
+        let config = self.tmp.path().join("bangerd.toml");
+        let args = ["--user", "--config", config.to_str().expect("utf-8 path")];
+        self.daemon = Some(Daemon::ready(Daemon::spawn_with(&self.state(), &args)));
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        banger(&self.state(), args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "banger {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.console()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("--json output")
+    }
+
+    fn console(&self) -> String {
+        let out = self.run(&["vm", "logs", "guest", "--tail", "40"]);
+        format!(
+            "\n--- console (last lines) ---\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    }
+
+    /// `banger vm exec guest -- argv`, with `stdin` piped in.
+    fn exec(&self, argv: &[&str], stdin: &[u8]) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_banger"))
+            .arg("--socket")
+            .arg(socket_path(&self.state()))
+            .args(["vm", "exec", "guest", "--"])
+            .args(argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn banger vm exec");
+        let mut input = child.stdin.take().expect("stdin");
+        input.write_all(stdin).expect("write stdin");
+        drop(input);
+        child.wait_with_output().expect("banger vm exec")
+    }
+
+    fn exec_ok(&self, argv: &[&str]) -> String {
+        let out = self.exec(argv, b"");
+        assert!(
+            out.status.success(),
+            "vm exec {argv:?}: {:?} {}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr),
+            self.console()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn pid(&self) -> i64 {
+        self.json(&["vm", "inspect", "guest", "--json"])["pid"]
+            .as_i64()
+            .expect("guest has a pid")
+    }
+
+    fn uptime(&self) -> f64 {
+        self.exec_ok(&["cat", "/proc/uptime"])
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("uptime")
+    }
+}
+
+fn import_kernel(f: &Fixture, deb: &Path) -> String {
+    let kernel = f.json(&[
+        "kernel",
+        "import-deb",
+        "debian",
+        deb.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    kernel["version"]
+        .as_str()
+        .expect("the imported kernel has a version")
+        .to_string()
+}
+
+#[test]
+fn a_debian_guest_on_qemu_boots_runs_commands_survives_restarts_and_stops_cleanly() {
+    let test = "a_debian_guest_on_qemu_boots_runs_commands_survives_restarts_and_stops_cleanly";
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    let mut f = Fixture::new(&guest);
+    let version = import_kernel(&f, &guest.kernel_deb);
+
+    let created = Instant::now();
+    let rootfs = f.rootfs.to_str().expect("utf-8").to_string();
+    let vm = f.json(&[
+        "vm", "create", "guest", "--kernel", "debian", "--rootfs", &rootfs, "--vmm", "qemu",
+        "--memory", "256M", "--start", "--json",
+    ]);
+    assert_eq!(vm["state"], "running", "{vm}");
+    if tcg_only() {
+        assert_eq!(vm["accel"], "tcg", "{vm}");
+    }
+    // The agent's hello is the event this waits on (no fixed sleeps).
+    let ping = f.json(&["vm", "ping", "guest", "--wait", "60", "--json"]);
+    eprintln!(
+        "figure: create to agent ready {:.2} s; guest boot clock at ready {} ms; {}",
+        created.elapsed().as_secs_f64(),
+        ping["boot"]["ready_ms"],
+        ping
+    );
+    assert_eq!(ping["kernel"], version.as_str());
+    assert_eq!(ping["hostname"], "guest");
+
+    assert_eq!(f.exec_ok(&["uname", "-r"]).trim(), version);
+    let seven = f.exec(&["sh", "-c", "echo out; echo err >&2; exit 7"], b"");
+    assert_eq!(seven.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&seven.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&seven.stderr), "err\n");
+    let echoed = f.exec(&["cat"], b"hi\n");
+    assert!(echoed.status.success());
+    assert_eq!(String::from_utf8_lossy(&echoed.stdout), "hi\n");
+    let missing = f.exec(&["no-such-program"], b"");
+    assert_eq!(missing.status.code(), Some(125), "banger's own failure");
+
+    // Daemon SIGKILL and restart: the VM is adopted, not rebooted.
+    let pid = f.pid();
+    let before = f.uptime();
+    let daemon = f.daemon.take().expect("daemon");
+    kill(daemon.pid(), Signal::SIGKILL).expect("SIGKILL bangerd");
+    let _ = daemon.wait_output();
+    f.start_daemon();
+    f.json(&["vm", "ping", "guest", "--wait", "30", "--json"]);
+    assert_eq!(f.pid(), pid, "the same qemu process is adopted");
+    let after = f.uptime();
+    assert!(
+        after > before,
+        "uptime went from {before} to {after}: rebooted?"
+    );
+
+    // The VMM SIGKILLed: the VM is restarted and its agent answers again.
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL qemu");
+    f.daemon
+        .as_mut()
+        .expect("daemon")
+        .wait_for_line("agent ready")
+        .expect("the restarted guest's agent comes up");
+    let restarted = f.json(&["vm", "inspect", "guest", "--json"]);
+    assert_eq!(restarted["state"], "running");
+    assert_ne!(restarted["pid"].as_i64(), Some(pid));
+    assert_eq!(restarted["last_exit"]["kind"], "crash");
+    assert_eq!(f.exec_ok(&["echo", "back"]).trim(), "back");
+
+    // A graceful stop: the agent powers the guest off; the exit is clean.
+    let stopping = Instant::now();
+    let stopped = f.json(&["vm", "stop", "guest", "--json"]);
+    eprintln!(
+        "figure: vm stop took {:.2} s",
+        stopping.elapsed().as_secs_f64()
+    );
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert_eq!(stopped["last_exit"]["kind"], "clean", "{stopped}");
+    let refused = f.exec(&["true"], b"");
+    assert_eq!(refused.status.code(), Some(125));
+    f.ok(&["vm", "rm", "guest"]);
+}
+
+#[test]
+fn a_poweroff_inside_the_guest_is_a_clean_stop_and_a_reboot_starts_it_again() {
+    let test = "a_poweroff_inside_the_guest_is_a_clean_stop_and_a_reboot_starts_it_again";
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    let mut f = Fixture::new(&guest);
+    import_kernel(&f, &guest.kernel_deb);
+    let rootfs = f.rootfs.to_str().expect("utf-8").to_string();
+    f.json(&[
+        "vm", "create", "guest", "--kernel", "debian", "--rootfs", &rootfs, "--vmm", "qemu",
+        "--memory", "256M", "--start", "--json",
+    ]);
+    f.json(&["vm", "ping", "guest", "--wait", "60", "--json"]);
+    let pid = f.pid();
+
+    // busybox `reboot` signals PID 1, which announces the reboot.
+    let daemon = f.daemon.as_mut().expect("daemon");
+    let mark = daemon.mark();
+    let _ = f.exec(&["reboot"], b"");
+    let daemon = f.daemon.as_mut().expect("daemon");
+    daemon
+        .wait_for_line_from(&["agent ready"], mark)
+        .expect("the rebooted guest's agent comes up");
+    let rebooted = f.json(&["vm", "inspect", "guest", "--json"]);
+    assert_eq!(rebooted["last_exit"]["kind"], "reboot", "{rebooted}");
+    assert_ne!(rebooted["pid"].as_i64(), Some(pid));
+
+    // busybox `poweroff`: announced, so the exit is clean and it stays down.
+    let daemon = f.daemon.as_mut().expect("daemon");
+    let mark = daemon.mark();
+    let _ = f.exec(&["poweroff"], b"");
+    f.daemon
+        .as_mut()
+        .expect("daemon")
+        .wait_for_line_from(&["VMM exited"], mark)
+        .expect("the guest powers off");
+    let off = f.json(&["vm", "inspect", "guest", "--json"]);
+    assert_eq!(off["state"], "stopped", "{off}");
+    assert_eq!(off["last_exit"]["kind"], "clean", "{off}");
+}
+
+/// KVM here cannot boot a stock kernel (no /dev/kvm, or nested PVM).
+fn tcg_only() -> bool {
+    !Path::new("/dev/kvm").exists() || Path::new("/sys/module/kvm_pvm").exists()
+}
+
+#[test]
+fn a_debian_guest_on_firecracker_answers_its_agent() {
+    let test = "a_debian_guest_on_firecracker_answers_its_agent";
+    if tcg_only() {
+        skip(
+            test,
+            "KVM here cannot boot a stock guest kernel (no /dev/kvm, or nested PVM: /sys/module/kvm_pvm)",
+        );
+        return;
+    }
+    let Some(firecracker) = firecracker_fixture(test) else {
+        return;
+    };
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    let f = Fixture::new(&guest);
+    std::fs::write(
+        f.tmp.path().join("bangerd.toml"),
+        format!(
+            "[agent]\nbinary = \"{}\"\n[firecracker]\nbinary = \"{}\"\n",
+            guest.agent.display(),
+            firecracker.display()
+        ),
+    )
+    .expect("write config");
+    let mut f = f;
+    let daemon = f.daemon.take().expect("daemon");
+    drop(daemon);
+    f.start_daemon();
+    let version = import_kernel(&f, &guest.kernel_deb);
+    let rootfs = f.rootfs.to_str().expect("utf-8").to_string();
+    f.json(&[
+        "vm",
+        "create",
+        "guest",
+        "--kernel",
+        "debian",
+        "--rootfs",
+        &rootfs,
+        "--vmm",
+        "firecracker",
+        "--memory",
+        "256M",
+        "--start",
+        "--json",
+    ]);
+    let ping = f.json(&["vm", "ping", "guest", "--wait", "60", "--json"]);
+    assert_eq!(ping["kernel"], version.as_str());
+    assert_eq!(f.exec_ok(&["uname", "-r"]).trim(), version);
+    let stopped = f.json(&["vm", "stop", "guest", "--json"]);
+    assert_eq!(stopped["last_exit"]["kind"], "clean", "{stopped}");
+}
