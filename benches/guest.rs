@@ -141,7 +141,13 @@ fn main() -> anyhow::Result<()> {
         if boot + 1 < BOOTS {
             cli(&state, &["vm", "rm", &name, "--force"]);
         } else {
-            cli(&state, &["vm", "stop", &name, "--json"]);
+            let stopping = Instant::now();
+            common::banger(&state, &["vm", "stop", &name]);
+            writeln!(
+                report,
+                "vm stop (agent poweroff to a clean exit): {:.2} s",
+                stopping.elapsed().as_secs_f64()
+            )?;
             cli(&state, &["vm", "rm", &name]);
         }
     }

@@ -30,3 +30,28 @@ if [ ! -w /dev/kvm ]; then
     echo "note: /dev/kvm is not usable here; the firecracker VM tests will skip" >&2
 fi
 
+
+# Debian's cloud kernel package, for the real-guest tests and the demo:
+# the metapackage only depends on the versioned package, which names the
+# cache entry. apt's lists are fetched only when apt has none.
+kernel_cache="${XDG_CACHE_HOME:-$HOME/.cache}/banger-test/kernel"
+mkdir -p "$kernel_cache"
+resolve_kernel() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1
+}
+kernel_package=$(resolve_kernel)
+if [ -z "$kernel_package" ]; then
+    as_root=()
+    [ "$(id -u)" = 0 ] || as_root=(sudo)
+    "${as_root[@]}" apt-get update -qq
+    kernel_package=$(resolve_kernel)
+fi
+[ -n "$kernel_package" ] || { echo "cannot resolve linux-image-cloud-amd64's kernel package" >&2; exit 1; }
+kernel_deb=$(ls "$kernel_cache/${kernel_package}"_*.deb 2>/dev/null | head -n1 || true)
+if [ -z "$kernel_deb" ]; then
+    # apt's sandbox user cannot write to a cache in a home directory.
+    (cd "$kernel_cache" && apt-get download -o APT::Sandbox::User=root "$kernel_package" >&2)
+    kernel_deb=$(ls "$kernel_cache/${kernel_package}"_*.deb | head -n1)
+fi
+export BANGER_TEST_KERNEL_DEB="$kernel_deb"

@@ -9,12 +9,24 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::kernel::{self, GUEST_MODULES, KernelError, bzimage, deb, initramfs, modules};
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("a kernel named {0} already exists; remove it first or pick another name")]
     Exists(String),
+    #[error(
+        "banger-agent is not at {0}; build it with scripts/build-agent.sh or set agent.binary in the daemon's configuration"
+    )]
+    NoAgent(PathBuf),
+    #[error("cannot import {package}")]
+    Package {
+        package: PathBuf,
+        #[source]
+        source: KernelError,
+    },
     #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
@@ -89,6 +101,105 @@ pub fn kernel_dir(kernels_dir: &Path, name: &str) -> PathBuf {
     kernels_dir.join(name)
 }
 
+/// What importing a kernel package leaves in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedPackage {
+    pub version: String,
+    pub vmlinux: PathBuf,
+    pub vmlinux_sha256: String,
+    pub bzimage: PathBuf,
+    pub bzimage_sha256: String,
+    pub initrd: PathBuf,
+    pub initrd_sha256: String,
+    /// Modules in the initramfs, in load order.
+    pub modules: Vec<String>,
+}
+
+/// Writes `bytes` to `path` (synced), answering their sha256.
+fn write_hashed(path: &Path, bytes: &[u8]) -> Result<String, CatalogError> {
+    let mut file = File::create(path).map_err(io_err("create", path))?;
+    file.write_all(bytes).map_err(io_err("write", path))?;
+    file.sync_all().map_err(io_err("sync", path))?;
+    Ok(format!("{:x}", Sha256::digest(bytes)))
+}
+
+/// Imports a Debian kernel package into `<kernels_dir>/<name>/`: the
+/// bzImage (QEMU), the vmlinux inside it (Firecracker), and an initramfs of
+/// the guest modules with `agent` as `/init`. All or nothing; `progress`
+/// hears each phase.
+pub fn import_package(
+    kernels_dir: &Path,
+    name: &str,
+    package: &Path,
+    agent: &Path,
+    progress: impl Fn(&str, u64),
+) -> Result<ImportedPackage, CatalogError> {
+    check_source("path", package, false)?;
+    let agent_bytes = fs::read(agent).map_err(|_| CatalogError::NoAgent(agent.to_path_buf()))?;
+    let failed = |source: KernelError| CatalogError::Package {
+        package: package.to_path_buf(),
+        source,
+    };
+    progress("reading the package", 1);
+    let file = File::open(package).map_err(io_err("open", package))?;
+    let what = package.display().to_string();
+    let mut contents =
+        deb::read(io::BufReader::new(file), &what).map_err(failed)?;
+    progress("decompressing vmlinux", 2);
+    let vmlinux = bzimage::vmlinux(&contents.bzimage).map_err(failed)?;
+    let order =
+        modules::load_order(GUEST_MODULES, &contents.modules, &contents.builtin).map_err(failed)?;
+    let mut chosen = Vec::with_capacity(order.len());
+    for module in &order {
+        if let Some(found) = contents.modules.remove(module) {
+            chosen.push((found.name, found.bytes));
+        }
+    }
+    progress("building the initramfs", 3);
+    let mut initrd = Vec::new();
+    initramfs::write(&mut initrd, &agent_bytes, &chosen)
+        .map_err(|e| failed(kernel::KernelError::Io(e)))?;
+
+    progress("writing the catalog entry", 4);
+    let target = kernel_dir(kernels_dir, name);
+    if target.exists() {
+        return Err(CatalogError::Exists(name.to_string()));
+    }
+    fs::create_dir_all(kernels_dir).map_err(io_err("create", kernels_dir))?;
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}-"))
+        .tempdir_in(kernels_dir)
+        .map_err(io_err("create a staging directory in", kernels_dir))?;
+    let vmlinux_sha256 = write_hashed(&staging.path().join("vmlinux"), &vmlinux)?;
+    let bzimage_sha256 = write_hashed(&staging.path().join("bzImage"), &contents.bzimage)?;
+    let initrd_sha256 = write_hashed(&staging.path().join("initrd.img"), &initrd)?;
+    move_into_place(staging, &target, name)?;
+    Ok(ImportedPackage {
+        version: contents.version,
+        vmlinux: target.join("vmlinux"),
+        vmlinux_sha256,
+        bzimage: target.join("bzImage"),
+        bzimage_sha256,
+        initrd: target.join("initrd.img"),
+        initrd_sha256,
+        modules: order,
+    })
+}
+
+/// Renames a finished staging directory to the catalog entry.
+fn move_into_place(staging: tempfile::TempDir, target: &Path, name: &str) -> Result<(), CatalogError> {
+    let staged = staging.keep();
+    fs::rename(&staged, target).map_err(|e| {
+        let _ = fs::remove_dir_all(&staged);
+        match e.kind() {
+            io::ErrorKind::AlreadyExists | io::ErrorKind::DirectoryNotEmpty => {
+                CatalogError::Exists(name.to_string())
+            }
+            _ => io_err("move into place", target)(e),
+        }
+    })
+}
+
 /// Imports a kernel into `<kernels_dir>/<name>/`; all or nothing.
 pub fn import_kernel(
     kernels_dir: &Path,
@@ -113,16 +224,7 @@ pub fn import_kernel(
     let initrd_sha256 = initrd
         .map(|initrd| copy_hashed(initrd, &staging.path().join("initrd")))
         .transpose()?;
-    let staged = staging.keep();
-    fs::rename(&staged, &target).map_err(|e| {
-        let _ = fs::remove_dir_all(&staged);
-        match e.kind() {
-            io::ErrorKind::AlreadyExists | io::ErrorKind::DirectoryNotEmpty => {
-                CatalogError::Exists(name.to_string())
-            }
-            _ => io_err("move into place", &target)(e),
-        }
-    })?;
+    move_into_place(staging, &target, name)?;
     Ok(ImportedKernel {
         vmlinux: target.join("vmlinux"),
         vmlinux_sha256,

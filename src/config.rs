@@ -61,6 +61,14 @@ pub struct ConfigFile {
     pub restart: RestartSection,
     #[serde(default)]
     pub qemu: QemuSection,
+    #[serde(default)]
+    pub agent: AgentSection,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -135,6 +143,8 @@ pub struct Config {
     /// The QEMU binary: a path, or a name looked up in PATH.
     pub qemu: PathBuf,
     pub qemu_accel: AccelChoice,
+    /// The static banger-agent put into every VM; beside bangerd when unset.
+    pub agent: Option<PathBuf>,
     /// Backoff for VMs that do not set their own.
     pub restart_delay_ms: u64,
     pub restart_max_delay_ms: u64,
@@ -224,6 +234,9 @@ pub fn resolve(
             .unwrap_or(defaults_retention.max_age),
     };
     require_absolute("state_dir", &state_dir)?;
+    if let Some(agent) = &file.agent.binary {
+        require_absolute("agent.binary", agent)?;
+    }
     require_absolute("socket", &socket)?;
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| ConfigError::Invalid {
         key: "log_level",
@@ -270,6 +283,7 @@ pub fn resolve(
             .binary
             .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
         qemu_accel: file.qemu.accel.unwrap_or_default(),
+        agent: file.agent.binary,
         restart_delay_ms,
         restart_max_delay_ms,
     })
@@ -414,6 +428,8 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/banger"));
         assert_eq!(config.socket, PathBuf::from("/run/banger/bangerd.sock"));
         assert_eq!(config.firecracker, PathBuf::from("firecracker"));
+        assert_eq!(config.qemu, PathBuf::from("qemu-system-x86_64"));
+        assert_eq!(config.qemu_accel, AccelChoice::Auto);
         assert_eq!(config.jailer, None);
         assert_eq!(
             (config.restart_delay_ms, config.restart_max_delay_ms),

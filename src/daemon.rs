@@ -130,7 +130,7 @@ impl SystemSupervisor {
                 accel,
             },
             default_vmm,
-            agent: agent_binary(),
+            agent: config.agent.clone().unwrap_or_else(agent_beside_daemon),
             host: Arc::new(LocalHost),
             jail_base,
             vms_dir: config.state_dir.join("vms"),
@@ -283,8 +283,8 @@ fn installed(binary: &Path) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
 }
 
-/// The guest agent injected into VMs: beside the running bangerd.
-fn agent_binary() -> PathBuf {
+/// The guest agent's default place: beside the running bangerd.
+fn agent_beside_daemon() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("banger-agent")))

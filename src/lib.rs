@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod guest;
 pub mod host;
+pub mod kernel;
 pub mod operations;
 pub mod rpc;
 pub mod store;

@@ -256,11 +256,12 @@ fn a_debian_guest_on_qemu_boots_runs_commands_survives_restarts_and_stops_cleanl
     );
 
     // The VMM SIGKILLed: the VM is restarted and its agent answers again.
+    let mark = f.daemon.as_mut().expect("daemon").mark();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL qemu");
     f.daemon
         .as_mut()
         .expect("daemon")
-        .wait_for_line("agent ready")
+        .wait_for_line_from(&["agent ready"], mark)
         .expect("the restarted guest's agent comes up");
     let restarted = f.json(&["vm", "inspect", "guest", "--json"]);
     assert_eq!(restarted["state"], "running");
@@ -270,7 +271,8 @@ fn a_debian_guest_on_qemu_boots_runs_commands_survives_restarts_and_stops_cleanl
 
     // A graceful stop: the agent powers the guest off; the exit is clean.
     let stopping = Instant::now();
-    let stopped = f.json(&["vm", "stop", "guest", "--json"]);
+    f.ok(&["vm", "stop", "guest"]);
+    let stopped = f.json(&["vm", "inspect", "guest", "--json"]);
     eprintln!(
         "figure: vm stop took {:.2} s",
         stopping.elapsed().as_secs_f64()
@@ -379,6 +381,7 @@ fn a_debian_guest_on_firecracker_answers_its_agent() {
     let ping = f.json(&["vm", "ping", "guest", "--wait", "60", "--json"]);
     assert_eq!(ping["kernel"], version.as_str());
     assert_eq!(f.exec_ok(&["uname", "-r"]).trim(), version);
-    let stopped = f.json(&["vm", "stop", "guest", "--json"]);
+    f.ok(&["vm", "stop", "guest"]);
+    let stopped = f.json(&["vm", "inspect", "guest", "--json"]);
     assert_eq!(stopped["last_exit"]["kind"], "clean", "{stopped}");
 }

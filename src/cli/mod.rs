@@ -205,6 +205,16 @@ enum KernelCommand {
         #[arg(long)]
         cmdline: Option<String>,
     },
+    /// Import a Debian kernel package (linux-image-*.deb) under NAME: its
+    /// bzImage, the vmlinux inside it, and an initramfs of the virtio and
+    /// vsock modules with banger-agent as /init.
+    ImportDeb {
+        name: String,
+        /// The .deb file (`apt-get download linux-image-<version>-cloud-amd64`).
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Every kernel in the catalog.
     #[command(alias = "list")]
     Ls {
@@ -645,6 +655,25 @@ fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result
             let params = json!({"name": name, "vmlinux": absolute(&vmlinux)?, "initrd": initrd, "cmdline": cmdline});
             let kernel = client.call::<KernelResult>("kernel.import", params)?;
             println!("{}", kernel.result.kernel.name);
+        }
+        KernelCommand::ImportDeb { name, path, json } => {
+            let params = json!({"name": name, "path": absolute(&path)?});
+            let mut stderr = std::io::stderr();
+            let kernel =
+                client.call_with_progress::<KernelResult>("kernel.import_deb", params, |p| {
+                    let _ = writeln!(stderr, "{}", output::progress(&p.phase, p.current, p.total));
+                })?;
+            let kernel = kernel.result.kernel;
+            if json {
+                println!("{}", output::json(&kernel));
+            } else {
+                println!(
+                    "{} {} ({} modules in the initramfs)",
+                    kernel.name,
+                    kernel.version.as_deref().unwrap_or("?"),
+                    kernel.modules.len()
+                );
+            }
         }
         KernelCommand::Ls { json } => {
             let kernels = client.call::<KernelsResult>("kernel.list", json!({}))?;

@@ -210,13 +210,14 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
 
 pub fn kernels_table(kernels: &[KernelRecord], now: Timestamp) -> String {
     let mut rows = vec![
-        ["NAME", "VMLINUX", "INITRD", "SHA256", "IMPORTED"]
+        ["NAME", "VERSION", "VMLINUX", "INITRD", "SHA256", "IMPORTED"]
             .map(String::from)
             .to_vec(),
     ];
     for k in kernels {
         rows.push(vec![
             k.name.clone(),
+            k.version.clone().unwrap_or_else(|| "-".into()),
             k.vmlinux.display().to_string(),
             k.initrd
                 .as_ref()

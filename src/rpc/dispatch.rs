@@ -14,7 +14,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
-    BackupParams, BackupResult, ErrorCode, HelloParams, HelloResult, KernelImportParams, KernelRef,
+    BackupParams, BackupResult, ErrorCode, HelloParams, HelloResult, KernelImportDebParams,
+    KernelImportParams, KernelRef,
     KernelResult, KernelsResult, LogsResult, METHODS, MemoryArg, MethodDescription, MethodsResult,
     Notification, OperationRef, OperationResult, OperationsResult, PROTOCOL_VERSION, PingResult,
     Progress, Request, RpcError, StatusResult, StoreSchemaResult, StoreStatus, VmCreateParams,
@@ -236,6 +237,10 @@ pub async fn handle(
             .await?;
             with_op_id(reply, KernelResult { kernel })
         }
+        Request::KernelImportDeb(params) => {
+            validate_name("name", &params.name)?;
+            with_op_id(reply, import_package(services, params, reply).await?)
+        }
         Request::KernelList => {
             let mut kernels = services.store.send(List::<KernelRecord>::new()).await??;
             kernels.sort_by(|a, b| a.name.cmp(&b.name));
@@ -397,6 +402,10 @@ async fn import_kernel(
         initrd: imported.initrd,
         initrd_sha256: imported.initrd_sha256,
         bzimage: None,
+        bzimage_sha256: None,
+        version: None,
+        package: None,
+        modules: Vec::new(),
         cmdline: params.cmdline,
         created_at: Timestamp::now(),
     };
@@ -405,6 +414,82 @@ async fn import_kernel(
         return Err(e.into());
     }
     Ok(record)
+}
+
+/// `kernel.import_deb`: the file work on a blocking thread, its phases as
+/// progress, the record once the files are in place.
+async fn import_package(
+    services: &Services,
+    params: KernelImportDebParams,
+    reply: &Reply<'_>,
+) -> Result<KernelResult, RpcError> {
+    let operation = services
+        .operations
+        .send(Begin {
+            method: "kernel.import_deb",
+            target: Some(params.name.clone()),
+            op_id: reply.op_id.to_string(),
+            cancellable: false,
+            intent_first: false,
+        })
+        .await??;
+    let progress = forward_progress(operation.status(), reply);
+    let report = operation.reporter();
+    let work = async {
+        if services
+            .store
+            .send(Get::<KernelRecord>::new(params.name.clone()))
+            .await??
+            .is_some()
+        {
+            return Err(CatalogError::Exists(params.name.clone()).into());
+        }
+        let (kernels_dir, name, package, agent) = (
+            services.kernels_dir.clone(),
+            params.name.clone(),
+            params.path.clone(),
+            services.vm_settings.agent.clone(),
+        );
+        let imported = tokio::task::spawn_blocking(move || {
+            catalog::import_package(&kernels_dir, &name, &package, &agent, |phase, step| {
+                report(phase, Some(step), Some(4))
+            })
+        })
+        .await
+        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
+        let record = KernelRecord {
+            name: params.name.clone(),
+            vmlinux: imported.vmlinux,
+            vmlinux_sha256: Some(imported.vmlinux_sha256),
+            initrd: Some(imported.initrd),
+            initrd_sha256: Some(imported.initrd_sha256),
+            bzimage: Some(imported.bzimage),
+            bzimage_sha256: Some(imported.bzimage_sha256),
+            version: Some(imported.version),
+            package: params
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned()),
+            modules: imported.modules,
+            cmdline: None,
+            created_at: Timestamp::now(),
+        };
+        if let Err(e) = services.store.send(Put(record.clone())).await? {
+            let _ =
+                std::fs::remove_dir_all(catalog::kernel_dir(&services.kernels_dir, &record.name));
+            return Err(e.into());
+        }
+        Ok(record)
+    };
+    // Progress runs until the operation ends, so its last line precedes the answer.
+    let (result, ()) = tokio::join!(
+        async {
+            let result: Result<KernelRecord, RpcError> = work.await;
+            finish(operation, result).await
+        },
+        progress
+    );
+    Ok(KernelResult { kernel: result? })
 }
 
 async fn remove_kernel(services: &Services, name: String) -> Result<KernelRecord, RpcError> {

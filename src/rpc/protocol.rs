@@ -413,6 +413,14 @@ pub struct KernelImportParams {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct KernelImportDebParams {
+    pub name: String,
+    /// The Debian kernel package (`linux-image-*.deb`), an absolute path.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KernelRef {
     pub name: String,
 }
@@ -441,6 +449,7 @@ pub enum Request {
     VmExec(VmExecParams),
     VmPing(VmPingParams),
     KernelImport(KernelImportParams),
+    KernelImportDeb(KernelImportDebParams),
     KernelList,
     KernelRemove(KernelRef),
 }
@@ -536,6 +545,10 @@ pub const METHODS: &[MethodInfo] = &[
         summary: "Copy a vmlinux (and initrd) into the kernel catalog under a name.",
     },
     MethodInfo {
+        name: "kernel.import_deb",
+        summary: "Import a Debian kernel package: vmlinux, bzImage, and an initramfs of the guest modules with banger-agent; with progress.",
+    },
+    MethodInfo {
         name: "kernel.list",
         summary: "Every kernel in the catalog.",
     },
@@ -569,6 +582,7 @@ impl Request {
             Request::VmExec(_) => "vm.exec",
             Request::VmPing(_) => "vm.ping",
             Request::KernelImport(_) => "kernel.import",
+            Request::KernelImportDeb(_) => "kernel.import_deb",
             Request::KernelList => "kernel.list",
             Request::KernelRemove(_) => "kernel.remove",
         }
@@ -634,6 +648,13 @@ impl Request {
                 Request::VmPing(ping)
             }
             "kernel.import" => Request::KernelImport(typed(params)?),
+            "kernel.import_deb" => {
+                let import: KernelImportDebParams = typed(params)?;
+                if !import.path.is_absolute() {
+                    return Err(RpcError::invalid_params("path", "must be an absolute path"));
+                }
+                Request::KernelImportDeb(import)
+            }
             "kernel.list" => typed::<NoParams>(params).map(|_| Request::KernelList)?,
             "kernel.remove" => Request::KernelRemove(typed(params)?),
             other => {
@@ -1018,6 +1039,7 @@ mod tests {
                 "vm.create" => serde_json::json!({"kernel": "k", "rootfs": "/r", "memory": "2G"}),
                 "kernel.import" => serde_json::json!({"name": "k", "vmlinux": "/v"}),
                 "vm.exec" => serde_json::json!({"name": "a", "argv": ["uname", "-r"]}),
+                "kernel.import_deb" => serde_json::json!({"name": "k", "path": "/k.deb"}),
                 "vm.list" | "kernel.list" => serde_json::json!({}),
                 n if n.starts_with("vm.") || n.starts_with("kernel.") => {
                     serde_json::json!({"name": "a"})

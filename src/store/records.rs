@@ -143,6 +143,17 @@ pub struct KernelRecord {
     /// The compressed kernel (QEMU boots it), from a package import.
     #[serde(default)]
     pub bzimage: Option<PathBuf>,
+    #[serde(default)]
+    pub bzimage_sha256: Option<String>,
+    /// `uname -r`, for kernels imported from a package.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The package's file name, for kernels imported from one.
+    #[serde(default)]
+    pub package: Option<String>,
+    /// Modules in the initramfs, in load order.
+    #[serde(default)]
+    pub modules: Vec<String>,
     /// Kernel command line; banger's default when absent.
     #[serde(default)]
     pub cmdline: Option<String>,

@@ -1,0 +1,177 @@
+//! The vmlinux inside an x86 bzImage: the setup header says where the
+//! compressed payload is, its magic says how it is compressed, and the
+//! result is the ELF Firecracker boots.
+
+use std::io::Read;
+
+use super::KernelError;
+
+/// Where the setup header's fields live (Documentation/arch/x86/boot.rst).
+const SETUP_SECTS: usize = 0x1f1;
+const HEADER_MAGIC: usize = 0x202;
+const PAYLOAD_OFFSET: usize = 0x248;
+const PAYLOAD_LENGTH: usize = 0x24c;
+/// The kernel's legacy LZ4 framing (`lz4 -l`): 8 MiB blocks.
+const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+
+fn bad(reason: impl Into<String>) -> KernelError {
+    KernelError::BzImage(reason.into())
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Result<u32, KernelError> {
+    bytes
+        .get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .ok_or_else(|| bad("truncated setup header"))
+}
+
+/// The compressed payload of a bzImage.
+pub fn payload(image: &[u8]) -> Result<&[u8], KernelError> {
+    if image.get(HEADER_MAGIC..HEADER_MAGIC + 4) != Some(b"HdrS") {
+        return Err(bad("no HdrS setup header; not a bzImage"));
+    }
+    let sects = match image.get(SETUP_SECTS) {
+        Some(0) => 4,
+        Some(&n) => n as usize,
+        None => return Err(bad("truncated setup header")),
+    };
+    let start = (sects + 1) * 512 + u32_at(image, PAYLOAD_OFFSET)? as usize;
+    let len = u32_at(image, PAYLOAD_LENGTH)? as usize;
+    image
+        .get(start..start + len)
+        .ok_or_else(|| bad("the payload runs past the end of the image"))
+}
+
+/// Decompresses a bzImage's payload to the vmlinux ELF.
+pub fn vmlinux(image: &[u8]) -> Result<Vec<u8>, KernelError> {
+    let payload = payload(image)?;
+    let mut out = Vec::new();
+    let failed = |format: &str, e: &dyn std::fmt::Display| bad(format!("{format} payload: {e}"));
+    match payload {
+        [0x1f, 0x8b, ..] => {
+            flate2::read::GzDecoder::new(payload)
+                .read_to_end(&mut out)
+                .map_err(|e| failed("gzip", &e))?;
+        }
+        [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => {
+            liblzma::read::XzDecoder::new(payload)
+                .read_to_end(&mut out)
+                .map_err(|e| failed("xz", &e))?;
+        }
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => {
+            zstd::stream::read::Decoder::new(payload)
+                .and_then(|mut d| d.read_to_end(&mut out))
+                .map_err(|e| failed("zstd", &e))?;
+        }
+        _ if payload.starts_with(&LZ4_LEGACY_MAGIC) => out = lz4_legacy(payload)?,
+        _ => {
+            let magic: Vec<String> = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
+            return Err(bad(format!(
+                "payload compressed in an unsupported format (magic {})",
+                magic.join(" ")
+            )));
+        }
+    }
+    if !out.starts_with(b"\x7fELF") {
+        return Err(bad("the decompressed payload is not an ELF vmlinux"));
+    }
+    Ok(out)
+}
+
+/// Legacy LZ4: the magic, then blocks of (u32 LE compressed length, LZ4
+/// block). The kernel appends the uncompressed size (4 bytes), which reads
+/// as a length past the end; the magic may repeat between concatenated
+/// streams.
+pub fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, KernelError> {
+    let mut out = Vec::new();
+    let mut at = LZ4_LEGACY_MAGIC.len();
+    while let Some(len) = data.get(at..at + 4) {
+        if len == LZ4_LEGACY_MAGIC {
+            at += 4;
+            continue;
+        }
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let Some(block) = data.get(at + 4..at + 4 + len) else {
+            break;
+        };
+        let decoded = lz4_flex::block::decompress(block, LZ4_LEGACY_BLOCK)
+            .map_err(|e| bad(format!("lz4 block at byte {at}: {e}")))?;
+        out.extend_from_slice(&decoded);
+        at += 4 + len;
+    }
+    if out.is_empty() {
+        return Err(bad("empty lz4 payload"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A bzImage-shaped file: 2 setup sectors plus the boot sector, then
+    /// the payload at offset 100 of the protected-mode part.
+    fn image(payload: &[u8]) -> Vec<u8> {
+        let mut image = vec![0u8; 3 * 512 + 100];
+        image[SETUP_SECTS] = 2;
+        image[HEADER_MAGIC..HEADER_MAGIC + 4].copy_from_slice(b"HdrS");
+        image[PAYLOAD_OFFSET..PAYLOAD_OFFSET + 4].copy_from_slice(&100u32.to_le_bytes());
+        image[PAYLOAD_LENGTH..PAYLOAD_LENGTH + 4]
+            .copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        image.extend_from_slice(payload);
+        image.extend_from_slice(b"trailing");
+        image
+    }
+
+    fn elf() -> Vec<u8> {
+        let mut elf = b"\x7fELF".to_vec();
+        elf.extend((0..5000u32).flat_map(|i| (i % 251).to_le_bytes()));
+        elf
+    }
+
+    #[test]
+    fn gzip_xz_and_zstd_payloads_decompress_to_the_elf() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&elf()).expect("gzip");
+        let gz = gz.finish().expect("gzip");
+        assert_eq!(vmlinux(&image(&gz)).expect("gzip"), elf());
+        let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        xz.write_all(&elf()).expect("xz");
+        let xz = xz.finish().expect("xz");
+        assert_eq!(vmlinux(&image(&xz)).expect("xz"), elf());
+        let zst = zstd::encode_all(&elf()[..], 1).expect("zstd");
+        assert_eq!(vmlinux(&image(&zst)).expect("zstd"), elf());
+    }
+
+    #[test]
+    fn legacy_lz4_blocks_decode_and_the_appended_size_is_ignored() {
+        let data = elf();
+        let (first, second) = data.split_at(7000);
+        let mut payload = LZ4_LEGACY_MAGIC.to_vec();
+        for part in [first, second] {
+            let block = lz4_flex::block::compress(part);
+            payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&block);
+        }
+        payload.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        assert_eq!(vmlinux(&image(&payload)).expect("lz4"), data);
+    }
+
+    #[test]
+    fn what_is_not_a_bzimage_or_not_an_elf_is_refused_with_the_reason() {
+        let error = vmlinux(b"plain file").expect_err("not a bzImage");
+        assert!(error.to_string().contains("HdrS"), "{error}");
+        let unknown = vmlinux(&image(b"BZh91AY&SY")).expect_err("bzip2");
+        assert!(unknown.to_string().contains("unsupported"), "{unknown}");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"not an elf").expect("gzip");
+        let not_elf = vmlinux(&image(&gz.finish().expect("gzip"))).expect_err("not elf");
+        assert!(not_elf.to_string().contains("not an ELF"), "{not_elf}");
+        let mut short = image(b"abc");
+        short.truncate(3 * 512 + 101);
+        assert!(payload(&short).is_err());
+    }
+}

@@ -1,0 +1,220 @@
+//! Kernel modules a VM needs, in the order they load: each module's
+//! `.modinfo` section names its dependencies (`depends=`); a package ships
+//! no `modules.dep` (depmod runs at install), so the order is worked out
+//! here. Modules the kernel has built in are skipped.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+
+use object::{Object, ObjectSection};
+
+use super::KernelError;
+
+/// One module as the package holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// The module's name, `_` for `-` as the kernel spells it.
+    pub name: String,
+    pub depends: Vec<String>,
+    /// The uncompressed `.ko`.
+    pub bytes: Vec<u8>,
+}
+
+/// The kernel's own spelling of a module name.
+pub fn canonical(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// A module file's name without directory and `.ko[.xz|.zst|.gz]`.
+pub fn name_of_path(path: &str) -> Option<String> {
+    let file = path.rsplit('/').next()?;
+    let stem = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
+        .iter()
+        .find_map(|suffix| file.strip_suffix(suffix))?;
+    Some(canonical(stem))
+}
+
+/// The `.ko` inside a possibly compressed module file.
+pub fn decompress(path: &str, bytes: Vec<u8>) -> Result<Vec<u8>, KernelError> {
+    let mut out = Vec::new();
+    let failed = |e: std::io::Error| KernelError::Module {
+        module: path.to_string(),
+        reason: format!("cannot decompress: {e}"),
+    };
+    if path.ends_with(".xz") {
+        liblzma::read::XzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(failed)?;
+    } else if path.ends_with(".zst") {
+        zstd::stream::read::Decoder::new(&bytes[..])
+            .and_then(|mut d| d.read_to_end(&mut out))
+            .map_err(failed)?;
+    } else if path.ends_with(".gz") {
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(failed)?;
+    } else {
+        return Ok(bytes);
+    }
+    Ok(out)
+}
+
+/// Reads a `.ko`'s name and dependencies from its `.modinfo` section.
+pub fn parse(path: &str, bytes: Vec<u8>) -> Result<Module, KernelError> {
+    let bad = |reason: String| KernelError::Module {
+        module: path.to_string(),
+        reason,
+    };
+    let (name, depends) = {
+        let elf = object::File::parse(&bytes[..]).map_err(|e| bad(format!("not an ELF object: {e}")))?;
+        let info = elf
+            .section_by_name(".modinfo")
+            .ok_or_else(|| bad("no .modinfo section".into()))?
+            .data()
+            .map_err(|e| bad(format!("unreadable .modinfo: {e}")))?;
+        let mut name = None;
+        let mut depends = Vec::new();
+        for field in info.split(|b| *b == 0) {
+            let field = String::from_utf8_lossy(field);
+            if let Some(value) = field.strip_prefix("name=") {
+                name = Some(canonical(value));
+            } else if let Some(value) = field.strip_prefix("depends=") {
+                depends = value
+                    .split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(canonical)
+                    .collect();
+            }
+        }
+        let name = name
+            .or_else(|| name_of_path(path))
+            .ok_or_else(|| bad("no module name".into()))?;
+        (name, depends)
+    };
+    Ok(Module {
+        name,
+        depends,
+        bytes,
+    })
+}
+
+/// Module names a `modules.builtin` lists (`kernel/fs/ext4/ext4.ko`).
+pub fn builtin(text: &str) -> HashSet<String> {
+    text.lines().filter_map(name_of_path).collect()
+}
+
+/// The modules to load for `wanted`, dependencies first. A wanted module
+/// the kernel has built in is skipped; one neither built in nor shipped
+/// is an error, as is a dependency cycle.
+pub fn load_order(
+    wanted: &[&str],
+    available: &HashMap<String, Module>,
+    builtin: &HashSet<String>,
+) -> Result<Vec<String>, KernelError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Visiting,
+        Done,
+    }
+    fn visit(
+        name: &str,
+        available: &HashMap<String, Module>,
+        builtin: &HashSet<String>,
+        marks: &mut BTreeMap<String, Mark>,
+        order: &mut Vec<String>,
+    ) -> Result<(), KernelError> {
+        match marks.get(name) {
+            Some(Mark::Done) => return Ok(()),
+            Some(Mark::Visiting) => {
+                return Err(KernelError::Module {
+                    module: name.to_string(),
+                    reason: "depends on itself through its dependencies".into(),
+                });
+            }
+            None => {}
+        }
+        let Some(module) = available.get(name) else {
+            if builtin.contains(name) {
+                marks.insert(name.to_string(), Mark::Done);
+                return Ok(());
+            }
+            return Err(KernelError::Module {
+                module: name.to_string(),
+                reason: "neither built into the kernel nor in the package".into(),
+            });
+        };
+        marks.insert(name.to_string(), Mark::Visiting);
+        for dependency in &module.depends {
+            visit(dependency, available, builtin, marks, order)?;
+        }
+        marks.insert(name.to_string(), Mark::Done);
+        order.push(name.to_string());
+        Ok(())
+    }
+    let mut marks = BTreeMap::new();
+    let mut order = Vec::new();
+    for name in wanted {
+        visit(&canonical(name), available, builtin, &mut marks, &mut order)?;
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module(name: &str, depends: &[&str]) -> (String, Module) {
+        (
+            name.to_string(),
+            Module {
+                name: name.to_string(),
+                depends: depends.iter().map(|d| d.to_string()).collect(),
+                bytes: Vec::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn dependencies_load_first_and_builtins_are_skipped() {
+        let available: HashMap<String, Module> = [
+            module("virtio_net", &["net_failover", "virtio"]),
+            module("net_failover", &["failover"]),
+            module("failover", &[]),
+            module("virtio_blk", &["virtio", "virtio_ring"]),
+            module("virtio_ring", &[]),
+        ]
+        .into_iter()
+        .collect();
+        let builtin: HashSet<String> = ["virtio".to_string()].into_iter().collect();
+        let order = load_order(&["virtio_blk", "virtio-net", "virtio"], &available, &builtin)
+            .expect("order");
+        assert_eq!(
+            order,
+            ["virtio_ring", "virtio_blk", "failover", "net_failover", "virtio_net"]
+        );
+    }
+
+    #[test]
+    fn a_missing_module_or_a_cycle_is_named() {
+        let available: HashMap<String, Module> =
+            [module("a", &["b"]), module("b", &["a"]), module("c", &["gone"])]
+                .into_iter()
+                .collect();
+        let cycle = load_order(&["a"], &available, &HashSet::new()).expect_err("cycle");
+        assert!(cycle.to_string().contains("depends on itself"), "{cycle}");
+        let missing = load_order(&["c"], &available, &HashSet::new()).expect_err("missing");
+        assert!(missing.to_string().contains("module gone"), "{missing}");
+    }
+
+    #[test]
+    fn names_come_from_paths_and_builtin_lists() {
+        assert_eq!(
+            name_of_path("lib/modules/6.1/kernel/drivers/char/hw_random/virtio-rng.ko.xz"),
+            Some("virtio_rng".into())
+        );
+        assert_eq!(name_of_path("kernel/net/vmw_vsock/vsock.ko"), Some("vsock".into()));
+        assert_eq!(name_of_path("kernel/README"), None);
+        let builtin = builtin("kernel/fs/ext4/ext4.ko\nkernel/drivers/virtio/virtio.ko\n");
+        assert!(builtin.contains("ext4") && builtin.contains("virtio"));
+    }
+}
