@@ -143,8 +143,7 @@ pub fn import_package(
     progress("reading the package", 1);
     let file = File::open(package).map_err(io_err("open", package))?;
     let what = package.display().to_string();
-    let mut contents =
-        deb::read(io::BufReader::new(file), &what).map_err(failed)?;
+    let mut contents = deb::read(io::BufReader::new(file), &what).map_err(failed)?;
     progress("decompressing vmlinux", 2);
     let vmlinux = bzimage::vmlinux(&contents.bzimage).map_err(failed)?;
     let order =
@@ -187,7 +186,11 @@ pub fn import_package(
 }
 
 /// Renames a finished staging directory to the catalog entry.
-fn move_into_place(staging: tempfile::TempDir, target: &Path, name: &str) -> Result<(), CatalogError> {
+fn move_into_place(
+    staging: tempfile::TempDir,
+    target: &Path,
+    name: &str,
+) -> Result<(), CatalogError> {
     let staged = staging.keep();
     fs::rename(&staged, target).map_err(|e| {
         let _ = fs::remove_dir_all(&staged);

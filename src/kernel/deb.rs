@@ -32,7 +32,8 @@ fn not_a_package(what: &str, reason: impl Into<String>) -> KernelError {
 pub fn read(deb: impl Read, what: &str) -> Result<KernelPackage, KernelError> {
     let mut archive = ar::Archive::new(deb);
     while let Some(member) = archive.next_entry() {
-        let member = member.map_err(|e| not_a_package(what, format!("not a .deb (ar) archive: {e}")))?;
+        let member =
+            member.map_err(|e| not_a_package(what, format!("not a .deb (ar) archive: {e}")))?;
         let name = String::from_utf8_lossy(member.header().identifier()).into_owned();
         let data: Box<dyn Read + '_> = match name.as_str() {
             "data.tar.xz" => Box::new(liblzma::read::XzDecoder::new(member)),
@@ -43,7 +44,10 @@ pub fn read(deb: impl Read, what: &str) -> Result<KernelPackage, KernelError> {
         };
         return read_data(data, what);
     }
-    Err(not_a_package(what, "no data.tar member; not a .deb archive"))
+    Err(not_a_package(
+        what,
+        "no data.tar member; not a .deb archive",
+    ))
 }
 
 /// A tar path, relative and free of `..`, as a string without `./`.
@@ -165,7 +169,9 @@ mod tests {
         let evil = deb_with(tar_with(&[("../../etc/passwd", b"x")]));
         let error = read(&evil[..], "evil.deb").err().expect("refused");
         assert!(error.to_string().contains("unsafe path"), "{error}");
-        let garbage = read(&b"not an archive at all"[..], "garbage.deb").err().expect("refused");
+        let garbage = read(&b"not an archive at all"[..], "garbage.deb")
+            .err()
+            .expect("refused");
         assert!(garbage.to_string().contains("garbage.deb"), "{garbage}");
         let empty = deb_with(tar_with(&[]));
         let error = read(&empty[..], "empty.deb").err().expect("no kernel");

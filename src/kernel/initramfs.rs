@@ -12,7 +12,17 @@ use cpio::newc::{Builder, ModeFileType, trailer};
 pub const MODULE_LIST: &str = "etc/banger/initramfs";
 
 const DIRECTORIES: &[&str] = &[
-    "dev", "etc", "etc/banger", "lib", "lib/modules", "newroot", "proc", "run", "sbin", "sys", "tmp",
+    "dev",
+    "etc",
+    "etc/banger",
+    "lib",
+    "lib/modules",
+    "newroot",
+    "proc",
+    "run",
+    "sbin",
+    "sys",
+    "tmp",
 ];
 
 /// Writes the initramfs for `agent` and the modules `(name, .ko bytes)`,
@@ -41,7 +51,8 @@ pub fn write(out: impl Write, agent: &[u8], modules: &[(String, Vec<u8>)]) -> io
         .write(&mut gz, 0)
         .finish()?;
     let mut file = |name: &str, mode: u32, bytes: &[u8]| -> io::Result<()> {
-        let size = u32::try_from(bytes.len()).map_err(|_| io::Error::other(format!("{name} is over 4 GiB")))?;
+        let size = u32::try_from(bytes.len())
+            .map_err(|_| io::Error::other(format!("{name} is over 4 GiB")))?;
         let mut writer = entry(name, mode, ModeFileType::Regular).write(&mut gz, size);
         writer.write_all(bytes)?;
         writer.finish().map(drop)
@@ -99,7 +110,11 @@ mod tests {
         assert_eq!(get("init").1 & 0o777, 0o755);
         assert_eq!(get("lib/modules/virtio_blk.ko").2, b"blk");
         assert_eq!(get(MODULE_LIST).2, b"virtio_ring.ko\nvirtio_blk.ko\n");
-        assert_eq!(get("dev/console").1 & 0o170000, 0o020000, "a character device");
+        assert_eq!(
+            get("dev/console").1 & 0o170000,
+            0o020000,
+            "a character device"
+        );
         let mut again = Vec::new();
         write(&mut again, b"agent", &modules).expect("write");
         assert_eq!(archive, again, "deterministic");

@@ -66,7 +66,8 @@ pub fn parse(path: &str, bytes: Vec<u8>) -> Result<Module, KernelError> {
         reason,
     };
     let (name, depends) = {
-        let elf = object::File::parse(&bytes[..]).map_err(|e| bad(format!("not an ELF object: {e}")))?;
+        let elf =
+            object::File::parse(&bytes[..]).map_err(|e| bad(format!("not an ELF object: {e}")))?;
         let info = elf
             .section_by_name(".modinfo")
             .ok_or_else(|| bad("no .modinfo section".into()))?
@@ -186,20 +187,33 @@ mod tests {
         .into_iter()
         .collect();
         let builtin: HashSet<String> = ["virtio".to_string()].into_iter().collect();
-        let order = load_order(&["virtio_blk", "virtio-net", "virtio"], &available, &builtin)
-            .expect("order");
+        let order = load_order(
+            &["virtio_blk", "virtio-net", "virtio"],
+            &available,
+            &builtin,
+        )
+        .expect("order");
         assert_eq!(
             order,
-            ["virtio_ring", "virtio_blk", "failover", "net_failover", "virtio_net"]
+            [
+                "virtio_ring",
+                "virtio_blk",
+                "failover",
+                "net_failover",
+                "virtio_net"
+            ]
         );
     }
 
     #[test]
     fn a_missing_module_or_a_cycle_is_named() {
-        let available: HashMap<String, Module> =
-            [module("a", &["b"]), module("b", &["a"]), module("c", &["gone"])]
-                .into_iter()
-                .collect();
+        let available: HashMap<String, Module> = [
+            module("a", &["b"]),
+            module("b", &["a"]),
+            module("c", &["gone"]),
+        ]
+        .into_iter()
+        .collect();
         let cycle = load_order(&["a"], &available, &HashSet::new()).expect_err("cycle");
         assert!(cycle.to_string().contains("depends on itself"), "{cycle}");
         let missing = load_order(&["c"], &available, &HashSet::new()).expect_err("missing");
@@ -212,7 +226,10 @@ mod tests {
             name_of_path("lib/modules/6.1/kernel/drivers/char/hw_random/virtio-rng.ko.xz"),
             Some("virtio_rng".into())
         );
-        assert_eq!(name_of_path("kernel/net/vmw_vsock/vsock.ko"), Some("vsock".into()));
+        assert_eq!(
+            name_of_path("kernel/net/vmw_vsock/vsock.ko"),
+            Some("vsock".into())
+        );
         assert_eq!(name_of_path("kernel/README"), None);
         let builtin = builtin("kernel/fs/ext4/ext4.ko\nkernel/drivers/virtio/virtio.ko\n");
         assert!(builtin.contains("ext4") && builtin.contains("virtio"));

@@ -15,11 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
     BackupParams, BackupResult, ErrorCode, HelloParams, HelloResult, KernelImportDebParams,
-    KernelImportParams, KernelRef,
-    KernelResult, KernelsResult, LogsResult, METHODS, MemoryArg, MethodDescription, MethodsResult,
-    Notification, OperationRef, OperationResult, OperationsResult, PROTOCOL_VERSION, PingResult,
-    Progress, Request, RpcError, StatusResult, StoreSchemaResult, StoreStatus, VmCreateParams,
-    VmPingParams, VmRef, VmResult, VmView, VmsResult, WithOpId,
+    KernelImportParams, KernelRef, KernelResult, KernelsResult, LogsResult, METHODS, MemoryArg,
+    MethodDescription, MethodsResult, Notification, OperationRef, OperationResult,
+    OperationsResult, PROTOCOL_VERSION, PingResult, Progress, Request, RpcError, StatusResult,
+    StoreSchemaResult, StoreStatus, VmCreateParams, VmPingParams, VmRef, VmResult, VmView,
+    VmsResult, WithOpId,
 };
 use crate::actors::operation::{
     Begin, CancelOperation, GetOperation, ListOperations, OperationHandle, OperationRegistry,

@@ -78,7 +78,9 @@ impl From<CatalogError> for RpcError {
         match e {
             CatalogError::Invalid { field, reason } => InvalidVm { field, reason }.into(),
             CatalogError::Exists(_) => RpcError::new(ErrorCode::AlreadyExists, error_chain(&e)),
-            CatalogError::Package { .. } => RpcError::new(ErrorCode::InvalidParams, error_chain(&e)),
+            CatalogError::Package { .. } => {
+                RpcError::new(ErrorCode::InvalidParams, error_chain(&e))
+            }
             CatalogError::Io { .. } | CatalogError::NoAgent(_) => {
                 RpcError::new(ErrorCode::Internal, error_chain(&e))
             }
