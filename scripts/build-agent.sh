@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-gnu
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --locked --quiet --release -p banger-agent --target "$target" >&2
-agent="target/$target/release/banger-agent"
+agent="$PWD/target/$target/release/banger-agent"
 if readelf -l "$agent" | grep -q 'program interpreter'; then
     echo "$agent is not static" >&2
     exit 1

@@ -17,7 +17,7 @@ mkdir -p "$work"
 socket="$work/bangerd.sock"
 config="$work/bangerd.toml"
 printf '[agent]\nbinary = "%s"\n[firecracker]\nbinary = "%s"\n' \
-    "$PWD/$agent" "$BANGER_TEST_FIRECRACKER" > "$config"
+    "$agent" "$BANGER_TEST_FIRECRACKER" > "$config"
 banger() { target/release/banger --socket "$socket" "$@"; }
 
 if ! banger daemon status >/dev/null 2>&1; then
