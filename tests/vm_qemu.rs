@@ -324,6 +324,49 @@ fn a_poweroff_inside_the_guest_is_a_clean_stop_and_a_reboot_starts_it_again() {
     let off = f.json(&["vm", "inspect", "guest", "--json"]);
     assert_eq!(off["state"], "stopped", "{off}");
     assert_eq!(off["last_exit"]["kind"], "clean", "{off}");
+
+    // Ctrl-Alt-Del through QEMU (the stop's fallback when the agent does
+    // not answer) is a poweroff request to PID 1.
+    f.ok(&["vm", "start", "guest"]);
+    f.json(&["vm", "ping", "guest", "--wait", "60", "--json"]);
+    let id = f.json(&["vm", "inspect", "guest", "--json"])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let daemon = f.daemon.as_mut().expect("daemon");
+    let mark = daemon.mark();
+    ctrl_alt_del(&f.state().join("vms").join(id).join("qmp.sock"));
+    f.daemon
+        .as_mut()
+        .expect("daemon")
+        .wait_for_line_from(&["VMM exited"], mark)
+        .expect("the guest powers off");
+    let off = f.json(&["vm", "inspect", "guest", "--json"]);
+    assert_eq!(off["last_exit"]["kind"], "clean", "{off}");
+}
+
+/// Presses Ctrl-Alt-Del through a QEMU's QMP socket.
+fn ctrl_alt_del(qmp: &Path) {
+    use std::io::{BufRead, BufReader};
+    let stream = std::os::unix::net::UnixStream::connect(qmp).expect("connect QMP");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("greeting");
+    for command in [
+        r#"{"execute":"qmp_capabilities"}"#,
+        r#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"ctrl"},{"type":"qcode","data":"alt"},{"type":"qcode","data":"delete"}]}}"#,
+    ] {
+        writeln!(writer, "{command}").expect("send");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("answer");
+            if line.contains("\"return\"") {
+                break;
+            }
+            assert!(!line.contains("\"error\""), "QMP {command}: {line}");
+        }
+    }
 }
 
 /// KVM here cannot boot a stock kernel (no /dev/kvm, or nested PVM).

@@ -317,6 +317,8 @@ impl VmActor {
                             Ok(act.record.clone())
                         }
                         Err(error) => {
+                            // Whoever waits for this VM's agent hears it will not come.
+                            act.agent_waiters.clear();
                             act.record.state = VmState::Failed;
                             act.record.error = Some(error_chain(&error));
                             act.record.process = None;

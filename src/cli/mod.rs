@@ -201,7 +201,7 @@ enum KernelCommand {
         vmlinux: PathBuf,
         #[arg(long)]
         initrd: Option<PathBuf>,
-        /// Kernel command line [default: console=ttyS0 reboot=k panic=1 pci=off].
+        /// Kernel command line [default: the backend's, see docs/cli.md].
         #[arg(long)]
         cmdline: Option<String>,
     },
