@@ -128,7 +128,7 @@ fn main() -> anyhow::Result<()> {
         let host_ms = ready.as_secs_f64() * 1000.0;
         writeln!(
             report,
-            "boot {boot} ({} on {}): create to agent ready {:.2} s = VMM start and firmware {:.0} ms + kernel {:.0} ms + stage 1 {:.0} ms + stage 2 {:.0} ms (create to running {:.0} ms; the split is the guest's boot clock; the host's `vm ping` polling adds nothing: it waits on the hello)",
+            "boot {boot} ({} on {}): create to agent ready {:.2} s = VMM start and firmware {:.0} ms + kernel {:.0} ms + stage 1 {:.0} ms + stage 2 {:.0} ms (create to running {:.0} ms; the split reads the guest's boot clock)",
             vm["accel"].as_str().unwrap_or("?"),
             vm["vmm"].as_str().unwrap_or("?"),
             ready.as_secs_f64(),
