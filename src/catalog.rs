@@ -160,19 +160,14 @@ pub fn import_package(
         .map_err(|e| failed(kernel::KernelError::Io(e)))?;
 
     progress("writing the catalog entry", 4);
-    let target = kernel_dir(kernels_dir, name);
-    if target.exists() {
-        return Err(CatalogError::Exists(name.to_string()));
-    }
-    fs::create_dir_all(kernels_dir).map_err(io_err("create", kernels_dir))?;
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}-"))
-        .tempdir_in(kernels_dir)
-        .map_err(io_err("create a staging directory in", kernels_dir))?;
-    let vmlinux_sha256 = write_hashed(&staging.path().join("vmlinux"), &vmlinux)?;
-    let bzimage_sha256 = write_hashed(&staging.path().join("bzImage"), &contents.bzimage)?;
-    let initrd_sha256 = write_hashed(&staging.path().join("initrd.img"), &initrd)?;
-    move_into_place(staging, &target, name)?;
+    let (target, (vmlinux_sha256, bzimage_sha256, initrd_sha256)) =
+        new_entry(kernels_dir, name, |staging| {
+            Ok((
+                write_hashed(&staging.join("vmlinux"), &vmlinux)?,
+                write_hashed(&staging.join("bzImage"), &contents.bzimage)?,
+                write_hashed(&staging.join("initrd.img"), &initrd)?,
+            ))
+        })?;
     Ok(ImportedPackage {
         version: contents.version,
         vmlinux: target.join("vmlinux"),
@@ -185,22 +180,35 @@ pub fn import_package(
     })
 }
 
-/// Renames a finished staging directory to the catalog entry.
-fn move_into_place(
-    staging: tempfile::TempDir,
-    target: &Path,
+/// Makes the catalog entry `<kernels_dir>/<name>/` all or nothing: `fill`
+/// writes its files into a staging directory beside it, which is renamed
+/// into place. Answers the entry's path and what `fill` answered.
+fn new_entry<T>(
+    kernels_dir: &Path,
     name: &str,
-) -> Result<(), CatalogError> {
+    fill: impl FnOnce(&Path) -> Result<T, CatalogError>,
+) -> Result<(PathBuf, T), CatalogError> {
+    let target = kernel_dir(kernels_dir, name);
+    if target.exists() {
+        return Err(CatalogError::Exists(name.to_string()));
+    }
+    fs::create_dir_all(kernels_dir).map_err(io_err("create", kernels_dir))?;
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}-"))
+        .tempdir_in(kernels_dir)
+        .map_err(io_err("create a staging directory in", kernels_dir))?;
+    let filled = fill(staging.path())?;
     let staged = staging.keep();
-    fs::rename(&staged, target).map_err(|e| {
+    fs::rename(&staged, &target).map_err(|e| {
         let _ = fs::remove_dir_all(&staged);
         match e.kind() {
             io::ErrorKind::AlreadyExists | io::ErrorKind::DirectoryNotEmpty => {
                 CatalogError::Exists(name.to_string())
             }
-            _ => io_err("move into place", target)(e),
+            _ => io_err("move into place", &target)(e),
         }
-    })
+    })?;
+    Ok((target, filled))
 }
 
 /// Imports a kernel into `<kernels_dir>/<name>/`; all or nothing.
@@ -214,20 +222,13 @@ pub fn import_kernel(
     if let Some(initrd) = initrd {
         check_source("initrd", initrd, false)?;
     }
-    let target = kernel_dir(kernels_dir, name);
-    if target.exists() {
-        return Err(CatalogError::Exists(name.to_string()));
-    }
-    fs::create_dir_all(kernels_dir).map_err(io_err("create", kernels_dir))?;
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}-"))
-        .tempdir_in(kernels_dir)
-        .map_err(io_err("create a staging directory in", kernels_dir))?;
-    let vmlinux_sha256 = copy_hashed(vmlinux, &staging.path().join("vmlinux"))?;
-    let initrd_sha256 = initrd
-        .map(|initrd| copy_hashed(initrd, &staging.path().join("initrd")))
-        .transpose()?;
-    move_into_place(staging, &target, name)?;
+    let (target, (vmlinux_sha256, initrd_sha256)) = new_entry(kernels_dir, name, |staging| {
+        let vmlinux_sha256 = copy_hashed(vmlinux, &staging.join("vmlinux"))?;
+        let initrd_sha256 = initrd
+            .map(|initrd| copy_hashed(initrd, &staging.join("initrd")))
+            .transpose()?;
+        Ok((vmlinux_sha256, initrd_sha256))
+    })?;
     Ok(ImportedKernel {
         vmlinux: target.join("vmlinux"),
         vmlinux_sha256,

@@ -423,19 +423,14 @@ async fn import_package(
     params: KernelImportDebParams,
     reply: &Reply<'_>,
 ) -> Result<KernelResult, RpcError> {
-    let operation = services
-        .operations
-        .send(Begin {
-            method: "kernel.import_deb",
-            target: Some(params.name.clone()),
-            op_id: reply.op_id.to_string(),
-            cancellable: false,
-            intent_first: false,
-        })
-        .await??;
-    let progress = forward_progress(operation.status(), reply);
-    let report = operation.reporter();
-    let work = async {
+    let begin = Begin {
+        method: "kernel.import_deb",
+        target: Some(params.name.clone()),
+        op_id: reply.op_id.to_string(),
+        cancellable: false,
+        intent_first: false,
+    };
+    let kernel = with_progress(services, reply, begin, |report, _| async move {
         if services
             .store
             .send(Get::<KernelRecord>::new(params.name.clone()))
@@ -480,16 +475,9 @@ async fn import_package(
             return Err(e.into());
         }
         Ok(record)
-    };
-    // Progress runs until the operation ends, so its last line precedes the answer.
-    let (result, ()) = tokio::join!(
-        async {
-            let result: Result<KernelRecord, RpcError> = work.await;
-            finish(operation, result).await
-        },
-        progress
-    );
-    Ok(KernelResult { kernel: result? })
+    })
+    .await?;
+    Ok(KernelResult { kernel })
 }
 
 async fn remove_kernel(services: &Services, name: String) -> Result<KernelRecord, RpcError> {
@@ -741,22 +729,16 @@ async fn backup(
     params: BackupParams,
     reply: &Reply<'_>,
 ) -> Result<BackupResult, RpcError> {
-    let operation = services
-        .operations
-        .send(Begin {
-            method: "daemon.backup",
-            target: Some(params.path.display().to_string()),
-            op_id: reply.op_id.to_string(),
-            cancellable: true,
-            // A killed daemon's partial copy is found through this record.
-            intent_first: true,
-        })
-        .await??;
-    let progress = forward_progress(operation.status(), reply);
-    let report = operation.reporter();
-    let cancel = operation.cancel.clone();
+    let begin = Begin {
+        method: "daemon.backup",
+        target: Some(params.path.display().to_string()),
+        op_id: reply.op_id.to_string(),
+        cancellable: true,
+        // A killed daemon's partial copy is found through this record.
+        intent_first: true,
+    };
     let path = params.path.clone();
-    let work = async move {
+    let copied = with_progress(services, reply, begin, |report, cancel| async move {
         let snapshot = services.store.send(TakeSnapshot).await??;
         tokio::task::spawn_blocking(move || {
             backup::write(
@@ -775,29 +757,34 @@ async fn backup(
             )
         })?
         .map_err(RpcError::from)
-    };
-    // Progress runs until the operation ends, so its last line precedes the answer.
-    let (result, ()) = tokio::join!(
-        async {
-            let result = work.await;
-            let (outcome, error) = match &result {
-                Ok(_) => (OperationOutcome::Succeeded, None),
-                Err(e) if e.code == ErrorCode::Cancelled => {
-                    (OperationOutcome::Cancelled, Some(e.message.clone()))
-                }
-                Err(e) => (OperationOutcome::Failed, Some(e.message.clone())),
-            };
-            let finished = operation.finish(outcome, error).await;
-            result.and_then(|copied| finished.map(|_| copied).map_err(RpcError::from))
-        },
-        progress
-    );
-    let copied = result?;
+    })
+    .await?;
     Ok(BackupResult {
         path: params.path,
         records: copied.records,
         bytes: copied.bytes,
     })
+}
+
+/// A progress reporter for blocking work: phase, current, total.
+type Reporter = Box<dyn Fn(&str, Option<u64>, Option<u64>) + Send>;
+
+/// Runs `work` as a recorded operation whose progress reaches the client
+/// as notifications; the last one precedes the answer.
+async fn with_progress<T, F>(
+    services: &Services,
+    reply: &Reply<'_>,
+    begin: Begin,
+    work: impl FnOnce(Reporter, CancellationToken) -> F,
+) -> Result<T, RpcError>
+where
+    F: Future<Output = Result<T, RpcError>>,
+{
+    let operation = services.operations.send(begin).await??;
+    let progress = forward_progress(operation.status(), reply);
+    let work = work(Box::new(operation.reporter()), operation.cancel.clone());
+    let (result, ()) = tokio::join!(async { finish(operation, work.await).await }, progress);
+    result
 }
 
 #[cfg(test)]

@@ -44,6 +44,18 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+/// The payload length a frame header announces, if within the limit.
+fn payload_len(header: &[u8; 5]) -> io::Result<usize> {
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit"),
+        ));
+    }
+    Ok(len)
+}
+
 /// Reads one frame; None at a clean end of stream.
 pub fn read_frame(reader: &mut impl Read) -> io::Result<Option<Frame>> {
     let mut header = [0u8; 5];
@@ -52,14 +64,7 @@ pub fn read_frame(reader: &mut impl Read) -> io::Result<Option<Frame>> {
         other => other?,
     }
     reader.read_exact(&mut header[1..])?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is over the limit"),
-        ));
-    }
-    let mut payload = vec![0u8; len];
+    let mut payload = vec![0u8; payload_len(&header)?];
     reader.read_exact(&mut payload)?;
     Ok(Some(Frame {
         kind: header[0],
@@ -75,14 +80,7 @@ async fn read_client_frame(reader: &mut (impl AsyncRead + Unpin)) -> io::Result<
         other => other?,
     };
     reader.read_exact(&mut header[1..]).await?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is over the limit"),
-        ));
-    }
-    let mut payload = vec![0u8; len];
+    let mut payload = vec![0u8; payload_len(&header)?];
     reader.read_exact(&mut payload).await?;
     Ok(Some(Frame {
         kind: header[0],

@@ -12,13 +12,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 
 use futures_util::future::BoxFuture;
 
-use super::process::{ProcessHandle, read_stat};
-use super::{LaunchSpec, Launched, Vmm, VmmError};
+use super::process::ProcessHandle;
+use super::{LaunchSpec, Launched, SocketWait, Vmm, VmmError, start_vmm, wait_for_socket};
 use crate::host::{HostOps, JailFile, VmmCommand};
 use crate::store::records::{AgentEndpoint, VmmProcess};
 
@@ -445,42 +444,30 @@ impl Firecracker {
             console: spec.paths.console_log(),
             errors: spec.paths.dir.join("firecracker.log"),
         };
-        let pid = host
-            .spawn_vmm(&command)
-            .map_err(|source| FirecrackerError::Spawn {
+        let (process, start_time) = start_vmm(
+            host,
+            &command,
+            |source| FirecrackerError::Spawn {
                 binary: program.clone(),
                 source,
-            })? as i32;
-        // The pidfd is the handle from here on: the pid cannot be recycled
-        // before we reap it, and we reap through the pidfd.
-        let process = ProcessHandle::open(pid).map_err(io_err("watch the process of", &program))?;
-        match self.configure(spec, &process).await {
-            Ok(()) => {
-                let start_time = read_stat(pid)
-                    .ok()
-                    .flatten()
-                    .map(|s| s.start_time)
-                    .unwrap_or(0);
-                Ok(Launched {
-                    process,
-                    recorded: VmmProcess {
-                        pid,
-                        start_time,
-                        api_socket: socket,
-                        agent: Some(AgentEndpoint::Vsock {
-                            socket: self.vsock_socket(spec),
-                            port: banger_agent::protocol::VSOCK_PORT,
-                        }),
-                        accel: None,
-                    },
-                })
-            }
-            Err(e) => {
-                let _ = process.signal(Signal::KILL);
-                process.exited().await;
-                Err(e)
-            }
-        }
+            },
+            io_err("watch the process of", &program),
+            async |process| self.configure(spec, process).await,
+        )
+        .await?;
+        Ok(Launched {
+            recorded: VmmProcess {
+                pid: process.pid(),
+                start_time,
+                api_socket: socket,
+                agent: Some(AgentEndpoint::Vsock {
+                    socket: self.vsock_socket(spec),
+                    port: banger_agent::protocol::VSOCK_PORT,
+                }),
+                accel: None,
+            },
+            process,
+        })
     }
 
     async fn configure(
@@ -489,7 +476,16 @@ impl Firecracker {
         process: &ProcessHandle,
     ) -> Result<(), FirecrackerError> {
         let socket = self.api_socket(spec);
-        wait_for_socket(&socket, process, &self.vmm_log(spec)).await?;
+        wait_for_socket(&socket, process, SOCKET_TIMEOUT)
+            .await
+            .map_err(|wait| match wait {
+                SocketWait::Exited => FirecrackerError::ExitedEarly {
+                    log: self.vmm_log(spec),
+                },
+                SocketWait::TimedOut => FirecrackerError::NoSocket {
+                    socket: socket.clone(),
+                },
+            })?;
         let api = ApiClient::new(&socket);
         let (kernel, initrd, rootfs, vsock) = self.guest_files(spec);
         api.put(
@@ -533,32 +529,6 @@ impl Firecracker {
             return Err(FirecrackerError::NotRunning(info.state));
         }
         Ok(())
-    }
-}
-
-/// Firecracker binds its socket a few milliseconds after exec; poll for it,
-/// giving up early if the process dies.
-async fn wait_for_socket(
-    socket: &Path,
-    process: &ProcessHandle,
-    log: &Path,
-) -> Result<(), FirecrackerError> {
-    let deadline = tokio::time::Instant::now() + SOCKET_TIMEOUT;
-    let exited = process.exited();
-    tokio::pin!(exited);
-    loop {
-        if tokio::net::UnixStream::connect(socket).await.is_ok() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(FirecrackerError::NoSocket {
-                socket: socket.to_path_buf(),
-            });
-        }
-        tokio::select! {
-            _ = &mut exited => return Err(FirecrackerError::ExitedEarly { log: log.to_path_buf() }),
-            _ = tokio::time::sleep(Duration::from_millis(2)) => {}
-        }
     }
 }
 

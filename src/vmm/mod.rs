@@ -8,14 +8,17 @@ pub mod orphans;
 pub mod process;
 pub mod qemu;
 
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use rustix::process::Signal;
 
-use crate::host::HostOps;
+use crate::host::{HostOps, VmmCommand};
 use crate::store::records::VmmProcess;
-use process::ProcessHandle;
+use process::{ProcessHandle, read_stat};
 
 /// Where a VM's VMM keeps its files: the VM's directory, named by its short
 /// id so socket paths stay short.
@@ -91,4 +94,67 @@ pub trait Vmm: Send + Sync {
 
     /// A directory outside the VM's own that holds its files (a jail).
     fn jail_dir(&self, id: &str) -> Option<PathBuf>;
+}
+
+/// Spawns a VMM (in its own session, console appended to the VM's log) and
+/// runs `ready` on it: its configuration and first check. A VMM that does
+/// not get ready is killed and reaped before this returns. Answers the
+/// handle and the process's start time (for re-adoption).
+pub async fn start_vmm<E>(
+    host: &Arc<dyn HostOps>,
+    command: &VmmCommand,
+    spawn_failed: impl FnOnce(io::Error) -> E,
+    watch_failed: impl FnOnce(io::Error) -> E,
+    ready: impl AsyncFnOnce(&ProcessHandle) -> Result<(), E>,
+) -> Result<(ProcessHandle, u64), E> {
+    let pid = host.spawn_vmm(command).map_err(spawn_failed)? as i32;
+    // The pidfd is the handle from here on: the pid cannot be recycled
+    // before we reap it, and we reap through the pidfd.
+    let process = ProcessHandle::open(pid).map_err(watch_failed)?;
+    match ready(&process).await {
+        Ok(()) => {
+            let start_time = read_stat(pid)
+                .ok()
+                .flatten()
+                .map(|s| s.start_time)
+                .unwrap_or(0);
+            Ok((process, start_time))
+        }
+        Err(e) => {
+            let _ = process.signal(Signal::KILL);
+            process.exited().await;
+            Err(e)
+        }
+    }
+}
+
+/// Why a VMM's control socket never answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketWait {
+    Exited,
+    TimedOut,
+}
+
+/// A VMM binds its control socket shortly after exec: poll until it takes
+/// a connection, giving up early if the process dies.
+pub async fn wait_for_socket(
+    socket: &Path,
+    process: &ProcessHandle,
+    timeout: Duration,
+) -> Result<(), SocketWait> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let exited = process.exited();
+    tokio::pin!(exited);
+    loop {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(SocketWait::TimedOut);
+        }
+        tokio::select! {
+            _ = &mut exited => return Err(SocketWait::Exited),
+            _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+        }
+    }
 }

@@ -13,14 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use rustix::process::Signal;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::process::{ProcessHandle, read_stat};
-use super::{LaunchSpec, Launched, Vmm, VmmError};
+use super::{LaunchSpec, Launched, SocketWait, Vmm, VmmError, start_vmm, wait_for_socket};
 use crate::host::{HostOps, VmmCommand};
 use crate::store::records::{Accel, AgentEndpoint, VmmProcess};
 
@@ -198,48 +196,45 @@ impl Qemu {
             console: spec.paths.console_log(),
             errors: log.clone(),
         };
-        let pid = host
-            .spawn_vmm(&command)
-            .map_err(|source| QemuError::Spawn {
+        let socket = qmp_socket(spec);
+        let (process, start_time) = start_vmm(
+            host,
+            &command,
+            |source| QemuError::Spawn {
                 binary: program.clone(),
                 source,
-            })? as i32;
-        let process = ProcessHandle::open(pid).map_err(io_err("watch the process of", &program))?;
-        let socket = qmp_socket(spec);
-        let running = async {
-            wait_for_socket(&socket, &process, &log).await?;
-            let status = Qmp::connect(&socket).await?.status().await?;
-            match status.as_str() {
-                "running" => Ok(()),
-                other => Err(QemuError::NotRunning(other.to_string())),
-            }
-        };
-        match running.await {
-            Ok(()) => {
-                let start_time = read_stat(pid)
-                    .ok()
-                    .flatten()
-                    .map(|s| s.start_time)
-                    .unwrap_or(0);
-                Ok(Launched {
-                    process,
-                    recorded: VmmProcess {
-                        pid,
-                        start_time,
-                        api_socket: socket,
-                        agent: Some(AgentEndpoint::Serial {
-                            socket: agent_socket(spec),
-                        }),
-                        accel: Some(self.accel),
-                    },
-                })
-            }
-            Err(e) => {
-                let _ = process.signal(Signal::KILL);
-                process.exited().await;
-                Err(e)
-            }
-        }
+            },
+            io_err("watch the process of", &program),
+            async |process| {
+                wait_for_socket(&socket, process, QMP_TIMEOUT)
+                    .await
+                    .map_err(|wait| match wait {
+                        SocketWait::Exited => QemuError::ExitedEarly { log: log.clone() },
+                        SocketWait::TimedOut => QemuError::Unreachable {
+                            socket: socket.clone(),
+                            command: "connect",
+                            source: io::ErrorKind::TimedOut.into(),
+                        },
+                    })?;
+                match Qmp::connect(&socket).await?.status().await?.as_str() {
+                    "running" => Ok(()),
+                    other => Err(QemuError::NotRunning(other.to_string())),
+                }
+            },
+        )
+        .await?;
+        Ok(Launched {
+            recorded: VmmProcess {
+                pid: process.pid(),
+                start_time,
+                api_socket: socket,
+                agent: Some(AgentEndpoint::Serial {
+                    socket: agent_socket(spec),
+                }),
+                accel: Some(self.accel),
+            },
+            process,
+        })
     }
 }
 
@@ -279,34 +274,6 @@ impl Vmm for Qemu {
 
     fn jail_dir(&self, _id: &str) -> Option<PathBuf> {
         None
-    }
-}
-
-/// QEMU binds its QMP socket during start-up; poll for it, giving up early
-/// if the process dies.
-async fn wait_for_socket(
-    socket: &Path,
-    process: &ProcessHandle,
-    log: &Path,
-) -> Result<(), QemuError> {
-    let deadline = tokio::time::Instant::now() + QMP_TIMEOUT;
-    let exited = process.exited();
-    tokio::pin!(exited);
-    loop {
-        if socket.exists() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(QemuError::Unreachable {
-                socket: socket.to_path_buf(),
-                command: "connect",
-                source: io::ErrorKind::TimedOut.into(),
-            });
-        }
-        tokio::select! {
-            _ = &mut exited => return Err(QemuError::ExitedEarly { log: log.to_path_buf() }),
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-        }
     }
 }
 
