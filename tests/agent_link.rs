@@ -157,6 +157,30 @@ fn hello_ping_and_exec_with_streamed_stdio_and_exit_codes() {
 }
 
 #[test]
+fn a_pty_session_gets_a_controlling_terminal_and_its_end_of_input() {
+    let Some(agent) = agent("a_pty_session_gets_a_controlling_terminal_and_its_end_of_input")
+    else {
+        return;
+    };
+    runtime().block_on(async {
+        let link = connect(&agent.socket).await;
+        let mut request = exec_request(&["sh", "-c", "tty; test -t 0 && echo interactive; cat"]);
+        request.pty = true;
+        let session = link.exec(request).await.expect("exec on a pty");
+        session.stdin(b"typed\n").expect("stdin");
+        session.stdin_eof().expect("eof");
+        let (out, err, status) = collect(session).await;
+        let out = String::from_utf8_lossy(&out);
+        // The terminal echoes what was typed, wherever it lands.
+        assert!(out.contains("/dev/pts/"), "{out}");
+        assert!(out.contains("interactive"), "{out}");
+        assert!(out.contains("typed"), "{out}");
+        assert!(err.is_empty(), "a terminal has one output stream");
+        assert_eq!(status.code, Some(0));
+    });
+}
+
+#[test]
 fn twenty_sessions_share_one_stream() {
     let Some(agent) = agent("twenty_sessions_share_one_stream") else {
         return;

@@ -2,7 +2,7 @@
 //! 2 on the root disk), or, not as PID 1, `--listen PATH` to serve the
 //! protocol on a Unix socket (for tests of the host side).
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -126,17 +126,23 @@ fn serve_vsock(identity: &Arc<Identity>) -> nix::Result<()> {
         let fd = accept(listener.as_raw_fd())?;
         #[allow(unsafe_code)]
         // SAFETY: accept(2) just returned this descriptor; nothing else owns it.
-        let stream = unsafe { std::fs::File::from_raw_fd(fd) };
-        let identity = identity.clone();
-        std::thread::spawn(move || {
-            let served = stream.try_clone().and_then(|reader| {
-                server::serve(reader, Box::new(stream), Transport::Socket, &identity)
-            });
-            if let Err(e) = served {
-                eprintln!("banger-agent: vsock connection: {e}");
-            }
-        });
+        let connection = unsafe { OwnedFd::from_raw_fd(fd) };
+        serve_connection(connection, identity.clone());
     }
+}
+
+/// Serves one socket connection (vsock, or `--listen`'s Unix socket) on a
+/// thread of its own.
+fn serve_connection(connection: OwnedFd, identity: Arc<Identity>) {
+    let stream = std::fs::File::from(connection);
+    std::thread::spawn(move || {
+        let served = stream.try_clone().and_then(|reader| {
+            server::serve(reader, Box::new(stream), Transport::Socket, &identity)
+        });
+        if let Err(e) = served {
+            eprintln!("banger-agent: connection: {e}");
+        }
+    });
 }
 
 /// `--listen PATH`: the protocol on a Unix socket, one multiplexed stream
@@ -165,15 +171,7 @@ fn listen(path: PathBuf) {
     });
     std::thread::spawn(move || {
         for stream in listener.incoming().filter_map(Result::ok) {
-            let identity = identity.clone();
-            std::thread::spawn(move || {
-                let served = stream.try_clone().and_then(|reader| {
-                    server::serve(reader, Box::new(stream), Transport::Socket, &identity)
-                });
-                if let Err(e) = served {
-                    eprintln!("banger-agent: connection: {e}");
-                }
-            });
+            serve_connection(OwnedFd::from(stream), identity.clone());
         }
     });
     loop {

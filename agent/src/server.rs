@@ -210,8 +210,9 @@ fn request_(
         Request::Shutdown { .. } => Response::Error {
             message: "this agent is not PID 1; it cannot shut the guest down".into(),
         },
+        // A started session answers itself, ahead of its first output.
         Request::Exec(exec) => match start(exec, session, writer, sessions) {
-            Ok(pid) => Response::Started { pid },
+            Ok(()) => return,
             Err(e) => Response::Error {
                 message: e.to_string(),
             },
@@ -220,79 +221,138 @@ fn request_(
     respond(writer, session, &response);
 }
 
-/// Starts an exec session: the process in a group of its own (a kill takes
-/// its children too), a feeder for its stdin, pumps for its output, and a
-/// waiter that sends the exit once the output is drained.
-fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) -> io::Result<u32> {
-    if exec.pty {
-        return Err(io::Error::other("pty is not supported yet"));
+/// A started exec process and its ends.
+struct Spawned {
+    pid: u32,
+    exited: mpsc::Receiver<ExitStatus>,
+    stdin: Box<dyn Write + Send>,
+    /// What to write for end of input, when closing is not enough.
+    end_of_input: Option<&'static [u8]>,
+    outputs: Vec<(Box<dyn Read + Send>, FrameKind)>,
+}
+
+/// Stdin, stdout and stderr as pipes; the process in a group of its own,
+/// so a kill takes its children too.
+fn spawn_piped(command: &mut Command) -> io::Result<Spawned> {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let (mut child, exited) = children::spawn(command)?;
+    let missing = || io::Error::other("the child has no pipes");
+    let stdin = child.stdin.take().ok_or_else(missing)?;
+    let stdout = child.stdout.take().ok_or_else(missing)?;
+    let stderr = child.stderr.take().ok_or_else(missing)?;
+    Ok(Spawned {
+        pid: child.id(),
+        exited,
+        stdin: Box::new(stdin),
+        end_of_input: None,
+        outputs: vec![
+            (Box::new(stdout), FrameKind::Stdout),
+            (Box::new(stderr), FrameKind::Stderr),
+        ],
+    })
+}
+
+/// A pseudo-terminal for all three, as the controlling terminal of a new
+/// session (whose id is the pid, so a kill of the group takes it all);
+/// everything it prints arrives as stdout.
+fn spawn_on_pty(command: &mut Command) -> io::Result<Spawned> {
+    let pty = nix::pty::openpty(None, None).map_err(io::Error::from)?;
+    let terminal = File::from(pty.slave);
+    command
+        .stdin(Stdio::from(terminal.try_clone()?))
+        .stdout(Stdio::from(terminal.try_clone()?))
+        .stderr(Stdio::from(terminal));
+    #[allow(unsafe_code)]
+    // SAFETY: setsid and ioctl are async-signal-safe and touch no memory of
+    // the parent; stdin is the terminal the child is to control.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
+    let (child, exited) = children::spawn(command)?;
+    let master = File::from(pty.master);
+    Ok(Spawned {
+        pid: child.id(),
+        exited,
+        stdin: Box::new(master.try_clone()?),
+        end_of_input: Some(b"\x04"),
+        outputs: vec![(Box::new(master), FrameKind::Stdout)],
+    })
+}
+
+/// Starts an exec session: the process (on pipes or a pty), a feeder for
+/// its stdin, pumps for its output, and a waiter that sends the exit once
+/// the output is drained.
+fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) -> io::Result<()> {
     let Some((program, args)) = exec.argv.split_first() else {
         return Err(io::Error::other("argv is empty"));
     };
     let mut command = Command::new(program);
     command
         .args(args)
-        .current_dir(exec.cwd.as_deref().unwrap_or("/"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .current_dir(exec.cwd.as_deref().unwrap_or("/"));
     if std::env::var_os("PATH").is_none() && !exec.env.iter().any(|(k, _)| k == "PATH") {
         command.env("PATH", DEFAULT_PATH);
     }
     command.envs(exec.env);
-    let (mut child, exited) = children::spawn(&mut command)
-        .map_err(|e| io::Error::new(e.kind(), format!("{program}: {e}")))?;
-    let pid = child.id();
+    let spawned = if exec.pty {
+        spawn_on_pty(&mut command)
+    } else {
+        spawn_piped(&mut command)
+    };
+    let Spawned {
+        pid,
+        exited,
+        stdin,
+        end_of_input,
+        outputs,
+    } = spawned.map_err(|e| io::Error::new(e.kind(), format!("{program}: {e}")))?;
+    respond(writer, session, &Response::Started { pid });
     let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>();
-    if let Some(mut stdin) = child.stdin.take() {
-        std::thread::spawn(move || {
-            for bytes in stdin_rx {
-                if stdin.write_all(&bytes).is_err() {
-                    break;
-                }
+    std::thread::spawn(move || {
+        let mut stdin = stdin;
+        for bytes in stdin_rx {
+            if stdin.write_all(&bytes).is_err() {
+                return;
             }
-        });
-    }
-    let pumps: Vec<_> = [
-        (
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            FrameKind::Stdout,
-        ),
-        (
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            FrameKind::Stderr,
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(stream, kind)| {
-        let mut stream = stream?;
-        let writer = writer.clone();
-        Some(std::thread::spawn(move || {
-            let mut buffer = vec![0u8; MAX_PAYLOAD];
-            while let Ok(n) = stream.read(&mut buffer) {
-                if n == 0 {
-                    break;
+        }
+        // Pipes close when dropped; a terminal hears its EOF character.
+        if let Some(eof) = end_of_input {
+            let _ = stdin.write_all(eof);
+        }
+    });
+    let pumps: Vec<_> = outputs
+        .into_iter()
+        .map(|(mut stream, kind)| {
+            let writer = writer.clone();
+            std::thread::spawn(move || {
+                let mut buffer = vec![0u8; MAX_PAYLOAD];
+                // A terminal whose last holder closed reads EIO: its end.
+                while let Ok(n) = stream.read(&mut buffer) {
+                    if n == 0 {
+                        break;
+                    }
+                    let frame = Frame {
+                        kind,
+                        session,
+                        payload: buffer[..n].to_vec(),
+                    };
+                    if send(&writer, &frame).is_err() {
+                        break;
+                    }
                 }
-                let frame = Frame {
-                    kind,
-                    session,
-                    payload: buffer[..n].to_vec(),
-                };
-                if send(&writer, &frame).is_err() {
-                    break;
-                }
-            }
-        }))
-    })
-    .collect();
+            })
+        })
+        .collect();
     if let Ok(mut sessions) = sessions.lock() {
         sessions.insert(
             session,
@@ -316,7 +376,7 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
         }
         let _ = send(&writer, &Frame::json(FrameKind::Exit, session, &status));
     });
-    Ok(pid)
+    Ok(())
 }
 
 /// Tells every connected host the guest is going down and waits, up to
