@@ -289,3 +289,67 @@ fn a_stream_that_starts_mid_frame_is_resynchronised_by_the_hello() {
         link.ping().await.expect("ping through the relay");
     });
 }
+
+#[test]
+fn firecrackers_hybrid_vsock_handshake_is_retried_until_the_guest_listens() {
+    let Some(agent) =
+        agent("firecrackers_hybrid_vsock_handshake_is_retried_until_the_guest_listens")
+    else {
+        return;
+    };
+    // Firecracker's side of a hybrid vsock: `CONNECT <port>\n`, answered
+    // `OK <n>\n` once the guest listens; closed before that.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("agent.vsock");
+    let listener = UnixListener::bind(&uds).expect("bind");
+    let upstream = agent.socket.clone();
+    let handshakes = std::thread::spawn(move || {
+        let mut requests = Vec::new();
+        for attempt in 0.. {
+            let (mut host, _) = listener.accept().expect("accept");
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while host.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            requests.push(String::from_utf8_lossy(&line).into_owned());
+            if attempt < 2 {
+                continue; // not listening yet: the connection closes
+            }
+            host.write_all(b"OK 1073741824\n").expect("ok");
+            let mut guest = loop {
+                match UnixStream::connect(&upstream) {
+                    Ok(stream) => break stream,
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            let (mut host_in, mut guest_out) = (
+                host.try_clone().expect("clone"),
+                guest.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || std::io::copy(&mut host_in, &mut guest_out));
+            std::thread::spawn(move || std::io::copy(&mut guest, &mut host));
+            return requests;
+        }
+        requests
+    });
+    runtime().block_on(async {
+        let (events, _) = mpsc::unbounded_channel();
+        let link = tokio::time::timeout(
+            Duration::from_secs(10),
+            AgentLink::connect(
+                &AgentEndpoint::Vsock {
+                    socket: uds.clone(),
+                    port: protocol::VSOCK_PORT,
+                },
+                events,
+            ),
+        )
+        .await
+        .expect("connected in time")
+        .expect("connect");
+        link.ping().await.expect("ping over the vsock");
+    });
+    let requests = handshakes.join().expect("handshake thread");
+    assert_eq!(requests, ["CONNECT 1024"; 3]);
+}

@@ -161,7 +161,13 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
         vec!["name:".into(), vm.name.clone()],
         vec!["id:".into(), vm.id.clone()],
         vec!["state:".into(), vm_state(vm)],
-        vec!["vmm:".into(), wire_name(&vm.vmm)],
+        vec![
+            "vmm:".into(),
+            match vm.accel {
+                Some(accel) => format!("{} ({})", wire_name(&vm.vmm), wire_name(&accel)),
+                None => wire_name(&vm.vmm),
+            },
+        ],
         vec![
             "pid:".into(),
             vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
