@@ -112,6 +112,15 @@ fn hello_ping_and_exec_with_streamed_stdio_and_exit_codes() {
         assert!(!hello.kernel.is_empty());
         assert_eq!(hello.boot.stage1_ms, None);
         link.ping().await.expect("ping");
+        // This host's own sockets and keys: the answers' shape is the point.
+        assert!(matches!(
+            link.request(&Request::Ports).await,
+            Ok(Response::Ports { .. })
+        ));
+        assert!(matches!(
+            link.request(&Request::HostKeys).await,
+            Ok(Response::HostKeys { .. })
+        ));
 
         let session = link
             .exec(exec_request(&[

@@ -46,6 +46,8 @@ use banger_agent::protocol::ShutdownAction;
 /// How long a graceful stop waits for the agent to take the request
 /// before pressing Ctrl-Alt-Del instead.
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after a VMM starts (or is adopted) the agent is first sought.
+const AGENT_FIRST_CONNECT: Duration = Duration::from_millis(100);
 /// How often a VM's console log size is checked against its cap.
 const CONSOLE_CHECK: Duration = Duration::from_secs(10);
 /// `vm stop` waits this long for the guest before SIGKILL.
@@ -508,7 +510,12 @@ impl VmActor {
             ctx.cancel_future(previous);
         }
         let (events, heard) = mpsc::unbounded_channel();
-        let connecting = async move { (AgentLink::connect(&endpoint, events).await, heard) };
+        let connecting = async move {
+            // No guest answers within its first moments; waiting keeps the
+            // agent traffic off the start's critical path.
+            tokio::time::sleep(AGENT_FIRST_CONNECT).await;
+            (AgentLink::connect(&endpoint, events).await, heard)
+        };
         let handle = ctx.spawn(connecting.into_actor(self).map(|(link, heard), act, ctx| {
             act.agent_connect = None;
             match link {
