@@ -99,6 +99,12 @@ pub fn stage1() -> ! {
             fatal(&format!("cannot move /{dir} into the root disk: {e}"));
         }
     }
+    // The initramfs stays in memory until its files are gone; this
+    // process runs from memory already.
+    for dir in ["lib", "etc", "sbin"] {
+        let _ = std::fs::remove_dir_all(Path::new("/").join(dir));
+    }
+    let _ = std::fs::remove_file("/init");
     let switched = std::env::set_current_dir("/newroot")
         .map_err(|e| e.to_string())
         .and_then(|()| {

@@ -303,7 +303,7 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
     if std::env::var_os("PATH").is_none() && !exec.env.iter().any(|(k, _)| k == "PATH") {
         command.env("PATH", DEFAULT_PATH);
     }
-    command.envs(exec.env);
+    command.env_remove(crate::init::STAGE1_ENV).envs(exec.env);
     let spawned = if exec.pty {
         spawn_on_pty(&mut command)
     } else {
