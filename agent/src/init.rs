@@ -58,7 +58,7 @@ pub fn stage1() -> ! {
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None);
     let modules = std::fs::read_to_string(INITRAMFS_MARKER).unwrap_or_default();
-    for module in modules.lines().map(str::trim).filter(|m| !m.is_empty()) {
+    for module in module_list(&modules) {
         load_module(&Path::new("/lib/modules").join(module));
     }
     let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
@@ -122,6 +122,17 @@ pub fn stage1() -> ! {
     fatal(&format!(
         "cannot run {ROOT_AGENT} on the root disk: {error}"
     ))
+}
+
+/// The initramfs's module list: one file name a line, in load order;
+/// blank lines, `#` comments and names that leave `/lib/modules` are
+/// skipped.
+pub fn module_list(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|m| !m.is_empty() && !m.starts_with('#'))
+        .filter(|m| !m.contains('/') && *m != "." && *m != "..")
+        .collect()
 }
 
 fn load_module(path: &Path) {
@@ -193,45 +204,12 @@ pub fn stage2_setup(cmdline: &Cmdline) {
     {
         eprintln!("banger-agent: cannot set the hostname {hostname}: {e}");
     }
-    configure_network(cmdline);
+    crate::network::configure(cmdline);
     // Ctrl-Alt-Del becomes SIGINT to PID 1: a poweroff request.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         eprintln!("banger-agent: cannot take over Ctrl-Alt-Del: {e}");
     }
     start_sshd();
-}
-
-/// Loopback up, and eth0 as the VM's configuration says. The root disk's
-/// `ip` (iproute2 or busybox) does the netlink work.
-fn configure_network(cmdline: &Cmdline) {
-    let ip = ["/sbin/ip", "/bin/ip", "/usr/sbin/ip", "/usr/bin/ip"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
-    let Some(ip) = ip else {
-        if cmdline.ip.is_some() {
-            eprintln!("banger-agent: no `ip` on the root disk; eth0 is not configured");
-        }
-        return;
-    };
-    let run = |args: &[&str]| {
-        let status = children::run(Command::new(ip).args(args));
-        if status.is_none_or(|s| s.code != Some(0)) {
-            eprintln!("banger-agent: ip {} failed", args.join(" "));
-        }
-    };
-    run(&["link", "set", "lo", "up"]);
-    if let Some(address) = &cmdline.ip {
-        run(&["addr", "add", address, "dev", "eth0"]);
-        run(&["link", "set", "eth0", "up"]);
-        if let Some(gateway) = &cmdline.gateway {
-            run(&["route", "add", "default", "via", gateway]);
-        }
-    }
-    if let Some(dns) = &cmdline.dns
-        && let Err(e) = std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"))
-    {
-        eprintln!("banger-agent: cannot write /etc/resolv.conf: {e}");
-    }
 }
 
 fn start_sshd() {
@@ -277,4 +255,24 @@ pub fn shutdown(action: ShutdownAction) -> ! {
     server::announce_shutdown(action, Duration::from_secs(2));
     let _ = reboot(RebootMode::RB_AUTOBOOT);
     fatal("reboot(2) returned")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_module_list_keeps_its_order_and_skips_the_rest() {
+        let text = "virtio.ko\n  virtio_ring.ko \n\n# comment\nvirtio_blk.ko.zst\n../../etc/x.ko\nvsock.ko";
+        assert_eq!(
+            module_list(text),
+            [
+                "virtio.ko",
+                "virtio_ring.ko",
+                "virtio_blk.ko.zst",
+                "vsock.ko"
+            ]
+        );
+        assert!(module_list("").is_empty());
+    }
 }

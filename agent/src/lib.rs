@@ -4,6 +4,17 @@
 pub mod children;
 pub mod cmdline;
 pub mod init;
+pub mod network;
 pub mod protocol;
 pub mod server;
 pub mod system;
+
+/// Starts a named thread. `std::thread::spawn` panics when the kernel
+/// refuses a thread, and a panic aborts PID 1 (a kernel panic): this answers
+/// an error instead.
+pub fn spawn_thread(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(name.into()).spawn(body)
+}

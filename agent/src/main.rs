@@ -5,11 +5,12 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use banger_agent::cmdline::Cmdline;
-use banger_agent::protocol::{BootTimes, ShutdownAction, VSOCK_PORT};
+use banger_agent::protocol::{BootTimes, SERIAL_PORT_NAME, ShutdownAction, VSOCK_PORT};
 use banger_agent::server::{self, Identity, Transport};
-use banger_agent::{children, init, system};
+use banger_agent::{children, init, spawn_thread, system};
 use nix::sys::signal::{SigSet, Signal};
 
 const USAGE: &str =
@@ -63,7 +64,7 @@ fn stage2() {
     }
     // Set-up runs helpers whose exit the signal loop reaps, so it has a
     // thread of its own.
-    std::thread::spawn(move || {
+    let setup = spawn_thread("setup", move || {
         let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
         init::stage2_setup(&cmdline);
         let identity = Arc::new(Identity {
@@ -76,6 +77,9 @@ fn stage2() {
         });
         serve_guest(identity);
     });
+    if let Err(e) = setup {
+        init::fatal(&format!("cannot start the set-up: {e}"));
+    }
     loop {
         match set.wait() {
             Ok(Signal::SIGCHLD) => {
@@ -91,24 +95,30 @@ fn stage2() {
 /// Serves the host on whatever channel the VMM gave: QEMU's virtio-serial
 /// port, Firecracker's vsock.
 fn serve_guest(identity: Arc<Identity>) {
-    match server::serial_port() {
-        Some(port) => {
-            let identity = identity.clone();
-            std::thread::spawn(move || server::serve_serial(port, identity));
+    let serial = identity.clone();
+    let started = spawn_thread("serial", move || {
+        match server::find_serial_port(Duration::from_secs(5)) {
+            Some(port) => server::serve_serial(port, serial),
+            None => eprintln!("banger-agent: no virtio-serial port {SERIAL_PORT_NAME}"),
         }
-        None => eprintln!("banger-agent: no virtio-serial port; serving vsock only"),
-    }
-    std::thread::spawn(move || {
-        if let Err(e) = serve_vsock(&identity) {
-            eprintln!("banger-agent: vsock: {e}");
-        }
+    })
+    .and_then(|_| {
+        spawn_thread("vsock", move || {
+            if let Err(e) = serve_vsock(&identity) {
+                eprintln!("banger-agent: no vsock: {e}");
+            }
+        })
     });
-    eprintln!("banger-agent: ready");
+    match started {
+        Ok(_) => eprintln!("banger-agent: ready"),
+        Err(e) => init::fatal(&format!("cannot start serving: {e}")),
+    }
 }
 
+/// Listens on vsock; answers only if vsock is unavailable.
 fn serve_vsock(identity: &Arc<Identity>) -> nix::Result<()> {
     use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept, bind, listen, socket,
+        AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept4, bind, listen, socket,
     };
     const VMADDR_CID_ANY: u32 = u32::MAX;
     let listener = socket(
@@ -123,11 +133,23 @@ fn serve_vsock(identity: &Arc<Identity>) -> nix::Result<()> {
     )?;
     listen(&listener, Backlog::new(16)?)?;
     loop {
-        let fd = accept(listener.as_raw_fd())?;
-        #[allow(unsafe_code)]
-        // SAFETY: accept(2) just returned this descriptor; nothing else owns it.
-        let connection = unsafe { OwnedFd::from_raw_fd(fd) };
-        serve_connection(connection, identity.clone());
+        // Close-on-exec, or exec'd processes would hold the host's
+        // connection open after the agent let it go.
+        match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            Ok(fd) => {
+                #[allow(unsafe_code)]
+                // SAFETY: accept4(2) just returned this descriptor; nothing
+                // else owns it.
+                let connection = unsafe { OwnedFd::from_raw_fd(fd) };
+                serve_connection(connection, identity.clone());
+            }
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => {}
+            Err(e) => {
+                // Out of descriptors or memory: a later accept may work.
+                eprintln!("banger-agent: vsock accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }
 
@@ -135,7 +157,7 @@ fn serve_vsock(identity: &Arc<Identity>) -> nix::Result<()> {
 /// thread of its own.
 fn serve_connection(connection: OwnedFd, identity: Arc<Identity>) {
     let stream = std::fs::File::from(connection);
-    std::thread::spawn(move || {
+    let started = spawn_thread("connection", move || {
         let served = stream.try_clone().and_then(|reader| {
             server::serve(reader, Box::new(stream), Transport::Socket, &identity)
         });
@@ -143,6 +165,9 @@ fn serve_connection(connection: OwnedFd, identity: Arc<Identity>) {
             eprintln!("banger-agent: connection: {e}");
         }
     });
+    if let Err(e) = started {
+        eprintln!("banger-agent: cannot serve a connection: {e}");
+    }
 }
 
 /// `--listen PATH`: the protocol on a Unix socket, one multiplexed stream
@@ -169,11 +194,17 @@ fn listen(path: PathBuf) {
         },
         init: false,
     });
-    std::thread::spawn(move || {
+    let accepting = spawn_thread("listen", move || {
         for stream in listener.incoming().filter_map(Result::ok) {
             serve_connection(OwnedFd::from(stream), identity.clone());
         }
     });
+    if let Err(e) = accepting {
+        eprintln!("banger-agent: {e}");
+        std::process::exit(1);
+    }
+    // Tests wait for this line rather than for time to pass.
+    eprintln!("banger-agent: listening on {}", path.display());
     loop {
         match set.wait() {
             Ok(Signal::SIGCHLD) => {

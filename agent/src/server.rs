@@ -1,26 +1,34 @@
-//! Serving the protocol on one byte stream: a reader that routes frames to
-//! sessions, whole frames written under one lock, a thread per exec pump.
-//! A session that fails ends with an error answer; a connection that fails
-//! ends alone; nothing here ends the agent.
+//! Serving the protocol on one byte stream. One reader per connection
+//! routes frames to sessions; every exec session has a thread that pumps
+//! its output (then sends its exit) and one that feeds its stdin; whole
+//! frames are written under one lock per connection. A session that fails
+//! ends with an error answer, a connection that fails ends alone; nothing
+//! here ends the agent.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::children;
 use crate::protocol::{
     self, EVENT_SESSION, Event, ExecRequest, ExitStatus, Frame, FrameKind, MAX_PAYLOAD,
     PROTOCOL_VERSION, Request, Response, ShutdownAction,
 };
-use crate::system;
+use crate::{children, spawn_thread, system};
 
 /// PATH for commands when the request sets none (PID 1 starts with none).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -32,7 +40,33 @@ pub struct Identity {
     pub init: bool,
 }
 
-type Writer = Arc<Mutex<Box<dyn Write + Send>>>;
+/// The outgoing half of a stream; its lock keeps whole frames whole.
+type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// One host connection's way out. The serial port's sink outlives its
+/// hosts, so `open` drops what a former host's sessions still write.
+#[derive(Clone)]
+struct Writer {
+    sink: Sink,
+    open: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn send(&self, frame: &Frame) -> io::Result<()> {
+        let mut sink = self
+            .sink
+            .lock()
+            .map_err(|_| io::Error::other("writer poisoned"))?;
+        if !self.open.load(Ordering::Acquire) {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        }
+        protocol::write_frame(&mut *sink, frame)
+    }
+
+    fn respond(&self, session: u32, response: &Response) {
+        let _ = self.send(&Frame::json(FrameKind::Response, session, response));
+    }
+}
 
 /// Every connection's writer, for the shutdown announcement.
 static CONNECTIONS: LazyLock<Mutex<Vec<(u64, Writer)>>> = LazyLock::new(|| Mutex::new(Vec::new()));
@@ -40,21 +74,11 @@ static CONNECTIONS: LazyLock<Mutex<Vec<(u64, Writer)>>> = LazyLock::new(|| Mutex
 static ACKED: LazyLock<(Mutex<bool>, Condvar)> =
     LazyLock::new(|| (Mutex::new(false), Condvar::new()));
 
-fn send(writer: &Writer, frame: &Frame) -> io::Result<()> {
-    let mut writer = writer
-        .lock()
-        .map_err(|_| io::Error::other("writer poisoned"))?;
-    protocol::write_frame(&mut *writer, frame)
-}
-
-fn respond(writer: &Writer, session: u32, response: &Response) {
-    let _ = send(writer, &Frame::json(FrameKind::Response, session, response));
-}
-
-/// A running exec: its stdin feeder and its process group.
+/// A running exec: its stdin feeder (dropped for end of input) and its
+/// process group.
 struct Session {
     stdin: Option<Sender<Vec<u8>>>,
-    pid: i32,
+    group: Pid,
 }
 
 type Sessions = Arc<Mutex<HashMap<u32, Session>>>;
@@ -70,20 +94,26 @@ pub enum Transport {
 
 /// Serves one connection until its stream ends. Answers why it ended.
 pub fn serve(
-    mut reader: impl Read,
+    reader: impl Read,
     writer: Box<dyn Write + Send>,
     transport: Transport,
     identity: &Identity,
 ) -> io::Result<()> {
-    static NEXT: LazyLock<Mutex<u64>> = LazyLock::new(|| Mutex::new(0));
-    let id = NEXT
-        .lock()
-        .map(|mut n| {
-            *n += 1;
-            *n
-        })
-        .unwrap_or(0);
-    let writer: Writer = Arc::new(Mutex::new(writer));
+    serve_on(reader, Arc::new(Mutex::new(writer)), transport, identity)
+}
+
+fn serve_on(
+    mut reader: impl Read,
+    sink: Sink,
+    transport: Transport,
+    identity: &Identity,
+) -> io::Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    let writer = Writer {
+        sink,
+        open: Arc::new(AtomicBool::new(true)),
+    };
     if let Ok(mut connections) = CONNECTIONS.lock() {
         connections.push((id, writer.clone()));
     }
@@ -113,9 +143,10 @@ pub fn serve(
         }
     };
     // Nobody is left to read what these sessions write.
+    writer.open.store(false, Ordering::Release);
     if let Ok(mut sessions) = sessions.lock() {
         for (_, session) in sessions.drain() {
-            let _ = kill(Pid::from_raw(-session.pid), Signal::SIGKILL);
+            let _ = kill(session.group, Signal::SIGKILL);
         }
     }
     if let Ok(mut connections) = CONNECTIONS.lock() {
@@ -126,10 +157,15 @@ pub fn serve(
 
 fn handle(frame: Frame, writer: &Writer, sessions: &Sessions, identity: &Identity) {
     match frame.kind {
+        FrameKind::Request if frame.session == EVENT_SESSION => writer.respond(
+            EVENT_SESSION,
+            &Response::Error {
+                message: "session 0 carries events; a request needs a nonzero session id".into(),
+            },
+        ),
         FrameKind::Request => match frame.parse::<Request>() {
             Ok(request) => request_(request, frame.session, writer, sessions, identity),
-            Err(e) => respond(
-                writer,
+            Err(e) => writer.respond(
                 frame.session,
                 &Response::Error {
                     message: format!("bad request: {e}"),
@@ -142,7 +178,7 @@ fn handle(frame: Frame, writer: &Writer, sessions: &Sessions, identity: &Identit
             };
             if let Some(session) = sessions.get_mut(&frame.session) {
                 if frame.payload.is_empty() {
-                    // Dropping the feeder closes the child's stdin.
+                    // Dropping the feeder's sender ends its input.
                     session.stdin = None;
                 } else if let Some(stdin) = &session.stdin {
                     let _ = stdin.send(frame.payload);
@@ -153,7 +189,7 @@ fn handle(frame: Frame, writer: &Writer, sessions: &Sessions, identity: &Identit
             if let Ok(sessions) = sessions.lock()
                 && let Some(session) = sessions.get(&frame.session)
             {
-                let _ = kill(Pid::from_raw(-session.pid), Signal::SIGKILL);
+                let _ = kill(session.group, Signal::SIGKILL);
             }
         }
         FrameKind::Event if frame.session == EVENT_SESSION => {
@@ -197,7 +233,7 @@ fn request_(
             keys: system::host_keys(),
         },
         Request::Shutdown { action } if identity.init => {
-            respond(writer, session, &Response::ShuttingDown);
+            writer.respond(session, &Response::ShuttingDown);
             // PID 1's signal loop runs the shutdown, as for busybox's
             // poweroff (SIGUSR2) and reboot (SIGTERM).
             let signal = match action {
@@ -208,7 +244,7 @@ fn request_(
             return;
         }
         Request::Shutdown { .. } => Response::Error {
-            message: "this agent is not PID 1; it cannot shut the guest down".into(),
+            message: "not PID 1: this agent cannot shut the guest down".into(),
         },
         // A started session answers itself, ahead of its first output.
         Request::Exec(exec) => match start(exec, session, writer, sessions) {
@@ -218,17 +254,17 @@ fn request_(
             },
         },
     };
-    respond(writer, session, &response);
+    writer.respond(session, &response);
 }
 
 /// A started exec process and its ends.
 struct Spawned {
     pid: u32,
-    exited: mpsc::Receiver<ExitStatus>,
-    stdin: Box<dyn Write + Send>,
+    exited: Receiver<ExitStatus>,
+    stdin: File,
     /// What to write for end of input, when closing is not enough.
     end_of_input: Option<&'static [u8]>,
-    outputs: Vec<(Box<dyn Read + Send>, FrameKind)>,
+    outputs: Vec<(File, FrameKind)>,
 }
 
 /// Stdin, stdout and stderr as pipes; the process in a group of its own,
@@ -241,27 +277,34 @@ fn spawn_piped(command: &mut Command) -> io::Result<Spawned> {
         .process_group(0);
     let (mut child, exited) = children::spawn(command)?;
     let missing = || io::Error::other("the child has no pipes");
-    let stdin = child.stdin.take().ok_or_else(missing)?;
-    let stdout = child.stdout.take().ok_or_else(missing)?;
-    let stderr = child.stderr.take().ok_or_else(missing)?;
+    let stdin = OwnedFd::from(child.stdin.take().ok_or_else(missing)?);
+    let stdout = OwnedFd::from(child.stdout.take().ok_or_else(missing)?);
+    let stderr = OwnedFd::from(child.stderr.take().ok_or_else(missing)?);
     Ok(Spawned {
         pid: child.id(),
         exited,
-        stdin: Box::new(stdin),
+        stdin: File::from(stdin),
         end_of_input: None,
         outputs: vec![
-            (Box::new(stdout), FrameKind::Stdout),
-            (Box::new(stderr), FrameKind::Stderr),
+            (File::from(stdout), FrameKind::Stdout),
+            (File::from(stderr), FrameKind::Stderr),
         ],
     })
 }
 
 /// A pseudo-terminal for all three, as the controlling terminal of a new
 /// session (whose id is the pid, so a kill of the group takes it all);
-/// everything it prints arrives as stdout.
+/// everything it prints arrives as stdout. Both ends are close-on-exec from
+/// the start, so concurrent sessions' children never hold this terminal.
 fn spawn_on_pty(command: &mut Command) -> io::Result<Spawned> {
-    let pty = nix::pty::openpty(None, None).map_err(io::Error::from)?;
-    let terminal = File::from(pty.slave);
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let terminal = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOCTTY)
+        .open(nix::pty::ptsname_r(&master)?)?;
     command
         .stdin(Stdio::from(terminal.try_clone()?))
         .stdout(Stdio::from(terminal.try_clone()?))
@@ -279,23 +322,28 @@ fn spawn_on_pty(command: &mut Command) -> io::Result<Spawned> {
         });
     }
     let (child, exited) = children::spawn(command)?;
-    let master = File::from(pty.master);
+    let master = File::from(OwnedFd::from(master));
     Ok(Spawned {
         pid: child.id(),
         exited,
-        stdin: Box::new(master.try_clone()?),
+        stdin: master.try_clone()?,
         end_of_input: Some(b"\x04"),
-        outputs: vec![(Box::new(master), FrameKind::Stdout)],
+        outputs: vec![(master, FrameKind::Stdout)],
     })
 }
 
-/// Starts an exec session: the process (on pipes or a pty), a feeder for
-/// its stdin, pumps for its output, and a waiter that sends the exit once
-/// the output is drained.
+/// Starts an exec session: the process (on pipes or a pty), a thread that
+/// feeds its stdin, and one that answers Started, pumps its output and
+/// sends its exit once the output is drained.
 fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) -> io::Result<()> {
     let Some((program, args)) = exec.argv.split_first() else {
         return Err(io::Error::other("argv is empty"));
     };
+    if sessions.lock().is_ok_and(|s| s.contains_key(&session)) {
+        return Err(io::Error::other(format!(
+            "session {session} is already running a process"
+        )));
+    }
     let mut command = Command::new(program);
     command
         .args(args)
@@ -309,17 +357,11 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
     } else {
         spawn_piped(&mut command)
     };
-    let Spawned {
-        pid,
-        exited,
-        stdin,
-        end_of_input,
-        outputs,
-    } = spawned.map_err(|e| io::Error::new(e.kind(), format!("{program}: {e}")))?;
-    respond(writer, session, &Response::Started { pid });
+    let spawned = spawned.map_err(|e| io::Error::new(e.kind(), format!("{program}: {e}")))?;
+    let group = Pid::from_raw(-(spawned.pid as i32));
     let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::spawn(move || {
-        let mut stdin = stdin;
+    let (mut stdin, end_of_input) = (spawned.stdin, spawned.end_of_input);
+    let feeder = spawn_thread("exec-stdin", move || {
         for bytes in stdin_rx {
             if stdin.write_all(&bytes).is_err() {
                 return;
@@ -330,53 +372,96 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
             let _ = stdin.write_all(eof);
         }
     });
-    let pumps: Vec<_> = outputs
-        .into_iter()
-        .map(|(mut stream, kind)| {
-            let writer = writer.clone();
-            std::thread::spawn(move || {
-                let mut buffer = vec![0u8; MAX_PAYLOAD];
-                // A terminal whose last holder closed reads EIO: its end.
-                while let Ok(n) = stream.read(&mut buffer) {
-                    if n == 0 {
-                        break;
-                    }
-                    let frame = Frame {
-                        kind,
-                        session,
-                        payload: buffer[..n].to_vec(),
-                    };
-                    if send(&writer, &frame).is_err() {
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
+    // Registered before the output thread exists, which removes it once
+    // the process is gone; the reader routes this session's next frame
+    // only after this returns.
     if let Ok(mut sessions) = sessions.lock() {
         sessions.insert(
             session,
             Session {
                 stdin: Some(stdin_tx),
-                pid: pid as i32,
+                group,
             },
         );
     }
-    let (writer, sessions) = (writer.clone(), sessions.clone());
-    std::thread::spawn(move || {
-        let status = exited.recv().unwrap_or(ExitStatus {
-            code: None,
-            signal: None,
-        });
-        for pump in pumps {
-            let _ = pump.join();
-        }
+    let output = feeder.and_then(|_| {
+        let (writer, sessions) = (writer.clone(), sessions.clone());
+        let (pid, outputs, exited) = (spawned.pid, spawned.outputs, spawned.exited);
+        spawn_thread("exec-output", move || {
+            writer.respond(session, &Response::Started { pid });
+            pump(outputs, session, &writer);
+            let status = exited.recv().unwrap_or(ExitStatus {
+                code: None,
+                signal: None,
+            });
+            if let Ok(mut sessions) = sessions.lock() {
+                sessions.remove(&session);
+            }
+            let _ = writer.send(&Frame::json(FrameKind::Exit, session, &status));
+        })
+    });
+    if let Err(e) = output {
         if let Ok(mut sessions) = sessions.lock() {
             sessions.remove(&session);
         }
-        let _ = send(&writer, &Frame::json(FrameKind::Exit, session, &status));
-    });
+        // The reaper collects it; nobody waits for its status.
+        let _ = kill(group, Signal::SIGKILL);
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot serve {program}: {e}"),
+        ));
+    }
     Ok(())
+}
+
+/// Sends a process's output as frames until every stream ends. Output is
+/// drained even when the host is gone, so the process never blocks on a
+/// full pipe.
+fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer) {
+    let mut buffer = vec![0u8; MAX_PAYLOAD];
+    while !outputs.is_empty() {
+        let mut fds: Vec<PollFd> = outputs
+            .iter()
+            .map(|(stream, _)| PollFd::new(stream.as_fd(), PollFlags::POLLIN))
+            .collect();
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("banger-agent: session {session}: poll: {e}");
+                return;
+            }
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        for index in (0..outputs.len()).rev() {
+            if !ready[index] {
+                continue;
+            }
+            let (stream, kind) = &mut outputs[index];
+            match stream.read(&mut buffer) {
+                Ok(0) => {
+                    outputs.remove(index);
+                }
+                Ok(n) => {
+                    let frame = Frame {
+                        kind: *kind,
+                        session,
+                        payload: buffer[..n].to_vec(),
+                    };
+                    let _ = writer.send(&frame);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A terminal whose last holder closed reads EIO: its end.
+                Err(_) => {
+                    outputs.remove(index);
+                }
+            }
+        }
+    }
 }
 
 /// Tells every connected host the guest is going down and waits, up to
@@ -386,11 +471,16 @@ pub fn announce_shutdown(action: ShutdownAction, timeout: Duration) {
         .lock()
         .map(|c| c.iter().map(|(_, w)| w.clone()).collect())
         .unwrap_or_default();
+    if writers.is_empty() {
+        return;
+    }
     let frame = Frame::json(FrameKind::Event, EVENT_SESSION, &Event::Shutdown { action });
-    // A writer blocked on a host that went away must not hold the reset.
+    // A write blocked on a port with no host must not hold the reset.
     for writer in writers {
         let frame = frame.clone();
-        std::thread::spawn(move || send(&writer, &frame));
+        let _ = spawn_thread("announce", move || {
+            let _ = writer.send(&frame);
+        });
     }
     let (acked, changed) = &*ACKED;
     if let Ok(guard) = acked.lock() {
@@ -398,22 +488,35 @@ pub fn announce_shutdown(action: ShutdownAction, timeout: Duration) {
     }
 }
 
-/// The virtio-serial port QEMU gives the agent, if this guest has one.
-pub fn serial_port() -> Option<std::path::PathBuf> {
-    std::fs::read_dir("/sys/class/virtio-ports")
-        .ok()?
-        .filter_map(|e| e.ok())
-        .find(|entry| {
+/// The virtio-serial port QEMU gives the agent. The host names a port a
+/// moment after the guest sees it, so while unnamed ports exist this looks
+/// again for up to `wait`.
+pub fn find_serial_port(wait: Duration) -> Option<PathBuf> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let entries: Vec<_> = std::fs::read_dir("/sys/class/virtio-ports")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .collect();
+        if let Some(entry) = entries.iter().find(|entry| {
             std::fs::read_to_string(entry.path().join("name"))
                 .is_ok_and(|name| name.trim() == protocol::SERIAL_PORT_NAME)
-        })
-        .map(|entry| std::path::Path::new("/dev").join(entry.file_name()))
+        }) {
+            return Some(Path::new("/dev").join(entry.file_name()));
+        }
+        if entries.is_empty() || Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
-/// Serves the serial port for the guest's life: a host that goes away
-/// (read answers 0 while no host is connected) is waited for again. The
-/// port is opened once (it allows one opener); each host gets duplicates.
-pub fn serve_serial(path: std::path::PathBuf, identity: Arc<Identity>) {
+/// Serves the serial port for the guest's life. With no host connected a
+/// read answers 0 at once: the host is gone, its sessions are killed, and
+/// the port is read again shortly. The port is opened once (it allows one
+/// opener) and its one writer lock spans every host, so a write that was
+/// blocked while no host was connected cannot interleave with a new one's.
+pub fn serve_serial(path: PathBuf, identity: Arc<Identity>) {
     let port = loop {
         match File::options().read(true).write(true).open(&path) {
             Ok(port) => break port,
@@ -423,17 +526,17 @@ pub fn serve_serial(path: std::path::PathBuf, identity: Arc<Identity>) {
             }
         }
     };
+    let sink: Sink = match port.try_clone() {
+        Ok(writer) => Arc::new(Mutex::new(Box::new(writer))),
+        Err(e) => {
+            eprintln!("banger-agent: {}: {e}", path.display());
+            return;
+        }
+    };
     loop {
-        let served = port
-            .try_clone()
-            .and_then(|reader| Ok((reader, port.try_clone()?)))
-            .and_then(|(reader, writer)| {
-                serve(reader, Box::new(writer), Transport::Serial, &identity)
-            });
-        if let Err(e) = served {
+        if let Err(e) = serve_on(&port, sink.clone(), Transport::Serial, &identity) {
             eprintln!("banger-agent: {}: {e}", path.display());
         }
-        // No host connected: the port reads as ended until one connects.
         std::thread::sleep(Duration::from_millis(100));
     }
 }
