@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::kernel::{self, GUEST_MODULES, KernelError, bzimage, deb, initramfs, modules};
+use crate::kernel::{GUEST_MODULES, KernelError, bzimage, deb, initramfs, modules};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -142,22 +142,23 @@ pub fn import_package(
     };
     progress("reading the package", 1);
     let file = File::open(package).map_err(io_err("open", package))?;
-    let what = package.display().to_string();
-    let mut contents = deb::read(io::BufReader::new(file), &what).map_err(failed)?;
+    fs::create_dir_all(kernels_dir).map_err(io_err("create", kernels_dir))?;
+    // Unlinked, so nothing is left whatever happens.
+    let spool = tempfile::tempfile_in(kernels_dir)
+        .map_err(io_err("create a spool file in", kernels_dir))?;
+    let mut contents = deb::read(io::BufReader::new(file), spool).map_err(failed)?;
     progress("decompressing vmlinux", 2);
     let vmlinux = bzimage::vmlinux(&contents.bzimage).map_err(failed)?;
     let order =
         modules::load_order(GUEST_MODULES, &contents.modules, &contents.builtin).map_err(failed)?;
     let mut chosen = Vec::with_capacity(order.len());
     for module in &order {
-        if let Some(found) = contents.modules.remove(module) {
-            chosen.push((found.name, found.bytes));
-        }
+        chosen.push((module.clone(), contents.ko(module).map_err(failed)?));
     }
     progress("building the initramfs", 3);
     let mut initrd = Vec::new();
     initramfs::write(&mut initrd, &agent_bytes, &chosen)
-        .map_err(|e| failed(kernel::KernelError::Io(e)))?;
+        .map_err(|e| failed(KernelError::Initramfs(e)))?;
 
     progress("writing the catalog entry", 4);
     let (target, (vmlinux_sha256, bzimage_sha256, initrd_sha256)) =
@@ -269,5 +270,50 @@ mod tests {
         let err = import_kernel(&dir.path().join("k"), "k1", Path::new("relative"), None)
             .expect_err("relative");
         assert!(err.to_string().contains("absolute"), "{err}");
+    }
+
+    #[test]
+    fn a_package_import_needs_the_agent_and_a_real_package_and_leaves_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernels = dir.path().join("kernels");
+        let garbage = dir.path().join("garbage.deb");
+        std::fs::write(&garbage, b"not an ar archive").expect("write");
+        let agent = dir.path().join("banger-agent");
+        let no_agent =
+            import_package(&kernels, "k", &garbage, &agent, |_, _| {}).expect_err("no agent");
+        assert!(matches!(no_agent, CatalogError::NoAgent(_)), "{no_agent}");
+        assert!(
+            no_agent.to_string().contains("scripts/build-agent.sh"),
+            "{no_agent}"
+        );
+
+        std::fs::write(&agent, b"#!/bin/sh\n").expect("agent");
+        let phases = std::cell::RefCell::new(Vec::new());
+        let error = import_package(&kernels, "k", &garbage, &agent, |phase, _| {
+            phases.borrow_mut().push(phase.to_string())
+        })
+        .expect_err("garbage");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("cannot import {}", garbage.display())),
+            "{error}"
+        );
+        assert_eq!(*phases.borrow(), ["reading the package"]);
+        let left = std::fs::read_dir(&kernels).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "nothing left in the catalog");
+
+        let missing = import_package(
+            &kernels,
+            "k",
+            &dir.path().join("gone.deb"),
+            &agent,
+            |_, _| {},
+        )
+        .expect_err("missing");
+        assert!(
+            missing.to_string().starts_with("invalid path: "),
+            "{missing}"
+        );
     }
 }

@@ -1,11 +1,14 @@
 //! `banger kernel import-deb` on Debian's real cloud kernel package: the
 //! record (version, module order, sha256s of the files), the initramfs's
-//! contents, and a bad package refused with nothing left behind.
+//! contents as `cpio` lists them, the load order checked against each
+//! module's own `.modinfo`, a bad package refused with nothing left behind,
+//! and `kernel rm` taking the files away.
 
 mod common;
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -18,23 +21,59 @@ fn sha256(path: &str) -> String {
     )
 }
 
-/// Names in a gzip-compressed newc cpio.
-fn cpio_names(path: &str) -> Vec<String> {
+/// The entries of a gzip-compressed newc cpio, by name.
+fn cpio_entries(path: &str) -> Vec<(String, Vec<u8>)> {
     let mut bytes = Vec::new();
     flate2::read::GzDecoder::new(std::fs::File::open(path).expect("open"))
         .read_to_end(&mut bytes)
         .expect("gunzip");
-    let mut names = Vec::new();
+    let mut entries = Vec::new();
     let mut rest = &bytes[..];
     loop {
         let mut entry = cpio::NewcReader::new(rest).expect("cpio entry");
         if entry.entry().is_trailer() {
-            return names;
+            return entries;
         }
-        names.push(entry.entry().name().to_string());
-        std::io::copy(&mut entry, &mut std::io::sink()).expect("skip");
+        let name = entry.entry().name().to_string();
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).expect("read entry");
+        entries.push((name, content));
         rest = entry.finish().expect("next entry");
     }
+}
+
+/// `cpio -tv` of the gunzipped archive: the real tool must read it too.
+fn cpio_listing(path: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", "zcat \"$1\" | cpio -tv --quiet", "sh", path])
+        .output()
+        .expect("zcat | cpio");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The package's `modules.builtin`, read with dpkg's own tools.
+fn builtin_list(deb: &Path, version: &str) -> String {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "dpkg-deb --fsys-tarfile \"$1\" | tar -xO --wildcards \"*lib/modules/$2/modules.builtin\"",
+            "sh",
+            deb.to_str().expect("utf-8"),
+            version,
+        ])
+        .output()
+        .expect("dpkg-deb");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -107,17 +146,54 @@ fn a_debian_kernel_package_becomes_a_bootable_catalog_entry() {
     }
     let vmlinux = std::fs::read(kernel["vmlinux"].as_str().expect("vmlinux")).expect("read");
     assert!(vmlinux.starts_with(b"\x7fELF"));
-    let names = cpio_names(kernel["initrd"].as_str().expect("initrd"));
-    for needed in [
-        "init",
-        "etc/banger/initramfs",
-        "dev/console",
-        "lib/modules/virtio_blk.ko",
-    ] {
+    let initrd = kernel["initrd"].as_str().expect("initrd");
+    let listing = cpio_listing(initrd);
+    for needed in ["init", "etc/banger/initramfs", "lib/modules/virtio_blk.ko"] {
         assert!(
-            names.iter().any(|n| n == needed),
-            "{needed} missing from {names:?}"
+            listing.lines().any(|l| l.ends_with(&format!(" {needed}"))),
+            "{needed} missing from {listing}"
         );
+    }
+    let console = listing
+        .lines()
+        .find(|l| l.ends_with(" dev/console"))
+        .expect("dev/console");
+    assert!(
+        console.starts_with("crw-------") && console.contains("5,") && console.contains(" 1 "),
+        "{console}"
+    );
+
+    // The load order, checked against each module's own dependencies: a
+    // dependency comes earlier, or the kernel has it built in.
+    let entries = cpio_entries(initrd);
+    let file = |name: &str| {
+        &entries
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .1
+    };
+    assert_eq!(*file("init"), std::fs::read("/bin/true").expect("agent"));
+    let list = String::from_utf8(file("etc/banger/initramfs").clone()).expect("utf-8");
+    let files: Vec<&str> = list.lines().collect();
+    let expected: Vec<String> = modules.iter().map(|m| format!("{m}.ko")).collect();
+    assert_eq!(files, expected, "the list follows the record's order");
+    let builtin = builtin_list(&deb, version);
+    for (i, module) in modules.iter().enumerate() {
+        let path = format!("lib/modules/{module}.ko");
+        let parsed = banger::kernel::modules::parse(&path, file(&path)).expect("a module");
+        assert_eq!(parsed.name, *module);
+        for dependency in &parsed.depends {
+            match modules.iter().position(|m| m == dependency) {
+                Some(at) => assert!(at < i, "{dependency} loads after {module}"),
+                None => assert!(
+                    builtin
+                        .lines()
+                        .any(|l| l.ends_with(&format!("/{dependency}.ko"))),
+                    "{module} needs {dependency}, neither loaded nor built in"
+                ),
+            }
+        }
     }
     let listed = String::from_utf8_lossy(&banger(&state, &["kernel", "ls"]).stdout).into_owned();
     assert!(listed.contains(version), "{listed}");
@@ -149,4 +225,8 @@ fn a_debian_kernel_package_becomes_a_bootable_catalog_entry() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(leftovers, ["debian"], "staging left behind: {leftovers:?}");
+
+    let removed = banger(&state, &["kernel", "rm", "debian"]);
+    assert!(removed.status.success(), "{removed:?}");
+    assert!(!state.join("kernels/debian").exists(), "files removed");
 }

@@ -60,6 +60,16 @@ pub fn vmlinux(image: &[u8]) -> Result<Vec<u8>, KernelError> {
                 .read_to_end(&mut out)
                 .map_err(|e| failed("xz", &e))?;
         }
+        // Legacy `.lzma`: properties byte 0x5d, then a little-endian
+        // dictionary size that is never past 64 MiB.
+        [0x5d, 0x00, 0x00, ..] => {
+            liblzma::stream::Stream::new_lzma_decoder(u64::MAX)
+                .map_err(std::io::Error::from)
+                .and_then(|stream| {
+                    liblzma::read::XzDecoder::new_stream(payload, stream).read_to_end(&mut out)
+                })
+                .map_err(|e| failed("lzma", &e))?;
+        }
         [0x28, 0xb5, 0x2f, 0xfd, ..] => {
             zstd::stream::read::Decoder::new(payload)
                 .and_then(|mut d| d.read_to_end(&mut out))
@@ -81,9 +91,9 @@ pub fn vmlinux(image: &[u8]) -> Result<Vec<u8>, KernelError> {
 }
 
 /// Legacy LZ4: the magic, then blocks of (u32 LE compressed length, LZ4
-/// block). The kernel appends the uncompressed size (4 bytes), which reads
-/// as a length past the end; the magic may repeat between concatenated
-/// streams.
+/// block); the magic may repeat between concatenated streams. The kernel
+/// appends the uncompressed size (u32 LE), which reads as a block running
+/// past the end: it must be all that is left, and it must match.
 pub fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, KernelError> {
     let mut out = Vec::new();
     let mut at = LZ4_LEGACY_MAGIC.len();
@@ -100,6 +110,20 @@ pub fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, KernelError> {
             .map_err(|e| bad(format!("lz4 block at byte {at}: {e}")))?;
         out.extend_from_slice(&decoded);
         at += 4 + len;
+    }
+    match data.get(at..) {
+        Some([]) => {}
+        Some(&[a, b, c, d]) => {
+            let size = u32::from_le_bytes([a, b, c, d]);
+            // The kernel writes the size modulo 2^32.
+            if size != out.len() as u32 {
+                return Err(bad(format!(
+                    "lz4 payload decodes to {} bytes but its trailer says {size}",
+                    out.len()
+                )));
+            }
+        }
+        _ => return Err(bad(format!("lz4 payload truncated at byte {at}"))),
     }
     if out.is_empty() {
         return Err(bad("empty lz4 payload"));
@@ -133,7 +157,7 @@ mod tests {
     }
 
     #[test]
-    fn gzip_xz_and_zstd_payloads_decompress_to_the_elf() {
+    fn gzip_xz_lzma_and_zstd_payloads_decompress_to_the_elf() {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&elf()).expect("gzip");
         let gz = gz.finish().expect("gzip");
@@ -144,10 +168,17 @@ mod tests {
         assert_eq!(vmlinux(&image(&xz)).expect("xz"), elf());
         let zst = zstd::encode_all(&elf()[..], 1).expect("zstd");
         assert_eq!(vmlinux(&image(&zst)).expect("zstd"), elf());
+        let options = liblzma::stream::LzmaOptions::new_preset(1).expect("preset");
+        let stream = liblzma::stream::Stream::new_lzma_encoder(&options).expect("lzma");
+        let mut lzma = liblzma::write::XzEncoder::new_stream(Vec::new(), stream);
+        lzma.write_all(&elf()).expect("lzma");
+        let mut lzma = lzma.finish().expect("lzma");
+        lzma.extend_from_slice(&(elf().len() as u32).to_le_bytes());
+        assert_eq!(vmlinux(&image(&lzma)).expect("lzma"), elf());
     }
 
     #[test]
-    fn legacy_lz4_blocks_decode_and_the_appended_size_is_ignored() {
+    fn legacy_lz4_blocks_decode_and_the_appended_size_is_checked() {
         let data = elf();
         let (first, second) = data.split_at(7000);
         let mut payload = LZ4_LEGACY_MAGIC.to_vec();
@@ -156,8 +187,16 @@ mod tests {
             payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
             payload.extend_from_slice(&block);
         }
+        let blocks = payload.clone();
         payload.extend_from_slice(&(data.len() as u32).to_le_bytes());
         assert_eq!(vmlinux(&image(&payload)).expect("lz4"), data);
+        // A stream cut inside a block, or a trailer that disagrees, is refused.
+        let cut = lz4_legacy(&blocks[..blocks.len() - 10]).expect_err("cut");
+        assert!(cut.to_string().contains("truncated"), "{cut}");
+        let mut wrong = blocks;
+        wrong.extend_from_slice(&7u32.to_le_bytes());
+        let wrong = lz4_legacy(&wrong).expect_err("wrong size");
+        assert!(wrong.to_string().contains("trailer says 7"), "{wrong}");
     }
 
     #[test]

@@ -1,17 +1,19 @@
 //! A Debian kernel package (`linux-image-*.deb`): an ar archive whose
 //! `data.tar.*` holds `boot/vmlinuz-<version>` and `lib/modules/<version>/`.
-//! Read in one pass, in memory; nothing is written from it but what the
-//! catalog makes of it.
+//! Read in one pass. Which modules a VM needs is known only once every
+//! module's dependencies are (a dependency may come first in the archive),
+//! so each `.ko` is set aside in a spool file the caller gives, not kept in
+//! memory: about 100 MB for a Debian cloud kernel, of which a VM needs 1.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path};
 
 use super::KernelError;
 use super::modules::{self, Module};
 
 /// What a kernel package holds that a VM needs.
-pub struct KernelPackage {
+pub struct KernelPackage<S> {
     /// `uname -r` of the kernel, from `boot/vmlinuz-<version>`.
     pub version: String,
     pub bzimage: Vec<u8>,
@@ -19,21 +21,44 @@ pub struct KernelPackage {
     pub modules: HashMap<String, Module>,
     /// Names of the modules built into the kernel.
     pub builtin: HashSet<String>,
+    spool: S,
+    spooled: HashMap<String, Spooled>,
 }
 
-fn not_a_package(what: &str, reason: impl Into<String>) -> KernelError {
-    KernelError::NotAPackage {
-        what: what.to_string(),
-        reason: reason.into(),
+/// Where a module's uncompressed `.ko` lies in the spool.
+#[derive(Clone, Copy)]
+struct Spooled {
+    at: u64,
+    len: usize,
+}
+
+impl<S: Read + Seek> KernelPackage<S> {
+    /// A module's uncompressed `.ko`.
+    pub fn ko(&mut self, name: &str) -> Result<Vec<u8>, KernelError> {
+        let Some(Spooled { at, len }) = self.spooled.get(name).copied() else {
+            return Err(KernelError::Module {
+                module: name.to_string(),
+                reason: "not in the package".into(),
+            });
+        };
+        let mut ko = vec![0; len];
+        self.spool
+            .seek(SeekFrom::Start(at))
+            .and_then(|_| self.spool.read_exact(&mut ko))
+            .map_err(KernelError::Spool)?;
+        Ok(ko)
     }
 }
 
-/// Reads a kernel package; `what` names it in errors.
-pub fn read(deb: impl Read, what: &str) -> Result<KernelPackage, KernelError> {
+fn not_a_package(reason: impl Into<String>) -> KernelError {
+    KernelError::NotAPackage(reason.into())
+}
+
+/// Reads a kernel package, setting its modules aside in `spool`.
+pub fn read<S: Write>(deb: impl Read, spool: S) -> Result<KernelPackage<S>, KernelError> {
     let mut archive = ar::Archive::new(deb);
     while let Some(member) = archive.next_entry() {
-        let member =
-            member.map_err(|e| not_a_package(what, format!("not a .deb (ar) archive: {e}")))?;
+        let member = member.map_err(|e| not_a_package(format!("not a .deb (ar) archive: {e}")))?;
         let name = String::from_utf8_lossy(member.header().identifier()).into_owned();
         let data: Box<dyn Read + '_> = match name.as_str() {
             "data.tar.xz" => Box::new(liblzma::read::XzDecoder::new(member)),
@@ -42,26 +67,23 @@ pub fn read(deb: impl Read, what: &str) -> Result<KernelPackage, KernelError> {
             "data.tar" => Box::new(member),
             _ => continue,
         };
-        return read_data(data, what);
+        return read_data(data, spool);
     }
-    Err(not_a_package(
-        what,
-        "no data.tar member; not a .deb archive",
-    ))
+    Err(not_a_package("no data.tar member; not a .deb archive"))
 }
 
 /// A tar path, relative and free of `..`, as a string without `./`.
-fn clean(path: &Path, what: &str) -> Result<String, KernelError> {
+fn clean(path: &Path) -> Result<String, KernelError> {
     let mut parts = Vec::new();
     for component in path.components() {
         match component {
             Component::Normal(part) => parts.push(part.to_string_lossy().into_owned()),
             Component::CurDir => {}
             _ => {
-                return Err(not_a_package(
-                    what,
-                    format!("unsafe path {} in the archive", path.display()),
-                ));
+                return Err(not_a_package(format!(
+                    "unsafe path {} in the archive",
+                    path.display()
+                )));
             }
         }
     }
@@ -74,21 +96,21 @@ fn under_modules(path: &str) -> Option<(&str, &str)> {
     rest.strip_prefix("lib/modules/")?.split_once('/')
 }
 
-fn read_data(data: impl Read, what: &str) -> Result<KernelPackage, KernelError> {
+fn read_data<S: Write>(data: impl Read, mut spool: S) -> Result<KernelPackage<S>, KernelError> {
+    let unreadable = |e: std::io::Error| not_a_package(format!("unreadable data archive: {e}"));
     let mut tar = tar::Archive::new(data);
     let mut kernel: Option<(String, Vec<u8>)> = None;
-    let mut modules = HashMap::new();
+    // By version: only the kernel's own tree counts, whatever else ships.
+    let mut modules: HashMap<String, HashMap<String, (Module, Spooled)>> = HashMap::new();
     let mut builtin = HashMap::new();
-    let entries = tar
-        .entries()
-        .map_err(|e| not_a_package(what, format!("unreadable data archive: {e}")))?;
-    for entry in entries {
-        let mut entry =
-            entry.map_err(|e| not_a_package(what, format!("unreadable data archive: {e}")))?;
+    let mut spooled_bytes = 0u64;
+    for entry in tar.entries().map_err(unreadable)? {
+        let mut entry = entry.map_err(unreadable)?;
+        // Every name is checked, though only regular files are read.
+        let path = clean(&entry.path().map_err(unreadable)?)?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let path = clean(&entry.path()?, what)?;
         if let Some(version) = path.strip_prefix("boot/vmlinuz-") {
             let mut bytes = Vec::new();
             entry.read_to_end(&mut bytes)?;
@@ -101,31 +123,49 @@ fn read_data(data: impl Read, what: &str) -> Result<KernelPackage, KernelError> 
             } else if modules::name_of_path(rest).is_some() {
                 let mut bytes = Vec::new();
                 entry.read_to_end(&mut bytes)?;
-                let module = modules::parse(&path, modules::decompress(&path, bytes)?)?;
-                modules.insert(module.name.clone(), module);
+                let ko = modules::decompress(&path, bytes)?;
+                let module = modules::parse(&path, &ko)?;
+                spool.write_all(&ko).map_err(KernelError::Spool)?;
+                let span = Spooled {
+                    at: spooled_bytes,
+                    len: ko.len(),
+                };
+                spooled_bytes += ko.len() as u64;
+                modules
+                    .entry(version.to_string())
+                    .or_default()
+                    .insert(module.name.clone(), (module, span));
             }
         }
     }
     let Some((version, bzimage)) = kernel else {
-        return Err(not_a_package(what, "no boot/vmlinuz-* in it"));
+        return Err(not_a_package("no boot/vmlinuz-* in it"));
     };
-    let builtin = builtin.remove(&version).ok_or_else(|| {
-        not_a_package(
-            what,
-            format!("no lib/modules/{version}/modules.builtin in it"),
-        )
-    })?;
+    let builtin = builtin
+        .remove(&version)
+        .ok_or_else(|| not_a_package(format!("no lib/modules/{version}/modules.builtin in it")))?;
+    spool.flush().map_err(KernelError::Spool)?;
+    let (modules, spooled) = modules
+        .remove(&version)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, (module, span))| ((name.clone(), module), (name, span)))
+        .unzip();
     Ok(KernelPackage {
         version,
         bzimage,
         modules,
         builtin,
+        spool,
+        spooled,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::modules::tests::ko;
+    use std::io::Cursor;
 
     fn tar_with(paths: &[(&str, &[u8])]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
@@ -141,6 +181,10 @@ mod tests {
             builder.append(&header, *bytes).expect("append");
         }
         builder.into_inner().expect("tar")
+    }
+
+    fn read_fresh(deb: &[u8]) -> Result<KernelPackage<Cursor<Vec<u8>>>, KernelError> {
+        read(deb, Cursor::new(Vec::new()))
     }
 
     fn deb_with(data: Vec<u8>) -> Vec<u8> {
@@ -161,20 +205,74 @@ mod tests {
                 b"kernel/fs/ext4/ext4.ko\n",
             ),
         ]));
-        let package = read(&deb[..], "k.deb").expect("read");
+        let package = read_fresh(&deb[..]).expect("read");
         assert_eq!(package.version, "6.1.0-9-cloud-amd64");
         assert_eq!(package.bzimage, b"bz");
         assert!(package.builtin.contains("ext4"));
 
-        let evil = deb_with(tar_with(&[("../../etc/passwd", b"x")]));
-        let error = read(&evil[..], "evil.deb").err().expect("refused");
-        assert!(error.to_string().contains("unsafe path"), "{error}");
-        let garbage = read(&b"not an archive at all"[..], "garbage.deb")
+        for evil in ["../../etc/passwd", "/etc/passwd", "./lib/../../x"] {
+            let deb = deb_with(tar_with(&[(evil, b"x")]));
+            let error = read_fresh(&deb[..]).err().expect(evil);
+            assert!(error.to_string().contains("unsafe path"), "{evil}: {error}");
+        }
+        let garbage = read_fresh(&b"not an archive at all"[..])
             .err()
             .expect("refused");
-        assert!(garbage.to_string().contains("garbage.deb"), "{garbage}");
+        assert!(garbage.to_string().contains("not a .deb"), "{garbage}");
         let empty = deb_with(tar_with(&[]));
-        let error = read(&empty[..], "empty.deb").err().expect("no kernel");
+        let error = read_fresh(&empty[..]).err().expect("no kernel");
         assert!(error.to_string().contains("vmlinuz"), "{error}");
+        let no_builtin = deb_with(tar_with(&[("boot/vmlinuz-6.1", b"bz")]));
+        let error = read_fresh(&no_builtin[..])
+            .err()
+            .expect("no modules.builtin");
+        assert!(
+            error
+                .to_string()
+                .contains("lib/modules/6.1/modules.builtin"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn modules_under_usr_lib_are_read_back_uncompressed_and_other_versions_ignored() {
+        let ring = ko("virtio_ring", &[]);
+        let mut blk_xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        blk_xz
+            .write_all(&ko("virtio_blk", &["virtio_ring"]))
+            .expect("xz");
+        let blk_xz = blk_xz.finish().expect("xz");
+        let deb = deb_with(tar_with(&[
+            ("usr/lib/modules/6.12-cloud/modules.builtin", b""),
+            ("usr/lib/modules/6.12-cloud/kernel/virtio-ring.ko", &ring),
+            (
+                "usr/lib/modules/6.12-cloud/kernel/virtio_blk.ko.xz",
+                &blk_xz,
+            ),
+            ("boot/vmlinuz-6.12-cloud", b"bz"),
+        ]));
+        let mut package = read_fresh(&deb[..]).expect("read");
+        assert_eq!(package.modules["virtio_blk"].depends, ["virtio_ring"]);
+        assert_eq!(
+            package.ko("virtio_blk").expect("blk"),
+            ko("virtio_blk", &["virtio_ring"])
+        );
+        assert_eq!(package.ko("virtio_ring").expect("ring"), ring);
+        assert!(package.ko("virtio_net").is_err());
+
+        let broken = deb_with(tar_with(&[(
+            "lib/modules/6.12-cloud/kernel/virtio_blk.ko",
+            b"not elf",
+        )]));
+        let error = read_fresh(&broken[..]).err().expect("bad module");
+        assert!(error.to_string().contains("virtio_blk.ko"), "{error}");
+        let other = deb_with(tar_with(&[
+            ("boot/vmlinuz-6.12-cloud", b"bz"),
+            ("lib/modules/6.12-cloud/modules.builtin", b""),
+            ("lib/modules/6.1-other/modules.builtin", b""),
+        ]));
+        let package = read_fresh(&other[..]).expect("read");
+        assert_eq!(package.version, "6.12-cloud");
+        assert!(package.modules.is_empty());
     }
 }

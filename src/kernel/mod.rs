@@ -29,14 +29,20 @@ pub const GUEST_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
 ];
 
+/// What can be wrong with a kernel package. Messages leave out the
+/// package's path: the catalog's error names it.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("{what} is not a kernel package: {reason}")]
-    NotAPackage { what: String, reason: String },
+    #[error("not a kernel package: {0}")]
+    NotAPackage(String),
     #[error("the bzImage is not usable: {0}")]
     BzImage(String),
     #[error("module {module}: {reason}")]
     Module { module: String, reason: String },
     #[error("cannot read the package")]
     Io(#[from] std::io::Error),
+    #[error("cannot keep the package's modules on disk")]
+    Spool(#[source] std::io::Error),
+    #[error("cannot build the initramfs")]
+    Initramfs(#[source] std::io::Error),
 }

@@ -10,14 +10,12 @@ use object::{Object, ObjectSection};
 
 use super::KernelError;
 
-/// One module as the package holds it.
+/// What a module's `.modinfo` says about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Module {
     /// The module's name, `_` for `-` as the kernel spells it.
     pub name: String,
     pub depends: Vec<String>,
-    /// The uncompressed `.ko`.
-    pub bytes: Vec<u8>,
 }
 
 /// The kernel's own spelling of a module name.
@@ -60,43 +58,35 @@ pub fn decompress(path: &str, bytes: Vec<u8>) -> Result<Vec<u8>, KernelError> {
 }
 
 /// Reads a `.ko`'s name and dependencies from its `.modinfo` section.
-pub fn parse(path: &str, bytes: Vec<u8>) -> Result<Module, KernelError> {
+pub fn parse(path: &str, ko: &[u8]) -> Result<Module, KernelError> {
     let bad = |reason: String| KernelError::Module {
         module: path.to_string(),
         reason,
     };
-    let (name, depends) = {
-        let elf =
-            object::File::parse(&bytes[..]).map_err(|e| bad(format!("not an ELF object: {e}")))?;
-        let info = elf
-            .section_by_name(".modinfo")
-            .ok_or_else(|| bad("no .modinfo section".into()))?
-            .data()
-            .map_err(|e| bad(format!("unreadable .modinfo: {e}")))?;
-        let mut name = None;
-        let mut depends = Vec::new();
-        for field in info.split(|b| *b == 0) {
-            let field = String::from_utf8_lossy(field);
-            if let Some(value) = field.strip_prefix("name=") {
-                name = Some(canonical(value));
-            } else if let Some(value) = field.strip_prefix("depends=") {
-                depends = value
-                    .split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(canonical)
-                    .collect();
-            }
+    let elf = object::File::parse(ko).map_err(|e| bad(format!("not an ELF object: {e}")))?;
+    let info = elf
+        .section_by_name(".modinfo")
+        .ok_or_else(|| bad("no .modinfo section".into()))?
+        .data()
+        .map_err(|e| bad(format!("unreadable .modinfo: {e}")))?;
+    let mut name = None;
+    let mut depends = Vec::new();
+    for field in info.split(|b| *b == 0) {
+        let field = String::from_utf8_lossy(field);
+        if let Some(value) = field.strip_prefix("name=") {
+            name = Some(canonical(value));
+        } else if let Some(value) = field.strip_prefix("depends=") {
+            depends = value
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(canonical)
+                .collect();
         }
-        let name = name
-            .or_else(|| name_of_path(path))
-            .ok_or_else(|| bad("no module name".into()))?;
-        (name, depends)
-    };
-    Ok(Module {
-        name,
-        depends,
-        bytes,
-    })
+    }
+    let name = name
+        .or_else(|| name_of_path(path))
+        .ok_or_else(|| bad("no module name".into()))?;
+    Ok(Module { name, depends })
 }
 
 /// Module names a `modules.builtin` lists (`kernel/fs/ext4/ext4.ko`).
@@ -161,8 +151,70 @@ pub fn load_order(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A minimal relocatable ELF64 whose only content is a `.modinfo`
+    /// section, as the kernel's modpost writes it.
+    pub(crate) fn ko(name: &str, depends: &[&str]) -> Vec<u8> {
+        let modinfo = format!(
+            "license=GPL\0depends={}\0retpoline=Y\0name={name}\0vermagic=6.1.0 SMP\0",
+            depends.join(",")
+        );
+        let shstrtab = b"\0.modinfo\0.shstrtab\0";
+        let modinfo_at = 64u64;
+        let shstrtab_at = modinfo_at + modinfo.len() as u64;
+        let headers_at = (shstrtab_at + shstrtab.len() as u64).next_multiple_of(8);
+        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+        elf.resize(16, 0);
+        for half in [1u16, 62] {
+            elf.extend(half.to_le_bytes()); // ET_REL, x86-64
+        }
+        elf.extend(1u32.to_le_bytes());
+        elf.extend([0u64, 0, headers_at].iter().flat_map(|v| v.to_le_bytes()));
+        elf.extend(0u32.to_le_bytes());
+        for half in [64u16, 0, 0, 64, 3, 2] {
+            elf.extend(half.to_le_bytes());
+        }
+        elf.extend(modinfo.as_bytes());
+        elf.extend(shstrtab);
+        elf.resize(headers_at as usize, 0);
+        let section = |name: u32, kind: u32, at: u64, size: usize| {
+            let mut header = Vec::new();
+            header.extend(name.to_le_bytes());
+            header.extend(kind.to_le_bytes());
+            header.extend(
+                [0u64, 0, at, size as u64]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes()),
+            );
+            header.extend([0u32, 0].iter().flat_map(|v| v.to_le_bytes()));
+            header.extend([1u64, 0].iter().flat_map(|v| v.to_le_bytes()));
+            header
+        };
+        elf.extend(vec![0u8; 64]);
+        elf.extend(section(1, 1, modinfo_at, modinfo.len())); // PROGBITS
+        elf.extend(section(10, 3, shstrtab_at, shstrtab.len())); // STRTAB
+        elf
+    }
+
+    #[test]
+    fn modinfo_gives_the_name_and_dependencies() {
+        let parsed = parse(
+            "x/virtio_net.ko",
+            &ko("virtio_net", &["net_failover", "virtio-ring"]),
+        )
+        .expect("parse");
+        assert_eq!(parsed.name, "virtio_net");
+        assert_eq!(parsed.depends, ["net_failover", "virtio_ring"]);
+        let alone = parse("x/failover.ko", &ko("failover", &[])).expect("parse");
+        assert!(alone.depends.is_empty());
+        let error = parse("x/bad.ko", b"\x7fELF garbage").expect_err("not elf");
+        assert!(
+            error.to_string().starts_with("module x/bad.ko: "),
+            "{error}"
+        );
+    }
 
     fn module(name: &str, depends: &[&str]) -> (String, Module) {
         (
@@ -170,7 +222,6 @@ mod tests {
             Module {
                 name: name.to_string(),
                 depends: depends.iter().map(|d| d.to_string()).collect(),
-                bytes: Vec::new(),
             },
         )
     }
