@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::guest::disk::AGENT_HINT;
 use crate::kernel::{GUEST_MODULES, KernelError, bzimage, deb, initramfs, modules};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,9 +18,7 @@ pub enum CatalogError {
     Invalid { field: &'static str, reason: String },
     #[error("a kernel named {0} already exists; remove it first or pick another name")]
     Exists(String),
-    #[error(
-        "banger-agent is not at {0}; build it with scripts/build-agent.sh or set agent.binary in the daemon's configuration"
-    )]
+    #[error("banger-agent is not at {0}; {hint}", hint = AGENT_HINT)]
     NoAgent(PathBuf),
     #[error("cannot import {package}")]
     Package {

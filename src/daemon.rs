@@ -28,7 +28,7 @@ use crate::store::records::{Accel, VmmKind};
 use crate::store::{Store, StoreError};
 use crate::vm::restart::RestartPolicy;
 use crate::vmm::firecracker::{Firecracker, JailSpec};
-use crate::vmm::qemu::Qemu;
+use crate::vmm::qemu::{AccelChoice, Qemu};
 
 /// Store worker threads: reads run in parallel, writes serialise in redb.
 const STORE_THREADS: usize = 2;
@@ -104,9 +104,10 @@ impl SystemSupervisor {
         }
 
         let jail_base = config.state_dir.join("jail");
-        let accel = config
-            .qemu_accel
-            .resolve(Path::new("/dev/kvm"), Path::new("/sys/module"));
+        let (dev_kvm, sys_module) = (Path::new("/dev/kvm"), Path::new("/sys/module"));
+        let accel = config.qemu_accel.resolve(dev_kvm, sys_module);
+        // Whether KVM boots stock guests here, whatever QEMU is told to use.
+        let kvm_boots_guests = AccelChoice::Auto.resolve(dev_kvm, sys_module) == Accel::Kvm;
         let firecracker = Firecracker {
             binary: config.firecracker.clone(),
             jail: config.jailer.as_ref().map(|jailer| JailSpec {
@@ -117,7 +118,7 @@ impl SystemSupervisor {
             }),
         };
         // Firecracker needs KVM that boots stock guests; QEMU runs anywhere.
-        let default_vmm = if accel == Accel::Kvm && installed(&firecracker.binary) {
+        let default_vmm = if kvm_boots_guests && installed(&firecracker.binary) {
             VmmKind::Firecracker
         } else {
             VmmKind::Qemu

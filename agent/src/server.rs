@@ -164,7 +164,7 @@ fn handle(frame: Frame, writer: &Writer, sessions: &Sessions, identity: &Identit
             },
         ),
         FrameKind::Request => match frame.parse::<Request>() {
-            Ok(request) => request_(request, frame.session, writer, sessions, identity),
+            Ok(request) => answer_request(request, frame.session, writer, sessions, identity),
             Err(e) => writer.respond(
                 frame.session,
                 &Response::Error {
@@ -206,7 +206,7 @@ fn handle(frame: Frame, writer: &Writer, sessions: &Sessions, identity: &Identit
     }
 }
 
-fn request_(
+fn answer_request(
     request: Request,
     session: u32,
     writer: &Writer,

@@ -28,7 +28,7 @@ use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::catalog::CatalogError;
 use crate::error_chain;
 use crate::guest::disk::{self, InjectError};
-use crate::guest::link::{AgentEvent, AgentLink};
+use crate::guest::link::AgentLink;
 use crate::host::HostOps;
 use crate::store::StoreError;
 use crate::store::records::{KernelRecord, VmRecord, VmState, VmmKind};
@@ -41,7 +41,6 @@ use crate::vmm::orphans::Layout;
 use crate::vmm::process::{ExitStatus, ProcessHandle, is_alive};
 use crate::vmm::qemu::Qemu;
 use crate::vmm::{BootFiles, LaunchSpec, VmPaths, Vmm, VmmError};
-use banger_agent::protocol::ShutdownAction;
 
 /// How long a graceful stop waits for the agent to take the request
 /// before pressing Ctrl-Alt-Del instead.
@@ -533,18 +532,19 @@ impl VmActor {
 
     /// Takes the agent's announcements one at a time, for as long as its
     /// connection lasts.
-    fn listen(&mut self, mut heard: mpsc::UnboundedReceiver<AgentEvent>, ctx: &mut Context<Self>) {
+    fn listen(
+        &mut self,
+        mut heard: mpsc::UnboundedReceiver<Announcement>,
+        ctx: &mut Context<Self>,
+    ) {
         ctx.spawn(
             async move { (heard.recv().await, heard) }
                 .into_actor(self)
                 .map(|(event, heard), act, ctx| {
-                    let Some(AgentEvent::Shutdown(action)) = event else {
+                    let Some(announced) = event else {
                         return;
                     };
-                    act.announced = Some(match action {
-                        ShutdownAction::Poweroff => Announcement::Poweroff,
-                        ShutdownAction::Reboot => Announcement::Reboot,
-                    });
+                    act.announced = Some(announced);
                     info!(vm = %act.record.name, announced = ?act.announced, "guest is shutting down");
                     if let Some(agent) = &act.agent {
                         agent.ack_shutdown();
@@ -555,15 +555,14 @@ impl VmActor {
     }
 
     fn agent_ready(&mut self, link: AgentLink, ctx: &mut Context<Self>) {
-        if let Some(hello) = link.hello() {
-            info!(
-                vm = %self.record.name,
-                kernel = %hello.kernel,
-                agent = %hello.agent_version,
-                boot_ms = hello.boot.ready_ms,
-                "agent ready"
-            );
-        }
+        let hello = link.hello();
+        info!(
+            vm = %self.record.name,
+            kernel = %hello.kernel,
+            agent = %hello.agent_version,
+            boot_ms = hello.boot.ready_ms,
+            "agent ready"
+        );
         for waiter in self.agent_waiters.drain(..) {
             let _ = waiter.send(link.clone());
         }
@@ -831,7 +830,7 @@ impl VmActor {
                     let asked = match agent {
                         Some(agent) => tokio::time::timeout(
                             AGENT_STOP_TIMEOUT,
-                            agent.shutdown(ShutdownAction::Poweroff),
+                            agent.shutdown(Announcement::Poweroff),
                         )
                         .await
                         .is_ok_and(|r| r.is_ok()),

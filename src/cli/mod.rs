@@ -523,6 +523,14 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
     Ok(())
 }
 
+/// The failure an error frame ends a stream with.
+fn stream_error(payload: &[u8]) -> Failure {
+    let message = serde_json::from_slice::<ErrorObject>(payload)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(payload).into_owned());
+    Failure::Daemon(message)
+}
+
 /// banger's own failure in `vm exec`, as docker and podman report theirs.
 const EXEC_FAILED: u8 = 125;
 
@@ -604,10 +612,7 @@ fn exec(
                 };
             }
             stream::ERROR => {
-                let message = serde_json::from_slice::<ErrorObject>(&frame.payload)
-                    .map(|e| e.message)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(&frame.payload).into_owned());
-                return Err(Failure::Daemon(message));
+                return Err(stream_error(&frame.payload));
             }
             _ => {}
         }
@@ -633,10 +638,7 @@ fn follow_logs(client: Client, name: &str, tail: Option<usize>) -> Result<(), Fa
                     .map_err(|e| Failure::Daemon(format!("cannot write to stdout: {e}")))?;
             }
             Some(frame) if frame.kind == stream::ERROR => {
-                let message = serde_json::from_slice::<ErrorObject>(&frame.payload)
-                    .map(|e| e.message)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(&frame.payload).into_owned());
-                return Err(Failure::Daemon(message));
+                return Err(stream_error(&frame.payload));
             }
             Some(_) => {}
         }

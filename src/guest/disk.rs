@@ -10,11 +10,13 @@ use std::process::{Command, Stdio};
 /// Where the agent lives in every guest.
 pub const AGENT_PATH: &str = "/sbin/banger-agent";
 
+/// What to do about a missing agent binary.
+pub const AGENT_HINT: &str =
+    "build it with scripts/build-agent.sh or set agent.binary in the daemon's configuration";
+
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
-    #[error(
-        "banger-agent is not at {0}; build it with scripts/build-agent.sh or set agent.binary in the daemon's configuration"
-    )]
+    #[error("banger-agent is not at {0}; {hint}", hint = AGENT_HINT)]
     NoAgent(PathBuf),
     #[error("cannot read {path}")]
     Io {

@@ -64,14 +64,6 @@ pub struct Hello {
     pub kernel: String,
     pub hostname: String,
     pub boot: protocol::BootTimes,
-    /// When the hello was answered, host time.
-    pub at: Instant,
-}
-
-/// Something the agent said on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentEvent {
-    Shutdown(ShutdownAction),
 }
 
 type Sessions = Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>;
@@ -81,7 +73,24 @@ struct Inner {
     sessions: Sessions,
     next_session: AtomicU32,
     closed: CancellationToken,
-    hello: Mutex<Option<Hello>>,
+}
+
+impl Inner {
+    fn new_session(&self) -> u32 {
+        // Session 0 is the agent's events; ids wrap long after any session ends.
+        loop {
+            let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+            if id != EVENT_SESSION {
+                return id;
+            }
+        }
+    }
+
+    fn send(&self, frame: &Frame) -> Result<(), AgentError> {
+        self.writer
+            .send(frame.encode())
+            .map_err(|_| AgentError::Closed)
+    }
 }
 
 /// A connected agent. Cheap to clone; the connection ends when the stream
@@ -89,6 +98,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct AgentLink {
     inner: Arc<Inner>,
+    hello: Arc<Hello>,
 }
 
 impl AgentLink {
@@ -98,7 +108,7 @@ impl AgentLink {
     /// exits.
     pub async fn connect(
         endpoint: &AgentEndpoint,
-        events: mpsc::UnboundedSender<AgentEvent>,
+        events: mpsc::UnboundedSender<ShutdownAction>,
     ) -> Result<AgentLink, AgentError> {
         let mut retry = CONNECT_RETRY;
         loop {
@@ -131,7 +141,7 @@ impl AgentLink {
 
     async fn handshake(
         stream: UnixStream,
-        events: mpsc::UnboundedSender<AgentEvent>,
+        events: mpsc::UnboundedSender<ShutdownAction>,
     ) -> Result<AgentLink, AgentError> {
         let (read, mut write) = stream.into_split();
         let (writer, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -140,11 +150,9 @@ impl AgentLink {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU32::new(1),
             closed: CancellationToken::new(),
-            hello: Mutex::new(None),
         });
-        let link = AgentLink { inner };
         {
-            let closed = link.inner.closed.clone();
+            let closed = inner.closed.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -160,7 +168,7 @@ impl AgentLink {
         }
         let (hellos, mut answered) = mpsc::unbounded_channel();
         {
-            let inner = link.inner.clone();
+            let inner = inner.clone();
             tokio::spawn(async move {
                 read_frames(read, &inner, hellos, events).await;
                 inner.closed.cancel();
@@ -171,30 +179,21 @@ impl AgentLink {
             });
         }
         loop {
-            let session = link.new_session();
-            link.send(&Frame::json(
+            inner.send(&Frame::json(
                 FrameKind::Request,
-                session,
+                inner.new_session(),
                 &Request::Hello {
                     version: PROTOCOL_VERSION,
                 },
             ))?;
             tokio::select! {
                 hello = answered.recv() => match hello {
-                    Some(Response::Hello { version, agent_version, kernel, hostname, boot }) => {
-                        if version != PROTOCOL_VERSION {
-                            link.close();
-                            return Err(AgentError::Version { agent: version });
-                        }
-                        let hello = Hello { agent_version, kernel, hostname, boot, at: Instant::now() };
-                        if let Ok(mut slot) = link.inner.hello.lock() {
-                            *slot = Some(hello);
-                        }
-                        return Ok(link);
+                    Some((version, _)) if version != PROTOCOL_VERSION => {
+                        inner.closed.cancel();
+                        return Err(AgentError::Version { agent: version });
                     }
-                    Some(other) => {
-                        link.close();
-                        return Err(AgentError::Unexpected(format!("{other:?}")));
+                    Some((_, hello)) => {
+                        return Ok(AgentLink { inner, hello: Arc::new(hello) });
                     }
                     None => return Err(AgentError::Closed),
                 },
@@ -203,8 +202,9 @@ impl AgentLink {
         }
     }
 
-    pub fn hello(&self) -> Option<Hello> {
-        self.inner.hello.lock().ok().and_then(|h| h.clone())
+    /// What the agent said when this connection began.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
     }
 
     pub fn is_closed(&self) -> bool {
@@ -220,26 +220,13 @@ impl AgentLink {
         self.inner.closed.cancel();
     }
 
-    fn new_session(&self) -> u32 {
-        // Session 0 is the agent's events; ids wrap long after any session ends.
-        loop {
-            let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
-            if id != EVENT_SESSION {
-                return id;
-            }
-        }
-    }
-
     fn send(&self, frame: &Frame) -> Result<(), AgentError> {
-        self.inner
-            .writer
-            .send(frame.encode())
-            .map_err(|_| AgentError::Closed)
+        self.inner.send(frame)
     }
 
     /// Opens a session: its frames arrive on the receiver.
     fn open(&self, request: &Request) -> Result<(u32, mpsc::UnboundedReceiver<Frame>), AgentError> {
-        let session = self.new_session();
+        let session = self.inner.new_session();
         let (tx, rx) = mpsc::unbounded_channel();
         self.inner
             .sessions
@@ -432,12 +419,13 @@ async fn connect_vsock(socket: &Path, port: u32) -> Result<Option<UnixStream>, A
 }
 
 /// Reads frames until the stream ends or breaks, routing each to its
-/// session; hello answers go to `hellos`, agent events to `events`.
+/// session; hello answers (with their protocol version) go to `hellos`,
+/// shutdown announcements to `events`.
 async fn read_frames(
     read: tokio::net::unix::OwnedReadHalf,
     inner: &Inner,
-    hellos: mpsc::UnboundedSender<Response>,
-    events: mpsc::UnboundedSender<AgentEvent>,
+    hellos: mpsc::UnboundedSender<(u32, Hello)>,
+    events: mpsc::UnboundedSender<ShutdownAction>,
 ) {
     let mut reader = BufReader::with_capacity(128 * 1024, read);
     let mut buffer: Vec<u8> = Vec::new();
@@ -449,14 +437,25 @@ async fn read_frames(
                 Ok(Some((frame, used))) => {
                     buffer.drain(..used);
                     if !synced {
-                        let hello = frame.kind == FrameKind::Response
-                            && matches!(frame.parse::<Response>(), Ok(Response::Hello { .. }));
-                        if !hello {
+                        if frame.kind != FrameKind::Response {
                             continue;
                         }
-                        synced = true;
-                        if let Ok(response) = frame.parse::<Response>() {
-                            let _ = hellos.send(response);
+                        if let Ok(Response::Hello {
+                            version,
+                            agent_version,
+                            kernel,
+                            hostname,
+                            boot,
+                        }) = frame.parse()
+                        {
+                            synced = true;
+                            let hello = Hello {
+                                agent_version,
+                                kernel,
+                                hostname,
+                                boot,
+                            };
+                            let _ = hellos.send((version, hello));
                         }
                         continue;
                     }
@@ -485,10 +484,10 @@ async fn read_frames(
     }
 }
 
-fn route(frame: Frame, inner: &Inner, events: &mpsc::UnboundedSender<AgentEvent>) {
+fn route(frame: Frame, inner: &Inner, events: &mpsc::UnboundedSender<ShutdownAction>) {
     if frame.session == EVENT_SESSION {
         if let Ok(Event::Shutdown { action }) = frame.parse::<Event>() {
-            let _ = events.send(AgentEvent::Shutdown(action));
+            let _ = events.send(action);
         }
         return;
     }

@@ -75,8 +75,8 @@ impl Client {
     }
 
     /// Sends a streaming request; once accepted, the connection carries
-    /// frames (see `rpc::stream`), read from what this returns.
-    /// The reader and the writer of the connection, both now framed.
+    /// frames (see `rpc::stream`) both ways: this answers its reader and
+    /// its writer.
     pub fn stream(
         mut self,
         method: &str,

@@ -206,16 +206,14 @@ pub async fn handle(
         Request::VmPing(VmPingParams { name, wait_secs }) => {
             let link = agent_of(services, name, wait_secs).await?;
             let round_trip = link.ping().await?;
-            let hello = link.hello().ok_or_else(|| {
-                RpcError::new(ErrorCode::Unavailable, "the agent has not said hello")
-            })?;
+            let hello = link.hello();
             with_op_id(
                 reply,
                 PingResult {
                     round_trip_ms: round_trip.as_secs_f64() * 1000.0,
-                    agent_version: hello.agent_version,
-                    kernel: hello.kernel,
-                    hostname: hello.hostname,
+                    agent_version: hello.agent_version.clone(),
+                    kernel: hello.kernel.clone(),
+                    hostname: hello.hostname.clone(),
                     boot: hello.boot,
                 },
             )
@@ -379,14 +377,7 @@ async fn import_kernel(
     services: &Services,
     params: KernelImportParams,
 ) -> Result<KernelRecord, RpcError> {
-    if services
-        .store
-        .send(Get::<KernelRecord>::new(params.name.clone()))
-        .await??
-        .is_some()
-    {
-        return Err(CatalogError::Exists(params.name).into());
-    }
+    refuse_taken_kernel_name(services, &params.name).await?;
     let kernels_dir = services.kernels_dir.clone();
     let name = params.name.clone();
     let (vmlinux, initrd) = (params.vmlinux.clone(), params.initrd.clone());
@@ -409,6 +400,25 @@ async fn import_kernel(
         cmdline: params.cmdline,
         created_at: Timestamp::now(),
     };
+    record_kernel(services, record).await
+}
+
+async fn refuse_taken_kernel_name(services: &Services, name: &str) -> Result<(), RpcError> {
+    let taken = services
+        .store
+        .send(Get::<KernelRecord>::new(name.to_string()))
+        .await??;
+    match taken {
+        Some(_) => Err(CatalogError::Exists(name.to_string()).into()),
+        None => Ok(()),
+    }
+}
+
+/// Stores an imported kernel's record; if that fails, its files go too.
+async fn record_kernel(
+    services: &Services,
+    record: KernelRecord,
+) -> Result<KernelRecord, RpcError> {
     if let Err(e) = services.store.send(Put(record.clone())).await? {
         let _ = std::fs::remove_dir_all(catalog::kernel_dir(&services.kernels_dir, &record.name));
         return Err(e.into());
@@ -431,14 +441,7 @@ async fn import_package(
         intent_first: false,
     };
     let kernel = with_progress(services, reply, begin, |report, _| async move {
-        if services
-            .store
-            .send(Get::<KernelRecord>::new(params.name.clone()))
-            .await??
-            .is_some()
-        {
-            return Err(CatalogError::Exists(params.name.clone()).into());
-        }
+        refuse_taken_kernel_name(services, &params.name).await?;
         let (kernels_dir, name, package, agent) = (
             services.kernels_dir.clone(),
             params.name.clone(),
@@ -469,12 +472,7 @@ async fn import_package(
             cmdline: None,
             created_at: Timestamp::now(),
         };
-        if let Err(e) = services.store.send(Put(record.clone())).await? {
-            let _ =
-                std::fs::remove_dir_all(catalog::kernel_dir(&services.kernels_dir, &record.name));
-            return Err(e.into());
-        }
-        Ok(record)
+        record_kernel(services, record).await
     })
     .await?;
     Ok(KernelResult { kernel })
@@ -532,7 +530,6 @@ async fn console_path(services: &Services, name: String) -> Result<PathBuf, RpcE
     Ok(services.vm_settings.paths(&vm.id).console_log())
 }
 
-/// Accepts a streaming request: what to stream, ready to run.
 /// The agent of a VM, waiting for a booting VM's agent up to `wait_secs`.
 async fn agent_of(
     services: &Services,
@@ -549,6 +546,7 @@ pub enum Opened {
     Exec(ExecSession),
 }
 
+/// Accepts a streaming request: what to stream, ready to run.
 pub async fn open_stream(services: &Services, request: Request) -> Result<Opened, RpcError> {
     match request {
         Request::VmLogs(params) => {

@@ -154,13 +154,12 @@ pub async fn relay_exec(
             },
             output = session.output.recv() => match output {
                 Some(frame) => match frame.kind {
+                    // Agent payloads (64 KiB at most) fit a client frame.
                     FrameKind::Stdout | FrameKind::Stderr => {
                         let kind = if frame.kind == FrameKind::Stdout { STDOUT } else { STDERR };
-                        for chunk in frame.payload.chunks(CHUNK) {
-                            if out.send(self::frame(kind, chunk)).await.is_err() {
-                                let _ = session.kill();
-                                break;
-                            }
+                        if out.send(self::frame(kind, &frame.payload)).await.is_err() {
+                            let _ = session.kill();
+                            break;
                         }
                     }
                     FrameKind::Exit => {
@@ -230,15 +229,10 @@ pub async fn follow_log(
                 if e.kind() == io::ErrorKind::NotFound
                     && log.path.parent().is_some_and(|d| d.exists()) => {}
             Err(e) => {
-                let error = ErrorObject {
-                    code: ErrorCode::NotFound.code(),
-                    message: format!("the console log is gone (was the VM removed?): {e}"),
-                    data: None,
-                };
                 let _ = out
-                    .send(frame(
-                        ERROR,
-                        &serde_json::to_vec(&error).unwrap_or_default(),
+                    .send(error_frame(
+                        ErrorCode::NotFound,
+                        format!("the console log is gone (was the VM removed?): {e}"),
                     ))
                     .await;
                 return;

@@ -60,12 +60,8 @@ pub enum StopIntent {
     Kill,
 }
 
-/// What the guest agent announced before the exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Announcement {
-    Poweroff,
-    Reboot,
-}
+/// What the guest agent announced before the exit: its own shutdown action.
+pub use banger_agent::protocol::ShutdownAction as Announcement;
 
 pub fn classify(intent: StopIntent, announced: Option<Announcement>) -> ExitKind {
     match (intent, announced) {
