@@ -1,17 +1,49 @@
-# Sourced by scripts/run.sh and scripts/test.sh: installs, once, the Debian
-# packages banger uses on a host: QEMU (the backend where KVM cannot boot a
-# stock guest), e2fsprogs (mke2fs, debugfs: root disks and agent injection)
-# and busybox-static (the demo and test root disk until images land).
-banger_packages=(qemu-system-x86 e2fsprogs busybox-static)
+# Sourced by scripts/run.sh, scripts/test.sh and scripts/bench.sh. The one
+# list of the host programs that banger, its tests, benchmarks and scripts
+# run, each with the Debian package that provides it. Packages whose
+# programs are missing are installed once; afterwards every program must
+# resolve, so a tool added without its package fails here, by name.
+# tests/prerequisites.rs checks that every program the Rust code runs is
+# listed.
+#   program             package          who runs it
+banger_programs=(
+    "qemu-system-x86_64 qemu-system-x86" # QEMU backend; tests/vm_qemu.rs, benches/guest.rs, run.sh
+    "mke2fs             e2fsprogs"       # root disks: busybox-rootfs.sh, tests, benches
+    "debugfs            e2fsprogs"       # agent injection into ext4 root disks
+    "busybox            busybox-static"  # busybox-rootfs.sh: the demo and test root disk
+    "cpio               cpio"            # tests/kernel_deb.rs: the initramfs as cpio reads it
+    "dpkg-deb           dpkg"            # tests/kernel_deb.rs: modules.builtin from the package
+    "tar                tar"             # tests/kernel_deb.rs
+    "apt-get            apt"             # fixtures.sh: the Debian cloud kernel package
+    "apt-cache          apt"             # fixtures.sh
+    "python3            python3"         # fixtures.sh: firecracker from its wheel
+    "sha256sum          coreutils"       # fixtures.sh
+    "readelf            binutils"        # build-agent.sh: the agent must be static
+    "file               file"            # busybox-rootfs.sh
+    "ip                 iproute2"        # agent network tests in a private namespace
+    "setpriv            util-linux"      # tests/access.rs: a real unprivileged client
+    "useradd            passwd"          # tests/access.rs
+    "userdel            passwd"          # tests/access.rs
+    "groupadd           passwd"          # tests/access.rs
+    "groupdel           passwd"          # tests/access.rs
+    "sh                 dash"            # tests: `command -v`
+)
 banger_missing=()
-for package in "${banger_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' ||
-        banger_missing+=("$package")
+banger_lookup() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null; }
+for entry in "${banger_programs[@]}"; do
+    read -r program package <<<"$entry"
+    banger_lookup "$program" || banger_missing+=("$package")
 done
 if ((${#banger_missing[@]})); then
     as_root=()
     [ "$(id -u)" = 0 ] || as_root=(sudo)
+    mapfile -t banger_missing < <(printf '%s\n' "${banger_missing[@]}" | sort -u)
     echo "installing ${banger_missing[*]}" >&2
     "${as_root[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq "${banger_missing[@]}" >/dev/null
 fi
+for entry in "${banger_programs[@]}"; do
+    read -r program package <<<"$entry"
+    banger_lookup "$program" ||
+        { echo "$program is still missing after installing $package" >&2; exit 1; }
+done

@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use common::*;
 use serde_json::Value;
@@ -44,10 +44,21 @@ fn cpio_entries(path: &str) -> Vec<(String, Vec<u8>)> {
 
 /// `cpio -tv` of the gunzipped archive: the real tool must read it too.
 fn cpio_listing(path: &str) -> String {
-    let out = Command::new("sh")
-        .args(["-c", "zcat \"$1\" | cpio -tv --quiet", "sh", path])
-        .output()
-        .expect("zcat | cpio");
+    let mut archive = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).expect("open"))
+        .read_to_end(&mut archive)
+        .expect("gunzip");
+    let mut cpio = Command::new("cpio")
+        .args(["-tv", "--quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cpio");
+    let mut stdin = cpio.stdin.take().expect("cpio stdin");
+    let feeder = std::thread::spawn(move || stdin.write_all(&archive));
+    let out = cpio.wait_with_output().expect("cpio");
+    feeder.join().expect("feeder").expect("feed cpio");
     assert!(
         out.status.success(),
         "{}",
@@ -58,16 +69,22 @@ fn cpio_listing(path: &str) -> String {
 
 /// The package's `modules.builtin`, read with dpkg's own tools.
 fn builtin_list(deb: &Path, version: &str) -> String {
-    let out = Command::new("sh")
-        .args([
-            "-c",
-            "dpkg-deb --fsys-tarfile \"$1\" | tar -xO --wildcards \"*lib/modules/$2/modules.builtin\"",
-            "sh",
-            deb.to_str().expect("utf-8"),
-            version,
-        ])
-        .output()
+    let mut tarfile = Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(deb)
+        .stdout(Stdio::piped())
+        .spawn()
         .expect("dpkg-deb");
+    let out = Command::new("tar")
+        .args(["-xO", "--wildcards"])
+        .arg(format!("*lib/modules/{version}/modules.builtin"))
+        .stdin(tarfile.stdout.take().expect("dpkg-deb stdout"))
+        .output()
+        .expect("tar");
+    assert!(
+        tarfile.wait().expect("dpkg-deb").success(),
+        "dpkg-deb failed"
+    );
     assert!(
         out.status.success(),
         "{}",
