@@ -6,7 +6,8 @@
 //!   per VM, and `vm.list` latency with 100 and 1,000 VMs;
 //! - crash detection: SIGKILL of a VMM to the daemon recording the exit, and
 //!   how late a restart fires after its scheduled time;
-//! - re-adoption: a new daemon adopting 100 running VMs.
+//! - re-adoption: a new daemon adopting 100 running VMs;
+//! - the cost of one `vm::machine::step` per event.
 //!
 //! Prints the figures and writes them to `target/bench-results/vm.txt`.
 
@@ -23,7 +24,7 @@ use banger::host::{HostOps, LocalHost};
 use banger::rpc::client::Client;
 use banger::rpc::protocol::{VmsResult, WithOpId};
 use banger::vmm::firecracker::Firecracker;
-use banger::vmm::{BootFiles, LaunchSpec, VmPaths, Vmm};
+use banger::vmm::{self, BootFiles, LaunchSpec, VmPaths, Vmm};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -98,15 +99,62 @@ fn bare_start(
             memory_mib: 128,
         };
         let start = Instant::now();
-        let launched = backend.launch(&host, &spec).await.expect("bare launch");
+        let console = vmm::lock_console(&spec.paths.console_log()).expect("console");
+        let (process, _) = vmm::spawn(&host, &backend, &spec, console)
+            .await
+            .expect("bare spawn");
+        backend
+            .configure(&spec, &process)
+            .await
+            .expect("bare configure");
         let elapsed = start.elapsed();
-        launched
-            .process
-            .signal(rustix::process::Signal::KILL)
-            .expect("kill");
-        launched.process.exited().await;
+        process.signal(rustix::process::Signal::KILL).expect("kill");
+        process.exited().await;
         elapsed
     })
+}
+
+const STEP_EVENTS: u32 = 100_000;
+
+/// The cost of one `step()`: a VM started, crashed and restarted over and
+/// over (the events a supervised VM sees most), per event.
+fn step_cost() -> (Duration, Duration, Duration) {
+    use banger::vm::machine::{Event, Exit, Vm, step};
+    let process = banger::store::records::VmmProcess {
+        pid: 4242,
+        start_time: 1,
+        api_socket: PathBuf::from("/run/banger/vms/x/firecracker.sock"),
+        agent: None,
+        accel: None,
+    };
+    let mut runs: Vec<Duration> = (0..5)
+        .map(|_| {
+            let mut vm = Vm::new(common::vm_record(0));
+            let mut now = jiff::Timestamp::now();
+            let started = Instant::now();
+            for i in 0..STEP_EVENTS {
+                let event = match i % 5 {
+                    0 => Event::Start {
+                        request: u64::from(i),
+                    },
+                    1 => Event::Spawned(process.clone()),
+                    2 => Event::Ready,
+                    3 => Event::Exited(Exit::default()),
+                    _ => {
+                        now += jiff::SignedDuration::from_secs(3600);
+                        Event::Timer
+                    }
+                };
+                if let Ok((next, effects)) = step(&vm, event, now) {
+                    std::hint::black_box(effects);
+                    vm = next;
+                }
+            }
+            started.elapsed() / STEP_EVENTS
+        })
+        .collect();
+    runs.sort();
+    (runs[0], runs[2], runs[4])
 }
 
 fn main() -> anyhow::Result<()> {
@@ -330,6 +378,12 @@ fn main() -> anyhow::Result<()> {
         median(&at_1000)
     )?;
     drop(daemon);
+
+    let (low, mid, high) = step_cost();
+    writeln!(
+        report,
+        "vm::machine::step per event: median {mid:?} (min {low:?}, max {high:?}; 5 runs of {STEP_EVENTS} events: start, spawned, ready, exited, timer)"
+    )?;
 
     print!("{report}");
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");

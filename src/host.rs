@@ -26,9 +26,8 @@ pub struct VmmCommand {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub cwd: PathBuf,
-    /// Its stdout (the serial console): appended to this file.
-    pub console: PathBuf,
-    /// Its stderr: appended to this file.
+    /// Its stderr: appended to this file. (Its stdout, the serial
+    /// console, is the locked console log given to `spawn_vmm`.)
     pub errors: PathBuf,
 }
 
@@ -48,8 +47,9 @@ pub trait HostOps: Send + Sync {
     fn remove_jail(&self, dir: &Path) -> io::Result<()>;
 
     /// Starts a VMM in a session of its own, so that it outlives the daemon
-    /// and no signal to the daemon's process group reaches it. Answers its pid.
-    fn spawn_vmm(&self, command: &VmmCommand) -> io::Result<u32>;
+    /// and no signal to the daemon's process group reaches it, with
+    /// `console` as its stdout. Answers its pid.
+    fn spawn_vmm(&self, command: &VmmCommand, console: File) -> io::Result<u32>;
 }
 
 pub struct LocalHost;
@@ -105,14 +105,14 @@ impl HostOps for LocalHost {
         }
     }
 
-    fn spawn_vmm(&self, vmm: &VmmCommand) -> io::Result<u32> {
+    fn spawn_vmm(&self, vmm: &VmmCommand, console: File) -> io::Result<u32> {
         let mut command = Command::new(&vmm.program);
         command
             .args(&vmm.args)
             .current_dir(&vmm.cwd)
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
-            .stdout(append(&vmm.console)?)
+            .stdout(console)
             .stderr(append(&vmm.errors)?);
         #[allow(unsafe_code)]
         // SAFETY: setsid is async-signal-safe and touches no memory of the parent.

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fault;
 pub mod guest;
 pub mod host;
 pub mod kernel;

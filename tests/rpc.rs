@@ -69,7 +69,7 @@ fn malformed_input_gets_errors_and_the_connection_keeps_serving() {
     conn.send_raw(b"\n\r\n");
     let status = conn.call(6, "daemon.status", json!({}));
     assert!(status["result"]["op_id"].is_string(), "{status}");
-    assert_eq!(status["result"]["store"]["tables"]["vms"], 1);
+    assert_eq!(status["result"]["store"]["tables"]["vms"], 2);
 }
 
 #[test]

@@ -6,8 +6,9 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 
 use banger::actors::store::{CompareAndSwap, Delete, Get, List, Put, StoreActor};
-use banger::store::records::{VmRecord, VmState};
+use banger::store::records::VmRecord;
 use banger::store::{self, Schema, StoreError};
+use banger::vm::machine::Phase;
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -32,7 +33,7 @@ async fn messages_read_write_and_compare_and_swap() {
     assert_eq!(got.as_ref(), Some(&vm));
 
     let mut running = vm.clone();
-    running.state = VmState::Running;
+    running.phase = Phase::Running;
     // A writer holding a stale copy loses.
     let stale = CompareAndSwap {
         key: "vm-1".into(),
@@ -57,7 +58,7 @@ async fn messages_read_write_and_compare_and_swap() {
         .await
         .expect("mailbox")
         .expect("get");
-    assert_eq!(got.map(|v| v.state), Some(VmState::Running));
+    assert_eq!(got.map(|v| v.phase), Some(Phase::Running));
     // Absent-expected creates only when absent.
     let create = CompareAndSwap {
         key: "vm-1".into(),

@@ -32,7 +32,7 @@ fn a_fresh_start_creates_every_table_and_the_probe_agrees() {
     let (code, line) = probe(&dir);
     assert_eq!(code, 1, "{line}");
     assert!(
-        line.starts_with("migrations needed: pending [create-vms-v1,"),
+        line.starts_with("migrations needed: pending [create-vms-v2,"),
         "{line}"
     );
     assert!(!dir.exists(), "the probe created {}", dir.display());
@@ -139,20 +139,20 @@ fn a_newer_table_version_is_refused_untouched() {
     let mut future = Schema::production();
     future.tables[0] = TableSpec {
         name: VmRecord::TABLE,
-        version: 2,
+        version: 3,
     };
     future.migrations.push(Migration {
-        id: "vms-v2",
+        id: "vms-v3",
         table: VmRecord::TABLE,
         renamed_from: None,
-        from: 1,
-        to: 2,
+        from: 2,
+        to: 3,
         transform: unchanged,
     });
     // Both the version and the id are unknown here; the id is named first.
     assert_refused(
         future,
-        "applied migrations unknown to this binary: [vms-v2]",
+        "applied migrations unknown to this binary: [vms-v3]",
     );
 }
 
@@ -181,14 +181,14 @@ fn a_table_written_at_a_newer_version_is_refused_untouched() {
     let (code, stderr) = refused(dir);
     assert_eq!(code, 2, "{stderr}");
     assert!(
-        stderr.contains("vms stored v4, this binary knows v1"),
+        stderr.contains("vms stored v4, this binary knows v2"),
         "{stderr}"
     );
     assert_eq!(
         probe(dir),
         (
             2,
-            "incompatible: vms stored v4, this binary knows v1".to_string()
+            "incompatible: vms stored v4, this binary knows v2".to_string()
         )
     );
     assert_eq!(fingerprint(&db_path(dir)), before);

@@ -2,17 +2,22 @@
 //! them by name.
 //!
 //! Ownership: a VmActor owns its VM's record and its VMM process (a pidfd;
-//! the process lives in its own session and outlives the daemon). It is the
-//! only writer of its record, and it persists through `ctx.wait`, so its
-//! writes reach the store in order. A VM crash is not an actor crash: the
-//! actor sees the VMM exit, records it and applies the restart policy. On
-//! daemon start each VmActor re-adopts a live VMM (same pid, same start
-//! time, API answering) or records the crash it finds.
+//! the process lives in its own session and outlives the daemon). It holds
+//! no lifecycle logic: every event (a user command, a process fact, a
+//! timer, what recovery saw) goes through `vm::machine::step`, and the
+//! actor carries out the effects in order. A `Persist` is awaited with
+//! `ctx.wait` before the effects after it, so nothing is acquired and no
+//! client is answered ahead of the store; writes reach the store in order
+//! through one writer task per VM.
 //!
-//! VmActors are not supervised: a VmActor stops only when its VM is
-//! removed, and a supervisor would bring a removed VM back.
+//! VmActors run under an actix `Supervisor`. A write that fails stops the
+//! actor; `restarting()` discards what it held in memory and the next
+//! `started()` reads the record again and re-derives the VM through
+//! `Event::Recovered`, as at daemon start. A removed VM is a tombstone: it
+//! does nothing, answers nothing but conflicts, and ends when the manager
+//! drops its address.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -27,20 +32,24 @@ use tracing::{error, info, warn};
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::catalog::CatalogError;
 use crate::error_chain;
+use crate::fault;
 use crate::guest::disk::{self, InjectError};
 use crate::guest::link::AgentLink;
 use crate::host::HostOps;
 use crate::store::StoreError;
-use crate::store::records::{KernelRecord, VmRecord, VmState, VmmKind};
+use crate::store::records::{KernelRecord, VmRecord, VmmKind};
 use crate::vm::InvalidVm;
-use crate::vm::restart::{self, Decision, RestartPolicy};
-use crate::vm::state::{self, Announcement, LastExit, StopIntent};
+use crate::vm::machine::{
+    self, Conflict, Effect, Event, Exit, HostView, Outcome, Phase, RequestId, Vm,
+};
+use crate::vm::restart::{self, RestartPolicy};
+use crate::vm::state::Announcement;
 use crate::vmm::console;
 use crate::vmm::firecracker::Firecracker;
 use crate::vmm::orphans::Layout;
-use crate::vmm::process::{ExitStatus, ProcessHandle, is_alive};
+use crate::vmm::process::{ProcessHandle, is_alive};
 use crate::vmm::qemu::Qemu;
-use crate::vmm::{BootFiles, LaunchSpec, VmPaths, Vmm, VmmError};
+use crate::vmm::{self, BootFiles, LaunchSpec, VmPaths, Vmm, VmmError};
 
 /// How long a graceful stop waits for the agent to take the request
 /// before pressing Ctrl-Alt-Del instead.
@@ -49,6 +58,12 @@ const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 const AGENT_FIRST_CONNECT: Duration = Duration::from_millis(100);
 /// How often a VM's console log size is checked against its cap.
 const CONSOLE_CHECK: Duration = Duration::from_secs(10);
+/// A re-adopted VMM's API is probed this many times, with doubling waits
+/// from 100 ms, before the VM is shown as degraded (it is never killed for
+/// a slow answer).
+const PROBE_ATTEMPTS: u32 = 6;
+/// How long start-up waits for an orphaned VMM to exit after SIGKILL.
+const ORPHAN_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `vm stop` waits this long for the guest before SIGKILL.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -80,6 +95,26 @@ impl VmSettings {
             VmmKind::Qemu => &self.qemu,
         }
     }
+
+    fn launch_spec(&self, record: &VmRecord, kernel: &KernelRecord) -> LaunchSpec {
+        let args = kernel
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| self.backend(record.vmm).default_boot_args().to_string());
+        LaunchSpec {
+            id: record.id.clone(),
+            boot: BootFiles {
+                vmlinux: kernel.vmlinux.clone(),
+                bzimage: kernel.bzimage.clone(),
+                initrd: kernel.initrd.clone(),
+                args: format!("{args} banger.hostname={}", record.name),
+            },
+            rootfs: record.rootfs.clone(),
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            paths: self.paths(&record.id),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,12 +133,10 @@ pub enum VmError {
     KernelNotFound(String),
     #[error("kernel {kernel} is used by VM {vm}; remove the VM first")]
     KernelInUse { kernel: String, vm: String },
-    #[error("VM {name} is {state}; {hint}")]
-    Conflict {
-        name: String,
-        state: String,
-        hint: &'static str,
-    },
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    #[error("VM {name}: {reason}")]
+    Failed { name: String, reason: String },
     #[error("VM {name} failed to start")]
     Launch {
         name: String,
@@ -133,32 +166,31 @@ pub enum VmError {
     Unavailable(&'static str),
 }
 
-fn conflict(record: &VmRecord, hint: &'static str) -> VmError {
-    VmError::Conflict {
-        name: record.name.clone(),
-        state: crate::wire_name(&record.state),
-        hint,
-    }
-}
+type Reply = oneshot::Sender<Result<VmRecord, VmError>>;
 
 pub struct VmActor {
-    record: VmRecord,
+    vm: Vm,
     settings: Arc<VmSettings>,
     store: Addr<StoreActor>,
-    process: Option<Rc<ProcessHandle>>,
-    intent: StopIntent,
-    restart_timer: Option<SpawnHandle>,
-    stop_timer: Option<SpawnHandle>,
-    exit_waiters: Vec<oneshot::Sender<()>>,
     writes: mpsc::UnboundedSender<(Write, oneshot::Sender<bool>)>,
+    /// The recorded VMM's pidfd, while it lives.
+    process: Option<Rc<ProcessHandle>>,
+    /// A spawned VMM the machine did not record (`Effect::KillUnrecorded`).
+    unrecorded: Option<ProcessHandle>,
+    /// The launch under way: what `Effect::Configure` configures.
+    launch: Option<LaunchSpec>,
+    timer: Option<SpawnHandle>,
+    console_check: Option<SpawnHandle>,
+    replies: HashMap<RequestId, Reply>,
+    next_request: RequestId,
+    /// The record is read again from the store at the next `started()`.
+    reload: bool,
     /// The guest agent, once it has answered; dropped when its connection
     /// ends or the VMM exits.
     agent: Option<AgentLink>,
     /// Connecting to the agent, while the VMM runs and no link is up.
     agent_connect: Option<SpawnHandle>,
     agent_waiters: Vec<oneshot::Sender<AgentLink>>,
-    /// What the agent announced before the VMM exits.
-    announced: Option<Announcement>,
 }
 
 /// A change to a VM's record.
@@ -207,302 +239,363 @@ impl VmActor {
         let (writes, queue) = mpsc::unbounded_channel();
         actix::spawn(write_in_order(store.clone(), queue));
         VmActor {
-            writes,
-            record,
+            vm: Vm::new(record),
             settings,
             store,
+            writes,
             process: None,
-            intent: StopIntent::None,
-            restart_timer: None,
-            stop_timer: None,
-            exit_waiters: Vec::new(),
+            unrecorded: None,
+            launch: None,
+            timer: None,
+            console_check: None,
+            replies: HashMap::new(),
+            next_request: 0,
+            reload: false,
             agent: None,
             agent_connect: None,
             agent_waiters: Vec::new(),
-            announced: None,
         }
     }
 
-    /// Queues the record for the store. Writes reach the store in order
-    /// (one writer task per VM) without pausing the actor; the answer fires
-    /// when this write is durable (or has failed, and been logged), for
-    /// what must be in the store before a client hears of it.
-    fn persist(&mut self) -> oneshot::Receiver<bool> {
-        self.write(Write::Put(self.record.clone()))
+    fn name(&self) -> &str {
+        &self.vm.record.name
+    }
+
+    /// Feeds one event through the machine and carries out its effects.
+    fn apply(&mut self, event: Event, ctx: &mut Context<Self>) -> Result<(), Conflict> {
+        let (vm, effects) = machine::step(&self.vm, event, Timestamp::now())?;
+        let before = self.vm.record.phase;
+        self.vm = vm;
+        if self.vm.record.phase != before {
+            info!(vm = %self.vm.record.name, id = %self.vm.record.id, phase = ?self.vm.record.phase, "VM phase");
+        }
+        self.run(effects.into(), ctx);
+        Ok(())
+    }
+
+    /// Carries out effects in order; whatever follows a write waits until
+    /// the write is durable. A write that fails stops the actor, which
+    /// then rebuilds from the store.
+    fn run(&mut self, mut effects: VecDeque<Effect>, ctx: &mut Context<Self>) {
+        while let Some(effect) = effects.pop_front() {
+            fault::boundary(effect_name(&effect));
+            match effect {
+                Effect::Persist | Effect::Delete => {
+                    let record = self.vm.record.clone();
+                    let write = match effect {
+                        Effect::Delete => Write::Delete(record),
+                        _ => Write::Put(record),
+                    };
+                    let durable = self.write(write);
+                    ctx.wait(durable.into_actor(self).map(move |ok, act, ctx| {
+                        if ok.unwrap_or(false) {
+                            act.run(effects, ctx);
+                        } else {
+                            error!(vm = %act.name(), "a write failed; rebuilding the VM from the store");
+                            ctx.stop();
+                        }
+                    }));
+                    return;
+                }
+                Effect::Spawn => self.spawn_vmm(ctx),
+                Effect::Configure => self.configure(ctx),
+                Effect::Kill => {
+                    if let Some(process) = &self.process
+                        && let Err(e) = process.signal(Signal::KILL)
+                    {
+                        warn!(vm = %self.name(), error = %e, "cannot signal the VMM");
+                    }
+                }
+                Effect::KillUnrecorded => {
+                    if let Some(process) = self.unrecorded.take() {
+                        warn!(vm = %self.name(), pid = process.pid(), "killing a VMM no launch expects");
+                        let _ = process.signal(Signal::KILL);
+                        actix::spawn(async move {
+                            process.exited().await;
+                        });
+                    }
+                }
+                Effect::AskPoweroff => self.ask_poweroff(ctx),
+                Effect::ArmTimer(at) => {
+                    if let Some(timer) = self.timer.take() {
+                        ctx.cancel_future(timer);
+                    }
+                    let wait = at.as_millisecond() - Timestamp::now().as_millisecond();
+                    let wait = Duration::from_millis(wait.max(0) as u64);
+                    self.timer = Some(ctx.run_later(wait, |act, ctx| {
+                        act.timer = None;
+                        if let Phase::BackingOff { .. } = act.vm.record.phase {
+                            info!(vm = %act.name(), "restarting after backoff");
+                        }
+                        let _ = act.apply(Event::Timer, ctx);
+                    }));
+                }
+                Effect::ConnectAgent => self.connect_agent(ctx),
+                Effect::DropAgent => self.drop_agent(ctx),
+                Effect::RemoveFiles => {
+                    let record = &self.vm.record;
+                    let dir = self.settings.paths(&record.id).dir;
+                    let jail = self.settings.backend(record.vmm).jail_dir(&record.id);
+                    let host = self.settings.host.clone();
+                    ctx.spawn(remove_vm_files(host, jail, dir).into_actor(self).map(
+                        |removed, act, ctx| {
+                            let removed = removed.map_err(|e| error_chain(&e));
+                            let _ = act.apply(Event::FilesRemoved(removed), ctx);
+                        },
+                    ));
+                }
+                Effect::Reply { request, outcome } => {
+                    if let Some(reply) = self.replies.remove(&request) {
+                        let _ = reply.send(match outcome {
+                            Outcome::Done => Ok(self.vm.record.clone()),
+                            Outcome::Failed(reason) => Err(VmError::Failed {
+                                name: self.name().to_string(),
+                                reason,
+                            }),
+                        });
+                    }
+                }
+            }
+        }
+        if self.vm.removed {
+            self.become_tombstone(ctx);
+        }
     }
 
     fn write(&mut self, write: Write) -> oneshot::Receiver<bool> {
         let (durable, done) = oneshot::channel();
         if self.writes.send((write, durable)).is_err() {
-            error!(vm = %self.record.name, "the VM's writer is gone; its state is not recorded");
+            error!(vm = %self.name(), "the VM's writer is gone; its state is not recorded");
         }
         done
     }
 
-    fn launch_spec(&self, kernel: &KernelRecord) -> LaunchSpec {
-        let paths = self.settings.paths(&self.record.id);
-        let args = kernel.cmdline.clone().unwrap_or_else(|| {
-            self.settings
-                .backend(self.record.vmm)
-                .default_boot_args()
-                .to_string()
-        });
-        LaunchSpec {
-            id: self.record.id.clone(),
-            boot: BootFiles {
-                vmlinux: kernel.vmlinux.clone(),
-                bzimage: kernel.bzimage.clone(),
-                initrd: kernel.initrd.clone(),
-                args: format!("{args} banger.hostname={}", self.record.name),
-            },
-            rootfs: self.record.rootfs.clone(),
-            vcpus: self.record.vcpus,
-            memory_mib: self.record.memory_mib,
-            paths,
-        }
-    }
-
-    /// Launches the VMM; the record says `starting` (durably) before and
-    /// `running` with the pid (durably) before this reports success.
-    fn begin_start(
-        &mut self,
-        ctx: &mut Context<Self>,
-        restart: bool,
-    ) -> ResponseActFuture<Self, Result<VmRecord, VmError>> {
-        if let Some(timer) = self.restart_timer.take() {
-            ctx.cancel_future(timer);
-        }
-        self.record.state = VmState::Starting;
-        self.record.error = None;
-        self.record.next_restart_at = None;
-        if restart {
-            self.record.restart_count += 1;
-        }
-        self.persist();
-        let store = self.store.clone();
-        let kernel_name = self.record.kernel.clone();
-        let name = self.record.name.clone();
-        let host = self.settings.host.clone();
-        let settings = self.settings.clone();
-        let vmm = self.record.vmm;
-        let get = store.send(Get::<KernelRecord>::new(kernel_name.clone()));
-        Box::pin(
-            get
-                .into_actor(self)
-                .then(move |kernel, act, _| {
-                    let spec = match kernel {
-                        Ok(Ok(Some(kernel))) => Ok(act.launch_spec(&kernel)),
-                        Ok(Ok(None)) => Err(VmError::NoKernel(kernel_name)),
-                        Ok(Err(e)) => Err(VmError::Store(e)),
-                        Err(_) => Err(VmError::Unavailable("store")),
-                    };
-                    async move {
-                        let spec = spec?;
-                        inject_agent(&spec.rootfs, &settings.agent, &name).await?;
-                        settings
-                            .backend(vmm)
-                            .launch(&host, &spec)
-                            .await
-                            .map_err(|source| VmError::Launch { name, source })
-                    }
-                    .into_actor(act)
-                })
-                .then(|launched, act, ctx| {
-                    let result = match launched {
-                        Ok(launched) => {
-                            act.record.process = Some(launched.recorded);
-                            act.record.state = VmState::Running;
-                            act.record.started_at = Some(Timestamp::now());
-                            act.announced = None;
-                            act.watch(Rc::new(launched.process), ctx);
-                            Ok(act.record.clone())
-                        }
-                        Err(error) => {
-                            // Whoever waits for this VM's agent hears it will not come.
-                            act.agent_waiters.clear();
-                            act.record.state = VmState::Failed;
-                            act.record.error = Some(error_chain(&error));
-                            act.record.process = None;
-                            warn!(vm = %act.record.name, error = %error_chain(&error), "VM failed to start");
-                            Err(error)
-                        }
-                    };
-                    let durable = act.persist();
-                    async move {
-                        let _ = durable.await;
-                        if let Ok(vm) = &result {
-                            let pid = vm.process.as_ref().map(|p| p.pid);
-                            info!(vm = %vm.name, id = %vm.id, pid, "VM running");
-                        }
-                        result
-                    }
-                    .into_actor(act)
-                }),
-        )
-    }
-
-    fn watch(&mut self, process: Rc<ProcessHandle>, ctx: &mut Context<Self>) {
-        self.process = Some(process.clone());
-        self.connect_agent(ctx);
-        ctx.spawn(
-            async move { process.exited().await }
-                .into_actor(self)
-                .map(|status, act, ctx| act.on_exit(status, ctx)),
-        );
-    }
-
-    fn on_exit(&mut self, status: ExitStatus, ctx: &mut Context<Self>) {
-        let now = Timestamp::now();
-        self.process = None;
-        if let Some(timer) = self.stop_timer.take() {
-            ctx.cancel_future(timer);
+    /// Removed: nothing left to do or to watch.
+    fn become_tombstone(&mut self, ctx: &mut Context<Self>) {
+        info!(vm = %self.name(), id = %self.vm.record.id, "VM removed");
+        for handle in [self.timer.take(), self.console_check.take()]
+            .into_iter()
+            .flatten()
+        {
+            ctx.cancel_future(handle);
         }
         self.drop_agent(ctx);
-        let requested = self.intent != StopIntent::None;
-        let kind = state::classify(self.intent, self.announced.take());
-        self.intent = StopIntent::None;
-        let ran_for = self
-            .record
-            .started_at
-            .map(|started| {
-                Duration::from_millis(
-                    now.as_millisecond()
-                        .saturating_sub(started.as_millisecond())
-                        .max(0) as u64,
-                )
-            })
-            .unwrap_or_default();
-        self.record.process = None;
-        self.record.last_exit = Some(LastExit {
-            kind,
-            code: status.code,
-            signal: status.signal,
-            at: now,
-        });
-        let decision = if requested {
-            Decision::Stay
-        } else {
-            restart::after_exit(
-                &self.record.restart_policy,
-                &mut self.record.restart_history,
-                kind,
-                ran_for,
-                now,
-            )
-        };
-        match decision {
-            Decision::Stay => {
-                self.record.state = match kind {
-                    state::ExitKind::Crash => VmState::Crashed,
-                    _ => VmState::Stopped,
-                };
-            }
-            Decision::RestartAfter { delay, crash_loop } => {
-                self.record.state = match (kind, crash_loop) {
-                    // A reboot the guest asked for is not a crash.
-                    (state::ExitKind::Reboot, _) => VmState::Stopped,
-                    (_, true) => VmState::CrashLoop,
-                    (_, false) => VmState::Crashed,
-                };
-                self.schedule_restart(delay, now, ctx);
-            }
-        }
-        let next_restart_at = self
-            .record
-            .next_restart_at
-            .map(|t| t.to_string())
-            .unwrap_or_default();
-        warn!(
-            vm = %self.record.name,
-            kind = ?kind,
-            code = ?status.code,
-            signal = ?status.signal,
-            state = ?self.record.state,
-            next_restart_at = %next_restart_at,
-            "VMM exited"
-        );
-        // Whoever waits for the exit hears of it once it is recorded.
-        let durable = self.persist();
-        let waiters = std::mem::take(&mut self.exit_waiters);
-        actix::spawn(async move {
-            let _ = durable.await;
-            for waiter in waiters {
-                let _ = waiter.send(());
-            }
-        });
     }
 
-    fn schedule_restart(&mut self, delay: Duration, now: Timestamp, ctx: &mut Context<Self>) {
-        let at = now
-            .checked_add(
-                jiff::SignedDuration::try_from(delay).unwrap_or(jiff::SignedDuration::ZERO),
-            )
-            .unwrap_or(now);
-        self.record.next_restart_at = Some(at);
-        self.restart_timer = Some(ctx.run_later(delay, |act, ctx| {
-            act.restart_timer = None;
-            info!(vm = %act.record.name, "restarting after backoff");
-            let start = act.begin_start(ctx, true);
-            ctx.spawn(start.map(|_, _, _| ()));
+    /// `Effect::Spawn`: the kernel, the directory's lock, the agent on the
+    /// disk, the backend's files, the process; answers `Spawned` (the
+    /// process is recorded before anything configures it) or `LaunchFailed`.
+    fn spawn_vmm(&mut self, ctx: &mut Context<Self>) {
+        let record = self.vm.record.clone();
+        let (store, settings) = (self.store.clone(), self.settings.clone());
+        let spawned = async move {
+            let kernel = match store
+                .send(Get::<KernelRecord>::new(record.kernel.clone()))
+                .await
+            {
+                Ok(Ok(Some(kernel))) => kernel,
+                Ok(Ok(None)) => return Err(VmError::NoKernel(record.kernel)),
+                Ok(Err(e)) => return Err(VmError::Store(e)),
+                Err(_) => return Err(VmError::Unavailable("store")),
+            };
+            let spec = settings.launch_spec(&record, &kernel);
+            let launch = |source| VmError::Launch {
+                name: record.name.clone(),
+                source,
+            };
+            // The lock first: the disk and sockets are touched only when no
+            // VMM of this VM lives.
+            let console = vmm::lock_console(&spec.paths.console_log()).map_err(launch)?;
+            inject_agent(&spec.rootfs, &settings.agent, &record.name).await?;
+            let (process, recorded) =
+                vmm::spawn(&settings.host, settings.backend(record.vmm), &spec, console)
+                    .await
+                    .map_err(launch)?;
+            fault::boundary("spawned");
+            Ok((spec, process, recorded))
+        };
+        ctx.spawn(
+            spawned
+                .into_actor(self)
+                .map(|spawned, act, ctx| match spawned {
+                    Ok((spec, process, recorded)) => {
+                        act.launch = Some(spec);
+                        act.unrecorded = Some(process);
+                        let _ = act.apply(Event::Spawned(recorded), ctx);
+                        if let Some(process) = act.unrecorded.take() {
+                            // Recorded: watched from now on.
+                            act.watch(Rc::new(process), ctx);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(vm = %act.name(), error = %error_chain(&e), "VM failed to start");
+                        let _ = act.apply(Event::LaunchFailed(error_chain(&e)), ctx);
+                    }
+                }),
+        );
+    }
+
+    /// `Effect::Configure`: answers `Ready` or `LaunchFailed`.
+    fn configure(&mut self, ctx: &mut Context<Self>) {
+        let (Some(spec), Some(process)) = (self.launch.clone(), self.process.clone()) else {
+            let _ = self.apply(
+                Event::LaunchFailed("nothing to configure: the launch was lost".into()),
+                ctx,
+            );
+            return;
+        };
+        let (settings, vmm, name) = (
+            self.settings.clone(),
+            self.vm.record.vmm,
+            self.vm.record.name.clone(),
+        );
+        ctx.spawn(
+            async move {
+                settings
+                    .backend(vmm)
+                    .configure(&spec, &process)
+                    .await
+                    .map_err(|source| VmError::Launch { name, source })
+            }
+            .into_actor(self)
+            .map(|configured, act, ctx| {
+                let event = match configured {
+                    Ok(()) => {
+                        let pid = act.process.as_ref().map(|p| p.pid());
+                        info!(vm = %act.name(), id = %act.vm.record.id, pid, "VM running");
+                        Event::Ready
+                    }
+                    Err(e) => {
+                        warn!(vm = %act.name(), error = %error_chain(&e), "VM failed to start");
+                        Event::LaunchFailed(error_chain(&e))
+                    }
+                };
+                let _ = act.apply(event, ctx);
+            }),
+        );
+    }
+
+    /// Watches the recorded VMM; its exit is an event.
+    fn watch(&mut self, process: Rc<ProcessHandle>, ctx: &mut Context<Self>) {
+        self.process = Some(process.clone());
+        ctx.spawn(
+            async move { (process.exited().await, process) }
+                .into_actor(self)
+                .map(|(status, process), act, ctx| {
+                    if !act
+                        .process
+                        .as_ref()
+                        .is_some_and(|p| Rc::ptr_eq(p, &process))
+                    {
+                        return;
+                    }
+                    act.process = None;
+                    act.launch = None;
+                    let exit = Exit {
+                        code: status.code,
+                        signal: status.signal,
+                    };
+                    let _ = act.apply(Event::Exited(exit), ctx);
+                    let next_restart_at = match act.vm.record.phase {
+                        Phase::BackingOff { until, .. } => until.to_string(),
+                        _ => String::new(),
+                    };
+                    warn!(
+                        vm = %act.name(),
+                        code = ?status.code,
+                        signal = ?status.signal,
+                        kind = ?act.vm.record.last_exit.map(|e| e.kind),
+                        state = ?act.vm.record.phase.state(),
+                        next_restart_at = %next_restart_at,
+                        "VMM exited"
+                    );
+                }),
+        );
+    }
+
+    /// `Effect::AskPoweroff`: the agent powers the guest off cleanly;
+    /// without it, Ctrl-Alt-Del through the VMM.
+    fn ask_poweroff(&mut self, ctx: &mut Context<Self>) {
+        let Some(recorded) = self.vm.record.process.clone() else {
+            return;
+        };
+        let (agent, settings, vmm) = (
+            self.agent.clone(),
+            self.settings.clone(),
+            self.vm.record.vmm,
+        );
+        let name = self.vm.record.name.clone();
+        ctx.spawn(fut::wrap_future(async move {
+            let asked = match agent {
+                Some(agent) => {
+                    tokio::time::timeout(AGENT_STOP_TIMEOUT, agent.shutdown(Announcement::Poweroff))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                }
+                None => false,
+            };
+            if !asked {
+                info!(vm = %name, "agent not answering; sending Ctrl-Alt-Del");
+                if let Err(e) = settings.backend(vmm).ctrl_alt_del(&recorded).await {
+                    warn!(vm = %name, error = %error_chain(&e), "cannot send Ctrl-Alt-Del");
+                }
+            }
         }));
     }
 
-    /// Start-up: re-adopt a live VMM, or record the crash the daemon's
-    /// absence hid, or re-arm a pending restart.
+    /// Start-up (and actor restart): holds the recorded VMM against the
+    /// host. The pidfd is opened before `/proc` is checked, so the process
+    /// checked is the one watched (no pid-reuse window).
     fn recover(&mut self, ctx: &mut Context<Self>) {
-        let live = match (&self.record.process, state::has_process(self.record.state)) {
-            (Some(p), true) if is_alive(p.pid, p.start_time) => Some(p.clone()),
-            _ => None,
+        let adopted = self.vm.record.process.clone().and_then(|recorded| {
+            let handle = ProcessHandle::open(recorded.pid).ok()?;
+            is_alive(recorded.pid, recorded.start_time).then_some((handle, recorded))
+        });
+        let Some((handle, recorded)) = adopted else {
+            let _ = self.apply(Event::Recovered(HostView::Gone), ctx);
+            return;
         };
-        if let Some(recorded) = live {
-            let handle = match ProcessHandle::open(recorded.pid) {
-                Ok(handle) => Rc::new(handle),
-                Err(e) => {
-                    warn!(vm = %self.record.name, error = %e, "cannot watch the VMM; treating it as crashed");
-                    self.on_exit(ExitStatus::default(), ctx);
-                    return;
-                }
-            };
-            let settings = self.settings.clone();
-            let vmm = self.record.vmm;
-            ctx.wait(
-                async move { settings.backend(vmm).probe(&recorded).await }
-                    .into_actor(self)
-                    .map(move |info, act, ctx| match info {
-                        Ok(()) => {
-                            act.record.state = VmState::Running;
-                            act.persist();
-                            info!(vm = %act.record.name, pid = handle.pid(), "re-adopted running VM");
-                            act.watch(handle, ctx);
-                        }
-                        Err(e) => {
-                            // Alive but not answering: it cannot be managed,
-                            // so it goes, and the policy decides what follows.
-                            warn!(vm = %act.record.name, error = %error_chain(&e), "VMM does not answer; killing it");
-                            let _ = handle.signal(Signal::KILL);
-                            act.watch(handle, ctx);
-                        }
-                    }),
-            );
-        } else if state::has_process(self.record.state) {
-            warn!(vm = %self.record.name, "VMM exited while the daemon was down");
-            self.on_exit(ExitStatus::default(), ctx);
-        } else if let Some(at) = self.record.next_restart_at {
-            let now = Timestamp::now();
-            let wait = at
-                .as_millisecond()
-                .saturating_sub(now.as_millisecond())
-                .max(0) as u64;
-            self.record.next_restart_at = None;
-            self.schedule_restart(Duration::from_millis(wait), now, ctx);
+        if self.vm.record.phase == Phase::Running {
+            info!(vm = %self.name(), pid = recorded.pid, "re-adopted running VM");
+        } else {
+            info!(vm = %self.name(), pid = recorded.pid, phase = ?self.vm.record.phase, "re-adopted the VMM");
         }
+        self.watch(Rc::new(handle), ctx);
+        let _ = self.apply(Event::Recovered(HostView::Alive), ctx);
+        // Never killed for a slow answer: probed with backoff, then shown
+        // as degraded (in the log) while the pidfd is still watched.
+        let (settings, vmm, name) = (
+            self.settings.clone(),
+            self.vm.record.vmm,
+            self.vm.record.name.clone(),
+        );
+        actix::spawn(async move {
+            let mut wait = Duration::from_millis(100);
+            for attempt in 1..=PROBE_ATTEMPTS {
+                match settings.backend(vmm).probe(&recorded).await {
+                    Ok(()) => return,
+                    Err(e) if attempt == PROBE_ATTEMPTS => {
+                        warn!(vm = %name, error = %error_chain(&e), "re-adopted VMM does not answer; the VM is degraded");
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        });
     }
 
     /// Connects to the guest agent in the background (the guest may still
     /// be booting); on success the link is kept and waiters get it, and a
     /// link that ends while the VMM runs is connected again.
     fn connect_agent(&mut self, ctx: &mut Context<Self>) {
-        let Some(endpoint) = self.record.process.as_ref().and_then(|p| p.agent.clone()) else {
+        let Some(endpoint) = self
+            .vm
+            .record
+            .process
+            .as_ref()
+            .and_then(|p| p.agent.clone())
+        else {
             return;
         };
         if let Some(previous) = self.agent_connect.take() {
@@ -523,7 +616,7 @@ impl VmActor {
                     act.agent_ready(link, ctx)
                 }
                 Err(e) => {
-                    warn!(vm = %act.record.name, error = %error_chain(&e), "cannot connect to the agent")
+                    warn!(vm = %act.name(), error = %error_chain(&e), "cannot connect to the agent")
                 }
             }
         }));
@@ -544,8 +637,8 @@ impl VmActor {
                     let Some(announced) = event else {
                         return;
                     };
-                    act.announced = Some(announced);
-                    info!(vm = %act.record.name, announced = ?act.announced, "guest is shutting down");
+                    info!(vm = %act.name(), announced = ?announced, "guest is shutting down");
+                    let _ = act.apply(Event::Announced(announced), ctx);
                     if let Some(agent) = &act.agent {
                         agent.ack_shutdown();
                     }
@@ -557,7 +650,7 @@ impl VmActor {
     fn agent_ready(&mut self, link: AgentLink, ctx: &mut Context<Self>) {
         let hello = link.hello();
         info!(
-            vm = %self.record.name,
+            vm = %self.name(),
             kernel = %hello.kernel,
             agent = %hello.agent_version,
             boot_ms = hello.boot.ready_ms,
@@ -592,21 +685,22 @@ impl VmActor {
         // Waiters hear that the VM stopped when their sender drops.
         self.agent_waiters.clear();
     }
+}
 
-    fn wait_for_exit(&mut self) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.exit_waiters.push(tx);
-        rx
-    }
-
-    /// Answers with the record once the VMM has exited.
-    fn after_exit(&mut self) -> ResponseActFuture<Self, Result<VmRecord, VmError>> {
-        let exited = self.wait_for_exit();
-        Box::pin(
-            exited
-                .into_actor(self)
-                .map(|_, act, _| Ok(act.record.clone())),
-        )
+fn effect_name(effect: &Effect) -> &'static str {
+    match effect {
+        Effect::Persist => "persist",
+        Effect::Delete => "delete",
+        Effect::Spawn => "spawn",
+        Effect::Configure => "configure",
+        Effect::Kill => "kill",
+        Effect::KillUnrecorded => "kill-unrecorded",
+        Effect::AskPoweroff => "ask-poweroff",
+        Effect::ArmTimer(_) => "arm-timer",
+        Effect::ConnectAgent => "connect-agent",
+        Effect::DropAgent => "drop-agent",
+        Effect::RemoveFiles => "remove-files",
+        Effect::Reply { .. } => "reply",
     }
 }
 
@@ -614,10 +708,12 @@ impl Actor for VmActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.recover(ctx);
-        ctx.run_interval(CONSOLE_CHECK, |act, _| {
-            let path = act.settings.paths(&act.record.id).console_log();
-            let vm = act.record.name.clone();
+        if self.vm.removed {
+            return;
+        }
+        self.console_check = Some(ctx.run_interval(CONSOLE_CHECK, |act, _| {
+            let path = act.settings.paths(&act.vm.record.id).console_log();
+            let vm = act.vm.record.name.clone();
             actix::spawn(async move {
                 let rotated = tokio::task::spawn_blocking(move || {
                     console::rotate_if_larger(&path, console::MAX_CONSOLE_BYTES)
@@ -627,7 +723,47 @@ impl Actor for VmActor {
                     warn!(vm = %vm, error = %e, "cannot rotate the console log");
                 }
             });
-        });
+        }));
+        if !std::mem::take(&mut self.reload) {
+            self.recover(ctx);
+            return;
+        }
+        let get = self
+            .store
+            .send(Get::<VmRecord>::new(self.vm.record.id.clone()));
+        ctx.wait(get.into_actor(self).map(|stored, act, ctx| match stored {
+            Ok(Ok(Some(record))) => {
+                act.vm = Vm::new(record);
+                act.recover(ctx);
+            }
+            Ok(Ok(None)) => {
+                act.vm.removed = true;
+                act.become_tombstone(ctx);
+            }
+            // The store cannot answer: try again through another restart.
+            _ => {
+                act.reload = true;
+                ctx.stop();
+            }
+        }));
+    }
+}
+
+impl Supervised for VmActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        warn!(vm = %self.name(), "VM actor restarting; the VM is read again from the store");
+        // Memory goes; the record and the host say what is true. Clients
+        // waiting on this VM hear that it is unavailable.
+        self.process = None;
+        self.unrecorded = None;
+        self.launch = None;
+        self.timer = None;
+        self.console_check = None;
+        self.replies.clear();
+        self.agent = None;
+        self.agent_connect = None;
+        self.agent_waiters.clear();
+        self.reload = !self.vm.removed;
     }
 }
 
@@ -648,16 +784,22 @@ impl Handler<GetAgent> for VmActor {
         if let Some(link) = self.agent.clone().filter(|l| !l.is_closed()) {
             return Box::pin(fut::ready(Ok(link)));
         }
-        let booting = self.process.is_some() || self.record.state == VmState::Starting;
-        if !booting || self.intent != StopIntent::None {
-            return Box::pin(fut::ready(Err(conflict(
-                &self.record,
-                "start it first: the agent runs inside the VM",
-            ))));
+        let booting = !self.vm.removed
+            && matches!(
+                self.vm.record.phase,
+                Phase::Launching { .. } | Phase::Running
+            );
+        if !booting {
+            let state = self.vm.record.phase.state();
+            return Box::pin(fut::ready(Err(VmError::Conflict(Conflict {
+                name: self.name().to_string(),
+                state: machine::state_name(state),
+                hint: "start it first: the agent runs inside the VM",
+            }))));
         }
         let (tx, rx) = oneshot::channel();
         self.agent_waiters.push(tx);
-        let name = self.record.name.clone();
+        let name = self.name().to_string();
         Box::pin(fut::wrap_future(async move {
             match tokio::time::timeout(msg.timeout, rx).await {
                 Ok(Ok(link)) => Ok(link),
@@ -692,168 +834,38 @@ impl Message for VmCommand {
 }
 
 impl Handler<VmCommand> for VmActor {
-    type Result = ResponseActFuture<Self, Result<VmRecord, VmError>>;
+    type Result = ResponseFuture<Result<VmRecord, VmError>>;
 
     fn handle(&mut self, command: VmCommand, ctx: &mut Context<Self>) -> Self::Result {
-        let ready = |result| -> Self::Result { Box::pin(fut::ready(result)) };
-        match command {
-            VmCommand::Get => ready(Ok(self.record.clone())),
-            VmCommand::Start => {
-                // A stopping VM is on its way down: starting it is a conflict,
-                // not a no-op that the stop would then undo.
-                let stopping = self.intent != StopIntent::None;
-                if !stopping && (self.process.is_some() || self.record.state == VmState::Starting) {
-                    return ready(Ok(self.record.clone()));
-                }
-                if !state::can_start(self.record.state) {
-                    return ready(Err(conflict(
-                        &self.record,
-                        "wait for it to stop, then start it",
-                    )));
-                }
-                self.begin_start(ctx, false)
-            }
-            VmCommand::Stop { timeout } => self.stop(timeout, ctx),
-            VmCommand::Kill => {
-                let Some(process) = &self.process else {
-                    return self.stop(Duration::ZERO, ctx);
+        let request = self.next_request;
+        self.next_request += 1;
+        let event = match command {
+            VmCommand::Get => {
+                let record = self.vm.record.clone();
+                let found = if self.vm.removed {
+                    Err(VmError::NotFound(record.name))
+                } else {
+                    Ok(record)
                 };
-                self.intent = StopIntent::Kill;
-                if let Err(e) = process.signal(Signal::KILL) {
-                    warn!(vm = %self.record.name, error = %e, "cannot signal the VMM");
-                }
-                self.after_exit()
+                return Box::pin(async move { found });
             }
-            VmCommand::Restart { timeout } => {
-                let stop = self.stop(timeout, ctx);
-                Box::pin(stop.then(|stopped, act, ctx| -> Self::Result {
-                    match stopped {
-                        Ok(_) => act.begin_start(ctx, false),
-                        Err(e) => Box::pin(fut::ready(Err(e))),
-                    }
-                }))
-            }
-            VmCommand::Remove { force } => {
-                if self.process.is_none() && self.record.state == VmState::Starting {
-                    // No process to kill yet: the launch must finish first.
-                    return ready(Err(conflict(
-                        &self.record,
-                        "wait for it to finish starting",
-                    )));
-                }
-                let running = self.process.is_some();
-                if running && !force {
-                    return ready(Err(conflict(&self.record, "stop it first, or use --force")));
-                }
-                let killed = match &self.process {
-                    Some(process) => {
-                        self.intent = StopIntent::Kill;
-                        let _ = process.signal(Signal::KILL);
-                        Some(self.wait_for_exit())
-                    }
-                    None => None,
-                };
-                if let Some(timer) = self.restart_timer.take() {
-                    ctx.cancel_future(timer);
-                }
-                // The record goes after the exit is recorded: the writes are
-                // ordered, and nothing may be written after the delete.
-                let exited = async move {
-                    if let Some(killed) = killed {
-                        let _ = killed.await;
-                    }
-                };
-                Box::pin(exited.into_actor(self).then(|(), act, _| {
-                    let record = act.record.clone();
-                    let deleted = act.write(Write::Delete(record.clone()));
-                    let dir = act.settings.paths(&record.id).dir;
-                    let jail = act.settings.backend(record.vmm).jail_dir(&record.id);
-                    let host = act.settings.host.clone();
-                    async move {
-                        if !deleted.await.unwrap_or(false) {
-                            return Err(VmError::Unavailable("store"));
-                        }
-                        remove_vm_files(host, jail, dir).await?;
-                        info!(vm = %record.name, id = %record.id, "VM removed");
-                        Ok(record)
-                    }
-                    .into_actor(act)
-                    .map(|removed, _, ctx| {
-                        if removed.is_ok() {
-                            ctx.stop();
-                        }
-                        removed
-                    })
-                }))
-            }
-        }
-    }
-}
-
-impl VmActor {
-    fn stop(
-        &mut self,
-        timeout: Duration,
-        ctx: &mut Context<Self>,
-    ) -> ResponseActFuture<Self, Result<VmRecord, VmError>> {
-        if let Some(timer) = self.restart_timer.take() {
-            // A stop wins over a pending restart.
-            ctx.cancel_future(timer);
-            self.record.next_restart_at = None;
-            self.record.state = VmState::Stopped;
-            self.persist();
-        }
-        let Some(process) = self.process.clone() else {
-            if self.record.state == VmState::Starting {
-                return Box::pin(fut::ready(Err(conflict(
-                    &self.record,
-                    "wait for it to finish starting",
-                ))));
-            }
-            if matches!(self.record.state, VmState::Crashed | VmState::CrashLoop) {
-                self.record.state = VmState::Stopped;
-                self.persist();
-            }
-            return Box::pin(fut::ready(Ok(self.record.clone())));
+            VmCommand::Start => Event::Start { request },
+            VmCommand::Stop { timeout } => Event::Stop { request, timeout },
+            VmCommand::Kill => Event::Kill { request },
+            VmCommand::Restart { timeout } => Event::Restart { request, timeout },
+            VmCommand::Remove { force } => Event::Remove { request, force },
         };
-        if self.intent == StopIntent::None {
-            self.intent = StopIntent::Stop;
-            self.record.state = VmState::Stopping;
-            self.persist();
-            if let Some(recorded) = self.record.process.clone() {
-                // The agent powers the guest off cleanly; without it,
-                // Ctrl-Alt-Del through the VMM.
-                let (agent, settings, vmm) =
-                    (self.agent.clone(), self.settings.clone(), self.record.vmm);
-                let name = self.record.name.clone();
-                ctx.spawn(fut::wrap_future(async move {
-                    let asked = match agent {
-                        Some(agent) => tokio::time::timeout(
-                            AGENT_STOP_TIMEOUT,
-                            agent.shutdown(Announcement::Poweroff),
-                        )
-                        .await
-                        .is_ok_and(|r| r.is_ok()),
-                        None => false,
-                    };
-                    if !asked {
-                        info!(vm = %name, "agent not answering; sending Ctrl-Alt-Del");
-                        if let Err(e) = settings.backend(vmm).ctrl_alt_del(&recorded).await {
-                            warn!(vm = %name, error = %error_chain(&e), "cannot send Ctrl-Alt-Del");
-                        }
-                    }
-                }));
-            }
-            self.stop_timer = Some(ctx.run_later(timeout, move |act, _| {
-                act.stop_timer = None;
-                if act.intent == StopIntent::Stop {
-                    warn!(vm = %act.record.name, timeout = ?timeout, "guest did not stop in time; killing the VMM");
-                    act.intent = StopIntent::StopEscalated;
-                    let _ = process.signal(Signal::KILL);
-                }
-            }));
+        let (reply, answer) = oneshot::channel();
+        self.replies.insert(request, reply);
+        if let Err(conflict) = self.apply(event, ctx) {
+            self.replies.remove(&request);
+            return Box::pin(async move { Err(conflict.into()) });
         }
-        self.after_exit()
+        Box::pin(async move {
+            answer
+                .await
+                .unwrap_or(Err(VmError::Unavailable("VM actor")))
+        })
     }
 }
 
@@ -943,6 +955,35 @@ impl VmManager {
     }
 }
 
+impl VmManager {
+    fn start_actor(&self, record: VmRecord) -> Addr<VmActor> {
+        let (settings, store) = (self.settings.clone(), self.store.clone());
+        Supervisor::start(move |_| VmActor::new(record, settings, store))
+    }
+}
+
+/// Kills a VMM that no record claims (left by a daemon killed between the
+/// spawn and its record, or by a restored store) and waits for it to exit,
+/// so the VM directory's lock is free before the VMs start. The pidfd is
+/// opened first and the identity checked after, so a recycled pid is never
+/// signalled.
+async fn terminate_orphan(found: crate::vmm::orphans::FoundVmm) {
+    let Ok(process) = ProcessHandle::open(found.pid) else {
+        return;
+    };
+    if !is_alive(found.pid, found.start_time) {
+        return;
+    }
+    warn!(pid = found.pid, id = %found.id, "terminating a VMM that no VM record claims");
+    if process.signal(Signal::KILL).is_ok()
+        && tokio::time::timeout(ORPHAN_EXIT_TIMEOUT, process.exited())
+            .await
+            .is_err()
+    {
+        warn!(pid = found.pid, id = %found.id, "the orphaned VMM did not exit after SIGKILL");
+    }
+}
+
 impl Actor for VmManager {
     type Context = Context<Self>;
 }
@@ -975,15 +1016,23 @@ impl Handler<LoadVms> for VmManager {
                     .send(List::<VmRecord>::new())
                     .await
                     .map_err(|_| VmError::Unavailable("store"))??;
-                let known: HashSet<String> = records.iter().map(|r| r.id.clone()).collect();
+                // What each record claims: a VMM is its VM's only if it is
+                // the very process (pid and start time) the record holds.
+                let claimed: HashSet<(String, i32, u64)> = records
+                    .iter()
+                    .filter_map(|r| {
+                        let p = r.process.as_ref()?;
+                        Some((r.id.clone(), p.pid, p.start_time))
+                    })
+                    .collect();
                 let vmms = tokio::task::spawn_blocking(move || layout.scan())
                     .await
                     .map_err(|_| VmError::Unavailable("blocking thread pool"))?;
-                for (pid, id) in vmms.into_iter().filter(|(_, id)| !known.contains(id)) {
-                    warn!(pid, id = %id, "terminating a VMM that no VM record claims");
-                    if let Ok(process) = ProcessHandle::open(pid) {
-                        let _ = process.signal(Signal::KILL);
+                for found in vmms {
+                    if claimed.contains(&(found.id.clone(), found.pid, found.start_time)) {
+                        continue;
                     }
+                    terminate_orphan(found).await;
                 }
                 Ok::<_, VmError>(records)
             }
@@ -992,9 +1041,7 @@ impl Handler<LoadVms> for VmManager {
                 let records = records?;
                 for record in records {
                     let name = record.name.clone();
-                    let actor =
-                        VmActor::new(record, manager.settings.clone(), manager.store.clone())
-                            .start();
+                    let actor = manager.start_actor(record);
                     manager.vms.insert(name, actor);
                 }
                 Ok(manager.vms.len())
@@ -1106,7 +1153,7 @@ impl Handler<CreateVm> for VmManager {
         let record = VmRecord {
             id,
             name: msg.name.clone(),
-            state: VmState::Created,
+            phase: Phase::Created,
             vmm: msg.vmm.unwrap_or(self.settings.default_vmm),
             vcpus: msg.vcpus,
             memory_mib: msg.memory_mib,
@@ -1117,7 +1164,6 @@ impl Handler<CreateVm> for VmManager {
             restart_policy: policy,
             restart_count: 0,
             restart_history: Default::default(),
-            next_restart_at: None,
             last_exit: None,
             process: None,
             error: None,
@@ -1156,12 +1202,7 @@ impl Handler<CreateVm> for VmManager {
                 manager.reserved.remove(&name);
                 let result: Result<Addr<VmActor>, VmError> = created.map(|()| {
                     info!(vm = %record.name, id = %record.id, "VM created");
-                    let actor = VmActor::new(
-                        record.clone(),
-                        manager.settings.clone(),
-                        manager.store.clone(),
-                    )
-                    .start();
+                    let actor = manager.start_actor(record.clone());
                     manager.vms.insert(name.clone(), actor.clone());
                     actor
                 });

@@ -25,6 +25,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::store::records::{Accel, KernelRecord, OperationRecord, VmRecord, VmState, VmmKind};
+use crate::vm::machine::Phase;
 use crate::vm::restart::RestartMode;
 use crate::vm::state::LastExit;
 
@@ -844,6 +845,8 @@ pub struct VmView {
     pub name: String,
     pub id: String,
     pub state: VmState,
+    /// The lifecycle phase behind `state`, with its deadline or next timer.
+    pub phase: Phase,
     pub vmm: VmmKind,
     /// The VMM's pid; null unless a VMM process exists.
     pub pid: Option<i32>,
@@ -870,7 +873,8 @@ impl From<&VmRecord> for VmView {
         VmView {
             name: vm.name.clone(),
             id: vm.id.clone(),
-            state: vm.state,
+            state: vm.phase.state(),
+            phase: vm.phase,
             vmm: vm.vmm,
             pid: vm.process.as_ref().map(|p| p.pid),
             vcpus: vm.vcpus,
@@ -881,7 +885,10 @@ impl From<&VmRecord> for VmView {
             restart_delay_secs: vm.restart_policy.delay_ms as f64 / 1000.0,
             restart_max_delay_secs: vm.restart_policy.max_delay_ms as f64 / 1000.0,
             restart_count: vm.restart_count,
-            next_restart_at: vm.next_restart_at,
+            next_restart_at: match vm.phase {
+                Phase::BackingOff { until, .. } => Some(until),
+                _ => None,
+            },
             last_exit: vm.last_exit,
             created_at: vm.created_at,
             started_at: vm.started_at,

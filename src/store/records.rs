@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::vm::machine::Phase;
 use crate::vm::restart::{RestartHistory, RestartPolicy};
 use crate::vm::state::LastExit;
 
@@ -17,6 +18,8 @@ pub trait Record: Serialize + DeserializeOwned + Send + 'static {
     fn key(&self) -> String;
 }
 
+/// A VM's state as `vm ls` shows it: a stable view derived from its
+/// [`Phase`], which scripts depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
@@ -28,6 +31,7 @@ pub enum VmState {
     Crashed,
     CrashLoop,
     Failed,
+    Removing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -42,7 +46,8 @@ pub struct VmRecord {
     /// Short immutable id used in paths, sockets and interface names.
     pub id: String,
     pub name: String,
-    pub state: VmState,
+    /// Where the VM is in its lifecycle, with its deadline (`vm::machine`).
+    pub phase: Phase,
     pub vmm: VmmKind,
     pub vcpus: u8,
     pub memory_mib: u32,
@@ -59,13 +64,11 @@ pub struct VmRecord {
     #[serde(default)]
     pub restart_history: RestartHistory,
     #[serde(default)]
-    pub next_restart_at: Option<Timestamp>,
-    #[serde(default)]
     pub last_exit: Option<LastExit>,
     /// The running VMM, when there is one.
     #[serde(default)]
     pub process: Option<VmmProcess>,
-    /// Why the VM is `failed`.
+    /// Why the VM's last launch failed.
     #[serde(default)]
     pub error: Option<String>,
 }

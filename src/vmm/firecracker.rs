@@ -4,7 +4,7 @@
 //! (ACPI descriptions for virtio-mmio) to 1.12.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use futures_util::future::BoxFuture;
 
 use super::process::ProcessHandle;
-use super::{LaunchSpec, Launched, SocketWait, Vmm, VmmError, start_vmm, wait_for_socket};
+use super::{LaunchSpec, Prepared, SocketWait, Vmm, VmmError, wait_for_socket};
 use crate::host::{HostOps, JailFile, VmmCommand};
 use crate::store::records::{AgentEndpoint, VmmProcess};
 
@@ -32,12 +32,6 @@ pub enum FirecrackerError {
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot start {binary}")]
-    Spawn {
-        binary: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -365,12 +359,20 @@ impl Vmm for Firecracker {
         BOOT_ARGS
     }
 
-    fn launch<'a>(
+    fn prepare<'a>(
         &'a self,
         host: &'a Arc<dyn HostOps>,
         spec: &'a LaunchSpec,
-    ) -> BoxFuture<'a, Result<Launched, VmmError>> {
-        Box::pin(async move { Ok(self.start(host, spec).await?) })
+    ) -> BoxFuture<'a, Result<Prepared, VmmError>> {
+        Box::pin(self.prepare_files(host, spec))
+    }
+
+    fn configure<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        process: &'a ProcessHandle,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move { Ok(self.configure_instance(spec, process).await?) })
     }
 
     fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
@@ -389,23 +391,13 @@ impl Vmm for Firecracker {
 }
 
 impl Firecracker {
-    /// Starts firecracker (under its jailer when configured), then
-    /// configures and starts the instance. On any failure the process is
-    /// killed before this returns.
-    async fn start(
+    /// The jail (when configured) or the VM directory without stale
+    /// sockets, and the command that starts firecracker.
+    async fn prepare_files(
         &self,
         host: &Arc<dyn HostOps>,
         spec: &LaunchSpec,
-    ) -> Result<Launched, FirecrackerError> {
-        let socket = self.api_socket(spec);
-        let io_err = |action: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| FirecrackerError::Io {
-                action,
-                path,
-                source,
-            }
-        };
+    ) -> Result<Prepared, VmmError> {
         if let Some(jail) = &self.jail {
             // Links, copies and chowns: file work, off the caller's thread.
             let (host, root, files, uid, gid) = (
@@ -424,53 +416,32 @@ impl Firecracker {
                 .map_err(io::Error::other)
                 .and_then(|r| r)
             };
-            prepared.map_err(io_err("prepare the jail", &root))?;
+            prepared.map_err(|source| VmmError::Io {
+                action: "prepare the jail",
+                path: root,
+                source,
+            })?;
         } else {
-            // Firecracker refuses to bind over a stale socket.
-            for stale in [socket.clone(), self.vsock_socket(spec)] {
-                match std::fs::remove_file(&stale) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(io_err("remove the stale socket", &stale)(e));
-                    }
-                    _ => {}
-                }
-            }
+            super::remove_stale(&[self.api_socket(spec), self.vsock_socket(spec)])?;
         }
         let (program, args) = self.command(spec);
-        let command = VmmCommand {
-            program: program.clone(),
-            args,
-            cwd: spec.paths.dir.clone(),
-            console: spec.paths.console_log(),
-            errors: spec.paths.dir.join("firecracker.log"),
-        };
-        let (process, start_time) = start_vmm(
-            host,
-            &command,
-            |source| FirecrackerError::Spawn {
-                binary: program.clone(),
-                source,
+        Ok(Prepared {
+            command: VmmCommand {
+                program,
+                args,
+                cwd: spec.paths.dir.clone(),
+                errors: spec.paths.dir.join("firecracker.log"),
             },
-            io_err("watch the process of", &program),
-            async |process| self.configure(spec, process).await,
-        )
-        .await?;
-        Ok(Launched {
-            recorded: VmmProcess {
-                pid: process.pid(),
-                start_time,
-                api_socket: socket,
-                agent: Some(AgentEndpoint::Vsock {
-                    socket: self.vsock_socket(spec),
-                    port: banger_agent::protocol::VSOCK_PORT,
-                }),
-                accel: None,
-            },
-            process,
+            api_socket: self.api_socket(spec),
+            agent: Some(AgentEndpoint::Vsock {
+                socket: self.vsock_socket(spec),
+                port: banger_agent::protocol::VSOCK_PORT,
+            }),
+            accel: None,
         })
     }
 
-    async fn configure(
+    async fn configure_instance(
         &self,
         spec: &LaunchSpec,
         process: &ProcessHandle,

@@ -8,16 +8,19 @@ pub mod orphans;
 pub mod process;
 pub mod qemu;
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use rustix::process::Signal;
+use rustix::fs::{FlockOperation, flock};
+use rustix::io::Errno;
 
 use crate::host::{HostOps, VmmCommand};
-use crate::store::records::VmmProcess;
+use crate::store::records::{Accel, AgentEndpoint, VmmProcess};
 use process::{ProcessHandle, read_stat};
 
 /// Where a VM's VMM keeps its files: the VM's directory, named by its short
@@ -57,11 +60,13 @@ pub struct LaunchSpec {
     pub memory_mib: u32,
 }
 
-/// A running VM's process, as the launch leaves it: the handle to watch and
-/// what the record keeps to find it again.
-pub struct Launched {
-    pub process: ProcessHandle,
-    pub recorded: VmmProcess,
+/// What a backend has made ready for its VMM: the command to spawn and
+/// the endpoints the record keeps to reach it.
+pub struct Prepared {
+    pub command: VmmCommand,
+    pub api_socket: PathBuf,
+    pub agent: Option<AgentEndpoint>,
+    pub accel: Option<Accel>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,20 +75,44 @@ pub enum VmmError {
     Firecracker(#[from] firecracker::FirecrackerError),
     #[error(transparent)]
     Qemu(#[from] qemu::QemuError),
+    #[error("another VMM still runs for this VM: it holds the lock on {console}")]
+    Locked { console: PathBuf },
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start {binary}; check that it is installed and the configuration names it")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// One VMM backend.
+/// One VMM backend. A launch is [`spawn`] (which calls `prepare`), then
+/// `configure`: the caller records the process in between.
 pub trait Vmm: Send + Sync {
     /// Kernel arguments for a kernel whose catalog entry sets none.
     fn default_boot_args(&self) -> &'static str;
 
-    /// Starts the VMM with its console appended to the VM's console log and
-    /// the guest running. On failure the process is gone before this returns.
-    fn launch<'a>(
+    /// Makes the VMM's files ready (its jail; no stale sockets) and answers
+    /// the command to spawn. Runs while the caller holds the VM directory's
+    /// lock, so no live VMM uses these files.
+    fn prepare<'a>(
         &'a self,
         host: &'a Arc<dyn HostOps>,
         spec: &'a LaunchSpec,
-    ) -> BoxFuture<'a, Result<Launched, VmmError>>;
+    ) -> BoxFuture<'a, Result<Prepared, VmmError>>;
+
+    /// Configures the spawned VMM and boots the guest; answers once it runs.
+    fn configure<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        process: &'a ProcessHandle,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
 
     /// Whether a VMM found after a daemon restart answers on its control socket.
     fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>>;
@@ -96,36 +125,88 @@ pub trait Vmm: Send + Sync {
     fn jail_dir(&self, id: &str) -> Option<PathBuf>;
 }
 
-/// Spawns a VMM (in its own session, console appended to the VM's log) and
-/// runs `ready` on it: its configuration and first check. A VMM that does
-/// not get ready is killed and reaped before this returns. Answers the
-/// handle and the process's start time (for re-adoption).
-pub async fn start_vmm<E>(
+/// Takes the VM directory's lock: an exclusive flock on the console log,
+/// which becomes the VMM's stdout. The VMM keeps it for its whole life
+/// (the jailer closes every descriptor above 2, not stdout), so a live VMM
+/// of this VM, re-adopted or orphaned, makes this fail.
+pub fn lock_console(path: &Path) -> Result<File, VmmError> {
+    let io_err = |source| VmmError::Io {
+        action: "open the console log",
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err)?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(Errno::WOULDBLOCK) => Err(VmmError::Locked {
+            console: path.to_path_buf(),
+        }),
+        Err(e) => Err(io_err(e.into())),
+    }
+}
+
+/// Spawns a VM's VMM, given the directory's lock (the `console` from
+/// [`lock_console`]): the backend's preparation, then the process (in its
+/// own session, holding the lock).
+/// Answers the pidfd and what the record keeps, right after the spawn and
+/// before any configuration.
+pub async fn spawn(
     host: &Arc<dyn HostOps>,
-    command: &VmmCommand,
-    spawn_failed: impl FnOnce(io::Error) -> E,
-    watch_failed: impl FnOnce(io::Error) -> E,
-    ready: impl AsyncFnOnce(&ProcessHandle) -> Result<(), E>,
-) -> Result<(ProcessHandle, u64), E> {
-    let pid = host.spawn_vmm(command).map_err(spawn_failed)? as i32;
+    backend: &dyn Vmm,
+    spec: &LaunchSpec,
+    console: File,
+) -> Result<(ProcessHandle, VmmProcess), VmmError> {
+    let prepared = backend.prepare(host, spec).await?;
+    let program = prepared.command.program.clone();
+    let pid = host
+        .spawn_vmm(&prepared.command, console)
+        .map_err(|source| VmmError::Spawn {
+            binary: program.clone(),
+            source,
+        })? as i32;
     // The pidfd is the handle from here on: the pid cannot be recycled
     // before we reap it, and we reap through the pidfd.
-    let process = ProcessHandle::open(pid).map_err(watch_failed)?;
-    match ready(&process).await {
-        Ok(()) => {
-            let start_time = read_stat(pid)
-                .ok()
-                .flatten()
-                .map(|s| s.start_time)
-                .unwrap_or(0);
-            Ok((process, start_time))
-        }
-        Err(e) => {
-            let _ = process.signal(Signal::KILL);
-            process.exited().await;
-            Err(e)
+    let process = ProcessHandle::open(pid).map_err(|source| VmmError::Io {
+        action: "watch the process of",
+        path: program,
+        source,
+    })?;
+    let start_time = read_stat(pid)
+        .ok()
+        .flatten()
+        .map(|s| s.start_time)
+        .unwrap_or(0);
+    let recorded = VmmProcess {
+        pid,
+        start_time,
+        api_socket: prepared.api_socket,
+        agent: prepared.agent,
+        accel: prepared.accel,
+    };
+    Ok((process, recorded))
+}
+
+/// Removes sockets a dead VMM left (a VMM refuses to bind over one). Only
+/// called under the VM directory's lock.
+pub fn remove_stale(paths: &[PathBuf]) -> Result<(), VmmError> {
+    for stale in paths {
+        match std::fs::remove_file(stale) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(VmmError::Io {
+                    action: "remove the stale socket",
+                    path: stale.clone(),
+                    source: e,
+                });
+            }
+            _ => {}
         }
     }
+    Ok(())
 }
 
 /// Why a VMM's control socket never answered.

@@ -5,6 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
+/// A live VMM process of banger's, as a scan of `/proc` finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundVmm {
+    pub pid: i32,
+    pub start_time: u64,
+    /// The VM id its arguments or its jail name.
+    pub id: String,
+}
+
 /// Where banger's VMMs are recognised from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -59,7 +68,7 @@ impl Layout {
 
     /// Every live process on the host that is one of banger's VMMs, with
     /// the VM id it belongs to.
-    pub fn scan(&self) -> Vec<(i32, String)> {
+    pub fn scan(&self) -> Vec<FoundVmm> {
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -75,7 +84,11 @@ impl Layout {
                 let root = mounts.as_deref().and_then(root_mount_source);
                 let id = self.vm_id(&args, root.as_deref())?;
                 let stat = super::process::read_stat(pid).ok()??;
-                (!matches!(stat.state, 'Z' | 'X')).then_some((pid, id))
+                (!matches!(stat.state, 'Z' | 'X')).then_some(FoundVmm {
+                    pid,
+                    start_time: stat.start_time,
+                    id,
+                })
             })
             .collect()
     }

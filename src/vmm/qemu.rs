@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use super::{LaunchSpec, Launched, SocketWait, Vmm, VmmError, start_vmm, wait_for_socket};
+use super::process::ProcessHandle;
+use super::{LaunchSpec, Prepared, SocketWait, Vmm, VmmError, wait_for_socket};
 use crate::host::{HostOps, VmmCommand};
 use crate::store::records::{Accel, AgentEndpoint, VmmProcess};
 
@@ -35,12 +36,6 @@ pub enum QemuError {
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot start {binary}; install qemu-system-x86 or set qemu.binary")]
-    Spawn {
-        binary: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -166,75 +161,29 @@ impl Qemu {
         (self.binary.clone(), args)
     }
 
-    async fn start(
+    /// Waits for QMP and checks that the guest runs.
+    async fn configure_instance(
         &self,
-        host: &Arc<dyn HostOps>,
         spec: &LaunchSpec,
-    ) -> Result<Launched, QemuError> {
-        let io_err = |action: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| QemuError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        for stale in [qmp_socket(spec), agent_socket(spec)] {
-            match std::fs::remove_file(&stale) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("remove the stale socket", &stale)(e));
-                }
-                _ => {}
-            }
-        }
-        let (program, args) = self.command(spec);
-        let log = spec.paths.dir.join("qemu.log");
-        let command = VmmCommand {
-            program: program.clone(),
-            args,
-            cwd: spec.paths.dir.clone(),
-            console: spec.paths.console_log(),
-            errors: log.clone(),
-        };
+        process: &ProcessHandle,
+    ) -> Result<(), QemuError> {
         let socket = qmp_socket(spec);
-        let (process, start_time) = start_vmm(
-            host,
-            &command,
-            |source| QemuError::Spawn {
-                binary: program.clone(),
-                source,
-            },
-            io_err("watch the process of", &program),
-            async |process| {
-                wait_for_socket(&socket, process, QMP_TIMEOUT)
-                    .await
-                    .map_err(|wait| match wait {
-                        SocketWait::Exited => QemuError::ExitedEarly { log: log.clone() },
-                        SocketWait::TimedOut => QemuError::Unreachable {
-                            socket: socket.clone(),
-                            command: "connect",
-                            source: io::ErrorKind::TimedOut.into(),
-                        },
-                    })?;
-                match Qmp::connect(&socket).await?.status().await?.as_str() {
-                    "running" => Ok(()),
-                    other => Err(QemuError::NotRunning(other.to_string())),
-                }
-            },
-        )
-        .await?;
-        Ok(Launched {
-            recorded: VmmProcess {
-                pid: process.pid(),
-                start_time,
-                api_socket: socket,
-                agent: Some(AgentEndpoint::Serial {
-                    socket: agent_socket(spec),
-                }),
-                accel: Some(self.accel),
-            },
-            process,
-        })
+        wait_for_socket(&socket, process, QMP_TIMEOUT)
+            .await
+            .map_err(|wait| match wait {
+                SocketWait::Exited => QemuError::ExitedEarly {
+                    log: spec.paths.dir.join("qemu.log"),
+                },
+                SocketWait::TimedOut => QemuError::Unreachable {
+                    socket: socket.clone(),
+                    command: "connect",
+                    source: io::ErrorKind::TimedOut.into(),
+                },
+            })?;
+        match Qmp::connect(&socket).await?.status().await?.as_str() {
+            "running" => Ok(()),
+            other => Err(QemuError::NotRunning(other.to_string())),
+        }
     }
 }
 
@@ -243,12 +192,36 @@ impl Vmm for Qemu {
         BOOT_ARGS
     }
 
-    fn launch<'a>(
+    fn prepare<'a>(
         &'a self,
-        host: &'a Arc<dyn HostOps>,
+        _host: &'a Arc<dyn HostOps>,
         spec: &'a LaunchSpec,
-    ) -> BoxFuture<'a, Result<Launched, VmmError>> {
-        Box::pin(async move { Ok(self.start(host, spec).await?) })
+    ) -> BoxFuture<'a, Result<Prepared, VmmError>> {
+        Box::pin(async move {
+            super::remove_stale(&[qmp_socket(spec), agent_socket(spec)])?;
+            let (program, args) = self.command(spec);
+            Ok(Prepared {
+                command: VmmCommand {
+                    program,
+                    args,
+                    cwd: spec.paths.dir.clone(),
+                    errors: spec.paths.dir.join("qemu.log"),
+                },
+                api_socket: qmp_socket(spec),
+                agent: Some(AgentEndpoint::Serial {
+                    socket: agent_socket(spec),
+                }),
+                accel: Some(self.accel),
+            })
+        })
+    }
+
+    fn configure<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        process: &'a ProcessHandle,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move { Ok(self.configure_instance(spec, process).await?) })
     }
 
     fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>> {

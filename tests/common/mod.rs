@@ -128,6 +128,11 @@ impl Daemon {
         Daemon::ready(Daemon::spawn(dir))
     }
 
+    /// Waits for the daemon's exit (after a line that says it is coming).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        self.child.wait().expect("wait for bangerd")
+    }
+
     /// Waits for a spawned daemon's `daemon ready` line.
     pub fn ready(mut daemon: Daemon) -> Daemon {
         daemon
@@ -214,11 +219,12 @@ pub fn refused(dir: &Path) -> (i32, String) {
 
 /// A VM record with predictable fields, keyed `vm-<i>`.
 pub fn vm_record(i: usize) -> banger::store::records::VmRecord {
-    use banger::store::records::{VmRecord, VmState, VmmKind};
+    use banger::store::records::{VmRecord, VmmKind};
+    use banger::vm::machine::Phase;
     VmRecord {
         id: format!("vm-{i}"),
         name: format!("test-vm-{i}"),
-        state: VmState::Stopped,
+        phase: Phase::Stopped,
         vmm: VmmKind::Qemu,
         vcpus: 1,
         memory_mib: 256,
@@ -229,7 +235,6 @@ pub fn vm_record(i: usize) -> banger::store::records::VmRecord {
         restart_policy: Default::default(),
         restart_count: 0,
         restart_history: Default::default(),
-        next_restart_at: None,
         last_exit: None,
         process: None,
         error: None,

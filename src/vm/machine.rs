@@ -1,0 +1,936 @@
+//! The VM lifecycle as one pure, deterministic transition function, in the
+//! manner of quinn-proto: no actix, no I/O, no clock. [`step`] takes the VM
+//! as it stands, one [`Event`] and the current time, and answers the VM as
+//! it becomes and the [`Effect`]s to carry out, in order, or a [`Conflict`]
+//! for a user command the phase does not allow.
+//!
+//! The [`Phase`] is part of the VM record and persisted: deadlines and the
+//! stop intent survive a daemon restart, and [`Event::Recovered`] (what the
+//! host shows at start-up) finds the next move from any persisted phase.
+//! The interpreter (`actors::vm`) keeps two rules:
+//! - effects run in order, and nothing after a [`Effect::Persist`] runs
+//!   before that write is durable, so a client is never told more than the
+//!   store knows and nothing is acquired that a record does not name;
+//! - [`Effect::Spawn`] is only emitted while the record holds no process,
+//!   and the VMM's pid is persisted right after [`Event::Spawned`], before
+//!   [`Effect::Configure`]: a VM directory holds at most one live VMM.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use super::restart::{self, Decision};
+use super::state::{self, Announcement, ExitKind, LastExit, StopIntent};
+use crate::store::records::{VmRecord, VmState, VmmProcess};
+
+/// How long a launch may take from spawn to a running guest before the VMM
+/// is killed and the launch counts as failed.
+pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a SIGKILLed VMM gets to exit before it is signalled again.
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
+
+/// Where a VM is in its life; persisted in its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum Phase {
+    /// Never started.
+    Created,
+    /// A VMM is being spawned and configured. `restart`: an automatic
+    /// restart (its failure counts as a crash); `retry`: the VMM found at
+    /// recovery is being killed and a fresh one follows.
+    Launching {
+        restart: bool,
+        retry: bool,
+        deadline: Timestamp,
+    },
+    Running,
+    /// Banger asked the VM to go; `killed` once SIGKILL was sent.
+    Stopping {
+        intent: Intent,
+        killed: bool,
+        deadline: Timestamp,
+    },
+    /// Crashed; the restart policy starts it again at `until`.
+    BackingOff {
+        until: Timestamp,
+        crash_loop: bool,
+    },
+    Stopped,
+    /// Crashed, and the policy does not restart it.
+    Crashed,
+    /// A user's start failed; `error` in the record says why.
+    Failed,
+    /// Being removed: the VMM is killed, then files, then the record.
+    Removing {
+        deadline: Timestamp,
+    },
+}
+
+/// Why a VM is stopping, and so what follows the exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Intent {
+    Stop,
+    Restart,
+    Kill,
+}
+
+impl Phase {
+    /// The stable `state` of `vm ls --json`, which scripts read.
+    pub fn state(&self) -> VmState {
+        match self {
+            Phase::Created => VmState::Created,
+            Phase::Launching { .. } => VmState::Starting,
+            Phase::Running => VmState::Running,
+            Phase::Stopping { .. } => VmState::Stopping,
+            Phase::BackingOff {
+                crash_loop: true, ..
+            } => VmState::CrashLoop,
+            Phase::BackingOff { .. } | Phase::Crashed => VmState::Crashed,
+            Phase::Stopped => VmState::Stopped,
+            Phase::Failed => VmState::Failed,
+            Phase::Removing { .. } => VmState::Removing,
+        }
+    }
+
+    /// The phase's deadline or next timer, as `vm inspect` shows it.
+    pub fn deadline(&self) -> Option<Timestamp> {
+        match *self {
+            Phase::Launching { deadline, .. }
+            | Phase::Stopping { deadline, .. }
+            | Phase::Removing { deadline } => Some(deadline),
+            Phase::BackingOff { until, .. } => Some(until),
+            _ => None,
+        }
+    }
+}
+
+/// A client request, numbered by the interpreter so replies find it.
+pub type RequestId = u64;
+
+/// What a waiting client is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// The launch under way ends: running, or failed.
+    Launched,
+    /// The VMM has exited and the exit is recorded.
+    Exited,
+    /// The VM is gone.
+    Removed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiter {
+    pub request: RequestId,
+    pub until: Until,
+}
+
+/// The VM as the machine sees it: the persisted record, plus what lives
+/// only as long as the daemon (waiting clients, the guest's announcement).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vm {
+    pub record: VmRecord,
+    pub waiters: Vec<Waiter>,
+    /// What the guest agent announced before the VMM exits.
+    pub announced: Option<Announcement>,
+    /// A spawn is under way: its answer serves the launch, and no second
+    /// spawn may start before it.
+    pub spawning: bool,
+    /// The record is deleted: every later event is refused or ignored.
+    pub removed: bool,
+}
+
+impl Vm {
+    pub fn new(record: VmRecord) -> Vm {
+        Vm {
+            record,
+            waiters: Vec::new(),
+            announced: None,
+            spawning: false,
+            removed: false,
+        }
+    }
+}
+
+/// What the host shows of a VM's recorded VMM at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostView {
+    /// The recorded process (same pid and start time) is alive.
+    Alive,
+    /// No process recorded, or it is gone.
+    Gone,
+}
+
+/// How a VMM process ended, when the daemon could see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Exit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Start {
+        request: RequestId,
+    },
+    Stop {
+        request: RequestId,
+        timeout: Duration,
+    },
+    Kill {
+        request: RequestId,
+    },
+    Restart {
+        request: RequestId,
+        timeout: Duration,
+    },
+    Remove {
+        request: RequestId,
+        force: bool,
+    },
+    /// The VMM process exists; the record must name it before anything else.
+    Spawned(VmmProcess),
+    /// The VMM is configured and the guest runs.
+    Ready,
+    /// The spawn or the configuration failed (the process, if any, lives on
+    /// until killed).
+    LaunchFailed(String),
+    /// The recorded VMM exited.
+    Exited(Exit),
+    /// The guest agent announced a poweroff or reboot.
+    Announced(Announcement),
+    /// The timer armed by [`Effect::ArmTimer`] fired.
+    Timer,
+    /// Start-up (or an actor restart): the persisted phase meets the host.
+    Recovered(HostView),
+    /// [`Effect::RemoveFiles`] finished.
+    FilesRemoved(Result<(), String>),
+}
+
+/// How a reply ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success: the client gets the record as it stands (durable).
+    Done,
+    /// The operation did not happen, with the reason.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Write the record as it stands; later effects wait until it is durable.
+    Persist,
+    /// Delete the record (the VM's last write); later effects wait for it.
+    Delete,
+    /// Spawn the VMM (in its own session, holding the VM directory's lock);
+    /// answers [`Event::Spawned`] or [`Event::LaunchFailed`].
+    Spawn,
+    /// Configure the recorded VMM and boot the guest; answers
+    /// [`Event::Ready`] or [`Event::LaunchFailed`].
+    Configure,
+    /// SIGKILL the VMM through its pidfd.
+    Kill,
+    /// SIGKILL the process an unexpected [`Event::Spawned`] named; it is
+    /// never recorded.
+    KillUnrecorded,
+    /// Ask the guest to power off: agent first, Ctrl-Alt-Del as fallback.
+    AskPoweroff,
+    /// (Re)arm the VM's one timer; [`Event::Timer`] fires at that time.
+    ArmTimer(Timestamp),
+    /// Seek the guest agent (the VM runs).
+    ConnectAgent,
+    /// Drop the agent link (the VMM is gone).
+    DropAgent,
+    /// Remove the VM's directory and jail; answers [`Event::FilesRemoved`].
+    RemoveFiles,
+    Reply {
+        request: RequestId,
+        outcome: Outcome,
+    },
+}
+
+/// A user command the phase does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("VM {name} is {state}; {hint}")]
+pub struct Conflict {
+    pub name: String,
+    pub state: &'static str,
+    pub hint: &'static str,
+}
+
+/// One transition. Pure: the same VM, event and time give the same answer.
+pub fn step(vm: &Vm, event: Event, now: Timestamp) -> Result<(Vm, Vec<Effect>), Conflict> {
+    let mut next = vm.clone();
+    let mut effects = Vec::new();
+    if vm.removed {
+        return match request_of(&event) {
+            Some(_) => Err(Conflict {
+                name: vm.record.name.clone(),
+                state: "removed",
+                hint: "`banger vm ls` lists the VMs",
+            }),
+            None => Ok((next, effects)),
+        };
+    }
+    let mut t = Transition {
+        vm: &mut next,
+        effects: &mut effects,
+        now,
+    };
+    t.apply(event)?;
+    Ok((next, effects))
+}
+
+fn request_of(event: &Event) -> Option<RequestId> {
+    match *event {
+        Event::Start { request }
+        | Event::Stop { request, .. }
+        | Event::Kill { request }
+        | Event::Restart { request, .. }
+        | Event::Remove { request, .. } => Some(request),
+        _ => None,
+    }
+}
+
+fn conflict(vm: &Vm, hint: &'static str) -> Conflict {
+    Conflict {
+        name: vm.record.name.clone(),
+        state: state_name(vm.record.phase.state()),
+        hint,
+    }
+}
+
+pub fn state_name(state: VmState) -> &'static str {
+    match state {
+        VmState::Created => "created",
+        VmState::Starting => "starting",
+        VmState::Running => "running",
+        VmState::Stopping => "stopping",
+        VmState::Stopped => "stopped",
+        VmState::Crashed => "crashed",
+        VmState::CrashLoop => "crash-loop",
+        VmState::Failed => "failed",
+        VmState::Removing => "being removed",
+    }
+}
+
+fn after(now: Timestamp, duration: Duration) -> Timestamp {
+    now.checked_add(SignedDuration::try_from(duration).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+struct Transition<'a> {
+    vm: &'a mut Vm,
+    effects: &'a mut Vec<Effect>,
+    now: Timestamp,
+}
+
+impl Transition<'_> {
+    fn apply(&mut self, event: Event) -> Result<(), Conflict> {
+        let phase = self.vm.record.phase;
+        let has_process = self.vm.record.process.is_some();
+        match event {
+            Event::Start { request } => self.start(phase, request),
+            Event::Stop { request, timeout } => self.stop(phase, request, Intent::Stop, timeout),
+            Event::Kill { request } => self.stop(phase, request, Intent::Kill, KILL_GRACE),
+            Event::Restart { request, timeout } => self.restart(phase, request, timeout),
+            Event::Remove { request, force } => self.remove(phase, request, force),
+            Event::Spawned(process) => {
+                self.spawned(phase, process);
+                Ok(())
+            }
+            Event::Ready => {
+                if let Phase::Launching { retry: false, .. } = phase
+                    && has_process
+                {
+                    self.vm.record.phase = Phase::Running;
+                    self.vm.record.started_at = Some(self.now);
+                    self.vm.announced = None;
+                    self.effects.push(Effect::Persist);
+                    self.effects.push(Effect::ConnectAgent);
+                    self.reply_all(Until::Launched, Outcome::Done);
+                }
+                Ok(())
+            }
+            Event::LaunchFailed(error) => {
+                self.launch_failed(phase, error);
+                Ok(())
+            }
+            Event::Exited(exit) => {
+                if has_process {
+                    self.exited(phase, exit);
+                }
+                Ok(())
+            }
+            Event::Announced(action) => {
+                if matches!(phase, Phase::Running | Phase::Stopping { .. }) {
+                    self.vm.announced = Some(action);
+                }
+                Ok(())
+            }
+            Event::Timer => {
+                self.timer(phase);
+                Ok(())
+            }
+            Event::Recovered(view) => {
+                self.recovered(phase, view);
+                Ok(())
+            }
+            Event::FilesRemoved(result) => {
+                if let Phase::Removing { .. } = phase
+                    && !has_process
+                {
+                    match result {
+                        Ok(()) => {
+                            self.vm.removed = true;
+                            self.effects.push(Effect::Delete);
+                            self.reply_all(Until::Removed, Outcome::Done);
+                        }
+                        Err(error) => self.reply_all(Until::Removed, Outcome::Failed(error)),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn wait(&mut self, request: RequestId, until: Until) {
+        self.vm.waiters.push(Waiter { request, until });
+    }
+
+    fn reply(&mut self, request: RequestId, outcome: Outcome) {
+        self.effects.push(Effect::Reply { request, outcome });
+    }
+
+    fn reply_all(&mut self, until: Until, outcome: Outcome) {
+        let (done, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.vm.waiters)
+            .into_iter()
+            .partition(|w| w.until == until);
+        self.vm.waiters = waiting;
+        for waiter in done {
+            self.reply(waiter.request, outcome.clone());
+        }
+    }
+
+    /// A fresh launch: persisted as `Launching` before the spawn.
+    fn launch(&mut self, restart: bool) {
+        self.vm.record.phase = Phase::Launching {
+            restart,
+            retry: false,
+            deadline: after(self.now, LAUNCH_TIMEOUT),
+        };
+        self.vm.record.error = None;
+        if restart {
+            self.vm.record.restart_count += 1;
+        }
+        self.effects.push(Effect::Persist);
+        self.effects
+            .push(Effect::ArmTimer(after(self.now, LAUNCH_TIMEOUT)));
+        if !self.vm.spawning {
+            self.vm.spawning = true;
+            self.effects.push(Effect::Spawn);
+        }
+    }
+
+    fn start(&mut self, phase: Phase, request: RequestId) -> Result<(), Conflict> {
+        match phase {
+            Phase::Created
+            | Phase::Stopped
+            | Phase::Crashed
+            | Phase::Failed
+            | Phase::BackingOff { .. } => {
+                self.launch(false);
+                self.wait(request, Until::Launched);
+            }
+            // A second start shares the launch under way (or the restart's).
+            Phase::Launching { .. }
+            | Phase::Stopping {
+                intent: Intent::Restart,
+                ..
+            } => self.wait(request, Until::Launched),
+            Phase::Running => self.reply(request, Outcome::Done),
+            Phase::Stopping { .. } => {
+                return Err(conflict(self.vm, "wait for it or use vm kill"));
+            }
+            Phase::Removing { .. } => return Err(conflict(self.vm, "it cannot be started")),
+        }
+        Ok(())
+    }
+
+    /// `vm stop` (graceful, up to `timeout`) and `vm kill` (`Intent::Kill`).
+    fn stop(
+        &mut self,
+        phase: Phase,
+        request: RequestId,
+        intent: Intent,
+        timeout: Duration,
+    ) -> Result<(), Conflict> {
+        match phase {
+            Phase::Created | Phase::Stopped | Phase::Failed => self.reply(request, Outcome::Done),
+            // A stop wins over a pending restart, and ends a crash's story.
+            Phase::Crashed | Phase::BackingOff { .. } => {
+                self.vm.record.phase = Phase::Stopped;
+                self.effects.push(Effect::Persist);
+                self.reply(request, Outcome::Done);
+            }
+            // A half-started VMM has no guest to power off gracefully.
+            Phase::Launching { .. } => {
+                self.reply_all(
+                    Until::Launched,
+                    Outcome::Failed("a stop ended the start".into()),
+                );
+                // Without a process yet, the spawn's answer ends the stop.
+                self.kill_now(intent);
+                self.wait(request, Until::Exited);
+            }
+            Phase::Running => {
+                if intent == Intent::Kill {
+                    self.kill_now(intent);
+                } else {
+                    let deadline = after(self.now, timeout);
+                    self.vm.record.phase = Phase::Stopping {
+                        intent,
+                        killed: false,
+                        deadline,
+                    };
+                    self.effects.push(Effect::Persist);
+                    self.effects.push(Effect::AskPoweroff);
+                    self.effects.push(Effect::ArmTimer(deadline));
+                }
+                self.wait(request, Until::Exited);
+            }
+            Phase::Stopping {
+                intent: current,
+                killed,
+                deadline,
+            } => {
+                if current == Intent::Restart {
+                    self.reply_all(
+                        Until::Launched,
+                        Outcome::Failed("a stop replaced the restart".into()),
+                    );
+                }
+                if intent == Intent::Kill && !killed {
+                    self.kill_now(intent);
+                } else if current == Intent::Restart {
+                    self.vm.record.phase = Phase::Stopping {
+                        intent,
+                        killed,
+                        deadline,
+                    };
+                    self.effects.push(Effect::Persist);
+                }
+                self.wait(request, Until::Exited);
+            }
+            Phase::Removing { .. } => return Err(conflict(self.vm, "it cannot be stopped")),
+        }
+        Ok(())
+    }
+
+    /// Kill now: `Stopping { killed }` persisted, then SIGKILL.
+    fn kill_now(&mut self, intent: Intent) {
+        self.kill_into(Phase::Stopping {
+            intent,
+            killed: true,
+            deadline: after(self.now, KILL_GRACE),
+        });
+    }
+
+    /// `phase` persisted, then SIGKILL (when there is a process), and the
+    /// timer set to the phase's deadline.
+    fn kill_into(&mut self, phase: Phase) {
+        self.vm.record.phase = phase;
+        self.effects.push(Effect::Persist);
+        if self.vm.record.process.is_some() {
+            self.effects.push(Effect::Kill);
+        }
+        if let Some(deadline) = phase.deadline() {
+            self.effects.push(Effect::ArmTimer(deadline));
+        }
+    }
+
+    fn restart(
+        &mut self,
+        phase: Phase,
+        request: RequestId,
+        timeout: Duration,
+    ) -> Result<(), Conflict> {
+        match phase {
+            Phase::Created
+            | Phase::Stopped
+            | Phase::Crashed
+            | Phase::Failed
+            | Phase::BackingOff { .. } => {
+                self.launch(false);
+                self.wait(request, Until::Launched);
+            }
+            Phase::Running => {
+                let deadline = after(self.now, timeout);
+                self.vm.record.phase = Phase::Stopping {
+                    intent: Intent::Restart,
+                    killed: false,
+                    deadline,
+                };
+                self.effects.push(Effect::Persist);
+                self.effects.push(Effect::AskPoweroff);
+                self.effects.push(Effect::ArmTimer(deadline));
+                self.wait(request, Until::Launched);
+            }
+            Phase::Stopping {
+                intent: Intent::Restart,
+                ..
+            } => self.wait(request, Until::Launched),
+            Phase::Launching { .. } => {
+                return Err(conflict(self.vm, "wait for it to finish starting"));
+            }
+            Phase::Stopping { .. } => {
+                return Err(conflict(self.vm, "wait for it to stop, then start it"));
+            }
+            Phase::Removing { .. } => return Err(conflict(self.vm, "it cannot be restarted")),
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, phase: Phase, request: RequestId, force: bool) -> Result<(), Conflict> {
+        let has_process = self.vm.record.process.is_some();
+        match phase {
+            Phase::Created
+            | Phase::Stopped
+            | Phase::Crashed
+            | Phase::Failed
+            | Phase::BackingOff { .. } => {
+                self.vm.record.phase = Phase::Removing {
+                    deadline: after(self.now, KILL_GRACE),
+                };
+                self.effects.push(Effect::Persist);
+                self.effects.push(Effect::RemoveFiles);
+                self.wait(request, Until::Removed);
+            }
+            Phase::Launching { .. } | Phase::Running | Phase::Stopping { .. } => {
+                if !force {
+                    return Err(conflict(self.vm, "stop it first, or use --force"));
+                }
+                self.reply_all(
+                    Until::Launched,
+                    Outcome::Failed("the VM was removed".into()),
+                );
+                self.reply_all(Until::Exited, Outcome::Failed("the VM was removed".into()));
+                self.kill_into(Phase::Removing {
+                    deadline: after(self.now, KILL_GRACE),
+                });
+                self.wait(request, Until::Removed);
+            }
+            Phase::Removing { .. } => {
+                // Removal goes on; a failed file removal is tried again.
+                if !has_process && !self.vm.waiters.iter().any(|w| w.until == Until::Removed) {
+                    self.effects.push(Effect::RemoveFiles);
+                }
+                self.wait(request, Until::Removed);
+            }
+        }
+        Ok(())
+    }
+
+    fn spawned(&mut self, phase: Phase, process: VmmProcess) {
+        if !self.vm.spawning || self.vm.record.process.is_some() {
+            // No spawn of ours is under way: not a process this VM records.
+            self.effects.push(Effect::KillUnrecorded);
+            return;
+        }
+        self.vm.spawning = false;
+        // Recorded first, whatever follows: the VMM is never unaccounted.
+        self.vm.record.process = Some(process);
+        self.effects.push(Effect::Persist);
+        match phase {
+            Phase::Launching { .. } => self.effects.push(Effect::Configure),
+            // A stop or removal came while the spawn was under way.
+            _ => self.effects.push(Effect::Kill),
+        }
+    }
+
+    fn launch_failed(&mut self, phase: Phase, error: String) {
+        let has_process = self.vm.record.process.is_some();
+        if !has_process {
+            if !self.vm.spawning {
+                return;
+            }
+            self.vm.spawning = false;
+        }
+        match phase {
+            Phase::Launching { restart, .. } => {
+                if has_process {
+                    // The exit of the half-started VMM ends the launch.
+                    self.vm.record.error = Some(error);
+                    self.effects.push(Effect::Kill);
+                } else {
+                    self.fail_launch(restart, error);
+                }
+            }
+            Phase::Stopping { .. } if !has_process => self.finish_stop(),
+            Phase::Removing { .. } if !has_process => self.effects.push(Effect::RemoveFiles),
+            _ => {}
+        }
+    }
+
+    /// A launch that did not reach a running guest. An automatic restart's
+    /// failure is a crash and follows the policy; a user's start fails.
+    fn fail_launch(&mut self, restart: bool, error: String) {
+        self.vm.record.error = Some(error.clone());
+        if restart {
+            self.crashed(ExitKind::Crash, Duration::ZERO);
+        } else {
+            self.vm.record.phase = Phase::Failed;
+            self.effects.push(Effect::Persist);
+        }
+        self.reply_all(Until::Launched, Outcome::Failed(error));
+    }
+
+    /// An exit nobody asked for: the restart policy decides.
+    fn crashed(&mut self, kind: ExitKind, ran_for: Duration) {
+        let decision = restart::after_exit(
+            &self.vm.record.restart_policy,
+            &mut self.vm.record.restart_history,
+            kind,
+            ran_for,
+            self.now,
+        );
+        match decision {
+            Decision::RestartAfter { delay, .. } if delay.is_zero() => self.launch(true),
+            Decision::RestartAfter { delay, crash_loop } => {
+                let until = after(self.now, delay);
+                self.vm.record.phase = Phase::BackingOff { until, crash_loop };
+                self.effects.push(Effect::Persist);
+                self.effects.push(Effect::ArmTimer(until));
+            }
+            Decision::Stay => {
+                self.vm.record.phase = match kind {
+                    ExitKind::Crash => Phase::Crashed,
+                    _ => Phase::Stopped,
+                };
+                self.effects.push(Effect::Persist);
+            }
+        }
+    }
+
+    fn finish_stop(&mut self) {
+        self.vm.record.phase = Phase::Stopped;
+        self.effects.push(Effect::Persist);
+        self.reply_all(Until::Exited, Outcome::Done);
+    }
+
+    fn record_exit(&mut self, kind: ExitKind, exit: Exit) {
+        self.vm.record.process = None;
+        self.vm.record.last_exit = Some(LastExit {
+            kind,
+            code: exit.code,
+            signal: exit.signal,
+            at: self.now,
+        });
+    }
+
+    fn exited(&mut self, phase: Phase, exit: Exit) {
+        let announced = self.vm.announced.take();
+        match phase {
+            Phase::Launching {
+                restart,
+                retry: true,
+                ..
+            } => {
+                self.vm.record.process = None;
+                self.launch(restart);
+            }
+            Phase::Launching { restart, .. } => {
+                self.vm.record.process = None;
+                let error = self.vm.record.error.take().unwrap_or_else(|| {
+                    "the VMM exited while starting; `banger vm logs` shows its console".into()
+                });
+                self.fail_launch(restart, error);
+            }
+            Phase::Running => {
+                self.effects.push(Effect::DropAgent);
+                let kind = state::classify(StopIntent::None, announced);
+                let ran_for = self
+                    .vm
+                    .record
+                    .started_at
+                    .map(|started| {
+                        Duration::from_millis(
+                            self.now
+                                .as_millisecond()
+                                .saturating_sub(started.as_millisecond())
+                                .max(0) as u64,
+                        )
+                    })
+                    .unwrap_or_default();
+                self.record_exit(kind, exit);
+                self.crashed(kind, ran_for);
+            }
+            Phase::Stopping { intent, killed, .. } => {
+                self.effects.push(Effect::DropAgent);
+                let stop = match (intent, killed) {
+                    (Intent::Kill, _) => StopIntent::Kill,
+                    (_, true) => StopIntent::StopEscalated,
+                    _ => StopIntent::Stop,
+                };
+                self.record_exit(state::classify(stop, announced), exit);
+                match intent {
+                    Intent::Restart => self.launch(false),
+                    Intent::Stop | Intent::Kill => self.finish_stop(),
+                }
+            }
+            Phase::Removing { .. } => {
+                self.effects.push(Effect::DropAgent);
+                self.record_exit(ExitKind::Killed, exit);
+                self.effects.push(Effect::RemoveFiles);
+            }
+            // No process belongs to these phases.
+            Phase::Created
+            | Phase::Stopped
+            | Phase::Crashed
+            | Phase::Failed
+            | Phase::BackingOff { .. } => {}
+        }
+    }
+
+    fn timer(&mut self, phase: Phase) {
+        let has_process = self.vm.record.process.is_some();
+        let Some(deadline) = phase.deadline() else {
+            return;
+        };
+        if self.now < deadline {
+            self.effects.push(Effect::ArmTimer(deadline));
+            return;
+        }
+        match phase {
+            // The spawn itself always answers; its answer decides.
+            Phase::Launching { .. } | Phase::Stopping { .. } | Phase::Removing { .. }
+                if !has_process && self.vm.spawning =>
+            {
+                self.effects
+                    .push(Effect::ArmTimer(after(self.now, KILL_GRACE)));
+            }
+            Phase::Launching { restart, .. } => {
+                if has_process {
+                    if self.vm.record.error.is_none() {
+                        self.vm.record.error = Some(format!(
+                            "the VMM did not get ready within {}s",
+                            LAUNCH_TIMEOUT.as_secs()
+                        ));
+                    }
+                    self.effects.push(Effect::Kill);
+                    self.effects
+                        .push(Effect::ArmTimer(after(self.now, KILL_GRACE)));
+                } else {
+                    self.fail_launch(
+                        restart,
+                        format!("the VMM did not start within {}s", LAUNCH_TIMEOUT.as_secs()),
+                    );
+                }
+            }
+            Phase::Stopping { intent, .. } => {
+                if has_process {
+                    self.kill_now(intent);
+                } else {
+                    self.finish_stop();
+                }
+            }
+            Phase::BackingOff { .. } => self.launch(true),
+            Phase::Removing { .. } if has_process => {
+                self.effects.push(Effect::Kill);
+                self.effects
+                    .push(Effect::ArmTimer(after(self.now, KILL_GRACE)));
+            }
+            _ => {}
+        }
+    }
+
+    fn recovered(&mut self, phase: Phase, view: HostView) {
+        // Whatever was in flight ended with the daemon (or the actor).
+        self.vm.spawning = false;
+        self.vm.waiters.clear();
+        let recorded = self.vm.record.process.is_some();
+        let alive = recorded && view == HostView::Alive;
+        if recorded && !alive {
+            // The VMM died while nobody watched: an exit of unknown status.
+            match phase {
+                Phase::Launching { restart, .. } => {
+                    // A launch cut short by the daemon is tried again, not
+                    // counted as a failure.
+                    self.vm.record.process = None;
+                    self.launch(restart);
+                    return;
+                }
+                Phase::Running | Phase::Stopping { .. } | Phase::Removing { .. } => {
+                    self.exited(phase, Exit::default());
+                    return;
+                }
+                // A process in a phase that has none: forget it.
+                _ => {
+                    self.vm.record.process = None;
+                    self.effects.push(Effect::Persist);
+                }
+            }
+        }
+        match phase {
+            Phase::Created | Phase::Stopped | Phase::Crashed | Phase::Failed => {
+                if alive {
+                    // A live VMM in a phase that has none: make it go.
+                    self.kill_now(Intent::Kill);
+                }
+            }
+            Phase::BackingOff { until, .. } => {
+                if alive {
+                    self.kill_now(Intent::Kill);
+                } else {
+                    self.effects.push(Effect::ArmTimer(until));
+                }
+            }
+            Phase::Launching { restart, .. } => {
+                if alive {
+                    // Its configuration is unknown: kill it, then launch anew.
+                    self.kill_into(Phase::Launching {
+                        restart,
+                        retry: true,
+                        deadline: after(self.now, LAUNCH_TIMEOUT),
+                    });
+                } else {
+                    self.launch(restart);
+                }
+            }
+            Phase::Running => {
+                if alive {
+                    self.effects.push(Effect::ConnectAgent);
+                } else {
+                    self.crashed(ExitKind::Crash, Duration::ZERO);
+                }
+            }
+            Phase::Stopping {
+                killed, deadline, ..
+            } => {
+                if alive {
+                    // The stop goes on: asked again, killed at its deadline.
+                    self.effects.push(if killed {
+                        Effect::Kill
+                    } else {
+                        Effect::AskPoweroff
+                    });
+                    self.effects.push(Effect::ArmTimer(deadline));
+                } else {
+                    self.finish_stop();
+                }
+            }
+            Phase::Removing { deadline } => {
+                if alive {
+                    self.effects.push(Effect::Kill);
+                    self.effects.push(Effect::ArmTimer(deadline));
+                } else {
+                    self.effects.push(Effect::RemoveFiles);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

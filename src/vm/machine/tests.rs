@@ -1,0 +1,708 @@
+//! Every (phase, event) pair against a table of outcomes, and properties
+//! over random event sequences run against a model of the host.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::store::records::VmmKind;
+
+fn at(seconds: i64) -> Timestamp {
+    Timestamp::from_second(1_700_000_000 + seconds).expect("timestamp")
+}
+
+fn process(pid: i32) -> VmmProcess {
+    VmmProcess {
+        pid,
+        start_time: pid as u64,
+        api_socket: PathBuf::from("/run/api.sock"),
+        agent: None,
+        accel: None,
+    }
+}
+
+fn record() -> VmRecord {
+    VmRecord {
+        id: "abcdefghij".into(),
+        name: "web".into(),
+        phase: Phase::Created,
+        vmm: VmmKind::Firecracker,
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: "k".into(),
+        rootfs: PathBuf::from("/vms/abcdefghij/rootfs.ext4"),
+        created_at: at(0),
+        started_at: None,
+        restart_policy: Default::default(),
+        restart_count: 0,
+        restart_history: Default::default(),
+        last_exit: None,
+        process: None,
+        error: None,
+    }
+}
+
+/// A VM in `phase`, with a process or a spawn under way as given.
+fn vm(phase: Phase, pid: Option<i32>, spawning: bool) -> Vm {
+    let mut vm = Vm::new(VmRecord {
+        phase,
+        process: pid.map(process),
+        ..record()
+    });
+    vm.spawning = spawning;
+    vm
+}
+
+/// One of every phase, with the process variants that matter.
+fn phases() -> Vec<(&'static str, Vm)> {
+    let later = at(100);
+    let mut removed = vm(Phase::Stopped, None, false);
+    removed.removed = true;
+    vec![
+        ("created", vm(Phase::Created, None, false)),
+        (
+            "launching/spawning",
+            vm(
+                Phase::Launching {
+                    restart: false,
+                    retry: false,
+                    deadline: later,
+                },
+                None,
+                true,
+            ),
+        ),
+        (
+            "launching/pid",
+            vm(
+                Phase::Launching {
+                    restart: false,
+                    retry: false,
+                    deadline: later,
+                },
+                Some(7),
+                false,
+            ),
+        ),
+        (
+            "launching-restart/pid",
+            vm(
+                Phase::Launching {
+                    restart: true,
+                    retry: false,
+                    deadline: later,
+                },
+                Some(7),
+                false,
+            ),
+        ),
+        (
+            "launching-retry/pid",
+            vm(
+                Phase::Launching {
+                    restart: false,
+                    retry: true,
+                    deadline: later,
+                },
+                Some(7),
+                false,
+            ),
+        ),
+        ("running/pid", vm(Phase::Running, Some(7), false)),
+        (
+            "stopping/pid",
+            vm(
+                Phase::Stopping {
+                    intent: Intent::Stop,
+                    killed: false,
+                    deadline: later,
+                },
+                Some(7),
+                false,
+            ),
+        ),
+        (
+            "stopping-killed/pid",
+            vm(
+                Phase::Stopping {
+                    intent: Intent::Stop,
+                    killed: true,
+                    deadline: later,
+                },
+                Some(7),
+                false,
+            ),
+        ),
+        (
+            "stopping-restart/pid",
+            vm(
+                Phase::Stopping {
+                    intent: Intent::Restart,
+                    killed: false,
+                    deadline: later,
+                },
+                Some(7),
+                false,
+            ),
+        ),
+        (
+            "stopping-kill/spawning",
+            vm(
+                Phase::Stopping {
+                    intent: Intent::Kill,
+                    killed: true,
+                    deadline: later,
+                },
+                None,
+                true,
+            ),
+        ),
+        (
+            "backing-off",
+            vm(
+                Phase::BackingOff {
+                    until: later,
+                    crash_loop: false,
+                },
+                None,
+                false,
+            ),
+        ),
+        ("stopped", vm(Phase::Stopped, None, false)),
+        ("crashed", vm(Phase::Crashed, None, false)),
+        ("failed", vm(Phase::Failed, None, false)),
+        (
+            "removing/pid",
+            vm(Phase::Removing { deadline: later }, Some(7), false),
+        ),
+        (
+            "removing/files",
+            vm(Phase::Removing { deadline: later }, None, false),
+        ),
+        ("removed", removed),
+    ]
+}
+
+/// One of every event; timers both before and at their deadline.
+fn events() -> Vec<(&'static str, Event, Timestamp)> {
+    let now = at(10);
+    let due = at(200);
+    let timeout = Duration::from_secs(5);
+    vec![
+        ("start", Event::Start { request: 1 }, now),
+        (
+            "stop",
+            Event::Stop {
+                request: 1,
+                timeout,
+            },
+            now,
+        ),
+        ("kill", Event::Kill { request: 1 }, now),
+        (
+            "restart",
+            Event::Restart {
+                request: 1,
+                timeout,
+            },
+            now,
+        ),
+        (
+            "remove",
+            Event::Remove {
+                request: 1,
+                force: false,
+            },
+            now,
+        ),
+        (
+            "remove-force",
+            Event::Remove {
+                request: 1,
+                force: true,
+            },
+            now,
+        ),
+        ("spawned", Event::Spawned(process(8)), now),
+        ("ready", Event::Ready, now),
+        ("launch-failed", Event::LaunchFailed("boom".into()), now),
+        ("exited", Event::Exited(Exit::default()), now),
+        ("announced", Event::Announced(Announcement::Poweroff), now),
+        ("timer-early", Event::Timer, now),
+        ("timer-due", Event::Timer, due),
+        ("recovered-alive", Event::Recovered(HostView::Alive), now),
+        ("recovered-gone", Event::Recovered(HostView::Gone), now),
+        ("files-removed", Event::FilesRemoved(Ok(())), now),
+        ("files-failed", Event::FilesRemoved(Err("busy".into())), now),
+    ]
+}
+
+fn phase_name(vm: &Vm) -> String {
+    if vm.removed {
+        return "removed".into();
+    }
+    let name = match vm.record.phase {
+        Phase::Created => "created".to_string(),
+        Phase::Launching { restart, retry, .. } => format!(
+            "launching{}{}",
+            if restart { "-restart" } else { "" },
+            if retry { "-retry" } else { "" }
+        ),
+        Phase::Running => "running".into(),
+        Phase::Stopping { intent, killed, .. } => {
+            format!("stopping-{intent:?}{}", if killed { "-killed" } else { "" }).to_lowercase()
+        }
+        Phase::BackingOff { .. } => "backing-off".into(),
+        Phase::Stopped => "stopped".into(),
+        Phase::Crashed => "crashed".into(),
+        Phase::Failed => "failed".into(),
+        Phase::Removing { .. } => "removing".into(),
+    };
+    let process = match &vm.record.process {
+        Some(p) => format!("/pid{}", p.pid),
+        None => String::new(),
+    };
+    let spawning = if vm.spawning { "/spawning" } else { "" };
+    format!("{name}{process}{spawning}")
+}
+
+fn effect_name(effect: &Effect) -> String {
+    match effect {
+        Effect::Persist => "persist".into(),
+        Effect::Delete => "delete".into(),
+        Effect::Spawn => "spawn".into(),
+        Effect::Configure => "configure".into(),
+        Effect::Kill => "kill".into(),
+        Effect::KillUnrecorded => "kill-unrecorded".into(),
+        Effect::AskPoweroff => "ask-poweroff".into(),
+        Effect::ArmTimer(_) => "timer".into(),
+        Effect::ConnectAgent => "connect-agent".into(),
+        Effect::DropAgent => "drop-agent".into(),
+        Effect::RemoveFiles => "remove-files".into(),
+        Effect::Reply {
+            outcome: Outcome::Done,
+            ..
+        } => "reply".into(),
+        Effect::Reply {
+            outcome: Outcome::Failed(_),
+            ..
+        } => "reply-failed".into(),
+    }
+}
+
+fn outcome(vm: &Vm, event: Event, now: Timestamp) -> String {
+    match step(vm, event, now) {
+        Err(conflict) => format!("conflict: {conflict}"),
+        Ok((next, effects)) => {
+            let waiting = next
+                .waiters
+                .iter()
+                .map(|w| format!(" wait-{:?}", w.until).to_lowercase())
+                .collect::<String>();
+            let effects: Vec<String> = effects.iter().map(effect_name).collect();
+            format!("{}{waiting} [{}]", phase_name(&next), effects.join(" "))
+        }
+    }
+}
+
+/// The outcome of every (phase, event) pair. A change of behaviour shows
+/// here as a changed line, to be read and agreed with.
+const EXPECTED: &str = include_str!("transitions.txt");
+
+#[test]
+fn every_phase_and_event_pair_has_its_outcome() {
+    let mut table = String::new();
+    for (phase, vm) in phases() {
+        for (event, e, now) in events() {
+            let _ = writeln!(table, "{phase:24} {event:16} -> {}", outcome(&vm, e, now));
+        }
+    }
+    if table != EXPECTED {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/transitions.actual.txt");
+        let _ = std::fs::write(path, &table);
+        panic!(
+            "the transition table changed; the new one is in {path}; diff it against src/vm/machine/transitions.txt"
+        );
+    }
+}
+
+#[test]
+fn the_persisted_phase_shows_as_the_stable_state() {
+    let cases = [
+        (Phase::Created, VmState::Created),
+        (
+            Phase::BackingOff {
+                until: at(0),
+                crash_loop: true,
+            },
+            VmState::CrashLoop,
+        ),
+        (
+            Phase::BackingOff {
+                until: at(0),
+                crash_loop: false,
+            },
+            VmState::Crashed,
+        ),
+        (Phase::Removing { deadline: at(0) }, VmState::Removing),
+    ];
+    for (phase, state) in cases {
+        assert_eq!(phase.state(), state);
+    }
+    let json = serde_json::to_value(Phase::Stopping {
+        intent: Intent::Restart,
+        killed: false,
+        deadline: at(0),
+    })
+    .expect("phase to json");
+    assert_eq!(json["phase"], "stopping");
+    assert_eq!(json["intent"], "restart");
+}
+
+/// What the host does with the effects, in the model.
+#[derive(Debug, Clone)]
+enum Pending {
+    Spawn,
+    Configure,
+    RemoveFiles,
+    /// A SIGKILLed VMM's exit, still to be seen.
+    Exit(i32),
+}
+
+/// The daemon and the host, modelled: the machine, the store's copy of the
+/// record, live VMM processes, work in flight, and the clock.
+struct World {
+    vm: Vm,
+    stored: Option<VmRecord>,
+    live: Vec<i32>,
+    pending: Vec<Pending>,
+    next_pid: i32,
+    now: Timestamp,
+    /// A stop or kill was accepted and no start or restart since.
+    stopped_by_user: bool,
+    replies: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Start,
+    Stop,
+    Kill,
+    Restart,
+    Remove(bool),
+    /// Finish the `n`th piece of work in flight (success or failure).
+    Finish(usize, bool),
+    /// A live VMM dies on its own.
+    Crash,
+    Announce,
+    /// Time passes by this many seconds, and the timer fires.
+    Advance(u8),
+    /// The daemon is SIGKILLed and starts again.
+    DaemonRestart,
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        Just(Action::Start),
+        Just(Action::Stop),
+        Just(Action::Kill),
+        Just(Action::Restart),
+        any::<bool>().prop_map(Action::Remove),
+        (0usize..3, any::<bool>()).prop_map(|(n, ok)| Action::Finish(n, ok)),
+        (0usize..3, any::<bool>()).prop_map(|(n, ok)| Action::Finish(n, ok)),
+        Just(Action::Crash),
+        Just(Action::Announce),
+        (1u8..120).prop_map(Action::Advance),
+        Just(Action::DaemonRestart),
+    ]
+}
+
+impl World {
+    fn new() -> World {
+        World {
+            vm: Vm::new(record()),
+            stored: Some(record()),
+            live: Vec::new(),
+            pending: Vec::new(),
+            next_pid: 100,
+            now: at(0),
+            stopped_by_user: false,
+            replies: 0,
+        }
+    }
+
+    fn feed(&mut self, event: Event) -> Result<(), String> {
+        let (vm, effects) = match step(&self.vm, event.clone(), self.now) {
+            Ok(answer) => answer,
+            Err(_) => return Ok(()),
+        };
+        if self.vm.removed && !effects.is_empty() {
+            return Err(format!("a removed VM acted on {event:?}: {effects:?}"));
+        }
+        self.vm = vm;
+        for effect in effects {
+            match effect {
+                Effect::Persist => {
+                    if self.stored.is_none() {
+                        return Err("a record was written after its delete".into());
+                    }
+                    self.stored = Some(self.vm.record.clone());
+                }
+                Effect::Delete => self.stored = None,
+                Effect::Spawn => {
+                    if !self.live.is_empty() || self.vm.record.process.is_some() {
+                        return Err(format!(
+                            "a spawn while VMM {:?} lives (record {:?})",
+                            self.live, self.vm.record.process
+                        ));
+                    }
+                    if self.stopped_by_user {
+                        return Err("a spawn after the user's stop".into());
+                    }
+                    if self.stored.as_ref().map(|r| r.phase) != Some(self.vm.record.phase) {
+                        return Err("a spawn before its launch was durable".into());
+                    }
+                    self.pending.push(Pending::Spawn);
+                }
+                Effect::Configure => {
+                    let recorded = self.stored.as_ref().and_then(|r| r.process.clone());
+                    if recorded.is_none() {
+                        return Err("configured before the pid was durable".into());
+                    }
+                    self.pending.push(Pending::Configure);
+                }
+                Effect::Kill => {
+                    if let Some(p) = &self.vm.record.process {
+                        self.pending.push(Pending::Exit(p.pid));
+                    }
+                }
+                Effect::KillUnrecorded => {}
+                Effect::RemoveFiles => self.pending.push(Pending::RemoveFiles),
+                Effect::Reply { outcome, .. } => {
+                    self.replies += 1;
+                    let durable = match &self.stored {
+                        Some(stored) => stored == &self.vm.record,
+                        None => self.vm.removed,
+                    };
+                    if outcome == Outcome::Done && !durable {
+                        return Err(format!(
+                            "a reply ahead of the store: {:?} vs {:?}",
+                            self.vm.record.phase,
+                            self.stored.as_ref().map(|r| r.phase)
+                        ));
+                    }
+                }
+                Effect::AskPoweroff
+                | Effect::ArmTimer(_)
+                | Effect::ConnectAgent
+                | Effect::DropAgent => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, action: Action) -> Result<(), String> {
+        let timeout = Duration::from_secs(5);
+        let user = |world: &mut World, event: Event, stops: Option<bool>| {
+            let accepted = step(&world.vm, event.clone(), world.now).is_ok();
+            if accepted && let Some(stops) = stops {
+                world.stopped_by_user = stops;
+            }
+            world.feed(event)
+        };
+        match action {
+            Action::Start => user(self, Event::Start { request: 1 }, Some(false)),
+            Action::Restart => user(
+                self,
+                Event::Restart {
+                    request: 1,
+                    timeout,
+                },
+                Some(false),
+            ),
+            Action::Stop => user(
+                self,
+                Event::Stop {
+                    request: 1,
+                    timeout,
+                },
+                Some(true),
+            ),
+            Action::Kill => user(self, Event::Kill { request: 1 }, Some(true)),
+            Action::Remove(force) => user(self, Event::Remove { request: 1, force }, None),
+            Action::Finish(n, ok) => {
+                if self.pending.is_empty() {
+                    return Ok(());
+                }
+                let work = self.pending.remove(n % self.pending.len());
+                match (work, ok) {
+                    (Pending::Spawn, true) => {
+                        let pid = self.next_pid;
+                        self.next_pid += 1;
+                        self.live.push(pid);
+                        let before = self.vm.record.process.clone();
+                        self.feed(Event::Spawned(process(pid)))?;
+                        if self.vm.record.process.as_ref().map(|p| p.pid) != Some(pid) {
+                            // Killed unrecorded, or killed at once.
+                            self.live.retain(|&l| l != pid);
+                            if before.is_some() && self.vm.record.process != before {
+                                return Err("a recorded VMM was forgotten".into());
+                            }
+                        }
+                        Ok(())
+                    }
+                    (Pending::Spawn, false) => self.feed(Event::LaunchFailed("spawn".into())),
+                    (Pending::Configure, true) => self.feed(Event::Ready),
+                    (Pending::Configure, false) => {
+                        self.feed(Event::LaunchFailed("configure".into()))
+                    }
+                    (Pending::Exit(pid), _) => {
+                        if !self.live.contains(&pid) {
+                            return Ok(());
+                        }
+                        self.live.retain(|&l| l != pid);
+                        if self.vm.record.process.as_ref().map(|p| p.pid) == Some(pid) {
+                            return self.feed(Event::Exited(Exit::default()));
+                        }
+                        Ok(())
+                    }
+                    (Pending::RemoveFiles, ok) => self.feed(Event::FilesRemoved(if ok {
+                        Ok(())
+                    } else {
+                        Err("busy".into())
+                    })),
+                }
+            }
+            Action::Crash => {
+                if let Some(p) = self.vm.record.process.clone()
+                    && self.live.contains(&p.pid)
+                {
+                    self.live.retain(|&l| l != p.pid);
+                    return self.feed(Event::Exited(Exit::default()));
+                }
+                Ok(())
+            }
+            Action::Announce => self.feed(Event::Announced(Announcement::Poweroff)),
+            Action::Advance(seconds) => {
+                self.now = after(self.now, Duration::from_secs(seconds.into()));
+                self.feed(Event::Timer)
+            }
+            Action::DaemonRestart => {
+                let Some(stored) = self.stored.clone() else {
+                    // Deleted: the next daemon has no such VM.
+                    self.vm.removed = true;
+                    return Ok(());
+                };
+                // Work in flight dies with the daemon; an unrecorded VMM is
+                // terminated by the start-up sweep.
+                self.pending.clear();
+                let recorded = stored.process.as_ref().map(|p| p.pid);
+                self.live.retain(|&l| Some(l) == recorded);
+                self.vm = Vm::new(stored);
+                let view = if recorded.is_some_and(|pid| self.live.contains(&pid)) {
+                    HostView::Alive
+                } else {
+                    HostView::Gone
+                };
+                self.feed(Event::Recovered(view))
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// At most one VMM, durable before reply, a stop wins over a pending
+    /// restart, a removed VM never comes back: whatever happens, in
+    /// whatever order.
+    #[test]
+    fn invariants_hold_over_random_histories(actions in proptest::collection::vec(action(), 1..60)) {
+        let mut world = World::new();
+        for action in actions {
+            let result = world.act(action.clone());
+            prop_assert!(result.is_ok(), "{:?} after {:?}", result, action);
+            prop_assert!(world.live.len() <= 1, "two VMMs: {:?}", world.live);
+        }
+    }
+}
+
+#[test]
+fn a_stop_survives_a_daemon_restart_and_ends_at_its_deadline() {
+    let running = vm(Phase::Running, Some(7), false);
+    let (stopping, _) = step(
+        &running,
+        Event::Stop {
+            request: 1,
+            timeout: Duration::from_secs(6),
+        },
+        at(0),
+    )
+    .expect("stop");
+    // The daemon restarts: memory is gone, the record remains.
+    let recovered = Vm::new(stopping.record.clone());
+    let (still, effects) =
+        step(&recovered, Event::Recovered(HostView::Alive), at(1)).expect("recover");
+    assert_eq!(effects, [Effect::AskPoweroff, Effect::ArmTimer(at(6))]);
+    let (killing, effects) = step(&still, Event::Timer, at(6)).expect("deadline");
+    assert!(effects.contains(&Effect::Kill));
+    let (stopped, _) = step(&killing, Event::Exited(Exit::default()), at(6)).expect("exit");
+    assert_eq!(stopped.record.phase, Phase::Stopped);
+    let exit = stopped.record.last_exit.expect("exit recorded");
+    assert_eq!(exit.kind, ExitKind::Killed);
+}
+
+#[test]
+fn a_failed_automatic_restart_is_a_crash_and_is_retried() {
+    let restarting = vm(
+        Phase::Launching {
+            restart: true,
+            retry: false,
+            deadline: at(30),
+        },
+        None,
+        true,
+    );
+    let (next, _) = step(
+        &restarting,
+        Event::LaunchFailed("no such binary".into()),
+        at(1),
+    )
+    .expect("failed launch");
+    assert!(
+        matches!(next.record.phase, Phase::BackingOff { .. }),
+        "{:?}",
+        next.record.phase
+    );
+    assert_eq!(next.record.error.as_deref(), Some("no such binary"));
+    let (again, effects) = step(&next, Event::Timer, at(100)).expect("backoff over");
+    assert!(matches!(
+        again.record.phase,
+        Phase::Launching { restart: true, .. }
+    ));
+    assert!(effects.contains(&Effect::Spawn));
+}
+
+#[test]
+fn a_second_start_shares_the_launch_and_its_failure() {
+    let created = vm(Phase::Created, None, false);
+    let (launching, _) = step(&created, Event::Start { request: 1 }, at(0)).expect("start");
+    let (both, effects) = step(&launching, Event::Start { request: 2 }, at(0)).expect("second");
+    assert!(effects.is_empty(), "{effects:?}");
+    let (_, effects) = step(&both, Event::LaunchFailed("no kernel".into()), at(1)).expect("fail");
+    let failed: Vec<_> = effects
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Effect::Reply {
+                    outcome: Outcome::Failed(_),
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(failed.len(), 2, "{effects:?}");
+}
