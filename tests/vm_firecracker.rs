@@ -1142,3 +1142,34 @@ fn a_store_from_the_previous_release_is_migrated_and_its_running_vm_adopted() {
     assert!(stop.status.success(), "{stop:?}");
     assert!(!pid_alive(pid as i64));
 }
+
+#[test]
+fn a_readopted_vmm_that_does_not_answer_is_degraded_never_killed() {
+    let test = "a_readopted_vmm_that_does_not_answer_is_degraded_never_killed";
+    let Some(mut f) = Fixture::new(test) else {
+        return;
+    };
+    f.create("frozen", &["--start"]);
+    let pid = f.pid("frozen");
+    let mut daemon = f.daemon.take().expect("daemon");
+    sigkill(daemon.pid().as_raw() as i64);
+    daemon.wait_exit();
+    // A VMM that cannot answer its API while the next daemon looks at it.
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    f.start_daemon();
+    f.daemon()
+        .wait_for_line_from(&["the VM is degraded", "vm=frozen"], 0)
+        .expect("shown degraded");
+    let vm = f.vm("frozen");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(
+        vm["pid"].as_i64(),
+        Some(pid),
+        "never killed for not answering"
+    );
+    assert!(vm["degraded"].is_string(), "{vm}");
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).expect("SIGCONT");
+    let vm = f.wait_for("frozen", "answering again", |vm| vm["degraded"].is_null());
+    assert_eq!(vm["pid"].as_i64(), Some(pid));
+    assert!(pid_alive(pid));
+}

@@ -428,3 +428,87 @@ fn a_debian_guest_on_firecracker_answers_its_agent() {
     let stopped = f.json(&["vm", "inspect", "guest", "--json"]);
     assert_eq!(stopped["last_exit"]["kind"], "clean", "{stopped}");
 }
+
+/// The live qemu processes of this fixture (the daemon's own command line
+/// names the state directory too).
+fn qemus(f: &Fixture) -> Vec<i32> {
+    let daemon = f.daemon.as_ref().map(|d| d.pid().as_raw());
+    let mut pids = f._reaper.pids();
+    pids.retain(|&pid| Some(pid) != daemon);
+    pids
+}
+
+#[test]
+fn a_daemon_killed_at_random_moments_of_a_qemu_start_leaves_one_vmm_or_none() {
+    let test = "a_daemon_killed_at_random_moments_of_a_qemu_start_leaves_one_vmm_or_none";
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    let mut f = Fixture::new(&guest);
+    import_kernel(&f, &guest.kernel_deb);
+    let rootfs = f.rootfs.to_str().expect("utf-8").to_string();
+    f.json(&[
+        "vm", "create", "guest", "--kernel", "debian", "--rootfs", &rootfs, "--vmm", "qemu",
+        "--memory", "256M", "--json",
+    ]);
+    // Delays spread over a start's first 400 ms, from a seed printed for
+    // a rerun.
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    eprintln!("random kill delays from seed {seed}");
+    for round in 0..4 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = std::time::Duration::from_millis(seed % 400);
+        let mut start = Command::new(env!("CARGO_BIN_EXE_banger"))
+            .arg("--socket")
+            .arg(socket_path(&f.state()))
+            .args(["vm", "start", "guest"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("vm start");
+        // The one deliberate sleep: where in the start the daemon dies.
+        std::thread::sleep(delay);
+        let mut daemon = f.daemon.take().expect("daemon");
+        kill(daemon.pid(), Signal::SIGKILL).expect("SIGKILL bangerd");
+        daemon.wait_exit();
+        let _ = start.wait();
+        f.start_daemon();
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let vm = loop {
+            let vm = f.json(&["vm", "inspect", "guest", "--json"]);
+            if !matches!(vm["state"].as_str(), Some("starting" | "stopping")) {
+                break vm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: never settled: {vm}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let live = qemus(&f);
+        eprintln!(
+            "round {round}: killed after {delay:?}: {} {live:?}",
+            vm["state"]
+        );
+        match vm["state"].as_str() {
+            Some("running") => {
+                assert_eq!(
+                    live,
+                    [vm["pid"].as_i64().expect("pid") as i32],
+                    "round {round} ({delay:?}): {vm}"
+                );
+                f.json(&["vm", "ping", "guest", "--wait", "60", "--json"]);
+            }
+            _ => assert!(live.is_empty(), "round {round} ({delay:?}): {live:?} {vm}"),
+        }
+        f.ok(&["vm", "kill", "guest"]);
+        assert!(qemus(&f).is_empty(), "round {round}: no qemu after a kill");
+    }
+    f.ok(&["vm", "rm", "guest"]);
+}

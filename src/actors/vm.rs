@@ -61,7 +61,9 @@ const CONSOLE_CHECK: Duration = Duration::from_secs(10);
 /// A re-adopted VMM's API is probed this many times, with doubling waits
 /// from 100 ms, before the VM is shown as degraded (it is never killed for
 /// a slow answer).
-const PROBE_ATTEMPTS: u32 = 6;
+const PROBE_ATTEMPTS: u32 = 3;
+/// How often a degraded VM's VMM is probed again.
+const PROBE_DEGRADED: Duration = Duration::from_secs(5);
 /// How long start-up waits for an orphaned VMM to exit after SIGKILL.
 const ORPHAN_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `vm stop` waits this long for the guest before SIGKILL.
@@ -191,6 +193,19 @@ pub struct VmActor {
     /// Connecting to the agent, while the VMM runs and no link is up.
     agent_connect: Option<SpawnHandle>,
     agent_waiters: Vec<oneshot::Sender<AgentLink>>,
+    /// Told when the VM is gone, however its removal ended.
+    manager: Recipient<VmRemoved>,
+}
+
+/// A VM's record is deleted: the manager forgets its name (if it still
+/// names this actor).
+pub struct VmRemoved {
+    pub name: String,
+    pub actor: Addr<VmActor>,
+}
+
+impl Message for VmRemoved {
+    type Result = ();
 }
 
 /// A change to a VM's record.
@@ -235,7 +250,12 @@ async fn write_in_order(
 }
 
 impl VmActor {
-    pub fn new(record: VmRecord, settings: Arc<VmSettings>, store: Addr<StoreActor>) -> VmActor {
+    pub fn new(
+        record: VmRecord,
+        settings: Arc<VmSettings>,
+        store: Addr<StoreActor>,
+        manager: Recipient<VmRemoved>,
+    ) -> VmActor {
         let (writes, queue) = mpsc::unbounded_channel();
         actix::spawn(write_in_order(store.clone(), queue));
         VmActor {
@@ -254,6 +274,7 @@ impl VmActor {
             agent: None,
             agent_connect: None,
             agent_waiters: Vec::new(),
+            manager,
         }
     }
 
@@ -380,6 +401,13 @@ impl VmActor {
             ctx.cancel_future(handle);
         }
         self.drop_agent(ctx);
+        let removed = VmRemoved {
+            name: self.name().to_string(),
+            actor: ctx.address(),
+        };
+        if self.manager.try_send(removed).is_err() {
+            warn!(vm = %self.name(), "the VM manager did not hear of the removal");
+        }
     }
 
     /// `Effect::Spawn`: the kernel, the directory's lock, the agent on the
@@ -560,29 +588,47 @@ impl VmActor {
         } else {
             info!(vm = %self.name(), pid = recorded.pid, phase = ?self.vm.record.phase, "re-adopted the VMM");
         }
-        self.watch(Rc::new(handle), ctx);
+        let handle = Rc::new(handle);
+        self.watch(Rc::clone(&handle), ctx);
         let _ = self.apply(Event::Recovered(HostView::Alive), ctx);
-        // Never killed for a slow answer: probed with backoff, then shown
-        // as degraded (in the log) while the pidfd is still watched.
-        let (settings, vmm, name) = (
-            self.settings.clone(),
-            self.vm.record.vmm,
-            self.vm.record.name.clone(),
-        );
-        actix::spawn(async move {
-            let mut wait = Duration::from_millis(100);
-            for attempt in 1..=PROBE_ATTEMPTS {
-                match settings.backend(vmm).probe(&recorded).await {
-                    Ok(()) => return,
-                    Err(e) if attempt == PROBE_ATTEMPTS => {
-                        warn!(vm = %name, error = %error_chain(&e), "re-adopted VMM does not answer; the VM is degraded");
+        self.probe(handle, 1, ctx);
+    }
+
+    /// Probes a re-adopted VMM's control socket, with doubling waits. It is
+    /// never killed for a slow answer: after [`PROBE_ATTEMPTS`] failures
+    /// it shows as degraded, and is probed every [`PROBE_DEGRADED`] until
+    /// it answers or exits.
+    fn probe(&mut self, process: Rc<ProcessHandle>, attempt: u32, ctx: &mut Context<Self>) {
+        let Some(recorded) = self.vm.record.process.clone() else {
+            return;
+        };
+        let (settings, vmm) = (self.settings.clone(), self.vm.record.vmm);
+        ctx.spawn(
+            async move { settings.backend(vmm).probe(&recorded).await }
+                .into_actor(self)
+                .map(move |answer, act, ctx| {
+                    if !act.process.as_ref().is_some_and(|p| Rc::ptr_eq(p, &process)) {
+                        return;
                     }
-                    Err(_) => {}
-                }
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
-        });
+                    let failure = match answer {
+                        Ok(()) => {
+                            let _ = act.apply(Event::Probed(Ok(())), ctx);
+                            return;
+                        }
+                        Err(e) => error_chain(&e),
+                    };
+                    let wait = if attempt >= PROBE_ATTEMPTS {
+                        if act.vm.record.degraded.is_none() {
+                            warn!(vm = %act.name(), error = %failure, "re-adopted VMM does not answer; the VM is degraded");
+                        }
+                        let _ = act.apply(Event::Probed(Err(failure)), ctx);
+                        PROBE_DEGRADED
+                    } else {
+                        Duration::from_millis(100 << attempt)
+                    };
+                    ctx.run_later(wait, move |act, ctx| act.probe(process, attempt + 1, ctx));
+                }),
+        );
     }
 
     /// Connects to the guest agent in the background (the guest may still
@@ -956,9 +1002,20 @@ impl VmManager {
 }
 
 impl VmManager {
-    fn start_actor(&self, record: VmRecord) -> Addr<VmActor> {
+    fn start_actor(&self, record: VmRecord, ctx: &mut Context<Self>) -> Addr<VmActor> {
         let (settings, store) = (self.settings.clone(), self.store.clone());
-        Supervisor::start(move |_| VmActor::new(record, settings, store))
+        let manager = ctx.address().recipient();
+        Supervisor::start(move |_| VmActor::new(record, settings, store, manager))
+    }
+}
+
+impl Handler<VmRemoved> for VmManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: VmRemoved, _: &mut Context<Self>) {
+        if self.vms.get(&msg.name) == Some(&msg.actor) {
+            self.vms.remove(&msg.name);
+        }
     }
 }
 
@@ -1037,11 +1094,11 @@ impl Handler<LoadVms> for VmManager {
                 Ok::<_, VmError>(records)
             }
             .into_actor(self)
-            .map(|records, manager, _| {
+            .map(|records, manager, ctx| {
                 let records = records?;
                 for record in records {
                     let name = record.name.clone();
-                    let actor = manager.start_actor(record);
+                    let actor = manager.start_actor(record, ctx);
                     manager.vms.insert(name, actor);
                 }
                 Ok(manager.vms.len())
@@ -1069,6 +1126,7 @@ impl Handler<ForVm> for VmManager {
         };
         let removing = matches!(msg.command, VmCommand::Remove { .. });
         let name = msg.name;
+        let actor = vm.clone();
         Box::pin(
             async move {
                 vm.send(msg.command)
@@ -1077,7 +1135,8 @@ impl Handler<ForVm> for VmManager {
             }
             .into_actor(self)
             .map(move |result, manager, _| {
-                if removing && result.is_ok() {
+                // Only this VM's entry: the name may already be a new VM's.
+                if removing && result.is_ok() && manager.vms.get(&name) == Some(&actor) {
                     manager.vms.remove(&name);
                 }
                 result
@@ -1167,6 +1226,7 @@ impl Handler<CreateVm> for VmManager {
             last_exit: None,
             process: None,
             error: None,
+            degraded: None,
         };
         let store = self.store.clone();
         let name = msg.name.clone();
@@ -1198,11 +1258,11 @@ impl Handler<CreateVm> for VmManager {
                 Ok(())
             }
             .into_actor(self)
-            .then(move |created, manager, _| {
+            .then(move |created, manager, ctx| {
                 manager.reserved.remove(&name);
                 let result: Result<Addr<VmActor>, VmError> = created.map(|()| {
                     info!(vm = %record.name, id = %record.id, "VM created");
-                    let actor = manager.start_actor(record.clone());
+                    let actor = manager.start_actor(record.clone(), ctx);
                     manager.vms.insert(name.clone(), actor.clone());
                     actor
                 });

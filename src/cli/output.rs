@@ -9,6 +9,7 @@ use tabwriter::TabWriter;
 
 use crate::rpc::protocol::VmView;
 use crate::store::records::{KernelRecord, OperationOutcome, OperationRecord};
+use crate::vm::machine::{Intent, Phase};
 use crate::wire_name;
 
 /// Rows aligned in columns two spaces apart; the first row is the header.
@@ -116,9 +117,10 @@ pub fn operation_details(op: &OperationRecord, now: Timestamp) -> String {
 /// The state, with what follows a crash when a restart is scheduled.
 pub fn vm_state(vm: &VmView) -> String {
     let state = wire_name(&vm.state);
-    match vm.next_restart_at {
-        Some(at) => format!("{state} (restart {})", until(at)),
-        None => state,
+    match (vm.next_restart_at, &vm.degraded) {
+        (Some(at), _) => format!("{state} (restart {})", until(at)),
+        (None, Some(_)) => format!("{state} (degraded)"),
+        (None, None) => state,
     }
 }
 
@@ -161,6 +163,7 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
         vec!["name:".into(), vm.name.clone()],
         vec!["id:".into(), vm.id.clone()],
         vec!["state:".into(), vm_state(vm)],
+        vec!["phase:".into(), vm_phase(&vm.phase)],
         vec![
             "vmm:".into(),
             match vm.accel {
@@ -211,7 +214,38 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
     if let Some(error) = &vm.error {
         rows.push(vec!["error:".into(), error.clone()]);
     }
+    if let Some(degraded) = &vm.degraded {
+        rows.push(vec!["degraded:".into(), degraded.clone()]);
+    }
     table(&rows)
+}
+
+/// The lifecycle phase with what it waits for and until when.
+fn vm_phase(phase: &Phase) -> String {
+    let detail = match *phase {
+        Phase::Launching { restart, retry, .. } => match (restart, retry) {
+            (_, true) => " (killing a half-started VMM, then launching again)",
+            (true, false) => " (automatic restart)",
+            (false, false) => "",
+        },
+        Phase::Stopping { intent, killed, .. } => match (intent, killed) {
+            (_, true) => " (SIGKILL sent)",
+            (Intent::Restart, false) => " (restart: waiting for the guest)",
+            _ => " (waiting for the guest)",
+        },
+        Phase::BackingOff {
+            crash_loop: true, ..
+        } => " (crash loop)",
+        _ => "",
+    };
+    let name = serde_json::to_value(phase)
+        .ok()
+        .and_then(|v| v["phase"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    match phase.deadline() {
+        Some(at) => format!("{name}{detail}, deadline {at} ({})", until(at)),
+        None => format!("{name}{detail}"),
+    }
 }
 
 pub fn kernels_table(kernels: &[KernelRecord], now: Timestamp) -> String {

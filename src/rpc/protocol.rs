@@ -866,6 +866,8 @@ pub struct VmView {
     pub error: Option<String>,
     /// QEMU's accelerator while it runs (`kvm` or `tcg`).
     pub accel: Option<Accel>,
+    /// Why a re-adopted VMM counts as degraded (alive, not answering).
+    pub degraded: Option<String>,
 }
 
 impl From<&VmRecord> for VmView {
@@ -894,6 +896,7 @@ impl From<&VmRecord> for VmView {
             started_at: vm.started_at,
             error: vm.error.clone(),
             accel: vm.process.as_ref().and_then(|p| p.accel),
+            degraded: vm.degraded.clone(),
         }
     }
 }

@@ -71,6 +71,10 @@ pub struct VmRecord {
     /// Why the VM's last launch failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// Why a re-adopted VMM counts as degraded: alive, its control socket
+    /// not answering. Cleared when it answers or exits.
+    #[serde(default)]
+    pub degraded: Option<String>,
 }
 
 /// A VMM process as recorded before the VM is reported running: enough to

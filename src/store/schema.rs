@@ -145,6 +145,7 @@ mod tests {
                 last_exit: None,
                 process: None,
                 error: None,
+                degraded: None,
             })
             .expect("json");
             let obj = record.as_object_mut().expect("object");

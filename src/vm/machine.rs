@@ -206,6 +206,8 @@ pub enum Event {
     Recovered(HostView),
     /// [`Effect::RemoveFiles`] finished.
     FilesRemoved(Result<(), String>),
+    /// A re-adopted VMM's control socket answered, or kept failing.
+    Probed(Result<(), String>),
 }
 
 /// How a reply ends.
@@ -377,6 +379,14 @@ impl Transition<'_> {
                 self.recovered(phase, view);
                 Ok(())
             }
+            Event::Probed(result) => {
+                let degraded = result.err();
+                if has_process && self.vm.record.degraded != degraded {
+                    self.vm.record.degraded = degraded;
+                    self.effects.push(Effect::Persist);
+                }
+                Ok(())
+            }
             Event::FilesRemoved(result) => {
                 if let Phase::Removing { .. } = phase
                     && !has_process
@@ -421,6 +431,7 @@ impl Transition<'_> {
             deadline: after(self.now, LAUNCH_TIMEOUT),
         };
         self.vm.record.error = None;
+        self.vm.record.degraded = None;
         if restart {
             self.vm.record.restart_count += 1;
         }
@@ -677,6 +688,7 @@ impl Transition<'_> {
     /// failure is a crash and follows the policy; a user's start fails.
     fn fail_launch(&mut self, restart: bool, error: String) {
         self.vm.record.error = Some(error.clone());
+        self.vm.record.degraded = None;
         if restart {
             self.crashed(ExitKind::Crash, Duration::ZERO);
         } else {
@@ -721,6 +733,7 @@ impl Transition<'_> {
 
     fn record_exit(&mut self, kind: ExitKind, exit: Exit) {
         self.vm.record.process = None;
+        self.vm.record.degraded = None;
         self.vm.record.last_exit = Some(LastExit {
             kind,
             code: exit.code,

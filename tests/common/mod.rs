@@ -238,6 +238,7 @@ pub fn vm_record(i: usize) -> banger::store::records::VmRecord {
         last_exit: None,
         process: None,
         error: None,
+        degraded: None,
     }
 }
 

@@ -41,6 +41,7 @@ fn record() -> VmRecord {
         last_exit: None,
         process: None,
         error: None,
+        degraded: None,
     }
 }
 
@@ -236,6 +237,8 @@ fn events() -> Vec<(&'static str, Event, Timestamp)> {
         ("recovered-gone", Event::Recovered(HostView::Gone), now),
         ("files-removed", Event::FilesRemoved(Ok(())), now),
         ("files-failed", Event::FilesRemoved(Err("busy".into())), now),
+        ("probed", Event::Probed(Ok(())), now),
+        ("probe-failing", Event::Probed(Err("no answer".into())), now),
     ]
 }
 
@@ -265,7 +268,12 @@ fn phase_name(vm: &Vm) -> String {
         None => String::new(),
     };
     let spawning = if vm.spawning { "/spawning" } else { "" };
-    format!("{name}{process}{spawning}")
+    let degraded = if vm.record.degraded.is_some() {
+        "/degraded"
+    } else {
+        ""
+    };
+    format!("{name}{process}{spawning}{degraded}")
 }
 
 fn effect_name(effect: &Effect) -> String {
