@@ -38,7 +38,11 @@ fn main() -> anyhow::Result<()> {
             let start = Instant::now();
             let vms = addr.send(List::<VmRecord>::new()).await??;
             lists.push(start.elapsed());
-            anyhow::ensure!(vms.len() == LISTED, "listed {} VMs", vms.len());
+            anyhow::ensure!(
+                vms.records.len() == LISTED,
+                "listed {} VMs",
+                vms.records.len()
+            );
         }
         let mut report = String::new();
         write!(

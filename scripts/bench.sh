@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 . scripts/fixtures.sh
 BANGER_TEST_AGENT=$(scripts/build-agent.sh)
 export BANGER_TEST_AGENT
-cargo bench --locked --bench store --bench rpc --bench vm --bench guest
+cargo bench --locked --bench store --bench rpc --bench vm --bench guest --bench startup

@@ -198,6 +198,7 @@ fn new_entry<T>(
         .tempdir_in(kernels_dir)
         .map_err(io_err("create a staging directory in", kernels_dir))?;
     let filled = fill(staging.path())?;
+    crate::fault::boundary("kernel-filled");
     let staged = staging.keep();
     fs::rename(&staged, &target).map_err(|e| {
         let _ = fs::remove_dir_all(&staged);

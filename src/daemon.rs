@@ -16,6 +16,7 @@ use jiff::Timestamp;
 use nix::unistd::{Gid, geteuid};
 use tracing::{info, warn};
 
+use crate::actors::catalog::{CatalogActor, KernelError, LoadCatalog};
 use crate::actors::operation::{Drain, OperationError, OperationRegistry, Reconcile};
 use crate::actors::store::{StoreActor, StoreClosed};
 use crate::actors::vm::{LoadVms, VmError, VmManager, VmSettings};
@@ -69,6 +70,10 @@ pub enum DaemonError {
     Store(#[source] StoreError),
     #[error("cannot load the VMs")]
     LoadVms(#[source] VmError),
+    #[error("cannot load the kernel catalog")]
+    LoadCatalog(#[source] KernelError),
+    #[error("the catalog stopped during start-up")]
+    CatalogGone,
     #[error("the VM manager stopped during start-up")]
     VmManagerGone,
     #[error("the operations registry stopped during start-up")]
@@ -141,9 +146,26 @@ impl SystemSupervisor {
                 ..RestartPolicy::default()
             },
         });
+        // The catalog, then the VMs: each loads its records, then sweeps
+        // what no record claims, then starts (`crate::reconcile`).
+        let kernels_dir = config.state_dir.join("kernels");
+        let catalog = {
+            let (store, dir, agent) = (
+                store.clone(),
+                kernels_dir.clone(),
+                vm_settings.agent.clone(),
+            );
+            Supervisor::start(move |_| CatalogActor::new(store, dir, agent))
+        };
+        let kernels = catalog
+            .send(LoadCatalog)
+            .await
+            .map_err(|_| DaemonError::CatalogGone)?
+            .map_err(DaemonError::LoadCatalog)?;
+        info!(kernels, "catalog loaded");
         let vms = {
-            let (store, settings) = (store.clone(), vm_settings.clone());
-            Supervisor::start(move |_| VmManager::new(store, settings))
+            let (store, catalog, settings) = (store.clone(), catalog.clone(), vm_settings.clone());
+            Supervisor::start(move |_| VmManager::new(store, catalog, settings))
         };
         // Every VM actor re-adopts or reconciles its VM as it starts.
         let count = vms
@@ -156,10 +178,11 @@ impl SystemSupervisor {
         let (listener, access) = bind_socket(config)?;
         let services = Services {
             store,
+            catalog,
             operations: operations.clone(),
             vms,
             vm_settings,
-            kernels_dir: config.state_dir.join("kernels"),
+            kernels_dir,
             info: DaemonInfo {
                 version: VERSION.to_string(),
                 pid: std::process::id(),

@@ -11,6 +11,7 @@ pub mod guest;
 pub mod host;
 pub mod kernel;
 pub mod operations;
+pub mod reconcile;
 pub mod rpc;
 pub mod store;
 pub mod vm;

@@ -76,7 +76,7 @@ async fn messages_read_write_and_compare_and_swap() {
         .await
         .expect("mailbox")
         .expect("list");
-    assert_eq!(all.len(), 2);
+    assert_eq!(all.records.len(), 2);
     assert!(
         addr.send(Delete::<VmRecord>::new("vm-2"))
             .await

@@ -165,12 +165,16 @@ fn an_added_field_and_a_renamed_table_migrate_in_one_go() {
     assert_eq!(backup.parent(), Some(dir));
     assert_eq!(fingerprint(&backup), before, "the backup is the old store");
 
-    let mut notes: Vec<NoteV2> = opened.store.list().expect("list v2 notes");
+    let mut notes: Vec<NoteV2> = opened.store.list().expect("list v2 notes").records;
     notes.sort_by(|a, b| a.id.cmp(&b.id));
     let texts: Vec<_> = notes.iter().map(|n| (n.text.as_str(), n.pinned)).collect();
     assert_eq!(texts, [("a", false), ("b", false), ("c", false)]);
     assert_eq!(
-        opened.store.list::<CatalogKernel>().expect("renamed table"),
+        opened
+            .store
+            .list::<CatalogKernel>()
+            .expect("renamed table")
+            .records,
         [CatalogKernel {
             name: "debian-6.1".into()
         }]
@@ -229,7 +233,10 @@ fn a_migration_failing_halfway_leaves_the_store_as_it_was() {
 
     // Still readable by the old schema, still pending for the new one.
     let opened = store::open(dir, v1()).expect("v1 still opens");
-    assert_eq!(opened.store.list::<NoteV1>().expect("notes").len(), 3);
+    assert_eq!(
+        opened.store.list::<NoteV1>().expect("notes").records.len(),
+        3
+    );
     drop(opened);
     assert!(matches!(
         store::probe(&db_path(dir), &v2(poisoned)),

@@ -96,13 +96,14 @@ fn an_older_store_is_backed_up_migrated_and_keeps_its_data() {
 
     let opened = store::open(dir, Schema::production()).expect("reopen");
     assert!(opened.applied.is_empty());
-    let vms: Vec<VmRecord> = opened.store.list().expect("list");
+    let vms: Vec<VmRecord> = opened.store.list().expect("list").records;
     assert_eq!(vms.len(), 5, "data survive the migration");
     assert!(
         opened
             .store
             .list::<HostKeyRecord>()
             .expect("new table")
+            .records
             .is_empty()
     );
 }
@@ -311,7 +312,7 @@ fn a_store_left_by_a_killed_writer_is_planned_on_a_copy_and_repaired() {
     assert!(daemon.stop().success());
     assert_eq!(probe(dir), (0, "compatible".to_string()));
     let opened = store::open(dir, Schema::production()).expect("reopen");
-    assert!(opened.store.list::<VmRecord>().expect("list").len() >= 50);
+    assert!(opened.store.list::<VmRecord>().expect("list").records.len() >= 50);
 }
 
 #[test]

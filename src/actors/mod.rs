@@ -1,6 +1,7 @@
 //! The daemon's actors. They hold little logic: they receive typed
 //! messages, call plain modules, and do the I/O.
 
+pub mod catalog;
 pub mod operation;
 pub mod store;
 pub mod vm;

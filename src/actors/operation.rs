@@ -295,7 +295,8 @@ impl Handler<ListOperations> for OperationRegistry {
                 let stored = store
                     .send(List::<OperationRecord>::new())
                     .await
-                    .map_err(store_gone)??;
+                    .map_err(store_gone)??
+                    .records;
                 // A running operation's live record replaces its intent record.
                 let mut merged: Vec<OperationRecord> = stored
                     .into_iter()
@@ -404,10 +405,14 @@ impl Handler<Reconcile> for OperationRegistry {
         let store = self.store.clone();
         let retention = self.retention;
         Box::pin(async move {
-            let records = store
+            let listing = store
                 .send(List::<OperationRecord>::new())
                 .await
                 .map_err(store_gone)??;
+            for bad in &listing.undecodable {
+                warn!(table = %bad.table, key = %bad.key, reason = %bad.reason, "an operation record does not decode; it is left as it is");
+            }
+            let records = listing.records;
             let now = Timestamp::now();
             let mut interrupted = Vec::new();
             for record in records
@@ -443,7 +448,8 @@ async fn prune(store: &Addr<StoreActor>, retention: Retention) -> Result<(), Ope
     let records = store
         .send(List::<OperationRecord>::new())
         .await
-        .map_err(store_gone)??;
+        .map_err(store_gone)??
+        .records;
     for op_id in retention.expired(&records, Timestamp::now()) {
         store
             .send(Delete::<OperationRecord>::new(op_id))

@@ -13,7 +13,7 @@ use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use crate::store::backup::Snapshot;
-use crate::store::{Record, Store, StoreError};
+use crate::store::{Listing, Record, Store, StoreError};
 
 pub struct StoreActor {
     store: Arc<Store>,
@@ -113,7 +113,7 @@ impl<R: Record> Message for Get<R> {
 }
 
 impl<R: Record> Message for List<R> {
-    type Result = Result<Vec<R>, StoreError>;
+    type Result = Result<Listing<R>, StoreError>;
 }
 
 impl<R: Record> Message for Put<R> {
@@ -136,7 +136,7 @@ impl<R: Record> Handler<Get<R>> for StoreActor {
 }
 
 impl<R: Record> Handler<List<R>> for StoreActor {
-    type Result = Result<Vec<R>, StoreError>;
+    type Result = Result<Listing<R>, StoreError>;
     fn handle(&mut self, _: List<R>, _: &mut SyncContext<Self>) -> Self::Result {
         self.store.list()
     }

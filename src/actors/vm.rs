@@ -29,6 +29,7 @@ use rustix::process::Signal;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::actors::catalog::{CatalogActor, KernelError, Reserve, Unreserve};
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::catalog::CatalogError;
 use crate::error_chain;
@@ -36,9 +37,11 @@ use crate::fault;
 use crate::guest::disk::{self, InjectError};
 use crate::guest::link::AgentLink;
 use crate::host::HostOps;
-use crate::store::StoreError;
+use crate::reconcile;
 use crate::store::records::{KernelRecord, VmRecord, VmmKind};
+use crate::store::{Listing, StoreError, Undecodable};
 use crate::vm::InvalidVm;
+use crate::vm::ledger::Resource;
 use crate::vm::machine::{
     self, Conflict, Effect, Event, Exit, HostView, Outcome, Phase, RequestId, Vm,
 };
@@ -98,6 +101,15 @@ impl VmSettings {
         }
     }
 
+    /// Where one resource of a VM's ledger lives (none: the backend has no
+    /// such thing, e.g. a jail for QEMU).
+    pub fn path_of(&self, record: &VmRecord, resource: Resource) -> Option<PathBuf> {
+        match resource {
+            Resource::VmDirectory => Some(self.paths(&record.id).dir),
+            Resource::Jail => self.backend(record.vmm).jail_dir(&record.id),
+        }
+    }
+
     fn launch_spec(&self, record: &VmRecord, kernel: &KernelRecord) -> LaunchSpec {
         let args = kernel
             .cmdline
@@ -131,10 +143,10 @@ pub enum VmError {
         "no kernel named {0}; `banger kernel ls` lists them and `banger kernel import` adds one"
     )]
     NoKernel(String),
-    #[error("no kernel named {0}")]
-    KernelNotFound(String),
-    #[error("kernel {kernel} is used by VM {vm}; remove the VM first")]
-    KernelInUse { kernel: String, vm: String },
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("no quarantined VM record has the id {0}; `banger daemon status` lists them")]
+    NotQuarantined(String),
     #[error(transparent)]
     Conflict(#[from] Conflict),
     #[error("VM {name}: {reason}")]
@@ -185,8 +197,13 @@ pub struct VmActor {
     console_check: Option<SpawnHandle>,
     replies: HashMap<RequestId, Reply>,
     next_request: RequestId,
-    /// The record is read again from the store at the next `started()`.
-    reload: bool,
+    /// What the next `started()` does first.
+    on_start: OnStart,
+    /// The VMM pid the store holds, as of the last durable write: a
+    /// process the actor holds beyond it is killed if the actor restarts.
+    durable_pid: Option<i32>,
+    /// Restarts since the last durable write, for the reload's backoff.
+    restarts: u32,
     /// The guest agent, once it has answered; dropped when its connection
     /// ends or the VMM exits.
     agent: Option<AgentLink>,
@@ -206,6 +223,17 @@ pub struct VmRemoved {
 
 impl Message for VmRemoved {
     type Result = ();
+}
+
+/// What a VmActor does when it (re)starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnStart {
+    /// Hold the record it was given against the host (daemon start).
+    Recover,
+    /// Read the record again from the store, then recover (a restart).
+    Reload,
+    /// Nothing: a VM being created, whose record is not written yet.
+    Nothing,
 }
 
 /// A change to a VM's record.
@@ -258,6 +286,7 @@ impl VmActor {
     ) -> VmActor {
         let (writes, queue) = mpsc::unbounded_channel();
         actix::spawn(write_in_order(store.clone(), queue));
+        let record_for_pid = record.clone();
         VmActor {
             vm: Vm::new(record),
             settings,
@@ -270,7 +299,9 @@ impl VmActor {
             console_check: None,
             replies: HashMap::new(),
             next_request: 0,
-            reload: false,
+            durable_pid: record_pid(&record_for_pid),
+            restarts: 0,
+            on_start: OnStart::Recover,
             agent: None,
             agent_connect: None,
             agent_waiters: Vec::new(),
@@ -307,9 +338,12 @@ impl VmActor {
                         Effect::Delete => Write::Delete(record),
                         _ => Write::Put(record),
                     };
+                    let written_pid = record_pid(&self.vm.record);
                     let durable = self.write(write);
                     ctx.wait(durable.into_actor(self).map(move |ok, act, ctx| {
                         if ok.unwrap_or(false) {
+                            act.durable_pid = written_pid;
+                            act.restarts = 0;
                             act.run(effects, ctx);
                         } else {
                             error!(vm = %act.name(), "a write failed; rebuilding the VM from the store");
@@ -353,17 +387,24 @@ impl VmActor {
                 }
                 Effect::ConnectAgent => self.connect_agent(ctx),
                 Effect::DropAgent => self.drop_agent(ctx),
-                Effect::RemoveFiles => {
-                    let record = &self.vm.record;
-                    let dir = self.settings.paths(&record.id).dir;
-                    let jail = self.settings.backend(record.vmm).jail_dir(&record.id);
-                    let host = self.settings.host.clone();
-                    ctx.spawn(remove_vm_files(host, jail, dir).into_actor(self).map(
-                        |removed, act, ctx| {
-                            let removed = removed.map_err(|e| error_chain(&e));
-                            let _ = act.apply(Event::FilesRemoved(removed), ctx);
+                Effect::CloneDisk(source) => {
+                    let target = self.vm.record.rootfs.clone();
+                    ctx.spawn(clone_rootfs(source, target).into_actor(self).map(
+                        |cloned, act, ctx| {
+                            if cloned.is_ok() {
+                                act.watch_console(ctx);
+                            }
+                            let cloned = cloned.map_err(|e| error_chain(&e));
+                            let _ = act.apply(Event::DiskCloned(cloned), ctx);
                         },
                     ));
+                }
+                Effect::RemoveFiles => {
+                    let released = release_resources(self.settings.clone(), self.vm.record.clone());
+                    ctx.spawn(released.into_actor(self).map(|removed, act, ctx| {
+                        let removed = removed.map_err(|e| error_chain(&e));
+                        let _ = act.apply(Event::FilesRemoved(removed), ctx);
+                    }));
                 }
                 Effect::Reply { request, outcome } => {
                     if let Some(reply) = self.replies.remove(&request) {
@@ -405,9 +446,8 @@ impl VmActor {
             name: self.name().to_string(),
             actor: ctx.address(),
         };
-        if self.manager.try_send(removed).is_err() {
-            warn!(vm = %self.name(), "the VM manager did not hear of the removal");
-        }
+        // Internal and small: the manager must hear it even when busy.
+        self.manager.do_send(removed);
     }
 
     /// `Effect::Spawn`: the kernel, the directory's lock, the agent on the
@@ -477,6 +517,7 @@ impl VmActor {
             self.vm.record.vmm,
             self.vm.record.name.clone(),
         );
+        let configured_process = Rc::clone(&process);
         ctx.spawn(
             async move {
                 settings
@@ -486,7 +527,15 @@ impl VmActor {
                     .map_err(|source| VmError::Launch { name, source })
             }
             .into_actor(self)
-            .map(|configured, act, ctx| {
+            .map(move |configured, act, ctx| {
+                // A late answer about a VMM that is no longer this VM's.
+                if !act
+                    .process
+                    .as_ref()
+                    .is_some_and(|p| Rc::ptr_eq(p, &configured_process))
+                {
+                    return;
+                }
                 let event = match configured {
                     Ok(()) => {
                         let pid = act.process.as_ref().map(|p| p.pid());
@@ -733,10 +782,15 @@ impl VmActor {
     }
 }
 
+fn record_pid(record: &VmRecord) -> Option<i32> {
+    record.process.as_ref().map(|p| p.pid)
+}
+
 fn effect_name(effect: &Effect) -> &'static str {
     match effect {
         Effect::Persist => "persist",
         Effect::Delete => "delete",
+        Effect::CloneDisk(_) => "clone-disk",
         Effect::Spawn => "spawn",
         Effect::Configure => "configure",
         Effect::Kill => "kill",
@@ -754,7 +808,33 @@ impl Actor for VmActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        if self.vm.removed {
+        // A restarted tombstone reads the store too: its delete may have
+        // been the write that failed.
+        if self.vm.removed && self.on_start != OnStart::Reload {
+            return;
+        }
+        match self.on_start {
+            OnStart::Recover => {
+                self.watch_console(ctx);
+                self.recover(ctx);
+            }
+            OnStart::Reload => {
+                self.watch_console(ctx);
+                // Backs off when the store keeps failing.
+                let wait = Duration::from_millis(100u64 << self.restarts.min(6));
+                self.restarts = self.restarts.saturating_add(1);
+                ctx.run_later(wait, |act, ctx| act.reload(ctx));
+            }
+            // The first write and the interval come with the create.
+            OnStart::Nothing => {}
+        }
+    }
+}
+
+impl VmActor {
+    /// Caps the console log by rotation, checked every [`CONSOLE_CHECK`].
+    fn watch_console(&mut self, ctx: &mut Context<Self>) {
+        if self.console_check.is_some() {
             return;
         }
         self.console_check = Some(ctx.run_interval(CONSOLE_CHECK, |act, _| {
@@ -770,10 +850,10 @@ impl Actor for VmActor {
                 }
             });
         }));
-        if !std::mem::take(&mut self.reload) {
-            self.recover(ctx);
-            return;
-        }
+    }
+
+    fn reload(&mut self, ctx: &mut Context<Self>) {
+        self.on_start = OnStart::Recover;
         let get = self
             .store
             .send(Get::<VmRecord>::new(self.vm.record.id.clone()));
@@ -788,7 +868,7 @@ impl Actor for VmActor {
             }
             // The store cannot answer: try again through another restart.
             _ => {
-                act.reload = true;
+                act.on_start = OnStart::Reload;
                 ctx.stop();
             }
         }));
@@ -799,9 +879,23 @@ impl Supervised for VmActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         warn!(vm = %self.name(), "VM actor restarting; the VM is read again from the store");
         // Memory goes; the record and the host say what is true. Clients
-        // waiting on this VM hear that it is unavailable.
-        self.process = None;
-        self.unrecorded = None;
+        // waiting on this VM hear that it is unavailable. A VMM the store
+        // may not name goes too, or nothing would ever watch it.
+        for process in [
+            self.process.take().and_then(|p| Rc::try_unwrap(p).ok()),
+            self.unrecorded.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if Some(process.pid()) != self.durable_pid {
+                warn!(vm = %self.name(), pid = process.pid(), "killing a VMM the store may not name");
+                let _ = process.signal(Signal::KILL);
+                actix::spawn(async move {
+                    process.exited().await;
+                });
+            }
+        }
         self.launch = None;
         self.timer = None;
         self.console_check = None;
@@ -809,7 +903,7 @@ impl Supervised for VmActor {
         self.agent = None;
         self.agent_connect = None;
         self.agent_waiters.clear();
-        self.reload = !self.vm.removed;
+        self.on_start = OnStart::Reload;
     }
 }
 
@@ -868,11 +962,21 @@ impl Handler<GetAgent> for VmActor {
 /// What can be asked of a VM.
 pub enum VmCommand {
     Get,
+    /// The first command of a new VM: its disk cloned from `source`.
+    Create {
+        source: PathBuf,
+    },
     Start,
-    Stop { timeout: Duration },
+    Stop {
+        timeout: Duration,
+    },
     Kill,
-    Restart { timeout: Duration },
-    Remove { force: bool },
+    Restart {
+        timeout: Duration,
+    },
+    Remove {
+        force: bool,
+    },
 }
 
 impl Message for VmCommand {
@@ -895,6 +999,7 @@ impl Handler<VmCommand> for VmActor {
                 };
                 return Box::pin(async move { found });
             }
+            VmCommand::Create { source } => Event::Create { request, source },
             VmCommand::Start => Event::Start { request },
             VmCommand::Stop { timeout } => Event::Stop { request, timeout },
             VmCommand::Kill => Event::Kill { request },
@@ -935,28 +1040,50 @@ async fn inject_agent(rootfs: &Path, agent: &Path, name: &str) -> Result<(), VmE
     })
 }
 
-/// Removes a VM's jail (through the host) and its directory.
-async fn remove_vm_files(
-    host: Arc<dyn HostOps>,
-    jail: Option<PathBuf>,
-    dir: PathBuf,
-) -> Result<(), VmError> {
+/// Releases a VM's ledger, last acquired first: its jail (through the
+/// host) and its directory.
+async fn release_resources(settings: Arc<VmSettings>, record: VmRecord) -> Result<(), VmError> {
     tokio::task::spawn_blocking(move || {
-        if let Some(jail) = jail {
-            host.remove_jail(&jail).map_err(|source| VmError::Io {
-                action: "remove the jail",
-                path: jail.clone(),
+        for resource in record.resources.iter().rev() {
+            let Some(path) = settings.path_of(&record, *resource) else {
+                continue;
+            };
+            let released = match resource {
+                Resource::Jail => settings.host.remove_jail(&path),
+                Resource::VmDirectory => reconcile::remove_any(&path),
+            };
+            released.map_err(|source| VmError::Io {
+                action: "remove",
+                path,
                 source,
             })?;
         }
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VmError::Io {
-                action: "remove",
-                path: dir,
+        Ok(())
+    })
+    .await
+    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+}
+
+/// The VM's own copy of the root disk: a reflink where the filesystem
+/// allows, a copy otherwise. The user's file is never written.
+async fn clone_rootfs(source: PathBuf, target: PathBuf) -> Result<(), VmError> {
+    tokio::task::spawn_blocking(move || {
+        if let Some(dir) = target.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| VmError::Io {
+                action: "create",
+                path: dir.to_path_buf(),
                 source: e,
-            }),
-            _ => Ok(()),
+            })?;
         }
+        reflink_copy::reflink_or_copy(&source, &target)
+            .map(drop)
+            .map_err(|e| VmError::Io {
+                action: "copy the root filesystem",
+                path: source.clone(),
+                source: e,
+            })?;
+        fault::boundary("disk-cloned");
+        Ok(())
     })
     .await
     .map_err(|_| VmError::Unavailable("blocking thread pool"))?
@@ -981,31 +1108,42 @@ impl Message for CreateVm {
     type Result = Result<VmRecord, VmError>;
 }
 
-/// Creates VMs, holds their actors by name, lists them.
+/// Creates VMs, holds their actors by name, lists them, and keeps the VM
+/// records that do not decode in quarantine (their files and processes
+/// are left alone until `vm forget`).
 pub struct VmManager {
     store: Addr<StoreActor>,
+    catalog: Addr<CatalogActor>,
     settings: Arc<VmSettings>,
     vms: HashMap<String, Addr<VmActor>>,
-    /// Names being created, so two creates cannot take one name.
-    reserved: HashSet<String>,
+    quarantined: Vec<Undecodable>,
 }
 
 impl VmManager {
-    pub fn new(store: Addr<StoreActor>, settings: Arc<VmSettings>) -> VmManager {
+    pub fn new(
+        store: Addr<StoreActor>,
+        catalog: Addr<CatalogActor>,
+        settings: Arc<VmSettings>,
+    ) -> VmManager {
         VmManager {
             store,
+            catalog,
             settings,
             vms: HashMap::new(),
-            reserved: HashSet::new(),
+            quarantined: Vec::new(),
         }
     }
-}
 
-impl VmManager {
-    fn start_actor(&self, record: VmRecord, ctx: &mut Context<Self>) -> Addr<VmActor> {
+    fn start_actor(&self, record: VmRecord, fresh: bool, ctx: &mut Context<Self>) -> Addr<VmActor> {
         let (settings, store) = (self.settings.clone(), self.store.clone());
         let manager = ctx.address().recipient();
-        Supervisor::start(move |_| VmActor::new(record, settings, store, manager))
+        Supervisor::start(move |_| {
+            let mut actor = VmActor::new(record, settings, store, manager);
+            if fresh {
+                actor.on_start = OnStart::Nothing;
+            }
+            actor
+        })
     }
 }
 
@@ -1051,7 +1189,9 @@ impl Supervised for VmManager {
     }
 }
 
-/// Start-up: one VmActor per stored VM. Answers how many VMs there are.
+/// Start-up, in order: every VM's ledger from the store, the VMMs no
+/// record claims terminated, `vms/` and the jail base swept of what no
+/// ledger claims, then one VmActor per VM. Answers how many VMs there are.
 pub struct LoadVms;
 
 impl Message for LoadVms {
@@ -1062,20 +1202,24 @@ impl Handler<LoadVms> for VmManager {
     type Result = ResponseActFuture<Self, Result<usize, VmError>>;
 
     fn handle(&mut self, _: LoadVms, _: &mut Context<Self>) -> Self::Result {
-        let store = self.store.clone();
+        let (store, settings) = (self.store.clone(), self.settings.clone());
         let layout = Layout {
-            vms_dir: self.settings.vms_dir.clone(),
-            jail_base: self.settings.jail_base.clone(),
+            vms_dir: settings.vms_dir.clone(),
+            jail_base: settings.jail_base.clone(),
         };
         Box::pin(
             async move {
-                let records = store
+                let started = std::time::Instant::now();
+                let listing = store
                     .send(List::<VmRecord>::new())
                     .await
                     .map_err(|_| VmError::Unavailable("store"))??;
-                // What each record claims: a VMM is its VM's only if it is
-                // the very process (pid and start time) the record holds.
-                let claimed: HashSet<(String, i32, u64)> = records
+                let quarantined: HashSet<&str> =
+                    listing.undecodable.iter().map(|bad| bad.key.as_str()).collect();
+                // A VMM is its VM's only if it is the very process (pid and
+                // start time) the record holds; a quarantined VM's are left.
+                let claimed: HashSet<(String, i32, u64)> = listing
+                    .records
                     .iter()
                     .filter_map(|r| {
                         let p = r.process.as_ref()?;
@@ -1086,25 +1230,72 @@ impl Handler<LoadVms> for VmManager {
                     .await
                     .map_err(|_| VmError::Unavailable("blocking thread pool"))?;
                 for found in vmms {
-                    if claimed.contains(&(found.id.clone(), found.pid, found.start_time)) {
+                    let key = (found.id.clone(), found.pid, found.start_time);
+                    if claimed.contains(&key) || quarantined.contains(found.id.as_str()) {
                         continue;
                     }
                     terminate_orphan(found).await;
                 }
-                Ok::<_, VmError>(records)
+                let (vms, jails) = ledger_claims(&settings, &listing);
+                let swept = {
+                    let settings = settings.clone();
+                    tokio::task::spawn_blocking(move || {
+                        reconcile::sweep(&settings.vms_dir, &vms, reconcile::remove_any)
+                            + reconcile::sweep(&settings.jail_base.join("firecracker"), &jails, |p| {
+                                settings.host.remove_jail(p)
+                            })
+                    })
+                    .await
+                    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+                };
+                info!(
+                    vms = listing.records.len(),
+                    removed = swept,
+                    ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "VM ledgers reconciled"
+                );
+                Ok::<_, VmError>(listing)
             }
             .into_actor(self)
-            .map(|records, manager, ctx| {
-                let records = records?;
-                for record in records {
+            .map(|listing, manager, ctx| {
+                let listing = listing?;
+                for bad in &listing.undecodable {
+                    warn!(table = %bad.table, key = %bad.key, reason = %bad.reason, "quarantined a VM record that does not decode; `banger vm forget` removes it");
+                }
+                manager.quarantined = listing.undecodable;
+                for record in listing.records {
                     let name = record.name.clone();
-                    let actor = manager.start_actor(record, ctx);
+                    let actor = manager.start_actor(record, false, ctx);
                     manager.vms.insert(name, actor);
                 }
                 Ok(manager.vms.len())
             }),
         )
     }
+}
+
+/// What the VM ledgers claim under `vms/` and under the jail base: every
+/// resource of every record, and everything a quarantined key could own.
+fn ledger_claims(
+    settings: &VmSettings,
+    listing: &Listing<VmRecord>,
+) -> (HashSet<PathBuf>, HashSet<PathBuf>) {
+    let (mut vms, mut jails) = (HashSet::new(), HashSet::new());
+    for record in &listing.records {
+        for resource in &record.resources {
+            if let Some(path) = settings.path_of(record, *resource) {
+                match resource {
+                    Resource::VmDirectory => vms.insert(path),
+                    Resource::Jail => jails.insert(path),
+                };
+            }
+        }
+    }
+    for bad in &listing.undecodable {
+        vms.insert(settings.paths(&bad.key).dir);
+        jails.insert(settings.jail_base.join("firecracker").join(&bad.key));
+    }
+    (vms, jails)
 }
 
 /// A command for the VM named `name`.
@@ -1187,18 +1378,87 @@ impl Handler<ListVms> for VmManager {
             let mut vms = store
                 .send(List::<VmRecord>::new())
                 .await
-                .map_err(|_| VmError::Unavailable("store"))??;
+                .map_err(|_| VmError::Unavailable("store"))??
+                .records;
             vms.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(vms)
         })
     }
 }
 
+/// The VM records in quarantine, for `daemon status`.
+pub struct QuarantinedVms;
+
+impl Message for QuarantinedVms {
+    type Result = Vec<Undecodable>;
+}
+
+impl Handler<QuarantinedVms> for VmManager {
+    type Result = MessageResult<QuarantinedVms>;
+
+    fn handle(&mut self, _: QuarantinedVms, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.quarantined.clone())
+    }
+}
+
+/// `vm forget ID`: a quarantined VM record goes, with everything it could
+/// own (its directory, its jail). Only quarantined records: a VM that
+/// decodes is removed with `vm rm`.
+pub struct ForgetVm {
+    pub id: String,
+}
+
+impl Message for ForgetVm {
+    type Result = Result<Undecodable, VmError>;
+}
+
+impl Handler<ForgetVm> for VmManager {
+    type Result = ResponseActFuture<Self, Result<Undecodable, VmError>>;
+
+    fn handle(&mut self, msg: ForgetVm, _: &mut Context<Self>) -> Self::Result {
+        let Some(bad) = self.quarantined.iter().find(|b| b.key == msg.id).cloned() else {
+            return Box::pin(fut::ready(Err(VmError::NotQuarantined(msg.id))));
+        };
+        let (store, settings) = (self.store.clone(), self.settings.clone());
+        let id = msg.id;
+        Box::pin(
+            async move {
+                store
+                    .send(Delete::<VmRecord>::new(id.clone()))
+                    .await
+                    .map_err(|_| VmError::Unavailable("store"))??;
+                let dir = settings.paths(&id).dir;
+                let jail = settings.jail_base.join("firecracker").join(&id);
+                tokio::task::spawn_blocking(move || {
+                    settings.host.remove_jail(&jail)?;
+                    reconcile::remove_any(&dir)
+                })
+                .await
+                .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+                .map_err(|source| VmError::Io {
+                    action: "remove the files of",
+                    path: PathBuf::from(&id),
+                    source,
+                })?;
+                info!(id = %id, "forgot a quarantined VM");
+                Ok(bad)
+            }
+            .into_actor(self)
+            .map(|forgot, manager, _| {
+                if let Ok(bad) = &forgot {
+                    manager.quarantined.retain(|b| b.key != bad.key);
+                }
+                forgot
+            }),
+        )
+    }
+}
+
 impl Handler<CreateVm> for VmManager {
     type Result = ResponseActFuture<Self, Result<VmRecord, VmError>>;
 
-    fn handle(&mut self, msg: CreateVm, _: &mut Context<Self>) -> Self::Result {
-        if self.vms.contains_key(&msg.name) || !self.reserved.insert(msg.name.clone()) {
+    fn handle(&mut self, msg: CreateVm, ctx: &mut Context<Self>) -> Self::Result {
+        if self.vms.contains_key(&msg.name) {
             return Box::pin(fut::ready(Err(VmError::Exists(msg.name))));
         }
         let defaults = self.settings.restart_defaults;
@@ -1208,16 +1468,23 @@ impl Handler<CreateVm> for VmManager {
             max_delay_ms: msg.restart_max_delay_ms.unwrap_or(defaults.max_delay_ms),
         };
         let id = crate::vm::new_vm_id();
-        let dir = self.settings.paths(&id).dir;
+        let vmm = msg.vmm.unwrap_or(self.settings.default_vmm);
+        // The ledger names the directory (and the jail, if the backend
+        // makes one) before anything is created.
+        let mut resources = vec![Resource::VmDirectory];
+        if self.settings.backend(vmm).jail_dir(&id).is_some() {
+            resources.push(Resource::Jail);
+        }
         let record = VmRecord {
+            rootfs: self.settings.paths(&id).dir.join("rootfs.ext4"),
             id,
             name: msg.name.clone(),
-            phase: Phase::Created,
-            vmm: msg.vmm.unwrap_or(self.settings.default_vmm),
+            phase: Phase::Creating,
+            resources,
+            vmm,
             vcpus: msg.vcpus,
             memory_mib: msg.memory_mib,
             kernel: msg.kernel.clone(),
-            rootfs: dir.join("rootfs.ext4"),
             created_at: Timestamp::now(),
             started_at: None,
             restart_policy: policy,
@@ -1228,87 +1495,54 @@ impl Handler<CreateVm> for VmManager {
             error: None,
             degraded: None,
         };
-        let store = self.store.clone();
-        let name = msg.name.clone();
-        let source = msg.rootfs;
-        let start = msg.start;
-        let host = self.settings.host.clone();
-        let staged = record.clone();
-        Box::pin(
-            async move {
-                match store
-                    .send(Get::<KernelRecord>::new(msg.kernel.clone()))
+        // The name is taken from here on; a failed create gives it back.
+        let actor = self.start_actor(record.clone(), true, ctx);
+        self.vms.insert(msg.name.clone(), actor.clone());
+        let catalog = self.catalog.clone();
+        let (kernel, name) = (msg.kernel.clone(), msg.name.clone());
+        let (source, start) = (msg.rootfs, msg.start);
+        let created = async move {
+            catalog
+                .send(Reserve {
+                    kernel: kernel.clone(),
+                    vm: name.clone(),
+                })
+                .await
+                .map_err(|_| VmError::Unavailable("catalog"))?
+                .map_err(VmError::from)?;
+            let created = actor
+                .send(VmCommand::Create { source })
+                .await
+                .map_err(|_| VmError::Unavailable("VM actor"));
+            // The record (if any) names the kernel now: it holds it.
+            let _ = catalog
+                .send(Unreserve {
+                    kernel,
+                    vm: name.clone(),
+                })
+                .await;
+            let created = created??;
+            info!(vm = %created.name, id = %created.id, "VM created");
+            if start {
+                actor
+                    .send(VmCommand::Start)
                     .await
-                {
-                    Ok(Ok(Some(_))) => {}
-                    Ok(Ok(None)) => return Err(VmError::NoKernel(msg.kernel)),
-                    Ok(Err(e)) => return Err(e.into()),
-                    Err(_) => return Err(VmError::Unavailable("store")),
-                }
-                clone_rootfs(source, dir.clone(), staged.rootfs.clone()).await?;
-                if let Err(e) = store
-                    .send(Put(staged))
-                    .await
-                    .map_err(|_| VmError::Unavailable("store"))
-                    .and_then(|r| r.map_err(VmError::from))
-                {
-                    let _ = remove_vm_files(host, None, dir).await;
-                    return Err(e);
-                }
-                Ok(())
+                    .map_err(|_| VmError::Unavailable("VM actor"))?
+            } else {
+                Ok(created)
             }
-            .into_actor(self)
-            .then(move |created, manager, ctx| {
-                manager.reserved.remove(&name);
-                let result: Result<Addr<VmActor>, VmError> = created.map(|()| {
-                    info!(vm = %record.name, id = %record.id, "VM created");
-                    let actor = manager.start_actor(record.clone(), ctx);
-                    manager.vms.insert(name.clone(), actor.clone());
-                    actor
-                });
-                let record = record.clone();
-                async move {
-                    let actor = result?;
-                    if start {
-                        actor
-                            .send(VmCommand::Start)
-                            .await
-                            .map_err(|_| VmError::Unavailable("VM actor"))?
-                    } else {
-                        Ok(record)
-                    }
-                }
-                .into_actor(manager)
-            }),
-        )
+        };
+        let ours = self.vms.get(&msg.name).cloned();
+        let name = msg.name;
+        Box::pin(created.into_actor(self).map(move |created, manager, _| {
+            // Refused before the record was written: nothing to undo, and
+            // the actor ends with its address.
+            if let Err(VmError::Kernel(_)) = &created
+                && manager.vms.get(&name) == ours.as_ref()
+            {
+                manager.vms.remove(&name);
+            }
+            created
+        }))
     }
-}
-
-/// The VM's own copy of the root disk: a reflink where the filesystem
-/// allows, a copy otherwise. The user's file is never written.
-async fn clone_rootfs(source: PathBuf, dir: PathBuf, target: PathBuf) -> Result<(), VmError> {
-    tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&dir).map_err(|e| VmError::Io {
-            action: "create",
-            path: dir.clone(),
-            source: e,
-        })?;
-        reflink_copy::reflink_or_copy(&source, &target)
-            .map(drop)
-            .map_err(|e| {
-                let _ = std::fs::remove_dir_all(&dir);
-                VmError::Io {
-                    action: "copy the root filesystem",
-                    path: source.clone(),
-                    source: e,
-                }
-            })
-    })
-    .await
-    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
-}
-
-/// Whether a kernel is in use, for `kernel rm`.
-pub fn vm_using_kernel<'a>(vms: &'a [VmRecord], kernel: &str) -> Option<&'a VmRecord> {
-    vms.iter().find(|vm| vm.kernel == kernel)
 }

@@ -19,8 +19,9 @@ use crate::config::{self, Mode, Overrides};
 use crate::daemon::VERSION;
 use crate::rpc::client::{Client, ClientError};
 use crate::rpc::protocol::{
-    BackupResult, ErrorObject, KernelResult, KernelsResult, LogsResult, MethodsResult,
-    OperationResult, OperationsResult, PingResult, StatusResult, VmResult, VmsResult,
+    BackupResult, ErrorObject, ForgetResult, KernelResult, KernelsResult, LogsResult,
+    MethodsResult, OperationResult, OperationsResult, PingResult, StatusResult, VmResult,
+    VmsResult,
 };
 use crate::rpc::stream;
 use crate::store::records::VmmKind;
@@ -141,6 +142,12 @@ enum VmCommand {
         /// Kill it first if it is running.
         #[arg(long, short)]
         force: bool,
+    },
+    /// Remove a quarantined VM record (one that does not decode, listed
+    /// by `daemon status`) and the files it could own.
+    Forget {
+        /// The record's key: the VM's id.
+        id: String,
     },
     /// Every VM.
     #[command(alias = "list")]
@@ -475,6 +482,10 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
             client.call::<VmResult>("vm.remove", json!({"name": name, "force": force}))?;
             println!("{name} removed");
         }
+        VmCommand::Forget { id } => {
+            client.call::<ForgetResult>("vm.forget", json!({"id": id}))?;
+            println!("{id} forgotten");
+        }
         VmCommand::Ls { json: true } => {
             // Passed through as the daemon wrote it: no parse of every VM.
             #[derive(serde::Deserialize)]
@@ -711,7 +722,7 @@ fn ended(op: &OperationRecord) -> Result<(), Failure> {
 
 fn status_view(status: &StatusResult) -> String {
     let list = |items: Vec<String>| items.join(", ");
-    let rows = vec![
+    let mut rows = vec![
         vec!["version:".into(), status.version.clone()],
         vec!["pid:".into(), status.pid.to_string()],
         vec!["mode:".into(), status.mode.clone()],
@@ -753,5 +764,11 @@ fn status_view(status: &StatusResult) -> String {
             format!("{} running", status.operations_running),
         ],
     ];
+    for bad in &status.quarantined {
+        rows.push(vec![
+            "quarantined:".into(),
+            format!("{} {}: {}", bad.table, bad.key, bad.reason),
+        ]);
+    }
     output::table(&rows)
 }

@@ -14,23 +14,26 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
-    BackupParams, BackupResult, ErrorCode, HelloParams, HelloResult, KernelImportDebParams,
-    KernelImportParams, KernelRef, KernelResult, KernelsResult, LogsResult, METHODS, MemoryArg,
-    MethodDescription, MethodsResult, Notification, OperationRef, OperationResult,
-    OperationsResult, PROTOCOL_VERSION, PingResult, Progress, Request, RpcError, StatusResult,
-    StoreSchemaResult, StoreStatus, VmCreateParams, VmPingParams, VmRef, VmResult, VmView,
-    VmsResult, WithOpId,
+    BackupParams, BackupResult, ErrorCode, ForgetResult, HelloParams, HelloResult,
+    KernelImportDebParams, KernelImportParams, KernelRef, KernelResult, KernelsResult, LogsResult,
+    METHODS, MemoryArg, MethodDescription, MethodsResult, Notification, OperationRef,
+    OperationResult, OperationsResult, PROTOCOL_VERSION, PingResult, Progress, Request, RpcError,
+    StatusResult, StoreSchemaResult, StoreStatus, VmCreateParams, VmForgetParams, VmPingParams,
+    VmRef, VmResult, VmView, VmsResult, WithOpId,
+};
+use crate::actors::catalog::{
+    CatalogActor, ImportKernel, ImportProgress, KernelSource, ListKernels, QuarantinedKernels,
+    RemoveKernel,
 };
 use crate::actors::operation::{
     Begin, CancelOperation, GetOperation, ListOperations, OperationHandle, OperationRegistry,
     WatchOperation,
 };
-use crate::actors::store::{CountRecords, Delete, Get, List, Put, StoreActor, TakeSnapshot};
+use crate::actors::store::{CountRecords, StoreActor, TakeSnapshot};
 use crate::actors::vm::{
-    AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ListVms, VmCommand, VmError, VmManager,
-    VmSettings, vm_using_kernel,
+    AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ForgetVm, ListVms, QuarantinedVms, VmCommand,
+    VmManager, VmSettings,
 };
-use crate::catalog::{self, CatalogError};
 use crate::config::Mode;
 use crate::error_chain;
 use crate::guest::link::{AgentLink, ExecSession};
@@ -64,6 +67,7 @@ pub struct DaemonInfo {
 /// What request handlers reach.
 pub struct Services {
     pub store: Addr<StoreActor>,
+    pub catalog: Addr<CatalogActor>,
     pub operations: Addr<OperationRegistry>,
     pub vms: Addr<VmManager>,
     pub vm_settings: Arc<VmSettings>,
@@ -172,6 +176,13 @@ pub async fn handle(
             };
             vm_command(services, reply, "vm.remove", params.name, command).await
         }
+        Request::VmForget(VmForgetParams { id }) => {
+            let forgotten = operation(services, reply, "vm.forget", &id.clone(), async {
+                Ok(services.vms.send(ForgetVm { id }).await??)
+            })
+            .await?;
+            with_op_id(reply, ForgetResult { forgotten })
+        }
         Request::VmList => {
             let vms = services.vms.send(ListVms).await??;
             with_op_id(
@@ -240,18 +251,13 @@ pub async fn handle(
             with_op_id(reply, import_package(services, params, reply).await?)
         }
         Request::KernelList => {
-            let mut kernels = services.store.send(List::<KernelRecord>::new()).await??;
-            kernels.sort_by(|a, b| a.name.cmp(&b.name));
+            let kernels = services.catalog.send(ListKernels).await??;
             with_op_id(reply, KernelsResult { kernels })
         }
         Request::KernelRemove(KernelRef { name }) => {
-            let kernel = operation(
-                services,
-                reply,
-                "kernel.remove",
-                &name.clone(),
-                remove_kernel(services, name),
-            )
+            let kernel = operation(services, reply, "kernel.remove", &name.clone(), async {
+                Ok(services.catalog.send(RemoveKernel { name }).await??)
+            })
             .await?;
             with_op_id(reply, KernelResult { kernel })
         }
@@ -377,57 +383,19 @@ async fn import_kernel(
     services: &Services,
     params: KernelImportParams,
 ) -> Result<KernelRecord, RpcError> {
-    refuse_taken_kernel_name(services, &params.name).await?;
-    let kernels_dir = services.kernels_dir.clone();
-    let name = params.name.clone();
-    let (vmlinux, initrd) = (params.vmlinux.clone(), params.initrd.clone());
-    let imported = tokio::task::spawn_blocking(move || {
-        catalog::import_kernel(&kernels_dir, &name, &vmlinux, initrd.as_deref())
-    })
-    .await
-    .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
-    let record = KernelRecord {
+    let import = ImportKernel {
         name: params.name,
-        vmlinux: imported.vmlinux,
-        vmlinux_sha256: Some(imported.vmlinux_sha256),
-        initrd: imported.initrd,
-        initrd_sha256: imported.initrd_sha256,
-        bzimage: None,
-        bzimage_sha256: None,
-        version: None,
-        package: None,
-        modules: Vec::new(),
-        cmdline: params.cmdline,
-        created_at: Timestamp::now(),
+        source: KernelSource::Vmlinux {
+            vmlinux: params.vmlinux,
+            initrd: params.initrd,
+            cmdline: params.cmdline,
+        },
+        progress: Arc::new(|_, _| {}),
     };
-    record_kernel(services, record).await
+    Ok(services.catalog.send(import).await??)
 }
 
-async fn refuse_taken_kernel_name(services: &Services, name: &str) -> Result<(), RpcError> {
-    let taken = services
-        .store
-        .send(Get::<KernelRecord>::new(name.to_string()))
-        .await??;
-    match taken {
-        Some(_) => Err(CatalogError::Exists(name.to_string()).into()),
-        None => Ok(()),
-    }
-}
-
-/// Stores an imported kernel's record; if that fails, its files go too.
-async fn record_kernel(
-    services: &Services,
-    record: KernelRecord,
-) -> Result<KernelRecord, RpcError> {
-    if let Err(e) = services.store.send(Put(record.clone())).await? {
-        let _ = std::fs::remove_dir_all(catalog::kernel_dir(&services.kernels_dir, &record.name));
-        return Err(e.into());
-    }
-    Ok(record)
-}
-
-/// `kernel.import_deb`: the file work on a blocking thread, its phases as
-/// progress, the record once the files are in place.
+/// `kernel.import_deb`: the catalog's import, its phases as progress.
 async fn import_package(
     services: &Services,
     params: KernelImportDebParams,
@@ -441,81 +409,22 @@ async fn import_package(
         intent_first: false,
     };
     let kernel = with_progress(services, reply, begin, |report, _| async move {
-        refuse_taken_kernel_name(services, &params.name).await?;
-        let (kernels_dir, name, package, agent) = (
-            services.kernels_dir.clone(),
-            params.name.clone(),
-            params.path.clone(),
-            services.vm_settings.agent.clone(),
-        );
-        let imported = tokio::task::spawn_blocking(move || {
-            catalog::import_package(&kernels_dir, &name, &package, &agent, |phase, step| {
-                report(phase, Some(step), Some(4))
-            })
-        })
-        .await
-        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
-        let record = KernelRecord {
-            name: params.name.clone(),
-            vmlinux: imported.vmlinux,
-            vmlinux_sha256: Some(imported.vmlinux_sha256),
-            initrd: Some(imported.initrd),
-            initrd_sha256: Some(imported.initrd_sha256),
-            bzimage: Some(imported.bzimage),
-            bzimage_sha256: Some(imported.bzimage_sha256),
-            version: Some(imported.version),
-            package: params
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned()),
-            modules: imported.modules,
-            cmdline: None,
-            created_at: Timestamp::now(),
+        // The import reports from its blocking thread.
+        let report = std::sync::Mutex::new(report);
+        let progress: ImportProgress = Arc::new(move |phase, step| {
+            if let Ok(report) = report.lock() {
+                report(phase, Some(step), Some(4));
+            }
+        });
+        let import = ImportKernel {
+            name: params.name,
+            source: KernelSource::Package { path: params.path },
+            progress,
         };
-        record_kernel(services, record).await
+        Ok(services.catalog.send(import).await??)
     })
     .await?;
     Ok(KernelResult { kernel })
-}
-
-async fn remove_kernel(services: &Services, name: String) -> Result<KernelRecord, RpcError> {
-    let Some(kernel) = services
-        .store
-        .send(Get::<KernelRecord>::new(name.clone()))
-        .await??
-    else {
-        return Err(VmError::KernelNotFound(name).into());
-    };
-    let vms = services.vms.send(ListVms).await??;
-    if let Some(vm) = vm_using_kernel(&vms, &name) {
-        return Err(VmError::KernelInUse {
-            kernel: name,
-            vm: vm.name.clone(),
-        }
-        .into());
-    }
-    services
-        .store
-        .send(Delete::<KernelRecord>::new(name.clone()))
-        .await??;
-    let dir = catalog::kernel_dir(&services.kernels_dir, &name);
-    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
-        .await
-        .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))?
-        .or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
-        .map_err(|e| {
-            RpcError::new(
-                ErrorCode::Internal,
-                format!("cannot remove the kernel's files: {e}"),
-            )
-        })?;
-    Ok(kernel)
 }
 
 /// The console log of the VM named `name`.
@@ -646,11 +555,15 @@ fn hello(services: &Services, params: HelloParams) -> Result<HelloResult, RpcErr
 }
 
 async fn status(services: &Services) -> Result<StatusResult, RpcError> {
-    let (records, running) = tokio::join!(
+    let (records, running, vms, kernels) = tokio::join!(
         services.store.send(CountRecords),
-        services.operations.send(ListOperations { all: false })
+        services.operations.send(ListOperations { all: false }),
+        services.vms.send(QuarantinedVms),
+        services.catalog.send(QuarantinedKernels),
     );
     let (records, running) = (records??, running??);
+    let mut quarantined = vms?;
+    quarantined.extend(kernels?);
     let info = &services.info;
     Ok(StatusResult {
         version: info.version.clone(),
@@ -671,6 +584,7 @@ async fn status(services: &Services) -> Result<StatusResult, RpcError> {
             records,
         },
         operations_running: running.len() as u64,
+        quarantined,
     })
 }
 

@@ -3,6 +3,7 @@
 use actix::MailboxError;
 
 use super::protocol::{ErrorCode, RpcError};
+use crate::actors::catalog::KernelError;
 use crate::actors::operation::OperationError;
 use crate::actors::vm::VmError;
 use crate::catalog::CatalogError;
@@ -88,19 +89,37 @@ impl From<CatalogError> for RpcError {
     }
 }
 
+impl From<KernelError> for RpcError {
+    fn from(e: KernelError) -> RpcError {
+        match e {
+            KernelError::Catalog(e) => e.into(),
+            KernelError::Store(e) => e.into(),
+            e => {
+                let code = match &e {
+                    KernelError::NotFound(_) => ErrorCode::NotFound,
+                    KernelError::InUse { .. } | KernelError::Importing(_) => ErrorCode::Conflict,
+                    _ => ErrorCode::Unavailable,
+                };
+                RpcError::new(code, error_chain(&e))
+            }
+        }
+    }
+}
+
 impl From<VmError> for RpcError {
     fn from(e: VmError) -> RpcError {
         match e {
             VmError::Invalid(e) => e.into(),
             VmError::Catalog(e) => e.into(),
+            VmError::Kernel(e) => e.into(),
             VmError::Store(e) => e.into(),
             e => {
                 let code = match &e {
-                    VmError::NotFound(_) | VmError::NoKernel(_) | VmError::KernelNotFound(_) => {
+                    VmError::NotFound(_) | VmError::NoKernel(_) | VmError::NotQuarantined(_) => {
                         ErrorCode::NotFound
                     }
                     VmError::Exists(_) => ErrorCode::AlreadyExists,
-                    VmError::Conflict { .. } | VmError::KernelInUse { .. } => ErrorCode::Conflict,
+                    VmError::Conflict { .. } => ErrorCode::Conflict,
                     VmError::Unavailable(_) | VmError::Agent { .. } => ErrorCode::Unavailable,
                     _ => ErrorCode::Internal,
                 };

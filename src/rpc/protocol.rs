@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::store::Undecodable;
 use crate::store::records::{Accel, KernelRecord, OperationRecord, VmRecord, VmState, VmmKind};
 use crate::vm::machine::Phase;
 use crate::vm::restart::RestartMode;
@@ -342,6 +343,18 @@ pub struct VmStopParams {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct VmForgetParams {
+    /// The quarantined record's key: the VM's id.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgetResult {
+    pub forgotten: Undecodable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmRemoveParams {
     pub name: String,
     /// Stop (kill) a running VM first.
@@ -444,6 +457,7 @@ pub enum Request {
     VmKill(VmRef),
     VmRestart(VmStopParams),
     VmRemove(VmRemoveParams),
+    VmForget(VmForgetParams),
     VmList,
     VmGet(VmRef),
     VmLogs(VmLogsParams),
@@ -522,6 +536,10 @@ pub const METHODS: &[MethodInfo] = &[
         summary: "Remove a stopped VM and everything it left on the host (force: kill it first).",
     },
     MethodInfo {
+        name: "vm.forget",
+        summary: "Remove a quarantined VM record (one that does not decode) and the files it could own.",
+    },
+    MethodInfo {
         name: "vm.list",
         summary: "Every VM, by name.",
     },
@@ -577,6 +595,7 @@ impl Request {
             Request::VmKill(_) => "vm.kill",
             Request::VmRestart(_) => "vm.restart",
             Request::VmRemove(_) => "vm.remove",
+            Request::VmForget(_) => "vm.forget",
             Request::VmList => "vm.list",
             Request::VmGet(_) => "vm.get",
             Request::VmLogs(_) => "vm.logs",
@@ -620,6 +639,7 @@ impl Request {
             "vm.kill" => Request::VmKill(typed(params)?),
             "vm.restart" => Request::VmRestart(typed(params)?),
             "vm.remove" => Request::VmRemove(typed(params)?),
+            "vm.forget" => Request::VmForget(typed(params)?),
             "vm.list" => typed::<NoParams>(params).map(|_| Request::VmList)?,
             "vm.get" => Request::VmGet(typed(params)?),
             "vm.logs" => Request::VmLogs(typed(params)?),
@@ -810,6 +830,9 @@ pub struct StatusResult {
     pub socket: PathBuf,
     pub store: StoreStatus,
     pub operations_running: u64,
+    /// Records that do not decode, left alone (with what they own) until
+    /// `vm forget` removes them.
+    pub quarantined: Vec<Undecodable>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1051,6 +1074,7 @@ mod tests {
                 "vm.exec" => serde_json::json!({"name": "a", "argv": ["uname", "-r"]}),
                 "kernel.import_deb" => serde_json::json!({"name": "k", "path": "/k.deb"}),
                 "vm.list" | "kernel.list" => serde_json::json!({}),
+                "vm.forget" => serde_json::json!({"id": "abcdefghij"}),
                 n if n.starts_with("vm.") || n.starts_with("kernel.") => {
                     serde_json::json!({"name": "a"})
                 }

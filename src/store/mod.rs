@@ -98,6 +98,21 @@ pub enum StoreError {
     Locked { path: PathBuf, holder: String },
 }
 
+/// A table's records: those that decode, and those that do not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listing<R> {
+    pub records: Vec<R>,
+    pub undecodable: Vec<Undecodable>,
+}
+
+/// A record that does not decode: quarantined, never a reason to stop.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Undecodable {
+    pub table: String,
+    pub key: String,
+    pub reason: String,
+}
+
 fn db_err<E: Into<redb::Error>>(table: &str) -> impl FnOnce(E) -> StoreError + '_ {
     move |source| StoreError::Db {
         table: table.to_string(),
@@ -159,17 +174,29 @@ impl Store {
         value.map(|v| self.decode(key, v.value())).transpose()
     }
 
-    pub fn list<R: Record>(&self) -> Result<Vec<R>, StoreError> {
+    /// Every record of the table that decodes, and the keys of those that
+    /// do not: one bad record never hides the others.
+    pub fn list<R: Record>(&self) -> Result<Listing<R>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err(R::TABLE))?;
         let table = txn
             .open_table(data_table(R::TABLE))
             .map_err(db_err(R::TABLE))?;
-        let mut records = Vec::new();
+        let mut listing = Listing {
+            records: Vec::new(),
+            undecodable: Vec::new(),
+        };
         for entry in table.iter().map_err(db_err(R::TABLE))? {
             let (key, value) = entry.map_err(db_err(R::TABLE))?;
-            records.push(self.decode(key.value(), value.value())?);
+            match self.decode(key.value(), value.value()) {
+                Ok(record) => listing.records.push(record),
+                Err(e) => listing.undecodable.push(Undecodable {
+                    table: R::TABLE.to_string(),
+                    key: key.value().to_string(),
+                    reason: crate::error_chain(&e),
+                }),
+            }
         }
-        Ok(records)
+        Ok(listing)
     }
 
     /// Inserts or replaces the record; durable when this returns.

@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::vm::ledger::Resource;
 use crate::vm::machine::Phase;
 use crate::vm::restart::{RestartHistory, RestartPolicy};
 use crate::vm::state::LastExit;
@@ -23,6 +24,7 @@ pub trait Record: Serialize + DeserializeOwned + Send + 'static {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
+    Creating,
     Created,
     Starting,
     Running,
@@ -48,6 +50,9 @@ pub struct VmRecord {
     pub name: String,
     /// Where the VM is in its lifecycle, with its deadline (`vm::machine`).
     pub phase: Phase,
+    /// The host resources the VM owns, written before each is acquired
+    /// and removed after it is released (`vm::ledger`).
+    pub resources: Vec<Resource>,
     pub vmm: VmmKind,
     pub vcpus: u8,
     pub memory_mib: u32,

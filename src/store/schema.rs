@@ -85,7 +85,7 @@ impl Schema {
 }
 
 /// vms v1 -> v2: the persisted `state` (and `next_restart_at`) become the
-/// lifecycle phase. A v1 VM caught starting or stopping gets a deadline in
+/// lifecycle phase, and the VM's resource ledger is written. A v1 VM caught starting or stopping gets a deadline in
 /// the past: recovery then launches it afresh, or finishes its stop.
 fn vm_phase_from_state(mut data: serde_json::Value) -> Result<serde_json::Value, String> {
     use serde_json::json;
@@ -116,6 +116,8 @@ fn vm_phase_from_state(mut data: serde_json::Value) -> Result<serde_json::Value,
         (other, _) => return Err(format!("unknown state {other:?}")),
     };
     record.insert("phase".into(), phase);
+    // The ledger: the VM's directory, and its jail should it have one.
+    record.insert("resources".into(), json!(["vm-directory", "jail"]));
     Ok(data)
 }
 
@@ -146,6 +148,7 @@ mod tests {
                 process: None,
                 error: None,
                 degraded: None,
+                resources: Vec::new(),
             })
             .expect("json");
             let obj = record.as_object_mut().expect("object");

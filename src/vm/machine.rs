@@ -34,6 +34,9 @@ pub const KILL_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "kebab-case")]
 pub enum Phase {
+    /// Being created: the record (and its ledger) is written before its
+    /// disk is cloned. Found at start-up, the create is undone.
+    Creating,
     /// Never started.
     Created,
     /// A VMM is being spawned and configured. `restart`: an automatic
@@ -80,6 +83,7 @@ impl Phase {
     /// The stable `state` of `vm ls --json`, which scripts read.
     pub fn state(&self) -> VmState {
         match self {
+            Phase::Creating => VmState::Creating,
             Phase::Created => VmState::Created,
             Phase::Launching { .. } => VmState::Starting,
             Phase::Running => VmState::Running,
@@ -112,6 +116,8 @@ pub type RequestId = u64;
 /// What a waiting client is waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Until {
+    /// The VM's disk is cloned and the VM exists.
+    Created,
     /// The launch under way ends: running, or failed.
     Launched,
     /// The VMM has exited and the exit is recorded.
@@ -171,6 +177,11 @@ pub struct Exit {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// `vm create`: clone `source` as the VM's disk.
+    Create {
+        request: RequestId,
+        source: std::path::PathBuf,
+    },
     Start {
         request: RequestId,
     },
@@ -204,6 +215,8 @@ pub enum Event {
     Timer,
     /// Start-up (or an actor restart): the persisted phase meets the host.
     Recovered(HostView),
+    /// [`Effect::CloneDisk`] finished.
+    DiskCloned(Result<(), String>),
     /// [`Effect::RemoveFiles`] finished.
     FilesRemoved(Result<(), String>),
     /// A re-adopted VMM's control socket answered, or kept failing.
@@ -225,6 +238,9 @@ pub enum Effect {
     Persist,
     /// Delete the record (the VM's last write); later effects wait for it.
     Delete,
+    /// Clone this file as the VM's root disk, in the VM's directory (its
+    /// ledger already names the directory); answers [`Event::DiskCloned`].
+    CloneDisk(std::path::PathBuf),
     /// Spawn the VMM (in its own session, holding the VM directory's lock);
     /// answers [`Event::Spawned`] or [`Event::LaunchFailed`].
     Spawn,
@@ -244,7 +260,8 @@ pub enum Effect {
     ConnectAgent,
     /// Drop the agent link (the VMM is gone).
     DropAgent,
-    /// Remove the VM's directory and jail; answers [`Event::FilesRemoved`].
+    /// Release every resource of the VM's ledger (its directory, its
+    /// jail); answers [`Event::FilesRemoved`].
     RemoveFiles,
     Reply {
         request: RequestId,
@@ -286,7 +303,8 @@ pub fn step(vm: &Vm, event: Event, now: Timestamp) -> Result<(Vm, Vec<Effect>), 
 
 fn request_of(event: &Event) -> Option<RequestId> {
     match *event {
-        Event::Start { request }
+        Event::Create { request, .. }
+        | Event::Start { request }
         | Event::Stop { request, .. }
         | Event::Kill { request }
         | Event::Restart { request, .. }
@@ -305,6 +323,7 @@ fn conflict(vm: &Vm, hint: &'static str) -> Conflict {
 
 pub fn state_name(state: VmState) -> &'static str {
     match state {
+        VmState::Creating => "being created",
         VmState::Created => "created",
         VmState::Starting => "starting",
         VmState::Running => "running",
@@ -332,7 +351,12 @@ impl Transition<'_> {
     fn apply(&mut self, event: Event) -> Result<(), Conflict> {
         let phase = self.vm.record.phase;
         let has_process = self.vm.record.process.is_some();
+        if phase == Phase::Creating {
+            return self.creating(event);
+        }
         match event {
+            Event::Create { .. } => Err(conflict(self.vm, "it exists already")),
+            Event::DiskCloned(_) => Ok(()),
             Event::Start { request } => self.start(phase, request),
             Event::Stop { request, timeout } => self.stop(phase, request, Intent::Stop, timeout),
             Event::Kill { request } => self.stop(phase, request, Intent::Kill, KILL_GRACE),
@@ -405,6 +429,57 @@ impl Transition<'_> {
         }
     }
 
+    /// A VM being created: only its own create moves it; any other
+    /// command waits for it to exist; recovery undoes an interrupted one.
+    fn creating(&mut self, event: Event) -> Result<(), Conflict> {
+        match event {
+            Event::Create { request, source } => {
+                self.effects.push(Effect::Persist);
+                self.effects.push(Effect::CloneDisk(source));
+                self.wait(request, Until::Created);
+            }
+            Event::DiskCloned(Ok(())) => {
+                self.vm.record.phase = Phase::Created;
+                self.effects.push(Effect::Persist);
+                self.reply_all(Until::Created, Outcome::Done);
+            }
+            Event::DiskCloned(Err(error)) => {
+                self.undo_create();
+                self.reply_all(Until::Created, Outcome::Failed(error));
+            }
+            Event::Recovered(_) => {
+                self.vm.waiters.clear();
+                self.undo_create();
+            }
+            Event::Start { .. }
+            | Event::Stop { .. }
+            | Event::Kill { .. }
+            | Event::Restart { .. }
+            | Event::Remove { .. } => {
+                return Err(conflict(self.vm, "wait for vm create to finish"));
+            }
+            Event::Spawned(_) => self.effects.push(Effect::KillUnrecorded),
+            Event::Ready
+            | Event::LaunchFailed(_)
+            | Event::Exited(_)
+            | Event::Announced(_)
+            | Event::Timer
+            | Event::FilesRemoved(_)
+            | Event::Probed(_) => {}
+        }
+        Ok(())
+    }
+
+    /// An unfinished create: everything its ledger names goes, then the
+    /// record.
+    fn undo_create(&mut self) {
+        self.vm.record.phase = Phase::Removing {
+            deadline: after(self.now, KILL_GRACE),
+        };
+        self.effects.push(Effect::Persist);
+        self.effects.push(Effect::RemoveFiles);
+    }
+
     fn wait(&mut self, request: RequestId, until: Until) {
         self.vm.waiters.push(Waiter { request, until });
     }
@@ -446,7 +521,8 @@ impl Transition<'_> {
 
     fn start(&mut self, phase: Phase, request: RequestId) -> Result<(), Conflict> {
         match phase {
-            Phase::Created
+            Phase::Creating
+            | Phase::Created
             | Phase::Stopped
             | Phase::Crashed
             | Phase::Failed
@@ -478,7 +554,9 @@ impl Transition<'_> {
         timeout: Duration,
     ) -> Result<(), Conflict> {
         match phase {
-            Phase::Created | Phase::Stopped | Phase::Failed => self.reply(request, Outcome::Done),
+            Phase::Creating | Phase::Created | Phase::Stopped | Phase::Failed => {
+                self.reply(request, Outcome::Done)
+            }
             // A stop wins over a pending restart, and ends a crash's story.
             Phase::Crashed | Phase::BackingOff { .. } => {
                 self.vm.record.phase = Phase::Stopped;
@@ -487,12 +565,12 @@ impl Transition<'_> {
             }
             // A half-started VMM has no guest to power off gracefully.
             Phase::Launching { .. } => {
+                // Without a process yet, the spawn's answer ends the stop.
+                self.kill_now(intent);
                 self.reply_all(
                     Until::Launched,
                     Outcome::Failed("a stop ended the start".into()),
                 );
-                // Without a process yet, the spawn's answer ends the stop.
-                self.kill_now(intent);
                 self.wait(request, Until::Exited);
             }
             Phase::Running => {
@@ -516,21 +594,27 @@ impl Transition<'_> {
                 killed,
                 deadline,
             } => {
+                // A kill is the strongest; a stop replaces a restart.
+                let next = match (intent, current) {
+                    (Intent::Kill, _) => Intent::Kill,
+                    (_, Intent::Restart) => intent,
+                    _ => current,
+                };
+                if intent == Intent::Kill && !killed {
+                    self.kill_now(next);
+                } else if next != current {
+                    self.vm.record.phase = Phase::Stopping {
+                        intent: next,
+                        killed,
+                        deadline,
+                    };
+                    self.effects.push(Effect::Persist);
+                }
                 if current == Intent::Restart {
                     self.reply_all(
                         Until::Launched,
                         Outcome::Failed("a stop replaced the restart".into()),
                     );
-                }
-                if intent == Intent::Kill && !killed {
-                    self.kill_now(intent);
-                } else if current == Intent::Restart {
-                    self.vm.record.phase = Phase::Stopping {
-                        intent,
-                        killed,
-                        deadline,
-                    };
-                    self.effects.push(Effect::Persist);
                 }
                 self.wait(request, Until::Exited);
             }
@@ -568,7 +652,8 @@ impl Transition<'_> {
         timeout: Duration,
     ) -> Result<(), Conflict> {
         match phase {
-            Phase::Created
+            Phase::Creating
+            | Phase::Created
             | Phase::Stopped
             | Phase::Crashed
             | Phase::Failed
@@ -606,7 +691,8 @@ impl Transition<'_> {
     fn remove(&mut self, phase: Phase, request: RequestId, force: bool) -> Result<(), Conflict> {
         let has_process = self.vm.record.process.is_some();
         match phase {
-            Phase::Created
+            Phase::Creating
+            | Phase::Created
             | Phase::Stopped
             | Phase::Crashed
             | Phase::Failed
@@ -622,14 +708,14 @@ impl Transition<'_> {
                 if !force {
                     return Err(conflict(self.vm, "stop it first, or use --force"));
                 }
+                self.kill_into(Phase::Removing {
+                    deadline: after(self.now, KILL_GRACE),
+                });
                 self.reply_all(
                     Until::Launched,
                     Outcome::Failed("the VM was removed".into()),
                 );
                 self.reply_all(Until::Exited, Outcome::Failed("the VM was removed".into()));
-                self.kill_into(Phase::Removing {
-                    deadline: after(self.now, KILL_GRACE),
-                });
                 self.wait(request, Until::Removed);
             }
             Phase::Removing { .. } => {
@@ -671,8 +757,10 @@ impl Transition<'_> {
         match phase {
             Phase::Launching { restart, .. } => {
                 if has_process {
-                    // The exit of the half-started VMM ends the launch.
+                    // The exit of the half-started VMM ends the launch; the
+                    // failure is durable first, so recovery finishes it.
                     self.vm.record.error = Some(error);
+                    self.effects.push(Effect::Persist);
                     self.effects.push(Effect::Kill);
                 } else {
                     self.fail_launch(restart, error);
@@ -689,6 +777,8 @@ impl Transition<'_> {
     fn fail_launch(&mut self, restart: bool, error: String) {
         self.vm.record.error = Some(error.clone());
         self.vm.record.degraded = None;
+        // Whoever waits for this VM's agent hears that it will not come.
+        self.effects.push(Effect::DropAgent);
         if restart {
             self.crashed(ExitKind::Crash, Duration::ZERO);
         } else {
@@ -795,10 +885,12 @@ impl Transition<'_> {
             Phase::Removing { .. } => {
                 self.effects.push(Effect::DropAgent);
                 self.record_exit(ExitKind::Killed, exit);
+                self.effects.push(Effect::Persist);
                 self.effects.push(Effect::RemoveFiles);
             }
             // No process belongs to these phases.
-            Phase::Created
+            Phase::Creating
+            | Phase::Created
             | Phase::Stopped
             | Phase::Crashed
             | Phase::Failed
@@ -830,6 +922,7 @@ impl Transition<'_> {
                             "the VMM did not get ready within {}s",
                             LAUNCH_TIMEOUT.as_secs()
                         ));
+                        self.effects.push(Effect::Persist);
                     }
                     self.effects.push(Effect::Kill);
                     self.effects
@@ -869,9 +962,12 @@ impl Transition<'_> {
             match phase {
                 Phase::Launching { restart, .. } => {
                     // A launch cut short by the daemon is tried again, not
-                    // counted as a failure.
+                    // counted as a failure; one that had failed ends so.
                     self.vm.record.process = None;
-                    self.launch(restart);
+                    match self.vm.record.error.take() {
+                        Some(error) => self.fail_launch(restart, error),
+                        None => self.launch(restart),
+                    }
                     return;
                 }
                 Phase::Running | Phase::Stopping { .. } | Phase::Removing { .. } => {
@@ -886,7 +982,7 @@ impl Transition<'_> {
             }
         }
         match phase {
-            Phase::Created | Phase::Stopped | Phase::Crashed | Phase::Failed => {
+            Phase::Creating | Phase::Created | Phase::Stopped | Phase::Crashed | Phase::Failed => {
                 if alive {
                     // A live VMM in a phase that has none: make it go.
                     self.kill_now(Intent::Kill);
@@ -901,12 +997,15 @@ impl Transition<'_> {
             }
             Phase::Launching { restart, .. } => {
                 if alive {
-                    // Its configuration is unknown: kill it, then launch anew.
+                    // Its configuration is unknown: kill it, then launch
+                    // anew; unless the launch had failed, which its exit ends.
                     self.kill_into(Phase::Launching {
                         restart,
-                        retry: true,
+                        retry: self.vm.record.error.is_none(),
                         deadline: after(self.now, LAUNCH_TIMEOUT),
                     });
+                } else if let Some(error) = self.vm.record.error.take() {
+                    self.fail_launch(restart, error);
                 } else {
                     self.launch(restart);
                 }

@@ -2,6 +2,7 @@
 //! its identity (name and short id), its states, and its restart policy.
 //! `actors::vm` applies them.
 
+pub mod ledger;
 pub mod machine;
 pub mod restart;
 pub mod state;

@@ -3,6 +3,8 @@
 //! test fails.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod halt;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -239,6 +241,7 @@ pub fn vm_record(i: usize) -> banger::store::records::VmRecord {
         process: None,
         error: None,
         degraded: None,
+        resources: vec![banger::vm::ledger::Resource::VmDirectory],
     }
 }
 

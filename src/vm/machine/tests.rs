@@ -8,6 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::store::records::VmmKind;
+use crate::vm::ledger::Resource;
 
 fn at(seconds: i64) -> Timestamp {
     Timestamp::from_second(1_700_000_000 + seconds).expect("timestamp")
@@ -42,6 +43,7 @@ fn record() -> VmRecord {
         process: None,
         error: None,
         degraded: None,
+        resources: vec![Resource::VmDirectory],
     }
 }
 
@@ -62,6 +64,7 @@ fn phases() -> Vec<(&'static str, Vm)> {
     let mut removed = vm(Phase::Stopped, None, false);
     removed.removed = true;
     vec![
+        ("creating", vm(Phase::Creating, None, false)),
         ("created", vm(Phase::Created, None, false)),
         (
             "launching/spawning",
@@ -192,6 +195,20 @@ fn events() -> Vec<(&'static str, Event, Timestamp)> {
     let due = at(200);
     let timeout = Duration::from_secs(5);
     vec![
+        (
+            "create",
+            Event::Create {
+                request: 1,
+                source: PathBuf::from("/images/base.ext4"),
+            },
+            now,
+        ),
+        ("disk-cloned", Event::DiskCloned(Ok(())), now),
+        (
+            "clone-failed",
+            Event::DiskCloned(Err("no space".into())),
+            now,
+        ),
         ("start", Event::Start { request: 1 }, now),
         (
             "stop",
@@ -247,6 +264,7 @@ fn phase_name(vm: &Vm) -> String {
         return "removed".into();
     }
     let name = match vm.record.phase {
+        Phase::Creating => "creating".to_string(),
         Phase::Created => "created".to_string(),
         Phase::Launching { restart, retry, .. } => format!(
             "launching{}{}",
@@ -280,6 +298,7 @@ fn effect_name(effect: &Effect) -> String {
     match effect {
         Effect::Persist => "persist".into(),
         Effect::Delete => "delete".into(),
+        Effect::CloneDisk(_) => "clone-disk".into(),
         Effect::Spawn => "spawn".into(),
         Effect::Configure => "configure".into(),
         Effect::Kill => "kill".into(),
@@ -372,6 +391,7 @@ fn the_persisted_phase_shows_as_the_stable_state() {
 /// What the host does with the effects, in the model.
 #[derive(Debug, Clone)]
 enum Pending {
+    CloneDisk,
     Spawn,
     Configure,
     RemoveFiles,
@@ -429,9 +449,14 @@ fn action() -> impl Strategy<Value = Action> {
 
 impl World {
     fn new() -> World {
+        let creating = VmRecord {
+            phase: Phase::Creating,
+            ..record()
+        };
         World {
-            vm: Vm::new(record()),
-            stored: Some(record()),
+            vm: Vm::new(creating),
+            // Nothing is stored until the create's first write.
+            stored: None,
             live: Vec::new(),
             pending: Vec::new(),
             next_pid: 100,
@@ -488,13 +513,19 @@ impl World {
                 }
                 Effect::KillUnrecorded => {}
                 Effect::RemoveFiles => self.pending.push(Pending::RemoveFiles),
-                Effect::Reply { outcome, .. } => {
+                Effect::CloneDisk(_) => {
+                    if self.stored.as_ref().map(|r| r.phase) != Some(Phase::Creating) {
+                        return Err("a disk cloned before the ledger was durable".into());
+                    }
+                    self.pending.push(Pending::CloneDisk);
+                }
+                Effect::Reply { .. } => {
                     self.replies += 1;
                     let durable = match &self.stored {
                         Some(stored) => stored == &self.vm.record,
                         None => self.vm.removed,
                     };
-                    if outcome == Outcome::Done && !durable {
+                    if !durable {
                         return Err(format!(
                             "a reply ahead of the store: {:?} vs {:?}",
                             self.vm.record.phase,
@@ -566,6 +597,11 @@ impl World {
                     (Pending::Configure, false) => {
                         self.feed(Event::LaunchFailed("configure".into()))
                     }
+                    (Pending::CloneDisk, ok) => self.feed(Event::DiskCloned(if ok {
+                        Ok(())
+                    } else {
+                        Err("no space".into())
+                    })),
                     (Pending::Exit(pid), _) => {
                         if !self.live.contains(&pid) {
                             return Ok(());
@@ -629,6 +665,12 @@ proptest! {
     #[test]
     fn invariants_hold_over_random_histories(actions in proptest::collection::vec(action(), 1..60)) {
         let mut world = World::new();
+        let create = Event::Create { request: 0, source: PathBuf::from("/images/base.ext4") };
+        let (vm, effects) = step(&world.vm, create, world.now).expect("create");
+        prop_assert_eq!(&effects[..2], &[Effect::Persist, Effect::CloneDisk(PathBuf::from("/images/base.ext4"))]);
+        world.vm = vm;
+        world.stored = Some(world.vm.record.clone());
+        world.pending.push(Pending::CloneDisk);
         for action in actions {
             let result = world.act(action.clone());
             prop_assert!(result.is_ok(), "{:?} after {:?}", result, action);

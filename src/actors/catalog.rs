@@ -1,0 +1,440 @@
+//! `CatalogActor`: the owner of the kernel catalog (images later). It is
+//! the one place that decides whether an entry may go: VMs hold a
+//! reservation on a kernel from the moment `vm create` chooses it until
+//! their record names it, and `kernel rm` is refused while any VM record or
+//! reservation uses the kernel. Its handlers that read the store run under
+//! `ctx.wait`, so a reservation cannot slip between a removal's check and
+//! its delete.
+//!
+//! Imports run their file work on a blocking thread (`crate::catalog`),
+//! into a staging directory renamed into place; the record follows. At
+//! start-up, anything under `kernels/` that no record names (a staging
+//! directory, an entry whose record was never written) is removed.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use jiff::Timestamp;
+use tracing::{info, warn};
+
+use crate::actors::store::{Delete, Get, List, Put, StoreActor};
+use crate::catalog::{self, CatalogError};
+use crate::reconcile;
+use crate::store::records::{KernelRecord, VmRecord};
+use crate::store::{StoreError, Undecodable};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "no kernel named {0}; `banger kernel ls` lists them and `banger kernel import` adds one"
+    )]
+    NotFound(String),
+    #[error("kernel {kernel} is used by VM {vms}; remove the VM first", vms = vms.join(", VM "))]
+    InUse { kernel: String, vms: Vec<String> },
+    #[error("a kernel named {0} is being imported")]
+    Importing(String),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the {0} is not answering")]
+    Unavailable(&'static str),
+}
+
+/// Where an import's files come from.
+pub enum KernelSource {
+    /// A vmlinux (and optionally an initrd) given by the user.
+    Vmlinux {
+        vmlinux: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: Option<String>,
+    },
+    /// A Debian kernel package.
+    Package { path: PathBuf },
+}
+
+/// Hears an import's phases (name, step of 4), from its blocking thread.
+pub type ImportProgress = Arc<dyn Fn(&str, u64) + Send + Sync>;
+
+pub struct CatalogActor {
+    store: Addr<StoreActor>,
+    kernels_dir: PathBuf,
+    /// The agent built into a package import's initramfs.
+    agent: PathBuf,
+    /// Kernels chosen by VMs whose records do not name them yet.
+    reservations: HashMap<String, HashSet<String>>,
+    importing: HashSet<String>,
+    /// Kernel records that do not decode: their files are left alone.
+    quarantined: Vec<Undecodable>,
+}
+
+impl CatalogActor {
+    pub fn new(store: Addr<StoreActor>, kernels_dir: PathBuf, agent: PathBuf) -> CatalogActor {
+        CatalogActor {
+            store,
+            kernels_dir,
+            agent,
+            reservations: HashMap::new(),
+            importing: HashSet::new(),
+            quarantined: Vec::new(),
+        }
+    }
+}
+
+impl Actor for CatalogActor {
+    type Context = Context<Self>;
+}
+
+impl Supervised for CatalogActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        warn!("catalog restarting");
+    }
+}
+
+fn store_gone<T>(_: T) -> KernelError {
+    KernelError::Unavailable("store")
+}
+
+/// Start-up: the kernel records, and a sweep of `kernels/` against them.
+/// Answers how many kernels there are.
+pub struct LoadCatalog;
+
+impl Message for LoadCatalog {
+    type Result = Result<usize, KernelError>;
+}
+
+impl Handler<LoadCatalog> for CatalogActor {
+    type Result = ResponseActFuture<Self, Result<usize, KernelError>>;
+
+    fn handle(&mut self, _: LoadCatalog, _: &mut Context<Self>) -> Self::Result {
+        let (store, dir) = (self.store.clone(), self.kernels_dir.clone());
+        Box::pin(
+            async move {
+                let listing = store
+                    .send(List::<KernelRecord>::new())
+                    .await
+                    .map_err(store_gone)??;
+                let claimed: HashSet<PathBuf> = listing
+                    .records
+                    .iter()
+                    .map(|k| k.name.as_str())
+                    .chain(listing.undecodable.iter().map(|bad| bad.key.as_str()))
+                    .map(|name| catalog::kernel_dir(&dir, name))
+                    .collect();
+                tokio::task::spawn_blocking(move || {
+                    reconcile::sweep(&dir, &claimed, reconcile::remove_any)
+                })
+                .await
+                .map_err(|_| KernelError::Unavailable("blocking thread pool"))?;
+                Ok::<_, KernelError>(listing)
+            }
+            .into_actor(self)
+            .map(|listing, act, _| {
+                let listing = listing?;
+                for bad in &listing.undecodable {
+                    warn!(table = %bad.table, key = %bad.key, reason = %bad.reason, "quarantined a kernel record that does not decode");
+                }
+                act.quarantined = listing.undecodable;
+                Ok(listing.records.len())
+            }),
+        )
+    }
+}
+
+/// Every kernel, by name.
+pub struct ListKernels;
+
+impl Message for ListKernels {
+    type Result = Result<Vec<KernelRecord>, KernelError>;
+}
+
+impl Handler<ListKernels> for CatalogActor {
+    type Result = ResponseFuture<Result<Vec<KernelRecord>, KernelError>>;
+
+    fn handle(&mut self, _: ListKernels, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        Box::pin(async move {
+            let mut kernels = store
+                .send(List::<KernelRecord>::new())
+                .await
+                .map_err(store_gone)??
+                .records;
+            kernels.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(kernels)
+        })
+    }
+}
+
+/// Kernel records that do not decode, for `daemon status`.
+pub struct QuarantinedKernels;
+
+impl Message for QuarantinedKernels {
+    type Result = Vec<Undecodable>;
+}
+
+impl Handler<QuarantinedKernels> for CatalogActor {
+    type Result = MessageResult<QuarantinedKernels>;
+
+    fn handle(&mut self, _: QuarantinedKernels, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.quarantined.clone())
+    }
+}
+
+/// The VM `vm` chose `kernel`: it may not go until the VM's record names
+/// it (then the record holds it) and [`Unreserve`] ends the reservation.
+pub struct Reserve {
+    pub kernel: String,
+    pub vm: String,
+}
+
+impl Message for Reserve {
+    type Result = Result<(), KernelError>;
+}
+
+impl Handler<Reserve> for CatalogActor {
+    type Result = ResponseFuture<Result<(), KernelError>>;
+
+    fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
+        let get = self
+            .store
+            .send(Get::<KernelRecord>::new(msg.kernel.clone()));
+        in_one_turn(
+            ctx,
+            get.into_actor(self).map(move |found, act, _| {
+                found
+                    .map_err(store_gone)??
+                    .ok_or(KernelError::NotFound(msg.kernel.clone()))?;
+                act.reservations
+                    .entry(msg.kernel)
+                    .or_default()
+                    .insert(msg.vm);
+                Ok(())
+            }),
+        )
+    }
+}
+
+/// Runs `work` with the catalog's mailbox held (`ctx.wait`), so that no
+/// other message interleaves between a check and what relies on it, and
+/// answers its result.
+fn in_one_turn<T: Send + 'static>(
+    ctx: &mut Context<CatalogActor>,
+    work: impl ActorFuture<CatalogActor, Output = Result<T, KernelError>> + 'static,
+) -> ResponseFuture<Result<T, KernelError>> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    ctx.wait(work.map(|result, _, _| {
+        let _ = answer.send(result);
+    }));
+    Box::pin(async move {
+        answered
+            .await
+            .unwrap_or(Err(KernelError::Unavailable("catalog")))
+    })
+}
+
+pub struct Unreserve {
+    pub kernel: String,
+    pub vm: String,
+}
+
+impl Message for Unreserve {
+    type Result = ();
+}
+
+impl Handler<Unreserve> for CatalogActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unreserve, _: &mut Context<Self>) {
+        if let Some(vms) = self.reservations.get_mut(&msg.kernel) {
+            vms.remove(&msg.vm);
+            if vms.is_empty() {
+                self.reservations.remove(&msg.kernel);
+            }
+        }
+    }
+}
+
+/// `kernel rm`: refused while a VM record or a reservation uses it.
+pub struct RemoveKernel {
+    pub name: String,
+}
+
+impl Message for RemoveKernel {
+    type Result = Result<KernelRecord, KernelError>;
+}
+
+impl Handler<RemoveKernel> for CatalogActor {
+    type Result = ResponseFuture<Result<KernelRecord, KernelError>>;
+
+    fn handle(&mut self, msg: RemoveKernel, ctx: &mut Context<Self>) -> Self::Result {
+        let (store, name) = (self.store.clone(), msg.name);
+        let looked = {
+            let (store, name) = (store.clone(), name.clone());
+            async move {
+                let kernel = store
+                    .send(Get::<KernelRecord>::new(name.clone()))
+                    .await
+                    .map_err(store_gone)??
+                    .ok_or_else(|| KernelError::NotFound(name.clone()))?;
+                let vms = store
+                    .send(List::<VmRecord>::new())
+                    .await
+                    .map_err(store_gone)??
+                    .records;
+                Ok::<_, KernelError>((kernel, vms))
+            }
+        };
+        let dir = catalog::kernel_dir(&self.kernels_dir, &name);
+        let work = looked.into_actor(self).then(move |looked, act, _| {
+            let checked = looked.and_then(|(kernel, vms)| {
+                let mut users: Vec<String> = vms
+                    .into_iter()
+                    .filter(|vm| vm.kernel == name)
+                    .map(|vm| vm.name)
+                    .chain(act.reservations.get(&name).into_iter().flatten().cloned())
+                    .collect();
+                users.sort();
+                users.dedup();
+                if users.is_empty() {
+                    Ok(kernel)
+                } else {
+                    Err(KernelError::InUse {
+                        kernel: name.clone(),
+                        vms: users,
+                    })
+                }
+            });
+            async move {
+                let kernel = checked?;
+                store
+                    .send(Delete::<KernelRecord>::new(kernel.name.clone()))
+                    .await
+                    .map_err(store_gone)??;
+                let removed = tokio::task::spawn_blocking(move || reconcile::remove_any(&dir))
+                    .await
+                    .map_err(|_| KernelError::Unavailable("blocking thread pool"))?;
+                if let Err(e) = removed {
+                    // The record is gone; the next start sweeps the files.
+                    warn!(kernel = %kernel.name, error = %e, "cannot remove the kernel's files");
+                }
+                info!(kernel = %kernel.name, "kernel removed");
+                Ok(kernel)
+            }
+            .into_actor(act)
+        });
+        in_one_turn(ctx, work)
+    }
+}
+
+/// `kernel import` and `kernel import-deb`: the files staged and renamed
+/// into place on a blocking thread, then the record; a name is imported
+/// once at a time.
+pub struct ImportKernel {
+    pub name: String,
+    pub source: KernelSource,
+    pub progress: ImportProgress,
+}
+
+impl Message for ImportKernel {
+    type Result = Result<KernelRecord, KernelError>;
+}
+
+impl Handler<ImportKernel> for CatalogActor {
+    type Result = ResponseActFuture<Self, Result<KernelRecord, KernelError>>;
+
+    fn handle(&mut self, msg: ImportKernel, _: &mut Context<Self>) -> Self::Result {
+        let name = msg.name.clone();
+        if !self.importing.insert(name.clone()) {
+            return Box::pin(fut::ready(Err(KernelError::Importing(name))));
+        }
+        let (store, dir, agent) = (
+            self.store.clone(),
+            self.kernels_dir.clone(),
+            self.agent.clone(),
+        );
+        let work = async move {
+            if store
+                .send(Get::<KernelRecord>::new(msg.name.clone()))
+                .await
+                .map_err(store_gone)??
+                .is_some()
+            {
+                return Err(CatalogError::Exists(msg.name).into());
+            }
+            let (name, progress, staging) = (msg.name.clone(), msg.progress, dir.clone());
+            let record = tokio::task::spawn_blocking(move || {
+                import_files(&staging, &name, msg.source, &agent, progress)
+            })
+            .await
+            .map_err(|_| KernelError::Unavailable("blocking thread pool"))??;
+            crate::fault::boundary("kernel-staged");
+            if let Err(e) = store.send(Put(record.clone())).await.map_err(store_gone)? {
+                // Its files go with it (or, if that fails, at the next start).
+                let entry = catalog::kernel_dir(&dir, &record.name);
+                let _ = tokio::task::spawn_blocking(move || reconcile::remove_any(&entry)).await;
+                return Err(e.into());
+            }
+            info!(kernel = %record.name, "kernel imported");
+            Ok(record)
+        };
+        Box::pin(work.into_actor(self).map(move |result, act, _| {
+            act.importing.remove(&name);
+            result
+        }))
+    }
+}
+
+/// The catalog entry's files and its record (not yet stored).
+fn import_files(
+    dir: &std::path::Path,
+    name: &str,
+    source: KernelSource,
+    agent: &std::path::Path,
+    progress: ImportProgress,
+) -> Result<KernelRecord, CatalogError> {
+    let created_at = Timestamp::now();
+    match source {
+        KernelSource::Vmlinux {
+            vmlinux,
+            initrd,
+            cmdline,
+        } => {
+            let imported = catalog::import_kernel(dir, name, &vmlinux, initrd.as_deref())?;
+            Ok(KernelRecord {
+                name: name.to_string(),
+                vmlinux: imported.vmlinux,
+                vmlinux_sha256: Some(imported.vmlinux_sha256),
+                initrd: imported.initrd,
+                initrd_sha256: imported.initrd_sha256,
+                bzimage: None,
+                bzimage_sha256: None,
+                version: None,
+                package: None,
+                modules: Vec::new(),
+                cmdline,
+                created_at,
+            })
+        }
+        KernelSource::Package { path } => {
+            let imported = catalog::import_package(dir, name, &path, agent, |phase, step| {
+                progress(phase, step)
+            })?;
+            Ok(KernelRecord {
+                name: name.to_string(),
+                vmlinux: imported.vmlinux,
+                vmlinux_sha256: Some(imported.vmlinux_sha256),
+                initrd: Some(imported.initrd),
+                initrd_sha256: Some(imported.initrd_sha256),
+                bzimage: Some(imported.bzimage),
+                bzimage_sha256: Some(imported.bzimage_sha256),
+                version: Some(imported.version),
+                package: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                modules: imported.modules,
+                cmdline: None,
+                created_at,
+            })
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! A VM's resource ledger: every host resource it owns, written into its
+//! record before the resource is acquired and removed after it is released.
+//! Start-up reconciliation holds the ledgers against the host
+//! (`crate::reconcile`): what no ledger claims is removed.
+
+use serde::{Deserialize, Serialize};
+
+/// One kind of host resource a VM owns; where it lives follows from the
+/// VM's id and the daemon's settings (`actors::vm::VmSettings::path_of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resource {
+    /// `<state>/vms/<id>/`: the disk clone, the console log, the sockets.
+    VmDirectory,
+    /// `<state>/jail/firecracker/<id>/`: the jailer's chroot.
+    Jail,
+}
