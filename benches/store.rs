@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use banger::actors::store::{List, Put, StoreActor};
-use banger::store::records::VmRecord;
 use banger::store::{self, Schema};
+use banger::vm::record::VmRecord;
 
 const WRITES: usize = 500;
 const LISTED: usize = 1_000;

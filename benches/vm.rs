@@ -120,7 +120,7 @@ const STEP_EVENTS: u32 = 100_000;
 /// over (the events a supervised VM sees most), per event.
 fn step_cost() -> (Duration, Duration, Duration) {
     use banger::vm::machine::{Event, Exit, Vm, step};
-    let process = banger::store::records::VmmProcess {
+    let process = banger::vm::record::VmmProcess {
         pid: 4242,
         start_time: 1,
         api_socket: PathBuf::from("/run/banger/vms/x/firecracker.sock"),
@@ -320,6 +320,10 @@ fn main() -> anyhow::Result<()> {
         daemon
             .wait_for_line_from(&["VM running", &vm_field], mark)
             .expect("running again");
+        // The VM's actor answers once the running record is durable: only
+        // then does a daemon kill leave a record that says running.
+        let vm = conn.call(8000 + i as u64, "vm.get", json!({"name": name}));
+        assert_eq!(vm["result"]["vm"]["state"], "running", "{vm}");
     }
     detection.sort_by(f64::total_cmp);
     lateness.sort_by(f64::total_cmp);

@@ -1,4 +1,4 @@
-//! The kernel catalog's file work: importing a kernel copies its files
+//! The kernel catalog: its record type, and its file work: importing a kernel copies its files
 //! under `<state-dir>/kernels/<name>/`, hashing them on the way, so a VM
 //! never depends on a file the user may move or change. Blocking: callers
 //! run it on a blocking thread.
@@ -7,10 +7,51 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::guest::disk::AGENT_HINT;
 use crate::kernel::{GUEST_MODULES, KernelError, bzimage, deb, initramfs, modules};
+use crate::store::Record;
+
+/// A kernel in the catalog (table `kernels`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelRecord {
+    pub name: String,
+    pub vmlinux: PathBuf,
+    #[serde(default)]
+    pub vmlinux_sha256: Option<String>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd_sha256: Option<String>,
+    /// The compressed kernel (QEMU boots it), from a package import.
+    #[serde(default)]
+    pub bzimage: Option<PathBuf>,
+    #[serde(default)]
+    pub bzimage_sha256: Option<String>,
+    /// `uname -r`, for kernels imported from a package.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The package's file name, for kernels imported from one.
+    #[serde(default)]
+    pub package: Option<String>,
+    /// Modules in the initramfs, in load order.
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// Kernel command line; banger's default when absent.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    pub created_at: Timestamp,
+}
+
+impl Record for KernelRecord {
+    const TABLE: &'static str = "kernels";
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {

@@ -14,6 +14,7 @@ pub mod operations;
 pub mod reconcile;
 pub mod rpc;
 pub mod store;
+pub mod tables;
 pub mod vm;
 pub mod vmm;
 

@@ -7,8 +7,53 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use serde::{Deserialize, Serialize};
+
+use crate::store::Record;
 use crate::store::backup;
-use crate::store::records::{OperationOutcome, OperationRecord};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationOutcome {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// The daemon stopped while the operation was in flight.
+    Interrupted,
+}
+
+/// A state-changing request: recorded when it starts (an intent record) and
+/// again when it ends, so a crash in between is found at the next start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    pub op_id: String,
+    pub method: String,
+    /// What the operation works on: a VM name, a path, ...
+    #[serde(default)]
+    pub target: Option<String>,
+    pub outcome: OperationOutcome,
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub current: Option<u64>,
+    #[serde(default)]
+    pub total: Option<u64>,
+    #[serde(default)]
+    pub cancellable: bool,
+    pub started_at: Timestamp,
+    #[serde(default)]
+    pub finished_at: Option<Timestamp>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Record for OperationRecord {
+    const TABLE: &'static str = "operations";
+    fn key(&self) -> String {
+        self.op_id.clone()
+    }
+}
 
 /// A new operation id: a ULID, so ids sort by start time.
 pub fn new_op_id() -> String {

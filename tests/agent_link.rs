@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use banger::guest::link::{AgentError, AgentLink, ExecSession};
-use banger::store::records::AgentEndpoint;
+use banger::vm::record::AgentEndpoint;
 use banger_agent::protocol::{
     self, ExecRequest, ExitStatus, Frame, FrameKind, Request, Response, ShutdownAction,
 };

@@ -215,7 +215,7 @@ fn kernel_rm_racing_vm_create_never_leaves_a_vm_without_its_kernel() {
 #[serde(transparent)]
 struct RawVm(Value);
 
-impl banger::store::records::Record for RawVm {
+impl banger::store::Record for RawVm {
     const TABLE: &'static str = "vms";
     fn key(&self) -> String {
         self.0["id"].as_str().unwrap_or_default().to_string()

@@ -6,9 +6,9 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 
 use banger::actors::store::{CompareAndSwap, Delete, Get, List, Put, StoreActor};
-use banger::store::records::VmRecord;
 use banger::store::{self, Schema, StoreError};
 use banger::vm::machine::Phase;
+use banger::vm::record::VmRecord;
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use banger::store::records::Record;
+use banger::store::Record;
 use banger::store::schema::{Migration, TableSpec, unchanged};
 use banger::store::{self, ProbeOutcome, Schema, StoreError};
 use common::{db_path, fingerprint, state_dir};

@@ -8,10 +8,11 @@ use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use banger::store::Record;
 use banger::store::lifecycle::observe_file;
-use banger::store::records::{HostKeyRecord, Record, VmRecord};
 use banger::store::schema::{Migration, TableSpec, unchanged};
 use banger::store::{self, Schema};
+use banger::vm::record::VmRecord;
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -58,7 +59,7 @@ fn an_older_store_is_backed_up_migrated_and_keeps_its_data() {
     let dir = tmp.path();
     // A store from a release that did not have the host_keys table yet.
     let mut past = Schema::production();
-    past.tables.retain(|t| t.name != HostKeyRecord::TABLE);
+    past.tables.retain(|t| t.name != "host_keys");
     {
         let opened = store::open(dir, past).expect("create the old store");
         for i in 0..5 {
@@ -101,7 +102,7 @@ fn an_older_store_is_backed_up_migrated_and_keeps_its_data() {
     assert!(
         opened
             .store
-            .list::<HostKeyRecord>()
+            .list::<HostKey>()
             .expect("new table")
             .records
             .is_empty()
@@ -356,4 +357,17 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
         "{stderr}"
     );
     assert!(first.stop().success());
+}
+
+/// A record of the (still empty) `host_keys` table.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HostKey {
+    vm: String,
+}
+
+impl banger::store::Record for HostKey {
+    const TABLE: &'static str = "host_keys";
+    fn key(&self) -> String {
+        self.vm.clone()
+    }
 }

@@ -319,7 +319,7 @@ fn concurrent_commands_on_one_vm_get_success_or_a_conflict_naming_the_phase() {
 #[serde(transparent)]
 struct VmRecordV1(Value);
 
-impl banger::store::records::Record for VmRecordV1 {
+impl banger::store::Record for VmRecordV1 {
     const TABLE: &'static str = "vms";
     fn key(&self) -> String {
         self.0["id"].as_str().unwrap_or_default().to_string()
@@ -406,7 +406,7 @@ fn a_store_from_the_previous_release_is_migrated_and_its_running_vm_adopted() {
     let store = banger::store::open(&state, v1)
         .expect("a store as the last release wrote it")
         .store;
-    let halt: banger::store::records::KernelRecord = serde_json::from_value(serde_json::json!({
+    let halt: banger::catalog::KernelRecord = serde_json::from_value(serde_json::json!({
         "name": "halt",
         "vmlinux": kernel,
         "created_at": now,
@@ -504,4 +504,34 @@ fn a_readopted_vmm_that_does_not_answer_is_degraded_never_killed() {
     let vm = f.wait_for("frozen", "answering again", |vm| vm["degraded"].is_null());
     assert_eq!(vm["pid"].as_i64(), Some(pid));
     assert!(pid_alive(pid));
+}
+
+#[test]
+fn a_launch_the_daemon_did_not_see_end_is_adopted_when_its_guest_runs() {
+    let test = "a_launch_the_daemon_did_not_see_end_is_adopted_when_its_guest_runs";
+    let Some(mut f) = Fixture::new(test) else {
+        return;
+    };
+    f.create("late", &[]);
+    // Killed just before the `running` record: the store says launching,
+    // with the pid; the VMM is configured and its guest runs.
+    f.daemon.take().expect("daemon").stop();
+    f.start_daemon_with(&[("BANGER_FAULT_KILL", "persist:3")]);
+    drop(f.run(&["vm", "start", "late"]));
+    let daemon = f.daemon();
+    daemon
+        .wait_for_line("fault injection: killing the daemon")
+        .expect("killed before the running record");
+    daemon.wait_exit();
+    f.daemon = None;
+    let live = f.vmms();
+    assert_eq!(live.len(), 1, "{live:?}");
+    f.start_daemon();
+    let vm = f.wait_for("late", "settled", settled);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(
+        vm["pid"].as_i64(),
+        Some(i64::from(live[0])),
+        "adopted, not relaunched"
+    );
 }

@@ -276,7 +276,7 @@ fn orphans(mut f: Fixture) {
     assert!(
         opened
             .store
-            .delete::<banger::store::records::VmRecord>(&id)
+            .delete::<banger::vm::record::VmRecord>(&id)
             .expect("delete")
     );
     drop(opened);

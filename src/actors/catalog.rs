@@ -20,10 +20,11 @@ use jiff::Timestamp;
 use tracing::{info, warn};
 
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
+use crate::catalog::KernelRecord;
 use crate::catalog::{self, CatalogError};
 use crate::reconcile;
-use crate::store::records::{KernelRecord, VmRecord};
 use crate::store::{StoreError, Undecodable};
+use crate::vm::record::VmRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

@@ -22,8 +22,8 @@ use tracing::{info, warn};
 
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::operations::{self, Retention};
+use crate::operations::{OperationOutcome, OperationRecord};
 use crate::store::StoreError;
-use crate::store::records::{OperationOutcome, OperationRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperationError {

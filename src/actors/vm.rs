@@ -32,19 +32,20 @@ use tracing::{error, info, warn};
 use crate::actors::catalog::{CatalogActor, KernelError, Reserve, Unreserve};
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::catalog::CatalogError;
+use crate::catalog::KernelRecord;
 use crate::error_chain;
 use crate::fault;
 use crate::guest::disk::{self, InjectError};
 use crate::guest::link::AgentLink;
 use crate::host::HostOps;
 use crate::reconcile;
-use crate::store::records::{KernelRecord, VmRecord, VmmKind};
 use crate::store::{Listing, StoreError, Undecodable};
 use crate::vm::InvalidVm;
 use crate::vm::ledger::Resource;
 use crate::vm::machine::{
     self, Conflict, Effect, Event, Exit, HostView, Outcome, Phase, RequestId, Vm,
 };
+use crate::vm::record::{VmRecord, VmmKind};
 use crate::vm::restart::{self, RestartPolicy};
 use crate::vm::state::Announcement;
 use crate::vmm::console;
@@ -639,8 +640,29 @@ impl VmActor {
         }
         let handle = Rc::new(handle);
         self.watch(Rc::clone(&handle), ctx);
-        let _ = self.apply(Event::Recovered(HostView::Alive), ctx);
-        self.probe(handle, 1, ctx);
+        if !matches!(self.vm.record.phase, Phase::Launching { retry: false, .. }) {
+            let _ = self.apply(Event::Recovered(HostView::Alive), ctx);
+            self.probe(handle, 1, ctx);
+            return;
+        }
+        // A launch the daemon did not see end: adopted if the VMM says its
+        // guest runs (asked once, bounded by the API's timeout), else
+        // killed and launched again.
+        let (settings, vmm) = (self.settings.clone(), self.vm.record.vmm);
+        ctx.wait(
+            async move { settings.backend(vmm).probe(&recorded).await }
+                .into_actor(self)
+                .map(move |answer, act, ctx| {
+                    let view = match answer {
+                        Ok(true) => HostView::Running,
+                        _ => HostView::Alive,
+                    };
+                    let _ = act.apply(Event::Recovered(view), ctx);
+                    if act.vm.record.phase == Phase::Running {
+                        act.probe(handle, 1, ctx);
+                    }
+                }),
+        );
     }
 
     /// Probes a re-adopted VMM's control socket, with doubling waits. It is
@@ -660,7 +682,7 @@ impl VmActor {
                         return;
                     }
                     let failure = match answer {
-                        Ok(()) => {
+                        Ok(_) => {
                             let _ = act.apply(Event::Probed(Ok(())), ctx);
                             return;
                         }

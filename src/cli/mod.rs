@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::config::{self, Mode, Overrides};
 use crate::daemon::VERSION;
+use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::client::{Client, ClientError};
 use crate::rpc::protocol::{
     BackupResult, ErrorObject, ForgetResult, KernelResult, KernelsResult, LogsResult,
@@ -24,8 +25,7 @@ use crate::rpc::protocol::{
     VmsResult,
 };
 use crate::rpc::stream;
-use crate::store::records::VmmKind;
-use crate::store::records::{OperationOutcome, OperationRecord};
+use crate::vm::record::VmmKind;
 use crate::vm::restart::RestartMode;
 
 #[derive(Parser)]

@@ -7,8 +7,9 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tabwriter::TabWriter;
 
+use crate::catalog::KernelRecord;
+use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::protocol::VmView;
-use crate::store::records::{KernelRecord, OperationOutcome, OperationRecord};
 use crate::vm::machine::{Intent, Phase};
 use crate::wire_name;
 

@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::records::AgentEndpoint;
+use crate::vm::record::AgentEndpoint;
 
 /// How often an unanswered hello is sent again while the guest boots.
 const HELLO_INTERVAL: Duration = Duration::from_millis(500);

@@ -34,12 +34,12 @@ use crate::actors::vm::{
     AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ForgetVm, ListVms, QuarantinedVms, VmCommand,
     VmManager, VmSettings,
 };
+use crate::catalog::KernelRecord;
 use crate::config::Mode;
 use crate::error_chain;
 use crate::guest::link::{AgentLink, ExecSession};
+use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::stream::LogFollow;
-use crate::store::records::KernelRecord;
-use crate::store::records::{OperationOutcome, OperationRecord};
 use crate::store::{Observed, backup};
 use crate::vm::{
     InvalidVm, generate_name, parse_memory_mib, validate_name, validate_rootfs, validate_vcpus,

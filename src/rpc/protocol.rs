@@ -24,9 +24,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::catalog::KernelRecord;
+use crate::operations::OperationRecord;
 use crate::store::Undecodable;
-use crate::store::records::{Accel, KernelRecord, OperationRecord, VmRecord, VmState, VmmKind};
 use crate::vm::machine::Phase;
+use crate::vm::record::{Accel, VmRecord, VmState, VmmKind};
 use crate::vm::restart::RestartMode;
 use crate::vm::state::LastExit;
 

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::restart::{self, Decision};
 use super::state::{self, Announcement, ExitKind, LastExit, StopIntent};
-use crate::store::records::{VmRecord, VmState, VmmProcess};
+use crate::vm::record::{VmRecord, VmState, VmmProcess};
 
 /// How long a launch may take from spawn to a running guest before the VMM
 /// is killed and the launch counts as failed.
@@ -162,6 +162,9 @@ impl Vm {
 /// What the host shows of a VM's recorded VMM at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostView {
+    /// The recorded process (same pid and start time) is alive, and says
+    /// its guest runs: a launch whose end the daemon did not record.
+    Running,
     /// The recorded process (same pid and start time) is alive.
     Alive,
     /// No process recorded, or it is gone.
@@ -956,7 +959,7 @@ impl Transition<'_> {
         self.vm.spawning = false;
         self.vm.waiters.clear();
         let recorded = self.vm.record.process.is_some();
-        let alive = recorded && view == HostView::Alive;
+        let alive = recorded && view != HostView::Gone;
         if recorded && !alive {
             // The VMM died while nobody watched: an exit of unknown status.
             match phase {
@@ -994,6 +997,15 @@ impl Transition<'_> {
                 } else {
                     self.effects.push(Effect::ArmTimer(until));
                 }
+            }
+            // Configured and booted before the daemon died: adopted.
+            Phase::Launching { retry: false, .. }
+                if alive && view == HostView::Running && self.vm.record.error.is_none() =>
+            {
+                self.vm.record.phase = Phase::Running;
+                self.vm.record.started_at = Some(self.now);
+                self.effects.push(Effect::Persist);
+                self.effects.push(Effect::ConnectAgent);
             }
             Phase::Launching { restart, .. } => {
                 if alive {

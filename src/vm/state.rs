@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::store::records::VmState;
+use crate::vm::record::VmState;
 
 /// A VM in this state may be started (again).
 pub fn can_start(state: VmState) -> bool {

@@ -19,7 +19,7 @@ use futures_util::future::BoxFuture;
 use super::process::ProcessHandle;
 use super::{LaunchSpec, Prepared, SocketWait, Vmm, VmmError, wait_for_socket};
 use crate::host::{HostOps, JailFile, VmmCommand};
-use crate::store::records::{AgentEndpoint, VmmProcess};
+use crate::vm::record::{AgentEndpoint, VmmProcess};
 
 /// How long one API call may take.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -375,9 +375,9 @@ impl Vmm for Firecracker {
         Box::pin(async move { Ok(self.configure_instance(spec, process).await?) })
     }
 
-    fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
+    fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<bool, VmmError>> {
         let api = ApiClient::new(&process.api_socket);
-        Box::pin(async move { Ok(api.instance_info().await.map(drop)?) })
+        Box::pin(async move { Ok(api.instance_info().await?.state == "Running") })
     }
 
     fn ctrl_alt_del<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>> {

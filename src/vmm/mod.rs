@@ -20,7 +20,7 @@ use rustix::fs::{FlockOperation, flock};
 use rustix::io::Errno;
 
 use crate::host::{HostOps, VmmCommand};
-use crate::store::records::{Accel, AgentEndpoint, VmmProcess};
+use crate::vm::record::{Accel, AgentEndpoint, VmmProcess};
 use process::{ProcessHandle, read_stat};
 
 /// Where a VM's VMM keeps its files: the VM's directory, named by its short
@@ -114,8 +114,10 @@ pub trait Vmm: Send + Sync {
         process: &'a ProcessHandle,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
 
-    /// Whether a VMM found after a daemon restart answers on its control socket.
-    fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>>;
+    /// Whether a VMM found after a daemon restart answers on its control
+    /// socket.
+    /// Answers whether the guest runs (configured and booted).
+    fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<bool, VmmError>>;
 
     /// Presses Ctrl-Alt-Del in the guest: the graceful stop when its agent
     /// does not answer.

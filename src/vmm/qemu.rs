@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 use super::process::ProcessHandle;
 use super::{LaunchSpec, Prepared, SocketWait, Vmm, VmmError, wait_for_socket};
 use crate::host::{HostOps, VmmCommand};
-use crate::store::records::{Accel, AgentEndpoint, VmmProcess};
+use crate::vm::record::{Accel, AgentEndpoint, VmmProcess};
 
 /// How long QEMU may take to create its QMP socket, and one QMP exchange.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -224,10 +224,9 @@ impl Vmm for Qemu {
         Box::pin(async move { Ok(self.configure_instance(spec, process).await?) })
     }
 
-    fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
+    fn probe<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<bool, VmmError>> {
         Box::pin(async move {
-            Qmp::connect(&process.api_socket).await?.status().await?;
-            Ok(())
+            Ok(Qmp::connect(&process.api_socket).await?.status().await? == "running")
         })
     }
 

@@ -220,9 +220,9 @@ pub fn refused(dir: &Path) -> (i32, String) {
 }
 
 /// A VM record with predictable fields, keyed `vm-<i>`.
-pub fn vm_record(i: usize) -> banger::store::records::VmRecord {
-    use banger::store::records::{VmRecord, VmmKind};
+pub fn vm_record(i: usize) -> banger::vm::record::VmRecord {
     use banger::vm::machine::Phase;
+    use banger::vm::record::{VmRecord, VmmKind};
     VmRecord {
         id: format!("vm-{i}"),
         name: format!("test-vm-{i}"),

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use proptest::prelude::*;
 
 use super::*;
-use crate::store::records::VmmKind;
 use crate::vm::ledger::Resource;
+use crate::vm::record::VmmKind;
 
 fn at(seconds: i64) -> Timestamp {
     Timestamp::from_second(1_700_000_000 + seconds).expect("timestamp")
@@ -250,6 +250,11 @@ fn events() -> Vec<(&'static str, Event, Timestamp)> {
         ("announced", Event::Announced(Announcement::Poweroff), now),
         ("timer-early", Event::Timer, now),
         ("timer-due", Event::Timer, due),
+        (
+            "recovered-running",
+            Event::Recovered(HostView::Running),
+            now,
+        ),
         ("recovered-alive", Event::Recovered(HostView::Alive), now),
         ("recovered-gone", Event::Recovered(HostView::Gone), now),
         ("files-removed", Event::FilesRemoved(Ok(())), now),
