@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use banger::host::{HostOps, LocalHost};
 use banger::rpc::client::Client;
-use banger::rpc::protocol::{VmsResult, WithOpId};
+use banger::rpc::protocol::WithOpId;
+use banger::rpc::vm::VmsResult;
 use banger::vmm::firecracker::Firecracker;
 use banger::vmm::{self, BootFiles, LaunchSpec, VmPaths, Vmm};
 use nix::sys::signal::{Signal, kill};

@@ -23,8 +23,11 @@ use crate::actors::vm::{LoadVms, VmError, VmManager, VmSettings};
 use crate::config::{Config, Mode};
 use crate::host::LocalHost;
 use crate::rpc::access::AccessPolicy;
-use crate::rpc::dispatch::{DaemonInfo, Services};
+use crate::rpc::daemon::{DaemonInfo, DaemonServices};
+use crate::rpc::dispatch::Services;
+use crate::rpc::kernel::KernelServices;
 use crate::rpc::server::{RpcServer, StopAccepting};
+use crate::rpc::vm::VmServices;
 use crate::store::{Store, StoreError};
 use crate::vm::record::{Accel, VmmKind};
 use crate::vm::restart::RestartPolicy;
@@ -177,22 +180,29 @@ impl SystemSupervisor {
 
         let (listener, access) = bind_socket(config)?;
         let services = Services {
-            store,
-            catalog,
+            vm: VmServices {
+                vms: vms.clone(),
+                settings: vm_settings,
+            },
+            kernel: KernelServices {
+                catalog: catalog.clone(),
+            },
             operations: operations.clone(),
-            vms,
-            vm_settings,
-            kernels_dir,
-            info: DaemonInfo {
-                version: VERSION.to_string(),
-                pid: std::process::id(),
-                mode: config.mode,
-                started_at: Timestamp::now(),
-                started: Instant::now(),
-                state_dir: config.state_dir.clone(),
-                socket: config.socket.clone(),
-                store_path,
-                schema,
+            daemon: DaemonServices {
+                store,
+                vms,
+                catalog,
+                info: DaemonInfo {
+                    version: VERSION.to_string(),
+                    pid: std::process::id(),
+                    mode: config.mode,
+                    started_at: Timestamp::now(),
+                    started: Instant::now(),
+                    state_dir: config.state_dir.clone(),
+                    socket: config.socket.clone(),
+                    store_path,
+                    schema,
+                },
             },
         };
         let socket = config.socket.clone();

@@ -19,7 +19,7 @@ use actix::prelude::*;
 use jiff::Timestamp;
 use tracing::{info, warn};
 
-use crate::actors::store::{Delete, Get, List, Put, StoreActor};
+use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
 use crate::catalog::KernelRecord;
 use crate::catalog::{self, CatalogError};
 use crate::reconcile;
@@ -168,17 +168,10 @@ impl Handler<ListKernels> for CatalogActor {
     }
 }
 
-/// Kernel records that do not decode, for `daemon status`.
-pub struct QuarantinedKernels;
+impl Handler<Quarantined> for CatalogActor {
+    type Result = MessageResult<Quarantined>;
 
-impl Message for QuarantinedKernels {
-    type Result = Vec<Undecodable>;
-}
-
-impl Handler<QuarantinedKernels> for CatalogActor {
-    type Result = MessageResult<QuarantinedKernels>;
-
-    fn handle(&mut self, _: QuarantinedKernels, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Quarantined, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.quarantined.clone())
     }
 }

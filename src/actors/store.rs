@@ -82,6 +82,14 @@ impl<R> Default for List<R> {
     }
 }
 
+/// The records an owner holds in quarantine (they do not decode), for
+/// `daemon status`; answered by each owner of a table.
+pub struct Quarantined;
+
+impl Message for Quarantined {
+    type Result = Vec<crate::store::Undecodable>;
+}
+
 /// Inserts or replaces a record; answered after a durable commit.
 pub struct Put<R>(pub R);
 

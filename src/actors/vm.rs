@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::actors::catalog::{CatalogActor, KernelError, Reserve, Unreserve};
-use crate::actors::store::{Delete, Get, List, Put, StoreActor};
+use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
 use crate::catalog::CatalogError;
 use crate::catalog::KernelRecord;
 use crate::error_chain;
@@ -1408,17 +1408,10 @@ impl Handler<ListVms> for VmManager {
     }
 }
 
-/// The VM records in quarantine, for `daemon status`.
-pub struct QuarantinedVms;
+impl Handler<Quarantined> for VmManager {
+    type Result = MessageResult<Quarantined>;
 
-impl Message for QuarantinedVms {
-    type Result = Vec<Undecodable>;
-}
-
-impl Handler<QuarantinedVms> for VmManager {
-    type Result = MessageResult<QuarantinedVms>;
-
-    fn handle(&mut self, _: QuarantinedVms, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Quarantined, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.quarantined.clone())
     }
 }

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use banger::config::{self, Config, Mode, Overrides};
 use banger::daemon::SystemSupervisor;
 use banger::rpc::client::Client;
-use banger::rpc::protocol::StoreSchemaResult;
+use banger::rpc::daemon::StoreSchemaResult;
 use banger::store::lifecycle::database_path;
 use banger::store::lock::StateLock;
 use banger::store::plan::plan;

@@ -19,12 +19,12 @@ use crate::config::{self, Mode, Overrides};
 use crate::daemon::VERSION;
 use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::client::{Client, ClientError};
-use crate::rpc::protocol::{
-    BackupResult, ErrorObject, ForgetResult, KernelResult, KernelsResult, LogsResult,
-    MethodsResult, OperationResult, OperationsResult, PingResult, StatusResult, VmResult,
-    VmsResult,
-};
+use crate::rpc::daemon::{BackupResult, MethodsResult, StatusResult};
+use crate::rpc::kernel::{KernelResult, KernelsResult};
+use crate::rpc::ops::{OperationResult, OperationsResult};
+use crate::rpc::protocol::ErrorObject;
 use crate::rpc::stream;
+use crate::rpc::vm::{ForgetResult, LogsResult, PingResult, VmResult, VmsResult};
 use crate::vm::record::VmmKind;
 use crate::vm::restart::RestartMode;
 

@@ -9,7 +9,7 @@ use tabwriter::TabWriter;
 
 use crate::catalog::KernelRecord;
 use crate::operations::{OperationOutcome, OperationRecord};
-use crate::rpc::protocol::VmView;
+use crate::rpc::vm::VmView;
 use crate::vm::machine::{Intent, Phase};
 use crate::wire_name;
 

@@ -10,9 +10,8 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use super::protocol::{
-    ErrorCode, HelloParams, HelloResult, Incoming, PROTOCOL_VERSION, Progress, RpcError, WithOpId,
-};
+use super::daemon::{HelloParams, HelloResult};
+use super::protocol::{ErrorCode, Incoming, PROTOCOL_VERSION, Progress, RpcError, WithOpId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

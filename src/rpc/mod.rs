@@ -1,11 +1,19 @@
-//! JSON-RPC over the daemon's Unix socket: the protocol types
-//! ([`protocol`]), the server side ([`server`], [`dispatch`], [`access`])
-//! and a blocking client for the CLI ([`client`]).
+//! JSON-RPC over the daemon's Unix socket. Transport: the envelope,
+//! errors and the `requests!` table ([`protocol`]), routing ([`request`],
+//! [`dispatch`]), the server ([`server`], [`access`], [`stream`]) and a
+//! blocking client for the CLI ([`client`]). One module per domain holds
+//! its requests, params, results and handlers: [`daemon`], [`ops`],
+//! [`vm`], [`kernel`].
 
 pub mod access;
 pub mod client;
+pub mod daemon;
 pub mod dispatch;
 pub mod errors;
+pub mod kernel;
+pub mod ops;
 pub mod protocol;
+pub mod request;
 pub mod server;
 pub mod stream;
+pub mod vm;

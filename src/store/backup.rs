@@ -23,6 +23,43 @@ pub struct Snapshot {
     pub(super) txn: redb::ReadTransaction,
 }
 
+impl Snapshot {
+    /// Copies every table of the snapshot into a new store file at `target`.
+    /// `progress(copied, total)` is called as records are copied;
+    /// `rate_limit` caps the bytes copied per second.
+    pub fn write(
+        self,
+        target: &Path,
+        rate_limit: Option<u64>,
+        cancel: &CancellationToken,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Copied, BackupError> {
+        if target.exists() {
+            return Err(BackupError::Exists(target.to_path_buf()));
+        }
+        let partial = partial_path(target);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::AlreadyExists => BackupError::InProgress(partial.clone()),
+                _ => BackupError::Io {
+                    action: "create",
+                    path: partial.clone(),
+                    source,
+                },
+            })?;
+        let result = copy_into(&self, &partial, rate_limit, cancel, &mut progress)
+            .and_then(|copied| publish(&partial, target).map(|()| copied));
+        if result.is_err() {
+            let _ = fs::remove_file(&partial);
+        }
+        result
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Copied {
     pub records: u64,
@@ -55,41 +92,6 @@ pub fn partial_path(target: &Path) -> PathBuf {
     let mut name = target.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
     target.with_file_name(name)
-}
-
-/// Copies every table of `snapshot` into a new store file at `target`.
-/// `progress(copied, total)` is called as records are copied;
-/// `rate_limit` caps the bytes copied per second.
-pub fn write(
-    snapshot: Snapshot,
-    target: &Path,
-    rate_limit: Option<u64>,
-    cancel: &CancellationToken,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<Copied, BackupError> {
-    if target.exists() {
-        return Err(BackupError::Exists(target.to_path_buf()));
-    }
-    let partial = partial_path(target);
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&partial)
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::AlreadyExists => BackupError::InProgress(partial.clone()),
-            _ => BackupError::Io {
-                action: "create",
-                path: partial.clone(),
-                source,
-            },
-        })?;
-    let result = copy_into(&snapshot, &partial, rate_limit, cancel, &mut progress)
-        .and_then(|copied| publish(&partial, target).map(|()| copied));
-    if result.is_err() {
-        let _ = fs::remove_file(&partial);
-    }
-    result
 }
 
 fn copy_into(

@@ -1,0 +1,266 @@
+//! The `daemon.*` methods (but for `daemon.operations.*`, see `ops`): the
+//! handshake, status, the method list, the store's schema, backups.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use actix::Addr;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::dispatch::Wire;
+use super::protocol::{ErrorCode, PROTOCOL_VERSION, Params, RpcError, requests};
+use crate::actors::catalog::CatalogActor;
+use crate::actors::operation::ListOperations;
+use crate::actors::store::{CountRecords, Quarantined, StoreActor, TakeSnapshot};
+use crate::actors::vm::VmManager;
+use crate::config::Mode;
+use crate::store::{Observed, Undecodable};
+
+requests! {
+    /// The daemon's own requests.
+    pub enum Request {
+        Hello(HelloParams) => "daemon.hello",
+            "Exchange protocol and daemon versions; the first call on a connection.";
+        Status => "daemon.status",
+            "Version, uptime, pid, state directory, store schema and counts, quarantined records.";
+        Methods => "daemon.methods", "Names and one-line descriptions of every method.";
+        StoreSchema => "daemon.store.schema",
+            "The store's table versions and applied migrations (the online migration probe).";
+        Backup(BackupParams) => "daemon.backup",
+            "Write a consistent copy of the store to a path, with progress; cancellable.";
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloParams {
+    pub protocol_version: u32,
+    #[serde(default)]
+    pub client_version: Option<String>,
+}
+
+impl Params for HelloParams {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupParams {
+    /// Where the copy goes; absolute, and must not exist yet.
+    pub path: PathBuf,
+    /// Copy at most this many bytes per second (spares a busy disk).
+    #[serde(default)]
+    pub rate_limit: Option<u64>,
+}
+
+impl Params for BackupParams {
+    fn validate(&self) -> Result<(), RpcError> {
+        if !self.path.is_absolute() {
+            return Err(RpcError::invalid_params("path", "must be an absolute path"));
+        }
+        if self.rate_limit == Some(0) {
+            return Err(RpcError::invalid_params(
+                "rate_limit",
+                "must be at least 1 byte per second",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloResult {
+    pub protocol_version: u32,
+    pub daemon_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub path: PathBuf,
+    /// Table name to schema version.
+    pub tables: BTreeMap<String, u32>,
+    pub applied_migrations: Vec<String>,
+    /// Table name to record count.
+    pub records: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResult {
+    pub version: String,
+    pub protocol_version: u32,
+    pub pid: u32,
+    pub mode: String,
+    pub started_at: jiff::Timestamp,
+    pub uptime_seconds: u64,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub store: StoreStatus,
+    pub operations_running: u64,
+    /// Records that do not decode, left alone (with what they own) until
+    /// `vm forget` removes them.
+    pub quarantined: Vec<Undecodable>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodDescription {
+    pub name: String,
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodsResult {
+    pub methods: Vec<MethodDescription>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreSchemaResult {
+    pub tables: BTreeMap<String, u32>,
+    pub applied_migrations: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupResult {
+    pub path: PathBuf,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// Facts about the running daemon, fixed at start-up.
+pub struct DaemonInfo {
+    pub version: String,
+    pub pid: u32,
+    pub mode: Mode,
+    pub started_at: Timestamp,
+    pub started: Instant,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub store_path: PathBuf,
+    /// The store's schema: fixed while the daemon runs, since migrations
+    /// happen only at start-up under the state directory's lock.
+    pub schema: Observed,
+}
+
+/// What the daemon's handlers reach: the store (counts, snapshots) and
+/// the owners of quarantined records.
+pub struct DaemonServices {
+    pub store: Addr<StoreActor>,
+    pub vms: Addr<VmManager>,
+    pub catalog: Addr<CatalogActor>,
+    pub info: DaemonInfo,
+}
+
+pub async fn handle(
+    services: &DaemonServices,
+    wire: &Wire<'_>,
+    request: Request,
+) -> Result<Box<RawValue>, RpcError> {
+    match request {
+        Request::Hello(params) => wire.answer(hello(services, params)?),
+        Request::Status => wire.answer(status(services, wire).await?),
+        Request::Methods => wire.answer(MethodsResult {
+            methods: super::request::methods()
+                .map(|m| MethodDescription {
+                    name: m.name.into(),
+                    summary: m.summary.into(),
+                })
+                .collect(),
+        }),
+        Request::StoreSchema => wire.answer(StoreSchemaResult {
+            tables: services.info.schema.tables.clone(),
+            applied_migrations: services.info.schema.applied.iter().cloned().collect(),
+        }),
+        Request::Backup(params) => wire.answer(backup(services, wire, params).await?),
+    }
+}
+
+fn hello(services: &DaemonServices, params: HelloParams) -> Result<HelloResult, RpcError> {
+    if params.protocol_version != PROTOCOL_VERSION {
+        return Err(RpcError::new(
+            ErrorCode::ProtocolMismatch,
+            format!(
+                "the client speaks protocol v{}, this daemon (banger {}) speaks v{PROTOCOL_VERSION}; use the banger CLI of the daemon's release",
+                params.protocol_version, services.info.version
+            ),
+        ));
+    }
+    Ok(HelloResult {
+        protocol_version: PROTOCOL_VERSION,
+        daemon_version: services.info.version.clone(),
+    })
+}
+
+async fn status(services: &DaemonServices, wire: &Wire<'_>) -> Result<StatusResult, RpcError> {
+    let (records, running, vms, kernels) = tokio::join!(
+        services.store.send(CountRecords),
+        wire.operations.send(ListOperations { all: false }),
+        services.vms.send(Quarantined),
+        services.catalog.send(Quarantined),
+    );
+    let (records, running) = (records??, running??);
+    let mut quarantined = vms?;
+    quarantined.extend(kernels?);
+    let info = &services.info;
+    Ok(StatusResult {
+        version: info.version.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        pid: info.pid,
+        mode: match info.mode {
+            Mode::System => "system".into(),
+            Mode::User => "user".into(),
+        },
+        started_at: info.started_at,
+        uptime_seconds: info.started.elapsed().as_secs(),
+        state_dir: info.state_dir.clone(),
+        socket: info.socket.clone(),
+        store: StoreStatus {
+            path: info.store_path.clone(),
+            tables: info.schema.tables.clone(),
+            applied_migrations: info.schema.applied.iter().cloned().collect(),
+            records,
+        },
+        operations_running: running.len() as u64,
+        quarantined,
+    })
+}
+
+/// A snapshot from the store's actor, copied on a blocking thread with
+/// progress; cancellable, and recorded intent-first so a killed daemon's
+/// partial file is found.
+async fn backup(
+    services: &DaemonServices,
+    wire: &Wire<'_>,
+    params: BackupParams,
+) -> Result<BackupResult, RpcError> {
+    let path = params.path.clone();
+    let target = params.path.display().to_string();
+    let copied = wire
+        .with_progress(
+            "daemon.backup",
+            &target,
+            true,
+            true,
+            |report, cancel| async move {
+                let snapshot = services.store.send(TakeSnapshot).await??;
+                tokio::task::spawn_blocking(move || {
+                    snapshot.write(&path, params.rate_limit, &cancel, |current, total| {
+                        report("copying", Some(current), Some(total))
+                    })
+                })
+                .await
+                .map_err(|e| {
+                    RpcError::new(
+                        ErrorCode::Internal,
+                        format!("the backup thread failed: {e}"),
+                    )
+                })?
+                .map_err(RpcError::from)
+            },
+        )
+        .await?;
+    Ok(BackupResult {
+        path: params.path,
+        records: copied.records,
+        bytes: copied.bytes,
+    })
+}

@@ -1,0 +1,593 @@
+//! The `vm.*` methods: create, start, stop, kill, restart, remove, forget,
+//! list, get, logs, exec and ping. They ask only the VM manager (and use
+//! the VM settings for paths); `vm.logs` with `follow` and `vm.exec` turn
+//! their connection into a byte stream (`rpc::stream`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::dispatch::Wire;
+use super::protocol::{ErrorCode, Params, RpcError, check_wait, requests};
+use super::stream::LogFollow;
+use crate::actors::vm::{
+    AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ForgetVm, ListVms, VmCommand, VmManager,
+    VmSettings,
+};
+use crate::error_chain;
+use crate::guest::link::{AgentLink, ExecSession};
+use crate::store::Undecodable;
+use crate::vm::machine::Phase;
+use crate::vm::record::{Accel, VmRecord, VmState, VmmKind};
+use crate::vm::restart::RestartMode;
+use crate::vm::state::LastExit;
+use crate::vm::{
+    InvalidVm, generate_name, parse_memory_mib, validate_name, validate_rootfs, validate_vcpus,
+};
+use banger_agent::protocol::ExecRequest;
+
+/// How long `vm exec` and `vm ping` wait for a booting VM's agent.
+const DEFAULT_AGENT_WAIT: Duration = Duration::from_secs(60);
+
+requests! {
+    /// Requests about VMs.
+    pub enum Request {
+        Create(VmCreateParams) => "vm.create",
+            "Create a VM from a kernel and a root filesystem (cloned), optionally starting it.";
+        Start(VmRef) => "vm.start", "Start a VM; a no-op when it is running.";
+        Stop(VmStopParams) => "vm.stop",
+            "Stop a VM gracefully, SIGKILL after the timeout; a no-op when stopped.";
+        Kill(VmRef) => "vm.kill", "SIGKILL a VM's VMM at once.";
+        Restart(VmStopParams) => "vm.restart", "Stop a VM, then start it.";
+        Remove(VmRemoveParams) => "vm.remove",
+            "Remove a stopped VM and everything it left on the host (force: kill it first).";
+        Forget(VmForgetParams) => "vm.forget",
+            "Remove a quarantined VM record (one that does not decode) and the files it could own.";
+        List => "vm.list", "Every VM, by name.";
+        Get(VmRef) => "vm.get", "One VM in detail.";
+        Logs(VmLogsParams) => "vm.logs", "A VM's serial console output (the last lines with tail).";
+        Exec(VmExecParams) => "vm.exec",
+            "Run a command in a VM through its agent; the connection becomes a byte stream of stdin, stdout, stderr and the exit status.";
+        Ping(VmPingParams) => "vm.ping",
+            "Ping a VM's agent (waiting for a booting VM's agent to come up).";
+    }
+}
+
+impl Request {
+    /// Whether an accepted request switches its connection to a byte stream.
+    pub fn is_streaming(&self) -> bool {
+        matches!(
+            self,
+            Request::Logs(VmLogsParams { follow: true, .. }) | Request::Exec(_)
+        )
+    }
+}
+
+/// `--memory`: MiB as a number, or a size such as "512M" or "2G".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MemoryArg {
+    Mib(u64),
+    Size(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateParams {
+    /// Generated (`adjective-noun`) when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub kernel: String,
+    pub rootfs: PathBuf,
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    #[serde(default)]
+    pub memory: Option<MemoryArg>,
+    #[serde(default)]
+    pub restart: Option<RestartMode>,
+    #[serde(default)]
+    pub restart_delay_secs: Option<f64>,
+    #[serde(default)]
+    pub restart_max_delay_secs: Option<f64>,
+    #[serde(default)]
+    pub vmm: Option<VmmKind>,
+    #[serde(default)]
+    pub start: bool,
+}
+
+impl Params for VmCreateParams {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRef {
+    pub name: String,
+}
+
+impl Params for VmRef {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStopParams {
+    pub name: String,
+    /// Seconds to wait for the guest before SIGKILL (default 30).
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+}
+
+impl Params for VmStopParams {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmForgetParams {
+    /// The quarantined record's key: the VM's id.
+    pub id: String,
+}
+
+impl Params for VmForgetParams {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgetResult {
+    pub forgotten: Undecodable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRemoveParams {
+    pub name: String,
+    /// Stop (kill) a running VM first.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl Params for VmRemoveParams {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmLogsParams {
+    pub name: String,
+    /// Only the last N lines.
+    #[serde(default)]
+    pub tail: Option<usize>,
+    /// Keep sending new output: the connection becomes a byte stream.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+impl Params for VmLogsParams {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmExecParams {
+    pub name: String,
+    /// The program and its arguments; the program is looked up in the
+    /// guest's PATH.
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// A pseudo-terminal (not yet served).
+    #[serde(default)]
+    pub tty: bool,
+    /// How long to wait for the agent of a VM that is still booting (default 60).
+    #[serde(default)]
+    pub wait_secs: Option<f64>,
+}
+
+impl Params for VmExecParams {
+    fn validate(&self) -> Result<(), RpcError> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(RpcError::invalid_params("argv", "must name a program"));
+        }
+        if self.tty {
+            return Err(RpcError::invalid_params(
+                "tty",
+                "a pseudo-terminal is not served yet; run without -t",
+            ));
+        }
+        if let Some(key) = self.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+            return Err(RpcError::invalid_params(
+                "env",
+                format!("{key:?} is not a variable name"),
+            ));
+        }
+        check_wait("wait_secs", self.wait_secs)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmPingParams {
+    pub name: String,
+    /// How long to wait for the agent of a VM that is still booting (default 60).
+    #[serde(default)]
+    pub wait_secs: Option<f64>,
+}
+
+impl Params for VmPingParams {
+    fn validate(&self) -> Result<(), RpcError> {
+        check_wait("wait_secs", self.wait_secs)
+    }
+}
+
+/// The agent's answer to `vm.ping`, with what it said in its hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub round_trip_ms: f64,
+    pub agent_version: String,
+    pub kernel: String,
+    pub hostname: String,
+    /// Guest boot clock (ms) when the agent's stages started and when it
+    /// began serving.
+    pub boot: banger_agent::protocol::BootTimes,
+}
+
+/// A VM as `vm ls --json` and `vm inspect --json` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    pub name: String,
+    pub id: String,
+    pub state: VmState,
+    /// The lifecycle phase behind `state`, with its deadline or next timer.
+    pub phase: Phase,
+    pub vmm: VmmKind,
+    /// The VMM's pid; null unless a VMM process exists.
+    pub pid: Option<i32>,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub kernel: String,
+    pub rootfs: PathBuf,
+    pub restart_policy: RestartMode,
+    pub restart_delay_secs: f64,
+    pub restart_max_delay_secs: f64,
+    pub restart_count: u32,
+    pub next_restart_at: Option<jiff::Timestamp>,
+    pub last_exit: Option<LastExit>,
+    pub created_at: jiff::Timestamp,
+    pub started_at: Option<jiff::Timestamp>,
+    /// Why the VM is `failed`.
+    pub error: Option<String>,
+    /// QEMU's accelerator while it runs (`kvm` or `tcg`).
+    pub accel: Option<Accel>,
+    /// Why a re-adopted VMM counts as degraded (alive, not answering).
+    pub degraded: Option<String>,
+}
+
+impl From<&VmRecord> for VmView {
+    fn from(vm: &VmRecord) -> VmView {
+        VmView {
+            name: vm.name.clone(),
+            id: vm.id.clone(),
+            state: vm.phase.state(),
+            phase: vm.phase,
+            vmm: vm.vmm,
+            pid: vm.process.as_ref().map(|p| p.pid),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel: vm.kernel.clone(),
+            rootfs: vm.rootfs.clone(),
+            restart_policy: vm.restart_policy.mode,
+            restart_delay_secs: vm.restart_policy.delay_ms as f64 / 1000.0,
+            restart_max_delay_secs: vm.restart_policy.max_delay_ms as f64 / 1000.0,
+            restart_count: vm.restart_count,
+            next_restart_at: match vm.phase {
+                Phase::BackingOff { until, .. } => Some(until),
+                _ => None,
+            },
+            last_exit: vm.last_exit,
+            created_at: vm.created_at,
+            started_at: vm.started_at,
+            error: vm.error.clone(),
+            accel: vm.process.as_ref().and_then(|p| p.accel),
+            degraded: vm.degraded.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmResult {
+    pub vm: VmView,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmsResult {
+    pub vms: Vec<VmView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogsResult {
+    pub text: String,
+}
+
+/// What the VM handlers reach.
+pub struct VmServices {
+    pub vms: Addr<VmManager>,
+    pub settings: Arc<VmSettings>,
+}
+
+pub async fn handle(
+    services: &VmServices,
+    wire: &Wire<'_>,
+    request: Request,
+) -> Result<Box<RawValue>, RpcError> {
+    match request {
+        Request::Create(params) => {
+            let create = validate_create(services, params)?;
+            let name = create.name.clone();
+            let vm = wire
+                .operation("vm.create", &name, async {
+                    Ok(services.vms.send(create).await??)
+                })
+                .await?;
+            wire.answer(VmResult {
+                vm: VmView::from(&vm),
+            })
+        }
+        Request::Start(VmRef { name }) => {
+            command(services, wire, "vm.start", name, VmCommand::Start).await
+        }
+        Request::Stop(params) => {
+            let timeout = stop_timeout(params.timeout_secs)?;
+            let stop = VmCommand::Stop { timeout };
+            command(services, wire, "vm.stop", params.name, stop).await
+        }
+        Request::Kill(VmRef { name }) => {
+            command(services, wire, "vm.kill", name, VmCommand::Kill).await
+        }
+        Request::Restart(params) => {
+            let timeout = stop_timeout(params.timeout_secs)?;
+            let restart = VmCommand::Restart { timeout };
+            command(services, wire, "vm.restart", params.name, restart).await
+        }
+        Request::Remove(params) => {
+            let remove = VmCommand::Remove {
+                force: params.force,
+            };
+            command(services, wire, "vm.remove", params.name, remove).await
+        }
+        Request::Forget(VmForgetParams { id }) => {
+            let forgotten = wire
+                .operation("vm.forget", &id.clone(), async {
+                    Ok(services.vms.send(ForgetVm { id }).await??)
+                })
+                .await?;
+            wire.answer(ForgetResult { forgotten })
+        }
+        Request::List => {
+            let vms = services.vms.send(ListVms).await??;
+            wire.answer(VmsResult {
+                vms: vms.iter().map(VmView::from).collect(),
+            })
+        }
+        Request::Get(VmRef { name }) => {
+            let get = ForVm {
+                name,
+                command: VmCommand::Get,
+            };
+            let vm = services.vms.send(get).await??;
+            wire.answer(VmResult {
+                vm: VmView::from(&vm),
+            })
+        }
+        Request::Logs(params) => {
+            let path = console_path(services, params.name).await?;
+            let text = tokio::task::spawn_blocking(move || read_tail(&path, params.tail))
+                .await
+                .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??;
+            wire.answer(LogsResult { text })
+        }
+        Request::Ping(VmPingParams { name, wait_secs }) => {
+            let link = agent_of(services, name, wait_secs).await?;
+            let round_trip = link.ping().await?;
+            let hello = link.hello();
+            wire.answer(PingResult {
+                round_trip_ms: round_trip.as_secs_f64() * 1000.0,
+                agent_version: hello.agent_version.clone(),
+                kernel: hello.kernel.clone(),
+                hostname: hello.hostname.clone(),
+                boot: hello.boot,
+            })
+        }
+        Request::Exec(_) => Err(RpcError::new(
+            ErrorCode::InvalidRequest,
+            "vm.exec is a streaming request",
+        )),
+    }
+}
+
+/// A lifecycle command, recorded as an operation on the VM.
+async fn command(
+    services: &VmServices,
+    wire: &Wire<'_>,
+    method: &'static str,
+    name: String,
+    command: VmCommand,
+) -> Result<Box<RawValue>, RpcError> {
+    let target = name.clone();
+    let vm = wire
+        .operation(method, &target, async {
+            Ok(services.vms.send(ForVm { name, command }).await??)
+        })
+        .await?;
+    wire.answer(VmResult {
+        vm: VmView::from(&vm),
+    })
+}
+
+fn stop_timeout(seconds: Option<f64>) -> Result<Duration, RpcError> {
+    match seconds {
+        None => Ok(DEFAULT_STOP_TIMEOUT),
+        Some(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(InvalidVm {
+            field: "timeout_secs",
+            reason: format!("{s} is outside 0 to 3600 seconds"),
+        }
+        .into()),
+    }
+}
+
+fn validate_create(services: &VmServices, params: VmCreateParams) -> Result<CreateVm, RpcError> {
+    let name = params.name.unwrap_or_else(generate_name);
+    validate_name("name", &name)?;
+    validate_name("kernel", &params.kernel)?;
+    let rootfs = validate_rootfs(&params.rootfs)?;
+    let vcpus = validate_vcpus(params.vcpus.unwrap_or(1))?;
+    let memory_mib = match params.memory {
+        None => 512,
+        Some(MemoryArg::Mib(mib)) => parse_memory_mib(&mib.to_string())?,
+        Some(MemoryArg::Size(text)) => parse_memory_mib(&text)?,
+    };
+    let seconds = |field: &'static str, value: Option<f64>| {
+        value
+            .map(|s| crate::config::seconds_to_ms(field, s))
+            .transpose()
+            .map_err(|e| {
+                RpcError::new(
+                    ErrorCode::InvalidParams,
+                    format!("invalid params: {}", error_chain(&e)),
+                )
+            })
+    };
+    let restart_delay_ms = seconds("restart_delay_secs", params.restart_delay_secs)?;
+    let restart_max_delay_ms = seconds("restart_max_delay_secs", params.restart_max_delay_secs)?;
+    let defaults = services.settings.restart_defaults;
+    if restart_max_delay_ms.unwrap_or(defaults.max_delay_ms)
+        < restart_delay_ms.unwrap_or(defaults.delay_ms)
+    {
+        return Err(InvalidVm {
+            field: "restart_max_delay_secs",
+            reason: "is shorter than the restart delay".into(),
+        }
+        .into());
+    }
+    Ok(CreateVm {
+        name,
+        kernel: params.kernel,
+        rootfs,
+        vcpus,
+        memory_mib,
+        vmm: params.vmm,
+        restart: params.restart,
+        restart_delay_ms,
+        restart_max_delay_ms,
+        start: params.start,
+    })
+}
+
+/// The console log of the VM named `name`.
+async fn console_path(services: &VmServices, name: String) -> Result<PathBuf, RpcError> {
+    let vm = services
+        .vms
+        .send(ForVm {
+            name,
+            command: VmCommand::Get,
+        })
+        .await??;
+    Ok(services.settings.paths(&vm.id).console_log())
+}
+
+/// The agent of a VM, waiting for a booting VM's agent up to `wait_secs`.
+async fn agent_of(
+    services: &VmServices,
+    name: String,
+    wait_secs: Option<f64>,
+) -> Result<AgentLink, RpcError> {
+    let timeout = wait_secs.map_or(DEFAULT_AGENT_WAIT, Duration::from_secs_f64);
+    Ok(services.vms.send(AgentOf { name, timeout }).await??)
+}
+
+/// What a streaming request streams.
+pub enum Opened {
+    Logs(LogFollow),
+    Exec(ExecSession),
+}
+
+/// Accepts a streaming request: what to stream, ready to run.
+pub async fn open_stream(services: &VmServices, request: Request) -> Result<Opened, RpcError> {
+    match request {
+        Request::Logs(params) => {
+            let path = console_path(services, params.name).await?;
+            let offset = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || tail_offset(&path, params.tail))
+                    .await
+                    .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))??
+            };
+            Ok(Opened::Logs(LogFollow { path, offset }))
+        }
+        Request::Exec(params) => {
+            let link = agent_of(services, params.name, params.wait_secs).await?;
+            let session = link
+                .exec(ExecRequest {
+                    argv: params.argv,
+                    env: params.env.into_iter().collect(),
+                    cwd: params.cwd,
+                    pty: false,
+                })
+                .await?;
+            Ok(Opened::Exec(session))
+        }
+        _ => Err(RpcError::new(
+            ErrorCode::InvalidRequest,
+            "not a streaming request",
+        )),
+    }
+}
+
+/// Where the last `tail` lines of a log start (all of it without a tail).
+fn tail_offset(path: &Path, tail: Option<usize>) -> Result<u64, RpcError> {
+    let bytes = read_log(path)?;
+    Ok(tail.map_or(0, |n| tail_start(&bytes, n)) as u64)
+}
+
+/// The console log, or its last `tail` lines.
+fn read_tail(path: &Path, tail: Option<usize>) -> Result<String, RpcError> {
+    let bytes = read_log(path)?;
+    let start = tail.map_or(0, |n| tail_start(&bytes, n));
+    Ok(String::from_utf8_lossy(&bytes[start..]).into_owned())
+}
+
+fn read_log(path: &Path) -> Result<Vec<u8>, RpcError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(RpcError::new(
+            ErrorCode::Internal,
+            format!("cannot read {}: {e}", path.display()),
+        )),
+    }
+}
+
+/// The byte offset where the last `n` lines of `text` begin.
+fn tail_start(text: &[u8], n: usize) -> usize {
+    if n == 0 {
+        return text.len();
+    }
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    body.iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(n - 1)
+        .map_or(0, |(i, _)| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_starts_after_the_nth_newline_from_the_end() {
+        let text = b"one\ntwo\nthree\n";
+        assert_eq!(&text[tail_start(text, 1)..], b"three\n");
+        assert_eq!(&text[tail_start(text, 2)..], b"two\nthree\n");
+        assert_eq!(tail_start(text, 9), 0);
+        assert_eq!(tail_start(text, 0), text.len());
+        assert_eq!(&b"a\nb"[tail_start(b"a\nb", 1)..], b"b");
+    }
+}
