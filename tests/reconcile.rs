@@ -229,8 +229,17 @@ fn a_vm_record_that_does_not_decode_is_quarantined_until_forgotten() {
         return;
     };
     f.create("good", &["--start"]);
-    let bad = f.create("bad", &[]);
+    let bad = f.create("bad", &["--start"]);
     let bad_id = bad["id"].as_str().expect("id").to_string();
+    let bad_pid = bad["pid"].as_i64().expect("pid");
+    let halt = f.tmp.path().join("halt.elf");
+    f.ok(&[
+        "kernel",
+        "import",
+        "spare",
+        "--vmlinux",
+        halt.to_str().expect("utf-8"),
+    ]);
     f.daemon.take().expect("daemon").stop();
     {
         let opened = banger::store::open(&f.state(), banger::store::Schema::production())
@@ -251,11 +260,20 @@ fn a_vm_record_that_does_not_decode_is_quarantined_until_forgotten() {
     assert_eq!(quarantined[0]["key"], bad_id.as_str());
     let dir = f.state().join("vms").join(&bad_id);
     assert!(dir.join("rootfs.ext4").exists(), "its disk is left alone");
+    assert!(pid_alive(bad_pid), "its VMM is left alone");
+    // It may use any kernel: none goes while it is quarantined.
+    let refused = f.run(&["kernel", "rm", "spare"]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("quarantined"),
+        "{refused:?}"
+    );
 
     let refused = f.run(&["vm", "forget", "nosuchid00"]);
     assert!(!refused.status.success());
     f.ok(&["vm", "forget", &bad_id]);
     assert!(!dir.exists(), "forget removes what the record owned");
+    assert!(!pid_alive(bad_pid), "and its VMM");
+    f.ok(&["kernel", "rm", "spare"]);
     let status: Value =
         serde_json::from_str(&f.ok(&["daemon", "status", "--json"])).expect("status json");
     assert_eq!(status["quarantined"], serde_json::json!([]));

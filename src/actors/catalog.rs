@@ -275,19 +275,27 @@ impl Handler<RemoveKernel> for CatalogActor {
                 let vms = store
                     .send(List::<VmRecord>::new())
                     .await
-                    .map_err(store_gone)??
-                    .records;
+                    .map_err(store_gone)??;
                 Ok::<_, KernelError>((kernel, vms))
             }
         };
         let dir = catalog::kernel_dir(&self.kernels_dir, &name);
         let work = looked.into_actor(self).then(move |looked, act, _| {
             let checked = looked.and_then(|(kernel, vms)| {
+                // A quarantined VM may use any kernel: it counts as a user
+                // until it is forgotten.
                 let mut users: Vec<String> = vms
+                    .records
                     .into_iter()
                     .filter(|vm| vm.kernel == name)
                     .map(|vm| vm.name)
                     .chain(act.reservations.get(&name).into_iter().flatten().cloned())
+                    .chain(vms.undecodable.into_iter().map(|bad| {
+                        format!(
+                            "{} (quarantined; `banger vm forget {}` removes it)",
+                            bad.key, bad.key
+                        )
+                    }))
                     .collect();
                 users.sort();
                 users.dedup();
@@ -359,6 +367,9 @@ impl Handler<ImportKernel> for CatalogActor {
             }
             let (name, progress, staging) = (msg.name.clone(), msg.progress, dir.clone());
             let record = tokio::task::spawn_blocking(move || {
+                // No record, no import under way: files under this name
+                // are a failed removal's leftovers.
+                let _ = reconcile::remove_any(&catalog::kernel_dir(&staging, &name));
                 import_files(&staging, &name, msg.source, &agent, progress)
             })
             .await

@@ -102,12 +102,21 @@ impl VmSettings {
         }
     }
 
+    /// The jailer's directory for a VM: `<jail base>/firecracker/<id>`.
+    pub fn jail_dir(&self, id: &str) -> PathBuf {
+        crate::vmm::firecracker::jail_dir(&self.jail_base, id)
+    }
+
     /// Where one resource of a VM's ledger lives (none: the backend has no
     /// such thing, e.g. a jail for QEMU).
     pub fn path_of(&self, record: &VmRecord, resource: Resource) -> Option<PathBuf> {
         match resource {
             Resource::VmDirectory => Some(self.paths(&record.id).dir),
-            Resource::Jail => self.backend(record.vmm).jail_dir(&record.id),
+            // Wherever the jailer would put it, configured now or not: a
+            // jail made under another configuration is still this VM's.
+            Resource::Jail => {
+                (record.vmm == VmmKind::Firecracker).then(|| self.jail_dir(&record.id))
+            }
         }
     }
 
@@ -205,6 +214,9 @@ pub struct VmActor {
     durable_pid: Option<i32>,
     /// Restarts since the last durable write, for the reload's backoff.
     restarts: u32,
+    /// The store holds the record: false for a VM being created until its
+    /// first write is durable, so nobody is shown a VM the store lacks.
+    in_store: bool,
     /// The guest agent, once it has answered; dropped when its connection
     /// ends or the VMM exits.
     agent: Option<AgentLink>,
@@ -285,6 +297,8 @@ impl VmActor {
         store: Addr<StoreActor>,
         manager: Recipient<VmRemoved>,
     ) -> VmActor {
+        // Unbounded, yet never more than one write deep: the actor waits
+        // for each write to be durable (ctx.wait) before it goes on.
         let (writes, queue) = mpsc::unbounded_channel();
         actix::spawn(write_in_order(store.clone(), queue));
         let record_for_pid = record.clone();
@@ -302,6 +316,7 @@ impl VmActor {
             next_request: 0,
             durable_pid: record_pid(&record_for_pid),
             restarts: 0,
+            in_store: true,
             on_start: OnStart::Recover,
             agent: None,
             agent_connect: None,
@@ -343,6 +358,7 @@ impl VmActor {
                     let durable = self.write(write);
                     ctx.wait(durable.into_actor(self).map(move |ok, act, ctx| {
                         if ok.unwrap_or(false) {
+                            act.in_store = true;
                             act.durable_pid = written_pid;
                             act.restarts = 0;
                             act.run(effects, ctx);
@@ -1014,7 +1030,7 @@ impl Handler<VmCommand> for VmActor {
         let event = match command {
             VmCommand::Get => {
                 let record = self.vm.record.clone();
-                let found = if self.vm.removed {
+                let found = if self.vm.removed || !self.in_store {
                     Err(VmError::NotFound(record.name))
                 } else {
                     Ok(record)
@@ -1163,6 +1179,7 @@ impl VmManager {
             let mut actor = VmActor::new(record, settings, store, manager);
             if fresh {
                 actor.on_start = OnStart::Nothing;
+                actor.in_store = false;
             }
             actor
         })
@@ -1315,7 +1332,7 @@ fn ledger_claims(
     }
     for bad in &listing.undecodable {
         vms.insert(settings.paths(&bad.key).dir);
-        jails.insert(settings.jail_base.join("firecracker").join(&bad.key));
+        jails.insert(settings.jail_dir(&bad.key));
     }
     (vms, jails)
 }
@@ -1436,34 +1453,50 @@ impl Handler<ForgetVm> for VmManager {
         };
         let (store, settings) = (self.store.clone(), self.settings.clone());
         let id = msg.id;
+        let layout = Layout {
+            vms_dir: settings.vms_dir.clone(),
+            jail_base: settings.jail_base.clone(),
+        };
         Box::pin(
             async move {
+                // Its VMM first: nothing may run on files about to go.
+                let scan = tokio::task::spawn_blocking(move || layout.scan())
+                    .await
+                    .map_err(|_| VmError::Unavailable("blocking thread pool"))?;
+                for found in scan.into_iter().filter(|found| found.id == id) {
+                    terminate_orphan(found).await;
+                }
                 store
                     .send(Delete::<VmRecord>::new(id.clone()))
                     .await
                     .map_err(|_| VmError::Unavailable("store"))??;
-                let dir = settings.paths(&id).dir;
-                let jail = settings.jail_base.join("firecracker").join(&id);
-                tokio::task::spawn_blocking(move || {
-                    settings.host.remove_jail(&jail)?;
-                    reconcile::remove_any(&dir)
-                })
-                .await
-                .map_err(|_| VmError::Unavailable("blocking thread pool"))?
-                .map_err(|source| VmError::Io {
-                    action: "remove the files of",
-                    path: PathBuf::from(&id),
-                    source,
-                })?;
-                info!(id = %id, "forgot a quarantined VM");
-                Ok(bad)
+                Ok::<_, VmError>(id)
             }
             .into_actor(self)
-            .map(|forgot, manager, _| {
-                if let Ok(bad) = &forgot {
-                    manager.quarantined.retain(|b| b.key != bad.key);
+            .then(move |deleted, manager, _| {
+                if let Ok(id) = &deleted {
+                    // The record is gone from the store: so from quarantine.
+                    manager.quarantined.retain(|b| &b.key != id);
                 }
-                forgot
+                async move {
+                    let id = deleted?;
+                    let dir = settings.paths(&id).dir;
+                    let jail = settings.jail_dir(&id);
+                    tokio::task::spawn_blocking(move || {
+                        settings.host.remove_jail(&jail)?;
+                        reconcile::remove_any(&dir)
+                    })
+                    .await
+                    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+                    .map_err(|source| VmError::Io {
+                        action: "remove the files of",
+                        path: PathBuf::from(&id),
+                        source,
+                    })?;
+                    info!(id = %id, "forgot a quarantined VM");
+                    Ok(bad)
+                }
+                .into_actor(manager)
             }),
         )
     }
@@ -1487,7 +1520,7 @@ impl Handler<CreateVm> for VmManager {
         // The ledger names the directory (and the jail, if the backend
         // makes one) before anything is created.
         let mut resources = vec![Resource::VmDirectory];
-        if self.settings.backend(vmm).jail_dir(&id).is_some() {
+        if vmm == VmmKind::Firecracker {
             resources.push(Resource::Jail);
         }
         let record = VmRecord {
@@ -1516,6 +1549,8 @@ impl Handler<CreateVm> for VmManager {
         let catalog = self.catalog.clone();
         let (kernel, name) = (msg.kernel.clone(), msg.name.clone());
         let (source, start) = (msg.rootfs, msg.start);
+        // Err(true, _): refused before the actor took the create, so the
+        // name is free again; Err(false, _): the VM's own record decides.
         let created = async move {
             catalog
                 .send(Reserve {
@@ -1523,8 +1558,9 @@ impl Handler<CreateVm> for VmManager {
                     vm: name.clone(),
                 })
                 .await
-                .map_err(|_| VmError::Unavailable("catalog"))?
-                .map_err(VmError::from)?;
+                .map_err(|_| VmError::Unavailable("catalog"))
+                .and_then(|reserved| reserved.map_err(VmError::from))
+                .map_err(|e| (true, e))?;
             let created = actor
                 .send(VmCommand::Create { source })
                 .await
@@ -1536,13 +1572,15 @@ impl Handler<CreateVm> for VmManager {
                     vm: name.clone(),
                 })
                 .await;
-            let created = created??;
+            let created = created.and_then(|c| c).map_err(|e| (false, e))?;
             info!(vm = %created.name, id = %created.id, "VM created");
             if start {
                 actor
                     .send(VmCommand::Start)
                     .await
-                    .map_err(|_| VmError::Unavailable("VM actor"))?
+                    .map_err(|_| VmError::Unavailable("VM actor"))
+                    .and_then(|started| started)
+                    .map_err(|e| (false, e))
             } else {
                 Ok(created)
             }
@@ -1552,12 +1590,12 @@ impl Handler<CreateVm> for VmManager {
         Box::pin(created.into_actor(self).map(move |created, manager, _| {
             // Refused before the record was written: nothing to undo, and
             // the actor ends with its address.
-            if let Err(VmError::Kernel(_)) = &created
-                && manager.vms.get(&name) == ours.as_ref()
-            {
-                manager.vms.remove(&name);
-            }
-            created
+            created.map_err(|(free, e)| {
+                if free && manager.vms.get(&name) == ours.as_ref() {
+                    manager.vms.remove(&name);
+                }
+                e
+            })
         }))
     }
 }

@@ -4,7 +4,7 @@
 //! (ACPI descriptions for virtio-mmio) to 1.12.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,10 +218,16 @@ const VSOCK_SOCKET: &str = "agent.vsock";
 /// The guest's vsock context id (2 is the host; every VM has its own device).
 const GUEST_CID: u32 = 3;
 
+/// Where the jailer puts a VM's chroot under a jail base, whether or not a
+/// jailer is configured now (the start-up sweep and removal need it).
+pub fn jail_dir(base: &Path, id: &str) -> PathBuf {
+    base.join("firecracker").join(id)
+}
+
 impl JailSpec {
     /// `<base>/firecracker/<id>`: the jailer's directory for this VM.
     pub fn dir(&self, id: &str) -> PathBuf {
-        self.base.join("firecracker").join(id)
+        jail_dir(&self.base, id)
     }
 
     pub fn root(&self, id: &str) -> PathBuf {
@@ -383,10 +389,6 @@ impl Vmm for Firecracker {
     fn ctrl_alt_del<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
         let api = ApiClient::new(&process.api_socket);
         Box::pin(async move { Ok(api.action(ActionType::SendCtrlAltDel).await?) })
-    }
-
-    fn jail_dir(&self, id: &str) -> Option<PathBuf> {
-        self.jail.as_ref().map(|jail| jail.dir(id))
     }
 }
 

@@ -122,9 +122,6 @@ pub trait Vmm: Send + Sync {
     /// Presses Ctrl-Alt-Del in the guest: the graceful stop when its agent
     /// does not answer.
     fn ctrl_alt_del<'a>(&'a self, process: &'a VmmProcess) -> BoxFuture<'a, Result<(), VmmError>>;
-
-    /// A directory outside the VM's own that holds its files (a jail).
-    fn jail_dir(&self, id: &str) -> Option<PathBuf>;
 }
 
 /// Takes the VM directory's lock: an exclusive flock on the console log,

@@ -243,10 +243,6 @@ impl Vmm for Qemu {
             Ok(())
         })
     }
-
-    fn jail_dir(&self, _id: &str) -> Option<PathBuf> {
-        None
-    }
 }
 
 /// One QMP session: greeting read, capabilities negotiated.
