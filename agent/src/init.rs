@@ -31,7 +31,7 @@ const ROOT_WAIT: Duration = Duration::from_secs(30);
 /// A failure PID 1 cannot get past: said on the console, then a reset
 /// (the host sees a crash and applies the VM's restart policy).
 pub fn fatal(what: &str) -> ! {
-    eprintln!("banger-agent: fatal: {what}; resetting");
+    crate::log!("fatal: {what}; resetting");
     let _ = reboot(RebootMode::RB_AUTOBOOT);
     // reboot(2) does not return for PID 1; park if it somehow did.
     loop {
@@ -44,7 +44,7 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
     if let Err(e) = mount(Some(source), target, Some(fstype), flags, data) {
         // EBUSY: already mounted (the kernel or stage 1 did it).
         if e != nix::errno::Errno::EBUSY {
-            eprintln!("banger-agent: cannot mount {fstype} on {target}: {e}");
+            crate::log!("cannot mount {fstype} on {target}: {e}");
         }
     }
 }
@@ -147,7 +147,7 @@ fn load_module(path: &Path) {
         });
     match loaded {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-        Err(e) => eprintln!("banger-agent: cannot load {}: {e}", path.display()),
+        Err(e) => crate::log!("cannot load {}: {e}", path.display()),
     }
 }
 
@@ -202,17 +202,18 @@ pub fn stage2_setup(cmdline: &Cmdline) {
     if let Some(hostname) = &cmdline.hostname
         && let Err(e) = nix::unistd::sethostname(hostname)
     {
-        eprintln!("banger-agent: cannot set the hostname {hostname}: {e}");
+        crate::log!("cannot set the hostname {hostname}: {e}");
     }
     crate::network::configure(cmdline);
     // Ctrl-Alt-Del becomes SIGINT to PID 1: a poweroff request.
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
-        eprintln!("banger-agent: cannot take over Ctrl-Alt-Del: {e}");
+        crate::log!("cannot take over Ctrl-Alt-Del: {e}");
     }
-    start_sshd();
 }
 
-fn start_sshd() {
+/// Starts sshd when the disk has one, generating host keys first if it
+/// has none; PID 1 calls it after it serves the host.
+pub fn start_sshd() {
     let sshd = Path::new("/usr/sbin/sshd");
     if !sshd.exists() {
         return;
@@ -227,7 +228,7 @@ fn start_sshd() {
     }
     let _ = std::fs::create_dir_all("/run/sshd");
     if let Err(e) = children::spawn(Command::new(sshd).arg("-D").arg("-e")) {
-        eprintln!("banger-agent: cannot start sshd: {e}");
+        crate::log!("cannot start sshd: {e}");
     }
 }
 
@@ -236,7 +237,7 @@ fn start_sshd() {
 /// no ACPI poweroff, and QEMU runs with -no-reboot): the host tells the two
 /// apart by the announcement.
 pub fn shutdown(action: ShutdownAction) -> ! {
-    eprintln!("banger-agent: {action:?}: stopping every process");
+    crate::log!("{action:?}: stopping every process");
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
     while children::reap() && Instant::now() < deadline {

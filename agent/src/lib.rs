@@ -1,9 +1,13 @@
 //! banger-agent: PID 1 inside every banger VM, and the protocol the host
 //! speaks to it (the host's `banger` crate reuses these types).
 
+// PID 1 never panics on I/O: no print macros (they panic when stdio fails).
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+
 pub mod children;
 pub mod cmdline;
 pub mod init;
+pub mod log;
 pub mod network;
 pub mod protocol;
 pub mod server;

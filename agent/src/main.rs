@@ -2,6 +2,10 @@
 //! 2 on the root disk), or, not as PID 1, `--listen PATH` to serve the
 //! protocol on a Unix socket (for tests of the host side).
 
+// PID 1 never panics on I/O: no print macros (they panic when stdio fails).
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +14,7 @@ use std::time::Duration;
 use banger_agent::cmdline::Cmdline;
 use banger_agent::protocol::{BootTimes, SERIAL_PORT_NAME, ShutdownAction, VSOCK_PORT};
 use banger_agent::server::{self, Identity, Transport};
-use banger_agent::{children, init, spawn_thread, system};
+use banger_agent::{children, init, log, spawn_thread, system};
 use nix::sys::signal::{SigSet, Signal};
 
 const USAGE: &str =
@@ -24,14 +28,20 @@ fn main() {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["--version"] => println!("banger-agent {}", env!("CARGO_PKG_VERSION")),
+        ["--version"] => {
+            let _ = writeln!(
+                std::io::stdout(),
+                "banger-agent {}",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
         ["--listen", path] => listen(PathBuf::from(path)),
         [] if std::process::id() == 1 && Path::new(init::INITRAMFS_MARKER).exists() => {
             init::stage1()
         }
         [] if std::process::id() == 1 => stage2(),
         _ => {
-            eprintln!("{USAGE}");
+            let _ = writeln!(std::io::stderr(), "{USAGE}");
             std::process::exit(2);
         }
     }
@@ -76,6 +86,8 @@ fn stage2() {
             init: true,
         });
         serve_guest(identity);
+        // Slow (host keys under TCG take seconds): only once serving.
+        init::start_sshd();
     });
     if let Err(e) = setup {
         init::fatal(&format!("cannot start the set-up: {e}"));
@@ -87,7 +99,7 @@ fn stage2() {
             }
             Ok(Signal::SIGTERM) => init::shutdown(ShutdownAction::Reboot),
             Ok(_) => init::shutdown(ShutdownAction::Poweroff),
-            Err(e) => eprintln!("banger-agent: sigwait: {e}"),
+            Err(e) => log!("sigwait: {e}"),
         }
     }
 }
@@ -99,18 +111,18 @@ fn serve_guest(identity: Arc<Identity>) {
     let started = spawn_thread("serial", move || {
         match server::find_serial_port(Duration::from_secs(5)) {
             Some(port) => server::serve_serial(port, serial),
-            None => eprintln!("banger-agent: no virtio-serial port {SERIAL_PORT_NAME}"),
+            None => log!("no virtio-serial port {SERIAL_PORT_NAME}"),
         }
     })
     .and_then(|_| {
         spawn_thread("vsock", move || {
             if let Err(e) = serve_vsock(&identity) {
-                eprintln!("banger-agent: no vsock: {e}");
+                log!("no vsock: {e}");
             }
         })
     });
     match started {
-        Ok(_) => eprintln!("banger-agent: ready"),
+        Ok(_) => log!("ready"),
         Err(e) => init::fatal(&format!("cannot start serving: {e}")),
     }
 }
@@ -146,7 +158,7 @@ fn serve_vsock(identity: &Arc<Identity>) -> nix::Result<()> {
             Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => {}
             Err(e) => {
                 // Out of descriptors or memory: a later accept may work.
-                eprintln!("banger-agent: vsock accept: {e}");
+                log!("vsock accept: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -162,11 +174,11 @@ fn serve_connection(connection: OwnedFd, identity: Arc<Identity>) {
             server::serve(reader, Box::new(stream), Transport::Socket, &identity)
         });
         if let Err(e) = served {
-            eprintln!("banger-agent: connection: {e}");
+            log!("connection: {e}");
         }
     });
     if let Err(e) = started {
-        eprintln!("banger-agent: cannot serve a connection: {e}");
+        log!("cannot serve a connection: {e}");
     }
 }
 
@@ -175,14 +187,14 @@ fn serve_connection(connection: OwnedFd, identity: Arc<Identity>) {
 fn listen(path: PathBuf) {
     let set = signals();
     if let Err(e) = set.thread_block() {
-        eprintln!("banger-agent: cannot block signals: {e}");
+        log!("cannot block signals: {e}");
         std::process::exit(1);
     }
     let _ = std::fs::remove_file(&path);
     let listener = match std::os::unix::net::UnixListener::bind(&path) {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!("banger-agent: cannot listen on {}: {e}", path.display());
+            log!("cannot listen on {}: {e}", path.display());
             std::process::exit(1);
         }
     };
@@ -200,18 +212,18 @@ fn listen(path: PathBuf) {
         }
     });
     if let Err(e) = accepting {
-        eprintln!("banger-agent: {e}");
+        log!("{e}");
         std::process::exit(1);
     }
     // Tests wait for this line rather than for time to pass.
-    eprintln!("banger-agent: listening on {}", path.display());
+    log!("listening on {}", path.display());
     loop {
         match set.wait() {
             Ok(Signal::SIGCHLD) => {
                 children::reap();
             }
             Ok(_) => std::process::exit(0),
-            Err(e) => eprintln!("banger-agent: sigwait: {e}"),
+            Err(e) => log!("sigwait: {e}"),
         }
     }
 }

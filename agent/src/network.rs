@@ -19,7 +19,7 @@ use crate::cmdline::Cmdline;
 pub fn configure(cmdline: &Cmdline) {
     let log = |what: &str, result: io::Result<()>| {
         if let Err(e) = result {
-            eprintln!("banger-agent: network: {what}: {e}");
+            crate::log!("network: {what}: {e}");
         }
     };
     let socket = match control_socket() {
@@ -36,13 +36,13 @@ pub fn configure(cmdline: &Cmdline) {
                 );
                 log("eth0 up", set_up(&socket, "eth0"));
             }
-            None => eprintln!("banger-agent: network: banger.ip={text} is not ADDR/PREFIX"),
+            None => crate::log!("network: banger.ip={text} is not ADDR/PREFIX"),
         }
     }
     if let Some(text) = &cmdline.gateway {
         match text.parse() {
             Ok(gateway) => log("default route", add_default_route(&socket, gateway)),
-            Err(_) => eprintln!("banger-agent: network: banger.gw={text} is not an address"),
+            Err(_) => crate::log!("network: banger.gw={text} is not an address"),
         }
     }
     if let Some(dns) = &cmdline.dns {

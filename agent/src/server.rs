@@ -118,23 +118,27 @@ fn serve_on(
         connections.push((id, writer.clone()));
     }
     let sessions: Sessions = Arc::new(Mutex::new(HashMap::new()));
+    // Decoded from a cursor, compacted once per read: linear in bytes.
     let mut buffer = Vec::new();
+    let mut start = 0;
     let mut chunk = vec![0u8; 64 * 1024];
     let ended = loop {
-        match protocol::decode(&buffer) {
+        match protocol::decode(&buffer[start..]) {
             Ok(Some((frame, used))) => {
-                buffer.drain(..used);
+                start += used;
                 handle(frame, &writer, &sessions, identity);
                 continue;
             }
             Ok(None) => {}
             Err(e) if transport == Transport::Serial => {
-                eprintln!("banger-agent: skipping a byte: {e}");
-                buffer.drain(..1);
+                crate::log!("skipping a byte: {e}");
+                start += 1;
                 continue;
             }
             Err(e) => break Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }
+        buffer.drain(..start);
+        start = 0;
         match reader.read(&mut chunk) {
             Ok(0) => break Ok(()),
             Ok(n) => buffer.extend_from_slice(&chunk[..n]),
@@ -428,7 +432,7 @@ fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer) {
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
             Err(e) => {
-                eprintln!("banger-agent: session {session}: poll: {e}");
+                crate::log!("session {session}: poll: {e}");
                 return;
             }
         }
@@ -521,7 +525,7 @@ pub fn serve_serial(path: PathBuf, identity: Arc<Identity>) {
         match File::options().read(true).write(true).open(&path) {
             Ok(port) => break port,
             Err(e) => {
-                eprintln!("banger-agent: cannot open {}: {e}", path.display());
+                crate::log!("cannot open {}: {e}", path.display());
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
@@ -529,13 +533,13 @@ pub fn serve_serial(path: PathBuf, identity: Arc<Identity>) {
     let sink: Sink = match port.try_clone() {
         Ok(writer) => Arc::new(Mutex::new(Box::new(writer))),
         Err(e) => {
-            eprintln!("banger-agent: {}: {e}", path.display());
+            crate::log!("{}: {e}", path.display());
             return;
         }
     };
     loop {
         if let Err(e) = serve_on(&port, sink.clone(), Transport::Serial, &identity) {
-            eprintln!("banger-agent: {}: {e}", path.display());
+            crate::log!("{}: {e}", path.display());
         }
         std::thread::sleep(Duration::from_millis(100));
     }

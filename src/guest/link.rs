@@ -428,14 +428,16 @@ async fn read_frames(
     events: mpsc::UnboundedSender<ShutdownAction>,
 ) {
     let mut reader = BufReader::with_capacity(128 * 1024, read);
+    // Decoded from a cursor, compacted once per read: linear in bytes.
     let mut buffer: Vec<u8> = Vec::new();
+    let mut start = 0;
     let mut synced = false;
     loop {
         // Decode whatever is buffered.
         loop {
-            match protocol::decode(&buffer) {
+            match protocol::decode(&buffer[start..]) {
                 Ok(Some((frame, used))) => {
-                    buffer.drain(..used);
+                    start += used;
                     if !synced {
                         if frame.kind != FrameKind::Response {
                             continue;
@@ -463,12 +465,12 @@ async fn read_frames(
                 }
                 Ok(None) => break,
                 // Before the hello, stale bytes: skip one and look again.
-                Err(_) if !synced => {
-                    buffer.drain(..1);
-                }
+                Err(_) if !synced => start += 1,
                 Err(_) => return,
             }
         }
+        buffer.drain(..start);
+        start = 0;
         let chunk = tokio::select! {
             chunk = reader.fill_buf() => chunk,
             _ = inner.closed.cancelled() => return,
