@@ -580,15 +580,7 @@ impl Transition<'_> {
                 if intent == Intent::Kill {
                     self.kill_now(intent);
                 } else {
-                    let deadline = after(self.now, timeout);
-                    self.vm.record.phase = Phase::Stopping {
-                        intent,
-                        killed: false,
-                        deadline,
-                    };
-                    self.effects.push(Effect::Persist);
-                    self.effects.push(Effect::AskPoweroff);
-                    self.effects.push(Effect::ArmTimer(deadline));
+                    self.ask_to_stop(intent, timeout);
                 }
                 self.wait(request, Until::Exited);
             }
@@ -624,6 +616,20 @@ impl Transition<'_> {
             Phase::Removing { .. } => return Err(conflict(self.vm, "it cannot be stopped")),
         }
         Ok(())
+    }
+
+    /// A graceful stop begins: persisted with its deadline, then the guest
+    /// asked to power off.
+    fn ask_to_stop(&mut self, intent: Intent, timeout: Duration) {
+        let deadline = after(self.now, timeout);
+        self.vm.record.phase = Phase::Stopping {
+            intent,
+            killed: false,
+            deadline,
+        };
+        self.effects.push(Effect::Persist);
+        self.effects.push(Effect::AskPoweroff);
+        self.effects.push(Effect::ArmTimer(deadline));
     }
 
     /// Kill now: `Stopping { killed }` persisted, then SIGKILL.
@@ -665,15 +671,7 @@ impl Transition<'_> {
                 self.wait(request, Until::Launched);
             }
             Phase::Running => {
-                let deadline = after(self.now, timeout);
-                self.vm.record.phase = Phase::Stopping {
-                    intent: Intent::Restart,
-                    killed: false,
-                    deadline,
-                };
-                self.effects.push(Effect::Persist);
-                self.effects.push(Effect::AskPoweroff);
-                self.effects.push(Effect::ArmTimer(deadline));
+                self.ask_to_stop(Intent::Restart, timeout);
                 self.wait(request, Until::Launched);
             }
             Phase::Stopping {
