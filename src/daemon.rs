@@ -189,6 +189,7 @@ impl SystemSupervisor {
             },
             operations: operations.clone(),
             daemon: DaemonServices {
+                methods: crate::rpc::request::methods().collect(),
                 store,
                 vms,
                 catalog,

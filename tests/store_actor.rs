@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 
 use banger::actors::store::{CompareAndSwap, Delete, Get, List, Put, StoreActor};
 use banger::store::{self, Schema, StoreError};
-use banger::vm::machine::Phase;
+use banger::vm::phase::Phase;
 use banger::vm::record::VmRecord;
 use common::*;
 use nix::sys::signal::{Signal, kill};

@@ -42,9 +42,8 @@ use crate::reconcile;
 use crate::store::{Listing, StoreError, Undecodable};
 use crate::vm::InvalidVm;
 use crate::vm::ledger::Resource;
-use crate::vm::machine::{
-    self, Conflict, Effect, Event, Exit, HostView, Outcome, Phase, RequestId, Vm,
-};
+use crate::vm::machine::{self, Conflict, Effect, Event, Exit, HostView, Outcome, RequestId, Vm};
+use crate::vm::phase::Phase;
 use crate::vm::record::{VmRecord, VmmKind};
 use crate::vm::restart::{self, RestartPolicy};
 use crate::vm::state::Announcement;
@@ -971,7 +970,7 @@ impl Handler<GetAgent> for VmActor {
             let state = self.vm.record.phase.state();
             return Box::pin(fut::ready(Err(VmError::Conflict(Conflict {
                 name: self.name().to_string(),
-                state: machine::state_name(state),
+                state: crate::vm::phase::state_name(state),
                 hint: "start it first: the agent runs inside the VM",
             }))));
         }

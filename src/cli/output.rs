@@ -10,7 +10,7 @@ use tabwriter::TabWriter;
 use crate::catalog::KernelRecord;
 use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::vm::VmView;
-use crate::vm::machine::{Intent, Phase};
+use crate::vm::phase::{Intent, Phase};
 use crate::wire_name;
 
 /// Rows aligned in columns two spaces apart; the first row is the header.

@@ -10,8 +10,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::dispatch::Wire;
-use super::protocol::{ErrorCode, PROTOCOL_VERSION, Params, RpcError, requests};
+use super::protocol::{ErrorCode, MethodInfo, PROTOCOL_VERSION, Params, RpcError, requests};
+use super::wire::Wire;
 use crate::actors::catalog::CatalogActor;
 use crate::actors::operation::ListOperations;
 use crate::actors::store::{CountRecords, Quarantined, StoreActor, TakeSnapshot};
@@ -144,6 +144,8 @@ pub struct DaemonInfo {
 /// What the daemon's handlers reach: the store (counts, snapshots) and
 /// the owners of quarantined records.
 pub struct DaemonServices {
+    /// Every method of every domain (`rpc::request::methods`).
+    pub methods: Vec<&'static MethodInfo>,
     pub store: Addr<StoreActor>,
     pub vms: Addr<VmManager>,
     pub catalog: Addr<CatalogActor>,
@@ -159,7 +161,9 @@ pub async fn handle(
         Request::Hello(params) => wire.answer(hello(services, params)?),
         Request::Status => wire.answer(status(services, wire).await?),
         Request::Methods => wire.answer(MethodsResult {
-            methods: super::request::methods()
+            methods: services
+                .methods
+                .iter()
                 .map(|m| MethodDescription {
                     name: m.name.into(),
                     summary: m.summary.into(),

@@ -8,8 +8,8 @@ use actix::Addr;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::dispatch::Wire;
 use super::protocol::{Params, RpcError, requests};
+use super::wire::Wire;
 use crate::actors::catalog::{
     CatalogActor, ImportKernel, ImportProgress, KernelSource, ListKernels, RemoveKernel,
 };

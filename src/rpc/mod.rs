@@ -1,7 +1,8 @@
 //! JSON-RPC over the daemon's Unix socket. Transport: the envelope,
 //! errors and the `requests!` table ([`protocol`]), routing ([`request`],
-//! [`dispatch`]), the server ([`server`], [`access`], [`stream`]) and a
-//! blocking client for the CLI ([`client`]). One module per domain holds
+//! [`dispatch`]), what a handler sees of the transport ([`wire`]), the
+//! server ([`server`], [`access`], [`stream`]) and a blocking client for
+//! the CLI ([`client`]). One module per domain holds
 //! its requests, params, results and handlers: [`daemon`], [`ops`],
 //! [`vm`], [`kernel`].
 
@@ -17,3 +18,4 @@ pub mod request;
 pub mod server;
 pub mod stream;
 pub mod vm;
+pub mod wire;

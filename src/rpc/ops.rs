@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::dispatch::Wire;
 use super::protocol::{Params, RpcError, requests};
+use super::wire::Wire;
 use crate::actors::operation::{CancelOperation, GetOperation, ListOperations, WatchOperation};
 use crate::operations::OperationRecord;
 

@@ -25,13 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::access::{AccessPolicy, groups_of};
-use super::dispatch::{Reply, Services, handle, line, open_stream};
+use super::dispatch::{Services, handle, open_stream};
 use super::protocol::{
     ErrorCode, MAX_LINE_BYTES, Response, RpcError, StreamAccepted, StreamInfo, WithOpId,
 };
 use super::request::parse_line;
 use super::stream::{follow_log, relay_exec};
 use super::vm::Opened;
+use super::wire::{Reply, line};
 use crate::operations::new_op_id;
 
 pub const MAX_SESSIONS: usize = 4096;

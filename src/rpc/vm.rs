@@ -12,9 +12,9 @@ use actix::Addr;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::dispatch::Wire;
 use super::protocol::{ErrorCode, Params, RpcError, check_wait, requests};
 use super::stream::LogFollow;
+use super::wire::Wire;
 use crate::actors::vm::{
     AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ForgetVm, ListVms, VmCommand, VmManager,
     VmSettings,
@@ -22,8 +22,9 @@ use crate::actors::vm::{
 use crate::error_chain;
 use crate::guest::link::{AgentLink, ExecSession};
 use crate::store::Undecodable;
-use crate::vm::machine::Phase;
-use crate::vm::record::{Accel, VmRecord, VmState, VmmKind};
+use crate::vm::phase::Phase;
+use crate::vm::phase::VmState;
+use crate::vm::record::{Accel, VmRecord, VmmKind};
 use crate::vm::restart::RestartMode;
 use crate::vm::state::LastExit;
 use crate::vm::{

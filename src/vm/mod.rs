@@ -4,6 +4,7 @@
 
 pub mod ledger;
 pub mod machine;
+pub mod phase;
 pub mod record;
 pub mod restart;
 pub mod state;

@@ -10,26 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::Record;
 use crate::vm::ledger::Resource;
-use crate::vm::machine::Phase;
+use crate::vm::phase::Phase;
 use crate::vm::restart::{RestartHistory, RestartPolicy};
 use crate::vm::state::LastExit;
-
-/// A VM's state as `vm ls` shows it: a stable view derived from its
-/// [`Phase`], which scripts depend on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum VmState {
-    Creating,
-    Created,
-    Starting,
-    Running,
-    Stopping,
-    Stopped,
-    Crashed,
-    CrashLoop,
-    Failed,
-    Removing,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -162,7 +145,7 @@ mod tests {
 
     #[test]
     fn v1_vm_states_become_phases() {
-        use crate::vm::machine::Phase;
+        use crate::vm::phase::Phase;
         let v1 = |state: &str, next: serde_json::Value| {
             let mut record = serde_json::to_value(crate::vm::record::VmRecord {
                 id: "abcdefghij".into(),

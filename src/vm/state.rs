@@ -1,30 +1,7 @@
-//! VM states, the transitions the handlers allow, and how a VMM's exit is
-//! classified. Pure functions; `actors::vm` checks, acts, persists.
+//! How a VMM's exit is classified. Pure; `vm::machine` applies it.
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-
-use crate::vm::record::VmState;
-
-/// A VM in this state may be started (again).
-pub fn can_start(state: VmState) -> bool {
-    matches!(
-        state,
-        VmState::Created
-            | VmState::Stopped
-            | VmState::Crashed
-            | VmState::CrashLoop
-            | VmState::Failed
-    )
-}
-
-/// A VMM process may exist for a VM in this state.
-pub fn has_process(state: VmState) -> bool {
-    matches!(
-        state,
-        VmState::Starting | VmState::Running | VmState::Stopping
-    )
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,22 +53,6 @@ pub fn classify(intent: StopIntent, announced: Option<Announcement>) -> ExitKind
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn starts_are_allowed_only_without_a_process() {
-        for state in [
-            VmState::Created,
-            VmState::Stopped,
-            VmState::Crashed,
-            VmState::CrashLoop,
-            VmState::Failed,
-        ] {
-            assert!(can_start(state) && !has_process(state), "{state:?}");
-        }
-        for state in [VmState::Starting, VmState::Running, VmState::Stopping] {
-            assert!(!can_start(state) && has_process(state), "{state:?}");
-        }
-    }
 
     #[test]
     fn exits_are_classified_by_intent_then_announcement() {

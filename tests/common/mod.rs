@@ -221,7 +221,7 @@ pub fn refused(dir: &Path) -> (i32, String) {
 
 /// A VM record with predictable fields, keyed `vm-<i>`.
 pub fn vm_record(i: usize) -> banger::vm::record::VmRecord {
-    use banger::vm::machine::Phase;
+    use banger::vm::phase::Phase;
     use banger::vm::record::{VmRecord, VmmKind};
     VmRecord {
         id: format!("vm-{i}"),

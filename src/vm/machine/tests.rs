@@ -8,6 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::vm::ledger::Resource;
+use crate::vm::phase::VmState;
 use crate::vm::record::VmmKind;
 
 fn at(seconds: i64) -> Timestamp {
