@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::guest::disk::AGENT_HINT;
-use crate::kernel::{GUEST_MODULES, KernelError, bzimage, deb, initramfs, modules};
+use crate::kernel::{GUEST_MODULES, KernelError, UnpackLimit, bzimage, deb, initramfs, modules};
 use crate::store::Record;
 
 /// A kernel in the catalog (table `kernels`).
@@ -172,6 +172,7 @@ pub fn import_package(
     name: &str,
     package: &Path,
     agent: &Path,
+    limit: UnpackLimit,
     progress: impl Fn(&str, u64),
 ) -> Result<ImportedPackage, CatalogError> {
     check_source("path", package, false)?;
@@ -186,9 +187,9 @@ pub fn import_package(
     // Unlinked, so nothing is left whatever happens.
     let spool = tempfile::tempfile_in(kernels_dir)
         .map_err(io_err("create a spool file in", kernels_dir))?;
-    let mut contents = deb::read(io::BufReader::new(file), spool).map_err(failed)?;
+    let mut contents = deb::read(io::BufReader::new(file), spool, limit).map_err(failed)?;
     progress("decompressing vmlinux", 2);
-    let vmlinux = bzimage::vmlinux(&contents.bzimage).map_err(failed)?;
+    let vmlinux = bzimage::vmlinux(&contents.bzimage, limit).map_err(failed)?;
     let order =
         modules::load_order(GUEST_MODULES, &contents.modules, &contents.builtin).map_err(failed)?;
     let mut chosen = Vec::with_capacity(order.len());
@@ -320,8 +321,15 @@ mod tests {
         let garbage = dir.path().join("garbage.deb");
         std::fs::write(&garbage, b"not an ar archive").expect("write");
         let agent = dir.path().join("banger-agent");
-        let no_agent =
-            import_package(&kernels, "k", &garbage, &agent, |_, _| {}).expect_err("no agent");
+        let no_agent = import_package(
+            &kernels,
+            "k",
+            &garbage,
+            &agent,
+            UnpackLimit::DEFAULT,
+            |_, _| {},
+        )
+        .expect_err("no agent");
         assert!(matches!(no_agent, CatalogError::NoAgent(_)), "{no_agent}");
         assert!(
             no_agent.to_string().contains("scripts/build-agent.sh"),
@@ -330,9 +338,14 @@ mod tests {
 
         std::fs::write(&agent, b"#!/bin/sh\n").expect("agent");
         let phases = std::cell::RefCell::new(Vec::new());
-        let error = import_package(&kernels, "k", &garbage, &agent, |phase, _| {
-            phases.borrow_mut().push(phase.to_string())
-        })
+        let error = import_package(
+            &kernels,
+            "k",
+            &garbage,
+            &agent,
+            UnpackLimit::DEFAULT,
+            |phase, _| phases.borrow_mut().push(phase.to_string()),
+        )
         .expect_err("garbage");
         assert!(
             error
@@ -349,6 +362,7 @@ mod tests {
             "k",
             &dir.path().join("gone.deb"),
             &agent,
+            UnpackLimit::DEFAULT,
             |_, _| {},
         )
         .expect_err("missing");

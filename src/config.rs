@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::kernel::UnpackLimit;
 use crate::operations::Retention;
 use crate::vmm::qemu::AccelChoice;
 
@@ -63,6 +64,14 @@ pub struct ConfigFile {
     pub qemu: QemuSection,
     #[serde(default)]
     pub agent: AgentSection,
+    #[serde(default)]
+    pub kernel: KernelSection,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KernelSection {
+    pub max_unpacked_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -145,6 +154,8 @@ pub struct Config {
     pub qemu_accel: AccelChoice,
     /// The static banger-agent put into every VM; beside bangerd when unset.
     pub agent: Option<PathBuf>,
+    /// The most one decompressed stream of a kernel import may hold.
+    pub unpack_limit: UnpackLimit,
     /// Backoff for VMs that do not set their own.
     pub restart_delay_ms: u64,
     pub restart_max_delay_ms: u64,
@@ -233,6 +244,16 @@ pub fn resolve(
             .map(|h| std::time::Duration::from_secs(h.saturating_mul(3600)))
             .unwrap_or(defaults_retention.max_age),
     };
+    let unpack_limit = match file.kernel.max_unpacked_mib {
+        None => UnpackLimit::DEFAULT,
+        Some(mib @ 1..=1_048_576) => UnpackLimit(mib << 20),
+        Some(mib) => {
+            return Err(ConfigError::Invalid {
+                key: "kernel.max_unpacked_mib",
+                reason: format!("{mib} is outside 1 to 1048576"),
+            });
+        }
+    };
     require_absolute("state_dir", &state_dir)?;
     if let Some(agent) = &file.agent.binary {
         require_absolute("agent.binary", agent)?;
@@ -284,6 +305,7 @@ pub fn resolve(
             .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
         qemu_accel: file.qemu.accel.unwrap_or_default(),
         agent: file.agent.binary,
+        unpack_limit,
         restart_delay_ms,
         restart_max_delay_ms,
     })

@@ -158,7 +158,8 @@ impl SystemSupervisor {
                 kernels_dir.clone(),
                 vm_settings.agent.clone(),
             );
-            Supervisor::start(move |_| CatalogActor::new(store, dir, agent))
+            let limit = config.unpack_limit;
+            Supervisor::start(move |_| CatalogActor::new(store, dir, agent, limit))
         };
         let kernels = catalog
             .send(LoadCatalog)

@@ -247,3 +247,63 @@ fn a_debian_kernel_package_becomes_a_bootable_catalog_entry() {
     assert!(removed.status.success(), "{removed:?}");
     assert!(!state.join("kernels/debian").exists(), "files removed");
 }
+
+/// A `.deb` whose data archive is small but unpacks to `size` bytes.
+fn bomb_package(path: &Path, size: usize) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(size as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(
+        &mut header,
+        "boot/vmlinuz-6.1.0-bomb",
+        std::io::repeat(0).take(size as u64),
+    )
+    .expect("tar entry");
+    let tar = tar.into_inner().expect("tar");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&tar).expect("gzip");
+    let data = gz.finish().expect("gzip");
+    let mut deb = ar::Builder::new(std::fs::File::create(path).expect("create .deb"));
+    for (name, bytes) in [("debian-binary", b"2.0\n".to_vec()), ("data.tar.gz", data)] {
+        let header = ar::Header::new(name.as_bytes().to_vec(), bytes.len() as u64);
+        deb.append(&header, &bytes[..]).expect("ar member");
+    }
+}
+
+#[test]
+fn a_package_that_unpacks_past_the_cap_is_refused_and_leaves_nothing() {
+    let tmp = state_dir();
+    let state = tmp.path().join("state");
+    let config = tmp.path().join("bangerd.toml");
+    std::fs::write(
+        &config,
+        "[agent]\nbinary = \"/bin/true\"\n[kernel]\nmax_unpacked_mib = 1\n",
+    )
+    .expect("config");
+    let deb = tmp.path().join("bomb.deb");
+    // 8 MiB of zeros that gzip to a few KiB.
+    bomb_package(&deb, 8 << 20);
+    assert!(std::fs::metadata(&deb).expect("deb").len() < 64 << 10);
+    let _daemon = Daemon::ready(Daemon::spawn_with(
+        &state,
+        &["--user", "--config", config.to_str().expect("utf-8")],
+    ));
+    let out = banger(
+        &state,
+        &["kernel", "import-deb", "bomb", deb.to_str().expect("utf-8")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("past 1 MiB (kernel.max_unpacked_mib)"),
+        "{stderr}"
+    );
+    let left = std::fs::read_dir(state.join("kernels"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "nothing left in the catalog or its staging");
+    let listed = banger(&state, &["kernel", "ls", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+}

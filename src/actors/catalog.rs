@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
 use crate::catalog::KernelRecord;
 use crate::catalog::{self, CatalogError};
+use crate::kernel::UnpackLimit;
 use crate::reconcile;
 use crate::store::{StoreError, Undecodable};
 use crate::vm::record::VmRecord;
@@ -64,6 +65,8 @@ pub struct CatalogActor {
     kernels_dir: PathBuf,
     /// The agent built into a package import's initramfs.
     agent: PathBuf,
+    /// The most one decompressed stream of an import may hold.
+    unpack_limit: UnpackLimit,
     /// Kernels chosen by VMs whose records do not name them yet.
     reservations: HashMap<String, HashSet<String>>,
     importing: HashSet<String>,
@@ -72,11 +75,17 @@ pub struct CatalogActor {
 }
 
 impl CatalogActor {
-    pub fn new(store: Addr<StoreActor>, kernels_dir: PathBuf, agent: PathBuf) -> CatalogActor {
+    pub fn new(
+        store: Addr<StoreActor>,
+        kernels_dir: PathBuf,
+        agent: PathBuf,
+        unpack_limit: UnpackLimit,
+    ) -> CatalogActor {
         CatalogActor {
             store,
             kernels_dir,
             agent,
+            unpack_limit,
             reservations: HashMap::new(),
             importing: HashSet::new(),
             quarantined: Vec::new(),
@@ -351,10 +360,11 @@ impl Handler<ImportKernel> for CatalogActor {
         if !self.importing.insert(name.clone()) {
             return Box::pin(fut::ready(Err(KernelError::Importing(name))));
         }
-        let (store, dir, agent) = (
+        let (store, dir, agent, limit) = (
             self.store.clone(),
             self.kernels_dir.clone(),
             self.agent.clone(),
+            self.unpack_limit,
         );
         let work = async move {
             if store
@@ -370,7 +380,7 @@ impl Handler<ImportKernel> for CatalogActor {
                 // No record, no import under way: files under this name
                 // are a failed removal's leftovers.
                 let _ = reconcile::remove_any(&catalog::kernel_dir(&staging, &name));
-                import_files(&staging, &name, msg.source, &agent, progress)
+                import_files(&staging, &name, msg.source, &agent, limit, progress)
             })
             .await
             .map_err(|_| KernelError::Unavailable("blocking thread pool"))??;
@@ -397,6 +407,7 @@ fn import_files(
     name: &str,
     source: KernelSource,
     agent: &std::path::Path,
+    limit: UnpackLimit,
     progress: ImportProgress,
 ) -> Result<KernelRecord, CatalogError> {
     let created_at = Timestamp::now();
@@ -423,9 +434,10 @@ fn import_files(
             })
         }
         KernelSource::Package { path } => {
-            let imported = catalog::import_package(dir, name, &path, agent, |phase, step| {
-                progress(phase, step)
-            })?;
+            let imported =
+                catalog::import_package(dir, name, &path, agent, limit, |phase, step| {
+                    progress(phase, step)
+                })?;
             Ok(KernelRecord {
                 name: name.to_string(),
                 vmlinux: imported.vmlinux,

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 
-use super::KernelError;
+use super::{Capped, KernelError, UnpackLimit};
 
 /// Where the setup header's fields live (Documentation/arch/x86/boot.rst).
 const SETUP_SECTS: usize = 0x1f1;
@@ -45,37 +45,40 @@ pub fn payload(image: &[u8]) -> Result<&[u8], KernelError> {
 }
 
 /// Decompresses a bzImage's payload to the vmlinux ELF.
-pub fn vmlinux(image: &[u8]) -> Result<Vec<u8>, KernelError> {
+/// A payload that unpacks past `limit` is refused.
+pub fn vmlinux(image: &[u8], limit: UnpackLimit) -> Result<Vec<u8>, KernelError> {
     let payload = payload(image)?;
     let mut out = Vec::new();
     let failed = |format: &str, e: &dyn std::fmt::Display| bad(format!("{format} payload: {e}"));
     match payload {
         [0x1f, 0x8b, ..] => {
-            flate2::read::GzDecoder::new(payload)
+            Capped::new(flate2::read::GzDecoder::new(payload), limit)
                 .read_to_end(&mut out)
                 .map_err(|e| failed("gzip", &e))?;
         }
         [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => {
-            liblzma::read::XzDecoder::new(payload)
+            Capped::new(liblzma::read::XzDecoder::new(payload), limit)
                 .read_to_end(&mut out)
                 .map_err(|e| failed("xz", &e))?;
         }
         // Legacy `.lzma`: properties byte 0x5d, then a little-endian
         // dictionary size that is never past 64 MiB.
         [0x5d, 0x00, 0x00, ..] => {
-            liblzma::stream::Stream::new_lzma_decoder(u64::MAX)
+            // The decoder's own memory limit: its dictionary, at most 64 MiB.
+            liblzma::stream::Stream::new_lzma_decoder(256 << 20)
                 .map_err(std::io::Error::from)
                 .and_then(|stream| {
-                    liblzma::read::XzDecoder::new_stream(payload, stream).read_to_end(&mut out)
+                    Capped::new(liblzma::read::XzDecoder::new_stream(payload, stream), limit)
+                        .read_to_end(&mut out)
                 })
                 .map_err(|e| failed("lzma", &e))?;
         }
         [0x28, 0xb5, 0x2f, 0xfd, ..] => {
             zstd::stream::read::Decoder::new(payload)
-                .and_then(|mut d| d.read_to_end(&mut out))
+                .and_then(|d| Capped::new(d, limit).read_to_end(&mut out))
                 .map_err(|e| failed("zstd", &e))?;
         }
-        _ if payload.starts_with(&LZ4_LEGACY_MAGIC) => out = lz4_legacy(payload)?,
+        _ if payload.starts_with(&LZ4_LEGACY_MAGIC) => out = lz4_legacy(payload, limit)?,
         _ => {
             let magic: Vec<String> = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
             return Err(bad(format!(
@@ -94,7 +97,7 @@ pub fn vmlinux(image: &[u8]) -> Result<Vec<u8>, KernelError> {
 /// block); the magic may repeat between concatenated streams. The kernel
 /// appends the uncompressed size (u32 LE), which reads as a block running
 /// past the end: it must be all that is left, and it must match.
-pub fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, KernelError> {
+pub fn lz4_legacy(data: &[u8], limit: UnpackLimit) -> Result<Vec<u8>, KernelError> {
     let mut out = Vec::new();
     let mut at = LZ4_LEGACY_MAGIC.len();
     while let Some(len) = data.get(at..at + 4) {
@@ -108,6 +111,9 @@ pub fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, KernelError> {
         };
         let decoded = lz4_flex::block::decompress(block, LZ4_LEGACY_BLOCK)
             .map_err(|e| bad(format!("lz4 block at byte {at}: {e}")))?;
+        if (out.len() + decoded.len()) as u64 > limit.0 {
+            return Err(bad(limit.exceeded().to_string()));
+        }
         out.extend_from_slice(&decoded);
         at += 4 + len;
     }
@@ -161,20 +167,32 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&elf()).expect("gzip");
         let gz = gz.finish().expect("gzip");
-        assert_eq!(vmlinux(&image(&gz)).expect("gzip"), elf());
+        assert_eq!(
+            vmlinux(&image(&gz), UnpackLimit::DEFAULT).expect("gzip"),
+            elf()
+        );
         let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
         xz.write_all(&elf()).expect("xz");
         let xz = xz.finish().expect("xz");
-        assert_eq!(vmlinux(&image(&xz)).expect("xz"), elf());
+        assert_eq!(
+            vmlinux(&image(&xz), UnpackLimit::DEFAULT).expect("xz"),
+            elf()
+        );
         let zst = zstd::encode_all(&elf()[..], 1).expect("zstd");
-        assert_eq!(vmlinux(&image(&zst)).expect("zstd"), elf());
+        assert_eq!(
+            vmlinux(&image(&zst), UnpackLimit::DEFAULT).expect("zstd"),
+            elf()
+        );
         let options = liblzma::stream::LzmaOptions::new_preset(1).expect("preset");
         let stream = liblzma::stream::Stream::new_lzma_encoder(&options).expect("lzma");
         let mut lzma = liblzma::write::XzEncoder::new_stream(Vec::new(), stream);
         lzma.write_all(&elf()).expect("lzma");
         let mut lzma = lzma.finish().expect("lzma");
         lzma.extend_from_slice(&(elf().len() as u32).to_le_bytes());
-        assert_eq!(vmlinux(&image(&lzma)).expect("lzma"), elf());
+        assert_eq!(
+            vmlinux(&image(&lzma), UnpackLimit::DEFAULT).expect("lzma"),
+            elf()
+        );
     }
 
     #[test]
@@ -189,25 +207,29 @@ mod tests {
         }
         let blocks = payload.clone();
         payload.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        assert_eq!(vmlinux(&image(&payload)).expect("lz4"), data);
+        assert_eq!(
+            vmlinux(&image(&payload), UnpackLimit::DEFAULT).expect("lz4"),
+            data
+        );
         // A stream cut inside a block, or a trailer that disagrees, is refused.
-        let cut = lz4_legacy(&blocks[..blocks.len() - 10]).expect_err("cut");
+        let cut = lz4_legacy(&blocks[..blocks.len() - 10], UnpackLimit::DEFAULT).expect_err("cut");
         assert!(cut.to_string().contains("truncated"), "{cut}");
         let mut wrong = blocks;
         wrong.extend_from_slice(&7u32.to_le_bytes());
-        let wrong = lz4_legacy(&wrong).expect_err("wrong size");
+        let wrong = lz4_legacy(&wrong, UnpackLimit::DEFAULT).expect_err("wrong size");
         assert!(wrong.to_string().contains("trailer says 7"), "{wrong}");
     }
 
     #[test]
     fn what_is_not_a_bzimage_or_not_an_elf_is_refused_with_the_reason() {
-        let error = vmlinux(b"plain file").expect_err("not a bzImage");
+        let error = vmlinux(b"plain file", UnpackLimit::DEFAULT).expect_err("not a bzImage");
         assert!(error.to_string().contains("HdrS"), "{error}");
-        let unknown = vmlinux(&image(b"BZh91AY&SY")).expect_err("bzip2");
+        let unknown = vmlinux(&image(b"BZh91AY&SY"), UnpackLimit::DEFAULT).expect_err("bzip2");
         assert!(unknown.to_string().contains("unsupported"), "{unknown}");
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(b"not an elf").expect("gzip");
-        let not_elf = vmlinux(&image(&gz.finish().expect("gzip"))).expect_err("not elf");
+        let not_elf = vmlinux(&image(&gz.finish().expect("gzip")), UnpackLimit::DEFAULT)
+            .expect_err("not elf");
         assert!(not_elf.to_string().contains("not an ELF"), "{not_elf}");
         let mut short = image(b"abc");
         short.truncate(3 * 512 + 101);

@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path};
 
-use super::KernelError;
 use super::modules::{self, Module};
+use super::{Capped, KernelError, UnpackLimit};
 
 /// What a kernel package holds that a VM needs.
 pub struct KernelPackage<S> {
@@ -55,7 +55,12 @@ fn not_a_package(reason: impl Into<String>) -> KernelError {
 }
 
 /// Reads a kernel package, setting its modules aside in `spool`.
-pub fn read<S: Write>(deb: impl Read, spool: S) -> Result<KernelPackage<S>, KernelError> {
+/// Every decompressed stream is capped by `limit`.
+pub fn read<S: Write>(
+    deb: impl Read,
+    spool: S,
+    limit: UnpackLimit,
+) -> Result<KernelPackage<S>, KernelError> {
     let mut archive = ar::Archive::new(deb);
     while let Some(member) = archive.next_entry() {
         let member = member.map_err(|e| not_a_package(format!("not a .deb (ar) archive: {e}")))?;
@@ -67,7 +72,7 @@ pub fn read<S: Write>(deb: impl Read, spool: S) -> Result<KernelPackage<S>, Kern
             "data.tar" => Box::new(member),
             _ => continue,
         };
-        return read_data(data, spool);
+        return read_data(Capped::new(data, limit), spool, limit);
     }
     Err(not_a_package("no data.tar member; not a .deb archive"))
 }
@@ -96,7 +101,11 @@ fn under_modules(path: &str) -> Option<(&str, &str)> {
     rest.strip_prefix("lib/modules/")?.split_once('/')
 }
 
-fn read_data<S: Write>(data: impl Read, mut spool: S) -> Result<KernelPackage<S>, KernelError> {
+fn read_data<S: Write>(
+    data: impl Read,
+    mut spool: S,
+    limit: UnpackLimit,
+) -> Result<KernelPackage<S>, KernelError> {
     let unreadable = |e: std::io::Error| not_a_package(format!("unreadable data archive: {e}"));
     let mut tar = tar::Archive::new(data);
     let mut kernel: Option<(String, Vec<u8>)> = None;
@@ -123,7 +132,7 @@ fn read_data<S: Write>(data: impl Read, mut spool: S) -> Result<KernelPackage<S>
             } else if modules::name_of_path(rest).is_some() {
                 let mut bytes = Vec::new();
                 entry.read_to_end(&mut bytes)?;
-                let ko = modules::decompress(&path, bytes)?;
+                let ko = modules::decompress(&path, bytes, limit)?;
                 let module = modules::parse(&path, &ko)?;
                 spool.write_all(&ko).map_err(KernelError::Spool)?;
                 let span = Spooled {
@@ -184,7 +193,7 @@ mod tests {
     }
 
     fn read_fresh(deb: &[u8]) -> Result<KernelPackage<Cursor<Vec<u8>>>, KernelError> {
-        read(deb, Cursor::new(Vec::new()))
+        read(deb, Cursor::new(Vec::new()), UnpackLimit::DEFAULT)
     }
 
     fn deb_with(data: Vec<u8>) -> Vec<u8> {

@@ -29,6 +29,54 @@ pub const GUEST_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
 ];
 
+/// How many bytes one decompressed stream of an import may hold (the
+/// package's data archive, the vmlinux, a module): past it, the import is
+/// refused as a decompression bomb. `kernel.max_unpacked_mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimit(pub u64);
+
+impl UnpackLimit {
+    /// 4 GiB: far above any real kernel package (Debian's cloud kernel
+    /// unpacks to about 100 MiB).
+    pub const DEFAULT: UnpackLimit = UnpackLimit(4 << 30);
+
+    /// The error a stream past the limit reads as.
+    fn exceeded(self) -> std::io::Error {
+        std::io::Error::other(format!(
+            "it unpacks past {} MiB (kernel.max_unpacked_mib); refused as a decompression bomb",
+            self.0 >> 20
+        ))
+    }
+}
+
+/// A reader that fails once more than its limit has come through it.
+pub struct Capped<R> {
+    inner: R,
+    left: u64,
+    limit: UnpackLimit,
+}
+
+impl<R> Capped<R> {
+    pub fn new(inner: R, limit: UnpackLimit) -> Capped<R> {
+        Capped {
+            inner,
+            left: limit.0,
+            limit,
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self
+            .left
+            .checked_sub(n as u64)
+            .ok_or_else(|| self.limit.exceeded())?;
+        Ok(n)
+    }
+}
+
 /// What can be wrong with a kernel package. Messages leave out the
 /// package's path: the catalog's error names it.
 #[derive(Debug, thiserror::Error)]
@@ -45,4 +93,27 @@ pub enum KernelError {
     Spool(#[source] std::io::Error),
     #[error("cannot build the initramfs")]
     Initramfs(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn a_capped_stream_reads_up_to_its_limit_and_fails_past_it() {
+        let mut out = Vec::new();
+        Capped::new(&[7u8; 100][..], UnpackLimit(100))
+            .read_to_end(&mut out)
+            .expect("exactly the limit");
+        assert_eq!(out.len(), 100);
+        let error = Capped::new(&[7u8; 101][..], UnpackLimit(100))
+            .read_to_end(&mut Vec::new())
+            .expect_err("past the limit");
+        assert!(
+            error.to_string().contains("kernel.max_unpacked_mib"),
+            "{error}"
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::io::Read;
 
 use object::{Object, ObjectSection};
 
-use super::KernelError;
+use super::{Capped, KernelError, UnpackLimit};
 
 /// What a module's `.modinfo` says about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,22 +33,22 @@ pub fn name_of_path(path: &str) -> Option<String> {
 }
 
 /// The `.ko` inside a possibly compressed module file.
-pub fn decompress(path: &str, bytes: Vec<u8>) -> Result<Vec<u8>, KernelError> {
+pub fn decompress(path: &str, bytes: Vec<u8>, limit: UnpackLimit) -> Result<Vec<u8>, KernelError> {
     let mut out = Vec::new();
     let failed = |e: std::io::Error| KernelError::Module {
         module: path.to_string(),
         reason: format!("cannot decompress: {e}"),
     };
     if path.ends_with(".xz") {
-        liblzma::read::XzDecoder::new(&bytes[..])
+        Capped::new(liblzma::read::XzDecoder::new(&bytes[..]), limit)
             .read_to_end(&mut out)
             .map_err(failed)?;
     } else if path.ends_with(".zst") {
         zstd::stream::read::Decoder::new(&bytes[..])
-            .and_then(|mut d| d.read_to_end(&mut out))
+            .and_then(|d| Capped::new(d, limit).read_to_end(&mut out))
             .map_err(failed)?;
     } else if path.ends_with(".gz") {
-        flate2::read::GzDecoder::new(&bytes[..])
+        Capped::new(flate2::read::GzDecoder::new(&bytes[..]), limit)
             .read_to_end(&mut out)
             .map_err(failed)?;
     } else {
