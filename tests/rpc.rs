@@ -460,3 +460,37 @@ fn the_cli_exit_codes_and_json_are_stable() {
     assert_eq!(probe(dir), (0, "compatible".to_string()));
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn a_stopped_daemon_never_leaves_a_command_hanging() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    let daemon = Daemon::start(dir);
+    kill(daemon.pid(), Signal::SIGSTOP).expect("SIGSTOP bangerd");
+    let started = std::time::Instant::now();
+    let status = banger(dir, &["daemon", "status"]);
+    let waited = started.elapsed();
+    let stderr = String::from_utf8_lossy(&status.stderr).into_owned();
+    let socket = socket_path(dir).display().to_string();
+    // The probe reads the file while the daemon cannot answer.
+    let probed = std::time::Instant::now();
+    let (code, line) = probe(dir);
+    let probe_took = probed.elapsed();
+    kill(daemon.pid(), Signal::SIGCONT).expect("SIGCONT bangerd");
+    assert_eq!(status.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&socket) && stderr.contains("did not answer"),
+        "{stderr}"
+    );
+    assert!(
+        waited < Duration::from_secs(20),
+        "daemon status took {waited:?}"
+    );
+    assert_eq!(code, 0, "{line}");
+    assert!(
+        probe_took < Duration::from_secs(15),
+        "the probe took {probe_took:?}"
+    );
+    let again = banger(dir, &["daemon", "status"]);
+    assert!(again.status.success(), "after SIGCONT: {again:?}");
+}

@@ -109,10 +109,11 @@ fn main() -> ExitCode {
 }
 
 /// The migration probe: asks a running daemon for its store's schema when
-/// one answers on the socket, else reads the file read-only.
+/// one answers on the socket within a few seconds, else reads the file
+/// read-only; it always prints its one line.
 fn check_migrations(config: &Config) -> store::ProbeOutcome {
     let schema = Schema::production();
-    let online = Client::connect(&config.socket).and_then(|mut client| {
+    let online = Client::connect_within(&config.socket, PROBE_ANSWER).and_then(|mut client| {
         client.call::<StoreSchemaResult>("daemon.store.schema", serde_json::json!({}))
     });
     match online {
@@ -127,6 +128,9 @@ fn check_migrations(config: &Config) -> store::ProbeOutcome {
         Err(_) => store::probe(&database_path(&config.state_dir), &schema),
     }
 }
+
+/// How long the online probe waits for a daemon before reading the file.
+const PROBE_ANSWER: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn init_tracing(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -271,7 +271,9 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
         let message = crate::error_chain(&e);
         match e {
-            ClientError::Unreachable { .. } => Failure::Unreachable(message),
+            ClientError::Unreachable { .. } | ClientError::NotAnswering { .. } => {
+                Failure::Unreachable(message)
+            }
             _ => Failure::Daemon(message),
         }
     }

@@ -5,6 +5,7 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -23,6 +24,11 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "bangerd at {socket} accepted the connection but did not answer within {}s; is it stopped or overloaded?",
+        after.as_secs()
+    )]
+    NotAnswering { socket: PathBuf, after: Duration },
     #[error("the connection to bangerd failed")]
     Io(#[from] io::Error),
     #[error("bangerd sent something this client does not understand: {0}")]
@@ -44,6 +50,10 @@ impl ClientError {
     }
 }
 
+/// How long the daemon may take to answer the hello: a daemon that takes
+/// longer (stopped, wedged) is reported instead of waited for forever.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -52,8 +62,15 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and says hello; fails if the daemon speaks another protocol.
+    /// Connects and says hello, waiting at most [`HELLO_TIMEOUT`] for the
+    /// answer; fails if the daemon speaks another protocol.
     pub fn connect(socket: &Path) -> Result<Client, ClientError> {
+        Client::connect_within(socket, HELLO_TIMEOUT)
+    }
+
+    /// Connects and says hello, waiting at most `timeout` for the answer.
+    /// Later calls wait as long as their request takes.
+    pub fn connect_within(socket: &Path, timeout: Duration) -> Result<Client, ClientError> {
         let stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
             socket: socket.to_path_buf(),
             source,
@@ -68,7 +85,25 @@ impl Client {
             protocol_version: PROTOCOL_VERSION,
             client_version: Some(env!("CARGO_PKG_VERSION").into()),
         };
-        let hello: WithOpId<HelloResult> = client.call("daemon.hello", json!(hello))?;
+        client.writer.set_read_timeout(Some(timeout))?;
+        let hello: WithOpId<HelloResult> =
+            client
+                .call("daemon.hello", json!(hello))
+                .map_err(|e| match e {
+                    ClientError::Io(io)
+                        if matches!(
+                            io.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        ClientError::NotAnswering {
+                            socket: socket.to_path_buf(),
+                            after: timeout,
+                        }
+                    }
+                    e => e,
+                })?;
+        client.writer.set_read_timeout(None)?;
         client.daemon_version = hello.result.daemon_version;
         Ok(client)
     }
