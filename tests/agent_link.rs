@@ -16,7 +16,6 @@ use banger::vm::record::AgentEndpoint;
 use banger_agent::protocol::{
     self, ExecRequest, ExitStatus, Frame, FrameKind, Request, Response, ShutdownAction,
 };
-use tokio::sync::mpsc;
 
 struct Agent {
     child: Child,
@@ -63,7 +62,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn connect(socket: &Path) -> AgentLink {
-    let (events, _) = mpsc::unbounded_channel();
+    let (events, _) = tokio::sync::watch::channel(None);
     tokio::time::timeout(
         Duration::from_secs(10),
         AgentLink::connect(
@@ -343,7 +342,7 @@ fn firecrackers_hybrid_vsock_handshake_is_retried_until_the_guest_listens() {
         requests
     });
     runtime().block_on(async {
-        let (events, _) = mpsc::unbounded_channel();
+        let (events, _) = tokio::sync::watch::channel(None);
         let link = tokio::time::timeout(
             Duration::from_secs(10),
             AgentLink::connect(

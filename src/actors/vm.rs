@@ -26,7 +26,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use jiff::Timestamp;
 use rustix::process::Signal;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::actors::catalog::{CatalogActor, KernelError, Reserve, Unreserve};
@@ -733,7 +733,7 @@ impl VmActor {
         if let Some(previous) = self.agent_connect.take() {
             ctx.cancel_future(previous);
         }
-        let (events, heard) = mpsc::unbounded_channel();
+        let (events, heard) = watch::channel(None);
         let connecting = async move {
             // No guest answers within its first moments; waiting keeps the
             // agent traffic off the start's critical path.
@@ -755,27 +755,34 @@ impl VmActor {
         self.agent_connect = Some(handle);
     }
 
-    /// Takes the agent's announcements one at a time, for as long as its
-    /// connection lasts.
+    /// Takes the agent's latest announcement each time it changes, for as
+    /// long as its connection lasts; a flood is coalesced in the channel
+    /// and logged once per change of action.
     fn listen(
         &mut self,
-        mut heard: mpsc::UnboundedReceiver<Announcement>,
+        mut heard: watch::Receiver<Option<Announcement>>,
         ctx: &mut Context<Self>,
     ) {
         ctx.spawn(
-            async move { (heard.recv().await, heard) }
-                .into_actor(self)
-                .map(|(event, heard), act, ctx| {
-                    let Some(announced) = event else {
-                        return;
-                    };
+            async move {
+                let open = heard.changed().await.is_ok();
+                let latest = *heard.borrow_and_update();
+                (open.then_some(latest).flatten(), heard)
+            }
+            .into_actor(self)
+            .map(|(event, heard), act, ctx| {
+                let Some(announced) = event else {
+                    return;
+                };
+                if act.vm.announced != Some(announced) {
                     info!(vm = %act.name(), announced = ?announced, "guest is shutting down");
-                    let _ = act.apply(Event::Announced(announced), ctx);
-                    if let Some(agent) = &act.agent {
-                        agent.ack_shutdown();
-                    }
-                    act.listen(heard, ctx);
-                }),
+                }
+                let _ = act.apply(Event::Announced(announced), ctx);
+                if let Some(agent) = &act.agent {
+                    agent.ack_shutdown();
+                }
+                act.listen(heard, ctx);
+            }),
         );
     }
 

@@ -20,7 +20,7 @@ use banger_agent::protocol::{
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::vm::record::AgentEndpoint;
@@ -68,6 +68,9 @@ pub struct Hello {
 
 type Sessions = Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>;
 
+/// Where the guest's shutdown announcements go: one slot, the latest.
+pub type Announcements = watch::Sender<Option<ShutdownAction>>;
+
 struct Inner {
     writer: mpsc::UnboundedSender<Vec<u8>>,
     sessions: Sessions,
@@ -108,7 +111,7 @@ impl AgentLink {
     /// exits.
     pub async fn connect(
         endpoint: &AgentEndpoint,
-        events: mpsc::UnboundedSender<ShutdownAction>,
+        events: Announcements,
     ) -> Result<AgentLink, AgentError> {
         let mut retry = CONNECT_RETRY;
         loop {
@@ -139,10 +142,7 @@ impl AgentLink {
         }
     }
 
-    async fn handshake(
-        stream: UnixStream,
-        events: mpsc::UnboundedSender<ShutdownAction>,
-    ) -> Result<AgentLink, AgentError> {
+    async fn handshake(stream: UnixStream, events: Announcements) -> Result<AgentLink, AgentError> {
         let (read, mut write) = stream.into_split();
         let (writer, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
         let inner = Arc::new(Inner {
@@ -425,7 +425,7 @@ async fn read_frames(
     read: tokio::net::unix::OwnedReadHalf,
     inner: &Inner,
     hellos: mpsc::UnboundedSender<(u32, Hello)>,
-    events: mpsc::UnboundedSender<ShutdownAction>,
+    events: Announcements,
 ) {
     let mut reader = BufReader::with_capacity(128 * 1024, read);
     // Decoded from a cursor, compacted once per read: linear in bytes.
@@ -486,10 +486,12 @@ async fn read_frames(
     }
 }
 
-fn route(frame: Frame, inner: &Inner, events: &mpsc::UnboundedSender<ShutdownAction>) {
+fn route(frame: Frame, inner: &Inner, events: &Announcements) {
     if frame.session == EVENT_SESSION {
         if let Ok(Event::Shutdown { action }) = frame.parse::<Event>() {
-            let _ = events.send(action);
+            // Coalesced: a guest that floods announcements overwrites one
+            // slot, and the VM's actor sees the latest.
+            events.send_replace(Some(action));
         }
         return;
     }
