@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::kernel::UnpackLimit;
 use crate::operations::Retention;
+use crate::rpc::server::Limits;
 use crate::vmm::qemu::AccelChoice;
 
 /// System mode serves the whole host as root; user mode serves one user.
@@ -66,6 +67,17 @@ pub struct ConfigFile {
     pub agent: AgentSection,
     #[serde(default)]
     pub kernel: KernelSection,
+    #[serde(default)]
+    pub rpc: RpcSection,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RpcSection {
+    pub max_connections: Option<usize>,
+    pub max_in_flight_per_connection: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub first_request_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -156,6 +168,8 @@ pub struct Config {
     pub agent: Option<PathBuf>,
     /// The most one decompressed stream of a kernel import may hold.
     pub unpack_limit: UnpackLimit,
+    /// How many clients and requests the socket takes at once.
+    pub rpc_limits: Limits,
     /// Backoff for VMs that do not set their own.
     pub restart_delay_ms: u64,
     pub restart_max_delay_ms: u64,
@@ -254,6 +268,7 @@ pub fn resolve(
             });
         }
     };
+    let rpc_limits = rpc_limits(&file.rpc)?;
     require_absolute("state_dir", &state_dir)?;
     if let Some(agent) = &file.agent.binary {
         require_absolute("agent.binary", agent)?;
@@ -306,8 +321,52 @@ pub fn resolve(
         qemu_accel: file.qemu.accel.unwrap_or_default(),
         agent: file.agent.binary,
         unpack_limit,
+        rpc_limits,
         restart_delay_ms,
         restart_max_delay_ms,
+    })
+}
+
+/// `[rpc]`: each count at least 1, the first-request deadline 0.1 to 3600 s.
+fn rpc_limits(section: &RpcSection) -> Result<Limits, ConfigError> {
+    let defaults = Limits::default();
+    let count = |key: &'static str, value: Option<usize>, default: usize| match value {
+        None => Ok(default),
+        Some(n @ 1..=1_000_000) => Ok(n),
+        Some(n) => Err(ConfigError::Invalid {
+            key,
+            reason: format!("{n} is outside 1 to 1000000"),
+        }),
+    };
+    let first_request = match section.first_request_secs {
+        None => defaults.first_request,
+        Some(s) if s.is_finite() && (0.1..=3600.0).contains(&s) => {
+            std::time::Duration::from_secs_f64(s)
+        }
+        Some(s) => {
+            return Err(ConfigError::Invalid {
+                key: "rpc.first_request_secs",
+                reason: format!("{s} is outside 0.1 to 3600 seconds"),
+            });
+        }
+    };
+    Ok(Limits {
+        connections: count(
+            "rpc.max_connections",
+            section.max_connections,
+            defaults.connections,
+        )?,
+        in_flight_per_connection: count(
+            "rpc.max_in_flight_per_connection",
+            section.max_in_flight_per_connection,
+            defaults.in_flight_per_connection,
+        )?,
+        in_flight: count(
+            "rpc.max_in_flight",
+            section.max_in_flight,
+            defaults.in_flight,
+        )?,
+        first_request,
     })
 }
 

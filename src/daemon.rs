@@ -208,7 +208,9 @@ impl SystemSupervisor {
             },
         };
         let socket = config.socket.clone();
-        let rpc = Supervisor::start(move |_| RpcServer::new(listener, socket, services, access));
+        let limits = config.rpc_limits;
+        let rpc =
+            Supervisor::start(move |_| RpcServer::new(listener, socket, services, access, limits));
         Ok(SystemSupervisor {
             rpc,
             operations,

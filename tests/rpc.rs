@@ -494,3 +494,43 @@ fn a_stopped_daemon_never_leaves_a_command_hanging() {
     let again = banger(dir, &["daemon", "status"]);
     assert!(again.status.success(), "after SIGCONT: {again:?}");
 }
+
+/// A daemon with `[rpc]` limits set by `rpc`.
+fn daemon_with_rpc_limits(dir: &Path, rpc: &str) -> Daemon {
+    let config = dir.join("bangerd.toml");
+    std::fs::write(&config, format!("[rpc]\n{rpc}\n")).expect("config");
+    Daemon::ready(Daemon::spawn_with(
+        dir,
+        &["--user", "--config", config.to_str().expect("utf-8")],
+    ))
+}
+
+#[test]
+fn an_idle_connection_is_closed_and_a_busy_daemon_names_its_limit() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    seed_store(dir, 200);
+    let _daemon = daemon_with_rpc_limits(dir, "first_request_secs = 0.5\nmax_in_flight = 2");
+    // Idle: told why, then closed.
+    let mut idle = Conn::open(dir);
+    let told = idle.recv().expect("a reason before the close");
+    assert!(
+        told["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rpc.first_request_secs"),
+        "{told}"
+    );
+    assert!(idle.recv().is_none(), "closed after the reason");
+    // Busy: two slow backups hold the daemon's two slots.
+    // (Each connection is opened just before its request: an idle one
+    // would be closed.)
+    let mut first = Conn::open(dir);
+    start_slow_backup(&mut first, 1, &dir.join("one.redb"), 2_000);
+    let mut second = Conn::open(dir);
+    start_slow_backup(&mut second, 1, &dir.join("two.redb"), 2_000);
+    let mut third = Conn::open(dir);
+    let refused = third.call(1, "daemon.status", json!({}));
+    assert_eq!(code(&refused), -32004, "{refused}");
+    assert!(message(&refused).contains("rpc.max_in_flight"), "{refused}");
+}

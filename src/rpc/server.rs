@@ -2,10 +2,12 @@
 //! one session per connection.
 //!
 //! Concurrency: sessions and requests are tasks on the actor system's
-//! runtime. Bounds: at most [`MAX_SESSIONS`] connections (more are told
-//! `unavailable` and closed) and [`MAX_IN_FLIGHT`] requests per connection
-//! (more are answered `unavailable`), so the unbounded store queue behind
-//! them never grows without limit. A session writes through one bounded
+//! runtime. Bounds ([`Limits`], `[rpc]` in bangerd.toml): connections
+//! (more are told `unavailable` and closed), requests in flight per
+//! connection and in the whole daemon (more are answered `unavailable`,
+//! naming the limit), so the unbounded store queue behind them never grows
+//! without limit; and a connection that sends no request within a few
+//! seconds is closed. A session writes through one bounded
 //! channel, so a client that stops reading only slows itself.
 
 use std::io;
@@ -40,12 +42,42 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// Lines queued for a client before its requests wait.
 const OUTBOX: usize = 256;
 
+/// How many clients and requests the daemon takes at once (`[rpc]` in
+/// bangerd.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections; more are told `unavailable` and closed.
+    pub connections: usize,
+    /// Requests in flight on one connection.
+    pub in_flight_per_connection: usize,
+    /// Requests in flight in the whole daemon, so that neither many
+    /// connections nor many requests can grow the store's queue.
+    pub in_flight: usize,
+    /// A connection that sends no request within this is closed, so idle
+    /// connections cannot hold every slot.
+    pub first_request: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections: MAX_SESSIONS,
+            in_flight_per_connection: MAX_IN_FLIGHT,
+            in_flight: 1024,
+            first_request: Duration::from_secs(5),
+        }
+    }
+}
+
 pub struct RpcServer {
     listener: Arc<UnixListener>,
     socket: PathBuf,
     services: Arc<Services>,
     access: Arc<AccessPolicy>,
     sessions: Arc<Semaphore>,
+    limits: Limits,
+    /// Requests in flight across every connection.
+    in_flight: Arc<Semaphore>,
     accepting: Option<SpawnHandle>,
 }
 
@@ -55,13 +87,16 @@ impl RpcServer {
         socket: PathBuf,
         services: Services,
         access: AccessPolicy,
+        limits: Limits,
     ) -> Self {
         RpcServer {
             listener: Arc::new(listener),
             socket,
             services: Arc::new(services),
             access: Arc::new(access),
-            sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
+            sessions: Arc::new(Semaphore::new(limits.connections)),
+            in_flight: Arc::new(Semaphore::new(limits.in_flight)),
+            limits,
             accepting: None,
         }
     }
@@ -75,15 +110,19 @@ impl Actor for RpcServer {
         let services = self.services.clone();
         let access = self.access.clone();
         let sessions = self.sessions.clone();
+        let (limits, in_flight) = (self.limits, self.in_flight.clone());
         let accept = async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
                         let permit = sessions.clone().try_acquire_owned().ok();
                         let (services, access) = (services.clone(), access.clone());
+                        let in_flight = in_flight.clone();
                         actix::spawn(async move {
                             match permit {
-                                Some(_permit) => session(stream, services, access).await,
+                                Some(_permit) => {
+                                    session(stream, services, access, limits, in_flight).await
+                                }
                                 None => {
                                     refuse(
                                         stream,
@@ -146,7 +185,13 @@ async fn refuse(mut stream: UnixStream, code: ErrorCode, message: &str) {
     let _ = stream.shutdown().await;
 }
 
-async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<AccessPolicy>) {
+async fn session(
+    stream: UnixStream,
+    services: Arc<Services>,
+    access: Arc<AccessPolicy>,
+    limits: Limits,
+    daemon_in_flight: Arc<Semaphore>,
+) {
     let peer = match stream.peer_cred() {
         Ok(peer) => peer,
         Err(e) => {
@@ -177,12 +222,37 @@ async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<Access
         }
     });
     let closed = CancellationToken::new();
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let per_connection = limits.in_flight_per_connection;
+    let in_flight = Arc::new(Semaphore::new(per_connection));
     let codec =
         AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_LINE_BYTES);
     let mut lines = FramedRead::new(read, codec);
 
-    while let Some(next) = lines.next().await {
+    // An idle connection may not hold a slot for long.
+    let first = tokio::time::timeout(limits.first_request, lines.next()).await;
+    let mut pending = match first {
+        Ok(first) => first,
+        Err(_) => {
+            debug!(uid = peer.uid(), "no request in time; closing");
+            let error = RpcError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "no request within {}s of connecting (rpc.first_request_secs); closing",
+                    limits.first_request.as_secs_f64()
+                ),
+            );
+            let _ = out
+                .send(line(&Response::failure(Value::Null, &error, None)))
+                .await;
+            drop(out);
+            let _ = writer.await;
+            return;
+        }
+    };
+    while let Some(next) = match pending.take() {
+        Some(first) => Some(first),
+        None => lines.next().await,
+    } {
         let bytes = match next {
             Ok(bytes) => bytes,
             Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
@@ -219,7 +289,7 @@ async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<Access
         };
         if call.request.is_streaming() {
             // The connection becomes a byte stream: nothing else may be on it.
-            if in_flight.available_permits() != MAX_IN_FLIGHT {
+            if in_flight.available_permits() != per_connection {
                 let error = RpcError::new(
                     ErrorCode::Conflict,
                     "a streaming request needs a connection of its own; other requests are in flight on this one",
@@ -270,7 +340,20 @@ async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<Access
             let error = RpcError::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "more than {MAX_IN_FLIGHT} requests in flight on this connection; wait for answers"
+                    "more than {per_connection} requests in flight on this connection (rpc.max_in_flight_per_connection); wait for answers"
+                ),
+            );
+            let _ = out
+                .send(line(&Response::failure(call.id, &error, Some(&op_id))))
+                .await;
+            continue;
+        };
+        let Ok(daemon_permit) = daemon_in_flight.clone().try_acquire_owned() else {
+            let error = RpcError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "more than {} requests in flight in the daemon (rpc.max_in_flight); retry shortly",
+                    limits.in_flight
                 ),
             );
             let _ = out
@@ -296,7 +379,7 @@ async fn session(stream: UnixStream, services: Arc<Services>, access: Arc<Access
                     }
                 };
                 let _ = out.send(line(&response)).await;
-                drop(permit);
+                drop((permit, daemon_permit));
             }
             .instrument(span),
         );
