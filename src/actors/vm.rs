@@ -489,7 +489,11 @@ impl VmActor {
             };
             // The lock first: the disk and sockets are touched only when no
             // VMM of this VM lives.
-            let console = vmm::lock_console(&spec.paths.console_log()).map_err(launch)?;
+            let console_log = spec.paths.console_log();
+            let console = tokio::task::spawn_blocking(move || vmm::lock_console(&console_log))
+                .await
+                .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+                .map_err(launch)?;
             inject_agent(&spec.rootfs, &settings.agent, &record.name).await?;
             let (process, recorded) =
                 vmm::spawn(&settings.host, settings.backend(record.vmm), &spec, console)

@@ -139,6 +139,31 @@ pub fn vms_v2_from_v1(mut data: serde_json::Value) -> Result<serde_json::Value, 
     Ok(data)
 }
 
+/// A VM record for unit tests: created, firecracker, one directory.
+#[cfg(test)]
+pub(crate) fn sample() -> VmRecord {
+    VmRecord {
+        id: "abcdefghij".into(),
+        name: "web".into(),
+        phase: Phase::Created,
+        vmm: VmmKind::Firecracker,
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: "k".into(),
+        rootfs: PathBuf::from("/vms/abcdefghij/rootfs.ext4"),
+        created_at: Timestamp::UNIX_EPOCH,
+        started_at: None,
+        restart_policy: Default::default(),
+        restart_count: 0,
+        restart_history: Default::default(),
+        last_exit: None,
+        process: None,
+        error: None,
+        degraded: None,
+        resources: vec![Resource::VmDirectory],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,27 +172,7 @@ mod tests {
     fn v1_vm_states_become_phases() {
         use crate::vm::phase::Phase;
         let v1 = |state: &str, next: serde_json::Value| {
-            let mut record = serde_json::to_value(crate::vm::record::VmRecord {
-                id: "abcdefghij".into(),
-                name: "web".into(),
-                phase: Phase::Created,
-                vmm: crate::vm::record::VmmKind::Qemu,
-                vcpus: 1,
-                memory_mib: 64,
-                kernel: "k".into(),
-                rootfs: "/r".into(),
-                created_at: jiff::Timestamp::UNIX_EPOCH,
-                started_at: None,
-                restart_policy: Default::default(),
-                restart_count: 0,
-                restart_history: Default::default(),
-                last_exit: None,
-                process: None,
-                error: None,
-                degraded: None,
-                resources: Vec::new(),
-            })
-            .expect("json");
+            let mut record = serde_json::to_value(sample()).expect("json");
             let obj = record.as_object_mut().expect("object");
             obj.remove("phase");
             obj.insert("state".into(), state.into());

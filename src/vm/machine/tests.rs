@@ -7,9 +7,7 @@ use std::path::PathBuf;
 use proptest::prelude::*;
 
 use super::*;
-use crate::vm::ledger::Resource;
 use crate::vm::phase::VmState;
-use crate::vm::record::VmmKind;
 
 fn at(seconds: i64) -> Timestamp {
     Timestamp::from_second(1_700_000_000 + seconds).expect("timestamp")
@@ -26,26 +24,7 @@ fn process(pid: i32) -> VmmProcess {
 }
 
 fn record() -> VmRecord {
-    VmRecord {
-        id: "abcdefghij".into(),
-        name: "web".into(),
-        phase: Phase::Created,
-        vmm: VmmKind::Firecracker,
-        vcpus: 1,
-        memory_mib: 128,
-        kernel: "k".into(),
-        rootfs: PathBuf::from("/vms/abcdefghij/rootfs.ext4"),
-        created_at: at(0),
-        started_at: None,
-        restart_policy: Default::default(),
-        restart_count: 0,
-        restart_history: Default::default(),
-        last_exit: None,
-        process: None,
-        error: None,
-        degraded: None,
-        resources: vec![Resource::VmDirectory],
-    }
+    crate::vm::record::sample()
 }
 
 /// A VM in `phase`, with a process or a spawn under way as given.
