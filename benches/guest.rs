@@ -38,7 +38,7 @@ fn cli(state: &std::path::Path, args: &[&str]) -> Value {
 fn exec_true(socket: &std::path::Path) -> Duration {
     let started = Instant::now();
     let client = Client::connect(socket).expect("connect");
-    let (mut frames, _writer) = client
+    let (_, mut frames, _writer) = client
         .stream("vm.exec", json!({"name": "bench", "argv": ["true"]}))
         .expect("vm.exec");
     loop {

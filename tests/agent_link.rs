@@ -89,7 +89,8 @@ fn exec_request(argv: &[&str]) -> ExecRequest {
 /// Everything a session sends until its exit.
 async fn collect(mut session: ExecSession) -> (Vec<u8>, Vec<u8>, ExitStatus) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    while let Some(frame) = session.output.recv().await {
+    while let Some(frame) = session.output.next().await {
+        session.output.delivered(&frame).await.expect("credit");
         match frame.kind {
             FrameKind::Stdout => out.extend(frame.payload),
             FrameKind::Stderr => err.extend(frame.payload),
@@ -136,9 +137,9 @@ fn hello_ping_and_exec_with_streamed_stdio_and_exit_codes() {
 
         let cat = link.exec(exec_request(&["cat"])).await.expect("cat");
         let big = vec![b'x'; 200_000];
-        cat.stdin(&big).expect("stdin");
-        cat.stdin(b"\nend\n").expect("stdin");
-        cat.stdin_eof().expect("eof");
+        cat.input.stdin(&big).await.expect("stdin");
+        cat.input.stdin(b"\nend\n").await.expect("stdin");
+        cat.input.stdin_eof().await.expect("eof");
         let (out, _, status) = collect(cat).await;
         assert_eq!(out.len(), big.len() + 5);
         assert_eq!(status.code, Some(0));
@@ -147,7 +148,7 @@ fn hello_ping_and_exec_with_streamed_stdio_and_exit_codes() {
             .exec(exec_request(&["sleep", "60"]))
             .await
             .expect("sleep");
-        sleeper.kill().expect("kill");
+        sleeper.input.kill().await.expect("kill");
         let (_, _, status) = collect(sleeper).await;
         assert_eq!(status.signal, Some(9));
 
@@ -175,8 +176,8 @@ fn a_pty_session_gets_a_controlling_terminal_and_its_end_of_input() {
         let mut request = exec_request(&["sh", "-c", "tty; test -t 0 && echo interactive; cat"]);
         request.pty = true;
         let session = link.exec(request).await.expect("exec on a pty");
-        session.stdin(b"typed\n").expect("stdin");
-        session.stdin_eof().expect("eof");
+        session.input.stdin(b"typed\n").await.expect("stdin");
+        session.input.stdin_eof().await.expect("eof");
         let (out, err, status) = collect(session).await;
         let out = String::from_utf8_lossy(&out);
         // The terminal echoes what was typed, wherever it lands.

@@ -6,6 +6,7 @@
 
 pub mod children;
 pub mod cmdline;
+pub mod flow;
 pub mod init;
 pub mod log;
 pub mod network;

@@ -11,7 +11,10 @@ use std::io::{self, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added flow control (credit frames) and signal frames.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version either end still speaks (no flow control, no signals).
+pub const OLDEST_VERSION: u32 = 1;
 pub const MAGIC: u8 = 0xB4;
 pub const HEADER_LEN: usize = 10;
 /// Larger lengths are a framing error.
@@ -22,6 +25,15 @@ pub const VSOCK_PORT: u32 = 1024;
 pub const SERIAL_PORT_NAME: &str = "org.banger.agent";
 /// Session of the agent's unsolicited events and the host's acks.
 pub const EVENT_SESSION: u32 = 0;
+/// Version 2: the credit each direction of an exec session starts with,
+/// in [`cost`] units. A sender never has more unacknowledged.
+pub const WINDOW: u32 = 256 * 1024;
+
+/// What a stdin, stdout or stderr frame costs against a window: its payload
+/// plus its header, so a flood of tiny frames is bounded too.
+pub fn cost(payload_len: usize) -> u32 {
+    (payload_len + HEADER_LEN) as u32
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -34,6 +46,10 @@ pub enum FrameKind {
     Exit = 6,
     Event = 7,
     Kill = 8,
+    /// Version 2, both ways: a u32 (BE) of credit granted on the session.
+    Credit = 9,
+    /// Version 2, host to agent: one byte, a signal for the process group.
+    Signal = 10,
 }
 
 impl FrameKind {
@@ -47,6 +63,8 @@ impl FrameKind {
             6 => FrameKind::Exit,
             7 => FrameKind::Event,
             8 => FrameKind::Kill,
+            9 => FrameKind::Credit,
+            10 => FrameKind::Signal,
             _ => return None,
         })
     }
@@ -68,6 +86,21 @@ impl Frame {
             // Our own payload types always serialize.
             payload: serde_json::to_vec(value).unwrap_or_default(),
         }
+    }
+
+    /// A credit frame granting `amount` on `session`.
+    pub fn credit(session: u32, amount: u32) -> Frame {
+        Frame {
+            kind: FrameKind::Credit,
+            session,
+            payload: amount.to_be_bytes().to_vec(),
+        }
+    }
+
+    /// The amount a credit frame grants; None if malformed.
+    pub fn credit_amount(&self) -> Option<u32> {
+        let bytes: [u8; 4] = self.payload.as_slice().try_into().ok()?;
+        Some(u32::from_be_bytes(bytes))
     }
 
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ProtocolError> {
@@ -310,6 +343,8 @@ mod tests {
             FrameKind::Exit,
             FrameKind::Event,
             FrameKind::Kill,
+            FrameKind::Credit,
+            FrameKind::Signal,
         ];
         let mut stream = Vec::new();
         for (i, kind) in kinds.iter().enumerate() {

@@ -1,9 +1,11 @@
 //! Serving the protocol on one byte stream. One reader per connection
 //! routes frames to sessions; every exec session has a thread that pumps
 //! its output (then sends its exit) and one that feeds its stdin; whole
-//! frames are written under one lock per connection. A session that fails
-//! ends with an error answer, a connection that fails ends alone; nothing
-//! here ends the agent.
+//! frames are written under one lock per connection. With a version-2
+//! host both directions are flow-controlled (`flow`): output waits for the
+//! host's credit, and stdin is granted back as the process reads it. A
+//! session that fails ends with an error answer, a connection that fails
+//! ends alone; nothing here ends the agent.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,8 +15,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,9 +26,10 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::flow::{Credit, StdinQueue};
 use crate::protocol::{
-    self, EVENT_SESSION, Event, ExecRequest, ExitStatus, Frame, FrameKind, MAX_PAYLOAD,
-    PROTOCOL_VERSION, Request, Response, ShutdownAction,
+    self, EVENT_SESSION, Event, ExecRequest, ExitStatus, Frame, FrameKind, HEADER_LEN, MAX_PAYLOAD,
+    OLDEST_VERSION, PROTOCOL_VERSION, Request, Response, ShutdownAction, WINDOW, cost,
 };
 use crate::{children, spawn_thread, system};
 
@@ -45,10 +48,12 @@ type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 
 /// One host connection's way out. The serial port's sink outlives its
 /// hosts, so `open` drops what a former host's sessions still write.
+/// `version` is what the host's hello chose.
 #[derive(Clone)]
 struct Writer {
     sink: Sink,
     open: Arc<AtomicBool>,
+    version: Arc<AtomicU32>,
 }
 
 impl Writer {
@@ -66,6 +71,11 @@ impl Writer {
     fn respond(&self, session: u32, response: &Response) {
         let _ = self.send(&Frame::json(FrameKind::Response, session, response));
     }
+
+    /// Whether the host speaks flow control (version 2 on).
+    fn flow_controlled(&self) -> bool {
+        self.version.load(Ordering::Acquire) >= 2
+    }
 }
 
 /// Every connection's writer, for the shutdown announcement.
@@ -74,11 +84,22 @@ static CONNECTIONS: LazyLock<Mutex<Vec<(u64, Writer)>>> = LazyLock::new(|| Mutex
 static ACKED: LazyLock<(Mutex<bool>, Condvar)> =
     LazyLock::new(|| (Mutex::new(false), Condvar::new()));
 
-/// A running exec: its stdin feeder (dropped for end of input) and its
-/// process group.
+/// A running exec: the stdin its feeder writes, the credit its output
+/// pump spends, and its process group.
 struct Session {
-    stdin: Option<Sender<Vec<u8>>>,
+    stdin: Arc<StdinQueue>,
+    output: Arc<Credit>,
     group: Pid,
+}
+
+impl Session {
+    /// Nobody reads this session any more: the process goes, its output
+    /// is drained and dropped.
+    fn abandon(&self) {
+        let _ = kill(self.group, Signal::SIGKILL);
+        self.output.open();
+        self.stdin.close();
+    }
 }
 
 type Sessions = Arc<Mutex<HashMap<u32, Session>>>;
@@ -113,6 +134,7 @@ fn serve_on(
     let writer = Writer {
         sink,
         open: Arc::new(AtomicBool::new(true)),
+        version: Arc::new(AtomicU32::new(PROTOCOL_VERSION)),
     };
     if let Ok(mut connections) = CONNECTIONS.lock() {
         connections.push((id, writer.clone()));
@@ -150,7 +172,7 @@ fn serve_on(
     writer.open.store(false, Ordering::Release);
     if let Ok(mut sessions) = sessions.lock() {
         for (_, session) in sessions.drain() {
-            let _ = kill(session.group, Signal::SIGKILL);
+            session.abandon();
         }
     }
     if let Ok(mut connections) = CONNECTIONS.lock() {
@@ -177,15 +199,18 @@ fn handle(frame: Frame, writer: &Writer, sessions: &Sessions, identity: &Identit
             ),
         },
         FrameKind::Stdin => {
-            let Ok(mut sessions) = sessions.lock() else {
-                return;
-            };
-            if let Some(session) = sessions.get_mut(&frame.session) {
+            // Queued outside the sessions lock: a full queue (a host that
+            // ignores its window) waits here, and the feeder must be able
+            // to take the lock meanwhile.
+            let stdin = sessions
+                .lock()
+                .ok()
+                .and_then(|sessions| sessions.get(&frame.session).map(|s| s.stdin.clone()));
+            if let Some(stdin) = stdin {
                 if frame.payload.is_empty() {
-                    // Dropping the feeder's sender ends its input.
-                    session.stdin = None;
-                } else if let Some(stdin) = &session.stdin {
-                    let _ = stdin.send(frame.payload);
+                    stdin.end();
+                } else {
+                    stdin.push(frame.payload);
                 }
             }
         }
@@ -193,7 +218,25 @@ fn handle(frame: Frame, writer: &Writer, sessions: &Sessions, identity: &Identit
             if let Ok(sessions) = sessions.lock()
                 && let Some(session) = sessions.get(&frame.session)
             {
-                let _ = kill(session.group, Signal::SIGKILL);
+                session.abandon();
+            }
+        }
+        FrameKind::Signal => {
+            let signal = frame
+                .payload
+                .first()
+                .and_then(|&n| Signal::try_from(i32::from(n)).ok());
+            if let (Some(signal), Ok(sessions)) = (signal, sessions.lock())
+                && let Some(session) = sessions.get(&frame.session)
+            {
+                let _ = kill(session.group, signal);
+            }
+        }
+        FrameKind::Credit => {
+            if let (Some(amount), Ok(sessions)) = (frame.credit_amount(), sessions.lock())
+                && let Some(session) = sessions.get(&frame.session)
+            {
+                session.output.grant(amount);
             }
         }
         FrameKind::Event if frame.session == EVENT_SESSION => {
@@ -218,17 +261,13 @@ fn answer_request(
     identity: &Identity,
 ) {
     let response = match request {
-        Request::Hello { .. } => Response::Hello {
-            version: PROTOCOL_VERSION,
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            kernel: nix::sys::utsname::uname()
-                .map(|u| u.release().to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            hostname: nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            boot: identity.boot,
-        },
+        Request::Hello { version } => {
+            // The host's version if this agent speaks it: an older host
+            // gets the older protocol on this connection.
+            let chosen = version.clamp(OLDEST_VERSION, PROTOCOL_VERSION);
+            writer.version.store(chosen, Ordering::Release);
+            hello(chosen, identity)
+        }
         Request::Ping => Response::Pong,
         Request::Ports => Response::Ports {
             ports: system::listening_ports(),
@@ -259,6 +298,20 @@ fn answer_request(
         },
     };
     writer.respond(session, &response);
+}
+
+fn hello(version: u32, identity: &Identity) -> Response {
+    Response::Hello {
+        version,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        boot: identity.boot,
+    }
 }
 
 /// A started exec process and its ends.
@@ -363,19 +416,33 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
     };
     let spawned = spawned.map_err(|e| io::Error::new(e.kind(), format!("{program}: {e}")))?;
     let group = Pid::from_raw(-(spawned.pid as i32));
-    let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>();
-    let (mut stdin, end_of_input) = (spawned.stdin, spawned.end_of_input);
-    let feeder = spawn_thread("exec-stdin", move || {
-        for bytes in stdin_rx {
-            if stdin.write_all(&bytes).is_err() {
-                return;
-            }
-        }
-        // Pipes close when dropped; a terminal hears its EOF character.
-        if let Some(eof) = end_of_input {
-            let _ = stdin.write_all(eof);
-        }
+    let queue = Arc::new(StdinQueue::new(WINDOW));
+    let output = Arc::new(if writer.flow_controlled() {
+        Credit::new(WINDOW)
+    } else {
+        Credit::unlimited()
     });
+    let (mut stdin, end_of_input) = (spawned.stdin, spawned.end_of_input);
+    let feeder = {
+        let (queue, writer) = (queue.clone(), writer.clone());
+        spawn_thread("exec-stdin", move || {
+            while let Some(bytes) = queue.pop() {
+                if stdin.write_all(&bytes).is_err() {
+                    // The process stopped reading: what comes is dropped.
+                    queue.close();
+                    return;
+                }
+                queue.release(bytes.len());
+                if writer.flow_controlled() {
+                    let _ = writer.send(&Frame::credit(session, cost(bytes.len())));
+                }
+            }
+            // Pipes close when dropped; a terminal hears its EOF character.
+            if let Some(eof) = end_of_input {
+                let _ = stdin.write_all(eof);
+            }
+        })
+    };
     // Registered before the output thread exists, which removes it once
     // the process is gone; the reader routes this session's next frame
     // only after this returns.
@@ -383,7 +450,8 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
         sessions.insert(
             session,
             Session {
-                stdin: Some(stdin_tx),
+                stdin: queue.clone(),
+                output: output.clone(),
                 group,
             },
         );
@@ -393,7 +461,9 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
         let (pid, outputs, exited) = (spawned.pid, spawned.outputs, spawned.exited);
         spawn_thread("exec-output", move || {
             writer.respond(session, &Response::Started { pid });
-            pump(outputs, session, &writer);
+            pump(outputs, session, &writer, &output);
+            // A feeder still waiting for input ends with the process.
+            queue.close();
             let status = exited.recv().unwrap_or(ExitStatus {
                 code: None,
                 signal: None,
@@ -418,10 +488,11 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
     Ok(())
 }
 
-/// Sends a process's output as frames until every stream ends. Output is
-/// drained even when the host is gone, so the process never blocks on a
-/// full pipe.
-fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer) {
+/// Sends a process's output as frames until every stream ends, never more
+/// than the host's credit allows: without credit the pipes fill and the
+/// process waits. Once nobody reads (the credit opens), output is drained
+/// and dropped, so the process never blocks on a full pipe.
+fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer, credit: &Credit) {
     let mut buffer = vec![0u8; MAX_PAYLOAD];
     while !outputs.is_empty() {
         let mut fds: Vec<PollFd> = outputs
@@ -445,12 +516,18 @@ fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer) {
             if !ready[index] {
                 continue;
             }
+            let room = credit.wait(cost(1));
+            let most = usize::try_from(room)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(HEADER_LEN)
+                .min(MAX_PAYLOAD);
             let (stream, kind) = &mut outputs[index];
-            match stream.read(&mut buffer) {
+            match stream.read(&mut buffer[..most]) {
                 Ok(0) => {
                     outputs.remove(index);
                 }
                 Ok(n) => {
+                    credit.spend(cost(n));
                     let frame = Frame {
                         kind: *kind,
                         session,

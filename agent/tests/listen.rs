@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use banger_agent::protocol::{
-    ExecRequest, ExitStatus, Frame, FrameKind, MAGIC, PROTOCOL_VERSION, Request, Response,
-    read_frame, write_frame,
+    ExecRequest, ExitStatus, Frame, FrameKind, MAGIC, PROTOCOL_VERSION, Request, Response, WINDOW,
+    cost, read_frame, write_frame,
 };
 
 /// A running `banger-agent --listen`, killed on drop.
@@ -96,17 +96,32 @@ impl Client {
         self.finish(session)
     }
 
+    /// Reads the session to its exit, granting back the credit of what
+    /// it reads, as the host does.
     fn finish(&mut self, session: u32) -> (Vec<u8>, Vec<u8>, ExitStatus) {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         loop {
             let frame = self.frame();
             assert_eq!(frame.session, session);
+            if matches!(frame.kind, FrameKind::Stdout | FrameKind::Stderr) {
+                self.send(&Frame::credit(session, cost(frame.payload.len())));
+            }
             match frame.kind {
                 FrameKind::Stdout => stdout.extend(frame.payload),
                 FrameKind::Stderr => stderr.extend(frame.payload),
                 FrameKind::Exit => return (stdout, stderr, frame.parse().expect("exit")),
+                // The agent's stdin credit: nothing here waits for it.
+                FrameKind::Credit => {}
                 other => panic!("unexpected {other:?} frame"),
             }
+        }
+    }
+
+    fn hello(&mut self, session: u32, version: u32) -> u32 {
+        self.request(session, &Request::Hello { version });
+        match self.response(session) {
+            Response::Hello { version, .. } => version,
+            other => panic!("hello answered {other:?}"),
         }
     }
 }
@@ -346,4 +361,103 @@ fn twenty_exec_sessions_share_one_connection() {
         assert_eq!(state.stderr, format!("err {session}\n").as_bytes());
         assert_eq!(state.exit, Some(code(session as i32)));
     }
+}
+
+#[test]
+fn output_stops_at_the_window_until_the_host_grants_more() {
+    let agent = Agent::start("window");
+    let mut client = agent.connect();
+    assert_eq!(client.hello(1, PROTOCOL_VERSION), PROTOCOL_VERSION);
+    client.request(2, &exec(&["head", "-c", "2000000", "/dev/zero"]));
+    assert!(matches!(client.response(2), Response::Started { .. }));
+    // Read a window's worth without granting anything back.
+    let (mut spent, mut read) = (0u32, 0usize);
+    while WINDOW - spent > cost(0) {
+        let frame = client.frame();
+        assert_eq!((frame.kind, frame.session), (FrameKind::Stdout, 2));
+        spent += cost(frame.payload.len());
+        read += frame.payload.len();
+    }
+    assert!(spent <= WINDOW, "{spent} past the window");
+    // The next frame is the pong: no output passes without credit.
+    client.request(3, &Request::Ping);
+    assert_eq!(client.response(3), Response::Pong);
+    client.send(&Frame::credit(2, spent));
+    let (stdout, _, status) = client.finish(2);
+    assert_eq!(read + stdout.len(), 2_000_000);
+    assert_eq!(status, code(0));
+}
+
+#[test]
+fn a_version_1_host_gets_version_1_without_flow_control() {
+    let agent = Agent::start("v1");
+    let mut client = agent.connect();
+    assert_eq!(client.hello(1, 1), 1);
+    client.request(2, &exec(&["head", "-c", "2000000", "/dev/zero"]));
+    assert!(matches!(client.response(2), Response::Started { .. }));
+    let mut read = 0;
+    loop {
+        let frame = client.frame();
+        match frame.kind {
+            FrameKind::Stdout => read += frame.payload.len(),
+            FrameKind::Exit => break,
+            other => panic!("a version-1 host sees no {other:?} frame"),
+        }
+    }
+    assert_eq!(read, 2_000_000);
+}
+
+#[test]
+fn stdin_is_granted_back_as_the_process_reads_it() {
+    let agent = Agent::start("stdin-credit");
+    let mut client = agent.connect();
+    client.request(1, &exec(&["cat"]));
+    assert!(matches!(client.response(1), Response::Started { .. }));
+    client.send(&Frame {
+        kind: FrameKind::Stdin,
+        session: 1,
+        payload: vec![b'x'; 1000],
+    });
+    let mut granted = 0;
+    let mut echoed = 0;
+    while granted < cost(1000) || echoed < 1000 {
+        let frame = client.frame();
+        match frame.kind {
+            FrameKind::Credit => granted += frame.credit_amount().expect("a credit amount"),
+            FrameKind::Stdout => {
+                echoed += frame.payload.len();
+                client.send(&Frame::credit(1, cost(frame.payload.len())));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(granted, cost(1000));
+    client.send(&Frame {
+        kind: FrameKind::Stdin,
+        session: 1,
+        payload: Vec::new(),
+    });
+    assert_eq!(client.finish(1).2, code(0));
+}
+
+#[test]
+fn a_signal_frame_reaches_the_process_group() {
+    let agent = Agent::start("signal");
+    let mut client = agent.connect();
+    // The shell runs its trap after the foreground sleep, whenever the
+    // signal lands.
+    let script = "trap 'echo caught; exit 130' INT; echo ready; while :; do sleep 1; done";
+    client.request(1, &exec(&["sh", "-c", script]));
+    assert!(matches!(client.response(1), Response::Started { .. }));
+    let ready = client.frame();
+    assert_eq!(ready.payload, b"ready\n");
+    client.send(&Frame::credit(1, cost(ready.payload.len())));
+    client.send(&Frame {
+        kind: FrameKind::Signal,
+        session: 1,
+        payload: vec![nix::sys::signal::Signal::SIGINT as u8],
+    });
+    let (stdout, _, status) = client.finish(1);
+    assert_eq!(stdout, b"caught\n");
+    assert_eq!(status, code(130));
 }

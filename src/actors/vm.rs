@@ -985,9 +985,18 @@ impl Handler<GetAgent> for VmActor {
                 hint: "start it first: the agent runs inside the VM",
             }))));
         }
+        let name = self.name().to_string();
+        if msg.timeout.is_zero() {
+            return Box::pin(fut::ready(Err(VmError::Agent {
+                name,
+                reason: "the agent is not connected".into(),
+            })));
+        }
+        // Waiters that gave up leave, so a VM whose agent never answers
+        // does not collect them.
+        self.agent_waiters.retain(|waiter| !waiter.is_closed());
         let (tx, rx) = oneshot::channel();
         self.agent_waiters.push(tx);
-        let name = self.name().to_string();
         Box::pin(fut::wrap_future(async move {
             match tokio::time::timeout(msg.timeout, rx).await {
                 Ok(Ok(link)) => Ok(link),

@@ -9,10 +9,12 @@ pub mod output;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex};
 
 use clap::{CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 use jiff::Timestamp;
+use nix::sys::signal::{SigSet, Signal};
 use serde_json::json;
 
 use crate::config::{self, Mode, Overrides};
@@ -547,8 +549,60 @@ fn stream_error(payload: &[u8]) -> Failure {
 /// banger's own failure in `vm exec`, as docker and podman report theirs.
 const EXEC_FAILED: u8 = 125;
 
+/// How much stdin the daemon still takes (None: an older daemon that sets
+/// no window). The stdin thread waits on it; the frame reader grants.
+struct StdinCredit {
+    available: Mutex<Option<u64>>,
+    granted: Condvar,
+}
+
+impl StdinCredit {
+    /// Waits for some credit; answers how much (`u64::MAX` with no window).
+    fn wait(&self) -> u64 {
+        let available = self.available.lock().unwrap_or_else(|p| p.into_inner());
+        let available = self
+            .granted
+            .wait_while(available, |a| *a == Some(0))
+            .unwrap_or_else(|p| p.into_inner());
+        available.unwrap_or(u64::MAX)
+    }
+
+    fn spend(&self, n: usize) {
+        if let Some(a) = self
+            .available
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            *a = a.saturating_sub(n as u64);
+        }
+    }
+
+    fn grant(&self, n: u32) {
+        if let Some(a) = self
+            .available
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            *a += u64::from(n);
+        }
+        self.granted.notify_all();
+    }
+}
+
+/// The signals `vm exec` hands to the guest process rather than dying of.
+fn forwarded_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(signal);
+    }
+    set
+}
+
 /// Runs a command in a VM: stdin goes to it in frames from a thread of its
-/// own, its output comes back until the exit frame.
+/// own, within the daemon's window; SIGINT, SIGTERM and SIGHUP go to the
+/// guest process from another; its output comes back until the exit frame.
 fn exec(
     client: Client,
     name: &str,
@@ -566,27 +620,54 @@ fn exec(
     }
     let params =
         json!({"name": name, "argv": command, "env": variables, "cwd": workdir, "wait_secs": wait});
-    let (mut frames, mut writer) = client.stream("vm.exec", params)?;
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            match std::io::Read::read(&mut stdin, &mut buffer) {
-                Ok(0) | Err(_) => {
-                    let _ = writer.write_all(&stream::frame(stream::STDIN_EOF, &[]));
+    // Blocked before any thread starts, so every thread inherits it and
+    // only the forwarding thread takes these signals.
+    let signals = forwarded_signals();
+    signals
+        .thread_block()
+        .map_err(|e| Failure::Daemon(format!("cannot block signals: {e}")))?;
+    let (info, mut frames, writer) = client.stream("vm.exec", params)?;
+    let writer = Arc::new(Mutex::new(writer));
+    let credit = Arc::new(StdinCredit {
+        available: Mutex::new(info.stdin_window.map(u64::from)),
+        granted: Condvar::new(),
+    });
+    {
+        let writer = writer.clone();
+        std::thread::spawn(move || {
+            while let Ok(signal) = signals.wait() {
+                let frame = stream::frame(stream::SIGNAL, &[signal as u8]);
+                let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+                if writer.write_all(&frame).is_err() {
                     return;
                 }
-                Ok(n) => {
-                    if writer
-                        .write_all(&stream::frame(stream::STDIN, &buffer[..n]))
-                        .is_err()
-                    {
-                        return;
+            }
+        });
+    }
+    {
+        let (writer, credit) = (writer.clone(), credit.clone());
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                let most = usize::try_from(credit.wait())
+                    .unwrap_or(usize::MAX)
+                    .min(buffer.len());
+                let read = std::io::Read::read(&mut stdin, &mut buffer[..most]);
+                let frame = match read {
+                    Ok(0) | Err(_) => stream::frame(stream::STDIN_EOF, &[]),
+                    Ok(n) => {
+                        credit.spend(n);
+                        stream::frame(stream::STDIN, &buffer[..n])
                     }
+                };
+                let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+                if writer.write_all(&frame).is_err() || matches!(read, Ok(0) | Err(_)) {
+                    return;
                 }
             }
-        }
-    });
+        });
+    }
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     loop {
         let frame = stream::read_frame(&mut frames)
@@ -598,14 +679,24 @@ fn exec(
         };
         match frame.kind {
             stream::STDOUT => {
-                let _ = stdout
+                let written = stdout
                     .write_all(&frame.payload)
                     .and_then(|()| stdout.flush());
+                // Whoever read our output is gone: end as a pipeline's
+                // writer does (128 + SIGPIPE); the daemon hangs the process up.
+                if written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+                    return Err(Failure::Status(128 + Signal::SIGPIPE as u8));
+                }
             }
             stream::STDERR => {
                 let _ = stderr
                     .write_all(&frame.payload)
                     .and_then(|()| stderr.flush());
+            }
+            stream::CREDIT => {
+                if let Ok(grant) = <[u8; 4]>::try_from(frame.payload.as_slice()) {
+                    credit.grant(u32::from_be_bytes(grant));
+                }
             }
             stream::EXIT => {
                 let status: banger_agent::protocol::ExitStatus =
@@ -634,7 +725,7 @@ fn exec(
 
 /// Copies the console stream to stdout until the daemon ends it.
 fn follow_logs(client: Client, name: &str, tail: Option<usize>) -> Result<(), Failure> {
-    let (mut frames, _) = client.stream(
+    let (_, mut frames, _) = client.stream(
         "vm.logs",
         json!({"name": name, "tail": tail, "follow": true}),
     )?;

@@ -218,6 +218,13 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
     if let Some(degraded) = &vm.degraded {
         rows.push(vec!["degraded:".into(), degraded.clone()]);
     }
+    if let Some(agent) = &vm.agent {
+        let mut line = format!("{} (protocol {})", agent.version, agent.protocol);
+        if let Some(note) = &agent.note {
+            line.push_str(&format!(": {note}"));
+        }
+        rows.push(vec!["agent:".into(), line]);
+    }
     table(&rows)
 }
 

@@ -3,6 +3,15 @@
 //! many sessions in banger-agent's frames. A reader task routes frames to
 //! sessions by id; a writer task keeps whole frames from interleaving.
 //!
+//! Memory stays bounded whatever the guest does. With a version-2 agent
+//! each exec session is flow-controlled both ways (docs/agent.md): the
+//! agent sends output only within the credit this end grants as the
+//! session's reader takes it, and an agent that overruns loses the session,
+//! never the host's memory; stdin goes out only within the agent's credit.
+//! A version-1 agent (a VM started before an upgrade) has no credit: its
+//! sessions' queues are short and a full one holds back the whole link.
+//! Frames to the agent wait in a short queue; its producers wait for room.
+//!
 //! A serial port keeps what the guest wrote while no host was connected,
 //! so a new connection may start mid-frame: until the hello is answered,
 //! the reader skips bytes until a frame decodes.
@@ -10,13 +19,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use banger_agent::protocol::{
-    self, EVENT_SESSION, Event, ExecRequest, Frame, FrameKind, MAX_PAYLOAD, PROTOCOL_VERSION,
-    ProtocolError, Request, Response, ShutdownAction,
+    self, EVENT_SESSION, Event, ExecRequest, Frame, FrameKind, HEADER_LEN, MAX_PAYLOAD,
+    OLDEST_VERSION, PROTOCOL_VERSION, ProtocolError, Request, Response, ShutdownAction, WINDOW,
+    cost,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -34,6 +44,13 @@ const CONNECT_RETRY: Duration = Duration::from_millis(50);
 /// The longest wait between vsock connection attempts: a guest without an
 /// agent must not cost the host a busy loop.
 const VSOCK_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Frames waiting for the writer task.
+const WRITE_QUEUE: usize = 64;
+/// What a version-2 session may have queued on this end: its output window
+/// and room for its answer and exit frames.
+const SESSION_LIMIT: u64 = WINDOW as u64 + 2 * (HEADER_LEN + MAX_PAYLOAD) as u64;
+/// Frames a version-1 session may have queued before the link waits.
+const V1_SESSION_QUEUE: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -43,7 +60,9 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
-    #[error("the agent speaks protocol version {agent}, banger {PROTOCOL_VERSION}")]
+    #[error(
+        "the agent speaks protocol version {agent}; banger speaks {OLDEST_VERSION} to {PROTOCOL_VERSION}"
+    )]
     Version { agent: u32 },
     #[error("the agent connection is closed")]
     Closed,
@@ -60,22 +79,55 @@ pub enum AgentError {
 /// What the agent said in its hello.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hello {
+    /// The protocol version this connection speaks.
+    pub protocol: u32,
     pub agent_version: String,
     pub kernel: String,
     pub hostname: String,
     pub boot: protocol::BootTimes,
 }
 
-type Sessions = Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>;
+/// Where a session's frames go, and its flow control.
+struct Route {
+    frames: mpsc::Sender<Frame>,
+    flow: Arc<Flow>,
+}
+
+/// One session's flow control on this end (version 2).
+struct Flow {
+    /// What the session's frames waiting for its reader cost.
+    queued: AtomicU64,
+    /// Stdin credit the agent granted, in total; the window comes on top.
+    granted: watch::Sender<u64>,
+    /// Stdin credit spent, in total.
+    spent: AtomicU64,
+    /// The agent sent past its window; the session was ended.
+    overrun: AtomicBool,
+}
+
+impl Flow {
+    fn new() -> Flow {
+        Flow {
+            queued: AtomicU64::new(0),
+            granted: watch::Sender::new(0),
+            spent: AtomicU64::new(0),
+            overrun: AtomicBool::new(false),
+        }
+    }
+}
+
+type Sessions = Mutex<HashMap<u32, Route>>;
 
 /// Where the guest's shutdown announcements go: one slot, the latest.
 pub type Announcements = watch::Sender<Option<ShutdownAction>>;
 
 struct Inner {
-    writer: mpsc::UnboundedSender<Vec<u8>>,
+    writer: mpsc::Sender<Vec<u8>>,
     sessions: Sessions,
     next_session: AtomicU32,
     closed: CancellationToken,
+    /// What the hello chose (0 until it is answered).
+    version: AtomicU32,
 }
 
 impl Inner {
@@ -89,10 +141,28 @@ impl Inner {
         }
     }
 
-    fn send(&self, frame: &Frame) -> Result<(), AgentError> {
+    /// Queues a frame for the agent, waiting while the queue is full.
+    async fn send(&self, frame: &Frame) -> Result<(), AgentError> {
         self.writer
             .send(frame.encode())
+            .await
             .map_err(|_| AgentError::Closed)
+    }
+
+    /// Queues a frame if there is room; for callers that cannot wait and
+    /// whose frame may be lost (an ack, the kill of an overrun session).
+    fn try_send(&self, frame: &Frame) {
+        let _ = self.writer.try_send(frame.encode());
+    }
+
+    fn flow_controlled(&self) -> bool {
+        self.version.load(Ordering::Acquire) >= 2
+    }
+
+    fn forget(&self, session: u32) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.remove(&session);
+        }
     }
 }
 
@@ -144,12 +214,13 @@ impl AgentLink {
 
     async fn handshake(stream: UnixStream, events: Announcements) -> Result<AgentLink, AgentError> {
         let (read, mut write) = stream.into_split();
-        let (writer, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (writer, mut queue) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
         let inner = Arc::new(Inner {
             writer,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU32::new(1),
             closed: CancellationToken::new(),
+            version: AtomicU32::new(0),
         });
         {
             let closed = inner.closed.clone();
@@ -166,7 +237,8 @@ impl AgentLink {
                 closed.cancel();
             });
         }
-        let (hellos, mut answered) = mpsc::unbounded_channel();
+        // The reader hands over one hello and stops looking for more.
+        let (hellos, mut answered) = mpsc::channel(1);
         {
             let inner = inner.clone();
             tokio::spawn(async move {
@@ -179,20 +251,24 @@ impl AgentLink {
             });
         }
         loop {
-            inner.send(&Frame::json(
-                FrameKind::Request,
-                inner.new_session(),
-                &Request::Hello {
-                    version: PROTOCOL_VERSION,
-                },
-            ))?;
+            inner
+                .send(&Frame::json(
+                    FrameKind::Request,
+                    inner.new_session(),
+                    &Request::Hello {
+                        version: PROTOCOL_VERSION,
+                    },
+                ))
+                .await?;
             tokio::select! {
                 hello = answered.recv() => match hello {
-                    Some((version, _)) if version != PROTOCOL_VERSION => {
+                    Some(Hello { protocol, .. })
+                        if !(OLDEST_VERSION..=PROTOCOL_VERSION).contains(&protocol) =>
+                    {
                         inner.closed.cancel();
-                        return Err(AgentError::Version { agent: version });
+                        return Err(AgentError::Version { agent: protocol });
                     }
-                    Some((_, hello)) => {
+                    Some(hello) => {
                         return Ok(AgentLink { inner, hello: Arc::new(hello) });
                     }
                     None => return Err(AgentError::Closed),
@@ -220,34 +296,48 @@ impl AgentLink {
         self.inner.closed.cancel();
     }
 
-    fn send(&self, frame: &Frame) -> Result<(), AgentError> {
-        self.inner.send(frame)
-    }
-
     /// Opens a session: its frames arrive on the receiver.
-    fn open(&self, request: &Request) -> Result<(u32, mpsc::UnboundedReceiver<Frame>), AgentError> {
+    async fn open(
+        &self,
+        request: &Request,
+    ) -> Result<(u32, mpsc::Receiver<Frame>, Arc<Flow>), AgentError> {
         let session = self.inner.new_session();
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Version 2 bounds a queue by what it costs (each frame at least
+        // its header); version 1 by frames.
+        let depth = if self.inner.flow_controlled() {
+            (SESSION_LIMIT / HEADER_LEN as u64) as usize + 1
+        } else {
+            V1_SESSION_QUEUE
+        };
+        let (tx, rx) = mpsc::channel(depth);
+        let flow = Arc::new(Flow::new());
         self.inner
             .sessions
             .lock()
             .map_err(|_| AgentError::Closed)?
-            .insert(session, tx);
-        self.send(&Frame::json(FrameKind::Request, session, request))?;
-        Ok((session, rx))
-    }
-
-    fn forget(&self, session: u32) {
-        if let Ok(mut sessions) = self.inner.sessions.lock() {
-            sessions.remove(&session);
+            .insert(
+                session,
+                Route {
+                    frames: tx,
+                    flow: flow.clone(),
+                },
+            );
+        let sent = self
+            .inner
+            .send(&Frame::json(FrameKind::Request, session, request))
+            .await;
+        if let Err(e) = sent {
+            self.inner.forget(session);
+            return Err(e);
         }
+        Ok((session, rx, flow))
     }
 
     /// One request, one answer.
     pub async fn request(&self, request: &Request) -> Result<Response, AgentError> {
-        let (session, mut frames) = self.open(request)?;
+        let (session, mut frames, _) = self.open(request).await?;
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, frames.recv()).await;
-        self.forget(session);
+        self.inner.forget(session);
         let frame = answer
             .map_err(|_| AgentError::Timeout(REQUEST_TIMEOUT))?
             .ok_or(AgentError::Closed)?;
@@ -274,9 +364,10 @@ impl AgentLink {
         }
     }
 
-    /// Tells the agent its shutdown announcement was heard.
+    /// Tells the agent its shutdown announcement was heard. Without room
+    /// in the queue the ack is lost and the guest waits out its 2 s.
     pub fn ack_shutdown(&self) {
-        let _ = self.send(&Frame::json(
+        self.inner.try_send(&Frame::json(
             FrameKind::Event,
             EVENT_SESSION,
             &Event::ShutdownAck,
@@ -285,7 +376,7 @@ impl AgentLink {
 
     /// Starts a process in the guest.
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecSession, AgentError> {
-        let (session, mut frames) = self.open(&Request::Exec(request))?;
+        let (session, mut frames, flow) = self.open(&Request::Exec(request)).await?;
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, frames.recv()).await;
         let started = match answer {
             Err(_) => Err(AgentError::Timeout(REQUEST_TIMEOUT)),
@@ -300,62 +391,154 @@ impl AgentLink {
         match started {
             Ok(pid) => Ok(ExecSession {
                 pid,
-                session,
-                link: self.clone(),
-                output: frames,
+                input: ExecInput {
+                    session,
+                    inner: self.inner.clone(),
+                    flow: flow.clone(),
+                },
+                output: ExecOutput {
+                    session,
+                    inner: self.inner.clone(),
+                    frames,
+                    flow,
+                },
             }),
             Err(e) => {
-                self.forget(session);
+                self.inner.forget(session);
                 Err(e)
             }
         }
     }
 }
 
-/// A process started by `exec`: its output, stderr and exit arrive as
-/// frames; stdin goes the other way.
+/// A process started by `exec`: its output and exit come on `output`,
+/// stdin and signals go on `input` (which may move to a task of its own).
 pub struct ExecSession {
     pub pid: u32,
-    session: u32,
-    link: AgentLink,
-    /// Stdout, Stderr, then one Exit frame; closed if the connection ends.
-    pub output: mpsc::UnboundedReceiver<Frame>,
+    pub input: ExecInput,
+    pub output: ExecOutput,
 }
 
-impl ExecSession {
-    /// Sends stdin bytes, in frames the agent accepts.
-    pub fn stdin(&self, bytes: &[u8]) -> Result<(), AgentError> {
-        for chunk in bytes.chunks(MAX_PAYLOAD) {
-            self.link.send(&Frame {
-                kind: FrameKind::Stdin,
-                session: self.session,
-                payload: chunk.to_vec(),
-            })?;
+/// What the host sends an exec session. Cheap to clone.
+#[derive(Clone)]
+pub struct ExecInput {
+    session: u32,
+    inner: Arc<Inner>,
+    flow: Arc<Flow>,
+}
+
+impl ExecInput {
+    /// Sends stdin bytes in frames the agent accepts, each within the
+    /// agent's credit: waits while the process is not reading.
+    pub async fn stdin(&self, mut bytes: &[u8]) -> Result<(), AgentError> {
+        let mut granted = self.flow.granted.subscribe();
+        while !bytes.is_empty() {
+            let mut most = MAX_PAYLOAD;
+            if self.inner.flow_controlled() {
+                loop {
+                    let credit = u64::from(WINDOW) + *granted.borrow_and_update();
+                    let room = credit.saturating_sub(self.flow.spent.load(Ordering::Acquire));
+                    if room > HEADER_LEN as u64 {
+                        most = most.min((room - HEADER_LEN as u64) as usize);
+                        break;
+                    }
+                    tokio::select! {
+                        _ = granted.changed() => {}
+                        _ = self.inner.closed.cancelled() => return Err(AgentError::Closed),
+                    }
+                }
+            }
+            let (chunk, rest) = bytes.split_at(most.min(bytes.len()));
+            self.flow
+                .spent
+                .fetch_add(u64::from(cost(chunk.len())), Ordering::AcqRel);
+            self.inner
+                .send(&Frame {
+                    kind: FrameKind::Stdin,
+                    session: self.session,
+                    payload: chunk.to_vec(),
+                })
+                .await?;
+            bytes = rest;
         }
         Ok(())
     }
 
     /// Closes the process's stdin (an empty stdin frame).
-    pub fn stdin_eof(&self) -> Result<(), AgentError> {
-        self.link.send(&Frame {
-            kind: FrameKind::Stdin,
-            session: self.session,
-            payload: Vec::new(),
-        })
+    pub async fn stdin_eof(&self) -> Result<(), AgentError> {
+        self.control(FrameKind::Stdin, Vec::new()).await
     }
 
-    pub fn kill(&self) -> Result<(), AgentError> {
-        self.link.send(&Frame {
-            kind: FrameKind::Kill,
-            session: self.session,
-            payload: Vec::new(),
-        })
+    /// Delivers `signal` to the process group. A version-1 agent knows only
+    /// SIGKILL, so there every signal kills.
+    pub async fn signal(&self, signal: nix::sys::signal::Signal) -> Result<(), AgentError> {
+        if self.inner.flow_controlled() {
+            self.control(FrameKind::Signal, vec![signal as u8]).await
+        } else {
+            self.kill().await
+        }
+    }
+
+    /// SIGKILL to the process group; its output is dropped from now on.
+    pub async fn kill(&self) -> Result<(), AgentError> {
+        self.control(FrameKind::Kill, Vec::new()).await
+    }
+
+    async fn control(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(), AgentError> {
+        self.inner
+            .send(&Frame {
+                kind,
+                session: self.session,
+                payload,
+            })
+            .await
     }
 }
 
-impl Drop for ExecSession {
+/// What an exec session sends the host: stdout, stderr, then one exit.
+pub struct ExecOutput {
+    session: u32,
+    inner: Arc<Inner>,
+    frames: mpsc::Receiver<Frame>,
+    flow: Arc<Flow>,
+}
+
+impl ExecOutput {
+    /// The next frame; None once the connection ended or the agent overran
+    /// its window ([`ExecOutput::overran`]).
+    pub async fn next(&mut self) -> Option<Frame> {
+        let frame = self.frames.recv().await?;
+        if self.inner.flow_controlled() {
+            self.flow
+                .queued
+                .fetch_sub(u64::from(cost(frame.payload.len())), Ordering::AcqRel);
+        }
+        Some(frame)
+    }
+
+    /// Whether the session ended because the agent sent past its window.
+    pub fn overran(&self) -> bool {
+        self.flow.overrun.load(Ordering::Acquire)
+    }
+
+    /// `frame`'s output reached its reader: the agent may send as much
+    /// again. Call it once the bytes have left this process, so a reader
+    /// that does not read holds the guest's process, not host memory.
+    pub async fn delivered(&self, frame: &Frame) -> Result<(), AgentError> {
+        if !self.inner.flow_controlled()
+            || !matches!(frame.kind, FrameKind::Stdout | FrameKind::Stderr)
+        {
+            return Ok(());
+        }
+        self.inner
+            .send(&Frame::credit(self.session, cost(frame.payload.len())))
+            .await
+    }
+}
+
+impl Drop for ExecOutput {
     fn drop(&mut self) {
-        self.link.forget(self.session);
+        self.inner.forget(self.session);
     }
 }
 
@@ -424,7 +607,7 @@ async fn connect_vsock(socket: &Path, port: u32) -> Result<Option<UnixStream>, A
 async fn read_frames(
     read: tokio::net::unix::OwnedReadHalf,
     inner: &Inner,
-    hellos: mpsc::UnboundedSender<(u32, Hello)>,
+    hellos: mpsc::Sender<Hello>,
     events: Announcements,
 ) {
     let mut reader = BufReader::with_capacity(128 * 1024, read);
@@ -451,17 +634,19 @@ async fn read_frames(
                         }) = frame.parse()
                         {
                             synced = true;
+                            inner.version.store(version, Ordering::Release);
                             let hello = Hello {
+                                protocol: version,
                                 agent_version,
                                 kernel,
                                 hostname,
                                 boot,
                             };
-                            let _ = hellos.send((version, hello));
+                            let _ = hellos.try_send(hello);
                         }
                         continue;
                     }
-                    route(frame, inner, &events);
+                    route(frame, inner, &events).await;
                 }
                 Ok(None) => break,
                 // Before the hello, stale bytes: skip one and look again.
@@ -486,7 +671,7 @@ async fn read_frames(
     }
 }
 
-fn route(frame: Frame, inner: &Inner, events: &Announcements) {
+async fn route(frame: Frame, inner: &Inner, events: &Announcements) {
     if frame.session == EVENT_SESSION {
         if let Ok(Event::Shutdown { action }) = frame.parse::<Event>() {
             // Coalesced: a guest that floods announcements overwrites one
@@ -495,15 +680,42 @@ fn route(frame: Frame, inner: &Inner, events: &Announcements) {
         }
         return;
     }
-    let Ok(mut sessions) = inner.sessions.lock() else {
+    let session = frame.session;
+    let route = inner.sessions.lock().ok().and_then(|sessions| {
+        sessions
+            .get(&session)
+            .map(|route| (route.frames.clone(), route.flow.clone()))
+    });
+    // Frames of sessions that ended are dropped.
+    let Some((frames, flow)) = route else {
         return;
     };
-    let ends = matches!(frame.kind, FrameKind::Exit);
-    let session = frame.session;
-    if let Some(tx) = sessions.get(&session) {
-        let _ = tx.send(frame);
+    let ends = frame.kind == FrameKind::Exit;
+    if !inner.flow_controlled() {
+        // No credit to enforce: the link waits for the session's reader.
+        let _ = frames.send(frame).await;
+    } else if frame.kind == FrameKind::Credit {
+        if let Some(amount) = frame.credit_amount() {
+            flow.granted
+                .send_modify(|total| *total = total.saturating_add(u64::from(amount)));
+        }
+        return;
+    } else {
+        let charge = u64::from(cost(frame.payload.len()));
+        let queued = flow.queued.fetch_add(charge, Ordering::AcqRel) + charge;
+        if queued > SESSION_LIMIT || frames.try_send(frame).is_err() {
+            // Past its window: the session ends, the link and host do not.
+            flow.overrun.store(true, Ordering::Release);
+            inner.forget(session);
+            inner.try_send(&Frame {
+                kind: FrameKind::Kill,
+                session,
+                payload: Vec::new(),
+            });
+            return;
+        }
     }
     if ends {
-        sessions.remove(&session);
+        inner.forget(session);
     }
 }

@@ -12,7 +12,9 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::daemon::{HelloParams, HelloResult};
-use super::protocol::{ErrorCode, Incoming, PROTOCOL_VERSION, Progress, RpcError, WithOpId};
+use super::protocol::{
+    ErrorCode, Incoming, PROTOCOL_VERSION, Progress, RpcError, StreamAccepted, StreamInfo, WithOpId,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -109,15 +111,15 @@ impl Client {
     }
 
     /// Sends a streaming request; once accepted, the connection carries
-    /// frames (see `rpc::stream`) both ways: this answers its reader and
-    /// its writer.
+    /// frames (see `rpc::stream`) both ways: this answers what the daemon
+    /// said of the stream, its reader and its writer.
     pub fn stream(
         mut self,
         method: &str,
         params: Value,
-    ) -> Result<(BufReader<UnixStream>, UnixStream), ClientError> {
-        self.call::<Value>(method, params)?;
-        Ok((self.reader, self.writer))
+    ) -> Result<(StreamInfo, BufReader<UnixStream>, UnixStream), ClientError> {
+        let accepted = self.call::<StreamAccepted>(method, params)?;
+        Ok((accepted.result.stream, self.reader, self.writer))
     }
 
     pub fn call<T: DeserializeOwned>(

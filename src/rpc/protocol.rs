@@ -439,7 +439,11 @@ pub struct StreamAccepted {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamInfo {
+    /// 2: stdin is flow-controlled by credit frames.
     pub version: u32,
+    /// The stdin bytes a client may send before the daemon grants more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_window: Option<u32>,
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 //! naming the limit), so the unbounded store queue behind them never grows
 //! without limit; and a connection that sends no request within a few
 //! seconds is closed. A session writes through one bounded
-//! channel, so a client that stops reading only slows itself.
+//! channel, so a client that stops reading only slows itself; once it
+//! streams, the stream writes to the socket itself, and what it holds is
+//! bounded by its flow control (`stream`).
 
 use std::io;
 use std::path::PathBuf;
@@ -32,7 +34,7 @@ use super::protocol::{
     ErrorCode, MAX_LINE_BYTES, Response, RpcError, StreamAccepted, StreamInfo, WithOpId,
 };
 use super::request::parse_line;
-use super::stream::{follow_log, relay_exec};
+use super::stream::{STDIN_WINDOW, follow_log, relay_exec};
 use super::vm::Opened;
 use super::wire::{Reply, line};
 use crate::operations::new_op_id;
@@ -214,12 +216,14 @@ async fn session(
 
     let (read, mut write) = stream.into_split();
     let (out, mut outbox) = mpsc::channel::<Vec<u8>>(OUTBOX);
+    // Hands the socket back once the outbox closes, for a stream to use.
     let writer = actix::spawn(async move {
         while let Some(bytes) = outbox.recv().await {
             if write.write_all(&bytes).await.is_err() {
                 break;
             }
         }
+        write
     });
     let closed = CancellationToken::new();
     let per_connection = limits.in_flight_per_connection;
@@ -301,31 +305,38 @@ async fn session(
             }
             match open_stream(&services, call.request).await {
                 Ok(opened) => {
+                    let stdin_window = matches!(opened, Opened::Exec(_)).then_some(STDIN_WINDOW);
                     let accepted = WithOpId {
                         op_id: op_id.clone(),
                         result: StreamAccepted {
-                            stream: StreamInfo { version: 1 },
+                            stream: StreamInfo {
+                                version: 2,
+                                stdin_window,
+                            },
                         },
                     };
                     let result = serde_json::value::to_raw_value(&accepted)
                         .unwrap_or_else(|_| RawValue::NULL.to_owned());
                     let _ = out.send(line(&Response::success(call.id, result))).await;
+                    closed.cancel();
+                    // Nothing else writes now: the stream takes the socket.
+                    drop(out);
+                    let Ok(write) = writer.await else {
+                        return;
+                    };
                     match opened {
                         Opened::Logs(follow) => {
                             let client_gone = async { while lines.next().await.is_some() {} };
-                            follow_log(follow, &out, client_gone).await;
+                            follow_log(follow, write, client_gone).await;
                         }
                         Opened::Exec(session) => {
                             // Frames the client sent right behind its request
                             // are in the line reader's buffer: read them first.
                             let parts = lines.into_parts();
                             let client = std::io::Cursor::new(parts.read_buf).chain(parts.io);
-                            relay_exec(session, client, &out).await;
+                            relay_exec(session, client, write).await;
                         }
                     }
-                    closed.cancel();
-                    drop(out);
-                    let _ = writer.await;
                     return;
                 }
                 Err(error) => {

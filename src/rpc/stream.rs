@@ -3,16 +3,19 @@
 //! 4-byte big-endian length, the payload. `vm logs --follow` and `vm exec`
 //! use it.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use banger_agent::protocol::{ExitStatus, FrameKind};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
-use tokio::sync::mpsc;
+use banger_agent::protocol::{ExitStatus, FrameKind, MAX_PAYLOAD, WINDOW};
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, watch};
 
 use super::protocol::{ErrorCode, ErrorObject, MAX_LINE_BYTES};
-use crate::guest::link::ExecSession;
+use crate::guest::link::{ExecInput, ExecSession};
 
 pub const STDIN: u8 = 0x01;
 pub const STDIN_EOF: u8 = 0x02;
@@ -22,6 +25,7 @@ pub const STDOUT: u8 = 0x11;
 pub const STDERR: u8 = 0x12;
 pub const EXIT: u8 = 0x13;
 pub const ERROR: u8 = 0x14;
+pub const CREDIT: u8 = 0x15;
 
 /// Largest payload in one frame.
 pub const MAX_FRAME: usize = MAX_LINE_BYTES;
@@ -97,96 +101,281 @@ fn error_frame(code: ErrorCode, message: String) -> Vec<u8> {
     frame(ERROR, &serde_json::to_vec(&error).unwrap_or_default())
 }
 
-/// Relays a process in a guest: the client's stdin frames to the agent,
-/// its output and exit status back. A client that goes away takes the
-/// process with it (SIGKILL); an agent that goes away ends the stream with
-/// an error frame.
-pub async fn relay_exec(
-    mut session: ExecSession,
-    client: impl AsyncRead + Unpin + 'static,
-    out: &mpsc::Sender<Vec<u8>>,
-) {
-    let (frames_tx, mut frames) = mpsc::channel(16);
-    // A reader of its own: a frame half read must not be lost when output
-    // wins the select.
-    let reader = actix::spawn(async move {
-        let mut client = client;
+/// Stdin a client may send before the daemon grants more: what the daemon
+/// holds for it while the agent's credit is spent.
+pub const STDIN_WINDOW: u32 = WINDOW;
+/// How long a process whose client went away has after SIGHUP to end,
+/// before SIGKILL.
+const HANGUP_GRACE: Duration = Duration::from_secs(2);
+
+/// How the client's half of an exec stream ended.
+enum ClientEnd {
+    /// It closed its end, or its connection broke.
+    Gone,
+    /// It sent what the stream does not carry; named in the message.
+    Bad(String),
+}
+
+/// Stdin the client sent ahead of the agent's credit: at most
+/// [`STDIN_WINDOW`] bytes from a client that keeps to its window; one that
+/// does not waits (its reader stops reading).
+struct PendingStdin {
+    state: Mutex<PendingState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct PendingState {
+    bytes: VecDeque<u8>,
+    ended: bool,
+    gone: bool,
+}
+
+enum Taken {
+    Bytes(Vec<u8>),
+    End,
+    Gone,
+}
+
+impl PendingStdin {
+    fn new() -> PendingStdin {
+        PendingStdin {
+            state: Mutex::new(PendingState::default()),
+            changed: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn push(&self, bytes: Vec<u8>) {
         loop {
-            let frame = read_client_frame(&mut client).await;
-            let done = !matches!(frame, Ok(Some(_)));
-            if frames_tx.send(frame).await.is_err() || done {
+            let changed = self.changed.notified();
+            {
+                let mut state = self.state();
+                if state.gone || state.ended {
+                    return;
+                }
+                let fits = state.bytes.len() + bytes.len() <= STDIN_WINDOW as usize;
+                if fits || state.bytes.is_empty() {
+                    state.bytes.extend(bytes);
+                    self.changed.notify_waiters();
+                    return;
+                }
+            }
+            changed.await;
+        }
+    }
+
+    fn end(&self) {
+        self.state().ended = true;
+        self.changed.notify_waiters();
+    }
+
+    fn gone(&self) {
+        let mut state = self.state();
+        state.gone = true;
+        state.bytes.clear();
+        self.changed.notify_waiters();
+    }
+
+    /// Up to `most` bytes, waiting for some; the end once all are taken.
+    async fn take(&self, most: usize) -> Taken {
+        loop {
+            let changed = self.changed.notified();
+            {
+                let mut state = self.state();
+                if state.gone {
+                    return Taken::Gone;
+                }
+                if !state.bytes.is_empty() {
+                    let n = most.min(state.bytes.len());
+                    let bytes = state.bytes.drain(..n).collect();
+                    self.changed.notify_waiters();
+                    return Taken::Bytes(bytes);
+                }
+                if state.ended {
+                    return Taken::End;
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Reads the client's frames: stdin into `pending`, signals straight to
+/// the process (never behind stdin), until the client ends.
+async fn read_client(
+    mut client: impl AsyncRead + Unpin,
+    pending: Arc<PendingStdin>,
+    input: ExecInput,
+) -> ClientEnd {
+    loop {
+        match read_client_frame(&mut client).await {
+            Ok(Some(Frame {
+                kind: STDIN,
+                payload,
+            })) => {
+                if !payload.is_empty() {
+                    pending.push(payload).await;
+                }
+            }
+            Ok(Some(Frame {
+                kind: STDIN_EOF, ..
+            })) => pending.end(),
+            Ok(Some(Frame {
+                kind: SIGNAL,
+                payload,
+            })) => {
+                let number = payload.first().copied().unwrap_or(0);
+                let Ok(signal) = Signal::try_from(i32::from(number)) else {
+                    return ClientEnd::Bad(format!(
+                        "signal frame: {number} is not a signal number"
+                    ));
+                };
+                let _ = input.signal(signal).await;
+            }
+            // A terminal size has no pty to go to yet.
+            Ok(Some(Frame { kind: RESIZE, .. })) => {}
+            Ok(Some(Frame { kind, .. })) => {
+                return ClientEnd::Bad(format!("unknown frame type {kind:#04x}"));
+            }
+            Ok(None) | Err(_) => return ClientEnd::Gone,
+        }
+    }
+}
+
+/// Moves pending stdin to the agent within its credit, and counts in
+/// `forwarded` what left, which the client may send again.
+async fn forward_stdin(
+    pending: Arc<PendingStdin>,
+    input: ExecInput,
+    forwarded: watch::Sender<u64>,
+) {
+    loop {
+        match pending.take(MAX_PAYLOAD).await {
+            Taken::Bytes(bytes) => {
+                if input.stdin(&bytes).await.is_err() {
+                    return;
+                }
+                forwarded.send_modify(|total| *total += bytes.len() as u64);
+            }
+            Taken::End => {
+                let _ = input.stdin_eof().await;
                 return;
             }
+            Taken::Gone => return,
         }
-    });
+    }
+}
+
+/// Relays a process in a guest: the client's stdin and signals to the
+/// agent, its output and exit status back, each direction within its
+/// credit, so neither a client that does not read nor one that floods
+/// grows the daemon. A client that goes away hangs the process up
+/// (SIGHUP, then SIGKILL after [`HANGUP_GRACE`]); an agent that goes away
+/// ends the stream with an error frame.
+pub async fn relay_exec(
+    session: ExecSession,
+    client: impl AsyncRead + Unpin + 'static,
+    mut out: impl AsyncWrite + Unpin,
+) {
+    let ExecSession {
+        input, mut output, ..
+    } = session;
+    let pending = Arc::new(PendingStdin::new());
+    let (forwarded_tx, mut forwarded) = watch::channel(0u64);
+    let forwarder = actix::spawn(forward_stdin(pending.clone(), input.clone(), forwarded_tx));
+    // A task of its own: a frame half read must not be lost when output
+    // wins the select, and signals must pass while output waits.
+    let mut reader = actix::spawn(read_client(client, pending.clone(), input.clone()));
+    let mut reading = true;
+    let mut granted = 0u64;
+    // Once the client is gone: when the process gets SIGKILL.
+    let mut hangup: Option<tokio::time::Instant> = None;
     loop {
+        let deadline = hangup.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
-            frame = frames.recv() => match frame {
-                Some(Ok(Some(Frame { kind: STDIN, payload }))) => {
-                    if !payload.is_empty() {
-                        let _ = session.stdin(&payload);
-                    }
-                }
-                Some(Ok(Some(Frame { kind: STDIN_EOF, .. }))) => {
-                    let _ = session.stdin_eof();
-                }
-                // One signal the agent delivers: SIGKILL; a terminal size
-                // has no pty to go to yet.
-                Some(Ok(Some(Frame { kind: SIGNAL, .. }))) => {
-                    let _ = session.kill();
-                }
-                Some(Ok(Some(Frame { kind: RESIZE, .. }))) => {}
-                Some(Ok(Some(Frame { kind, .. }))) => {
-                    let _ = session.kill();
-                    let _ = out
-                        .send(error_frame(
-                            ErrorCode::InvalidRequest,
-                            format!("unknown frame type {kind:#04x}"),
-                        ))
-                        .await;
-                    break;
-                }
-                Some(Ok(None)) | Some(Err(_)) | None => {
-                    // The client is gone: nobody reads the output any more.
-                    let _ = session.kill();
-                    break;
-                }
-            },
-            output = session.output.recv() => match output {
+            frame = output.next() => match frame {
                 Some(frame) => match frame.kind {
-                    // Agent payloads (64 KiB at most) fit a client frame.
                     FrameKind::Stdout | FrameKind::Stderr => {
                         let kind = if frame.kind == FrameKind::Stdout { STDOUT } else { STDERR };
-                        if out.send(self::frame(kind, &frame.payload)).await.is_err() {
-                            let _ = session.kill();
-                            break;
+                        // Agent payloads (64 KiB at most) fit a client frame.
+                        if hangup.is_none()
+                            && out.write_all(&self::frame(kind, &frame.payload)).await.is_err()
+                        {
+                            hangup = Some(hang_up(&input, &pending).await);
                         }
+                        let _ = output.delivered(&frame).await;
                     }
                     FrameKind::Exit => {
                         let status = frame.parse::<ExitStatus>().unwrap_or(ExitStatus {
                             code: None,
                             signal: None,
                         });
-                        let _ = out
-                            .send(self::frame(EXIT, &serde_json::to_vec(&status).unwrap_or_default()))
-                            .await;
+                        let exit = self::frame(EXIT, &serde_json::to_vec(&status).unwrap_or_default());
+                        let _ = out.write_all(&exit).await;
                         break;
                     }
                     _ => {}
                 },
                 None => {
+                    let message = if output.overran() {
+                        "the guest agent sent past its flow-control window; the process was killed"
+                    } else {
+                        "the connection to the guest agent was lost (did the VM stop?)"
+                    };
                     let _ = out
-                        .send(error_frame(
-                            ErrorCode::Unavailable,
-                            "the connection to the guest agent was lost (did the VM stop?)".into(),
-                        ))
+                        .write_all(&error_frame(ErrorCode::Unavailable, message.into()))
                         .await;
                     break;
                 }
             },
+            changed = forwarded.changed(), if hangup.is_none() => {
+                if changed.is_ok() {
+                    let total = *forwarded.borrow_and_update();
+                    let grant = u32::try_from(total - granted).unwrap_or(u32::MAX);
+                    granted += u64::from(grant);
+                    if out.write_all(&self::frame(CREDIT, &grant.to_be_bytes())).await.is_err() {
+                        hangup = Some(hang_up(&input, &pending).await);
+                    }
+                }
+            }
+            end = &mut reader, if reading => {
+                reading = false;
+                match end {
+                    Ok(ClientEnd::Bad(message)) => {
+                        let _ = input.kill().await;
+                        let _ = out
+                            .write_all(&error_frame(ErrorCode::InvalidRequest, message))
+                            .await;
+                        break;
+                    }
+                    Ok(ClientEnd::Gone) | Err(_) => {
+                        if hangup.is_none() {
+                            hangup = Some(hang_up(&input, &pending).await);
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline), if hangup.is_some() => {
+                let _ = input.kill().await;
+                break;
+            }
         }
     }
+    pending.gone();
     reader.abort();
+    forwarder.abort();
+}
+
+/// Nobody reads the process any more: SIGHUP, as a terminal's hang-up,
+/// and the moment it gets SIGKILL if it is still running.
+async fn hang_up(input: &ExecInput, pending: &PendingStdin) -> tokio::time::Instant {
+    pending.gone();
+    let _ = input.signal(Signal::SIGHUP).await;
+    tokio::time::Instant::now() + HANGUP_GRACE
 }
 
 /// A console log to follow from `offset`.
@@ -200,7 +389,7 @@ pub struct LogFollow {
 /// A log that shrinks was rotated: following restarts at its beginning.
 pub async fn follow_log(
     mut log: LogFollow,
-    out: &mpsc::Sender<Vec<u8>>,
+    mut out: impl AsyncWrite + Unpin,
     client_gone: impl Future<Output = ()>,
 ) {
     tokio::pin!(client_gone);
@@ -218,7 +407,7 @@ pub async fn follow_log(
                             break;
                         }
                         log.offset += n as u64;
-                        if out.send(frame(STDOUT, &buffer[..n])).await.is_err() {
+                        if out.write_all(&frame(STDOUT, &buffer[..n])).await.is_err() {
                             return;
                         }
                     }
@@ -230,7 +419,7 @@ pub async fn follow_log(
                     && log.path.parent().is_some_and(|d| d.exists()) => {}
             Err(e) => {
                 let _ = out
-                    .send(error_frame(
+                    .write_all(&error_frame(
                         ErrorCode::NotFound,
                         format!("the console log is gone (was the VM removed?): {e}"),
                     ))

@@ -30,7 +30,7 @@ use crate::vm::state::LastExit;
 use crate::vm::{
     InvalidVm, generate_name, parse_memory_mib, validate_name, validate_rootfs, validate_vcpus,
 };
-use banger_agent::protocol::ExecRequest;
+use banger_agent::protocol::{ExecRequest, PROTOCOL_VERSION};
 
 /// How long `vm exec` and `vm ping` wait for a booting VM's agent.
 const DEFAULT_AGENT_WAIT: Duration = Duration::from_secs(60);
@@ -257,6 +257,37 @@ pub struct VmView {
     pub accel: Option<Accel>,
     /// Why a re-adopted VMM counts as degraded (alive, not answering).
     pub degraded: Option<String>,
+    /// The agent a running VM answers with (`vm inspect` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentView>,
+}
+
+/// The agent inside a running VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub version: String,
+    /// The agent protocol version the daemon speaks with it.
+    pub protocol: u32,
+    /// Set when the agent is older than this daemon's: what that means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl AgentView {
+    fn of(link: &AgentLink) -> AgentView {
+        let hello = link.hello();
+        let note = (hello.protocol < PROTOCOL_VERSION).then(|| {
+            format!(
+                "an older agent (protocol {}, without flow control or signals); the VM gets banger's agent at its next start",
+                hello.protocol
+            )
+        });
+        AgentView {
+            version: hello.agent_version.clone(),
+            protocol: hello.protocol,
+            note,
+        }
+    }
 }
 
 impl From<&VmRecord> for VmView {
@@ -286,6 +317,7 @@ impl From<&VmRecord> for VmView {
             error: vm.error.clone(),
             accel: vm.process.as_ref().and_then(|p| p.accel),
             degraded: vm.degraded.clone(),
+            agent: None,
         }
     }
 }
@@ -371,9 +403,13 @@ pub async fn handle(
                 command: VmCommand::Get,
             };
             let vm = services.vms.send(get).await??;
-            wire.answer(VmResult {
-                vm: VmView::from(&vm),
-            })
+            let mut view = VmView::from(&vm);
+            if vm.phase == Phase::Running {
+                // Only an agent already connected: inspect never waits.
+                let link = agent_of(services, vm.name.clone(), Some(0.0)).await;
+                view.agent = link.ok().as_ref().map(AgentView::of);
+            }
+            wire.answer(VmResult { vm: view })
         }
         Request::Logs(params) => {
             let path = console_path(services, params.name).await?;
