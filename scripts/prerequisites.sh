@@ -27,6 +27,7 @@ banger_programs=(
     "groupadd           passwd"          # tests/access.rs
     "groupdel           passwd"          # tests/access.rs
     "sh                 dash"            # tests: `command -v`
+    "git                git"             # previous-agent.sh: the protocol-1 agent from history
 )
 banger_missing=()
 banger_lookup() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null; }

@@ -12,7 +12,9 @@ fi
 . scripts/fixtures.sh
 # The guest agent, static, for the guest tests (and the initramfs).
 BANGER_TEST_AGENT=$(scripts/build-agent.sh)
-export BANGER_TEST_AGENT
+# The previous release's agent (protocol 1), for the upgrade test.
+BANGER_TEST_PREVIOUS_AGENT=$(scripts/previous-agent.sh)
+export BANGER_TEST_AGENT BANGER_TEST_PREVIOUS_AGENT
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked --features fault-injection -- -D warnings

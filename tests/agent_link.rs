@@ -362,3 +362,220 @@ fn firecrackers_hybrid_vsock_handshake_is_retried_until_the_guest_listens() {
     let requests = handshakes.join().expect("handshake thread");
     assert_eq!(requests, ["CONNECT 1024"; 3]);
 }
+
+/// A hand-written agent on a Unix socket, for what the real one never
+/// does: it answers the hello with `version`, then runs `script` on the
+/// stream.
+fn fake_agent(
+    version: u32,
+    script: impl FnOnce(&mut UnixStream) + Send + 'static,
+) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let serving = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let hello = protocol::read_frame(&mut stream)
+            .expect("read")
+            .expect("a hello");
+        let answer = Response::Hello {
+            version,
+            agent_version: "fake".into(),
+            kernel: "fake".into(),
+            hostname: "fake".into(),
+            boot: protocol::BootTimes {
+                stage1_ms: None,
+                stage2_ms: 0,
+                ready_ms: 0,
+            },
+        };
+        protocol::write_frame(
+            &mut stream,
+            &Frame::json(FrameKind::Response, hello.session, &answer),
+        )
+        .expect("answer the hello");
+        script(&mut stream);
+    });
+    (dir, socket, serving)
+}
+
+/// Reads frames until a request; answers its session.
+fn next_request(stream: &mut UnixStream) -> (u32, Request) {
+    loop {
+        let frame = protocol::read_frame(stream)
+            .expect("read")
+            .expect("a frame");
+        if frame.kind == FrameKind::Request {
+            return (frame.session, frame.parse().expect("a request"));
+        }
+    }
+}
+
+fn respond(stream: &mut UnixStream, session: u32, response: &Response) {
+    protocol::write_frame(stream, &Frame::json(FrameKind::Response, session, response))
+        .expect("respond");
+}
+
+/// This process's peak resident memory in KiB, after resetting it.
+fn reset_peak() -> u64 {
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
+    peak()
+}
+
+fn peak() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn an_agent_that_overruns_its_window_loses_the_session_not_the_link() {
+    let (_dir, socket, serving) = fake_agent(protocol::PROTOCOL_VERSION, |stream| {
+        let (exec, _) = next_request(stream);
+        respond(stream, exec, &Response::Started { pid: 1 });
+        // 100 full frames, 6.4 MB, with no credit asked for.
+        let chunk = Frame {
+            kind: FrameKind::Stdout,
+            session: exec,
+            payload: vec![b'x'; protocol::MAX_PAYLOAD],
+        };
+        for _ in 0..100 {
+            protocol::write_frame(stream, &chunk).expect("flood");
+        }
+        // The host answers the overrun with a kill; pings go on.
+        loop {
+            let frame = protocol::read_frame(stream)
+                .expect("read")
+                .expect("a frame");
+            match frame.kind {
+                FrameKind::Kill => assert_eq!(frame.session, exec),
+                FrameKind::Request => {
+                    respond(stream, frame.session, &Response::Pong);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    });
+    runtime().block_on(async {
+        let link = connect(&socket).await;
+        let mut session = link.exec(exec_request(&["flood"])).await.expect("exec");
+        link.ping().await.expect("the link answers after the flood");
+        let mut taken = 0;
+        while let Some(frame) = session.output.next().await {
+            taken += frame.payload.len();
+        }
+        assert!(
+            session.output.overran(),
+            "the session ended for overrunning"
+        );
+        assert!(
+            taken <= protocol::WINDOW as usize + 2 * protocol::MAX_PAYLOAD,
+            "{taken} bytes queued past the window"
+        );
+    });
+    serving.join().expect("fake agent");
+}
+
+#[test]
+fn a_guest_that_floods_events_and_stray_frames_grows_nothing() {
+    const FLOOD: usize = 200_000;
+    let (_dir, socket, serving) = fake_agent(protocol::PROTOCOL_VERSION, |stream| {
+        let mut out = std::io::BufWriter::new(stream.try_clone().expect("clone"));
+        let event = Frame::json(
+            FrameKind::Event,
+            protocol::EVENT_SESSION,
+            &protocol::Event::Shutdown {
+                action: ShutdownAction::Reboot,
+            },
+        );
+        let stray = Frame {
+            kind: FrameKind::Stdout,
+            session: 999,
+            payload: vec![b'z'; 200],
+        };
+        for _ in 0..FLOOD {
+            protocol::write_frame(&mut out, &event).expect("event");
+            protocol::write_frame(&mut out, &stray).expect("stray");
+        }
+        out.flush().expect("flush");
+        let (ping, _) = next_request(stream);
+        respond(stream, ping, &Response::Pong);
+    });
+    runtime().block_on(async {
+        let (events, heard) = tokio::sync::watch::channel(None);
+        let baseline = reset_peak();
+        let link = tokio::time::timeout(
+            Duration::from_secs(10),
+            AgentLink::connect(
+                &AgentEndpoint::Serial {
+                    socket: socket.clone(),
+                },
+                events,
+            ),
+        )
+        .await
+        .expect("hello in time")
+        .expect("connect");
+        // The pong comes after the whole flood on the stream.
+        link.ping().await.expect("ping after the flood");
+        let grown = peak().saturating_sub(baseline);
+        eprintln!("figure: {FLOOD} events and {FLOOD} stray frames: peak RSS +{grown} KiB");
+        assert!(grown <= 16 * 1024, "the flood grew the host by {grown} KiB");
+        // One slot holds the latest announcement.
+        assert_eq!(*heard.borrow(), Some(ShutdownAction::Reboot));
+    });
+    serving.join().expect("fake agent");
+}
+
+#[test]
+fn a_version_1_agent_gets_no_credit_and_signals_become_kills() {
+    let (_dir, socket, serving) = fake_agent(1, |stream| {
+        let (exec, _) = next_request(stream);
+        respond(stream, exec, &Response::Started { pid: 1 });
+        let frame = protocol::read_frame(stream)
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(
+            (frame.kind, frame.session),
+            (FrameKind::Kill, exec),
+            "a signal reaches a version-1 agent as a kill"
+        );
+        let out = Frame {
+            kind: FrameKind::Stdout,
+            session: exec,
+            payload: b"bye".to_vec(),
+        };
+        protocol::write_frame(stream, &out).expect("output");
+        let exit = ExitStatus {
+            code: None,
+            signal: Some(9),
+        };
+        protocol::write_frame(stream, &Frame::json(FrameKind::Exit, exec, &exit)).expect("exit");
+        // No credit frame comes for the output: the next is the ping.
+        let ping = protocol::read_frame(stream)
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(ping.kind, FrameKind::Request, "{ping:?}");
+        assert_eq!(ping.parse::<Request>().expect("request"), Request::Ping);
+        respond(stream, ping.session, &Response::Pong);
+    });
+    runtime().block_on(async {
+        let link = connect(&socket).await;
+        assert_eq!(link.hello().protocol, 1);
+        let session = link.exec(exec_request(&["sleep"])).await.expect("exec");
+        session
+            .input
+            .signal(nix::sys::signal::Signal::SIGINT)
+            .await
+            .expect("signal");
+        let (out, _, status) = collect(session).await;
+        assert_eq!(out, b"bye");
+        assert_eq!(status.signal, Some(9));
+        link.ping().await.expect("ping");
+    });
+    serving.join().expect("fake agent");
+}

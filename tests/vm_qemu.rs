@@ -8,196 +8,14 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use common::guest::*;
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
-
-/// Everything a guest boot needs, or the reason it cannot run here.
-struct Guest {
-    kernel_deb: PathBuf,
-    agent: PathBuf,
-}
-
-fn guest_fixtures(test: &str) -> Option<Guest> {
-    let var = |name: &str| {
-        std::env::var_os(name)
-            .map(PathBuf::from)
-            .filter(|p| p.is_file())
-    };
-    let Some(kernel_deb) = var("BANGER_TEST_KERNEL_DEB") else {
-        skip(
-            test,
-            "BANGER_TEST_KERNEL_DEB is not set (scripts/test.sh downloads the Debian cloud kernel)",
-        );
-        return None;
-    };
-    let Some(agent) = var("BANGER_TEST_AGENT") else {
-        skip(
-            test,
-            "BANGER_TEST_AGENT is not set (scripts/test.sh builds the static agent)",
-        );
-        return None;
-    };
-    for tool in ["qemu-system-x86_64", "mke2fs", "debugfs"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            skip(
-                test,
-                &format!("{tool} is not installed (scripts/test.sh installs it)"),
-            );
-            return None;
-        }
-    }
-    Some(Guest { kernel_deb, agent })
-}
-
-// Fields drop in order: the daemon before the reaper kills the VMMs it left.
-struct Fixture {
-    daemon: Option<Daemon>,
-    _reaper: ProcessReaper,
-    tmp: tempfile::TempDir,
-    rootfs: PathBuf,
-}
-
-impl Fixture {
-    fn new(guest: &Guest) -> Fixture {
-        let tmp = state_dir();
-        let dir = tmp.path();
-        std::fs::write(
-            dir.join("bangerd.toml"),
-            format!(
-                "[agent]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.1\nmax_delay_secs = 1\n",
-                guest.agent.display()
-            ),
-        )
-        .expect("write config");
-        let rootfs = dir.join("busybox.ext4");
-        let built = Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/busybox-rootfs.sh"
-        ))
-        .arg(&rootfs)
-        .output()
-        .expect("run scripts/busybox-rootfs.sh");
-        assert!(
-            built.status.success(),
-            "busybox root disk: {}",
-            String::from_utf8_lossy(&built.stderr)
-        );
-        let mut fixture = Fixture {
-            _reaper: ProcessReaper(dir.join("state")),
-            daemon: None,
-            rootfs,
-            tmp,
-        };
-        fixture.start_daemon();
-        fixture
-    }
-
-    fn state(&self) -> PathBuf {
-        self.tmp.path().join("state")
-    }
-
-    fn start_daemon(&mut self) {
-        let config = self.tmp.path().join("bangerd.toml");
-        let args = ["--user", "--config", config.to_str().expect("utf-8 path")];
-        self.daemon = Some(Daemon::ready(Daemon::spawn_with(&self.state(), &args)));
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        banger(&self.state(), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "banger {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.console()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).expect("--json output")
-    }
-
-    fn console(&self) -> String {
-        let out = self.run(&["vm", "logs", "guest", "--tail", "40"]);
-        format!(
-            "\n--- console (last lines) ---\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    }
-
-    /// `banger vm exec guest -- argv`, with `stdin` piped in.
-    fn exec(&self, argv: &[&str], stdin: &[u8]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_banger"))
-            .arg("--socket")
-            .arg(socket_path(&self.state()))
-            .args(["vm", "exec", "guest", "--"])
-            .args(argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn banger vm exec");
-        let mut input = child.stdin.take().expect("stdin");
-        input.write_all(stdin).expect("write stdin");
-        drop(input);
-        child.wait_with_output().expect("banger vm exec")
-    }
-
-    fn exec_ok(&self, argv: &[&str]) -> String {
-        let out = self.exec(argv, b"");
-        assert!(
-            out.status.success(),
-            "vm exec {argv:?}: {:?} {}{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr),
-            self.console()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn pid(&self) -> i64 {
-        self.json(&["vm", "inspect", "guest", "--json"])["pid"]
-            .as_i64()
-            .expect("guest has a pid")
-    }
-
-    fn uptime(&self) -> f64 {
-        self.exec_ok(&["cat", "/proc/uptime"])
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .expect("uptime")
-    }
-}
-
-fn import_kernel(f: &Fixture, deb: &Path) -> String {
-    let kernel = f.json(&[
-        "kernel",
-        "import-deb",
-        "debian",
-        deb.to_str().expect("utf-8"),
-        "--json",
-    ]);
-    kernel["version"]
-        .as_str()
-        .expect("the imported kernel has a version")
-        .to_string()
-}
 
 #[test]
 fn a_debian_guest_on_qemu_boots_runs_commands_survives_restarts_and_stops_cleanly() {
@@ -433,7 +251,7 @@ fn a_debian_guest_on_firecracker_answers_its_agent() {
 /// names the state directory too).
 fn qemus(f: &Fixture) -> Vec<i32> {
     let daemon = f.daemon.as_ref().map(|d| d.pid().as_raw());
-    let mut pids = f._reaper.pids();
+    let mut pids = f.reaper.pids();
     pids.retain(|&pid| Some(pid) != daemon);
     pids
 }

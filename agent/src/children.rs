@@ -4,11 +4,13 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{LazyLock, Mutex};
 
 use nix::errno::Errno;
+use nix::sys::signal::SigSet;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
@@ -21,6 +23,13 @@ static WAITING: LazyLock<Mutex<HashMap<i32, Sender<ExitStatus>>>> =
 /// registered under the lock the reaper holds, so a child that exits at
 /// once is not lost.
 pub fn spawn(command: &mut Command) -> io::Result<(Child, Receiver<ExitStatus>)> {
+    // PID 1 blocks the signals its loop waits for, in every thread; a child
+    // must not inherit that, or SIGINT and SIGTERM never reach it.
+    #[allow(unsafe_code)]
+    // SAFETY: sigprocmask is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| SigSet::empty().thread_set_mask().map_err(io::Error::from));
+    }
     let (tx, rx) = mpsc::channel();
     let mut waiting = WAITING
         .lock()

@@ -234,7 +234,8 @@ async fn read_client(
                         "signal frame: {number} is not a signal number"
                     ));
                 };
-                let _ = input.signal(signal).await;
+                let sent = input.signal(signal).await;
+                tracing::debug!(?signal, ?sent, "signal from the client");
             }
             // A terminal size has no pty to go to yet.
             Ok(Some(Frame { kind: RESIZE, .. })) => {}

@@ -3,6 +3,7 @@
 //! test fails.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod guest;
 pub mod halt;
 
 use std::io::{BufRead, BufReader};
