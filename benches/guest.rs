@@ -5,7 +5,14 @@
 //!   kernel's clock starts), kernel (to the agent's stage 1), stage 1 (the
 //!   initramfs) and stage 2 (the root disk, until the agent serves);
 //! - `vm exec -- true` round trip through the daemon, p50 over 100 calls
-//!   (connect, hello, exec, exit frame), and the agent ping round trip.
+//!   (connect, hello, exec, exit frame), and the agent ping round trip;
+//!   interleaved with the same on a VM that runs the previous release's
+//!   agent (protocol 1, no flow control), when scripts/bench.sh built it;
+//! - `vm exec -- cat /dev/zero | head -c 1G` throughput through the CLI,
+//!   interleaved with the raw channel: a second virtio-serial port
+//!   hot-plugged into the same VM over QMP, written by a plain `cat` in the
+//!   guest and read by this program, without banger's framing; and the
+//!   daemon's and the agent's peak RSS during that flood and a stdin flood.
 //!
 //! Prints the figures and writes them to `target/bench-results/guest.txt`.
 
@@ -13,9 +20,14 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::unistd::Pid;
 
 use banger::rpc::client::Client;
 use banger::rpc::stream;
@@ -23,6 +35,11 @@ use serde_json::{Value, json};
 
 const BOOTS: usize = 3;
 const EXECS: usize = 100;
+/// Bytes per throughput run, and runs of each kind.
+const FLOOD_BYTES: u64 = 1 << 30;
+const FLOOD_RUNS: usize = 3;
+/// The name the hot-plugged raw port has in the guest.
+const RAW_PORT: &str = "org.banger.bench";
 
 fn cli(state: &std::path::Path, args: &[&str]) -> Value {
     let out = common::banger(state, args);
@@ -35,11 +52,11 @@ fn cli(state: &std::path::Path, args: &[&str]) -> Value {
 }
 
 /// One `vm.exec` of `true` on a fresh connection, to its exit frame.
-fn exec_true(socket: &std::path::Path) -> Duration {
+fn exec_true(socket: &std::path::Path, vm: &str) -> Duration {
     let started = Instant::now();
     let client = Client::connect(socket).expect("connect");
     let (_, mut frames, _writer) = client
-        .stream("vm.exec", json!({"name": "bench", "argv": ["true"]}))
+        .stream("vm.exec", json!({"name": vm, "argv": ["true"]}))
         .expect("vm.exec");
     loop {
         match stream::read_frame(&mut frames).expect("frame") {
@@ -51,6 +68,257 @@ fn exec_true(socket: &std::path::Path) -> Duration {
             None => panic!("the exec stream ended without an exit"),
         }
     }
+}
+
+fn write_config(config: &Path, agent: &Path) -> std::io::Result<()> {
+    std::fs::write(
+        config,
+        format!("[agent]\nbinary = \"{}\"\n", agent.display()),
+    )
+}
+
+/// Restarts the daemon (its VMs keep running) with another agent to inject.
+fn restart_with_agent(
+    daemon: common::Daemon,
+    state: &Path,
+    config: &Path,
+    agent: &Path,
+) -> anyhow::Result<common::Daemon> {
+    write_config(config, agent)?;
+    anyhow::ensure!(daemon.stop().success(), "bangerd did not stop cleanly");
+    Ok(common::Daemon::ready(common::Daemon::spawn_with(
+        state,
+        &["--user", "--config", config.to_str().unwrap_or_default()],
+    )))
+}
+
+/// A field of /proc/PID/status, in KiB.
+fn status_kib(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The daemon's RSS now, with its peak reset to it.
+fn reset_peak(pid: Pid) -> anyhow::Result<u64> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    Ok(status_kib(
+        &std::fs::read_to_string(format!("/proc/{pid}/status"))?,
+        "VmRSS",
+    ))
+}
+
+fn peak(pid: Pid) -> anyhow::Result<u64> {
+    Ok(status_kib(
+        &std::fs::read_to_string(format!("/proc/{pid}/status"))?,
+        "VmHWM",
+    ))
+}
+
+/// One QMP command on a fresh connection (banger holds none open).
+fn qmp(socket: &Path, command: Value) -> anyhow::Result<Value> {
+    let stream = UnixStream::connect(socket)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line)?; // the greeting
+    for message in [json!({"execute": "qmp_capabilities"}), command] {
+        writeln!(writer, "{message}")?;
+        loop {
+            line.clear();
+            anyhow::ensure!(reader.read_line(&mut line)? > 0, "QMP closed");
+            let answer: Value = serde_json::from_str(&line)?;
+            if let Some(error) = answer.get("error") {
+                anyhow::bail!("QMP refused {message}: {error}");
+            }
+            if answer.get("return").is_some() {
+                break;
+            }
+        }
+    }
+    Ok(Value::Null)
+}
+
+fn banger_cli(state: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_banger"));
+    command.arg("--socket").arg(common::socket_path(state));
+    command
+}
+
+/// `vm exec -- cat /dev/zero | head -c FLOOD_BYTES`, as a user types it.
+fn exec_flood(state: &Path) -> anyhow::Result<Duration> {
+    let cli = banger_cli(state);
+    let line = format!(
+        "{} --socket {} vm exec bench -- cat /dev/zero | head -c {FLOOD_BYTES} > /dev/null",
+        cli.get_program().to_string_lossy(),
+        common::socket_path(state).display()
+    );
+    let started = Instant::now();
+    let status = Command::new("sh").args(["-c", &line]).status()?;
+    anyhow::ensure!(status.success(), "the exec pipeline failed: {status}");
+    Ok(started.elapsed())
+}
+
+/// The raw port: a plain program in the guest writes `writer` to it, this
+/// reads it.
+fn raw_flood(state: &Path, raw: &Path, writer: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut stream = UnixStream::connect(raw)?;
+    let mut writer = banger_cli(state)
+        .args(["vm", "exec", "bench", "--", "sh", "-c"])
+        .arg(writer)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    while read < FLOOD_BYTES {
+        let n = stream.read(&mut buffer)?;
+        anyhow::ensure!(n > 0, "the raw port closed after {read} bytes");
+        read += n as u64;
+    }
+    let elapsed = started.elapsed();
+    drop(stream);
+    // The CLI gone, the daemon hangs the writer up.
+    writer.kill()?;
+    writer.wait()?;
+    Ok(elapsed)
+}
+
+fn throughput(elapsed: &[Duration]) -> String {
+    let mut rates: Vec<f64> = elapsed
+        .iter()
+        .map(|e| FLOOD_BYTES as f64 / e.as_secs_f64() / 1e6)
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    format!(
+        "median {:.1} MB/s (min {:.1}, max {:.1}, n={})",
+        rates[rates.len() / 2],
+        rates[0],
+        rates[rates.len() - 1],
+        rates.len()
+    )
+}
+
+/// Throughput against the raw channel, and memory during floods.
+fn floods(state: &Path, dir: &Path, daemon: Pid, report: &mut String) -> anyhow::Result<()> {
+    let vm = cli(state, &["vm", "inspect", "bench", "--json"]);
+    let id = vm["id"].as_str().unwrap_or_default();
+    let qmp_socket = state.join("vms").join(id).join("qmp.sock");
+    let raw = dir.join("raw.sock");
+    qmp(
+        &qmp_socket,
+        json!({"execute": "chardev-add", "arguments": {"id": "bench", "backend": {"type": "socket",
+            "data": {"addr": {"type": "unix", "data": {"path": raw}}, "server": true, "wait": false}}}}),
+    )?;
+    qmp(
+        &qmp_socket,
+        json!({"execute": "device_add", "arguments": {"driver": "virtserialport",
+            "bus": "agentbus.0", "chardev": "bench", "name": RAW_PORT}}),
+    )?;
+    let find = format!(
+        "for p in /sys/class/virtio-ports/*; do [ \"$(cat $p/name)\" = {RAW_PORT} ] && basename $p; done; true"
+    );
+    let mut port = String::new();
+    let deadline = Instant::now() + common::EVENT_TIMEOUT;
+    while port.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the hot-plugged port never appeared"
+        );
+        let out = banger_cli(state)
+            .args(["vm", "exec", "bench", "--", "sh", "-c", &find])
+            .output()?;
+        port = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    }
+    common::banger(
+        state,
+        &[
+            "vm",
+            "exec",
+            "bench",
+            "--",
+            "sh",
+            "-c",
+            "echo 5 > /proc/1/clear_refs",
+        ],
+    );
+    let direct = format!("cat /dev/zero > /dev/{port}");
+    // What exec's process pays too: its output goes through a pipe.
+    let piped = format!("cat /dev/zero | cat > /dev/{port}");
+    let (mut exec, mut bare, mut behind_pipe) = (Vec::new(), Vec::new(), Vec::new());
+    let mut daemon_peak = 0u64;
+    for _ in 0..FLOOD_RUNS {
+        let baseline = reset_peak(daemon)?;
+        exec.push(exec_flood(state)?);
+        daemon_peak = daemon_peak.max(peak(daemon)?.saturating_sub(baseline));
+        bare.push(raw_flood(state, &raw, &direct)?);
+        behind_pipe.push(raw_flood(state, &raw, &piped)?);
+    }
+    let ratio = |a: &[Duration], b: &[Duration]| {
+        let median = |v: &[Duration]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v[v.len() / 2].as_secs_f64()
+        };
+        median(b) / median(a)
+    };
+    writeln!(
+        report,
+        "vm exec -- cat /dev/zero | head -c 1G: {}",
+        throughput(&exec)
+    )?;
+    writeln!(
+        report,
+        "raw virtio-serial port (cat in the guest, no framing), interleaved: {}",
+        throughput(&bare)
+    )?;
+    writeln!(
+        report,
+        "raw port behind one pipe in the guest (cat | cat > port), interleaved: {}",
+        throughput(&behind_pipe)
+    )?;
+    writeln!(
+        report,
+        "exec throughput / raw channel: {:.2}x; / raw behind a pipe: {:.2}x (medians)",
+        ratio(&exec, &bare),
+        ratio(&exec, &behind_pipe)
+    )?;
+    writeln!(
+        report,
+        "daemon peak RSS during the output flood: +{daemon_peak} KiB over its RSS before"
+    )?;
+
+    // A stdin flood into a process that never reads.
+    let baseline = reset_peak(daemon)?;
+    let mut flood = banger_cli(state)
+        .args(["vm", "exec", "bench", "--", "sleep", "10"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut input = flood.stdin.take().context("stdin")?;
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'y'; 64 * 1024];
+        while input.write_all(&chunk).is_ok() {}
+    });
+    flood.wait()?;
+    let _ = writer.join();
+    writeln!(
+        report,
+        "daemon peak RSS during a 10 s stdin flood: +{} KiB over its RSS before",
+        peak(daemon)?.saturating_sub(baseline)
+    )?;
+    let out = banger_cli(state)
+        .args(["vm", "exec", "bench", "--", "cat", "/proc/1/status"])
+        .output()?;
+    writeln!(
+        report,
+        "guest agent (PID 1) peak RSS over both floods: {} KiB",
+        status_kib(&String::from_utf8_lossy(&out.stdout), "VmHWM")
+    )?;
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,10 +338,7 @@ fn main() -> anyhow::Result<()> {
     let state = dir.join("state");
     let _reaper = common::ProcessReaper(state.clone());
     let config = dir.join("bangerd.toml");
-    std::fs::write(
-        &config,
-        format!("[agent]\nbinary = \"{}\"\n", agent.display()),
-    )?;
+    write_config(&config, &agent)?;
     let daemon = common::Daemon::ready(common::Daemon::spawn_with(
         &state,
         &["--user", "--config", config.to_str().unwrap_or_default()],
@@ -161,15 +426,79 @@ fn main() -> anyhow::Result<()> {
     );
     cli(&state, &["vm", "ping", "bench", "--wait", "120", "--json"]);
     let socket = common::socket_path(&state);
-    let execs: Vec<Duration> = (0..EXECS).map(|_| exec_true(&socket)).collect();
+    // The previous release's agent on a second VM: the daemon injects the
+    // agent its configuration names at each start.
+    let previous = var("BANGER_TEST_PREVIOUS_AGENT");
+    let mut daemon = daemon;
+    if let Some(previous) = &previous {
+        daemon = restart_with_agent(daemon, &state, &config, previous)?;
+        let copy = dir.join("previous.ext4");
+        std::fs::copy(&rootfs, &copy)?;
+        cli(
+            &state,
+            &[
+                "vm",
+                "create",
+                "previous",
+                "--kernel",
+                "debian",
+                "--rootfs",
+                copy.to_str().unwrap_or_default(),
+                "--vmm",
+                "qemu",
+                "--memory",
+                "256M",
+                "--start",
+                "--json",
+            ],
+        );
+        cli(
+            &state,
+            &["vm", "ping", "previous", "--wait", "120", "--json"],
+        );
+        daemon = restart_with_agent(daemon, &state, &config, &agent)?;
+        // The restarted daemon reconnects to both agents.
+        cli(
+            &state,
+            &["vm", "ping", "previous", "--wait", "30", "--json"],
+        );
+        cli(&state, &["vm", "ping", "bench", "--wait", "30", "--json"]);
+        let shown = cli(&state, &["vm", "inspect", "previous", "--json"]);
+        anyhow::ensure!(shown["agent"]["protocol"] == 1, "previous VM: {shown}");
+    }
+    let (mut current, mut older) = (Vec::new(), Vec::new());
+    for _ in 0..EXECS {
+        current.push(exec_true(&socket, "bench"));
+        if previous.is_some() {
+            older.push(exec_true(&socket, "previous"));
+        }
+    }
     write!(
         report,
         "{}",
         common::summary(
-            &format!("vm exec -- true round trip ({EXECS} calls, fresh connection each)"),
-            &execs
+            &format!(
+                "vm exec -- true round trip, protocol 2 ({EXECS} calls, fresh connection each)"
+            ),
+            &current
         )
     )?;
+    if previous.is_some() {
+        write!(
+            report,
+            "{}",
+            common::summary(
+                "vm exec -- true round trip, protocol 1 (the previous release's agent), interleaved",
+                &older
+            )
+        )?;
+        cli(&state, &["vm", "rm", "previous", "--force"]);
+    } else {
+        writeln!(
+            report,
+            "protocol-1 round trip skipped: BANGER_TEST_PREVIOUS_AGENT is not set (scripts/bench.sh builds it)"
+        )?;
+    }
     let pings: Vec<Duration> = (0..EXECS)
         .map(|_| {
             let ping = cli(&state, &["vm", "ping", "bench", "--json"]);
@@ -181,6 +510,7 @@ fn main() -> anyhow::Result<()> {
         "{}",
         common::summary("agent ping round trip, daemon to guest and back", &pings)
     )?;
+    floods(&state, dir, daemon.pid(), &mut report)?;
     cli(&state, &["vm", "rm", "bench", "--force"]);
     drop(daemon);
 

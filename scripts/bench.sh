@@ -6,5 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/prerequisites.sh
 . scripts/fixtures.sh
 BANGER_TEST_AGENT=$(scripts/build-agent.sh)
-export BANGER_TEST_AGENT
+# The previous release's agent, for the protocol-1 comparison.
+BANGER_TEST_PREVIOUS_AGENT=$(scripts/previous-agent.sh)
+export BANGER_TEST_AGENT BANGER_TEST_PREVIOUS_AGENT
 cargo bench --locked --bench store --bench rpc --bench vm --bench guest --bench startup

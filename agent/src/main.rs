@@ -170,9 +170,9 @@ fn serve_vsock(identity: &Arc<Identity>) -> nix::Result<()> {
 fn serve_connection(connection: OwnedFd, identity: Arc<Identity>) {
     let stream = std::fs::File::from(connection);
     let started = spawn_thread("connection", move || {
-        let served = stream.try_clone().and_then(|reader| {
-            server::serve(reader, Box::new(stream), Transport::Socket, &identity)
-        });
+        let served = stream
+            .try_clone()
+            .and_then(|reader| server::serve(reader, stream, Transport::Socket, &identity));
         if let Err(e) = served {
             log!("connection: {e}");
         }

@@ -6,7 +6,7 @@
 //! (u32 BE), payload (at most [`MAX_PAYLOAD`] bytes).
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -109,13 +109,20 @@ impl Frame {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(HEADER_LEN + self.payload.len());
-        bytes.push(MAGIC);
-        bytes.push(self.kind as u8);
-        bytes.extend_from_slice(&self.session.to_be_bytes());
-        bytes.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&encode_header(self.kind, self.session, self.payload.len()));
         bytes.extend_from_slice(&self.payload);
         bytes
     }
+}
+
+/// The header of a frame of `kind` on `session` carrying `len` bytes.
+pub fn encode_header(kind: FrameKind, session: u32, len: usize) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[0] = MAGIC;
+    header[1] = kind as u8;
+    header[2..6].copy_from_slice(&session.to_be_bytes());
+    header[6..].copy_from_slice(&(len as u32).to_be_bytes());
+    header
 }
 
 #[derive(Debug)]
@@ -226,9 +233,30 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
     }))
 }
 
-/// Writes one frame with a single `write_all`.
-pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<()> {
-    w.write_all(&frame.encode())?;
+/// Writes one frame.
+pub fn write_frame(w: &mut (impl Write + ?Sized), frame: &Frame) -> io::Result<()> {
+    write_parts(w, frame.kind, frame.session, &frame.payload)
+}
+
+/// Writes a frame from its parts, header and payload in one vectored
+/// write where the stream takes it: output is framed without a copy.
+pub fn write_parts(
+    w: &mut (impl Write + ?Sized),
+    kind: FrameKind,
+    session: u32,
+    payload: &[u8],
+) -> io::Result<()> {
+    let header = encode_header(kind, session, payload.len());
+    let mut parts = [IoSlice::new(&header), IoSlice::new(payload)];
+    let mut parts = &mut parts[..];
+    while !parts.is_empty() {
+        match w.write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     w.flush()
 }
 

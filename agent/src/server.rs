@@ -44,7 +44,7 @@ pub struct Identity {
 }
 
 /// The outgoing half of a stream; its lock keeps whole frames whole.
-type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
+type Sink = Arc<Mutex<File>>;
 
 /// One host connection's way out. The serial port's sink outlives its
 /// hosts, so `open` drops what a former host's sessions still write.
@@ -58,6 +58,11 @@ struct Writer {
 
 impl Writer {
     fn send(&self, frame: &Frame) -> io::Result<()> {
+        self.send_parts(frame.kind, frame.session, &frame.payload)
+    }
+
+    /// A frame from its parts: output goes out of the read buffer as it is.
+    fn send_parts(&self, kind: FrameKind, session: u32, payload: &[u8]) -> io::Result<()> {
         let mut sink = self
             .sink
             .lock()
@@ -65,7 +70,7 @@ impl Writer {
         if !self.open.load(Ordering::Acquire) {
             return Err(io::Error::from(io::ErrorKind::NotConnected));
         }
-        protocol::write_frame(&mut *sink, frame)
+        protocol::write_parts(&mut *sink, kind, session, payload)
     }
 
     fn respond(&self, session: u32, response: &Response) {
@@ -116,7 +121,7 @@ pub enum Transport {
 /// Serves one connection until its stream ends. Answers why it ended.
 pub fn serve(
     reader: impl Read,
-    writer: Box<dyn Write + Send>,
+    writer: File,
     transport: Transport,
     identity: &Identity,
 ) -> io::Result<()> {
@@ -528,12 +533,7 @@ fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer, cred
                 }
                 Ok(n) => {
                     credit.spend(cost(n));
-                    let frame = Frame {
-                        kind: *kind,
-                        session,
-                        payload: buffer[..n].to_vec(),
-                    };
-                    let _ = writer.send(&frame);
+                    let _ = writer.send_parts(*kind, session, &buffer[..n]);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // A terminal whose last holder closed reads EIO: its end.
@@ -608,7 +608,7 @@ pub fn serve_serial(path: PathBuf, identity: Arc<Identity>) {
         }
     };
     let sink: Sink = match port.try_clone() {
-        Ok(writer) => Arc::new(Mutex::new(Box::new(writer))),
+        Ok(writer) => Arc::new(Mutex::new(writer)),
         Err(e) => {
             crate::log!("{}: {e}", path.display());
             return;
