@@ -287,6 +287,23 @@ fn a_hundred_megabytes_each_way_arrive_intact_and_signals_reach_the_process() {
     assert!(peak_up <= baseline + DAEMON_BOUND_KIB);
     assert!(peak_down <= baseline_down + DAEMON_BOUND_KIB);
 
+    // A process that outlives its stdin costs the daemon no CPU meanwhile.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon stat");
+        let fields: Vec<u64> = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.split(" ").map(|f| f.parse().unwrap_or(0)).collect())
+            .unwrap_or_default();
+        // utime and stime, in clock ticks (100 a second).
+        fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0)
+    };
+    let before = cpu();
+    let slept = f.exec(&["sleep", "3"], b"");
+    assert!(slept.status.success());
+    let ticks = cpu() - before;
+    eprintln!("figure: daemon CPU during a 3 s exec with stdin closed: {ticks} ticks");
+    assert!(ticks < 50, "the daemon used {ticks} ticks of CPU in 3 s");
+
     // SIGINT to the CLI reaches the guest process, which traps it.
     let script = "trap 'echo caught; exit 130' INT; echo ready; while :; do sleep 1; done";
     let mut trapped = spawn_exec(&f, &["sh", "-c", script], Stdio::null(), Stdio::piped());

@@ -16,8 +16,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Credit for one direction: how much may be sent before the peer grants
-/// more. Unlimited for a version-1 host, and once nobody reads (the host
-/// went away or killed the session), so output is drained, not held.
+/// more. Unlimited for a version-1 host; once nobody reads (the host went
+/// away or killed the session) it is abandoned: output is drained and
+/// dropped, never held.
 pub struct Credit {
     state: Mutex<CreditState>,
     changed: Condvar,
@@ -26,6 +27,7 @@ pub struct Credit {
 struct CreditState {
     available: u64,
     unlimited: bool,
+    abandoned: bool,
 }
 
 impl Credit {
@@ -34,6 +36,7 @@ impl Credit {
             state: Mutex::new(CreditState {
                 available: u64::from(window),
                 unlimited: false,
+                abandoned: false,
             }),
             changed: Condvar::new(),
         }
@@ -41,7 +44,7 @@ impl Credit {
 
     pub fn unlimited() -> Credit {
         let credit = Credit::new(0);
-        credit.open();
+        lock(&credit.state).unlimited = true;
         credit
     }
 
@@ -51,10 +54,16 @@ impl Credit {
         self.changed.notify_all();
     }
 
-    /// No more limits: nobody will grant again.
-    pub fn open(&self) {
-        lock(&self.state).unlimited = true;
+    /// Nobody reads any more: no limit, and what is sent is dropped.
+    pub fn abandon(&self) {
+        let mut state = lock(&self.state);
+        state.unlimited = true;
+        state.abandoned = true;
         self.changed.notify_all();
+    }
+
+    pub fn abandoned(&self) -> bool {
+        lock(&self.state).abandoned
     }
 
     /// Waits until at least `at_least` may be spent; answers how much may
@@ -171,7 +180,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credit_is_spent_granted_and_opened() {
+    fn credit_is_spent_granted_and_abandoned() {
         let credit = Arc::new(Credit::new(100));
         assert_eq!(credit.wait(10), 100);
         credit.spend(95);
@@ -183,8 +192,11 @@ mod tests {
         // 5 alone is under the 10 asked for: the waiter saw the grant.
         assert_eq!(waiter.join().expect("waiter"), 55);
         credit.spend(55);
-        credit.open();
+        assert!(!credit.abandoned());
+        credit.abandon();
         assert_eq!(credit.wait(u32::MAX), u64::MAX);
+        assert!(credit.abandoned());
+        assert!(!Credit::unlimited().abandoned());
     }
 
     #[test]

@@ -102,7 +102,7 @@ impl Session {
     /// is drained and dropped.
     fn abandon(&self) {
         let _ = kill(self.group, Signal::SIGKILL);
-        self.output.open();
+        self.output.abandon();
         self.stdin.close();
     }
 }
@@ -495,8 +495,8 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
 
 /// Sends a process's output as frames until every stream ends, never more
 /// than the host's credit allows: without credit the pipes fill and the
-/// process waits. Once nobody reads (the credit opens), output is drained
-/// and dropped, so the process never blocks on a full pipe.
+/// process waits. Once nobody reads (the credit is abandoned), output is
+/// drained and dropped, so the process never blocks on a full pipe.
 fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer, credit: &Credit) {
     let mut buffer = vec![0u8; MAX_PAYLOAD];
     while !outputs.is_empty() {
@@ -531,6 +531,8 @@ fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer, cred
                 Ok(0) => {
                     outputs.remove(index);
                 }
+                // Killed: read only so nothing blocks on the pipe.
+                Ok(_) if credit.abandoned() => {}
                 Ok(n) => {
                     credit.spend(cost(n));
                     let _ = writer.send_parts(*kind, session, &buffer[..n]);

@@ -7,6 +7,7 @@
 pub mod output;
 
 use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Condvar, Mutex};
@@ -621,29 +622,38 @@ fn exec(
     let params =
         json!({"name": name, "argv": command, "env": variables, "cwd": workdir, "wait_secs": wait});
     // Blocked before any thread starts, so every thread inherits it and
-    // only the forwarding thread takes these signals.
+    // only the forwarding thread takes these signals. Until the process
+    // runs, a signal ends banger as it would have without the blocking.
     let signals = forwarded_signals();
     signals
         .thread_block()
         .map_err(|e| Failure::Daemon(format!("cannot block signals: {e}")))?;
-    let (info, mut frames, writer) = client.stream("vm.exec", params)?;
-    let writer = Arc::new(Mutex::new(writer));
-    let credit = Arc::new(StdinCredit {
-        available: Mutex::new(info.stdin_window.map(u64::from)),
-        granted: Condvar::new(),
-    });
+    let stream_writer: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
     {
-        let writer = writer.clone();
+        let writer = stream_writer.clone();
         std::thread::spawn(move || {
             while let Ok(signal) = signals.wait() {
-                let frame = stream::frame(stream::SIGNAL, &[signal as u8]);
                 let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(writer) = writer.as_mut() else {
+                    std::process::exit(128 + signal as i32);
+                };
+                let frame = stream::frame(stream::SIGNAL, &[signal as u8]);
                 if writer.write_all(&frame).is_err() {
                     return;
                 }
             }
         });
     }
+    let (info, mut frames, writer) = client.stream("vm.exec", params)?;
+    let writer = {
+        let mut slot = stream_writer.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(writer);
+        stream_writer.clone()
+    };
+    let credit = Arc::new(StdinCredit {
+        available: Mutex::new(info.stdin_window.map(u64::from)),
+        granted: Condvar::new(),
+    });
     {
         let (writer, credit) = (writer.clone(), credit.clone());
         std::thread::spawn(move || {
@@ -662,6 +672,9 @@ fn exec(
                     }
                 };
                 let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(writer) = writer.as_mut() else {
+                    return;
+                };
                 if writer.write_all(&frame).is_err() || matches!(read, Ok(0) | Err(_)) {
                     return;
                 }

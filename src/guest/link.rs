@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,9 @@ const WRITE_QUEUE: usize = 64;
 const SESSION_LIMIT: u64 = WINDOW as u64 + 2 * (HEADER_LEN + MAX_PAYLOAD) as u64;
 /// Frames a version-1 session may have queued before the link waits.
 const V1_SESSION_QUEUE: usize = 16;
+/// How long the link waits for a version-1 session's reader before it
+/// drops the session, so one stalled reader cannot hold every session.
+const V1_STALL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -97,21 +100,25 @@ struct Route {
 struct Flow {
     /// What the session's frames waiting for its reader cost.
     queued: AtomicU64,
+    /// Output the agent sent that this end has not granted back yet: past
+    /// the window, the agent ignored its credit.
+    outstanding: AtomicU64,
     /// Stdin credit the agent granted, in total; the window comes on top.
     granted: watch::Sender<u64>,
     /// Stdin credit spent, in total.
     spent: AtomicU64,
-    /// The agent sent past its window; the session was ended.
-    overrun: AtomicBool,
+    /// Why this end dropped the session, if it did.
+    dropped: std::sync::OnceLock<&'static str>,
 }
 
 impl Flow {
     fn new() -> Flow {
         Flow {
             queued: AtomicU64::new(0),
+            outstanding: AtomicU64::new(0),
             granted: watch::Sender::new(0),
             spent: AtomicU64::new(0),
-            overrun: AtomicBool::new(false),
+            dropped: std::sync::OnceLock::new(),
         }
     }
 }
@@ -149,10 +156,31 @@ impl Inner {
             .map_err(|_| AgentError::Closed)
     }
 
-    /// Queues a frame if there is room; for callers that cannot wait and
-    /// whose frame may be lost (an ack, the kill of an overrun session).
-    fn try_send(&self, frame: &Frame) {
-        let _ = self.writer.try_send(frame.encode());
+    /// Queues a frame without waiting: at once if there is room, else
+    /// from a task of its own, for callers that cannot wait (a drop, the
+    /// reader, the VM's actor) and frames that must not be lost (a kill).
+    fn send_soon(&self, frame: &Frame) {
+        let bytes = frame.encode();
+        if let Err(mpsc::error::TrySendError::Full(bytes)) = self.writer.try_send(bytes)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let writer = self.writer.clone();
+            runtime.spawn(async move {
+                let _ = writer.send(bytes).await;
+            });
+        }
+    }
+
+    /// Ends a session from this end: its process is killed, what it still
+    /// sends is dropped.
+    fn drop_session(&self, session: u32, flow: &Flow, why: &'static str) {
+        let _ = flow.dropped.set(why);
+        self.forget(session);
+        self.send_soon(&Frame {
+            kind: FrameKind::Kill,
+            session,
+            payload: Vec::new(),
+        });
     }
 
     fn flow_controlled(&self) -> bool {
@@ -364,10 +392,9 @@ impl AgentLink {
         }
     }
 
-    /// Tells the agent its shutdown announcement was heard. Without room
-    /// in the queue the ack is lost and the guest waits out its 2 s.
+    /// Tells the agent its shutdown announcement was heard.
     pub fn ack_shutdown(&self) {
-        self.inner.try_send(&Frame::json(
+        self.inner.send_soon(&Frame::json(
             FrameKind::Event,
             EVENT_SESSION,
             &Event::ShutdownAck,
@@ -378,6 +405,12 @@ impl AgentLink {
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecSession, AgentError> {
         let (session, mut frames, flow) = self.open(&Request::Exec(request)).await?;
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, frames.recv()).await;
+        if let Ok(Some(frame)) = &answer
+            && self.inner.flow_controlled()
+        {
+            flow.queued
+                .fetch_sub(u64::from(cost(frame.payload.len())), Ordering::AcqRel);
+        }
         let started = match answer {
             Err(_) => Err(AgentError::Timeout(REQUEST_TIMEOUT)),
             Ok(None) => Err(AgentError::Closed),
@@ -401,10 +434,13 @@ impl AgentLink {
                     inner: self.inner.clone(),
                     frames,
                     flow,
+                    exited: false,
                 },
             }),
             Err(e) => {
-                self.inner.forget(session);
+                // A process that started late must not run unread.
+                self.inner
+                    .drop_session(session, &flow, "the agent did not answer in time");
                 Err(e)
             }
         }
@@ -501,13 +537,16 @@ pub struct ExecOutput {
     inner: Arc<Inner>,
     frames: mpsc::Receiver<Frame>,
     flow: Arc<Flow>,
+    /// The exit frame came: nothing is left to kill.
+    exited: bool,
 }
 
 impl ExecOutput {
-    /// The next frame; None once the connection ended or the agent overran
-    /// its window ([`ExecOutput::overran`]).
+    /// The next frame; None once the connection ended or this end dropped
+    /// the session ([`ExecOutput::dropped`]).
     pub async fn next(&mut self) -> Option<Frame> {
         let frame = self.frames.recv().await?;
+        self.exited |= frame.kind == FrameKind::Exit;
         if self.inner.flow_controlled() {
             self.flow
                 .queued
@@ -516,9 +555,10 @@ impl ExecOutput {
         Some(frame)
     }
 
-    /// Whether the session ended because the agent sent past its window.
-    pub fn overran(&self) -> bool {
-        self.flow.overrun.load(Ordering::Acquire)
+    /// Why this end dropped the session (the agent sent past its window,
+    /// or a version-1 session's reader stalled the link), if it did.
+    pub fn dropped(&self) -> Option<&'static str> {
+        self.flow.dropped.get().copied()
     }
 
     /// `frame`'s output reached its reader: the agent may send as much
@@ -530,15 +570,29 @@ impl ExecOutput {
         {
             return Ok(());
         }
+        let charge = u64::from(cost(frame.payload.len()));
+        let _ = self
+            .flow
+            .outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(charge))
+            });
         self.inner
-            .send(&Frame::credit(self.session, cost(frame.payload.len())))
+            .send(&Frame::credit(self.session, charge as u32))
             .await
     }
 }
 
 impl Drop for ExecOutput {
+    /// A session nobody reads any more is killed: without credit its
+    /// process would wait on its pipe for good.
     fn drop(&mut self) {
-        self.inner.forget(self.session);
+        if self.exited {
+            self.inner.forget(self.session);
+        } else {
+            self.inner
+                .drop_session(self.session, &self.flow, "nobody reads the session");
+        }
     }
 }
 
@@ -692,8 +746,15 @@ async fn route(frame: Frame, inner: &Inner, events: &Announcements) {
     };
     let ends = frame.kind == FrameKind::Exit;
     if !inner.flow_controlled() {
-        // No credit to enforce: the link waits for the session's reader.
-        let _ = frames.send(frame).await;
+        // No credit to enforce: the link waits for the session's reader,
+        // for a while.
+        if tokio::time::timeout(V1_STALL, frames.send(frame))
+            .await
+            .is_err()
+        {
+            inner.drop_session(session, &flow, "its reader stalled the agent's connection");
+            return;
+        }
     } else if frame.kind == FrameKind::Credit {
         if let Some(amount) = frame.credit_amount() {
             flow.granted
@@ -702,16 +763,23 @@ async fn route(frame: Frame, inner: &Inner, events: &Announcements) {
         return;
     } else {
         let charge = u64::from(cost(frame.payload.len()));
+        let output = matches!(frame.kind, FrameKind::Stdout | FrameKind::Stderr);
+        let outstanding = if output {
+            flow.outstanding.fetch_add(charge, Ordering::AcqRel) + charge
+        } else {
+            0
+        };
         let queued = flow.queued.fetch_add(charge, Ordering::AcqRel) + charge;
-        if queued > SESSION_LIMIT || frames.try_send(frame).is_err() {
+        if outstanding > u64::from(WINDOW)
+            || queued > SESSION_LIMIT
+            || frames.try_send(frame).is_err()
+        {
             // Past its window: the session ends, the link and host do not.
-            flow.overrun.store(true, Ordering::Release);
-            inner.forget(session);
-            inner.try_send(&Frame {
-                kind: FrameKind::Kill,
+            inner.drop_session(
                 session,
-                payload: Vec::new(),
-            });
+                &flow,
+                "the guest agent sent past its flow-control window",
+            );
             return;
         }
     }

@@ -291,7 +291,7 @@ pub async fn relay_exec(
     // A task of its own: a frame half read must not be lost when output
     // wins the select, and signals must pass while output waits.
     let mut reader = actix::spawn(read_client(client, pending.clone(), input.clone()));
-    let mut reading = true;
+    let (mut reading, mut forwarding) = (true, true);
     let mut granted = 0u64;
     // Once the client is gone: when the process gets SIGKILL.
     let mut hangup: Option<tokio::time::Instant> = None;
@@ -322,19 +322,20 @@ pub async fn relay_exec(
                     _ => {}
                 },
                 None => {
-                    let message = if output.overran() {
-                        "the guest agent sent past its flow-control window; the process was killed"
-                    } else {
-                        "the connection to the guest agent was lost (did the VM stop?)"
+                    let message = match output.dropped() {
+                        Some(why) => format!("the session was ended: {why}; the process was killed"),
+                        None => "the connection to the guest agent was lost (did the VM stop?)".into(),
                     };
                     let _ = out
-                        .write_all(&error_frame(ErrorCode::Unavailable, message.into()))
+                        .write_all(&error_frame(ErrorCode::Unavailable, message))
                         .await;
                     break;
                 }
             },
-            changed = forwarded.changed(), if hangup.is_none() => {
-                if changed.is_ok() {
+            changed = forwarded.changed(), if forwarding && hangup.is_none() => {
+                // The forwarder ended (end of input): nothing more to grant.
+                forwarding = changed.is_ok();
+                if forwarding {
                     let total = *forwarded.borrow_and_update();
                     let grant = u32::try_from(total - granted).unwrap_or(u32::MAX);
                     granted += u64::from(grant);
