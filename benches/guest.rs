@@ -4,8 +4,8 @@
 //! - create-to-agent-ready, split into VMM start (host time until the guest
 //!   kernel's clock starts), kernel (to the agent's stage 1), stage 1 (the
 //!   initramfs) and stage 2 (the root disk, until the agent serves);
-//! - `vm exec -- true` round trip through the daemon, p50 over 100 calls
-//!   (connect, hello, exec, exit frame), and the agent ping round trip;
+//! - `banger vm exec -- true`, p50 over 100 runs of the CLI (start,
+//!   connect, hello, exec, exit frame), and the agent ping round trip;
 //!   interleaved with the same on a VM that runs the previous release's
 //!   agent (protocol 1, no flow control), when scripts/bench.sh built it;
 //! - `vm exec -- cat /dev/zero | head -c 1G` throughput through the CLI,
@@ -29,8 +29,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use nix::unistd::Pid;
 
-use banger::rpc::client::Client;
-use banger::rpc::stream;
 use serde_json::{Value, json};
 
 const BOOTS: usize = 3;
@@ -51,23 +49,21 @@ fn cli(state: &std::path::Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
-/// One `vm.exec` of `true` on a fresh connection, to its exit frame.
-fn exec_true(socket: &std::path::Path, vm: &str) -> Duration {
+/// One `banger vm exec NAME -- true`, as a user runs it: the CLI starts,
+/// connects, says hello, execs and reads to the exit frame.
+fn exec_true(state: &Path, vm: &str) -> Duration {
     let started = Instant::now();
-    let client = Client::connect(socket).expect("connect");
-    let (_, mut frames, _writer) = client
-        .stream("vm.exec", json!({"name": vm, "argv": ["true"]}))
-        .expect("vm.exec");
-    loop {
-        match stream::read_frame(&mut frames).expect("frame") {
-            Some(frame) if frame.kind == stream::EXIT => return started.elapsed(),
-            Some(frame) if frame.kind == stream::ERROR => {
-                panic!("exec failed: {}", String::from_utf8_lossy(&frame.payload))
-            }
-            Some(_) => {}
-            None => panic!("the exec stream ended without an exit"),
-        }
-    }
+    let out = banger_cli(state)
+        .args(["vm", "exec", vm, "--", "true"])
+        .output()
+        .expect("run banger vm exec");
+    let elapsed = started.elapsed();
+    assert!(
+        out.status.success(),
+        "vm exec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    elapsed
 }
 
 fn write_config(config: &Path, agent: &Path) -> std::io::Result<()> {
@@ -90,31 +86,6 @@ fn restart_with_agent(
         state,
         &["--user", "--config", config.to_str().unwrap_or_default()],
     )))
-}
-
-/// A field of /proc/PID/status, in KiB.
-fn status_kib(status: &str, field: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// The daemon's RSS now, with its peak reset to it.
-fn reset_peak(pid: Pid) -> anyhow::Result<u64> {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
-    Ok(status_kib(
-        &std::fs::read_to_string(format!("/proc/{pid}/status"))?,
-        "VmRSS",
-    ))
-}
-
-fn peak(pid: Pid) -> anyhow::Result<u64> {
-    Ok(status_kib(
-        &std::fs::read_to_string(format!("/proc/{pid}/status"))?,
-        "VmHWM",
-    ))
 }
 
 /// One QMP command on a fresh connection (banger holds none open).
@@ -251,9 +222,10 @@ fn floods(state: &Path, dir: &Path, daemon: Pid, report: &mut String) -> anyhow:
     let (mut exec, mut bare, mut behind_pipe) = (Vec::new(), Vec::new(), Vec::new());
     let mut daemon_peak = 0u64;
     for _ in 0..FLOOD_RUNS {
-        let baseline = reset_peak(daemon)?;
+        let baseline = common::reset_peak_rss(daemon);
         exec.push(exec_flood(state)?);
-        daemon_peak = daemon_peak.max(peak(daemon)?.saturating_sub(baseline));
+        daemon_peak =
+            daemon_peak.max(common::process_kib(daemon, "VmHWM").saturating_sub(baseline));
         bare.push(raw_flood(state, &raw, &direct)?);
         behind_pipe.push(raw_flood(state, &raw, &piped)?);
     }
@@ -292,7 +264,7 @@ fn floods(state: &Path, dir: &Path, daemon: Pid, report: &mut String) -> anyhow:
     )?;
 
     // A stdin flood into a process that never reads.
-    let baseline = reset_peak(daemon)?;
+    let baseline = common::reset_peak_rss(daemon);
     let mut flood = banger_cli(state)
         .args(["vm", "exec", "bench", "--", "sleep", "10"])
         .stdin(Stdio::piped())
@@ -308,7 +280,7 @@ fn floods(state: &Path, dir: &Path, daemon: Pid, report: &mut String) -> anyhow:
     writeln!(
         report,
         "daemon peak RSS during a 10 s stdin flood: +{} KiB over its RSS before",
-        peak(daemon)?.saturating_sub(baseline)
+        common::process_kib(daemon, "VmHWM").saturating_sub(baseline)
     )?;
     let out = banger_cli(state)
         .args(["vm", "exec", "bench", "--", "cat", "/proc/1/status"])
@@ -316,7 +288,7 @@ fn floods(state: &Path, dir: &Path, daemon: Pid, report: &mut String) -> anyhow:
     writeln!(
         report,
         "guest agent (PID 1) peak RSS over both floods: {} KiB",
-        status_kib(&String::from_utf8_lossy(&out.stdout), "VmHWM")
+        common::status_kib(&String::from_utf8_lossy(&out.stdout), "VmHWM")
     )?;
     Ok(())
 }
@@ -425,7 +397,6 @@ fn main() -> anyhow::Result<()> {
         ],
     );
     cli(&state, &["vm", "ping", "bench", "--wait", "120", "--json"]);
-    let socket = common::socket_path(&state);
     // The previous release's agent on a second VM: the daemon injects the
     // agent its configuration names at each start.
     let previous = var("BANGER_TEST_PREVIOUS_AGENT");
@@ -468,18 +439,16 @@ fn main() -> anyhow::Result<()> {
     }
     let (mut current, mut older) = (Vec::new(), Vec::new());
     for _ in 0..EXECS {
-        current.push(exec_true(&socket, "bench"));
+        current.push(exec_true(&state, "bench"));
         if previous.is_some() {
-            older.push(exec_true(&socket, "previous"));
+            older.push(exec_true(&state, "previous"));
         }
     }
     write!(
         report,
         "{}",
         common::summary(
-            &format!(
-                "vm exec -- true round trip, protocol 2 ({EXECS} calls, fresh connection each)"
-            ),
+            &format!("banger vm exec -- true, protocol 2 ({EXECS} runs of the CLI)"),
             &current
         )
     )?;
@@ -488,7 +457,7 @@ fn main() -> anyhow::Result<()> {
             report,
             "{}",
             common::summary(
-                "vm exec -- true round trip, protocol 1 (the previous release's agent), interleaved",
+                "banger vm exec -- true, protocol 1 (the previous release's agent), interleaved",
                 &older
             )
         )?;

@@ -416,21 +416,6 @@ fn respond(stream: &mut UnixStream, session: u32, response: &Response) {
         .expect("respond");
 }
 
-/// This process's peak resident memory in KiB, after resetting it.
-fn reset_peak() -> u64 {
-    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
-    peak()
-}
-
-fn peak() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 #[test]
 fn an_agent_that_overruns_its_window_loses_the_session_not_the_link() {
     let (_dir, socket, serving) = fake_agent(protocol::PROTOCOL_VERSION, |stream| {
@@ -517,7 +502,7 @@ fn a_guest_that_floods_events_and_stray_frames_grows_nothing() {
     });
     runtime().block_on(async {
         let (events, heard) = tokio::sync::watch::channel(None);
-        let baseline = reset_peak();
+        let baseline = common::reset_peak_rss("self");
         let link = tokio::time::timeout(
             Duration::from_secs(10),
             AgentLink::connect(
@@ -532,7 +517,7 @@ fn a_guest_that_floods_events_and_stray_frames_grows_nothing() {
         .expect("connect");
         // The pong comes after the whole flood on the stream.
         link.ping().await.expect("ping after the flood");
-        let grown = peak().saturating_sub(baseline);
+        let grown = common::process_kib("self", "VmHWM").saturating_sub(baseline);
         eprintln!("figure: {FLOOD} events and {FLOOD} stray frames: peak RSS +{grown} KiB");
         assert!(grown <= 16 * 1024, "the flood grew the host by {grown} KiB");
         // One slot holds the latest announcement.

@@ -28,28 +28,6 @@ const DAEMON_BOUND_KIB: u64 = 16 * 1024;
 /// What the guest agent may hold at its peak, whatever the flood.
 const AGENT_BOUND_KIB: u64 = 24 * 1024;
 
-/// A field of /proc/PID/status, in KiB.
-fn status_kib(status: &str, field: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in {status}"))
-}
-
-/// The daemon's resident memory now, with its peak reset to it.
-fn daemon_baseline(pid: Pid) -> u64 {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the daemon's peak RSS");
-    daemon_kib(pid, "VmRSS")
-}
-
-fn daemon_kib(pid: Pid, field: &str) -> u64 {
-    status_kib(
-        &std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status"),
-        field,
-    )
-}
-
 fn agent_kib(f: &Fixture, field: &str) -> u64 {
     status_kib(&f.exec_ok(&["cat", "/proc/1/status"]), field)
 }
@@ -128,10 +106,10 @@ fn unread_output_and_a_stdin_flood_hold_only_their_own_session() {
     let pid = daemon_pid(&f);
 
     // Output into a pipe nobody reads, for 30 s.
-    let baseline = daemon_baseline(pid);
+    let baseline = reset_peak_rss(pid);
     let mut unread = spawn_exec(&f, &["cat", "/dev/zero"], Stdio::null(), Stdio::piped());
     let during = round_trips_until(&f, Instant::now() + Duration::from_secs(30));
-    let peak = daemon_kib(pid, "VmHWM");
+    let peak = process_kib(pid, "VmHWM");
     let during_p50 = median(during.clone());
     let during_max = during.iter().max().copied().unwrap_or_default();
     eprintln!(
@@ -156,14 +134,14 @@ fn unread_output_and_a_stdin_flood_hold_only_their_own_session() {
     {
         assert!(Instant::now() < deadline, "the process outlived its CLI");
     }
-    let after_kill = daemon_kib(pid, "VmRSS");
+    let after_kill = process_kib(pid, "VmRSS");
     assert!(
         after_kill <= baseline + DAEMON_BOUND_KIB,
         "daemon kept {after_kill} KiB after the client went (baseline {baseline})"
     );
 
     // A stdin flood into a process that never reads it.
-    let baseline = daemon_baseline(pid);
+    let baseline = reset_peak_rss(pid);
     let mut flood = spawn_exec(&f, &["sleep", "20"], Stdio::piped(), Stdio::null());
     let mut input = flood.stdin.take().expect("stdin");
     let writer = std::thread::spawn(move || {
@@ -178,7 +156,7 @@ fn unread_output_and_a_stdin_flood_hold_only_their_own_session() {
     let during = round_trips_until(&f, started + Duration::from_secs(15));
     let status = flood.wait().expect("wait for the flooded exec");
     let accepted = writer.join().expect("writer");
-    let peak = daemon_kib(pid, "VmHWM");
+    let peak = process_kib(pid, "VmHWM");
     eprintln!(
         "figure: stdin flood: daemon RSS {baseline} KiB, peak {peak} KiB; {accepted} bytes taken from the writer; exec round trip p50 {:?} during; sleep 20 took {:?}",
         median(during.clone()),
@@ -232,7 +210,7 @@ fn a_hundred_megabytes_each_way_arrive_intact_and_signals_reach_the_process() {
         chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
     }
     let expected = hash(&data);
-    let baseline = daemon_baseline(pid);
+    let baseline = reset_peak_rss(pid);
     let started = Instant::now();
     let mut sink = spawn_exec(&f, &["sha256sum"], Stdio::piped(), Stdio::piped());
     let mut input = sink.stdin.take().expect("stdin");
@@ -242,7 +220,7 @@ fn a_hundred_megabytes_each_way_arrive_intact_and_signals_reach_the_process() {
     let out = sink.wait_with_output().expect("sha256sum");
     feeder.join().expect("feeder");
     let up = started.elapsed();
-    let peak_up = daemon_kib(pid, "VmHWM");
+    let peak_up = process_kib(pid, "VmHWM");
     assert!(
         out.status.success(),
         "{}",
@@ -257,14 +235,14 @@ fn a_hundred_megabytes_each_way_arrive_intact_and_signals_reach_the_process() {
     );
 
     // Guest to host: the guest hashes what it writes, on stderr.
-    let baseline_down = daemon_baseline(pid);
+    let baseline_down = reset_peak_rss(pid);
     let started = Instant::now();
     let script = format!(
         "mkfifo /tmp/copy && (sha256sum < /tmp/copy >&2 &) && head -c {SIZE} /dev/urandom | tee /tmp/copy"
     );
     let out = f.exec(&["sh", "-c", &script], b"");
     let down = started.elapsed();
-    let peak_down = daemon_kib(pid, "VmHWM");
+    let peak_down = process_kib(pid, "VmHWM");
     assert!(
         out.status.success(),
         "{}",

@@ -156,9 +156,15 @@ impl Inner {
             .map_err(|_| AgentError::Closed)
     }
 
+    /// Queues a frame if there is room, else drops it.
+    fn try_send(&self, frame: &Frame) {
+        let _ = self.writer.try_send(frame.encode());
+    }
+
     /// Queues a frame without waiting: at once if there is room, else
     /// from a task of its own, for callers that cannot wait (a drop, the
-    /// reader, the VM's actor) and frames that must not be lost (a kill).
+    /// reader) and frames that must not be lost: a session's kill, at most
+    /// one per session.
     fn send_soon(&self, frame: &Frame) {
         let bytes = frame.encode();
         if let Err(mpsc::error::TrySendError::Full(bytes)) = self.writer.try_send(bytes)
@@ -392,9 +398,11 @@ impl AgentLink {
         }
     }
 
-    /// Tells the agent its shutdown announcement was heard.
+    /// Tells the agent its shutdown announcement was heard. Lost when the
+    /// writer queue is full (the guest then waits out its 2 s): an ack per
+    /// announcement must not pile up behind a guest that does not read.
     pub fn ack_shutdown(&self) {
-        self.inner.send_soon(&Frame::json(
+        self.inner.try_send(&Frame::json(
             FrameKind::Event,
             EVENT_SESSION,
             &Event::ShutdownAck,

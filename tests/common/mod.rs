@@ -523,3 +523,27 @@ pub fn summary(name: &str, samples: &[Duration]) -> String {
         percentile(samples, 0.99)
     )
 }
+
+/// A field of a /proc status text (`VmRSS`, `VmHWM`), in KiB.
+pub fn status_kib(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+}
+
+/// A memory field of process `pid` (a pid, or `self`), in KiB.
+pub fn process_kib(pid: impl std::fmt::Display, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status_kib(&status, field)
+}
+
+/// Resets process `pid`'s peak RSS (VmHWM) to its RSS now, and answers
+/// that RSS: what a later VmHWM is measured against.
+pub fn reset_peak_rss(pid: impl std::fmt::Display + Copy) -> u64 {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .unwrap_or_else(|e| panic!("reset the peak RSS of {pid}: {e}"));
+    process_kib(pid, "VmRSS")
+}
