@@ -3,7 +3,9 @@
 //! disk, banger-agent as PID 1.
 //! - create-to-agent-ready, split into VMM start (host time until the guest
 //!   kernel's clock starts), kernel (to the agent's stage 1), stage 1 (the
-//!   initramfs) and stage 2 (the root disk, until the agent serves);
+//!   initramfs) and stage 2 (the root disk, until the agent serves),
+//!   interleaved with a direct QEMU launch of the same kernel, boot image
+//!   and disk to the same point (the agent's answer to a hello);
 //! - `banger vm exec -- true`, p50 over 100 runs of the CLI (start,
 //!   connect, hello, exec, exit frame), and the agent ping round trip;
 //!   interleaved with the same on a VM that runs the previous release's
@@ -31,7 +33,7 @@ use nix::unistd::Pid;
 
 use serde_json::{Value, json};
 
-const BOOTS: usize = 3;
+const BOOTS: usize = 5;
 const EXECS: usize = 100;
 /// Bytes per throughput run, and runs of each kind.
 const FLOOD_BYTES: u64 = 1 << 30;
@@ -110,6 +112,68 @@ fn qmp(socket: &Path, command: Value) -> anyhow::Result<Value> {
         }
     }
     Ok(Value::Null)
+}
+
+/// A direct QEMU launch of what a banger VM boots (banger's command line,
+/// the same kernel, boot image and disk, no daemon), timed to the point
+/// `vm ping --wait` reaches: the agent's answer to a hello on its port.
+fn direct_boot(kernel: &Value, rootfs: &Path, dir: &Path) -> anyhow::Result<Duration> {
+    use banger::vmm::{BootFiles, LaunchSpec, VmPaths, Vmm, qemu::Qemu};
+    use banger_agent::protocol::{self, Frame, FrameKind, PROTOCOL_VERSION, Request};
+    let file = |key: &str| kernel[key].as_str().map(PathBuf::from);
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let qemu = Qemu {
+        binary: PathBuf::from("qemu-system-x86_64"),
+        accel: banger::vm::record::Accel::Tcg,
+    };
+    let spec = LaunchSpec {
+        id: "direct".into(),
+        paths: VmPaths {
+            dir: dir.to_path_buf(),
+        },
+        boot: BootFiles {
+            vmlinux: file("vmlinux").context("vmlinux")?,
+            bzimage: file("bzimage"),
+            initrd: kernel["boot_image"]["path"].as_str().map(PathBuf::from),
+            args: format!("{} banger.hostname=direct", qemu.default_boot_args()),
+        },
+        rootfs: rootfs.to_path_buf(),
+        vcpus: 1,
+        memory_mib: 256,
+    };
+    let (program, args) = qemu.command(&spec);
+    let started = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = started + common::EVENT_TIMEOUT;
+    // QEMU makes the socket within milliseconds; tried every millisecond.
+    let mut stream = loop {
+        match UnixStream::connect(dir.join("agent.sock")) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() > deadline => anyhow::bail!("no agent socket: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    stream.set_read_timeout(Some(common::EVENT_TIMEOUT))?;
+    let hello = Request::Hello {
+        version: PROTOCOL_VERSION,
+    };
+    protocol::write_frame(&mut stream, &Frame::json(FrameKind::Request, 1, &hello))?;
+    loop {
+        let frame = protocol::read_frame(&mut stream)?.context("the agent closed")?;
+        if frame.kind == FrameKind::Response {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    child.kill()?;
+    child.wait()?;
+    Ok(elapsed)
 }
 
 fn banger_cli(state: &Path) -> Command {
@@ -343,6 +407,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(built.status.success(), "busybox root disk failed");
     let rootfs = rootfs.to_str().unwrap_or_default().to_string();
 
+    let direct_disk = dir.join("direct.ext4");
+    std::fs::copy(&rootfs, &direct_disk)?;
+    let mut direct = Vec::new();
+    let mut through_banger = Vec::new();
     for boot in 0..BOOTS {
         let name = format!("boot{boot}");
         let created = Instant::now();
@@ -356,6 +424,9 @@ fn main() -> anyhow::Result<()> {
         let running = created.elapsed();
         let ping = cli(&state, &["vm", "ping", &name, "--wait", "120", "--json"]);
         let ready = created.elapsed();
+        through_banger.push(ready);
+        let kernel = cli(&state, &["kernel", "inspect", "debian", "--json"]);
+        direct.push(direct_boot(&kernel, &direct_disk, &dir.join("direct"))?);
         let ms = |key: &str| ping["boot"][key].as_f64();
         let (stage1, stage2, serving) = (
             ms("stage1_ms").unwrap_or(0.0),
@@ -389,6 +460,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    let seconds = |samples: &[Duration]| {
+        let mut s: Vec<f64> = samples.iter().map(Duration::as_secs_f64).collect();
+        s.sort_by(f64::total_cmp);
+        (s[s.len() / 2], s[0], s[s.len() - 1])
+    };
+    let ((b, b_min, b_max), (d, d_min, d_max)) = (seconds(&through_banger), seconds(&direct));
+    writeln!(
+        report,
+        "create to agent ready, interleaved: banger median {b:.2} s (min {b_min:.2}, max {b_max:.2}); direct qemu, same kernel, boot image and disk, to the agent's hello: median {d:.2} s (min {d_min:.2}, max {d_max:.2}); {:.2}x",
+        b / d
+    )?;
     cli(
         &state,
         &[
@@ -397,14 +479,15 @@ fn main() -> anyhow::Result<()> {
         ],
     );
     cli(&state, &["vm", "ping", "bench", "--wait", "120", "--json"]);
-    // The previous release's agent on a second VM: the daemon injects the
-    // agent its configuration names at each start.
+    // The previous release's agent on a second VM, as that release booted
+    // it: in the initramfs for stage 1 and on the root disk for stage 2.
     let previous = var("BANGER_TEST_PREVIOUS_AGENT");
     let mut daemon = daemon;
     if let Some(previous) = &previous {
         daemon = restart_with_agent(daemon, &state, &config, previous)?;
         let copy = dir.join("previous.ext4");
         std::fs::copy(&rootfs, &copy)?;
+        common::install_previous_agent(&copy, previous);
         cli(
             &state,
             &[

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds a minimal root disk: busybox-static and its applet links in an
 # ext4 image made with `mke2fs -d` (no mount, no root needed). banger puts
-# its agent into the VM's copy at start, so the image holds no init.
+# its agent in the initramfs, so the image holds no init.
 # Usage: scripts/busybox-rootfs.sh OUT.ext4 [SIZE, default 64M]
 set -euo pipefail
 out=${1:?usage: $0 OUT.ext4 [SIZE]}

@@ -9,7 +9,8 @@
 banger_programs=(
     "qemu-system-x86_64 qemu-system-x86" # QEMU backend; tests/vm_qemu.rs, benches/guest.rs, run.sh
     "mke2fs             e2fsprogs"       # root disks: busybox-rootfs.sh, tests, benches
-    "debugfs            e2fsprogs"       # agent injection into ext4 root disks
+    "debugfs            e2fsprogs"       # tests, guest bench: the previous release's agent on its disk
+    "depmod             kmod"            # tests/initramfs.rs: a user's initrd with its modules.dep
     "busybox            busybox-static"  # busybox-rootfs.sh: the demo and test root disk
     "cpio               cpio"            # tests/kernel_deb.rs: the initramfs as cpio reads it
     "dpkg-deb           dpkg"            # tests/kernel_deb.rs: modules.builtin from the package

@@ -5,13 +5,13 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::guest::disk::AGENT_HINT;
 use crate::kernel::{GUEST_MODULES, KernelError, UnpackLimit, bzimage, deb, initramfs, modules};
 use crate::store::Record;
 
@@ -43,7 +43,107 @@ pub struct KernelRecord {
     /// Kernel command line; banger's default when absent.
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// What banger could not tell, or found missing, about a kernel that
+    /// boots with banger's archive alone (imported without an initrd).
+    #[serde(default)]
+    pub note: Option<String>,
+    /// The initramfs VMs boot with (the kernel's initrd, then banger's
+    /// agent), for the agent it was built with.
+    #[serde(default)]
+    pub boot_image: Option<BootImage>,
     pub created_at: Timestamp,
+}
+
+/// A kernel's boot image: `<kernel dir>/boot-<agent>.img`, a ledger entry
+/// of the kernel (it goes with it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootImage {
+    pub path: PathBuf,
+    pub agent_sha256: String,
+}
+
+/// What to do about a missing agent binary.
+pub const AGENT_HINT: &str =
+    "build it with scripts/build-agent.sh or set agent.binary in the daemon's configuration";
+
+/// The banger-agent a daemon boots its VMs with, read once, so all the
+/// boot images of one daemon's life hold the same agent.
+#[derive(Debug)]
+pub struct Agent {
+    pub sha256: String,
+    /// banger's archive around it.
+    archive: Vec<u8>,
+}
+
+impl Agent {
+    pub fn load(path: &Path) -> Result<Agent, CatalogError> {
+        let bytes = fs::read(path).map_err(|_| CatalogError::NoAgent(path.to_path_buf()))?;
+        let mut archive = Vec::new();
+        initramfs::write_agent(&mut archive, &bytes, GUEST_MODULES)
+            .map_err(io_err("build the agent's archive from", path))?;
+        Ok(Agent {
+            sha256: format!("{:x}", Sha256::digest(&bytes)),
+            archive,
+        })
+    }
+}
+
+/// Builds, once per agent, the boot image of `kernel`: its initrd (checked
+/// against the digest taken at import) followed by the agent's archive,
+/// written beside and renamed into place. Other boot images of the kernel
+/// are removed (a booted VM holds its own in memory). The caller runs one
+/// build at a time.
+pub fn boot_image(kernel: &KernelRecord, agent: &Agent) -> Result<BootImage, CatalogError> {
+    let dir = kernel
+        .vmlinux
+        .parent()
+        .ok_or_else(|| CatalogError::Invalid {
+            field: "kernel",
+            reason: format!("{} has no directory", kernel.vmlinux.display()),
+        })?;
+    let name = format!("boot-{}.img", &agent.sha256[..16]);
+    let path = dir.join(&name);
+    if !path.exists() {
+        let mut staged = tempfile::Builder::new()
+            .prefix(".boot-")
+            .tempfile_in(dir)
+            .map_err(io_err("create a boot image in", dir))?;
+        if let Some(initrd) = &kernel.initrd {
+            let sha256 = copy_hashed_into(initrd, staged.as_file_mut())?;
+            if let Some(expected) = &kernel.initrd_sha256
+                && *expected != sha256
+            {
+                return Err(CatalogError::Changed {
+                    path: initrd.clone(),
+                    expected: expected.clone(),
+                    found: sha256,
+                });
+            }
+        }
+        let file = staged.as_file_mut();
+        // Readable as the kernel's other files are: a jailed VMM opens it
+        // as the jail's user.
+        file.write_all(&agent.archive)
+            .and_then(|()| file.set_permissions(fs::Permissions::from_mode(0o644)))
+            .and_then(|()| file.sync_all())
+            .map_err(io_err("write", &path))?;
+        staged
+            .persist(&path)
+            .map_err(|e| io_err("move into place", &path)(e.error))?;
+    }
+    // Builds are one at a time (the catalog's), so a staged file here is a
+    // crashed build's.
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let other = entry.file_name().to_string_lossy().into_owned();
+        let stale = other.starts_with("boot-") && other.ends_with(".img") && other != name;
+        if stale || other.starts_with(".boot-") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(BootImage {
+        path,
+        agent_sha256: agent.sha256.clone(),
+    })
 }
 
 impl Record for KernelRecord {
@@ -67,6 +167,14 @@ pub enum CatalogError {
         #[source]
         source: KernelError,
     },
+    #[error(
+        "{path} changed since it was imported (sha256 {expected}, now {found}); import the kernel again"
+    )]
+    Changed {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
@@ -83,6 +191,7 @@ pub struct ImportedKernel {
     pub vmlinux_sha256: String,
     pub initrd: Option<PathBuf>,
     pub initrd_sha256: Option<String>,
+    pub note: Option<String>,
 }
 
 fn io_err<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> CatalogError + 'p {
@@ -121,8 +230,15 @@ fn check_source(field: &'static str, path: &Path, elf: bool) -> Result<(), Catal
 
 /// Copies `from` to `to`, returning the content's sha256 in hex.
 fn copy_hashed(from: &Path, to: &Path) -> Result<String, CatalogError> {
-    let mut source = File::open(from).map_err(io_err("open", from))?;
     let mut dest = File::create(to).map_err(io_err("create", to))?;
+    let sha256 = copy_hashed_into(from, &mut dest)?;
+    dest.sync_all().map_err(io_err("sync", to))?;
+    Ok(sha256)
+}
+
+/// Appends `from` to `dest`, returning the content's sha256 in hex.
+fn copy_hashed_into(from: &Path, dest: &mut File) -> Result<String, CatalogError> {
+    let mut source = File::open(from).map_err(io_err("open", from))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 16];
     loop {
@@ -131,9 +247,9 @@ fn copy_hashed(from: &Path, to: &Path) -> Result<String, CatalogError> {
             break;
         }
         hasher.update(&buffer[..n]);
-        dest.write_all(&buffer[..n]).map_err(io_err("write", to))?;
+        dest.write_all(&buffer[..n])
+            .map_err(io_err("write a copy of", from))?;
     }
-    dest.sync_all().map_err(io_err("sync", to))?;
     Ok(format!("{:x}", hasher.finalize()))
 }
 
@@ -165,18 +281,16 @@ fn write_hashed(path: &Path, bytes: &[u8]) -> Result<String, CatalogError> {
 
 /// Imports a Debian kernel package into `<kernels_dir>/<name>/`: the
 /// bzImage (QEMU), the vmlinux inside it (Firecracker), and an initramfs of
-/// the guest modules with `agent` as `/init`. All or nothing; `progress`
-/// hears each phase.
+/// the guest modules (the agent joins it at boot). All or nothing;
+/// `progress` hears each phase.
 pub fn import_package(
     kernels_dir: &Path,
     name: &str,
     package: &Path,
-    agent: &Path,
     limit: UnpackLimit,
     progress: impl Fn(&str, u64),
 ) -> Result<ImportedPackage, CatalogError> {
     check_source("path", package, false)?;
-    let agent_bytes = fs::read(agent).map_err(|_| CatalogError::NoAgent(agent.to_path_buf()))?;
     let failed = |source: KernelError| CatalogError::Package {
         package: package.to_path_buf(),
         source,
@@ -198,7 +312,7 @@ pub fn import_package(
     }
     progress("building the initramfs", 3);
     let mut initrd = Vec::new();
-    initramfs::write(&mut initrd, &agent_bytes, &chosen)
+    initramfs::write_modules(&mut initrd, &chosen)
         .map_err(|e| failed(KernelError::Initramfs(e)))?;
 
     progress("writing the catalog entry", 4);
@@ -207,7 +321,7 @@ pub fn import_package(
             Ok((
                 write_hashed(&staging.join("vmlinux"), &vmlinux)?,
                 write_hashed(&staging.join("bzImage"), &contents.bzimage)?,
-                write_hashed(&staging.join("initrd.img"), &initrd)?,
+                write_hashed(&staging.join("modules.img"), &initrd)?,
             ))
         })?;
     Ok(ImportedPackage {
@@ -216,7 +330,7 @@ pub fn import_package(
         vmlinux_sha256,
         bzimage: target.join("bzImage"),
         bzimage_sha256,
-        initrd: target.join("initrd.img"),
+        initrd: target.join("modules.img"),
         initrd_sha256,
         modules: order,
     })
@@ -254,6 +368,46 @@ fn new_entry<T>(
     Ok((target, filled))
 }
 
+/// Functions a kernel has only if what needs them is built in: with no
+/// initrd of its own it boots from banger's archive, which has no modules.
+const BUILT_IN_NEEDS: &[(&str, &str)] = &[
+    ("virtblk_probe", "virtio block (virtio_blk)"),
+    ("ext4_fill_super", "ext4"),
+    ("virtio_pci_probe", "virtio PCI (virtio_pci)"),
+];
+
+/// Why a kernel booting from banger's archive alone may not find its root
+/// disk: what its symbol table lacks, or that it has none; None when all
+/// is built in. Pure: `vmlinux` is the ELF's bytes.
+pub fn agent_only_note(vmlinux: &[u8]) -> Option<String> {
+    use object::{Object, ObjectSymbol};
+    const BOOTS_ALONE: &str = "it boots with only banger's agent in its initramfs; import it with --initrd carrying its modules if they are modules";
+    let has_symbols = object::File::parse(vmlinux)
+        .ok()
+        .map(|elf| {
+            elf.symbols()
+                .filter_map(|s| s.name().ok().map(str::to_string))
+                .collect::<std::collections::HashSet<_>>()
+        })
+        .filter(|names| !names.is_empty());
+    let Some(names) = has_symbols else {
+        return Some(format!(
+            "banger cannot tell whether virtio block and ext4 are built into this kernel (its vmlinux has no symbol table); {BOOTS_ALONE}"
+        ));
+    };
+    let missing: Vec<&str> = BUILT_IN_NEEDS
+        .iter()
+        .filter(|(symbol, _)| !names.contains(*symbol))
+        .map(|(_, what)| *what)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "this kernel does not have {} built in; {BOOTS_ALONE}",
+            missing.join(", ")
+        )
+    })
+}
+
 /// Imports a kernel into `<kernels_dir>/<name>/`; all or nothing.
 pub fn import_kernel(
     kernels_dir: &Path,
@@ -272,11 +426,17 @@ pub fn import_kernel(
             .transpose()?;
         Ok((vmlinux_sha256, initrd_sha256))
     })?;
+    let vmlinux = target.join("vmlinux");
+    let note = match initrd {
+        Some(_) => None,
+        None => agent_only_note(&fs::read(&vmlinux).map_err(io_err("read", &vmlinux))?),
+    };
     Ok(ImportedKernel {
-        vmlinux: target.join("vmlinux"),
+        vmlinux,
         vmlinux_sha256,
         initrd: initrd_sha256.as_ref().map(|_| target.join("initrd")),
         initrd_sha256,
+        note,
     })
 }
 
@@ -315,37 +475,15 @@ mod tests {
     }
 
     #[test]
-    fn a_package_import_needs_the_agent_and_a_real_package_and_leaves_nothing_else() {
+    fn a_package_import_needs_a_real_package_and_leaves_nothing_else() {
         let dir = tempfile::tempdir().expect("tempdir");
         let kernels = dir.path().join("kernels");
         let garbage = dir.path().join("garbage.deb");
         std::fs::write(&garbage, b"not an ar archive").expect("write");
-        let agent = dir.path().join("banger-agent");
-        let no_agent = import_package(
-            &kernels,
-            "k",
-            &garbage,
-            &agent,
-            UnpackLimit::DEFAULT,
-            |_, _| {},
-        )
-        .expect_err("no agent");
-        assert!(matches!(no_agent, CatalogError::NoAgent(_)), "{no_agent}");
-        assert!(
-            no_agent.to_string().contains("scripts/build-agent.sh"),
-            "{no_agent}"
-        );
-
-        std::fs::write(&agent, b"#!/bin/sh\n").expect("agent");
         let phases = std::cell::RefCell::new(Vec::new());
-        let error = import_package(
-            &kernels,
-            "k",
-            &garbage,
-            &agent,
-            UnpackLimit::DEFAULT,
-            |phase, _| phases.borrow_mut().push(phase.to_string()),
-        )
+        let error = import_package(&kernels, "k", &garbage, UnpackLimit::DEFAULT, |phase, _| {
+            phases.borrow_mut().push(phase.to_string())
+        })
         .expect_err("garbage");
         assert!(
             error
@@ -361,7 +499,6 @@ mod tests {
             &kernels,
             "k",
             &dir.path().join("gone.deb"),
-            &agent,
             UnpackLimit::DEFAULT,
             |_, _| {},
         )
@@ -370,5 +507,75 @@ mod tests {
             missing.to_string().starts_with("invalid path: "),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn a_kernel_alone_is_noted_unless_its_symbols_show_the_drivers() {
+        let unknown = agent_only_note(b"\x7fELF stripped").expect("a note");
+        assert!(unknown.contains("cannot tell"), "{unknown}");
+        // This test binary has a symbol table, and no virtio drivers.
+        let own = std::fs::read("/proc/self/exe").expect("own binary");
+        let missing = agent_only_note(&own).expect("a note");
+        assert!(
+            missing.contains("does not have virtio block (virtio_blk), ext4, virtio PCI"),
+            "{missing}"
+        );
+    }
+
+    fn kernel_with_initrd(dir: &Path, initrd: &[u8]) -> KernelRecord {
+        let vmlinux = dir.join("vmlinux");
+        std::fs::write(&vmlinux, b"\x7fELF").expect("vmlinux");
+        std::fs::write(dir.join("initrd"), initrd).expect("initrd");
+        KernelRecord {
+            name: "k".into(),
+            vmlinux,
+            vmlinux_sha256: None,
+            initrd: Some(dir.join("initrd")),
+            initrd_sha256: Some(format!("{:x}", Sha256::digest(initrd))),
+            bzimage: None,
+            bzimage_sha256: None,
+            version: None,
+            package: None,
+            modules: Vec::new(),
+            cmdline: None,
+            note: None,
+            boot_image: None,
+            created_at: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn a_boot_image_is_the_initrd_then_the_agent_once_per_agent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = Agent::load(&dir.path().join("banger-agent")).expect_err("no agent");
+        assert!(matches!(missing, CatalogError::NoAgent(_)), "{missing}");
+        assert!(missing.to_string().contains("scripts/build-agent.sh"));
+        let kernel = kernel_with_initrd(dir.path(), b"user initrd");
+        std::fs::write(dir.path().join("banger-agent"), b"agent 1").expect("agent");
+        let first = Agent::load(&dir.path().join("banger-agent")).expect("agent");
+        let image = boot_image(&kernel, &first).expect("boot image");
+        let bytes = std::fs::read(&image.path).expect("read");
+        assert!(bytes.starts_with(b"user initrd"));
+        assert_eq!(&bytes[b"user initrd".len()..], first.archive);
+        assert_eq!(image.agent_sha256, first.sha256);
+        assert_eq!(boot_image(&kernel, &first).expect("again"), image, "cached");
+
+        std::fs::write(dir.path().join("banger-agent"), b"agent 2").expect("agent");
+        let second = Agent::load(&dir.path().join("banger-agent")).expect("agent");
+        let upgraded = boot_image(&kernel, &second).expect("upgraded");
+        assert_ne!(upgraded.path, image.path);
+        assert!(!image.path.exists(), "the old agent's image is gone");
+
+        std::fs::write(dir.path().join("initrd"), b"swapped").expect("swap");
+        std::fs::remove_file(&upgraded.path).expect("rm");
+        let changed = boot_image(&kernel, &second).expect_err("changed initrd");
+        assert!(matches!(changed, CatalogError::Changed { .. }), "{changed}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("boot"))
+            .collect();
+        assert!(left.is_empty(), "nothing half-written: {left:?}");
     }
 }

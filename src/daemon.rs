@@ -139,7 +139,6 @@ impl SystemSupervisor {
                 accel,
             },
             default_vmm,
-            agent: config.agent.clone().unwrap_or_else(agent_beside_daemon),
             host: Arc::new(LocalHost),
             jail_base,
             vms_dir: config.state_dir.join("vms"),
@@ -153,11 +152,8 @@ impl SystemSupervisor {
         // what no record claims, then starts (`crate::reconcile`).
         let kernels_dir = config.state_dir.join("kernels");
         let catalog = {
-            let (store, dir, agent) = (
-                store.clone(),
-                kernels_dir.clone(),
-                vm_settings.agent.clone(),
-            );
+            let (store, dir) = (store.clone(), kernels_dir.clone());
+            let agent = config.agent.clone().unwrap_or_else(agent_beside_daemon);
             let limit = config.unpack_limit;
             Supervisor::start(move |_| CatalogActor::new(store, dir, agent, limit))
         };

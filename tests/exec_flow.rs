@@ -346,6 +346,7 @@ fn a_vm_running_the_previous_agent_keeps_working_across_a_daemon_upgrade() {
         return;
     };
     let mut f = Fixture::with_agent(&previous);
+    install_previous_agent(&f.rootfs, &previous);
     boot(&f, &guest);
     let agent = agent_of(&f);
     assert_eq!(agent["protocol"], 1, "{agent}");
@@ -354,8 +355,8 @@ fn a_vm_running_the_previous_agent_keeps_working_across_a_daemon_upgrade() {
     let shown = f.ok(&["vm", "inspect", "guest"]);
     assert!(shown.contains("protocol 1"), "{shown}");
 
-    // The upgrade: the daemon restarts (it adopts the running VM) and will
-    // inject the current agent from the next start on.
+    // The upgrade: the daemon restarts (it adopts the running VM) and
+    // boots the current agent from the next start on.
     f.set_agent(&guest.agent);
     let daemon = f.daemon.take().expect("daemon");
     assert!(daemon.stop().success());

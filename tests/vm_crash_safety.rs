@@ -439,7 +439,11 @@ fn a_store_from_the_previous_release_is_migrated_and_its_running_vm_adopted() {
     let config = dir.join("bangerd.toml");
     std::fs::write(
         &config,
-        format!("[firecracker]\nbinary = \"{}\"\n", firecracker.display()),
+        format!(
+            "[agent]\nbinary = \"{}\"\n[firecracker]\nbinary = \"{}\"\n",
+            stub_agent(dir).display(),
+            firecracker.display()
+        ),
     )
     .expect("config");
     let mut daemon = Daemon::ready(Daemon::spawn_with(

@@ -1,10 +1,10 @@
 //! PID 1's own work: stage 1 in the initramfs (modules, root disk,
 //! switch_root), stage 2 on the root disk (mounts, hostname, network,
-//! sshd), and the shutdown that always ends in a reset.
+//! sshd), and the shutdown that always ends in a reset. Both stages are
+//! one process: nothing of banger is on the guest's disk.
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,12 +19,11 @@ use crate::cmdline::Cmdline;
 use crate::protocol::ShutdownAction;
 use crate::server;
 
-/// The initramfs's module list (load order); its presence marks stage 1.
-pub const INITRAMFS_MARKER: &str = "/etc/banger/initramfs";
-/// Where stage 1 hands over to the root disk's copy of the agent.
-const ROOT_AGENT: &str = "/sbin/banger-agent";
-/// Stage 1's start on the boot clock, passed to stage 2.
-pub const STAGE1_ENV: &str = "BANGER_STAGE1_MS";
+/// The modules PID 1 wants, by name, one a line: banger's archive always
+/// has it, so its presence marks stage 1.
+pub const STAGE1_MARKER: &str = "/etc/banger/stage1";
+/// Module files banger packed (a package import), in load order.
+const MODULE_LIST: &str = "/etc/banger/initramfs";
 /// How long the root disk may take to appear.
 const ROOT_WAIT: Duration = Duration::from_secs(30);
 
@@ -49,18 +48,15 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
     }
 }
 
-/// Stage 1: load the virtio modules, mount the root disk, switch into it
-/// and exec its agent.
-pub fn stage1() -> ! {
+/// Stage 1: load the modules, mount the root disk and switch into it;
+/// answers when stage 1 started, on the boot clock, for stage 2.
+pub fn stage1() -> u64 {
     let started = crate::system::boot_ms();
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nosuid, None);
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None);
-    let modules = std::fs::read_to_string(INITRAMFS_MARKER).unwrap_or_default();
-    for module in module_list(&modules) {
-        load_module(&Path::new("/lib/modules").join(module));
-    }
+    load_modules();
     let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let deadline = Instant::now() + ROOT_WAIT;
     while !Path::new(&cmdline.root).exists() {
@@ -101,10 +97,16 @@ pub fn stage1() -> ! {
     }
     // The initramfs stays in memory until its files are gone; this
     // process runs from memory already.
-    for dir in ["lib", "etc", "sbin"] {
-        let _ = std::fs::remove_dir_all(Path::new("/").join(dir));
+    for entry in std::fs::read_dir("/").into_iter().flatten().flatten() {
+        let path = entry.path();
+        if entry.file_name() == "newroot" {
+            continue;
+        }
+        let _ = match entry.file_type() {
+            Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
     }
-    let _ = std::fs::remove_file("/init");
     let switched = std::env::set_current_dir("/newroot")
         .map_err(|e| e.to_string())
         .and_then(|()| {
@@ -116,12 +118,73 @@ pub fn stage1() -> ! {
     if let Err(e) = switched {
         fatal(&format!("cannot switch to the root disk: {e}"));
     }
-    let error = Command::new(ROOT_AGENT)
-        .env(STAGE1_ENV, started.to_string())
-        .exec();
-    fatal(&format!(
-        "cannot run {ROOT_AGENT} on the root disk: {error}"
-    ))
+    started
+}
+
+/// The modules banger packed, in their order; then, when the initramfs
+/// has the running kernel's `modules.dep` (a user's initrd merged with
+/// banger's archive), the wanted modules and what they depend on.
+fn load_modules() {
+    let listed = std::fs::read_to_string(MODULE_LIST).unwrap_or_default();
+    for module in module_list(&listed) {
+        load_module(&Path::new("/lib/modules").join(module));
+    }
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tree = Path::new("/lib/modules").join(release);
+    let Ok(dependencies) = std::fs::read_to_string(tree.join("modules.dep")) else {
+        return;
+    };
+    let wanted = std::fs::read_to_string(STAGE1_MARKER).unwrap_or_default();
+    let wanted: Vec<&str> = module_list(&wanted);
+    for module in dependency_order(&dependencies, &wanted) {
+        load_module(&tree.join(module));
+    }
+}
+
+/// The module files (paths relative to the release's tree) that load
+/// `wanted`, dependencies first, each once, as modprobe orders them: a
+/// `modules.dep` line lists a module's dependencies, the last to load
+/// first. Names the file does not have are skipped (built in, or absent);
+/// paths that would leave the tree are ignored.
+pub fn dependency_order(modules_dep: &str, wanted: &[&str]) -> Vec<String> {
+    let mut by_name = std::collections::HashMap::new();
+    for line in modules_dep.lines() {
+        let Some((module, depends)) = line.split_once(':') else {
+            continue;
+        };
+        let safe = |path: &&str| !path.starts_with('/') && !path.split('/').any(|p| p == "..");
+        if !safe(&module) {
+            continue;
+        }
+        let depends: Vec<&str> = depends.split_whitespace().filter(safe).collect();
+        if let Some(name) = module_name(module) {
+            by_name.insert(name, (module, depends));
+        }
+    }
+    let mut order: Vec<String> = Vec::new();
+    for name in wanted {
+        let Some((module, depends)) = by_name.get(&name.replace('-', "_")) else {
+            continue;
+        };
+        for path in depends.iter().rev().chain(std::iter::once(module)) {
+            if !order.iter().any(|p| p == path) {
+                order.push(path.to_string());
+            }
+        }
+    }
+    order
+}
+
+/// A module file's name as the kernel spells it (`-` as `_`), without its
+/// directory and `.ko[.xz|.zst|.gz]`.
+fn module_name(path: &str) -> Option<String> {
+    let file = path.rsplit('/').next()?;
+    let stem = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
+        .iter()
+        .find_map(|suffix| file.strip_suffix(suffix))?;
+    Some(stem.replace('-', "_"))
 }
 
 /// The initramfs's module list: one file name a line, in load order;
@@ -136,15 +199,19 @@ pub fn module_list(text: &str) -> Vec<&str> {
 }
 
 fn load_module(path: &Path) {
+    // Compressed modules are the kernel's to decompress (5.17 on).
+    const COMPRESSED_FILE: nix::libc::c_uint = 4;
+    let compressed = path
+        .extension()
+        .is_some_and(|e| e == "xz" || e == "zst" || e == "gz");
+    let flags = if compressed {
+        nix::kmod::ModuleInitFlags::from_bits_retain(COMPRESSED_FILE)
+    } else {
+        nix::kmod::ModuleInitFlags::empty()
+    };
     let loaded = File::open(path)
         .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
-        .and_then(|file| {
-            nix::kmod::finit_module(
-                &file,
-                &CString::default(),
-                nix::kmod::ModuleInitFlags::empty(),
-            )
-        });
+        .and_then(|file| nix::kmod::finit_module(&file, &CString::default(), flags));
     match loaded {
         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
         Err(e) => crate::log!("cannot load {}: {e}", path.display()),
@@ -275,5 +342,28 @@ mod tests {
             ]
         );
         assert!(module_list("").is_empty());
+    }
+
+    #[test]
+    fn wanted_modules_load_after_their_dependencies_once_each() {
+        let dep = "kernel/drivers/virtio/virtio.ko:\n\
+            kernel/drivers/virtio/virtio_ring.ko:\n\
+            kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+            kernel/drivers/char/virtio_console.ko.xz: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n\
+            kernel/fs/evil.ko: ../../../etc/x.ko\n\
+            /abs/evil2.ko:\n";
+        assert_eq!(
+            dependency_order(
+                dep,
+                &["virtio_blk", "virtio-console", "ext4", "evil", "evil2"]
+            ),
+            [
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/block/virtio_blk.ko",
+                "kernel/drivers/char/virtio_console.ko.xz",
+                "kernel/fs/evil.ko",
+            ]
+        );
     }
 }

@@ -36,10 +36,12 @@ fn main() {
             );
         }
         ["--listen", path] => listen(PathBuf::from(path)),
-        [] if std::process::id() == 1 && Path::new(init::INITRAMFS_MARKER).exists() => {
-            init::stage1()
+        [] if std::process::id() == 1 && Path::new(init::STAGE1_MARKER).exists() => {
+            let stage1_ms = init::stage1();
+            stage2(Some(stage1_ms))
         }
-        [] if std::process::id() == 1 => stage2(),
+        // The agent as the root disk's own init: no stage 1.
+        [] if std::process::id() == 1 => stage2(None),
         _ => {
             let _ = writeln!(std::io::stderr(), "{USAGE}");
             std::process::exit(2);
@@ -63,11 +65,8 @@ fn signals() -> SigSet {
     set
 }
 
-fn stage2() {
+fn stage2(stage1_ms: Option<u64>) -> ! {
     let stage2_ms = system::boot_ms();
-    let stage1_ms = std::env::var(init::STAGE1_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok());
     let set = signals();
     if let Err(e) = set.thread_block() {
         init::fatal(&format!("cannot block signals: {e}"));

@@ -3,14 +3,15 @@
 //! its output (then sends its exit) and one that feeds its stdin; whole
 //! frames are written under one lock per connection. With a version-2
 //! host both directions are flow-controlled (`flow`): output waits for the
-//! host's credit, and stdin is granted back as the process reads it. A
+//! host's credit, and stdin is granted back as the process reads it.
+//! Output from pipes is spliced into the connection (no guest copies). A
 //! session that fails ends with an error answer, a connection that fails
 //! ends alone; nothing here ends the agent.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use std::sync::{Arc, Condvar, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
+use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -71,6 +72,36 @@ impl Writer {
             return Err(io::Error::from(io::ErrorKind::NotConnected));
         }
         protocol::write_parts(&mut *sink, kind, session, payload)
+    }
+
+    /// The frame the relay holds (`len` bytes, header and all), spliced
+    /// into the sink whole. Once a byte is out the frame must be
+    /// completed: a sink that refuses splice gets the rest copied; bytes a
+    /// failed splice swallowed are sent as zeros and said (`Ok(false)`), so
+    /// the caller ends the session rather than let it go on corrupt.
+    fn send_relayed(&self, relay: &File, len: usize) -> io::Result<bool> {
+        let mut sink = self
+            .sink
+            .lock()
+            .map_err(|_| io::Error::other("writer poisoned"))?;
+        if !self.open.load(Ordering::Acquire) {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        }
+        let mut left = len;
+        while left > 0 {
+            match splice(relay, None, &*sink, None, left, SpliceFFlags::empty()) {
+                Ok(n) if n > 0 => left -= n,
+                Err(Errno::EINTR) => {}
+                Ok(_) | Err(_) => {
+                    let held = waiting_bytes(relay)?.min(left);
+                    let mut rest = vec![0u8; left];
+                    (&*relay).read_exact(&mut rest[..held])?;
+                    sink.write_all(&rest)?;
+                    return Ok(held == left);
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn respond(&self, session: u32, response: &Response) {
@@ -413,7 +444,7 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
     if std::env::var_os("PATH").is_none() && !exec.env.iter().any(|(k, _)| k == "PATH") {
         command.env("PATH", DEFAULT_PATH);
     }
-    command.env_remove(crate::init::STAGE1_ENV).envs(exec.env);
+    command.envs(exec.env);
     let spawned = if exec.pty {
         spawn_on_pty(&mut command)
     } else {
@@ -466,7 +497,7 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
         let (pid, outputs, exited) = (spawned.pid, spawned.outputs, spawned.exited);
         spawn_thread("exec-output", move || {
             writer.respond(session, &Response::Started { pid });
-            pump(outputs, session, &writer, &output);
+            pump(outputs, session, group, &writer, &output);
             // A feeder still waiting for input ends with the process.
             queue.close();
             let status = exited.recv().unwrap_or(ExitStatus {
@@ -497,7 +528,14 @@ fn start(exec: ExecRequest, session: u32, writer: &Writer, sessions: &Sessions) 
 /// than the host's credit allows: without credit the pipes fill and the
 /// process waits. Once nobody reads (the credit is abandoned), output is
 /// drained and dropped, so the process never blocks on a full pipe.
-fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer, credit: &Credit) {
+fn pump(
+    mut outputs: Vec<(File, FrameKind)>,
+    session: u32,
+    group: Pid,
+    writer: &Writer,
+    credit: &Credit,
+) {
+    let relay = Relay::new();
     let mut buffer = vec![0u8; MAX_PAYLOAD];
     while !outputs.is_empty() {
         let mut fds: Vec<PollFd> = outputs
@@ -527,6 +565,30 @@ fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer, cred
                 .saturating_sub(HEADER_LEN)
                 .min(MAX_PAYLOAD);
             let (stream, kind) = &mut outputs[index];
+            if let Some(relay) = &relay
+                && !credit.abandoned()
+            {
+                // Not a pipe, or nothing waiting (its end): read below.
+                match relay.fill(stream, *kind, session, most) {
+                    Ok(Some(n)) => {
+                        credit.spend(cost(n));
+                        match writer.send_relayed(&relay.read, HEADER_LEN + n) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                crate::log!("session {session}: output lost in splice; ending it");
+                                let _ = kill(group, Signal::SIGKILL);
+                                credit.abandon();
+                            }
+                            // The host is gone, and with it what the relay holds.
+                            Err(_) => relay.clear(&mut buffer),
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    // Nothing was sent: the frame goes, the bytes are read.
+                    Err(_) => relay.clear(&mut buffer),
+                }
+            }
             match stream.read(&mut buffer[..most]) {
                 Ok(0) => {
                     outputs.remove(index);
@@ -545,6 +607,93 @@ fn pump(mut outputs: Vec<(File, FrameKind)>, session: u32, writer: &Writer, cred
             }
         }
     }
+}
+
+/// A pipe of the pump's own, where each output frame is assembled before
+/// it goes out whole: the header written, then the process's output moved
+/// in by splice(2) (pipe to pipe: pages, not bytes), then all of it into
+/// the sink, one buffer and one notification of the VMM a frame. Always
+/// drained whole, because Linux's virtio console queues zero-length
+/// buffers when a splice leaves part of a pipe behind, and QEMU then
+/// stops the device.
+struct Relay {
+    read: File,
+    write: File,
+}
+
+impl Relay {
+    /// Room for a whole frame in any pipe buffers; None when the kernel
+    /// gives no pipe: output is read and copied.
+    fn new() -> Option<Relay> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok()?;
+        let room = nix::libc::c_int::try_from(4 * MAX_PAYLOAD).ok()?;
+        nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(room)).ok()?;
+        Some(Relay {
+            read: File::from(read),
+            write: File::from(write),
+        })
+    }
+
+    /// A frame of up to `most` of the bytes waiting in `stream`, header
+    /// and all, into the empty relay: its payload length, or None when
+    /// `stream` is no pipe or has nothing waiting (its end).
+    fn fill(
+        &self,
+        stream: &File,
+        kind: FrameKind,
+        session: u32,
+        most: usize,
+    ) -> io::Result<Option<usize>> {
+        let waiting = waiting_bytes(stream)?;
+        if waiting == 0 {
+            return Ok(None);
+        }
+        let len = waiting.min(most);
+        (&self.write).write_all(&protocol::encode_header(kind, session, len))?;
+        let mut moved = 0;
+        while moved < len {
+            // Never blocks: the relay has room and `stream` the bytes.
+            match splice(
+                stream,
+                None,
+                &self.write,
+                None,
+                len - moved,
+                SpliceFFlags::SPLICE_F_NONBLOCK,
+            ) {
+                Ok(n) if n > 0 => moved += n,
+                Err(Errno::EINTR) => {}
+                // The header is in: the rest is copied.
+                Ok(_) | Err(_) => {
+                    let mut rest = vec![0u8; len - moved];
+                    (&*stream).read_exact(&mut rest)?;
+                    (&self.write).write_all(&rest)?;
+                    break;
+                }
+            }
+        }
+        Ok(Some(len))
+    }
+
+    /// Empties the relay, so the next frame drains it whole again.
+    fn clear(&self, buffer: &mut [u8]) {
+        while waiting_bytes(&self.read).is_ok_and(|n| n > 0) {
+            if (&self.read).read(buffer).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+nix::ioctl_read_bad!(fionread, nix::libc::FIONREAD, nix::libc::c_int);
+
+/// How many bytes a pipe holds (FIONREAD).
+fn waiting_bytes(pipe: &File) -> io::Result<usize> {
+    let mut count: nix::libc::c_int = 0;
+    #[allow(unsafe_code)]
+    // SAFETY: FIONREAD writes one int through the pointer, which is ours.
+    unsafe { fionread(pipe.as_raw_fd(), &mut count) }?;
+    Ok(usize::try_from(count).unwrap_or(0))
 }
 
 /// Tells every connected host the guest is going down and waits, up to

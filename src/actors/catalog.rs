@@ -20,8 +20,7 @@ use jiff::Timestamp;
 use tracing::{info, warn};
 
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
-use crate::catalog::KernelRecord;
-use crate::catalog::{self, CatalogError};
+use crate::catalog::{self, Agent, CatalogError, KernelRecord};
 use crate::kernel::UnpackLimit;
 use crate::reconcile;
 use crate::store::{StoreError, Undecodable};
@@ -63,7 +62,7 @@ pub type ImportProgress = Arc<dyn Fn(&str, u64) + Send + Sync>;
 pub struct CatalogActor {
     store: Addr<StoreActor>,
     kernels_dir: PathBuf,
-    /// The agent built into a package import's initramfs.
+    /// The banger-agent binary VMs boot with (read at the first boot).
     agent: PathBuf,
     /// The most one decompressed stream of an import may hold.
     unpack_limit: UnpackLimit,
@@ -72,6 +71,11 @@ pub struct CatalogActor {
     importing: HashSet<String>,
     /// Kernel records that do not decode: their files are left alone.
     quarantined: Vec<Undecodable>,
+    /// The agent VMs boot with, once read.
+    boot_agent: Option<Arc<Agent>>,
+    /// Kernels whose boot image is built for `boot_agent`, as VMs boot
+    /// them: a start reads nothing but this.
+    bootable: HashMap<String, KernelRecord>,
 }
 
 impl CatalogActor {
@@ -89,6 +93,8 @@ impl CatalogActor {
             reservations: HashMap::new(),
             importing: HashSet::new(),
             quarantined: Vec::new(),
+            boot_agent: None,
+            bootable: HashMap::new(),
         }
     }
 }
@@ -334,8 +340,93 @@ impl Handler<RemoveKernel> for CatalogActor {
                 Ok(kernel)
             }
             .into_actor(act)
+            .map(|removed, act, _| {
+                if let Ok(kernel) = &removed {
+                    act.bootable.remove(&kernel.name);
+                }
+                removed
+            })
         });
         in_one_turn(ctx, work)
+    }
+}
+
+/// What a VM boots: the kernel's record, its `boot_image` built for the
+/// daemon's agent (once per kernel and agent; the record keeps it). Only
+/// the first start of a kernel in a daemon's life reads the store.
+pub struct PrepareBoot {
+    pub kernel: String,
+}
+
+impl Message for PrepareBoot {
+    type Result = Result<KernelRecord, KernelError>;
+}
+
+impl Handler<PrepareBoot> for CatalogActor {
+    type Result = ResponseFuture<Result<KernelRecord, KernelError>>;
+
+    fn handle(&mut self, msg: PrepareBoot, ctx: &mut Context<Self>) -> Self::Result {
+        // A stat of the daemon's own file: an image removed by hand is rebuilt.
+        if let Some(kernel) = self.bootable.get(&msg.kernel)
+            && kernel.boot_image.as_ref().is_some_and(|b| b.path.is_file())
+        {
+            let kernel = kernel.clone();
+            return Box::pin(async move { Ok(kernel) });
+        }
+        let (store, agent, agent_path) = (
+            self.store.clone(),
+            self.boot_agent.clone(),
+            self.agent.clone(),
+        );
+        let name = msg.kernel;
+        let work = async move {
+            let kernel = store
+                .send(Get::<KernelRecord>::new(name.clone()))
+                .await
+                .map_err(store_gone)??
+                .ok_or_else(|| KernelError::NotFound(name.clone()))?;
+            let (kernel, agent, built) = tokio::task::spawn_blocking(move || {
+                let agent = match agent {
+                    Some(agent) => agent,
+                    None => Arc::new(Agent::load(&agent_path)?),
+                };
+                let current = kernel.boot_image.as_ref().is_some_and(|image| {
+                    image.agent_sha256 == agent.sha256 && image.path.is_file()
+                });
+                let built = (!current)
+                    .then(|| catalog::boot_image(&kernel, &agent))
+                    .transpose()?;
+                Ok::<_, CatalogError>((kernel, agent, built))
+            })
+            .await
+            .map_err(|_| KernelError::Unavailable("blocking thread pool"))??;
+            let kernel = match built {
+                Some(image) => {
+                    let kernel = KernelRecord {
+                        boot_image: Some(image),
+                        ..kernel
+                    };
+                    store
+                        .send(Put(kernel.clone()))
+                        .await
+                        .map_err(store_gone)??;
+                    info!(kernel = %kernel.name, agent = %agent.sha256, "boot image built");
+                    kernel
+                }
+                None => kernel,
+            };
+            Ok::<_, KernelError>((kernel, agent))
+        };
+        // One build at a time: starts that come meanwhile find it done.
+        in_one_turn(
+            ctx,
+            work.into_actor(self).map(|built, act, _| {
+                let (kernel, agent) = built?;
+                act.boot_agent = Some(agent);
+                act.bootable.insert(kernel.name.clone(), kernel.clone());
+                Ok(kernel)
+            }),
+        )
     }
 }
 
@@ -360,10 +451,9 @@ impl Handler<ImportKernel> for CatalogActor {
         if !self.importing.insert(name.clone()) {
             return Box::pin(fut::ready(Err(KernelError::Importing(name))));
         }
-        let (store, dir, agent, limit) = (
+        let (store, dir, limit) = (
             self.store.clone(),
             self.kernels_dir.clone(),
-            self.agent.clone(),
             self.unpack_limit,
         );
         let work = async move {
@@ -380,7 +470,7 @@ impl Handler<ImportKernel> for CatalogActor {
                 // No record, no import under way: files under this name
                 // are a failed removal's leftovers.
                 let _ = reconcile::remove_any(&catalog::kernel_dir(&staging, &name));
-                import_files(&staging, &name, msg.source, &agent, limit, progress)
+                import_files(&staging, &name, msg.source, limit, progress)
             })
             .await
             .map_err(|_| KernelError::Unavailable("blocking thread pool"))??;
@@ -406,7 +496,6 @@ fn import_files(
     dir: &std::path::Path,
     name: &str,
     source: KernelSource,
-    agent: &std::path::Path,
     limit: UnpackLimit,
     progress: ImportProgress,
 ) -> Result<KernelRecord, CatalogError> {
@@ -430,14 +519,15 @@ fn import_files(
                 package: None,
                 modules: Vec::new(),
                 cmdline,
+                note: imported.note,
+                boot_image: None,
                 created_at,
             })
         }
         KernelSource::Package { path } => {
-            let imported =
-                catalog::import_package(dir, name, &path, agent, limit, |phase, step| {
-                    progress(phase, step)
-                })?;
+            let imported = catalog::import_package(dir, name, &path, limit, |phase, step| {
+                progress(phase, step)
+            })?;
             Ok(KernelRecord {
                 name: name.to_string(),
                 vmlinux: imported.vmlinux,
@@ -450,6 +540,8 @@ fn import_files(
                 package: path.file_name().map(|n| n.to_string_lossy().into_owned()),
                 modules: imported.modules,
                 cmdline: None,
+                note: None,
+                boot_image: None,
                 created_at,
             })
         }

@@ -18,7 +18,7 @@
 //! drops its address.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,13 +29,12 @@ use rustix::process::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::actors::catalog::{CatalogActor, KernelError, Reserve, Unreserve};
+use crate::actors::catalog::{CatalogActor, KernelError, PrepareBoot, Reserve, Unreserve};
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
 use crate::catalog::CatalogError;
 use crate::catalog::KernelRecord;
 use crate::error_chain;
 use crate::fault;
-use crate::guest::disk::{self, InjectError};
 use crate::guest::link::AgentLink;
 use crate::host::HostOps;
 use crate::reconcile;
@@ -78,8 +77,6 @@ pub struct VmSettings {
     pub qemu: Qemu,
     /// The backend of a VM created without `--vmm`.
     pub default_vmm: VmmKind,
-    /// The banger-agent binary injected into every VM's root disk.
-    pub agent: PathBuf,
     pub vms_dir: PathBuf,
     /// Where jails live (also where orphaned jailed VMMs are recognised).
     pub jail_base: PathBuf,
@@ -129,7 +126,7 @@ impl VmSettings {
             boot: BootFiles {
                 vmlinux: kernel.vmlinux.clone(),
                 bzimage: kernel.bzimage.clone(),
-                initrd: kernel.initrd.clone(),
+                initrd: kernel.boot_image.as_ref().map(|image| image.path.clone()),
                 args: format!("{args} banger.hostname={}", record.name),
             },
             rootfs: record.rootfs.clone(),
@@ -166,12 +163,6 @@ pub enum VmError {
         #[source]
         source: VmmError,
     },
-    #[error("VM {name} failed to start")]
-    Inject {
-        name: String,
-        #[source]
-        source: InjectError,
-    },
     #[error("VM {name}'s agent is not answering: {reason}")]
     Agent { name: String, reason: String },
     #[error("cannot {action} {path}")]
@@ -195,6 +186,7 @@ pub struct VmActor {
     vm: Vm,
     settings: Arc<VmSettings>,
     store: Addr<StoreActor>,
+    catalog: Addr<CatalogActor>,
     writes: mpsc::UnboundedSender<(Write, oneshot::Sender<bool>)>,
     /// The recorded VMM's pidfd, while it lives.
     process: Option<Rc<ProcessHandle>>,
@@ -294,6 +286,7 @@ impl VmActor {
         record: VmRecord,
         settings: Arc<VmSettings>,
         store: Addr<StoreActor>,
+        catalog: Addr<CatalogActor>,
         manager: Recipient<VmRemoved>,
     ) -> VmActor {
         // Unbounded, yet never more than one write deep: the actor waits
@@ -305,6 +298,7 @@ impl VmActor {
             vm: Vm::new(record),
             settings,
             store,
+            catalog,
             writes,
             process: None,
             unrecorded: None,
@@ -471,16 +465,20 @@ impl VmActor {
     /// process is recorded before anything configures it) or `LaunchFailed`.
     fn spawn_vmm(&mut self, ctx: &mut Context<Self>) {
         let record = self.vm.record.clone();
-        let (store, settings) = (self.store.clone(), self.settings.clone());
+        let (catalog, settings) = (self.catalog.clone(), self.settings.clone());
         let spawned = async move {
-            let kernel = match store
-                .send(Get::<KernelRecord>::new(record.kernel.clone()))
+            let kernel = match catalog
+                .send(PrepareBoot {
+                    kernel: record.kernel.clone(),
+                })
                 .await
             {
-                Ok(Ok(Some(kernel))) => kernel,
-                Ok(Ok(None)) => return Err(VmError::NoKernel(record.kernel)),
-                Ok(Err(e)) => return Err(VmError::Store(e)),
-                Err(_) => return Err(VmError::Unavailable("store")),
+                Ok(Ok(kernel)) => kernel,
+                Ok(Err(KernelError::NotFound(_))) => {
+                    return Err(VmError::NoKernel(record.kernel));
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(VmError::Unavailable("catalog")),
             };
             let spec = settings.launch_spec(&record, &kernel);
             let launch = |source| VmError::Launch {
@@ -494,7 +492,6 @@ impl VmActor {
                 .await
                 .map_err(|_| VmError::Unavailable("blocking thread pool"))?
                 .map_err(launch)?;
-            inject_agent(&spec.rootfs, &settings.agent, &record.name).await?;
             let (process, recorded) =
                 vmm::spawn(&settings.host, settings.backend(record.vmm), &spec, console)
                     .await
@@ -1077,26 +1074,6 @@ impl Handler<VmCommand> for VmActor {
     }
 }
 
-/// Puts the current agent into the VM's root disk before each boot (an
-/// upgraded banger brings its agent along). A disk that is not ext4 boots
-/// as it is, with no agent.
-async fn inject_agent(rootfs: &Path, agent: &Path, name: &str) -> Result<(), VmError> {
-    let (rootfs, agent, vm) = (rootfs.to_path_buf(), agent.to_path_buf(), name.to_string());
-    tokio::task::spawn_blocking(move || {
-        if !disk::is_ext4(&rootfs)? {
-            warn!(vm = %vm, disk = %rootfs.display(), "root disk is not ext4; booting it without banger-agent");
-            return Ok(());
-        }
-        disk::inject_agent(&rootfs, &agent)
-    })
-    .await
-    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
-    .map_err(|source| VmError::Inject {
-        name: name.to_string(),
-        source,
-    })
-}
-
 /// Releases a VM's ledger, last acquired first: its jail (through the
 /// host) and its directory.
 async fn release_resources(settings: Arc<VmSettings>, record: VmRecord) -> Result<(), VmError> {
@@ -1192,10 +1169,14 @@ impl VmManager {
     }
 
     fn start_actor(&self, record: VmRecord, fresh: bool, ctx: &mut Context<Self>) -> Addr<VmActor> {
-        let (settings, store) = (self.settings.clone(), self.store.clone());
+        let (settings, store, catalog) = (
+            self.settings.clone(),
+            self.store.clone(),
+            self.catalog.clone(),
+        );
         let manager = ctx.address().recipient();
         Supervisor::start(move |_| {
-            let mut actor = VmActor::new(record, settings, store, manager);
+            let mut actor = VmActor::new(record, settings, store, catalog, manager);
             if fresh {
                 actor.on_start = OnStart::Nothing;
                 actor.in_store = false;

@@ -217,7 +217,7 @@ enum KernelCommand {
     },
     /// Import a Debian kernel package (linux-image-*.deb) under NAME: its
     /// bzImage, the vmlinux inside it, and an initramfs of the virtio and
-    /// vsock modules with banger-agent as /init.
+    /// vsock modules (banger-agent joins it at boot).
     ImportDeb {
         name: String,
         /// The .deb file (`apt-get download linux-image-<version>-cloud-amd64`).
@@ -228,6 +228,12 @@ enum KernelCommand {
     /// Every kernel in the catalog.
     #[command(alias = "list")]
     Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One kernel in detail: its files, notes and boot image.
+    Inspect {
+        name: String,
         #[arg(long)]
         json: bool,
     },
@@ -772,8 +778,14 @@ fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result
         } => {
             let initrd = initrd.as_deref().map(absolute).transpose()?;
             let params = json!({"name": name, "vmlinux": absolute(&vmlinux)?, "initrd": initrd, "cmdline": cmdline});
-            let kernel = client.call::<KernelResult>("kernel.import", params)?;
-            println!("{}", kernel.result.kernel.name);
+            let kernel = client
+                .call::<KernelResult>("kernel.import", params)?
+                .result
+                .kernel;
+            if let Some(note) = &kernel.note {
+                eprintln!("note: {}: {note}", kernel.name);
+            }
+            println!("{}", kernel.name);
         }
         KernelCommand::ImportDeb { name, path, json } => {
             let params = json!({"name": name, "path": absolute(&path)?});
@@ -800,6 +812,19 @@ fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result
                 println!("{}", output::json(&kernels.result.kernels));
             } else {
                 print!("{}", output::kernels_table(&kernels.result.kernels, now));
+            }
+        }
+        KernelCommand::Inspect { name, json } => {
+            let kernels = client.call::<KernelsResult>("kernel.list", json!({}))?;
+            let Some(kernel) = kernels.result.kernels.into_iter().find(|k| k.name == name) else {
+                return Err(Failure::Daemon(format!(
+                    "no kernel named {name}; `banger kernel ls` lists them"
+                )));
+            };
+            if json {
+                println!("{}", output::json(&kernel));
+            } else {
+                print!("{}", output::kernel_details(&kernel, now));
             }
         }
         KernelCommand::Rm { name } => {

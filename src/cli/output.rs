@@ -281,6 +281,39 @@ pub fn kernels_table(kernels: &[KernelRecord], now: Timestamp) -> String {
     table(&rows)
 }
 
+pub fn kernel_details(k: &KernelRecord, now: Timestamp) -> String {
+    let path = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut rows = vec![
+        ("name", k.name.clone()),
+        ("version", k.version.clone().unwrap_or_else(|| "-".into())),
+        ("vmlinux", k.vmlinux.display().to_string()),
+        ("bzimage", path(&k.bzimage)),
+        ("initrd", path(&k.initrd)),
+        ("modules", k.modules.len().to_string()),
+        (
+            "boot image",
+            k.boot_image
+                .as_ref()
+                .map(|b| {
+                    let agent = &b.agent_sha256[..b.agent_sha256.len().min(12)];
+                    format!("{} (agent {agent})", b.path.display())
+                })
+                .unwrap_or_else(|| "- (built at the first start)".into()),
+        ),
+        ("imported", ago(k.created_at, now)),
+    ];
+    if let Some(note) = &k.note {
+        rows.push(("note", note.clone()));
+    }
+    rows.iter()
+        .map(|(key, value)| format!("{key}: {value}\n"))
+        .collect()
+}
+
 pub fn json(value: &impl Serialize) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }

@@ -1,5 +1,4 @@
-//! The guest side as the host sees it: putting banger-agent into a VM's
-//! root disk, and talking to it once the VM runs.
+//! The guest side as the host sees it: talking to banger-agent once the
+//! VM runs (it arrives in the VM's initramfs, `crate::catalog::boot_image`).
 
-pub mod disk;
 pub mod link;

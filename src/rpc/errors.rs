@@ -82,7 +82,7 @@ impl From<CatalogError> for RpcError {
             CatalogError::Package { .. } => {
                 RpcError::new(ErrorCode::InvalidParams, error_chain(&e))
             }
-            CatalogError::Io { .. } | CatalogError::NoAgent(_) => {
+            CatalogError::Io { .. } | CatalogError::NoAgent(_) | CatalogError::Changed { .. } => {
                 RpcError::new(ErrorCode::Internal, error_chain(&e))
             }
         }

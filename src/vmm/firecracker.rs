@@ -244,7 +244,7 @@ pub struct Firecracker {
 
 /// Firecracker's kernel command line when the kernel record has none.
 /// Firecracker adds `root=/dev/vda` for the root drive itself.
-const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off init=/sbin/banger-agent";
+const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 impl Firecracker {
     /// The API socket, as the host reaches it.

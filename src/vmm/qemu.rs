@@ -28,7 +28,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kernel arguments when the catalog sets none: the root disk is the first
 /// virtio disk, and the agent is PID 1 (an initramfs's `/init` hands over
 /// to the same binary).
-const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=/sbin/banger-agent";
+const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {

@@ -64,7 +64,8 @@ impl Fixture {
         std::fs::write(
             &config,
             format!(
-                "[firecracker]\nbinary = \"{}\"\n{jailer}[restart]\ndelay_secs = 0.05\nmax_delay_secs = 0.2\n",
+                "[agent]\nbinary = \"{}\"\n[firecracker]\nbinary = \"{}\"\n{jailer}[restart]\ndelay_secs = 0.05\nmax_delay_secs = 0.2\n",
+                stub_agent(dir).display(),
                 firecracker.display()
             ),
         )

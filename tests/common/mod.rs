@@ -376,6 +376,39 @@ pub fn banger(dir: &Path, args: &[&str]) -> std::process::Output {
 pub const SKIPPED_LOG: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/skipped-tests.txt");
 
 /// Records why the calling test cannot run here; the test then returns.
+/// An agent binary for VMs that never run it (the halt kernel stops
+/// before init): every boot image carries the daemon's agent.
+pub fn stub_agent(dir: &Path) -> PathBuf {
+    let path = dir.join("stub-agent");
+    std::fs::write(&path, b"not run: the halt kernel has no init\n").expect("write the stub agent");
+    path
+}
+
+/// What the previous release's daemon did before every boot, and what its
+/// agent's stage 1 needs: that agent at `/sbin/banger-agent` in the ext4
+/// root disk (written by debugfs, no mount).
+pub fn install_previous_agent(disk: &Path, agent: &Path) {
+    let script = format!(
+        "mkdir /sbin\nwrite {} /sbin/banger-agent\nsif /sbin/banger-agent mode 0100755\n",
+        agent.display()
+    );
+    let mut child = Command::new("debugfs")
+        .args(["-w", "-f", "-"])
+        .arg(disk)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run debugfs");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes())
+        .expect("debugfs script");
+    assert!(
+        child.wait().expect("debugfs").success(),
+        "debugfs failed on {}",
+        disk.display()
+    );
+}
+
 pub fn skip(test: &str, reason: &str) {
     use std::io::Write;
     eprintln!("SKIPPED {test}: {reason}");
