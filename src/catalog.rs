@@ -12,6 +12,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::caller::CallerFile;
 use crate::kernel::{GUEST_MODULES, KernelError, UnpackLimit, bzimage, deb, initramfs, modules};
 use crate::store::Record;
 
@@ -109,7 +110,8 @@ pub fn boot_image(kernel: &KernelRecord, agent: &Agent) -> Result<BootImage, Cat
             .tempfile_in(dir)
             .map_err(io_err("create a boot image in", dir))?;
         if let Some(initrd) = &kernel.initrd {
-            let sha256 = copy_hashed_into(initrd, staged.as_file_mut())?;
+            let mut source = File::open(initrd).map_err(io_err("open", initrd))?;
+            let sha256 = copy_hashed_into(&mut source, initrd, staged.as_file_mut())?;
             if let Some(expected) = &kernel.initrd_sha256
                 && *expected != sha256
             {
@@ -202,53 +204,49 @@ fn io_err<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// The given file, checked: absolute, a regular file, and (for the kernel)
-/// an ELF image, which Firecracker needs.
-fn check_source(field: &'static str, path: &Path, elf: bool) -> Result<(), CatalogError> {
-    let invalid = |reason: String| CatalogError::Invalid { field, reason };
-    if !path.is_absolute() {
-        return Err(invalid(format!(
-            "{} is not an absolute path",
-            path.display()
-        )));
-    }
-    let mut file = File::open(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-    if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
-        return Err(invalid(format!("{} is not a regular file", path.display())));
-    }
-    if elf {
-        let mut magic = [0u8; 4];
-        if file.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
-            return Err(invalid(format!(
+/// A kernel must be an ELF image, which Firecracker needs; read at offset
+/// 0 of the caller's descriptor (its position stays).
+fn check_elf(vmlinux: &CallerFile) -> Result<(), CatalogError> {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 4];
+    if vmlinux.file.read_exact_at(&mut magic, 0).is_err() || &magic != b"\x7fELF" {
+        return Err(CatalogError::Invalid {
+            field: "vmlinux",
+            reason: format!(
                 "{} is not an uncompressed ELF kernel (vmlinux); Firecracker cannot boot a bzImage",
-                path.display()
-            )));
-        }
+                vmlinux.path.display()
+            ),
+        });
     }
     Ok(())
 }
 
-/// Copies `from` to `to`, returning the content's sha256 in hex.
-fn copy_hashed(from: &Path, to: &Path) -> Result<String, CatalogError> {
+/// Copies what the caller opened (as much as it held when opened) to `to`,
+/// returning the content's sha256 in hex.
+fn copy_hashed(from: &CallerFile, to: &Path) -> Result<String, CatalogError> {
     let mut dest = File::create(to).map_err(io_err("create", to))?;
-    let sha256 = copy_hashed_into(from, &mut dest)?;
+    let sha256 = copy_hashed_into(&mut (&from.file).take(from.len), &from.path, &mut dest)?;
     dest.sync_all().map_err(io_err("sync", to))?;
     Ok(sha256)
 }
 
-/// Appends `from` to `dest`, returning the content's sha256 in hex.
-fn copy_hashed_into(from: &Path, dest: &mut File) -> Result<String, CatalogError> {
-    let mut source = File::open(from).map_err(io_err("open", from))?;
+/// Appends all of `source` (`name` in messages) to `dest`, returning the
+/// content's sha256 in hex.
+fn copy_hashed_into(
+    source: &mut impl Read,
+    name: &Path,
+    dest: &mut File,
+) -> Result<String, CatalogError> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 16];
     loop {
-        let n = source.read(&mut buffer).map_err(io_err("read", from))?;
+        let n = source.read(&mut buffer).map_err(io_err("read", name))?;
         if n == 0 {
             break;
         }
         hasher.update(&buffer[..n]);
         dest.write_all(&buffer[..n])
-            .map_err(io_err("write a copy of", from))?;
+            .map_err(io_err("write a copy of", name))?;
     }
     Ok(format!("{:x}", hasher.finalize()))
 }
@@ -286,17 +284,16 @@ fn write_hashed(path: &Path, bytes: &[u8]) -> Result<String, CatalogError> {
 pub fn import_package(
     kernels_dir: &Path,
     name: &str,
-    package: &Path,
+    package: &CallerFile,
     limit: UnpackLimit,
     progress: impl Fn(&str, u64),
 ) -> Result<ImportedPackage, CatalogError> {
-    check_source("path", package, false)?;
     let failed = |source: KernelError| CatalogError::Package {
-        package: package.to_path_buf(),
+        package: package.path.clone(),
         source,
     };
     progress("reading the package", 1);
-    let file = File::open(package).map_err(io_err("open", package))?;
+    let file = (&package.file).take(package.len);
     fs::create_dir_all(kernels_dir).map_err(io_err("create", kernels_dir))?;
     // Unlinked, so nothing is left whatever happens.
     let spool = tempfile::tempfile_in(kernels_dir)
@@ -412,13 +409,10 @@ pub fn agent_only_note(vmlinux: &[u8]) -> Option<String> {
 pub fn import_kernel(
     kernels_dir: &Path,
     name: &str,
-    vmlinux: &Path,
-    initrd: Option<&Path>,
+    vmlinux: &CallerFile,
+    initrd: Option<&CallerFile>,
 ) -> Result<ImportedKernel, CatalogError> {
-    check_source("vmlinux", vmlinux, true)?;
-    if let Some(initrd) = initrd {
-        check_source("initrd", initrd, false)?;
-    }
+    check_elf(vmlinux)?;
     let (target, (vmlinux_sha256, initrd_sha256)) = new_entry(kernels_dir, name, |staging| {
         let vmlinux_sha256 = copy_hashed(vmlinux, &staging.join("vmlinux"))?;
         let initrd_sha256 = initrd
@@ -444,20 +438,31 @@ pub fn import_kernel(
 mod tests {
     use super::*;
 
+    /// A file as the RPC layer hands it over, opened by its caller.
+    fn opened(path: &Path) -> CallerFile {
+        let file = File::open(path).expect("open");
+        let len = file.metadata().expect("stat").len();
+        CallerFile {
+            path: path.to_path_buf(),
+            file,
+            len,
+        }
+    }
+
     #[test]
     fn imports_copy_and_hash_and_refuse_a_second_time() {
         let dir = tempfile::tempdir().expect("tempdir");
         let vmlinux = dir.path().join("vmlinux");
         std::fs::write(&vmlinux, b"\x7fELF rest").expect("write");
         let kernels = dir.path().join("kernels");
-        let imported = import_kernel(&kernels, "k1", &vmlinux, None).expect("import");
+        let imported = import_kernel(&kernels, "k1", &opened(&vmlinux), None).expect("import");
         assert_eq!(
             std::fs::read(&imported.vmlinux).expect("read"),
             b"\x7fELF rest"
         );
         assert_eq!(imported.vmlinux_sha256.len(), 64);
         assert!(matches!(
-            import_kernel(&kernels, "k1", &vmlinux, None),
+            import_kernel(&kernels, "k1", &opened(&vmlinux), None),
             Err(CatalogError::Exists(_))
         ));
     }
@@ -467,11 +472,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let bz = dir.path().join("bzImage");
         std::fs::write(&bz, b"MZ....").expect("write");
-        let err = import_kernel(&dir.path().join("k"), "k1", &bz, None).expect_err("not ELF");
+        let err =
+            import_kernel(&dir.path().join("k"), "k1", &opened(&bz), None).expect_err("not ELF");
         assert!(err.to_string().starts_with("invalid vmlinux: "), "{err}");
-        let err = import_kernel(&dir.path().join("k"), "k1", Path::new("relative"), None)
-            .expect_err("relative");
-        assert!(err.to_string().contains("absolute"), "{err}");
     }
 
     #[test]
@@ -481,9 +484,13 @@ mod tests {
         let garbage = dir.path().join("garbage.deb");
         std::fs::write(&garbage, b"not an ar archive").expect("write");
         let phases = std::cell::RefCell::new(Vec::new());
-        let error = import_package(&kernels, "k", &garbage, UnpackLimit::DEFAULT, |phase, _| {
-            phases.borrow_mut().push(phase.to_string())
-        })
+        let error = import_package(
+            &kernels,
+            "k",
+            &opened(&garbage),
+            UnpackLimit::DEFAULT,
+            |phase, _| phases.borrow_mut().push(phase.to_string()),
+        )
         .expect_err("garbage");
         assert!(
             error
@@ -494,19 +501,6 @@ mod tests {
         assert_eq!(*phases.borrow(), ["reading the package"]);
         let left = std::fs::read_dir(&kernels).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0, "nothing left in the catalog");
-
-        let missing = import_package(
-            &kernels,
-            "k",
-            &dir.path().join("gone.deb"),
-            UnpackLimit::DEFAULT,
-            |_, _| {},
-        )
-        .expect_err("missing");
-        assert!(
-            missing.to_string().starts_with("invalid path: "),
-            "{missing}"
-        );
     }
 
     #[test]

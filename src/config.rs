@@ -68,16 +68,29 @@ pub struct ConfigFile {
     #[serde(default)]
     pub kernel: KernelSection,
     #[serde(default)]
+    pub vm: VmSection,
+    #[serde(default)]
     pub rpc: RpcSection,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+pub struct VmSection {
+    pub max_rootfs_gib: Option<u64>,
+}
+
+/// `vm.max_rootfs_gib` when unset: far above any root disk, yet a bound.
+pub const DEFAULT_MAX_ROOTFS_GIB: u64 = 1024;
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct RpcSection {
     pub max_connections: Option<usize>,
+    pub max_connections_per_uid: Option<usize>,
     pub max_in_flight_per_connection: Option<usize>,
     pub max_in_flight: Option<usize>,
     pub first_request_secs: Option<f64>,
+    pub heartbeat_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -166,8 +179,11 @@ pub struct Config {
     pub qemu_accel: AccelChoice,
     /// The static banger-agent put into every VM; beside bangerd when unset.
     pub agent: Option<PathBuf>,
-    /// The most one decompressed stream of a kernel import may hold.
+    /// The most one decompressed stream of a kernel import may hold (and
+    /// the most a kernel file a request names may hold).
     pub unpack_limit: UnpackLimit,
+    /// The most a root disk a request names may hold, in bytes.
+    pub max_rootfs_bytes: u64,
     /// How many clients and requests the socket takes at once.
     pub rpc_limits: Limits,
     /// Backoff for VMs that do not set their own.
@@ -268,6 +284,16 @@ pub fn resolve(
             });
         }
     };
+    let max_rootfs_bytes = match file.vm.max_rootfs_gib {
+        None => DEFAULT_MAX_ROOTFS_GIB << 30,
+        Some(gib @ 1..=1_048_576) => gib << 30,
+        Some(gib) => {
+            return Err(ConfigError::Invalid {
+                key: "vm.max_rootfs_gib",
+                reason: format!("{gib} is outside 1 to 1048576"),
+            });
+        }
+    };
     let rpc_limits = rpc_limits(&file.rpc)?;
     require_absolute("state_dir", &state_dir)?;
     if let Some(agent) = &file.agent.binary {
@@ -321,6 +347,7 @@ pub fn resolve(
         qemu_accel: file.qemu.accel.unwrap_or_default(),
         agent: file.agent.binary,
         unpack_limit,
+        max_rootfs_bytes,
         rpc_limits,
         restart_delay_ms,
         restart_max_delay_ms,
@@ -350,11 +377,29 @@ fn rpc_limits(section: &RpcSection) -> Result<Limits, ConfigError> {
             });
         }
     };
+    let heartbeat = match section.heartbeat_secs {
+        None => defaults.heartbeat,
+        Some(s) if s.is_finite() && (0.05..=60.0).contains(&s) => {
+            std::time::Duration::from_secs_f64(s)
+        }
+        Some(s) => {
+            return Err(ConfigError::Invalid {
+                key: "rpc.heartbeat_secs",
+                reason: format!("{s} is outside 0.05 to 60 seconds"),
+            });
+        }
+    };
     Ok(Limits {
+        heartbeat,
         connections: count(
             "rpc.max_connections",
             section.max_connections,
             defaults.connections,
+        )?,
+        connections_per_uid: count(
+            "rpc.max_connections_per_uid",
+            section.max_connections_per_uid,
+            defaults.connections_per_uid,
         )?,
         in_flight_per_connection: count(
             "rpc.max_in_flight_per_connection",

@@ -4,6 +4,7 @@
 //! accepting, cancel and drain operations, let the store close. It never
 //! touches VMs: they outlive the daemon.
 
+use crate::caller::SizeCap;
 use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -140,6 +141,10 @@ impl SystemSupervisor {
             },
             default_vmm,
             host: Arc::new(LocalHost),
+            max_rootfs: SizeCap {
+                bytes: config.max_rootfs_bytes,
+                setting: "vm.max_rootfs_gib",
+            },
             jail_base,
             vms_dir: config.state_dir.join("vms"),
             restart_defaults: RestartPolicy {
@@ -183,6 +188,10 @@ impl SystemSupervisor {
             },
             kernel: KernelServices {
                 catalog: catalog.clone(),
+                max_file: SizeCap {
+                    bytes: config.unpack_limit.0,
+                    setting: "kernel.max_unpacked_mib",
+                },
             },
             operations: operations.clone(),
             daemon: DaemonServices {
@@ -199,6 +208,7 @@ impl SystemSupervisor {
                     state_dir: config.state_dir.clone(),
                     socket: config.socket.clone(),
                     store_path,
+                    heartbeat: config.rpc_limits.heartbeat,
                     schema,
                 },
             },

@@ -2,6 +2,7 @@
 //! host; the `banger` CLI talks to it over a Unix socket.
 
 pub mod actors;
+pub mod caller;
 pub mod catalog;
 pub mod cli;
 pub mod config;

@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::*;
@@ -60,6 +60,11 @@ impl Drop for TestAccounts {
 
 /// Runs `banger daemon status` as `user`, with the user's groups.
 fn status_as(user: &str, banger: &Path, socket: &Path) -> Output {
+    banger_as(user, banger, socket, &["daemon", "status", "--json"])
+}
+
+/// Runs the CLI as `user`, with the user's groups.
+fn banger_as(user: &str, banger: &Path, socket: &Path, args: &[&str]) -> Output {
     Command::new("setpriv")
         .args([
             "--reuid",
@@ -73,7 +78,7 @@ fn status_as(user: &str, banger: &Path, socket: &Path) -> Output {
         .arg(banger)
         .arg("--socket")
         .arg(socket)
-        .args(["daemon", "status", "--json"])
+        .args(args)
         .output()
         .expect("run banger as another user")
 }
@@ -173,4 +178,180 @@ fn without_the_group_the_system_socket_is_root_only_and_the_log_says_how_to_fix_
         "{line}"
     );
     assert!(daemon.stop().success());
+}
+
+#[test]
+fn a_member_names_only_files_it_may_read_and_backups_stay_in_the_daemon_directory() {
+    let test = "a_member_names_only_files_it_may_read_and_backups_stay_in_the_daemon_directory";
+    if !nix::unistd::geteuid().is_root() {
+        skip(test, "creating users and switching to them needs root");
+        return;
+    }
+    let tag = format!("{:05}", (std::process::id() + 1) % 100_000);
+    let accounts = TestAccounts::create(&tag);
+    let member = accounts.users[0].clone();
+    let uid = nix::unistd::User::from_name(&member)
+        .expect("lookup")
+        .expect("user")
+        .uid;
+
+    let tmp = state_dir();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let cli = dir.join("banger");
+    std::fs::copy(BANGER, &cli).expect("copy the CLI");
+    let config = dir.join("bangerd.toml");
+    std::fs::write(&config, format!("socket_group = \"{}\"\n", accounts.group)).expect("config");
+    let state = dir.join("state");
+    let _daemon = Daemon::ready(Daemon::spawn_with(
+        &state,
+        &["--system", "--config", config.to_str().expect("utf-8 path")],
+    ));
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).expect("chmod state");
+    let socket = socket_path(&state);
+    let halt = dir.join("halt.elf");
+    halt_kernel(&halt);
+    let as_root = banger(
+        &state,
+        &[
+            "kernel",
+            "import",
+            "halt",
+            "--vmlinux",
+            halt.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        as_root.status.success(),
+        "{}",
+        String::from_utf8_lossy(&as_root.stderr)
+    );
+
+    // Root's files: one in a directory only root may enter, one readable
+    // by root alone in a directory anyone may enter.
+    let private = dir.join("private");
+    std::fs::create_dir(&private).expect("mkdir");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let secret = private.join("secret.ext4");
+    std::fs::write(&secret, vec![0u8; 4096]).expect("secret");
+    let root_only = dir.join("root-only");
+    std::fs::copy(&halt, &root_only).expect("copy");
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    // The member's own directory: its files, and a link to /etc/shadow.
+    let own = dir.join("member");
+    std::fs::create_dir(&own).expect("mkdir");
+    let mine = own.join("disk.ext4");
+    std::fs::write(&mine, vec![0u8; 4096]).expect("disk");
+    let own_kernel = own.join("vmlinux");
+    std::fs::copy(&halt, &own_kernel).expect("kernel");
+    let link = own.join("swapped");
+    std::os::unix::fs::symlink("/etc/shadow", &link).expect("symlink");
+    let ids = |p: &Path| nix::unistd::chown(p, Some(uid), None).expect("chown");
+    for path in [&own, &mine, &own_kernel] {
+        ids(path);
+    }
+    let s = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
+    let refused = |args: &[&str], named: &Path| {
+        let out = banger_as(&member, &cli, &socket, args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?} must be refused: {stderr}"
+        );
+        assert!(
+            stderr.contains(&named.display().to_string()),
+            "{args:?}: the error names the path: {stderr}"
+        );
+        stderr
+    };
+    let stderr = refused(
+        &[
+            "vm",
+            "create",
+            "steal",
+            "--kernel",
+            "halt",
+            "--rootfs",
+            &s(&secret),
+        ],
+        &secret,
+    );
+    assert!(stderr.contains(&format!("as uid {uid}")), "{stderr}");
+    refused(
+        &[
+            "vm",
+            "create",
+            "steal",
+            "--kernel",
+            "halt",
+            "--rootfs",
+            &s(&link),
+        ],
+        &link,
+    );
+    refused(
+        &["kernel", "import", "k1", "--vmlinux", &s(&root_only)],
+        &root_only,
+    );
+    refused(
+        &[
+            "kernel",
+            "import",
+            "k2",
+            "--vmlinux",
+            &s(&own_kernel),
+            "--initrd",
+            &s(&secret),
+        ],
+        &secret,
+    );
+    refused(&["kernel", "import-deb", "k3", &s(&secret)], &secret);
+    let outside = PathBuf::from(format!("/etc/banger-test-{tag}"));
+    refused(&["daemon", "backup", &s(&outside)], &outside);
+    assert!(
+        !outside.exists(),
+        "nothing created outside the daemon's directory"
+    );
+
+    let vms = banger(&state, &["vm", "ls", "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&vms.stdout).trim(),
+        "[]",
+        "no VM was created"
+    );
+    let kernels = banger(&state, &["kernel", "ls", "--json"]);
+    let kernels: serde_json::Value = serde_json::from_slice(&kernels.stdout).expect("json");
+    assert_eq!(
+        kernels.as_array().map(Vec::len),
+        Some(1),
+        "only halt: {kernels}"
+    );
+
+    // What the member may read, it may name.
+    let ok = |args: &[&str]| {
+        let out = banger_as(&member, &cli, &socket, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&[
+        "vm",
+        "create",
+        "mine",
+        "--kernel",
+        "halt",
+        "--rootfs",
+        &s(&mine),
+    ]);
+    ok(&["kernel", "import", "own", "--vmlinux", &s(&own_kernel)]);
+    let written = ok(&["daemon", "backup", "nightly.redb", "--json"]);
+    let written: serde_json::Value = serde_json::from_str(&written).expect("json");
+    let backup = state.join("backups/nightly.redb");
+    assert_eq!(written["path"], s(&backup), "{written}");
+    assert!(backup.is_file());
+    ok(&["vm", "rm", "mine"]);
 }

@@ -315,6 +315,31 @@ fn a_hundred_megabytes_each_way_arrive_intact_and_signals_reach_the_process() {
         "for i in $(seq 50); do [ -f /tmp/hup ] && break; sleep 0.1; done; cat /tmp/hup",
     ]);
     assert_eq!(marker, "hup\n");
+
+    // A quiet exec hears heartbeats; a daemon that stops answering ends it
+    // within three of them (the fixture beats every 0.5 s), with 125.
+    let mut quiet = spawn_exec(
+        &f,
+        &["sh", "-c", "echo ready; sleep 600"],
+        Stdio::null(),
+        Stdio::piped(),
+    );
+    let mut lines = BufReader::new(quiet.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    lines.read_line(&mut line).expect("ready");
+    let daemon = daemon_pid(&f);
+    kill(daemon, Signal::SIGSTOP).expect("SIGSTOP bangerd");
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(quiet.wait_with_output());
+    });
+    let ended = exited.recv_timeout(EVENT_TIMEOUT);
+    kill(daemon, Signal::SIGCONT).expect("SIGCONT bangerd");
+    let out = ended.expect("vm exec never gave up").expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("did not answer"), "{stderr}");
+    assert_eq!(f.exec_ok(&["echo", "after"]), "after\n");
 }
 
 /// The agent of the last release that spoke protocol 1

@@ -88,7 +88,7 @@ fn domain_errors_have_stable_codes() {
     let missing = conn.call(3, "daemon.operations.get", json!({"op_id": new_op_id()}));
     assert_eq!(code(&missing), -32001);
 
-    let target = dir.join("copy.redb");
+    let target = dir.join("backups/copy.redb");
     let done = conn.call(4, "daemon.backup", json!({"path": target}));
     let op_id = done["result"]["op_id"].as_str().expect("op_id").to_string();
     assert!(target.exists());
@@ -100,13 +100,17 @@ fn domain_errors_have_stable_codes() {
     assert_eq!(code(&finished), -32003);
     assert!(message(&finished).contains("already ended"), "{finished}");
 
-    let internal = conn.call(
+    // The daemon writes backups into its own directory, nowhere else.
+    let outside = conn.call(
         7,
         "daemon.backup",
         json!({"path": dir.join("no/such/dir/x.redb")}),
     );
-    assert_eq!(code(&internal), -32603);
-    assert!(message(&internal).contains("no/such/dir"), "{internal}");
+    assert_eq!(code(&outside), -32602);
+    assert!(
+        message(&outside).contains("outside the daemon's backup directory"),
+        "{outside}"
+    );
 
     let listed = conn.call(8, "daemon.operations.list", json!({"all": true}));
     let outcomes: Vec<&str> = listed["result"]["operations"]
@@ -115,7 +119,8 @@ fn domain_errors_have_stable_codes() {
         .iter()
         .map(|op| op["outcome"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(outcomes, ["succeeded", "failed", "failed"]);
+    // The refused path never became an operation.
+    assert_eq!(outcomes, ["succeeded", "failed"]);
 }
 
 #[test]
@@ -211,7 +216,7 @@ fn start_slow_backup(conn: &mut Conn, id: u64, target: &Path, rate_limit: u64) -
                 .to_string();
         }
         assert!(
-            message["method"] == "progress",
+            message["method"] == "progress" || message["method"] == "heartbeat",
             "backup ended early: {message}"
         );
     }
@@ -227,7 +232,7 @@ fn a_backup_streams_progress_to_watchers_and_can_be_cancelled() {
     let dir = tmp.path();
     seed_store(dir, SEEDED);
     let _daemon = Daemon::start(dir);
-    let target = dir.join("slow.redb");
+    let target = dir.join("backups/slow.redb");
     let mut owner = Conn::open(dir);
     let op_id = start_slow_backup(&mut owner, 1, &target, 20_000);
     assert!(
@@ -281,8 +286,7 @@ fn ops_watch_follows_a_backup_to_its_end() {
     let dir = tmp.path();
     seed_store(dir, SEEDED);
     let _daemon = Daemon::start(dir);
-    let target = dir.join("copy").join("banger.redb");
-    std::fs::create_dir(dir.join("copy")).expect("mkdir");
+    let target = dir.join("backups").join("banger.redb");
     let mut owner = Conn::open(dir);
     let op_id = start_slow_backup(&mut owner, 1, &target, 100_000);
 
@@ -310,8 +314,8 @@ fn ops_watch_follows_a_backup_to_its_end() {
         "the VMs, 7 table versions, this operation: {done}"
     );
     // The backup is a store in its own right.
-    assert_eq!(probe(&dir.join("copy")), (0, "compatible".to_string()));
-    let copy = banger::store::open(&dir.join("copy"), banger::store::Schema::production())
+    assert_eq!(probe(&dir.join("backups")), (0, "compatible".to_string()));
+    let copy = banger::store::open(&dir.join("backups"), banger::store::Schema::production())
         .expect("open copy");
     assert_eq!(
         copy.store.record_counts().expect("counts")["vms"],
@@ -324,7 +328,7 @@ fn ops_watch_follows_a_backup_to_its_end() {
 fn backup_in_flight(dir: &Path) -> (Daemon, Conn, std::path::PathBuf, String) {
     seed_store(dir, SEEDED);
     let daemon = Daemon::start(dir);
-    let target = dir.join("b.redb");
+    let target = dir.join("backups/b.redb");
     let mut owner = Conn::open(dir);
     let op_id = start_slow_backup(&mut owner, 1, &target, 20_000);
     (daemon, owner, target, op_id)
@@ -526,11 +530,141 @@ fn an_idle_connection_is_closed_and_a_busy_daemon_names_its_limit() {
     // (Each connection is opened just before its request: an idle one
     // would be closed.)
     let mut first = Conn::open(dir);
-    start_slow_backup(&mut first, 1, &dir.join("one.redb"), 2_000);
+    start_slow_backup(&mut first, 1, &dir.join("backups/one.redb"), 2_000);
     let mut second = Conn::open(dir);
-    start_slow_backup(&mut second, 1, &dir.join("two.redb"), 2_000);
+    start_slow_backup(&mut second, 1, &dir.join("backups/two.redb"), 2_000);
     let mut third = Conn::open(dir);
     let refused = third.call(1, "daemon.status", json!({}));
     assert_eq!(code(&refused), -32004, "{refused}");
     assert!(message(&refused).contains("rpc.max_in_flight"), "{refused}");
+}
+
+#[test]
+fn one_uid_cannot_hold_every_connection() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    let _daemon = daemon_with_rpc_limits(dir, "max_connections_per_uid = 3");
+    let mut held: Vec<Conn> = (0..3).map(|_| Conn::open(dir)).collect();
+    let mut fourth = Conn::open(dir);
+    let told = fourth.recv().expect("a reason before the close");
+    assert_eq!(code(&told), -32004, "{told}");
+    assert!(
+        message(&told).contains("rpc.max_connections_per_uid"),
+        "{told}"
+    );
+    assert!(fourth.recv().is_none(), "closed after the reason");
+    // The held connections serve; once one goes, its slot is free again.
+    let answer = held[0].call(1, "daemon.status", json!({}));
+    assert!(answer["result"].is_object(), "{answer}");
+    held.pop();
+    // The daemon hears the close on its own time: the first connection
+    // after it is admitted.
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let mut conn = Conn::open(dir);
+        conn.send(&request(1, "daemon.status", json!({})));
+        let answer = conn.recv().expect("an answer or a refusal");
+        if answer["result"].is_object() {
+            break;
+        }
+        assert!(
+            message(&answer).contains("rpc.max_connections_per_uid"),
+            "{answer}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+    }
+}
+
+#[test]
+fn a_rootfs_that_would_hang_the_daemon_is_refused_at_once() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    let _daemon = Daemon::start(dir);
+    // A FIFO blocks whoever opens it for reading until a writer comes.
+    let fifo = dir.join("hang.ext4");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let mut conn = Conn::open(dir);
+    let started = std::time::Instant::now();
+    let refused = conn.call(
+        1,
+        "vm.create",
+        json!({"name": "hang", "kernel": "k", "rootfs": fifo}),
+    );
+    assert_eq!(code(&refused), -32602, "{refused}");
+    assert!(
+        message(&refused).contains("is not a regular file"),
+        "{refused}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused without waiting"
+    );
+    let mut status = Conn::open(dir);
+    assert!(status.call(1, "daemon.status", json!({}))["result"].is_object());
+}
+
+#[test]
+fn requests_in_flight_carry_heartbeats_and_a_daemon_that_stops_ends_them() {
+    use std::io::BufRead;
+    let tmp = state_dir();
+    let dir = tmp.path();
+    seed_store(dir, SEEDED);
+    let daemon = daemon_with_rpc_limits(dir, "heartbeat_secs = 0.2");
+    // On the wire: a client that asks hears heartbeats per request.
+    let mut conn = Conn::open(dir);
+    let hello = conn.call(
+        1,
+        "daemon.hello",
+        json!({"protocol_version": 1, "heartbeats": true}),
+    );
+    assert_eq!(hello["result"]["heartbeat_secs"], 0.2, "{hello}");
+    let op_id = start_slow_backup(&mut conn, 2, &dir.join("backups/beat.redb"), 20_000);
+    loop {
+        let message = conn.recv().expect("a heartbeat before the end");
+        assert!(message.get("result").is_none(), "ended first: {message}");
+        if message["method"] == "heartbeat" {
+            assert_eq!(message["params"]["id"], 2, "{message}");
+            break;
+        }
+    }
+
+    // The CLI: following the backup, it hears progress; once the daemon
+    // stops, it gives up after three missed heartbeats.
+    let mut watch = std::process::Command::new(BANGER)
+        .arg("--socket")
+        .arg(socket_path(dir))
+        .args(["ops", "watch", &op_id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("banger ops watch");
+    let mut progress = std::io::BufReader::new(watch.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    progress.read_line(&mut first).expect("a progress line");
+    assert!(first.starts_with("copying"), "{first}");
+    kill(daemon.pid(), Signal::SIGSTOP).expect("SIGSTOP bangerd");
+    let stopped = std::time::Instant::now();
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(watch.wait_with_output());
+    });
+    let ended = exited.recv_timeout(EVENT_TIMEOUT);
+    kill(daemon.pid(), Signal::SIGCONT).expect("SIGCONT bangerd");
+    let out = ended.expect("ops watch never gave up").expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&socket_path(dir).display().to_string())
+            && stderr.contains("did not answer"),
+        "{stderr}"
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "gave up after {:?}",
+        stopped.elapsed()
+    );
+    assert!(banger(dir, &["daemon", "status"]).status.success());
 }

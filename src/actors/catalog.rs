@@ -20,6 +20,7 @@ use jiff::Timestamp;
 use tracing::{info, warn};
 
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
+use crate::caller::CallerFile;
 use crate::catalog::{self, Agent, CatalogError, KernelRecord};
 use crate::kernel::UnpackLimit;
 use crate::reconcile;
@@ -46,14 +47,14 @@ pub enum KernelError {
 
 /// Where an import's files come from.
 pub enum KernelSource {
-    /// A vmlinux (and optionally an initrd) given by the user.
+    /// A vmlinux (and optionally an initrd) the caller opened.
     Vmlinux {
-        vmlinux: PathBuf,
-        initrd: Option<PathBuf>,
+        vmlinux: CallerFile,
+        initrd: Option<CallerFile>,
         cmdline: Option<String>,
     },
-    /// A Debian kernel package.
-    Package { path: PathBuf },
+    /// A Debian kernel package the caller opened.
+    Package { package: CallerFile },
 }
 
 /// Hears an import's phases (name, step of 4), from its blocking thread.
@@ -506,7 +507,7 @@ fn import_files(
             initrd,
             cmdline,
         } => {
-            let imported = catalog::import_kernel(dir, name, &vmlinux, initrd.as_deref())?;
+            let imported = catalog::import_kernel(dir, name, &vmlinux, initrd.as_ref())?;
             Ok(KernelRecord {
                 name: name.to_string(),
                 vmlinux: imported.vmlinux,
@@ -524,8 +525,8 @@ fn import_files(
                 created_at,
             })
         }
-        KernelSource::Package { path } => {
-            let imported = catalog::import_package(dir, name, &path, limit, |phase, step| {
+        KernelSource::Package { package } => {
+            let imported = catalog::import_package(dir, name, &package, limit, |phase, step| {
                 progress(phase, step)
             })?;
             Ok(KernelRecord {
@@ -537,7 +538,10 @@ fn import_files(
                 bzimage: Some(imported.bzimage),
                 bzimage_sha256: Some(imported.bzimage_sha256),
                 version: Some(imported.version),
-                package: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                package: package
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned()),
                 modules: imported.modules,
                 cmdline: None,
                 note: None,

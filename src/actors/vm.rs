@@ -31,6 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::actors::catalog::{CatalogActor, KernelError, PrepareBoot, Reserve, Unreserve};
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
+use crate::caller::{CallerFile, SizeCap};
 use crate::catalog::CatalogError;
 use crate::catalog::KernelRecord;
 use crate::error_chain;
@@ -82,6 +83,8 @@ pub struct VmSettings {
     pub jail_base: PathBuf,
     pub restart_defaults: RestartPolicy,
     pub host: Arc<dyn HostOps>,
+    /// The most a root disk a request names may hold.
+    pub max_rootfs: SizeCap,
 }
 
 impl VmSettings {
@@ -214,6 +217,8 @@ pub struct VmActor {
     /// Connecting to the agent, while the VMM runs and no link is up.
     agent_connect: Option<SpawnHandle>,
     agent_waiters: Vec<oneshot::Sender<AgentLink>>,
+    /// A new VM's root disk as the caller opened it, until it is cloned.
+    source: Option<CallerFile>,
     /// Told when the VM is gone, however its removal ended.
     manager: Recipient<VmRemoved>,
 }
@@ -314,6 +319,7 @@ impl VmActor {
             agent: None,
             agent_connect: None,
             agent_waiters: Vec::new(),
+            source: None,
             manager,
         }
     }
@@ -397,9 +403,9 @@ impl VmActor {
                 }
                 Effect::ConnectAgent => self.connect_agent(ctx),
                 Effect::DropAgent => self.drop_agent(ctx),
-                Effect::CloneDisk(source) => {
-                    let target = self.vm.record.rootfs.clone();
-                    ctx.spawn(clone_rootfs(source, target).into_actor(self).map(
+                Effect::CloneDisk(named) => {
+                    let (source, target) = (self.source.take(), self.vm.record.rootfs.clone());
+                    ctx.spawn(clone_rootfs(source, named, target).into_actor(self).map(
                         |cloned, act, ctx| {
                             if cloned.is_ok() {
                                 act.watch_console(ctx);
@@ -1018,7 +1024,7 @@ pub enum VmCommand {
     Get,
     /// The first command of a new VM: its disk cloned from `source`.
     Create {
-        source: PathBuf,
+        source: CallerFile,
     },
     Start,
     Stop {
@@ -1053,7 +1059,14 @@ impl Handler<VmCommand> for VmActor {
                 };
                 return Box::pin(async move { found });
             }
-            VmCommand::Create { source } => Event::Create { request, source },
+            VmCommand::Create { source } => {
+                let path = source.path.clone();
+                self.source = Some(source);
+                Event::Create {
+                    request,
+                    source: path,
+                }
+            }
             VmCommand::Start => Event::Start { request },
             VmCommand::Stop { timeout } => Event::Stop { request, timeout },
             VmCommand::Kill => Event::Kill { request },
@@ -1098,10 +1111,24 @@ async fn release_resources(settings: Arc<VmSettings>, record: VmRecord) -> Resul
     .map_err(|_| VmError::Unavailable("blocking thread pool"))?
 }
 
-/// The VM's own copy of the root disk: a reflink where the filesystem
-/// allows, a copy otherwise. The user's file is never written.
-async fn clone_rootfs(source: PathBuf, target: PathBuf) -> Result<(), VmError> {
+/// The VM's own copy of the root disk, read through the descriptor opened
+/// with the caller's authority (`named` is its path, for messages): a
+/// reflink where the filesystem allows, a copy otherwise. The user's file
+/// is never written.
+async fn clone_rootfs(
+    source: Option<CallerFile>,
+    named: PathBuf,
+    target: PathBuf,
+) -> Result<(), VmError> {
     tokio::task::spawn_blocking(move || {
+        let copy_err = |source| VmError::Io {
+            action: "copy the root filesystem",
+            path: named.clone(),
+            source,
+        };
+        let Some(mut source) = source else {
+            return Err(copy_err(std::io::Error::other("the opened file was lost")));
+        };
         if let Some(dir) = target.parent() {
             std::fs::create_dir_all(dir).map_err(|e| VmError::Io {
                 action: "create",
@@ -1109,13 +1136,15 @@ async fn clone_rootfs(source: PathBuf, target: PathBuf) -> Result<(), VmError> {
                 source: e,
             })?;
         }
-        reflink_copy::reflink_or_copy(&source, &target)
-            .map(drop)
-            .map_err(|e| VmError::Io {
-                action: "copy the root filesystem",
-                path: source.clone(),
-                source: e,
-            })?;
+        let mut copy = std::fs::File::create(&target).map_err(|e| VmError::Io {
+            action: "create",
+            path: target.clone(),
+            source: e,
+        })?;
+        if reflink_copy::reflink_file(&source.file, &copy).is_err() {
+            std::io::copy(&mut source.file, &mut copy).map_err(copy_err)?;
+        }
+        copy.sync_all().map_err(copy_err)?;
         fault::boundary("disk-cloned");
         Ok(())
     })
@@ -1123,11 +1152,11 @@ async fn clone_rootfs(source: PathBuf, target: PathBuf) -> Result<(), VmError> {
     .map_err(|_| VmError::Unavailable("blocking thread pool"))?
 }
 
-/// A validated `vm create`.
+/// A validated `vm create`, its root disk open with the caller's authority.
 pub struct CreateVm {
     pub name: String,
     pub kernel: String,
-    pub rootfs: PathBuf,
+    pub rootfs: CallerFile,
     pub vcpus: u8,
     pub memory_mib: u32,
     /// The daemon's default backend when not given.

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::config::{self, Mode, Overrides};
 use crate::daemon::VERSION;
 use crate::operations::{OperationOutcome, OperationRecord};
-use crate::rpc::client::{Client, ClientError};
+use crate::rpc::client::{Client, ClientError, Stream};
 use crate::rpc::daemon::{BackupResult, MethodsResult, StatusResult};
 use crate::rpc::kernel::{KernelResult, KernelsResult};
 use crate::rpc::ops::{OperationResult, OperationsResult};
@@ -72,7 +72,9 @@ enum DaemonCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write a consistent copy of the store to PATH (which must not exist).
+    /// Write a consistent copy of the store to PATH, a file name in the
+    /// daemon's backup directory (<state-dir>/backups) or a path there;
+    /// it must not exist.
     Backup {
         path: PathBuf,
         /// Copy at most this many bytes per second.
@@ -342,7 +344,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             rate_limit,
             json,
         }) => {
-            let params = json!({"path": absolute(&path)?, "rate_limit": rate_limit});
+            // A bare name is the daemon's to place in its backup directory.
+            let path = if path.components().count() == 1 {
+                path
+            } else {
+                absolute(&path)?
+            };
+            let params = json!({"path": path, "rate_limit": rate_limit});
             let mut stderr = std::io::stderr();
             let result =
                 client.call_with_progress::<BackupResult>("daemon.backup", params, |p| {
@@ -650,7 +658,12 @@ fn exec(
             }
         });
     }
-    let (info, mut frames, writer) = client.stream("vm.exec", params)?;
+    let Stream {
+        info,
+        reader: mut frames,
+        writer,
+        silence,
+    } = client.stream("vm.exec", params)?;
     let writer = {
         let mut slot = stream_writer.lock().unwrap_or_else(|p| p.into_inner());
         *slot = Some(writer);
@@ -689,8 +702,10 @@ fn exec(
     }
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     loop {
-        let frame = stream::read_frame(&mut frames)
-            .map_err(|e| Failure::Daemon(format!("the exec stream broke: {e}")))?;
+        let frame = stream::read_frame(&mut frames).map_err(|e| match silence.error(e) {
+            ClientError::Io(e) => Failure::Daemon(format!("the exec stream broke: {e}")),
+            silent => Failure::from(silent),
+        })?;
         let Some(frame) = frame else {
             return Err(Failure::Daemon(
                 "bangerd ended the exec stream without an exit status".into(),
@@ -744,14 +759,20 @@ fn exec(
 
 /// Copies the console stream to stdout until the daemon ends it.
 fn follow_logs(client: Client, name: &str, tail: Option<usize>) -> Result<(), Failure> {
-    let (_, mut frames, _) = client.stream(
+    let Stream {
+        reader: mut frames,
+        silence,
+        ..
+    } = client.stream(
         "vm.logs",
         json!({"name": name, "tail": tail, "follow": true}),
     )?;
     let mut stdout = std::io::stdout();
     loop {
-        let frame = stream::read_frame(&mut frames)
-            .map_err(|e| Failure::Daemon(format!("the log stream broke: {e}")))?;
+        let frame = stream::read_frame(&mut frames).map_err(|e| match silence.error(e) {
+            ClientError::Io(e) => Failure::Daemon(format!("the log stream broke: {e}")),
+            silent => Failure::from(silent),
+        })?;
         match frame {
             None => return Ok(()),
             Some(frame) if frame.kind == stream::STDOUT => {

@@ -1,6 +1,8 @@
 //! A blocking client for the daemon's socket, used by the CLI, by
 //! `bangerd --check-migrations` (the online probe) and by tests. One
-//! request at a time; `progress` notifications go to a callback.
+//! request at a time; `progress` notifications go to a callback. It asks
+//! for heartbeats and gives up on a daemon silent for [`SILENCE_BEATS`] of
+//! them, in calls and on byte streams alike.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -27,8 +29,8 @@ pub enum ClientError {
         source: io::Error,
     },
     #[error(
-        "bangerd at {socket} accepted the connection but did not answer within {}s; is it stopped or overloaded?",
-        after.as_secs()
+        "bangerd at {socket} accepted the connection but did not answer within {:.1}s; is it stopped or overloaded?",
+        after.as_secs_f64()
     )]
     NotAnswering { socket: PathBuf, after: Duration },
     #[error("the connection to bangerd failed")]
@@ -56,11 +58,46 @@ impl ClientError {
 /// longer (stopped, wedged) is reported instead of waited for forever.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Heartbeats missed in a row before the daemon counts as not answering.
+pub const SILENCE_BEATS: u32 = 3;
+
+/// An accepted byte stream (`Client::stream`).
+pub struct Stream {
+    pub info: StreamInfo,
+    pub reader: BufReader<UnixStream>,
+    pub writer: UnixStream,
+    pub silence: Silence,
+}
+
 pub struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     next_id: u64,
     pub daemon_version: String,
+    silence: Silence,
+}
+
+/// How long the daemon may stay silent on a connection (no limit: it sends
+/// no heartbeats), and what a read that waited longer means.
+#[derive(Debug, Clone)]
+pub struct Silence {
+    socket: PathBuf,
+    pub limit: Option<Duration>,
+}
+
+impl Silence {
+    /// A read that timed out: the daemon stopped answering.
+    pub fn error(&self, e: io::Error) -> ClientError {
+        match (e.kind(), self.limit) {
+            (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(after)) => {
+                ClientError::NotAnswering {
+                    socket: self.socket.clone(),
+                    after,
+                }
+            }
+            _ => ClientError::Io(e),
+        }
+    }
 }
 
 impl Client {
@@ -82,44 +119,41 @@ impl Client {
             writer: stream,
             next_id: 1,
             daemon_version: String::new(),
+            silence: Silence {
+                socket: socket.to_path_buf(),
+                limit: Some(timeout),
+            },
         };
         let hello = HelloParams {
             protocol_version: PROTOCOL_VERSION,
             client_version: Some(env!("CARGO_PKG_VERSION").into()),
+            heartbeats: true,
         };
         client.writer.set_read_timeout(Some(timeout))?;
-        let hello: WithOpId<HelloResult> =
-            client
-                .call("daemon.hello", json!(hello))
-                .map_err(|e| match e {
-                    ClientError::Io(io)
-                        if matches!(
-                            io.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        ClientError::NotAnswering {
-                            socket: socket.to_path_buf(),
-                            after: timeout,
-                        }
-                    }
-                    e => e,
-                })?;
-        client.writer.set_read_timeout(None)?;
+        let hello: WithOpId<HelloResult> = client.call("daemon.hello", json!(hello))?;
+        // The socket's timeout holds for its byte stream too.
+        client.silence.limit = hello
+            .result
+            .heartbeat_secs
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(|s| Duration::from_secs_f64(s) * SILENCE_BEATS);
+        client.writer.set_read_timeout(client.silence.limit)?;
         client.daemon_version = hello.result.daemon_version;
         Ok(client)
     }
 
     /// Sends a streaming request; once accepted, the connection carries
     /// frames (see `rpc::stream`) both ways: this answers what the daemon
-    /// said of the stream, its reader and its writer.
-    pub fn stream(
-        mut self,
-        method: &str,
-        params: Value,
-    ) -> Result<(StreamInfo, BufReader<UnixStream>, UnixStream), ClientError> {
+    /// said of the stream, its reader (whose reads time out past the
+    /// silence limit: `Silence::error` says so), its writer and that limit.
+    pub fn stream(mut self, method: &str, params: Value) -> Result<Stream, ClientError> {
         let accepted = self.call::<StreamAccepted>(method, params)?;
-        Ok((accepted.result.stream, self.reader, self.writer))
+        Ok(Stream {
+            info: accepted.result.stream,
+            reader: self.reader,
+            writer: self.writer,
+            silence: self.silence,
+        })
     }
 
     pub fn call<T: DeserializeOwned>(
@@ -162,7 +196,8 @@ impl Client {
         let mut line = String::new();
         loop {
             line.clear();
-            if self.reader.read_line(&mut line)? == 0 {
+            let read = self.reader.read_line(&mut line);
+            if read.map_err(|e| self.silence.error(e))? == 0 {
                 return Err(ClientError::Io(written.err().unwrap_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::UnexpectedEof,

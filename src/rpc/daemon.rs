@@ -2,7 +2,8 @@
 //! handshake, status, the method list, the store's schema, backups.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use actix::Addr;
@@ -40,6 +41,11 @@ pub struct HelloParams {
     pub protocol_version: u32,
     #[serde(default)]
     pub client_version: Option<String>,
+    /// The client tells a quiet connection from a dead daemon by
+    /// heartbeats: a `heartbeat` notification per request in flight, and
+    /// heartbeat frames on byte streams, every `heartbeat_secs`.
+    #[serde(default)]
+    pub heartbeats: bool,
 }
 
 impl Params for HelloParams {}
@@ -47,7 +53,9 @@ impl Params for HelloParams {}
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupParams {
-    /// Where the copy goes; absolute, and must not exist yet.
+    /// Where the copy goes: a file name in the daemon's backup directory
+    /// (`<state-dir>/backups`), or an absolute path there; it must not
+    /// exist yet. The daemon writes nowhere else.
     pub path: PathBuf,
     /// Copy at most this many bytes per second (spares a busy disk).
     #[serde(default)]
@@ -56,8 +64,13 @@ pub struct BackupParams {
 
 impl Params for BackupParams {
     fn validate(&self) -> Result<(), RpcError> {
-        if !self.path.is_absolute() {
-            return Err(RpcError::invalid_params("path", "must be an absolute path"));
+        let named = self.path.file_name().map(Path::new);
+        let plain_name = named.is_some_and(|n| n == self.path);
+        if !self.path.is_absolute() && !plain_name {
+            return Err(RpcError::invalid_params(
+                "path",
+                "must be a file name or an absolute path in the backup directory",
+            ));
         }
         if self.rate_limit == Some(0) {
             return Err(RpcError::invalid_params(
@@ -71,6 +84,9 @@ impl Params for BackupParams {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HelloResult {
+    /// How often heartbeats come, when the client asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_secs: Option<f64>,
     pub protocol_version: u32,
     pub daemon_version: String,
 }
@@ -136,6 +152,8 @@ pub struct DaemonInfo {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub store_path: PathBuf,
+    /// How often heartbeats go to the clients that ask (`rpc.heartbeat_secs`).
+    pub heartbeat: std::time::Duration,
     /// The store's schema: fixed while the daemon runs, since migrations
     /// happen only at start-up under the state directory's lock.
     pub schema: Observed,
@@ -189,6 +207,9 @@ fn hello(services: &DaemonServices, params: HelloParams) -> Result<HelloResult, 
         ));
     }
     Ok(HelloResult {
+        heartbeat_secs: params
+            .heartbeats
+            .then_some(services.info.heartbeat.as_secs_f64()),
         protocol_version: PROTOCOL_VERSION,
         daemon_version: services.info.version.clone(),
     })
@@ -228,6 +249,30 @@ async fn status(services: &DaemonServices, wire: &Wire<'_>) -> Result<StatusResu
     })
 }
 
+/// Where backups go: the one directory `daemon.backup` writes into.
+pub const BACKUP_DIR: &str = "backups";
+
+/// A backup's file in `dir`: `named` is a file name, or a path whose
+/// directory is `dir` itself (a path elsewhere is refused, naming it).
+fn backup_target(dir: &Path, named: &Path) -> Result<PathBuf, RpcError> {
+    let outside = || {
+        RpcError::invalid_params(
+            "path",
+            format!(
+                "{} is outside the daemon's backup directory {}; name a file there",
+                named.display(),
+                dir.display()
+            ),
+        )
+    };
+    let name = match named.file_name() {
+        Some(name) if named.is_absolute() && named.parent() == Some(dir) => name,
+        Some(name) if Path::new(name) == named => name,
+        _ => return Err(outside()),
+    };
+    Ok(dir.join(name))
+}
+
 /// A snapshot from the store's actor, copied on a blocking thread with
 /// progress; cancellable, and recorded intent-first so a killed daemon's
 /// partial file is found.
@@ -236,8 +281,20 @@ async fn backup(
     wire: &Wire<'_>,
     params: BackupParams,
 ) -> Result<BackupResult, RpcError> {
-    let path = params.path.clone();
-    let target = params.path.display().to_string();
+    let dir = services.info.state_dir.join(BACKUP_DIR);
+    let path = backup_target(&dir, &params.path)?;
+    let target = path.display().to_string();
+    let created = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    if let Err(e) = created {
+        return Err(RpcError::new(
+            ErrorCode::Internal,
+            format!("cannot create the backup directory {}: {e}", dir.display()),
+        ));
+    }
+    let written = path.clone();
     let copied = wire
         .with_progress(
             "daemon.backup",
@@ -263,7 +320,7 @@ async fn backup(
         )
         .await?;
     Ok(BackupResult {
-        path: params.path,
+        path: written,
         records: copied.records,
         bytes: copied.bytes,
     })

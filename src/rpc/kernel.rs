@@ -1,6 +1,7 @@
 //! The `kernel.*` methods: import (a vmlinux, or a Debian package with
 //! progress), list, remove. They ask only the catalog.
 
+use crate::caller::SizeCap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -41,7 +42,16 @@ pub struct KernelImportParams {
 
 impl Params for KernelImportParams {
     fn validate(&self) -> Result<(), RpcError> {
-        Ok(validate_name("name", &self.name)?)
+        validate_name("name", &self.name)?;
+        for (field, path) in [
+            ("vmlinux", Some(&self.vmlinux)),
+            ("initrd", self.initrd.as_ref()),
+        ] {
+            if path.is_some_and(|p| !p.is_absolute()) {
+                return Err(RpcError::invalid_params(field, "must be an absolute path"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -84,6 +94,8 @@ pub struct KernelsResult {
 /// What the kernel handlers reach.
 pub struct KernelServices {
     pub catalog: Addr<CatalogActor>,
+    /// The most a kernel file a request names may hold.
+    pub max_file: SizeCap,
 }
 
 pub async fn handle(
@@ -95,11 +107,18 @@ pub async fn handle(
     match request {
         Request::Import(params) => {
             let name = params.name.clone();
+            let vmlinux = wire
+                .open_named("vmlinux", &params.vmlinux, services.max_file)
+                .await?;
+            let initrd = match &params.initrd {
+                Some(initrd) => Some(wire.open_named("initrd", initrd, services.max_file).await?),
+                None => None,
+            };
             let import = ImportKernel {
                 name: params.name,
                 source: KernelSource::Vmlinux {
-                    vmlinux: params.vmlinux,
-                    initrd: params.initrd,
+                    vmlinux,
+                    initrd,
                     cmdline: params.cmdline,
                 },
                 progress: Arc::new(|_, _| {}),
@@ -113,6 +132,9 @@ pub async fn handle(
         }
         Request::ImportDeb(params) => {
             let name = params.name.clone();
+            let package = wire
+                .open_named("path", &params.path, services.max_file)
+                .await?;
             let kernel = wire
                 .with_progress(
                     "kernel.import_deb",
@@ -129,7 +151,7 @@ pub async fn handle(
                         });
                         let import = ImportKernel {
                             name: params.name,
-                            source: KernelSource::Package { path: params.path },
+                            source: KernelSource::Package { package },
                             progress,
                         };
                         Ok(catalog.send(import).await??)

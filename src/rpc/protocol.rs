@@ -199,6 +199,15 @@ pub struct Notification {
 }
 
 impl Notification {
+    /// The daemon lives, and request `id` is still in flight.
+    pub fn heartbeat(id: &Value) -> Notification {
+        Notification {
+            jsonrpc: "2.0".into(),
+            method: "heartbeat".into(),
+            params: serde_json::json!({ "id": id }),
+        }
+    }
+
     pub fn progress(progress: &Progress) -> Notification {
         Notification {
             jsonrpc: "2.0".into(),
@@ -463,6 +472,7 @@ mod tests {
         let value = serde_json::to_value(WithOpId {
             op_id: "01J".into(),
             result: HelloResult {
+                heartbeat_secs: None,
                 protocol_version: 1,
                 daemon_version: "0.1.0".into(),
             },

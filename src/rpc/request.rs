@@ -150,9 +150,14 @@ mod tests {
             "{}",
             e.message
         );
-        let e =
-            err(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.backup","params":{"path":"rel"}}"#).1;
-        assert_eq!(e.message, "invalid params: path: must be an absolute path");
+        let e = err(
+            r#"{"jsonrpc":"2.0","id":1,"method":"daemon.backup","params":{"path":"some/rel"}}"#,
+        )
+        .1;
+        assert_eq!(
+            e.message,
+            "invalid params: path: must be a file name or an absolute path in the backup directory"
+        );
         let e = err(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.backup","params":{}}"#).1;
         assert!(e.message.contains("missing field `path`"), "{}", e.message);
         let e =

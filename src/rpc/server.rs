@@ -12,6 +12,7 @@
 //! streams, the stream writes to the socket itself, and what it holds is
 //! bounded by its flow control (`stream`).
 
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,15 +30,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::access::{AccessPolicy, groups_of};
+use super::daemon::Request as DaemonRequest;
 use super::dispatch::{Services, handle, open_stream};
 use super::protocol::{
-    ErrorCode, MAX_LINE_BYTES, Response, RpcError, StreamAccepted, StreamInfo, WithOpId,
+    ErrorCode, MAX_LINE_BYTES, Notification, Response, RpcError, StreamAccepted, StreamInfo,
+    WithOpId,
 };
-use super::request::parse_line;
+use super::request::{Request, parse_line};
 use super::stream::{STDIN_WINDOW, follow_log, relay_exec};
 use super::vm::Opened;
 use super::wire::{Reply, line};
+use crate::caller::Caller;
 use crate::operations::new_op_id;
+use nix::unistd::{Gid, Uid};
 
 pub const MAX_SESSIONS: usize = 4096;
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -50,6 +55,9 @@ const OUTBOX: usize = 256;
 pub struct Limits {
     /// Open connections; more are told `unavailable` and closed.
     pub connections: usize,
+    /// Open connections of one uid, so that one user cannot hold every
+    /// slot.
+    pub connections_per_uid: usize,
     /// Requests in flight on one connection.
     pub in_flight_per_connection: usize,
     /// Requests in flight in the whole daemon, so that neither many
@@ -58,15 +66,58 @@ pub struct Limits {
     /// A connection that sends no request within this is closed, so idle
     /// connections cannot hold every slot.
     pub first_request: Duration,
+    /// How often clients that ask hear that the daemon lives, while a
+    /// request of theirs is in flight or a stream is open.
+    pub heartbeat: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             connections: MAX_SESSIONS,
+            connections_per_uid: MAX_SESSIONS / 4,
             in_flight_per_connection: MAX_IN_FLIGHT,
             in_flight: 1024,
             first_request: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Open connections by uid (entries go when their count does).
+#[derive(Default)]
+struct OpenByUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// One connection counted against its uid until dropped.
+struct UidSlot {
+    open: Arc<OpenByUid>,
+    uid: u32,
+}
+
+impl UidSlot {
+    fn take(open: &Arc<OpenByUid>, uid: u32, limit: usize) -> Option<UidSlot> {
+        let mut counts = open.0.lock().ok()?;
+        let count = counts.entry(uid).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot {
+            open: open.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.open.0.lock()
+            && let Some(count) = counts.get_mut(&self.uid)
+        {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.uid);
+            }
         }
     }
 }
@@ -113,25 +164,25 @@ impl Actor for RpcServer {
         let access = self.access.clone();
         let sessions = self.sessions.clone();
         let (limits, in_flight) = (self.limits, self.in_flight.clone());
+        let open_by_uid = Arc::new(OpenByUid::default());
         let accept = async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
                         let permit = sessions.clone().try_acquire_owned().ok();
                         let (services, access) = (services.clone(), access.clone());
-                        let in_flight = in_flight.clone();
+                        let (in_flight, open) = (in_flight.clone(), open_by_uid.clone());
                         actix::spawn(async move {
                             match permit {
                                 Some(_permit) => {
-                                    session(stream, services, access, limits, in_flight).await
+                                    session(stream, services, access, limits, in_flight, open).await
                                 }
                                 None => {
-                                    refuse(
-                                        stream,
-                                        ErrorCode::Unavailable,
-                                        "too many connections; retry later",
-                                    )
-                                    .await
+                                    let message = format!(
+                                        "the daemon has {} connections open, the most rpc.max_connections allows; retry later",
+                                        limits.connections
+                                    );
+                                    refuse(stream, ErrorCode::Unavailable, &message).await
                                 }
                             }
                         });
@@ -187,12 +238,63 @@ async fn refuse(mut stream: UnixStream, code: ErrorCode, message: &str) {
     let _ = stream.shutdown().await;
 }
 
+/// Waits for a request's answer, telling the client every `heartbeat`
+/// meanwhile that the daemon lives (the client gives up on silence).
+async fn with_heartbeats<T>(
+    work: impl Future<Output = T>,
+    heartbeat: Option<Duration>,
+    id: &Value,
+    out: &mpsc::Sender<Vec<u8>>,
+) -> T {
+    let Some(every) = heartbeat else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticks.tick() => {
+                let _ = out.send(line(&Notification::heartbeat(id))).await;
+            }
+        }
+    }
+}
+
+/// How long the group database may take to list a peer's groups (NSS may
+/// be LDAP or SSSD); past it, the peer's supplementary groups count as none.
+const GROUPS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the policy admits a peer; its groups are looked up only when the
+/// answer depends on them, on a blocking thread.
+async fn admitted(access: &AccessPolicy, uid: Uid, gid: Gid) -> bool {
+    if access.admits(uid, gid, Vec::new) {
+        return true;
+    }
+    if access.group.is_none() {
+        return false;
+    }
+    let lookup = tokio::task::spawn_blocking(move || groups_of(uid));
+    let groups = match tokio::time::timeout(GROUPS_TIMEOUT, lookup).await {
+        Ok(Ok(groups)) => groups,
+        _ => {
+            warn!(
+                uid = uid.as_raw(),
+                "the group database did not answer in time"
+            );
+            Vec::new()
+        }
+    };
+    access.admits(uid, gid, || groups)
+}
+
 async fn session(
     stream: UnixStream,
     services: Arc<Services>,
     access: Arc<AccessPolicy>,
     limits: Limits,
     daemon_in_flight: Arc<Semaphore>,
+    open_by_uid: Arc<OpenByUid>,
 ) {
     let peer = match stream.peer_cred() {
         Ok(peer) => peer,
@@ -201,9 +303,9 @@ async fn session(
             return;
         }
     };
-    let uid = nix::unistd::Uid::from_raw(peer.uid());
-    let gid = nix::unistd::Gid::from_raw(peer.gid());
-    if !access.admits(uid, gid, || groups_of(uid)) {
+    let uid = Uid::from_raw(peer.uid());
+    let gid = Gid::from_raw(peer.gid());
+    if !admitted(&access, uid, gid).await {
         warn!(uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), "refused a client that is not root, the owner or in the socket group");
         let message = format!(
             "uid {} may not use this daemon; ask an administrator to add you to the banger group",
@@ -212,7 +314,19 @@ async fn session(
         refuse(stream, ErrorCode::PermissionDenied, &message).await;
         return;
     }
+    let Some(_slot) = UidSlot::take(&open_by_uid, peer.uid(), limits.connections_per_uid) else {
+        let message = format!(
+            "uid {} has {} connections open, the most rpc.max_connections_per_uid allows; close some and retry",
+            peer.uid(),
+            limits.connections_per_uid
+        );
+        refuse(stream, ErrorCode::Unavailable, &message).await;
+        return;
+    };
     debug!(uid = peer.uid(), pid = ?peer.pid(), "client connected");
+    let caller = Caller { uid, gid };
+    // Set by the client's hello: whether, and how often, it hears them.
+    let mut heartbeat: Option<Duration> = None;
 
     let (read, mut write) = stream.into_split();
     let (out, mut outbox) = mpsc::channel::<Vec<u8>>(OUTBOX);
@@ -291,6 +405,9 @@ async fn session(
                 continue;
             }
         };
+        if let Request::Daemon(DaemonRequest::Hello(hello)) = &call.request {
+            heartbeat = hello.heartbeats.then_some(limits.heartbeat);
+        }
         if call.request.is_streaming() {
             // The connection becomes a byte stream: nothing else may be on it.
             if in_flight.available_permits() != per_connection {
@@ -327,14 +444,14 @@ async fn session(
                     match opened {
                         Opened::Logs(follow) => {
                             let client_gone = async { while lines.next().await.is_some() {} };
-                            follow_log(follow, write, client_gone).await;
+                            follow_log(follow, write, client_gone, heartbeat).await;
                         }
                         Opened::Exec(session) => {
                             // Frames the client sent right behind its request
                             // are in the line reader's buffer: read them first.
                             let parts = lines.into_parts();
                             let client = std::io::Cursor::new(parts.read_buf).chain(parts.io);
-                            relay_exec(session, client, write).await;
+                            relay_exec(session, client, write, heartbeat).await;
                         }
                     }
                     return;
@@ -377,12 +494,14 @@ async fn session(
         actix::spawn(
             async move {
                 let reply = Reply {
+                    caller,
                     id: &call.id,
                     op_id: &op_id,
                     out: &out,
                     closed: &closed,
                 };
-                let response = match handle(&services, call.request, &reply).await {
+                let handled = handle(&services, call.request, &reply);
+                let response = match with_heartbeats(handled, heartbeat, &call.id, &out).await {
                     Ok(result) => Response::success(call.id.clone(), result),
                     Err(error) => {
                         debug!(error = %error, "request failed");

@@ -26,6 +26,9 @@ pub const STDERR: u8 = 0x12;
 pub const EXIT: u8 = 0x13;
 pub const ERROR: u8 = 0x14;
 pub const CREDIT: u8 = 0x15;
+/// Daemon to client, empty: the daemon lives (clients that asked in their
+/// hello get one every `rpc.heartbeat_secs`).
+pub const HEARTBEAT: u8 = 0x16;
 
 /// Largest payload in one frame.
 pub const MAX_FRAME: usize = MAX_LINE_BYTES;
@@ -281,7 +284,9 @@ pub async fn relay_exec(
     session: ExecSession,
     client: impl AsyncRead + Unpin + 'static,
     mut out: impl AsyncWrite + Unpin,
+    heartbeat: Option<Duration>,
 ) {
+    let mut beats = heartbeats(heartbeat);
     let ExecSession {
         input, mut output, ..
     } = session;
@@ -365,11 +370,31 @@ pub async fn relay_exec(
                 let _ = input.kill().await;
                 break;
             }
+            _ = beat(&mut beats), if hangup.is_none() => {
+                if out.write_all(&self::frame(HEARTBEAT, &[])).await.is_err() {
+                    hangup = Some(hang_up(&input, &pending).await);
+                }
+            }
         }
     }
     pending.gone();
     reader.abort();
     forwarder.abort();
+}
+
+/// A stream's heartbeat ticks, the first one period after it opens.
+fn heartbeats(every: Option<Duration>) -> Option<tokio::time::Interval> {
+    every.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every))
+}
+
+/// The next heartbeat; never, for a client that did not ask.
+async fn beat(beats: &mut Option<tokio::time::Interval>) {
+    match beats {
+        Some(beats) => {
+            beats.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Nobody reads the process any more: SIGHUP, as a terminal's hang-up,
@@ -393,8 +418,10 @@ pub async fn follow_log(
     mut log: LogFollow,
     mut out: impl AsyncWrite + Unpin,
     client_gone: impl Future<Output = ()>,
+    heartbeat: Option<Duration>,
 ) {
     tokio::pin!(client_gone);
+    let mut beats = heartbeats(heartbeat);
     let mut buffer = vec![0u8; CHUNK];
     loop {
         match tokio::fs::File::open(&log.path).await {
@@ -432,6 +459,11 @@ pub async fn follow_log(
         tokio::select! {
             _ = &mut client_gone => return,
             _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            _ = beat(&mut beats) => {
+                if out.write_all(&frame(HEARTBEAT, &[])).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }

@@ -350,7 +350,7 @@ pub async fn handle(
 ) -> Result<Box<RawValue>, RpcError> {
     match request {
         Request::Create(params) => {
-            let create = validate_create(services, params)?;
+            let create = validate_create(services, wire, params).await?;
             let name = create.name.clone();
             let vm = wire
                 .operation("vm.create", &name, async {
@@ -468,7 +468,13 @@ fn stop_timeout(seconds: Option<f64>) -> Result<Duration, RpcError> {
     }
 }
 
-fn validate_create(services: &VmServices, params: VmCreateParams) -> Result<CreateVm, RpcError> {
+/// Validates a create, then opens its root disk as the caller, last, so a
+/// refused request opens nothing.
+async fn validate_create(
+    services: &VmServices,
+    wire: &Wire<'_>,
+    params: VmCreateParams,
+) -> Result<CreateVm, RpcError> {
     let name = params.name.unwrap_or_else(generate_name);
     validate_name("name", &name)?;
     validate_name("kernel", &params.kernel)?;
@@ -502,6 +508,9 @@ fn validate_create(services: &VmServices, params: VmCreateParams) -> Result<Crea
         }
         .into());
     }
+    let rootfs = wire
+        .open_named("rootfs", &rootfs, services.settings.max_rootfs)
+        .await?;
     Ok(CreateVm {
         name,
         kernel: params.kernel,

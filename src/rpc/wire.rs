@@ -13,11 +13,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{ErrorCode, Notification, Progress, RpcError, WithOpId};
 use crate::actors::operation::{Begin, OperationHandle, OperationRegistry};
+use crate::caller::{Caller, CallerFile, CallerFileError, SizeCap};
 use crate::operations::{OperationOutcome, OperationRecord};
 
-/// One request's view of its connection: where its lines go, and whether
-/// the client has gone.
+/// One request's view of its connection: who sent it, where its lines
+/// go, and whether the client has gone.
 pub struct Reply<'a> {
+    pub caller: Caller,
     pub id: &'a Value,
     pub op_id: &'a str,
     pub out: &'a mpsc::Sender<Vec<u8>>,
@@ -42,6 +44,26 @@ pub struct Wire<'a> {
 }
 
 impl Wire<'_> {
+    /// The file a request's `field` names, opened with the caller's
+    /// authority (`crate::caller`); refusals name the field and the path.
+    pub async fn open_named(
+        &self,
+        field: &'static str,
+        path: &std::path::Path,
+        cap: SizeCap,
+    ) -> Result<CallerFile, RpcError> {
+        self.reply
+            .caller
+            .open_file(path, cap)
+            .await
+            .map_err(|e| match e {
+                CallerFileError::TimedOut { .. } => {
+                    RpcError::new(ErrorCode::Unavailable, crate::error_chain(&e))
+                }
+                e => RpcError::invalid_params(field, crate::error_chain(&e)),
+            })
+    }
+
     /// The result, with the request's `op_id` beside its fields.
     pub fn answer<T: Serialize>(&self, result: T) -> Result<Box<RawValue>, RpcError> {
         serde_json::value::to_raw_value(&WithOpId {

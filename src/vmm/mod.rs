@@ -162,24 +162,36 @@ pub async fn spawn(
 ) -> Result<(ProcessHandle, VmmProcess), VmmError> {
     let prepared = backend.prepare(host, spec).await?;
     let program = prepared.command.program.clone();
-    let pid = host
-        .spawn_vmm(&prepared.command, console)
-        .map_err(|source| VmmError::Spawn {
-            binary: program.clone(),
+    let watch_err = |program: PathBuf| {
+        move |source| VmmError::Io {
+            action: "watch the process of",
+            path: program,
             source,
-        })? as i32;
-    // The pidfd is the handle from here on: the pid cannot be recycled
-    // before we reap it, and we reap through the pidfd.
-    let process = ProcessHandle::open(pid).map_err(|source| VmmError::Io {
-        action: "watch the process of",
-        path: program,
-        source,
-    })?;
-    let start_time = read_stat(pid)
-        .ok()
-        .flatten()
-        .map(|s| s.start_time)
-        .unwrap_or(0);
+        }
+    };
+    // fork/exec, the pidfd and /proc: off the actors' thread.
+    let (host, command) = (host.clone(), prepared.command.clone());
+    let started = tokio::task::spawn_blocking(move || {
+        let pid = host
+            .spawn_vmm(&command, console)
+            .map_err(|source| VmmError::Spawn {
+                binary: command.program.clone(),
+                source,
+            })? as i32;
+        // The pidfd is the handle from here on: the pid cannot be recycled
+        // before we reap it, and we reap through the pidfd.
+        let fd = ProcessHandle::pidfd(pid).map_err(watch_err(command.program.clone()))?;
+        let start_time = read_stat(pid)
+            .ok()
+            .flatten()
+            .map(|s| s.start_time)
+            .unwrap_or(0);
+        Ok::<_, VmmError>((pid, fd, start_time))
+    })
+    .await
+    .map_err(|e| watch_err(program.clone())(io::Error::other(e)))?;
+    let (pid, fd, start_time) = started?;
+    let process = ProcessHandle::watch(pid, fd).map_err(watch_err(program))?;
     let recorded = VmmProcess {
         pid,
         start_time,

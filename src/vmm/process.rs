@@ -61,9 +61,18 @@ pub struct ProcessHandle {
 impl ProcessHandle {
     /// Opens a pidfd; must run inside a tokio runtime.
     pub fn open(pid: i32) -> io::Result<ProcessHandle> {
+        ProcessHandle::watch(pid, ProcessHandle::pidfd(pid)?)
+    }
+
+    /// A process's pidfd, not yet watched (any thread may open it).
+    pub fn pidfd(pid: i32) -> io::Result<OwnedFd> {
         let raw = Pid::from_raw(pid)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid 0"))?;
-        let fd = pidfd_open(raw, PidfdFlags::NONBLOCK)?;
+        Ok(pidfd_open(raw, PidfdFlags::NONBLOCK)?)
+    }
+
+    /// Watches a pidfd `pidfd` opened; must run inside a tokio runtime.
+    pub fn watch(pid: i32, fd: OwnedFd) -> io::Result<ProcessHandle> {
         #[allow(unsafe_code)]
         // SAFETY: an OwnedFd keeps its descriptor open and unchanged until
         // it is dropped, which happens only with the AsyncFd.

@@ -14,7 +14,7 @@ fn write_config(dir: &Path, agent: &Path) {
     std::fs::write(
         dir.join("bangerd.toml"),
         format!(
-            "[agent]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.1\nmax_delay_secs = 1\n",
+            "[agent]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.1\nmax_delay_secs = 1\n[rpc]\nheartbeat_secs = 0.5\n",
             agent.display()
         ),
     )

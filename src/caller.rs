@@ -1,0 +1,256 @@
+//! Files a request names, opened with the caller's authority, never the
+//! daemon's: on a thread of its own that takes the caller's filesystem uid,
+//! gid and groups (per-thread credentials; the thread ends after the open),
+//! so the kernel checks every directory on the way and the file itself as
+//! it would for the caller, symlinks included. What is opened is then read
+//! through that descriptor only; nothing is opened again by path. A
+//! daemon that is not root serves only its owner: it opens as itself, on
+//! the same path through the code.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::unistd::{Gid, Uid, User, getgrouplist};
+
+/// How long an open may take: a hung network or FUSE filesystem fails the
+/// request, not the daemon (the thread stays behind until the kernel lets
+/// it go).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who sent a request, from the connection's SO_PEERCRED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+/// A regular file the caller may read, open, with its size then.
+#[derive(Debug)]
+pub struct CallerFile {
+    /// As the caller named it, for messages.
+    pub path: PathBuf,
+    pub file: File,
+    pub len: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallerFileError {
+    #[error("cannot open {path} as uid {uid}")]
+    Open {
+        path: PathBuf,
+        uid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a regular file")]
+    NotRegular { path: PathBuf },
+    #[error("{path} holds {len} bytes, more than the {cap} allowed ({setting})")]
+    TooLarge {
+        path: PathBuf,
+        len: u64,
+        cap: u64,
+        setting: &'static str,
+    },
+    #[error("opening {path} did not finish within {}s (a hung filesystem?)", OPEN_TIMEOUT.as_secs())]
+    TimedOut { path: PathBuf },
+    #[error("cannot take uid {uid}'s credentials to open {path}")]
+    Credentials {
+        path: PathBuf,
+        uid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The most a file may hold, and the setting that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeCap {
+    pub bytes: u64,
+    pub setting: &'static str,
+}
+
+impl Caller {
+    /// Opens `path` for reading as the caller: a regular file of at most
+    /// `cap` bytes. FIFOs and devices are refused without blocking on them.
+    pub async fn open_file(
+        &self,
+        path: &Path,
+        cap: SizeCap,
+    ) -> Result<CallerFile, CallerFileError> {
+        let (caller, named) = (*self, path.to_path_buf());
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("open-as-caller".into())
+            .spawn(move || {
+                let _ = answer.send(open_as(caller, &named, cap));
+            });
+        if let Err(source) = spawned {
+            return Err(CallerFileError::Open {
+                path: path.to_path_buf(),
+                uid: self.uid.as_raw(),
+                source,
+            });
+        }
+        match tokio::time::timeout(OPEN_TIMEOUT, answered).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(_)) => Err(CallerFileError::Open {
+                path: path.to_path_buf(),
+                uid: self.uid.as_raw(),
+                source: io::Error::other("the opening thread ended without an answer"),
+            }),
+            Err(_) => Err(CallerFileError::TimedOut {
+                path: path.to_path_buf(),
+            }),
+        }
+    }
+}
+
+/// On the thread it ends with: the caller's credentials, then the open.
+fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, CallerFileError> {
+    if nix::unistd::geteuid().is_root() {
+        take_credentials(caller).map_err(|source| CallerFileError::Credentials {
+            path: path.to_path_buf(),
+            uid: caller.uid.as_raw(),
+            source,
+        })?;
+    }
+    let open_err = |source| CallerFileError::Open {
+        path: path.to_path_buf(),
+        uid: caller.uid.as_raw(),
+        source,
+    };
+    // Non-blocking, so a FIFO neither hangs the open nor passes as a file.
+    let file = File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(open_err)?;
+    let metadata = file.metadata().map_err(open_err)?;
+    let kind = metadata.file_type();
+    if !kind.is_file() || kind.is_fifo() {
+        return Err(CallerFileError::NotRegular {
+            path: path.to_path_buf(),
+        });
+    }
+    if metadata.len() > cap.bytes {
+        return Err(CallerFileError::TooLarge {
+            path: path.to_path_buf(),
+            len: metadata.len(),
+            cap: cap.bytes,
+            setting: cap.setting,
+        });
+    }
+    fcntl(&file, FcntlArg::F_SETFL(OFlag::empty())).map_err(|e| open_err(e.into()))?;
+    Ok(CallerFile {
+        path: path.to_path_buf(),
+        file,
+        len: metadata.len(),
+    })
+}
+
+/// This thread's filesystem identity becomes the caller's: its groups (from
+/// the group database), fsgid, then fsuid, which clears root's filesystem
+/// capabilities from the thread. Raw system calls: libc's wrappers would
+/// change every thread of the daemon.
+fn take_credentials(caller: Caller) -> io::Result<()> {
+    let groups = match User::from_uid(caller.uid) {
+        Ok(Some(user)) => {
+            let name = CString::new(user.name).map_err(io::Error::other)?;
+            getgrouplist(&name, caller.gid).map_err(io::Error::from)?
+        }
+        // No entry in the database: the peer's own gid alone.
+        _ => vec![caller.gid],
+    };
+    let raw: Vec<nix::libc::gid_t> = groups.iter().map(|g| g.as_raw()).collect();
+    #[allow(unsafe_code)]
+    // SAFETY: setgroups reads `raw.len()` gids from a live buffer; setfsgid
+    // and setfsuid take plain integers. Each affects this thread only.
+    unsafe {
+        if nix::libc::syscall(nix::libc::SYS_setgroups, raw.len(), raw.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        nix::libc::syscall(nix::libc::SYS_setfsgid, caller.gid.as_raw());
+        nix::libc::syscall(nix::libc::SYS_setfsuid, caller.uid.as_raw());
+        // Both answer the previous value: asking again shows what holds.
+        let fsgid = nix::libc::syscall(nix::libc::SYS_setfsgid, u32::MAX) as u32;
+        let fsuid = nix::libc::syscall(nix::libc::SYS_setfsuid, u32::MAX) as u32;
+        if fsgid != caller.gid.as_raw() || fsuid != caller.uid.as_raw() {
+            return Err(io::Error::other(format!(
+                "the thread holds fsuid {fsuid} and fsgid {fsgid}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: SizeCap = SizeCap {
+        bytes: 1 << 20,
+        setting: "test.cap",
+    };
+
+    fn me() -> Caller {
+        Caller {
+            uid: nix::unistd::getuid(),
+            gid: nix::unistd::getgid(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_regular_file_opens_and_fifos_and_big_files_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("disk");
+        std::fs::write(&file, b"bytes").expect("write");
+        let opened = me().open_file(&file, CAP).await.expect("open");
+        assert_eq!(opened.len, 5);
+
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let refused = me().open_file(&fifo, CAP).await.expect_err("a fifo");
+        assert!(
+            matches!(refused, CallerFileError::NotRegular { .. }),
+            "{refused}"
+        );
+
+        let small = SizeCap {
+            bytes: 4,
+            setting: "test.cap",
+        };
+        let big = me().open_file(&file, small).await.expect_err("too big");
+        assert!(big.to_string().contains("test.cap"), "{big}");
+
+        let missing = me()
+            .open_file(&dir.path().join("gone"), CAP)
+            .await
+            .expect_err("missing");
+        assert!(missing.to_string().contains("gone"), "{missing}");
+    }
+
+    #[tokio::test]
+    async fn as_root_a_caller_cannot_open_what_it_may_not_read() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // The unprivileged case is the caller's own authority.
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"root only").expect("write");
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        let nobody = Caller {
+            uid: Uid::from_raw(65534),
+            gid: Gid::from_raw(65534),
+        };
+        let refused = nobody.open_file(&secret, CAP).await.expect_err("root only");
+        assert!(refused.to_string().contains("as uid 65534"), "{refused}");
+        // The daemon's own threads keep their authority.
+        assert!(std::fs::read(&secret).is_ok());
+    }
+}
