@@ -1,17 +1,19 @@
 //! `daemon.status` round trips against a real bangerd over its socket: on
 //! one connection, and on 100 concurrent connections; plus the daemon's
-//! resident memory at idle. Prints the figures and writes them to
+//! resident memory after load. With BANGER_BENCH_BASELINE_BANGERD, the
+//! same against that build too, in alternating rounds. Prints the figures and writes them to
 //! `target/bench-results/rpc.txt`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-const SEQUENTIAL: usize = 5_000;
+const SEQUENTIAL: usize = 2_000;
 const CONNECTIONS: usize = 100;
 const PER_CONNECTION: usize = 200;
 
@@ -36,35 +38,28 @@ fn timed(conn: &mut common::Conn, id: u64, method: &str) -> Duration {
     elapsed
 }
 
-fn main() -> anyhow::Result<()> {
-    let tmp = common::state_dir();
-    let dir = tmp.path().to_path_buf();
-    let daemon = common::Daemon::start(&dir);
-    let pid = daemon.pid().as_raw();
-    let mut report = String::new();
-    writeln!(report, "idle RSS after start: {} KiB", rss_kib(pid)?)?;
+/// One round of every measurement against the daemon on `dir`.
+#[derive(Default)]
+struct Samples {
+    sequential: Vec<Duration>,
+    methods: Vec<Duration>,
+    concurrent: Vec<Duration>,
+}
 
-    let mut conn = common::Conn::open(&dir);
+fn measure(dir: &std::path::Path, into: &mut Samples) -> anyhow::Result<()> {
+    let mut conn = common::Conn::open(dir);
     for id in 0..200 {
         timed_status(&mut conn, id); // warm-up
     }
-    let sequential: Vec<Duration> = (0..SEQUENTIAL as u64)
-        .map(|id| timed_status(&mut conn, id))
-        .collect();
-    report.push_str(&common::summary("daemon.status, 1 connection", &sequential));
+    into.sequential
+        .extend((0..SEQUENTIAL as u64).map(|id| timed_status(&mut conn, id)));
     // The same round trip without the store: what the socket, parsing and
     // dispatch cost alone.
-    let methods: Vec<Duration> = (0..SEQUENTIAL as u64)
-        .map(|id| timed(&mut conn, id, "daemon.methods"))
-        .collect();
-    report.push_str(&common::summary(
-        "daemon.methods (no store access), 1 connection",
-        &methods,
-    ));
-
+    into.methods
+        .extend((0..SEQUENTIAL as u64).map(|id| timed(&mut conn, id, "daemon.methods")));
     let threads: Vec<_> = (0..CONNECTIONS)
         .map(|_| {
-            let dir = dir.clone();
+            let dir = dir.to_path_buf();
             std::thread::spawn(move || {
                 let mut conn = common::Conn::open(&dir);
                 (0..PER_CONNECTION as u64)
@@ -73,24 +68,82 @@ fn main() -> anyhow::Result<()> {
             })
         })
         .collect();
-    let mut concurrent = Vec::new();
     for thread in threads {
-        concurrent.extend(
+        into.concurrent.extend(
             thread
                 .join()
                 .map_err(|_| anyhow::anyhow!("client thread panicked"))?,
         );
     }
-    report.push_str(&common::summary(
-        "daemon.status, 100 concurrent connections",
-        &concurrent,
-    ));
-    writeln!(report, "idle RSS after load: {} KiB", rss_kib(pid)?)?;
+    Ok(())
+}
+
+/// Rounds of measurements, alternating between the daemons compared.
+const ROUNDS: usize = 3;
+
+fn main() -> anyhow::Result<()> {
+    // BANGER_BENCH_BASELINE_BANGERD: another build to compare against, in
+    // the same run, interleaved (an earlier commit's release bangerd).
+    let mut builds = vec![("this build".to_string(), PathBuf::from(common::BANGERD))];
+    if let Some(baseline) = std::env::var_os("BANGER_BENCH_BASELINE_BANGERD") {
+        builds.push(("baseline".to_string(), PathBuf::from(baseline)));
+    }
+    let dirs: Vec<tempfile::TempDir> = builds.iter().map(|_| common::state_dir()).collect();
+    let daemons: Vec<common::Daemon> = builds
+        .iter()
+        .zip(&dirs)
+        .map(|((_, binary), dir)| {
+            common::Daemon::ready(common::Daemon::spawn_binary(
+                binary,
+                dir.path(),
+                &["--user"],
+                &[],
+            ))
+        })
+        .collect();
+    let mut report = String::new();
+    let mut samples: Vec<Samples> = builds.iter().map(|_| Samples::default()).collect();
+    for _ in 0..ROUNDS {
+        for (dir, into) in dirs.iter().zip(samples.iter_mut()) {
+            measure(dir.path(), into)?;
+        }
+    }
+    for (((name, binary), daemon), samples) in builds.iter().zip(&daemons).zip(&samples) {
+        let pid = daemon.pid().as_raw();
+        writeln!(report, "{name} ({}):", binary.display())?;
+        report.push_str(&common::summary(
+            "  daemon.status, 1 connection",
+            &samples.sequential,
+        ));
+        report.push_str(&common::summary(
+            "  daemon.methods (no store access), 1 connection",
+            &samples.methods,
+        ));
+        report.push_str(&common::summary(
+            "  daemon.status, 100 concurrent connections",
+            &samples.concurrent,
+        ));
+        writeln!(report, "  RSS after load: {} KiB", rss_kib(pid)?)?;
+    }
+    if let [this, baseline] = &samples[..] {
+        let ratio = |a: &[Duration], b: &[Duration]| {
+            common::percentile(a, 0.5).as_secs_f64() / common::percentile(b, 0.5).as_secs_f64()
+        };
+        writeln!(
+            report,
+            "this build / baseline, medians: status {:.2}x, methods {:.2}x, status at 100 connections {:.2}x",
+            ratio(&this.sequential, &baseline.sequential),
+            ratio(&this.methods, &baseline.methods),
+            ratio(&this.concurrent, &baseline.concurrent)
+        )?;
+    }
 
     print!("{report}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("rpc.txt"), &report)?;
-    assert!(daemon.stop().success());
+    for daemon in daemons {
+        assert!(daemon.stop().success());
+    }
     Ok(())
 }

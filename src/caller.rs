@@ -7,26 +7,29 @@
 //! daemon that is not root serves only its owner: it opens as itself, on
 //! the same path through the code.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use nix::unistd::{Gid, Uid, User, getgrouplist};
+use nix::unistd::{Gid, Uid};
 
 /// How long an open may take: a hung network or FUSE filesystem fails the
 /// request, not the daemon (the thread stays behind until the kernel lets
 /// it go).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Who sent a request, from the connection's SO_PEERCRED.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who sent a request: the connection's SO_PEERCRED and SO_PEERGROUPS,
+/// as the kernel held them when the peer connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub uid: Uid,
     pub gid: Gid,
+    /// Supplementary groups.
+    pub groups: Arc<[Gid]>,
 }
 
 /// A regular file the caller may read, open, with its size then.
@@ -82,7 +85,7 @@ impl Caller {
         path: &Path,
         cap: SizeCap,
     ) -> Result<CallerFile, CallerFileError> {
-        let (caller, named) = (*self, path.to_path_buf());
+        let (caller, named) = (self.clone(), path.to_path_buf());
         let (answer, answered) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name("open-as-caller".into())
@@ -113,7 +116,7 @@ impl Caller {
 /// On the thread it ends with: the caller's credentials, then the open.
 fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, CallerFileError> {
     if nix::unistd::geteuid().is_root() {
-        take_credentials(caller).map_err(|source| CallerFileError::Credentials {
+        take_credentials(&caller).map_err(|source| CallerFileError::Credentials {
             path: path.to_path_buf(),
             uid: caller.uid.as_raw(),
             source,
@@ -153,20 +156,12 @@ fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, Call
     })
 }
 
-/// This thread's filesystem identity becomes the caller's: its groups (from
-/// the group database), fsgid, then fsuid, which clears root's filesystem
-/// capabilities from the thread. Raw system calls: libc's wrappers would
-/// change every thread of the daemon.
-fn take_credentials(caller: Caller) -> io::Result<()> {
-    let groups = match User::from_uid(caller.uid) {
-        Ok(Some(user)) => {
-            let name = CString::new(user.name).map_err(io::Error::other)?;
-            getgrouplist(&name, caller.gid).map_err(io::Error::from)?
-        }
-        // No entry in the database: the peer's own gid alone.
-        _ => vec![caller.gid],
-    };
-    let raw: Vec<nix::libc::gid_t> = groups.iter().map(|g| g.as_raw()).collect();
+/// This thread's filesystem identity becomes the caller's: its groups,
+/// fsgid, then fsuid, which clears root's filesystem capabilities from the
+/// thread. Raw system calls: libc's wrappers would change every thread of
+/// the daemon.
+fn take_credentials(caller: &Caller) -> io::Result<()> {
+    let raw: Vec<nix::libc::gid_t> = caller.groups.iter().map(|g| g.as_raw()).collect();
     #[allow(unsafe_code)]
     // SAFETY: setgroups reads `raw.len()` gids from a live buffer; setfsgid
     // and setfsuid take plain integers. Each affects this thread only.
@@ -201,6 +196,7 @@ mod tests {
         Caller {
             uid: nix::unistd::getuid(),
             gid: nix::unistd::getgid(),
+            groups: nix::unistd::getgroups().unwrap_or_default().into(),
         }
     }
 
@@ -247,6 +243,7 @@ mod tests {
         let nobody = Caller {
             uid: Uid::from_raw(65534),
             gid: Gid::from_raw(65534),
+            groups: vec![Gid::from_raw(65534)].into(),
         };
         let refused = nobody.open_file(&secret, CAP).await.expect_err("root only");
         assert!(refused.to_string().contains("as uid 65534"), "{refused}");

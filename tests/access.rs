@@ -83,6 +83,42 @@ fn banger_as(user: &str, banger: &Path, socket: &Path, args: &[&str]) -> Output 
         .expect("run banger as another user")
 }
 
+/// A system-mode daemon that shares its socket with `accounts`' group, in
+/// a directory the other users may enter, with a copy of the CLI they may
+/// run.
+// Fields drop in order: the daemon before its directory.
+struct SystemDaemon {
+    daemon: Daemon,
+    tmp: tempfile::TempDir,
+    state: PathBuf,
+    socket: PathBuf,
+    cli: PathBuf,
+}
+
+fn system_daemon(accounts: &TestAccounts) -> SystemDaemon {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    // The other users must reach the socket and the CLI.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let cli = dir.join("banger");
+    std::fs::copy(BANGER, &cli).expect("copy the CLI");
+    let config = dir.join("bangerd.toml");
+    std::fs::write(&config, format!("socket_group = \"{}\"\n", accounts.group)).expect("config");
+    let state = dir.join("state");
+    let daemon = Daemon::ready(Daemon::spawn_with(
+        &state,
+        &["--system", "--config", config.to_str().expect("utf-8 path")],
+    ));
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).expect("chmod state");
+    SystemDaemon {
+        daemon,
+        socket: socket_path(&state),
+        state,
+        cli,
+        tmp,
+    }
+}
+
 #[test]
 fn only_root_the_owner_and_group_members_are_admitted() {
     if !nix::unistd::geteuid().is_root() {
@@ -96,22 +132,12 @@ fn only_root_the_owner_and_group_members_are_admitted() {
     let accounts = TestAccounts::create(&tag);
     let (member, outsider) = (&accounts.users[0], &accounts.users[1]);
 
-    let tmp = state_dir();
-    let dir = tmp.path();
-    // The other users must reach the socket and the CLI.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    let banger = dir.join("banger");
-    std::fs::copy(BANGER, &banger).expect("copy the CLI");
-    let config = dir.join("bangerd.toml");
-    std::fs::write(&config, format!("socket_group = \"{}\"\n", accounts.group)).expect("config");
-    let state = dir.join("state");
-
-    let mut daemon = Daemon::ready(Daemon::spawn_with(
-        &state,
-        &["--system", "--config", config.to_str().expect("utf-8 path")],
-    ));
-    let socket = socket_path(&state);
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).expect("chmod state");
+    let SystemDaemon {
+        mut daemon,
+        socket,
+        cli: banger,
+        ..
+    } = system_daemon(&accounts);
     let mode = std::fs::metadata(&socket)
         .expect("socket")
         .permissions()
@@ -195,20 +221,13 @@ fn a_member_names_only_files_it_may_read_and_backups_stay_in_the_daemon_director
         .expect("user")
         .uid;
 
-    let tmp = state_dir();
-    let dir = tmp.path();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    let cli = dir.join("banger");
-    std::fs::copy(BANGER, &cli).expect("copy the CLI");
-    let config = dir.join("bangerd.toml");
-    std::fs::write(&config, format!("socket_group = \"{}\"\n", accounts.group)).expect("config");
-    let state = dir.join("state");
-    let _daemon = Daemon::ready(Daemon::spawn_with(
-        &state,
-        &["--system", "--config", config.to_str().expect("utf-8 path")],
-    ));
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).expect("chmod state");
-    let socket = socket_path(&state);
+    let shared = system_daemon(&accounts);
+    let (dir, state, socket, cli) = (
+        shared.tmp.path(),
+        shared.state.clone(),
+        shared.socket.clone(),
+        shared.cli.clone(),
+    );
     let halt = dir.join("halt.elf");
     halt_kernel(&halt);
     let as_root = banger(
@@ -354,4 +373,155 @@ fn a_member_names_only_files_it_may_read_and_backups_stay_in_the_daemon_director
     assert_eq!(written["path"], s(&backup), "{written}");
     assert!(backup.is_file());
     ok(&["vm", "rm", "mine"]);
+}
+
+/// How many connections the flooding member tries to hold open.
+const FLOOD_CONNECTIONS: usize = 10_000;
+/// Connections that send a byte a second and never finish a request.
+const SLOW_LORIS: usize = 50;
+
+/// The flooding member, run by the test below as another user: it keeps
+/// opening connections (holding what the daemon admits, idle) and feeds
+/// slow-loris connections a byte a second until it is killed. It says
+/// `flooding` once its first pass is done.
+#[test]
+#[ignore = "run by idle_and_slow_clients_hold_only_their_own_uid_s_share"]
+fn flood_the_socket() {
+    let Some(socket) = child_dir() else {
+        return;
+    };
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let mut held: Vec<UnixStream> = Vec::new();
+    let mut slow: Vec<UnixStream> = (0..SLOW_LORIS)
+        .filter_map(|_| UnixStream::connect(&socket).ok())
+        .collect();
+    let mut announced = false;
+    loop {
+        held.retain(|c| {
+            // Still open: the daemon has not closed it on us.
+            let mut byte = [0u8; 1];
+            c.set_nonblocking(true).is_ok()
+                && matches!(
+                    std::io::Read::read(&mut &*c, &mut byte),
+                    Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock
+                )
+        });
+        while held.len() < FLOOD_CONNECTIONS {
+            match UnixStream::connect(&socket) {
+                Ok(c) => held.push(c),
+                Err(_) => break,
+            }
+        }
+        for c in &mut slow {
+            let _ = c.write_all(b"{");
+        }
+        if !announced {
+            println!("flooding {}", held.len());
+            announced = true;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn idle_and_slow_clients_hold_only_their_own_uid_s_share() {
+    let test = "idle_and_slow_clients_hold_only_their_own_uid_s_share";
+    if !nix::unistd::geteuid().is_root() {
+        skip(test, "creating users and switching to them needs root");
+        return;
+    }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if hard < FLOOD_CONNECTIONS as u64 + 1_000 {
+        skip(
+            test,
+            &format!("the file descriptor limit ({hard}) is below the flood"),
+        );
+        return;
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    let tag = format!("{:05}", (std::process::id() + 2) % 100_000);
+    let accounts = TestAccounts::create(&tag);
+    let member = accounts.users[0].clone();
+    let SystemDaemon {
+        daemon,
+        state,
+        socket,
+        ..
+    } = system_daemon(&accounts);
+    let baseline = process_kib(daemon.pid(), "VmRSS");
+    reset_peak_rss(daemon.pid());
+
+    let mut flood = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &member,
+            "--regid",
+            &member,
+            "--init-groups",
+            "--",
+        ])
+        .arg(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "flood_the_socket",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the flood as the member");
+    let mut said = std::io::BufReader::new(flood.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    // libtest prints the test's name first, on the same line.
+    while !line.contains("flooding ") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut said, &mut line).expect("the flood's output");
+        assert!(n > 0, "the flood ended before it began");
+    }
+
+    // Root's client, meanwhile: it gets in, and its calls answer fast.
+    let connected = std::time::Instant::now();
+    let mut conn = Conn::open(&state);
+    let mut samples = Vec::new();
+    // Long enough for the member's idle connections to be closed and
+    // opened again (rpc.first_request_secs is 5).
+    let mut i = 0u64;
+    while connected.elapsed() < std::time::Duration::from_secs(8) {
+        i += 1;
+        let started = std::time::Instant::now();
+        let answer = conn.call(i, "daemon.status", serde_json::json!({}));
+        samples.push(started.elapsed());
+        assert!(
+            answer["result"].is_object(),
+            "refused under the flood: {answer}"
+        );
+        if i == 1 {
+            eprintln!(
+                "figure: connect and first daemon.status under the flood: {:?}",
+                connected.elapsed()
+            );
+        }
+    }
+    let peak = process_kib(daemon.pid(), "VmHWM");
+    let _ = flood.kill();
+    let _ = flood.wait();
+    let p99 = percentile(&samples, 0.99);
+    eprintln!(
+        "figure: {} connections opened by one member; daemon.status {}; daemon RSS {baseline} KiB before, peak {peak} KiB",
+        line.rsplit("flooding ").next().unwrap_or_default().trim(),
+        summary("under the flood", &samples).trim()
+    );
+    assert!(
+        p99 < std::time::Duration::from_millis(100),
+        "daemon.status p99 {p99:?} under the flood"
+    );
+    assert!(
+        peak < baseline + 64 * 1024,
+        "the daemon's RSS peaked at {peak} KiB"
+    );
 }

@@ -329,13 +329,9 @@ fn a_hundred_megabytes_each_way_arrive_intact_and_signals_reach_the_process() {
     lines.read_line(&mut line).expect("ready");
     let daemon = daemon_pid(&f);
     kill(daemon, Signal::SIGSTOP).expect("SIGSTOP bangerd");
-    let (done, exited) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(quiet.wait_with_output());
-    });
-    let ended = exited.recv_timeout(EVENT_TIMEOUT);
+    let ended = output_within_timeout(quiet);
     kill(daemon, Signal::SIGCONT).expect("SIGCONT bangerd");
-    let out = ended.expect("vm exec never gave up").expect("wait");
+    let out = ended.expect("vm exec never gave up");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     assert!(stderr.contains("did not answer"), "{stderr}");

@@ -647,13 +647,9 @@ fn requests_in_flight_carry_heartbeats_and_a_daemon_that_stops_ends_them() {
     assert!(first.starts_with("copying"), "{first}");
     kill(daemon.pid(), Signal::SIGSTOP).expect("SIGSTOP bangerd");
     let stopped = std::time::Instant::now();
-    let (done, exited) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(watch.wait_with_output());
-    });
-    let ended = exited.recv_timeout(EVENT_TIMEOUT);
+    let ended = output_within_timeout(watch);
     kill(daemon.pid(), Signal::SIGCONT).expect("SIGCONT bangerd");
-    let out = ended.expect("ops watch never gave up").expect("wait");
+    let out = ended.expect("ops watch never gave up");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(

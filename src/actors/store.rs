@@ -1,8 +1,10 @@
 //! `StoreActor`: the only code in the daemon that touches redb. It runs on
 //! a `SyncArbiter` so a blocking commit never stalls an actor on the async
 //! arbiters; several threads share one [`Store`], reads run in parallel
-//! and redb serialises the writes. The arbiter's queue is unbounded: callers
-//! bound what they put in flight.
+//! and redb serialises the writes. The arbiter's queue is unbounded because
+//! its callers are bounded: requests by `rpc.max_in_flight`, each VM actor
+//! to one write at a time, the catalog and operations to what those
+//! requests started.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;

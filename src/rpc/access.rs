@@ -1,10 +1,11 @@
 //! Who may talk to the daemon: root, the daemon's own user, and members of
-//! the configured group. Checked on every connection with SO_PEERCRED; the
-//! socket's file mode is only the first fence.
+//! the configured group. Checked on every connection with SO_PEERCRED and
+//! SO_PEERGROUPS; the socket's file mode is only the first fence.
 
-use std::ffi::CString;
+use std::io;
+use std::os::fd::AsRawFd;
 
-use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
+use nix::unistd::{Gid, Group, Uid};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessPolicy {
@@ -31,15 +32,37 @@ impl AccessPolicy {
     }
 }
 
-/// The supplementary groups of a user, from the group database.
-pub fn groups_of(uid: Uid) -> Vec<Gid> {
-    let Ok(Some(user)) = User::from_uid(uid) else {
-        return Vec::new();
-    };
-    let Ok(name) = CString::new(user.name) else {
-        return Vec::new();
-    };
-    getgrouplist(&name, user.gid).unwrap_or_default()
+/// A peer's supplementary groups as the kernel held them when it
+/// connected (SO_PEERGROUPS): no group database, nothing that can block.
+pub fn peer_groups(socket: &impl AsRawFd) -> io::Result<Vec<Gid>> {
+    let size = std::mem::size_of::<nix::libc::gid_t>();
+    let mut groups: Vec<nix::libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len =
+            nix::libc::socklen_t::try_from(groups.len() * size).map_err(io::Error::other)?;
+        #[allow(unsafe_code)]
+        // SAFETY: the kernel writes at most `len` bytes into the buffer,
+        // which holds that many, and sets `len` to what it wrote or needs.
+        let rc = unsafe {
+            nix::libc::getsockopt(
+                socket.as_raw_fd(),
+                nix::libc::SOL_SOCKET,
+                nix::libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = usize::try_from(len).unwrap_or(0) / size;
+        if rc == 0 {
+            groups.truncate(needed);
+            return Ok(groups.into_iter().map(Gid::from_raw).collect());
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(nix::libc::ERANGE) || needed <= groups.len() {
+            return Err(error);
+        }
+        groups.resize(needed, 0);
+    }
 }
 
 #[cfg(test)]

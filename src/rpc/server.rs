@@ -29,7 +29,7 @@ use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::access::{AccessPolicy, groups_of};
+use super::access::{AccessPolicy, peer_groups};
 use super::daemon::Request as DaemonRequest;
 use super::dispatch::{Services, handle, open_stream};
 use super::protocol::{
@@ -261,33 +261,6 @@ async fn with_heartbeats<T>(
     }
 }
 
-/// How long the group database may take to list a peer's groups (NSS may
-/// be LDAP or SSSD); past it, the peer's supplementary groups count as none.
-const GROUPS_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Whether the policy admits a peer; its groups are looked up only when the
-/// answer depends on them, on a blocking thread.
-async fn admitted(access: &AccessPolicy, uid: Uid, gid: Gid) -> bool {
-    if access.admits(uid, gid, Vec::new) {
-        return true;
-    }
-    if access.group.is_none() {
-        return false;
-    }
-    let lookup = tokio::task::spawn_blocking(move || groups_of(uid));
-    let groups = match tokio::time::timeout(GROUPS_TIMEOUT, lookup).await {
-        Ok(Ok(groups)) => groups,
-        _ => {
-            warn!(
-                uid = uid.as_raw(),
-                "the group database did not answer in time"
-            );
-            Vec::new()
-        }
-    };
-    access.admits(uid, gid, || groups)
-}
-
 async fn session(
     stream: UnixStream,
     services: Arc<Services>,
@@ -305,7 +278,11 @@ async fn session(
     };
     let uid = Uid::from_raw(peer.uid());
     let gid = Gid::from_raw(peer.gid());
-    if !admitted(&access, uid, gid).await {
+    let groups = peer_groups(&stream).unwrap_or_else(|e| {
+        warn!(uid = peer.uid(), error = %e, "cannot read a client's groups; taking none");
+        Vec::new()
+    });
+    if !access.admits(uid, gid, || groups.clone()) {
         warn!(uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), "refused a client that is not root, the owner or in the socket group");
         let message = format!(
             "uid {} may not use this daemon; ask an administrator to add you to the banger group",
@@ -324,7 +301,11 @@ async fn session(
         return;
     };
     debug!(uid = peer.uid(), pid = ?peer.pid(), "client connected");
-    let caller = Caller { uid, gid };
+    let caller = Caller {
+        uid,
+        gid,
+        groups: groups.into(),
+    };
     // Set by the client's hello: whether, and how often, it hears them.
     let mut heartbeat: Option<Duration> = None;
 
@@ -490,6 +471,7 @@ async fn session(
             continue;
         };
         let (services, out, closed) = (services.clone(), out.clone(), closed.clone());
+        let caller = caller.clone();
         let span = info_span!("request", op_id = %op_id, method = call.request.method());
         actix::spawn(
             async move {

@@ -94,7 +94,12 @@ impl Daemon {
 
     /// Spawns bangerd with extra arguments and environment variables.
     pub fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(BANGERD)
+        Daemon::spawn_binary(Path::new(BANGERD), dir, args, env)
+    }
+
+    /// Spawns another build of bangerd (a benchmark's baseline).
+    pub fn spawn_binary(binary: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut child = Command::new(binary)
             .envs(env.iter().copied())
             .args(args)
             .arg("--state-dir")
@@ -407,6 +412,16 @@ pub fn install_previous_agent(disk: &Path, agent: &Path) {
         "debugfs failed on {}",
         disk.display()
     );
+}
+
+/// What `child` printed once it exits, or None if it is still running
+/// after [`EVENT_TIMEOUT`] (it is then left to its own end).
+pub fn output_within_timeout(child: Child) -> Option<std::process::Output> {
+    let (done, exited) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    exited.recv_timeout(EVENT_TIMEOUT).ok()?.ok()
 }
 
 pub fn skip(test: &str, reason: &str) {
