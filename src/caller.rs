@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,7 +135,7 @@ fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, Call
         .map_err(open_err)?;
     let metadata = file.metadata().map_err(open_err)?;
     let kind = metadata.file_type();
-    if !kind.is_file() || kind.is_fifo() {
+    if !kind.is_file() {
         return Err(CallerFileError::NotRegular {
             path: path.to_path_buf(),
         });

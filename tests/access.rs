@@ -128,14 +128,16 @@ fn only_root_the_owner_and_group_members_are_admitted() {
         );
         return;
     }
-    let tag = format!("{:05}", std::process::id() % 100_000);
+    let tag = format!("a{:05}", std::process::id() % 100_000);
     let accounts = TestAccounts::create(&tag);
     let (member, outsider) = (&accounts.users[0], &accounts.users[1]);
 
+    // The directory must outlive the test: bound, not dropped.
     let SystemDaemon {
         mut daemon,
         socket,
         cli: banger,
+        tmp: _tmp,
         ..
     } = system_daemon(&accounts);
     let mode = std::fs::metadata(&socket)
@@ -213,7 +215,7 @@ fn a_member_names_only_files_it_may_read_and_backups_stay_in_the_daemon_director
         skip(test, "creating users and switching to them needs root");
         return;
     }
-    let tag = format!("{:05}", (std::process::id() + 1) % 100_000);
+    let tag = format!("f{:05}", std::process::id() % 100_000);
     let accounts = TestAccounts::create(&tag);
     let member = accounts.users[0].clone();
     let uid = nix::unistd::User::from_name(&member)
@@ -441,19 +443,20 @@ fn idle_and_slow_clients_hold_only_their_own_uid_s_share() {
         return;
     }
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
-    let tag = format!("{:05}", (std::process::id() + 2) % 100_000);
+    let tag = format!("l{:05}", std::process::id() % 100_000);
     let accounts = TestAccounts::create(&tag);
     let member = accounts.users[0].clone();
     let SystemDaemon {
         daemon,
         state,
         socket,
+        tmp: _tmp,
         ..
     } = system_daemon(&accounts);
     let baseline = process_kib(daemon.pid(), "VmRSS");
     reset_peak_rss(daemon.pid());
 
-    let mut flood = Command::new("setpriv")
+    let flood = Command::new("setpriv")
         .args([
             "--reuid",
             &member,
@@ -475,7 +478,9 @@ fn idle_and_slow_clients_hold_only_their_own_uid_s_share() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("run the flood as the member");
-    let mut said = std::io::BufReader::new(flood.stdout.take().expect("stdout"));
+    // Killed before the accounts go, even when the test fails.
+    let mut flood = KillOnDrop(flood);
+    let mut said = std::io::BufReader::new(flood.0.stdout.take().expect("stdout"));
     let mut line = String::new();
     // libtest prints the test's name first, on the same line.
     while !line.contains("flooding ") {
@@ -508,8 +513,7 @@ fn idle_and_slow_clients_hold_only_their_own_uid_s_share() {
         }
     }
     let peak = process_kib(daemon.pid(), "VmHWM");
-    let _ = flood.kill();
-    let _ = flood.wait();
+    drop(flood);
     let p99 = percentile(&samples, 0.99);
     eprintln!(
         "figure: {} connections opened by one member; daemon.status {}; daemon RSS {baseline} KiB before, peak {peak} KiB",

@@ -414,6 +414,16 @@ pub fn install_previous_agent(disk: &Path, agent: &Path) {
     );
 }
 
+/// A child process killed (and reaped) when the test ends, passing or not.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// What `child` printed once it exits, or None if it is still running
 /// after [`EVENT_TIMEOUT`] (it is then left to its own end).
 pub fn output_within_timeout(child: Child) -> Option<std::process::Output> {
