@@ -1,20 +1,24 @@
 //! Files a request names, opened with the caller's authority, never the
 //! daemon's: on a thread of its own that takes the caller's filesystem uid,
-//! gid and groups (per-thread credentials; the thread ends after the open),
-//! so the kernel checks every directory on the way and the file itself as
-//! it would for the caller, symlinks included. What is opened is then read
-//! through that descriptor only; nothing is opened again by path. A
-//! daemon that is not root serves only its owner: it opens as itself, on
-//! the same path through the code.
+//! gid and groups and drops every capability (per-thread credentials; the
+//! thread ends after the open), so the kernel checks every directory on the
+//! way and the file itself as it would for the caller, symlinks included.
+//! Magic links (`/proc/self/fd/N`, which would reach the daemon's own open
+//! files) are not followed, and files of procfs and sysfs are refused.
+//! What is opened is then read through that descriptor only; nothing is
+//! opened again by path. A daemon that is not root opens as itself, on the
+//! same path through the code: it can give no one more than its own
+//! authority.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::fcntl::{AT_FDCWD, FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, openat2};
+use nix::sys::statfs::{PROC_SUPER_MAGIC, SYSFS_MAGIC, fstatfs};
 use nix::unistd::{Gid, Uid};
 
 /// How long an open may take: a hung network or FUSE filesystem fails the
@@ -41,6 +45,13 @@ pub struct CallerFile {
     pub len: u64,
 }
 
+/// Opens still waiting on their filesystems, at most: each holds a thread
+/// until the kernel lets it go, so a filesystem that never answers costs
+/// a bounded number of them.
+pub const MAX_WAITING_OPENS: usize = 32;
+
+static WAITING_OPENS: AtomicUsize = AtomicUsize::new(0);
+
 #[derive(Debug, thiserror::Error)]
 pub enum CallerFileError {
     #[error("cannot open {path} as uid {uid}")]
@@ -52,6 +63,12 @@ pub enum CallerFileError {
     },
     #[error("{path} is not a regular file")]
     NotRegular { path: PathBuf },
+    #[error("{path} is a file of procfs or sysfs, which a request may not name")]
+    Kernel { path: PathBuf },
+    #[error(
+        "{MAX_WAITING_OPENS} opens are still waiting on their filesystems; refusing {path} until they end"
+    )]
+    Busy { path: PathBuf },
     #[error("{path} holds {len} bytes, more than the {cap} allowed ({setting})")]
     TooLarge {
         path: PathBuf,
@@ -87,12 +104,21 @@ impl Caller {
     ) -> Result<CallerFile, CallerFileError> {
         let (caller, named) = (self.clone(), path.to_path_buf());
         let (answer, answered) = tokio::sync::oneshot::channel();
+        if WAITING_OPENS.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_OPENS {
+            WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
+            return Err(CallerFileError::Busy {
+                path: path.to_path_buf(),
+            });
+        }
         let spawned = std::thread::Builder::new()
             .name("open-as-caller".into())
             .spawn(move || {
-                let _ = answer.send(open_as(caller, &named, cap));
+                let opened = open_as(caller, &named, cap);
+                WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
+                let _ = answer.send(opened);
             });
         if let Err(source) = spawned {
+            WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
             return Err(CallerFileError::Open {
                 path: path.to_path_buf(),
                 uid: self.uid.as_raw(),
@@ -128,11 +154,18 @@ fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, Call
         source,
     };
     // Non-blocking, so a FIFO neither hangs the open nor passes as a file.
-    let file = File::options()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
-        .open(path)
-        .map_err(open_err)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let file = File::from(openat2(AT_FDCWD, path, how).map_err(|e| open_err(e.into()))?);
+    let on = fstatfs(&file)
+        .map_err(|e| open_err(e.into()))?
+        .filesystem_type();
+    if on == PROC_SUPER_MAGIC || on == SYSFS_MAGIC {
+        return Err(CallerFileError::Kernel {
+            path: path.to_path_buf(),
+        });
+    }
     let metadata = file.metadata().map_err(open_err)?;
     let kind = metadata.file_type();
     if !kind.is_file() {
@@ -157,8 +190,9 @@ fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, Call
 }
 
 /// This thread's filesystem identity becomes the caller's: its groups,
-/// fsgid, then fsuid, which clears root's filesystem capabilities from the
-/// thread. Raw system calls: libc's wrappers would change every thread of
+/// fsgid, fsuid, then no capabilities at all (fsuid clears only the
+/// filesystem ones; CAP_SYS_PTRACE would still open other processes' /proc
+/// files). Raw system calls: libc's wrappers would change every thread of
 /// the daemon.
 fn take_credentials(caller: &Caller) -> io::Result<()> {
     let raw: Vec<nix::libc::gid_t> = caller.groups.iter().map(|g| g.as_raw()).collect();
@@ -178,6 +212,20 @@ fn take_credentials(caller: &Caller) -> io::Result<()> {
             return Err(io::Error::other(format!(
                 "the thread holds fsuid {fsuid} and fsgid {fsgid}"
             )));
+        }
+        // capset(2), version 3: two words per set, all empty.
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        let header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let none = [[0u32; 3]; 2];
+        if nix::libc::syscall(nix::libc::SYS_capset, &header, none.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
         }
     }
     Ok(())
@@ -228,6 +276,20 @@ mod tests {
             .await
             .expect_err("missing");
         assert!(missing.to_string().contains("gone"), "{missing}");
+
+        // The daemon's own open files are not reachable through procfs.
+        let held = std::fs::File::open(&file).expect("hold it");
+        let magic = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&held)
+        ));
+        let refused = me().open_file(&magic, CAP).await.expect_err("a magic link");
+        assert!(refused.to_string().contains("/proc/self/fd"), "{refused}");
+        let status = me()
+            .open_file(Path::new("/proc/self/status"), CAP)
+            .await
+            .expect_err("procfs");
+        assert!(matches!(status, CallerFileError::Kernel { .. }), "{status}");
     }
 
     #[tokio::test]

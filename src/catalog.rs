@@ -78,7 +78,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn load(path: &Path) -> Result<Agent, CatalogError> {
-        let bytes = fs::read(path).map_err(|_| CatalogError::NoAgent(path.to_path_buf()))?;
+        let bytes = fs::read(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => CatalogError::NoAgent(path.to_path_buf()),
+            _ => io_err("read the agent", path)(e),
+        })?;
         let mut archive = Vec::new();
         initramfs::write_agent(&mut archive, &bytes, GUEST_MODULES)
             .map_err(io_err("build the agent's archive from", path))?;
@@ -365,6 +368,10 @@ fn new_entry<T>(
     Ok((target, filled))
 }
 
+/// The largest vmlinux whose symbols an import reads (kernels are tens of
+/// MiB).
+const MAX_SYMBOL_SCAN: u64 = 512 << 20;
+
 /// Functions a kernel has only if what needs them is built in: with no
 /// initrd of its own it boots from banger's archive, which has no modules.
 const BUILT_IN_NEEDS: &[(&str, &str)] = &[
@@ -379,23 +386,27 @@ const BUILT_IN_NEEDS: &[(&str, &str)] = &[
 pub fn agent_only_note(vmlinux: &[u8]) -> Option<String> {
     use object::{Object, ObjectSymbol};
     const BOOTS_ALONE: &str = "it boots with only banger's agent in its initramfs; import it with --initrd carrying its modules if they are modules";
-    let has_symbols = object::File::parse(vmlinux)
-        .ok()
-        .map(|elf| {
-            elf.symbols()
-                .filter_map(|s| s.name().ok().map(str::to_string))
-                .collect::<std::collections::HashSet<_>>()
-        })
-        .filter(|names| !names.is_empty());
-    let Some(names) = has_symbols else {
+    let mut found = [false; BUILT_IN_NEEDS.len()];
+    let mut any = false;
+    if let Ok(elf) = object::File::parse(vmlinux) {
+        for symbol in elf.symbols() {
+            any = true;
+            let name = symbol.name().unwrap_or_default();
+            for (i, (wanted, _)) in BUILT_IN_NEEDS.iter().enumerate() {
+                found[i] |= name == *wanted;
+            }
+        }
+    }
+    if !any {
         return Some(format!(
             "banger cannot tell whether virtio block and ext4 are built into this kernel (its vmlinux has no symbol table); {BOOTS_ALONE}"
         ));
-    };
+    }
     let missing: Vec<&str> = BUILT_IN_NEEDS
         .iter()
-        .filter(|(symbol, _)| !names.contains(*symbol))
-        .map(|(_, what)| *what)
+        .zip(found)
+        .filter(|(_, found)| !found)
+        .map(|((_, what), _)| *what)
         .collect();
     (!missing.is_empty()).then(|| {
         format!(
@@ -413,18 +424,28 @@ pub fn import_kernel(
     initrd: Option<&CallerFile>,
 ) -> Result<ImportedKernel, CatalogError> {
     check_elf(vmlinux)?;
-    let (target, (vmlinux_sha256, initrd_sha256)) = new_entry(kernels_dir, name, |staging| {
-        let vmlinux_sha256 = copy_hashed(vmlinux, &staging.join("vmlinux"))?;
-        let initrd_sha256 = initrd
-            .map(|initrd| copy_hashed(initrd, &staging.join("initrd")))
-            .transpose()?;
-        Ok((vmlinux_sha256, initrd_sha256))
-    })?;
+    let (target, (vmlinux_sha256, initrd_sha256, note)) = new_entry(
+        kernels_dir,
+        name,
+        |staging| {
+            let copy = staging.join("vmlinux");
+            let vmlinux_sha256 = copy_hashed(vmlinux, &copy)?;
+            let initrd_sha256 = initrd
+                .map(|initrd| copy_hashed(initrd, &staging.join("initrd")))
+                .transpose()?;
+            // Read whole only when it is of a kernel's size.
+            let note = match initrd {
+                Some(_) => None,
+                None if vmlinux.len > MAX_SYMBOL_SCAN => Some(format!(
+                    "banger cannot tell whether virtio block and ext4 are built into this kernel (its vmlinux is over {} MiB); it boots with only banger's agent in its initramfs",
+                    MAX_SYMBOL_SCAN >> 20
+                )),
+                None => agent_only_note(&fs::read(&copy).map_err(io_err("read", &copy))?),
+            };
+            Ok((vmlinux_sha256, initrd_sha256, note))
+        },
+    )?;
     let vmlinux = target.join("vmlinux");
-    let note = match initrd {
-        Some(_) => None,
-        None => agent_only_note(&fs::read(&vmlinux).map_err(io_err("read", &vmlinux))?),
-    };
     Ok(ImportedKernel {
         vmlinux,
         vmlinux_sha256,

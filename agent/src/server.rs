@@ -74,12 +74,13 @@ impl Writer {
         protocol::write_parts(&mut *sink, kind, session, payload)
     }
 
-    /// The frame the relay holds (`len` bytes, header and all), spliced
-    /// into the sink whole. Once a byte is out the frame must be
-    /// completed: a sink that refuses splice gets the rest copied; bytes a
-    /// failed splice swallowed are sent as zeros and said (`Ok(false)`), so
-    /// the caller ends the session rather than let it go on corrupt.
-    fn send_relayed(&self, relay: &File, len: usize) -> io::Result<bool> {
+    /// The frame the relay holds (`len` bytes, header and all) spliced
+    /// into the sink whole, then `rest`, what did not fit the relay, under
+    /// one lock. Once a byte is out the frame must be completed: a sink
+    /// that refuses splice gets the relay copied; bytes a failed splice
+    /// swallowed go as zeros and are said (`Ok(false)`), so the caller ends
+    /// the session rather than let it go on corrupt.
+    fn send_relayed(&self, relay: &File, len: usize, rest: &[u8]) -> io::Result<bool> {
         let mut sink = self
             .sink
             .lock()
@@ -88,20 +89,22 @@ impl Writer {
             return Err(io::Error::from(io::ErrorKind::NotConnected));
         }
         let mut left = len;
+        let mut whole = true;
         while left > 0 {
             match splice(relay, None, &*sink, None, left, SpliceFFlags::empty()) {
                 Ok(n) if n > 0 => left -= n,
                 Err(Errno::EINTR) => {}
                 Ok(_) | Err(_) => {
-                    let held = waiting_bytes(relay)?.min(left);
-                    let mut rest = vec![0u8; left];
-                    (&*relay).read_exact(&mut rest[..held])?;
-                    sink.write_all(&rest)?;
-                    return Ok(held == left);
+                    let held = waiting_bytes(relay).unwrap_or(0).min(left);
+                    let mut copy = vec![0u8; left];
+                    whole = (&*relay).read_exact(&mut copy[..held]).is_ok() && held == left;
+                    sink.write_all(&copy)?;
+                    break;
                 }
             }
         }
-        Ok(true)
+        sink.write_all(rest)?;
+        Ok(whole)
     }
 
     fn respond(&self, session: u32, response: &Response) {
@@ -570,23 +573,24 @@ fn pump(
             {
                 // Not a pipe, or nothing waiting (its end): read below.
                 match relay.fill(stream, *kind, session, most) {
-                    Ok(Some(n)) => {
+                    Ok(Some((n, rest))) => {
                         credit.spend(cost(n));
-                        match writer.send_relayed(&relay.read, HEADER_LEN + n) {
+                        let relayed = HEADER_LEN + n - rest.len();
+                        match writer.send_relayed(&relay.read, relayed, &rest) {
                             Ok(true) => {}
-                            Ok(false) => {
-                                crate::log!("session {session}: output lost in splice; ending it");
-                                let _ = kill(group, Signal::SIGKILL);
-                                credit.abandon();
-                            }
+                            Ok(false) => lose(session, group, credit, "in splice"),
                             // The host is gone, and with it what the relay holds.
                             Err(_) => relay.clear(&mut buffer),
                         }
                         continue;
                     }
                     Ok(None) => {}
-                    // Nothing was sent: the frame goes, the bytes are read.
-                    Err(_) => relay.clear(&mut buffer),
+                    // Part of the output is in the relay and cannot go.
+                    Err(e) => {
+                        relay.clear(&mut buffer);
+                        lose(session, group, credit, &e.to_string());
+                        continue;
+                    }
                 }
             }
             match stream.read(&mut buffer[..most]) {
@@ -634,16 +638,17 @@ impl Relay {
         })
     }
 
-    /// A frame of up to `most` of the bytes waiting in `stream`, header
-    /// and all, into the empty relay: its payload length, or None when
-    /// `stream` is no pipe or has nothing waiting (its end).
+    /// A frame of up to `most` of the bytes waiting in `stream`: its
+    /// header and as much as the relay takes go into the empty relay, the
+    /// rest is read (it is waiting) and answered, with the payload length;
+    /// None when `stream` is no pipe or has nothing waiting (its end).
     fn fill(
         &self,
         stream: &File,
         kind: FrameKind,
         session: u32,
         most: usize,
-    ) -> io::Result<Option<usize>> {
+    ) -> io::Result<Option<(usize, Vec<u8>)>> {
         let waiting = waiting_bytes(stream)?;
         if waiting == 0 {
             return Ok(None);
@@ -652,7 +657,8 @@ impl Relay {
         (&self.write).write_all(&protocol::encode_header(kind, session, len))?;
         let mut moved = 0;
         while moved < len {
-            // Never blocks: the relay has room and `stream` the bytes.
+            // Never blocks: a full relay (a process that wrote many tiny
+            // buffers) or anything else leaves the rest to a read.
             match splice(
                 stream,
                 None,
@@ -663,16 +669,12 @@ impl Relay {
             ) {
                 Ok(n) if n > 0 => moved += n,
                 Err(Errno::EINTR) => {}
-                // The header is in: the rest is copied.
-                Ok(_) | Err(_) => {
-                    let mut rest = vec![0u8; len - moved];
-                    (&*stream).read_exact(&mut rest)?;
-                    (&self.write).write_all(&rest)?;
-                    break;
-                }
+                Ok(_) | Err(_) => break,
             }
         }
-        Ok(Some(len))
+        let mut rest = vec![0u8; len - moved];
+        (&*stream).read_exact(&mut rest)?;
+        Ok(Some((len, rest)))
     }
 
     /// Empties the relay, so the next frame drains it whole again.
@@ -683,6 +685,14 @@ impl Relay {
             }
         }
     }
+}
+
+/// Output that could not go whole: the session ends (the process is
+/// killed) rather than go on with a stream out of step.
+fn lose(session: u32, group: Pid, credit: &Credit, why: &str) {
+    crate::log!("session {session}: output lost ({why}); ending it");
+    let _ = kill(group, Signal::SIGKILL);
+    credit.abandon();
 }
 
 nix::ioctl_read_bad!(fionread, nix::libc::FIONREAD, nix::libc::c_int);

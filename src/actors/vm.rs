@@ -1126,7 +1126,8 @@ async fn clone_rootfs(
             path: named.clone(),
             source,
         };
-        let Some(mut source) = source else {
+        use std::io::Read as _;
+        let Some(source) = source else {
             return Err(copy_err(std::io::Error::other("the opened file was lost")));
         };
         if let Some(dir) = target.parent() {
@@ -1141,8 +1142,12 @@ async fn clone_rootfs(
             path: target.clone(),
             source: e,
         })?;
-        if reflink_copy::reflink_file(&source.file, &copy).is_err() {
-            std::io::copy(&mut source.file, &mut copy).map_err(copy_err)?;
+        // As much as the file held when the caller opened it: a file that
+        // grows since cannot grow the copy past the checked size.
+        if reflink_copy::reflink_file(&source.file, &copy).is_ok() {
+            copy.set_len(source.len).map_err(copy_err)?;
+        } else {
+            std::io::copy(&mut (&source.file).take(source.len), &mut copy).map_err(copy_err)?;
         }
         copy.sync_all().map_err(copy_err)?;
         fault::boundary("disk-cloned");

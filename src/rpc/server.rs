@@ -401,7 +401,9 @@ async fn session(
                     .await;
                 continue;
             }
-            match open_stream(&services, call.request).await {
+            // Opening may wait for a booting guest's agent (`--wait`).
+            let opening = open_stream(&services, call.request);
+            match with_heartbeats(opening, heartbeat, &call.id, &out).await {
                 Ok(opened) => {
                     let stdin_window = matches!(opened, Opened::Exec(_)).then_some(STDIN_WINDOW);
                     let accepted = WithOpId {

@@ -57,8 +57,11 @@ impl Wire<'_> {
             .open_file(path, cap)
             .await
             .map_err(|e| match e {
-                CallerFileError::TimedOut { .. } => {
+                CallerFileError::TimedOut { .. } | CallerFileError::Busy { .. } => {
                     RpcError::new(ErrorCode::Unavailable, crate::error_chain(&e))
+                }
+                CallerFileError::Credentials { .. } => {
+                    RpcError::new(ErrorCode::Internal, crate::error_chain(&e))
                 }
                 e => RpcError::invalid_params(field, crate::error_chain(&e)),
             })
