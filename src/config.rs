@@ -4,12 +4,12 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::kernel::UnpackLimit;
 use crate::operations::Retention;
-use crate::rpc::server::Limits;
 use crate::vmm::qemu::AccelChoice;
 
 /// System mode serves the whole host as root; user mode serves one user.
@@ -185,7 +185,7 @@ pub struct Config {
     /// The most a root disk a request names may hold, in bytes.
     pub max_rootfs_bytes: u64,
     /// How many clients and requests the socket takes at once.
-    pub rpc_limits: Limits,
+    pub rpc_limits: RpcLimits,
     /// Backoff for VMs that do not set their own.
     pub restart_delay_ms: u64,
     pub restart_max_delay_ms: u64,
@@ -354,9 +354,48 @@ pub fn resolve(
     })
 }
 
+/// Connections the socket takes at once, by default.
+pub const MAX_SESSIONS: usize = 4096;
+/// Requests in flight on one connection, by default.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// How many clients and requests the daemon takes at once (`[rpc]` in
+/// bangerd.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RpcLimits {
+    /// Open connections; more are told `unavailable` and closed.
+    pub connections: usize,
+    /// Open connections of one uid, so that one user cannot hold every
+    /// slot.
+    pub connections_per_uid: usize,
+    /// Requests in flight on one connection.
+    pub in_flight_per_connection: usize,
+    /// Requests in flight in the whole daemon, so that neither many
+    /// connections nor many requests can grow the store's queue.
+    pub in_flight: usize,
+    /// A connection that sends no request within this is closed, so idle
+    /// connections cannot hold every slot.
+    pub first_request: Duration,
+    /// How often clients that ask hear that the daemon lives, while a
+    /// request of theirs is in flight or a stream is open.
+    pub heartbeat: Duration,
+}
+
+impl Default for RpcLimits {
+    fn default() -> RpcLimits {
+        RpcLimits {
+            connections: MAX_SESSIONS,
+            connections_per_uid: MAX_SESSIONS / 4,
+            in_flight_per_connection: MAX_IN_FLIGHT,
+            in_flight: 1024,
+            first_request: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
 /// `[rpc]`: each count at least 1, the first-request deadline 0.1 to 3600 s.
-fn rpc_limits(section: &RpcSection) -> Result<Limits, ConfigError> {
-    let defaults = Limits::default();
+fn rpc_limits(section: &RpcSection) -> Result<RpcLimits, ConfigError> {
+    let defaults = RpcLimits::default();
     let count = |key: &'static str, value: Option<usize>, default: usize| match value {
         None => Ok(default),
         Some(n @ 1..=1_000_000) => Ok(n),
@@ -389,7 +428,7 @@ fn rpc_limits(section: &RpcSection) -> Result<Limits, ConfigError> {
             });
         }
     };
-    Ok(Limits {
+    Ok(RpcLimits {
         heartbeat,
         connections: count(
             "rpc.max_connections",

@@ -243,7 +243,7 @@ fn a_backup_streams_progress_to_watchers_and_can_be_cancelled() {
     // A second connection fills its in-flight budget with watches; the
     // next request on it is refused as unavailable.
     let mut watcher = Conn::open(dir);
-    let limit = banger::rpc::server::MAX_IN_FLIGHT as u64;
+    let limit = banger::config::MAX_IN_FLIGHT as u64;
     for id in 0..limit {
         watcher.send(&request(
             id,

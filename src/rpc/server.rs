@@ -41,48 +41,12 @@ use super::stream::{STDIN_WINDOW, follow_log, relay_exec};
 use super::vm::Opened;
 use super::wire::{Reply, line};
 use crate::caller::Caller;
+use crate::config::RpcLimits as Limits;
 use crate::operations::new_op_id;
 use nix::unistd::{Gid, Uid};
 
-pub const MAX_SESSIONS: usize = 4096;
-pub const MAX_IN_FLIGHT: usize = 64;
 /// Lines queued for a client before its requests wait.
 const OUTBOX: usize = 256;
-
-/// How many clients and requests the daemon takes at once (`[rpc]` in
-/// bangerd.toml).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Open connections; more are told `unavailable` and closed.
-    pub connections: usize,
-    /// Open connections of one uid, so that one user cannot hold every
-    /// slot.
-    pub connections_per_uid: usize,
-    /// Requests in flight on one connection.
-    pub in_flight_per_connection: usize,
-    /// Requests in flight in the whole daemon, so that neither many
-    /// connections nor many requests can grow the store's queue.
-    pub in_flight: usize,
-    /// A connection that sends no request within this is closed, so idle
-    /// connections cannot hold every slot.
-    pub first_request: Duration,
-    /// How often clients that ask hear that the daemon lives, while a
-    /// request of theirs is in flight or a stream is open.
-    pub heartbeat: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            connections: MAX_SESSIONS,
-            connections_per_uid: MAX_SESSIONS / 4,
-            in_flight_per_connection: MAX_IN_FLIGHT,
-            in_flight: 1024,
-            first_request: Duration::from_secs(5),
-            heartbeat: Duration::from_secs(5),
-        }
-    }
-}
 
 /// Open connections by uid (entries go when their count does).
 #[derive(Default)]
