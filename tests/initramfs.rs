@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -16,7 +15,6 @@ use std::time::Duration;
 
 use common::guest::{Fixture as GuestFixture, guest_fixtures, import_kernel};
 use common::halt::Fixture;
-use common::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -24,39 +22,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-/// One HTTP GET on Firecracker's API socket; the body as JSON.
+/// One GET on Firecracker's API socket, through banger's own client.
 fn firecracker_get(socket: &Path, path: &str) -> Value {
-    let mut stream = UnixStream::connect(socket).expect("connect to the API socket");
-    stream
-        .set_read_timeout(Some(EVENT_TIMEOUT))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
-    )
-    .expect("request");
-    let mut answer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut chunk).expect("read the answer");
-        assert!(n > 0, "the API closed mid-answer");
-        answer.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&answer);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse().ok())
-                .expect("a Content-Length");
-            if body.len() >= length {
-                return serde_json::from_str(&body[..length]).expect("JSON body");
-            }
-        }
-    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(banger::vmm::firecracker::ApiClient::new(socket).get(path))
+        .expect("the VMM's API answers")
 }
 
 /// Whether a process named `debugfs` appears while `watch` is set: /proc is

@@ -23,7 +23,7 @@ use crate::server;
 /// has it, so its presence marks stage 1.
 pub const STAGE1_MARKER: &str = "/etc/banger/stage1";
 /// Module files banger packed (a package import), in load order.
-const MODULE_LIST: &str = "/etc/banger/initramfs";
+pub const MODULE_LIST: &str = "/etc/banger/initramfs";
 /// How long the root disk may take to appear.
 const ROOT_WAIT: Duration = Duration::from_secs(30);
 
@@ -178,8 +178,8 @@ pub fn dependency_order(modules_dep: &str, wanted: &[&str]) -> Vec<String> {
 }
 
 /// A module file's name as the kernel spells it (`-` as `_`), without its
-/// directory and `.ko[.xz|.zst|.gz]`.
-fn module_name(path: &str) -> Option<String> {
+/// directory and `.ko[.xz|.zst|.gz]` (the host reads packages with it too).
+pub fn module_name(path: &str) -> Option<String> {
     let file = path.rsplit('/').next()?;
     let stem = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
         .iter()

@@ -62,15 +62,21 @@ impl Writer {
         self.send_parts(frame.kind, frame.session, &frame.payload)
     }
 
-    /// A frame from its parts: output goes out of the read buffer as it is.
-    fn send_parts(&self, kind: FrameKind, session: u32, payload: &[u8]) -> io::Result<()> {
-        let mut sink = self
+    /// The sink, locked for a whole frame, while this host is connected.
+    fn open_sink(&self) -> io::Result<std::sync::MutexGuard<'_, File>> {
+        let sink = self
             .sink
             .lock()
             .map_err(|_| io::Error::other("writer poisoned"))?;
         if !self.open.load(Ordering::Acquire) {
             return Err(io::Error::from(io::ErrorKind::NotConnected));
         }
+        Ok(sink)
+    }
+
+    /// A frame from its parts: output goes out of the read buffer as it is.
+    fn send_parts(&self, kind: FrameKind, session: u32, payload: &[u8]) -> io::Result<()> {
+        let mut sink = self.open_sink()?;
         protocol::write_parts(&mut *sink, kind, session, payload)
     }
 
@@ -81,13 +87,7 @@ impl Writer {
     /// swallowed go as zeros and are said (`Ok(false)`), so the caller ends
     /// the session rather than let it go on corrupt.
     fn send_relayed(&self, relay: &File, len: usize, rest: &[u8]) -> io::Result<bool> {
-        let mut sink = self
-            .sink
-            .lock()
-            .map_err(|_| io::Error::other("writer poisoned"))?;
-        if !self.open.load(Ordering::Acquire) {
-            return Err(io::Error::from(io::ErrorKind::NotConnected));
-        }
+        let mut sink = self.open_sink()?;
         let mut left = len;
         let mut whole = true;
         while left > 0 {

@@ -129,7 +129,7 @@ fn read_data<S: Write>(
                 let mut text = String::new();
                 entry.read_to_string(&mut text)?;
                 builtin.insert(version.to_string(), modules::builtin(&text));
-            } else if modules::name_of_path(rest).is_some() {
+            } else if banger_agent::init::module_name(rest).is_some() {
                 let mut bytes = Vec::new();
                 entry.read_to_end(&mut bytes)?;
                 let ko = modules::decompress(&path, bytes, limit)?;

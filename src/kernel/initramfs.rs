@@ -9,11 +9,17 @@ use std::io::{self, Write};
 use cpio::newc::{Builder, ModeFileType, trailer};
 use flate2::write::GzEncoder;
 
-/// The module files of a package import, one a line, in load order.
-pub const MODULE_LIST: &str = "etc/banger/initramfs";
+/// The module files of a package import, one a line, in load order, where
+/// the agent reads them (archive entries have no leading `/`).
+fn module_list() -> &'static str {
+    banger_agent::init::MODULE_LIST.trim_start_matches('/')
+}
+
 /// The modules PID 1 wants by name (found through a user initrd's
 /// `modules.dep`); its presence tells the agent it is in stage 1.
-pub const STAGE1_MARKER: &str = "etc/banger/stage1";
+fn stage1_marker() -> &'static str {
+    banger_agent::init::STAGE1_MARKER.trim_start_matches('/')
+}
 
 /// What stage 1 needs whatever came before: the directories it mounts on
 /// and switches from.
@@ -87,12 +93,12 @@ pub fn write_agent(out: impl Write, agent: &[u8], wanted: &[&str]) -> io::Result
     archive.file("init", 0o755, agent)?;
     let mut names = wanted.join("\n");
     names.push('\n');
-    archive.file(STAGE1_MARKER, 0o644, names.as_bytes())?;
+    archive.file(stage1_marker(), 0o644, names.as_bytes())?;
     archive.finish()
 }
 
 /// A package import's archive: the modules `(name, .ko bytes)` and their
-/// load order in `MODULE_LIST`; no agent (that comes at boot).
+/// load order in the module list; no agent (that comes at boot).
 pub fn write_modules(out: impl Write, modules: &[(String, Vec<u8>)]) -> io::Result<()> {
     let mut archive = Archive::new(out);
     archive.directories()?;
@@ -103,7 +109,7 @@ pub fn write_modules(out: impl Write, modules: &[(String, Vec<u8>)]) -> io::Resu
         list.push_str(&file_name);
         list.push('\n');
     }
-    archive.file(MODULE_LIST, 0o644, list.as_bytes())?;
+    archive.file(module_list(), 0o644, list.as_bytes())?;
     archive.finish()
 }
 
@@ -150,8 +156,8 @@ mod tests {
         assert_eq!(get("init").2, b"agent");
         assert_eq!(get("init").1 & 0o777, 0o755);
         assert_eq!(get("lib/modules/virtio_blk.ko").2, b"blk");
-        assert_eq!(get(MODULE_LIST).2, b"virtio_ring.ko\nvirtio_blk.ko\n");
-        assert_eq!(get(STAGE1_MARKER).2, b"virtio_blk\nvsock\n");
+        assert_eq!(get(module_list()).2, b"virtio_ring.ko\nvirtio_blk.ko\n");
+        assert_eq!(get(stage1_marker()).2, b"virtio_blk\nvsock\n");
         assert_eq!(
             get("dev/console").1 & 0o170000,
             0o020000,

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 
+use banger_agent::init::module_name;
 use object::{Object, ObjectSection};
 
 use super::{Capped, KernelError, UnpackLimit};
@@ -21,15 +22,6 @@ pub struct Module {
 /// The kernel's own spelling of a module name.
 pub fn canonical(name: &str) -> String {
     name.replace('-', "_")
-}
-
-/// A module file's name without directory and `.ko[.xz|.zst|.gz]`.
-pub fn name_of_path(path: &str) -> Option<String> {
-    let file = path.rsplit('/').next()?;
-    let stem = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
-        .iter()
-        .find_map(|suffix| file.strip_suffix(suffix))?;
-    Some(canonical(stem))
 }
 
 /// The `.ko` inside a possibly compressed module file.
@@ -84,14 +76,14 @@ pub fn parse(path: &str, ko: &[u8]) -> Result<Module, KernelError> {
         }
     }
     let name = name
-        .or_else(|| name_of_path(path))
+        .or_else(|| module_name(path))
         .ok_or_else(|| bad("no module name".into()))?;
     Ok(Module { name, depends })
 }
 
 /// Module names a `modules.builtin` lists (`kernel/fs/ext4/ext4.ko`).
 pub fn builtin(text: &str) -> HashSet<String> {
-    text.lines().filter_map(name_of_path).collect()
+    text.lines().filter_map(module_name).collect()
 }
 
 /// The modules to load for `wanted`, dependencies first. A wanted module
@@ -274,14 +266,14 @@ pub(crate) mod tests {
     #[test]
     fn names_come_from_paths_and_builtin_lists() {
         assert_eq!(
-            name_of_path("lib/modules/6.1/kernel/drivers/char/hw_random/virtio-rng.ko.xz"),
+            module_name("lib/modules/6.1/kernel/drivers/char/hw_random/virtio-rng.ko.xz"),
             Some("virtio_rng".into())
         );
         assert_eq!(
-            name_of_path("kernel/net/vmw_vsock/vsock.ko"),
+            module_name("kernel/net/vmw_vsock/vsock.ko"),
             Some("vsock".into())
         );
-        assert_eq!(name_of_path("kernel/README"), None);
+        assert_eq!(module_name("kernel/README"), None);
         let builtin = builtin("kernel/fs/ext4/ext4.ko\nkernel/drivers/virtio/virtio.ko\n");
         assert!(builtin.contains("ext4") && builtin.contains("virtio"));
     }

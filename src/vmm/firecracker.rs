@@ -184,14 +184,22 @@ impl ApiClient {
         })
     }
 
-    pub async fn instance_info(&self) -> Result<InstanceInfo, FirecrackerError> {
-        let (status, bytes) = self.call(Method::GET, "/", Vec::new()).await?;
+    /// A GET whose answer is JSON of type `T`.
+    pub async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, FirecrackerError> {
+        let (status, bytes) = self.call(Method::GET, path, Vec::new()).await?;
         serde_json::from_slice(&bytes).map_err(|e| FirecrackerError::Api {
             method: Method::GET,
-            path: "/".into(),
+            path: path.into(),
             status,
             fault: format!("unexpected answer: {e}"),
         })
+    }
+
+    pub async fn instance_info(&self) -> Result<InstanceInfo, FirecrackerError> {
+        self.get("/").await
     }
 
     pub async fn action(&self, action_type: ActionType) -> Result<(), FirecrackerError> {
