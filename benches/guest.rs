@@ -71,7 +71,12 @@ fn exec_true(state: &Path, vm: &str) -> Duration {
 fn write_config(config: &Path, agent: &Path) -> std::io::Result<()> {
     std::fs::write(
         config,
-        format!("[agent]\nbinary = \"{}\"\n", agent.display()),
+        // The direct launches have no network: neither have banger's VMs
+        // here (benches/network.rs measures networking).
+        format!(
+            "[agent]\nbinary = \"{}\"\n[network]\nenabled = false\n",
+            agent.display()
+        ),
     )
 }
 
@@ -128,6 +133,7 @@ fn direct_boot(kernel: &Value, rootfs: &Path, dir: &Path) -> anyhow::Result<Dura
         accel: banger::vm::record::Accel::Tcg,
     };
     let spec = LaunchSpec {
+        nic: None,
         id: "direct".into(),
         paths: VmPaths {
             dir: dir.to_path_buf(),

@@ -102,6 +102,7 @@ fn bare_start(
             jail: None,
         };
         let spec = LaunchSpec {
+            nic: None,
             id: format!("bare{i}"),
             paths: VmPaths { dir: vm_dir },
             boot: BootFiles {
@@ -204,7 +205,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[agent]\nbinary = \"{}\"\n[firecracker]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.1\nmax_delay_secs = 0.1\n",
+            // The bare launches have no network: neither have these VMs
+            // (benches/network.rs measures networking).
+            "[agent]\nbinary = \"{}\"\n[firecracker]\nbinary = \"{}\"\n[restart]\ndelay_secs = 0.1\nmax_delay_secs = 0.1\n[network]\nenabled = false\n",
             agent.display(),
             firecracker.display()
         ),

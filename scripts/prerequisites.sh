@@ -17,11 +17,14 @@ banger_programs=(
     "tar                tar"             # tests/kernel_deb.rs
     "apt-get            apt"             # fixtures.sh: the Debian cloud kernel package
     "apt-cache          apt"             # fixtures.sh
-    "python3            python3"         # fixtures.sh: firecracker from its wheel
+    "python3            python3"         # fixtures.sh: firecracker from its wheel; network tests: listeners
     "sha256sum          coreutils"       # fixtures.sh
     "readelf            binutils"        # build-agent.sh: the agent must be static
     "file               file"            # busybox-rootfs.sh
-    "ip                 iproute2"        # agent network tests in a private namespace
+    "ip                 iproute2"        # network tests: namespaces, veths, stray taps
+    "nft                nftables"        # bangerd: banger's nftables tables; network tests
+    "unshare            util-linux"      # tests: every test daemon in a network namespace of its own
+    "nsenter            util-linux"      # network tests: the daemon in the test's namespace
     "setpriv            util-linux"      # tests/access.rs: a real unprivileged client
     "useradd            passwd"          # tests/access.rs
     "userdel            passwd"          # tests/access.rs

@@ -71,7 +71,36 @@ pub struct ConfigFile {
     pub vm: VmSection,
     #[serde(default)]
     pub rpc: RpcSection,
+    #[serde(default)]
+    pub network: NetworkSection,
 }
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    pub enabled: Option<bool>,
+    pub default_subnet: Option<String>,
+    pub dns: Option<String>,
+    pub mtu: Option<u32>,
+    pub interface_group: Option<u32>,
+}
+
+/// How VMs are networked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub enabled: bool,
+    pub default_subnet: Option<ipnet::Ipv4Net>,
+    /// The DNS server guests are given; the host's own first
+    /// non-loopback nameserver when unset.
+    pub dns: Option<std::net::Ipv4Addr>,
+    pub mtu: u32,
+    /// The interface group of every bridge and tap banger makes (the
+    /// group after it is the sweep group, see `network::host`).
+    pub group: u32,
+}
+
+/// `network.interface_group` when unset.
+pub const DEFAULT_INTERFACE_GROUP: u32 = 2894;
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -186,9 +215,52 @@ pub struct Config {
     pub max_rootfs_bytes: u64,
     /// How many clients and requests the socket takes at once.
     pub rpc_limits: RpcLimits,
+    pub network: NetworkConfig,
     /// Backoff for VMs that do not set their own.
     pub restart_delay_ms: u64,
     pub restart_max_delay_ms: u64,
+}
+
+fn network_config(section: &NetworkSection) -> Result<NetworkConfig, ConfigError> {
+    let default_subnet = section
+        .default_subnet
+        .as_deref()
+        .map(crate::network::ipam::parse_subnet)
+        .transpose()
+        .map_err(|e| ConfigError::Invalid {
+            key: "network.default_subnet",
+            reason: e.to_string(),
+        })?;
+    let dns = section
+        .dns
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|_| ConfigError::Invalid {
+            key: "network.dns",
+            reason: "is not an IPv4 address".into(),
+        })?;
+    let mtu = section.mtu.unwrap_or(1500);
+    if !(576..=9000).contains(&mtu) {
+        return Err(ConfigError::Invalid {
+            key: "network.mtu",
+            reason: format!("{mtu} is outside 576 to 9000"),
+        });
+    }
+    let group = section.interface_group.unwrap_or(DEFAULT_INTERFACE_GROUP);
+    if group == 0 || group == u32::MAX {
+        return Err(ConfigError::Invalid {
+            key: "network.interface_group",
+            reason: "0 is every link's group; choose 1 to 4294967294".into(),
+        });
+    }
+    Ok(NetworkConfig {
+        enabled: section.enabled.unwrap_or(true),
+        default_subnet,
+        dns,
+        mtu,
+        group,
+    })
 }
 
 /// Seconds as given by a user (fractions allowed) to milliseconds.
@@ -295,6 +367,7 @@ pub fn resolve(
         }
     };
     let rpc_limits = rpc_limits(&file.rpc)?;
+    let network = network_config(&file.network)?;
     require_absolute("state_dir", &state_dir)?;
     if let Some(agent) = &file.agent.binary {
         require_absolute("agent.binary", agent)?;
@@ -323,6 +396,7 @@ pub fn resolve(
         socket_group,
         log_level,
         retention,
+        network,
         jailer: file
             .firecracker
             .jailer
@@ -596,6 +670,9 @@ mod tests {
         assert_eq!(config.qemu, PathBuf::from("qemu-system-x86_64"));
         assert_eq!(config.qemu_accel, AccelChoice::Auto);
         assert_eq!(config.jailer, None);
+        assert!(config.network.enabled);
+        assert_eq!(config.network.group, DEFAULT_INTERFACE_GROUP);
+        assert_eq!(config.network.mtu, 1500);
         assert_eq!(
             (config.restart_delay_ms, config.restart_max_delay_ms),
             (1_000, 60_000)

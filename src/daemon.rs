@@ -18,6 +18,7 @@ use nix::unistd::{Gid, geteuid};
 use tracing::{info, warn};
 
 use crate::actors::catalog::{CatalogActor, KernelError, LoadCatalog};
+use crate::actors::netns::{LoadNetworks, NetworkError, NetworkManager, NetworkSettings};
 use crate::actors::operation::{Drain, OperationError, OperationRegistry, Reconcile};
 use crate::actors::store::{StoreActor, StoreClosed};
 use crate::actors::vm::{LoadVms, VmError, VmManager, VmSettings};
@@ -27,6 +28,7 @@ use crate::rpc::access::AccessPolicy;
 use crate::rpc::daemon::{DaemonInfo, DaemonServices};
 use crate::rpc::dispatch::Services;
 use crate::rpc::kernel::KernelServices;
+use crate::rpc::network::NetworkServices;
 use crate::rpc::server::{RpcServer, StopAccepting};
 use crate::rpc::vm::VmServices;
 use crate::store::{Store, StoreError};
@@ -80,8 +82,41 @@ pub enum DaemonError {
     CatalogGone,
     #[error("the VM manager stopped during start-up")]
     VmManagerGone,
+    #[error("cannot load the networks")]
+    LoadNetworks(#[source] NetworkError),
+    #[error("the network manager stopped during start-up")]
+    NetworkManagerGone,
     #[error("the operations registry stopped during start-up")]
     RegistryGone(#[source] MailboxError),
+}
+
+/// How networks are made; off, with the reason, when the configuration
+/// says so or the daemon lacks CAP_NET_ADMIN.
+fn network_settings(config: &Config) -> NetworkSettings {
+    let network = &config.network;
+    let off = if !network.enabled {
+        Some("the configuration sets network.enabled = false".to_string())
+    } else if !crate::network::host::has_net_admin() {
+        Some("the daemon lacks CAP_NET_ADMIN (run it as root, in system mode)".to_string())
+    } else {
+        None
+    };
+    let dns = network.dns.or_else(|| {
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        crate::network::first_nameserver(&resolv)
+    });
+    if off.is_none() && dns.is_none() {
+        warn!(
+            "no DNS server for guests: set network.dns (the host's resolv.conf names none a guest can reach)"
+        );
+    }
+    NetworkSettings {
+        off,
+        default_subnet: network.default_subnet,
+        dns,
+        mtu: network.mtu,
+        group: network.group,
+    }
 }
 
 pub struct SystemSupervisor {
@@ -168,9 +203,26 @@ impl SystemSupervisor {
             .map_err(|_| DaemonError::CatalogGone)?
             .map_err(DaemonError::LoadCatalog)?;
         info!(kernels, "catalog loaded");
+        // The networks before the VMs: their reconciliation holds the
+        // host's taps and rules against the VM records.
+        let networks = {
+            let (store, settings) = (store.clone(), network_settings(config));
+            Supervisor::start(move |_| NetworkManager::new(store, settings))
+        };
+        let count = networks
+            .send(LoadNetworks)
+            .await
+            .map_err(|_| DaemonError::NetworkManagerGone)?
+            .map_err(DaemonError::LoadNetworks)?;
+        info!(networks = count, "networks loaded");
         let vms = {
-            let (store, catalog, settings) = (store.clone(), catalog.clone(), vm_settings.clone());
-            Supervisor::start(move |_| VmManager::new(store, catalog, settings))
+            let (store, catalog, networks, settings) = (
+                store.clone(),
+                catalog.clone(),
+                networks.clone(),
+                vm_settings.clone(),
+            );
+            Supervisor::start(move |_| VmManager::new(store, catalog, networks, settings))
         };
         // Every VM actor re-adopts or reconciles its VM as it starts.
         let count = vms
@@ -184,7 +236,12 @@ impl SystemSupervisor {
         let services = Services {
             vm: VmServices {
                 vms: vms.clone(),
+                networks: networks.clone(),
                 settings: vm_settings,
+            },
+            network: NetworkServices {
+                networks,
+                vms: vms.clone(),
             },
             kernel: KernelServices {
                 catalog: catalog.clone(),

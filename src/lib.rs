@@ -11,6 +11,7 @@ pub mod fault;
 pub mod guest;
 pub mod host;
 pub mod kernel;
+pub mod network;
 pub mod operations;
 pub mod reconcile;
 pub mod rpc;

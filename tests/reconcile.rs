@@ -42,7 +42,7 @@ fn an_interrupted_create_leaves_nothing_and_its_name_can_be_taken_again() {
     };
     // Before the record, after the record (the clone not begun), and with
     // the disk copied but the VM not yet created.
-    for boundary in ["persist:1", "clone-disk:1", "disk-cloned:1"] {
+    for boundary in ["persist:1", "provision:1", "disk-cloned:1"] {
         kill_daemon_during(&mut f, boundary, |f| {
             drop(f.run(&[
                 "vm",

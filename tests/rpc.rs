@@ -310,8 +310,8 @@ fn ops_watch_follows_a_backup_to_its_end() {
     let (done, _) = owner.response(1);
     assert_eq!(
         done["result"]["records"].as_u64(),
-        Some(SEEDED as u64 + 7 + 1),
-        "the VMs, 7 table versions, this operation: {done}"
+        Some(SEEDED as u64 + 7 + 1 + 1),
+        "the VMs, 7 table versions, this operation, the default network: {done}"
     );
     // The backup is a store in its own right.
     assert_eq!(probe(&dir.join("backups")), (0, "compatible".to_string()));

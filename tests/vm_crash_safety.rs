@@ -357,6 +357,7 @@ fn a_store_from_the_previous_release_is_migrated_and_its_running_vm_adopted() {
         jail: None,
     };
     let spec = LaunchSpec {
+        nic: None,
         id: id.into(),
         paths: VmPaths {
             dir: vm_dir.clone(),

@@ -12,6 +12,8 @@ pub struct Cmdline {
     pub ip: Option<String>,
     pub gateway: Option<String>,
     pub dns: Option<String>,
+    /// `banger.mtu=BYTES`: eth0's MTU (its network's).
+    pub mtu: Option<String>,
 }
 
 impl Cmdline {
@@ -24,6 +26,7 @@ impl Cmdline {
             ip: None,
             gateway: None,
             dns: None,
+            mtu: None,
         };
         for word in text.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -37,6 +40,7 @@ impl Cmdline {
                 "banger.ip" => cmdline.ip = value,
                 "banger.gw" => cmdline.gateway = value,
                 "banger.dns" => cmdline.dns = value,
+                "banger.mtu" => cmdline.mtu = value,
                 _ => {}
             }
         }
@@ -56,8 +60,9 @@ mod tests {
         assert!(!plain.read_only);
         assert_eq!(plain.hostname, None);
         let set = Cmdline::parse(
-            "root=/dev/vdb rootfstype=xfs ro rw ro banger.hostname=web banger.ip=10.0.0.2/24 banger.gw=10.0.0.1 banger.dns=10.0.0.1 banger.hostname=",
+            "root=/dev/vdb rootfstype=xfs ro rw ro banger.hostname=web banger.ip=10.0.0.2/24 banger.gw=10.0.0.1 banger.dns=10.0.0.1 banger.mtu=1400 banger.hostname=",
         );
+        assert_eq!(set.mtu.as_deref(), Some("1400"));
         assert_eq!(set.root, "/dev/vdb");
         assert_eq!(set.rootfstype, "xfs");
         assert!(set.read_only);

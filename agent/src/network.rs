@@ -1,6 +1,6 @@
-//! The guest's network from `banger.ip=`/`banger.gw=`/`banger.dns=`, set
-//! with the kernel's old interface ioctls (SIOCSIFADDR, SIOCSIFNETMASK,
-//! SIOCSIFFLAGS, SIOCADDRT) rather than the root disk's `ip`: most OCI
+//! The guest's network from `banger.ip=`/`banger.gw=`/`banger.dns=`/
+//! `banger.mtu=`, set with the kernel's old interface ioctls (SIOCSIFADDR,
+//! SIOCSIFNETMASK, SIOCSIFMTU, SIOCSIFFLAGS, SIOCADDRT) rather than the root disk's `ip`: most OCI
 //! images have no `ip`, and netlink would need a crate or a page of code.
 //! IPv4 only, as banger's networks are.
 
@@ -27,6 +27,14 @@ pub fn configure(cmdline: &Cmdline) {
         Err(e) => return log("socket", Err(e)),
     };
     log("lo up", set_up(&socket, "lo"));
+    if let Some(text) = &cmdline.mtu {
+        match text.parse::<i32>() {
+            Ok(mtu) if (68..=65535).contains(&mtu) => {
+                log("eth0 mtu", set_mtu(&socket, "eth0", mtu))
+            }
+            _ => crate::log!("network: banger.mtu={text} is not an MTU"),
+        }
+    }
     if let Some(text) = &cmdline.ip {
         match parse_cidr(text) {
             Some((address, prefix)) => {
@@ -79,6 +87,12 @@ fn set_address(socket: &OwnedFd, interface: &str, address: Ipv4Addr, prefix: u8)
     ioctl_ifreq(socket, libc::SIOCSIFADDR, &mut request)?;
     request.ifr_ifru.ifru_netmask = sockaddr(netmask(prefix));
     ioctl_ifreq(socket, libc::SIOCSIFNETMASK, &mut request)
+}
+
+fn set_mtu(socket: &OwnedFd, interface: &str, mtu: i32) -> io::Result<()> {
+    let mut request = ifreq(interface)?;
+    request.ifr_ifru.ifru_mtu = mtu;
+    ioctl_ifreq(socket, libc::SIOCSIFMTU, &mut request)
 }
 
 fn set_up(socket: &OwnedFd, interface: &str) -> io::Result<()> {
@@ -211,7 +225,9 @@ mod tests {
                 .status()
                 .expect("ip tuntap");
             assert!(tap.success());
-            configure(&Cmdline::parse("banger.ip=10.7.0.2/24 banger.gw=10.7.0.1"));
+            configure(&Cmdline::parse(
+                "banger.ip=10.7.0.2/24 banger.gw=10.7.0.1 banger.mtu=1400",
+            ));
             let show = |args: &[&str]| {
                 let out = std::process::Command::new("ip")
                     .args(args)
@@ -230,6 +246,7 @@ mod tests {
         let (addresses, routes, lo) = checked;
         assert!(addresses.contains("inet 10.7.0.2/24"), "{addresses}");
         assert!(addresses.contains(",UP"), "{addresses}");
+        assert!(addresses.contains("mtu 1400"), "{addresses}");
         assert!(routes.contains("default via 10.7.0.1 dev eth0"), "{routes}");
         assert!(lo.contains(",UP"), "{lo}");
     }

@@ -2,6 +2,7 @@
 //! messages, call plain modules, and do the I/O.
 
 pub mod catalog;
+pub mod netns;
 pub mod operation;
 pub mod store;
 pub mod vm;

@@ -30,6 +30,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::actors::catalog::{CatalogActor, KernelError, PrepareBoot, Reserve, Unreserve};
+use crate::actors::netns::{
+    Attach, Claims, Detach, Lease, NetworkError, NetworkManager, ReconcileNetworks, Release,
+};
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
 use crate::caller::{CallerFile, SizeCap};
 use crate::catalog::CatalogError;
@@ -38,13 +41,14 @@ use crate::error_chain;
 use crate::fault;
 use crate::guest::link::AgentLink;
 use crate::host::HostOps;
+use crate::network::GuestConfig;
 use crate::reconcile;
 use crate::store::{Listing, StoreError, Undecodable};
 use crate::vm::InvalidVm;
 use crate::vm::ledger::Resource;
 use crate::vm::machine::{self, Conflict, Effect, Event, Exit, HostView, Outcome, RequestId, Vm};
 use crate::vm::phase::Phase;
-use crate::vm::record::{VmRecord, VmmKind};
+use crate::vm::record::{VmNetwork, VmRecord, VmmKind};
 use crate::vm::restart::{self, RestartPolicy};
 use crate::vm::state::Announcement;
 use crate::vmm::console;
@@ -52,7 +56,7 @@ use crate::vmm::firecracker::Firecracker;
 use crate::vmm::orphans::Layout;
 use crate::vmm::process::{ProcessHandle, is_alive};
 use crate::vmm::qemu::Qemu;
-use crate::vmm::{self, BootFiles, LaunchSpec, VmPaths, Vmm, VmmError};
+use crate::vmm::{self, BootFiles, LaunchSpec, Nic, VmPaths, Vmm, VmmError};
 
 /// How long a graceful stop waits for the agent to take the request
 /// before pressing Ctrl-Alt-Del instead.
@@ -116,15 +120,29 @@ impl VmSettings {
             Resource::Jail => {
                 (record.vmm == VmmKind::Firecracker).then(|| self.jail_dir(&record.id))
             }
+            // Not files: the network actors release them.
+            Resource::Lease | Resource::Tap => None,
         }
     }
 
-    fn launch_spec(&self, record: &VmRecord, kernel: &KernelRecord) -> LaunchSpec {
-        let args = kernel
+    fn launch_spec(
+        &self,
+        record: &VmRecord,
+        kernel: &KernelRecord,
+        network: Option<GuestConfig>,
+    ) -> LaunchSpec {
+        let mut args = kernel
             .cmdline
             .clone()
             .unwrap_or_else(|| self.backend(record.vmm).default_boot_args().to_string());
+        if let Some(config) = &network {
+            args = format!("{args} {}", config.boot_args());
+        }
         LaunchSpec {
+            nic: network.map(|_| Nic {
+                tap: crate::network::tap_name(&record.id),
+                mac: crate::network::mac_of(&record.id),
+            }),
             id: record.id.clone(),
             boot: BootFiles {
                 vmlinux: kernel.vmlinux.clone(),
@@ -178,6 +196,8 @@ pub enum VmError {
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the {0} is not answering")]
     Unavailable(&'static str),
@@ -190,6 +210,7 @@ pub struct VmActor {
     settings: Arc<VmSettings>,
     store: Addr<StoreActor>,
     catalog: Addr<CatalogActor>,
+    networks: Addr<NetworkManager>,
     writes: mpsc::UnboundedSender<(Write, oneshot::Sender<bool>)>,
     /// The recorded VMM's pidfd, while it lives.
     process: Option<Rc<ProcessHandle>>,
@@ -292,6 +313,7 @@ impl VmActor {
         settings: Arc<VmSettings>,
         store: Addr<StoreActor>,
         catalog: Addr<CatalogActor>,
+        networks: Addr<NetworkManager>,
         manager: Recipient<VmRemoved>,
     ) -> VmActor {
         // Unbounded, yet never more than one write deep: the actor waits
@@ -304,6 +326,7 @@ impl VmActor {
             settings,
             store,
             catalog,
+            networks,
             writes,
             process: None,
             unrecorded: None,
@@ -403,20 +426,65 @@ impl VmActor {
                 }
                 Effect::ConnectAgent => self.connect_agent(ctx),
                 Effect::DropAgent => self.drop_agent(ctx),
-                Effect::CloneDisk(named) => {
+                Effect::Provision(named) => {
                     let (source, target) = (self.source.take(), self.vm.record.rootfs.clone());
-                    ctx.spawn(clone_rootfs(source, named, target).into_actor(self).map(
-                        |cloned, act, ctx| {
-                            if cloned.is_ok() {
-                                act.watch_console(ctx);
-                            }
-                            let cloned = cloned.map_err(|e| error_chain(&e));
-                            let _ = act.apply(Event::DiskCloned(cloned), ctx);
-                        },
-                    ));
+                    let lease = self.vm.record.network.as_ref().map(|n| Lease {
+                        network: n.network.clone(),
+                        vm: self.vm.record.id.clone(),
+                        vm_name: self.vm.record.name.clone(),
+                    });
+                    let networks = self.networks.clone();
+                    let provisioned = async move {
+                        let address = match lease {
+                            Some(lease) => Some(
+                                networks
+                                    .send(lease)
+                                    .await
+                                    .map_err(|_| VmError::Unavailable("network manager"))??,
+                            ),
+                            None => None,
+                        };
+                        clone_rootfs(source, named, target).await?;
+                        Ok::<_, VmError>(address)
+                    };
+                    ctx.spawn(provisioned.into_actor(self).map(|provisioned, act, ctx| {
+                        if provisioned.is_ok() {
+                            act.watch_console(ctx);
+                        }
+                        let provisioned = provisioned.map_err(|e| error_chain(&e));
+                        let _ = act.apply(Event::Provisioned(provisioned), ctx);
+                    }));
+                }
+                Effect::Detach => {
+                    let detach = self
+                        .vm
+                        .record
+                        .guest()
+                        .map(|(network, guest)| Detach { network, guest });
+                    let networks = self.networks.clone();
+                    let detached = async move {
+                        if let Some(detach) = detach {
+                            networks
+                                .send(detach)
+                                .await
+                                .map_err(|_| VmError::Unavailable("network manager"))??;
+                        }
+                        Ok::<_, VmError>(())
+                    };
+                    ctx.spawn(detached.into_actor(self).map(|detached, act, ctx| {
+                        let detached = detached.map_err(|e| {
+                            warn!(vm = %act.name(), error = %error_chain(&e), "cannot remove the VM's tap");
+                            error_chain(&e)
+                        });
+                        let _ = act.apply(Event::Detached(detached), ctx);
+                    }));
                 }
                 Effect::RemoveFiles => {
-                    let released = release_resources(self.settings.clone(), self.vm.record.clone());
+                    let released = release_resources(
+                        self.settings.clone(),
+                        self.networks.clone(),
+                        self.vm.record.clone(),
+                    );
                     ctx.spawn(released.into_actor(self).map(|removed, act, ctx| {
                         let removed = removed.map_err(|e| error_chain(&e));
                         let _ = act.apply(Event::FilesRemoved(removed), ctx);
@@ -472,6 +540,7 @@ impl VmActor {
     fn spawn_vmm(&mut self, ctx: &mut Context<Self>) {
         let record = self.vm.record.clone();
         let (catalog, settings) = (self.catalog.clone(), self.settings.clone());
+        let networks = self.networks.clone();
         let spawned = async move {
             let kernel = match catalog
                 .send(PrepareBoot {
@@ -486,7 +555,22 @@ impl VmActor {
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => return Err(VmError::Unavailable("catalog")),
             };
-            let spec = settings.launch_spec(&record, &kernel);
+            // The tap (named by the ledger, durable) before the VMM opens it.
+            let network = match record.guest() {
+                Some((network, guest)) if record.resources.contains(&Resource::Tap) => Some(
+                    networks
+                        .send(Attach {
+                            network,
+                            vm: record.id.clone(),
+                            guest,
+                            owner: settings.backend(record.vmm).tap_owner(),
+                        })
+                        .await
+                        .map_err(|_| VmError::Unavailable("network manager"))??,
+                ),
+                _ => None,
+            };
+            let spec = settings.launch_spec(&record, &kernel, network);
             let launch = |source| VmError::Launch {
                 name: record.name.clone(),
                 source,
@@ -841,7 +925,8 @@ fn effect_name(effect: &Effect) -> &'static str {
     match effect {
         Effect::Persist => "persist",
         Effect::Delete => "delete",
-        Effect::CloneDisk(_) => "clone-disk",
+        Effect::Provision(_) => "provision",
+        Effect::Detach => "detach",
         Effect::Spawn => "spawn",
         Effect::Configure => "configure",
         Effect::Kill => "kill",
@@ -1087,9 +1172,33 @@ impl Handler<VmCommand> for VmActor {
     }
 }
 
-/// Releases a VM's ledger, last acquired first: its jail (through the
-/// host) and its directory.
-async fn release_resources(settings: Arc<VmSettings>, record: VmRecord) -> Result<(), VmError> {
+/// Releases a VM's ledger, last acquired first: its tap and its lease
+/// (through its network), its jail (through the host) and its directory.
+async fn release_resources(
+    settings: Arc<VmSettings>,
+    networks: Addr<NetworkManager>,
+    record: VmRecord,
+) -> Result<(), VmError> {
+    let unavailable = |_| VmError::Unavailable("network manager");
+    if let Some(network) = &record.network {
+        if let Some((network, guest)) = record.guest()
+            && record.resources.contains(&Resource::Tap)
+        {
+            networks
+                .send(Detach { network, guest })
+                .await
+                .map_err(unavailable)??;
+        }
+        if record.resources.contains(&Resource::Lease) {
+            networks
+                .send(Release {
+                    network: network.network.clone(),
+                    vm: record.id.clone(),
+                })
+                .await
+                .map_err(unavailable)??;
+        }
+    }
     tokio::task::spawn_blocking(move || {
         for resource in record.resources.iter().rev() {
             let Some(path) = settings.path_of(&record, *resource) else {
@@ -1098,6 +1207,7 @@ async fn release_resources(settings: Arc<VmSettings>, record: VmRecord) -> Resul
             let released = match resource {
                 Resource::Jail => settings.host.remove_jail(&path),
                 Resource::VmDirectory => reconcile::remove_any(&path),
+                Resource::Lease | Resource::Tap => continue,
             };
             released.map_err(|source| VmError::Io {
                 action: "remove",
@@ -1169,6 +1279,9 @@ pub struct CreateVm {
     pub restart: Option<restart::RestartMode>,
     pub restart_delay_ms: Option<u64>,
     pub restart_max_delay_ms: Option<u64>,
+    /// The network it joins (resolved: `--network`, or `default` when
+    /// networking is on), or none.
+    pub network: Option<String>,
     pub start: bool,
 }
 
@@ -1182,6 +1295,7 @@ impl Message for CreateVm {
 pub struct VmManager {
     store: Addr<StoreActor>,
     catalog: Addr<CatalogActor>,
+    networks: Addr<NetworkManager>,
     settings: Arc<VmSettings>,
     vms: HashMap<String, Addr<VmActor>>,
     quarantined: Vec<Undecodable>,
@@ -1191,11 +1305,13 @@ impl VmManager {
     pub fn new(
         store: Addr<StoreActor>,
         catalog: Addr<CatalogActor>,
+        networks: Addr<NetworkManager>,
         settings: Arc<VmSettings>,
     ) -> VmManager {
         VmManager {
             store,
             catalog,
+            networks,
             settings,
             vms: HashMap::new(),
             quarantined: Vec::new(),
@@ -1203,14 +1319,15 @@ impl VmManager {
     }
 
     fn start_actor(&self, record: VmRecord, fresh: bool, ctx: &mut Context<Self>) -> Addr<VmActor> {
-        let (settings, store, catalog) = (
+        let (settings, store, catalog, networks) = (
             self.settings.clone(),
             self.store.clone(),
             self.catalog.clone(),
+            self.networks.clone(),
         );
         let manager = ctx.address().recipient();
         Supervisor::start(move |_| {
-            let mut actor = VmActor::new(record, settings, store, catalog, manager);
+            let mut actor = VmActor::new(record, settings, store, catalog, networks, manager);
             if fresh {
                 actor.on_start = OnStart::Nothing;
                 actor.in_store = false;
@@ -1276,6 +1393,7 @@ impl Handler<LoadVms> for VmManager {
 
     fn handle(&mut self, _: LoadVms, _: &mut Context<Self>) -> Self::Result {
         let (store, settings) = (self.store.clone(), self.settings.clone());
+        let networks = self.networks.clone();
         let layout = Layout {
             vms_dir: settings.vms_dir.clone(),
             jail_base: settings.jail_base.clone(),
@@ -1327,6 +1445,10 @@ impl Handler<LoadVms> for VmManager {
                     ms = started.elapsed().as_secs_f64() * 1000.0,
                     "VM ledgers reconciled"
                 );
+                networks
+                    .send(ReconcileNetworks(network_claims(&settings, &listing)))
+                    .await
+                    .map_err(|_| VmError::Unavailable("network manager"))??;
                 Ok::<_, VmError>(listing)
             }
             .into_actor(self)
@@ -1360,6 +1482,7 @@ fn ledger_claims(
                 match resource {
                     Resource::VmDirectory => vms.insert(path),
                     Resource::Jail => jails.insert(path),
+                    Resource::Lease | Resource::Tap => false,
                 };
             }
         }
@@ -1369,6 +1492,63 @@ fn ledger_claims(
         jails.insert(settings.jail_dir(&bad.key));
     }
     (vms, jails)
+}
+
+/// What the VM records claim of the host's network: every VM's lease,
+/// the taps their ledgers name, and all a quarantined id could own.
+fn network_claims(settings: &VmSettings, listing: &Listing<VmRecord>) -> Claims {
+    let mut claims = Claims::default();
+    for record in &listing.records {
+        let Some(network) = &record.network else {
+            continue;
+        };
+        claims.vms.insert(
+            record.id.clone(),
+            (
+                network.network.clone(),
+                record.name.clone(),
+                network.address,
+            ),
+        );
+        if let Some((network, guest)) = record.guest()
+            && record.resources.contains(&Resource::Tap)
+        {
+            let owner = settings.backend(record.vmm).tap_owner();
+            claims.taps.push((network, guest, owner));
+        }
+    }
+    claims.quarantined = listing.undecodable.iter().map(|b| b.key.clone()).collect();
+    claims
+}
+
+/// `network reconcile`: the host's network held against the VM records
+/// as they stand.
+pub struct ReconcileNetwork;
+
+impl Message for ReconcileNetwork {
+    type Result = Result<crate::actors::netns::ReconcileReport, VmError>;
+}
+
+impl Handler<ReconcileNetwork> for VmManager {
+    type Result = ResponseFuture<Result<crate::actors::netns::ReconcileReport, VmError>>;
+
+    fn handle(&mut self, _: ReconcileNetwork, _: &mut Context<Self>) -> Self::Result {
+        let (store, settings, networks) = (
+            self.store.clone(),
+            self.settings.clone(),
+            self.networks.clone(),
+        );
+        Box::pin(async move {
+            let listing = store
+                .send(List::<VmRecord>::new())
+                .await
+                .map_err(|_| VmError::Unavailable("store"))??;
+            Ok(networks
+                .send(ReconcileNetworks(network_claims(&settings, &listing)))
+                .await
+                .map_err(|_| VmError::Unavailable("network manager"))??)
+        })
+    }
 }
 
 /// A command for the VM named `name`.
@@ -1557,6 +1737,9 @@ impl Handler<CreateVm> for VmManager {
         if vmm == VmmKind::Firecracker {
             resources.push(Resource::Jail);
         }
+        if msg.network.is_some() {
+            resources.push(Resource::Lease);
+        }
         let record = VmRecord {
             rootfs: self.settings.paths(&id).dir.join("rootfs.ext4"),
             id,
@@ -1576,6 +1759,10 @@ impl Handler<CreateVm> for VmManager {
             process: None,
             error: None,
             degraded: None,
+            network: msg.network.clone().map(|network| VmNetwork {
+                network,
+                address: None,
+            }),
         };
         // The name is taken from here on; a failed create gives it back.
         let actor = self.start_actor(record.clone(), true, ctx);

@@ -24,6 +24,7 @@ use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::client::{Client, ClientError, Stream};
 use crate::rpc::daemon::{BackupResult, MethodsResult, StatusResult};
 use crate::rpc::kernel::{KernelResult, KernelsResult};
+use crate::rpc::network::{NetworkResult, NetworksResult, ReconcileResult, RemovedResult};
 use crate::rpc::ops::{OperationResult, OperationsResult};
 use crate::rpc::protocol::ErrorObject;
 use crate::rpc::stream;
@@ -61,6 +62,9 @@ enum Command {
     /// The kernel catalog.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Networks: bridges, leases and NAT for VMs.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Print a shell completion script.
     Completions { shell: Shell },
 }
@@ -118,6 +122,12 @@ enum VmCommand {
         restart_max_delay: Option<f64>,
         #[arg(long, value_enum)]
         vmm: Option<VmmKind>,
+        /// The network to join [default: default].
+        #[arg(long, value_name = "NAME")]
+        network: Option<String>,
+        /// No network interface at all.
+        #[arg(long, conflicts_with = "network")]
+        no_network: bool,
         /// Start it right away.
         #[arg(long)]
         start: bool,
@@ -242,6 +252,50 @@ enum KernelCommand {
     /// Remove a kernel no VM uses.
     #[command(alias = "remove")]
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum NetworkCommand {
+    /// Create a network: a bridge, its gateway (the subnet's first
+    /// address), leases for VMs, and NAT to the outside.
+    Create {
+        name: String,
+        /// An IPv4 network for its VMs, e.g. 10.10.0.0/24.
+        #[arg(long)]
+        subnet: String,
+        /// Guests reach only each other (and the gateway's DNS), not the outside.
+        #[arg(long)]
+        no_nat: bool,
+        /// Guests reach every service of the host, not only banger's.
+        #[arg(long)]
+        host_access: bool,
+        /// The DNS server its guests are given [default: the daemon's].
+        #[arg(long, value_name = "IP")]
+        dns: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every network.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One network in detail, with its leases.
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a network no VM uses.
+    #[command(alias = "remove")]
+    Rm { name: String },
+    /// Remove the taps, bridges, rules and leases no record claims; make
+    /// again what records claim and the host lacks.
+    Reconcile {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -442,6 +496,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }) => exec(client, &name, &env, workdir, wait, command)?,
         Command::Vm(command) => vm(&mut client, command, now)?,
         Command::Kernel(command) => kernel(&mut client, command, now)?,
+        Command::Network(command) => network(&mut client, command, now)?,
         Command::Completions { .. } => {}
     }
     Ok(())
@@ -470,13 +525,15 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
             restart_delay,
             restart_max_delay,
             vmm,
+            network,
+            no_network,
             start,
             json,
         } => {
             let params = json!({
                 "name": name, "kernel": kernel, "rootfs": absolute(&rootfs)?, "vcpus": vcpus, "memory": memory,
                 "restart": restart, "restart_delay_secs": restart_delay, "restart_max_delay_secs": restart_max_delay,
-                "vmm": vmm, "start": start,
+                "vmm": vmm, "network": network, "no_network": no_network, "start": start,
             });
             let vm = client.call::<VmResult>("vm.create", params)?;
             if json {
@@ -851,6 +908,82 @@ fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result
         KernelCommand::Rm { name } => {
             client.call::<KernelResult>("kernel.remove", json!({"name": name}))?;
             println!("{name} removed");
+        }
+    }
+    Ok(())
+}
+
+fn network(client: &mut Client, command: NetworkCommand, now: Timestamp) -> Result<(), Failure> {
+    match command {
+        NetworkCommand::Create {
+            name,
+            subnet,
+            no_nat,
+            host_access,
+            dns,
+            json,
+        } => {
+            let params = json!({
+                "name": name, "subnet": subnet, "no_nat": no_nat,
+                "host_access": host_access, "dns": dns,
+            });
+            let network = client
+                .call::<NetworkResult>("network.create", params)?
+                .result
+                .network;
+            if json {
+                println!("{}", output::json(&network));
+            } else {
+                println!(
+                    "{} {} (bridge {}, gateway {})",
+                    network.record.name,
+                    network.record.subnet,
+                    network.record.bridge,
+                    network.gateway
+                );
+            }
+        }
+        NetworkCommand::Ls { json } => {
+            let networks = client.call::<NetworksResult>("network.list", json!({}))?;
+            if json {
+                println!("{}", output::json(&networks.result.networks));
+            } else {
+                print!("{}", output::networks_table(&networks.result.networks, now));
+            }
+        }
+        NetworkCommand::Inspect { name, json } => {
+            let network = client
+                .call::<NetworkResult>("network.get", json!({"name": name}))?
+                .result
+                .network;
+            if json {
+                println!("{}", output::json(&network));
+            } else {
+                print!("{}", output::network_details(&network, now));
+            }
+        }
+        NetworkCommand::Rm { name } => {
+            client.call::<RemovedResult>("network.remove", json!({"name": name}))?;
+            println!("{name} removed");
+        }
+        NetworkCommand::Reconcile { json } => {
+            let report = client
+                .call::<ReconcileResult>("network.reconcile", json!({}))?
+                .result
+                .reconciled;
+            if json {
+                println!("{}", output::json(&report));
+            } else {
+                println!(
+                    "removed {} links, {} nft elements, {} leases; recreated {} links, {} nft elements, {} leases",
+                    report.removed_links.len(),
+                    report.removed_elements,
+                    report.removed_leases,
+                    report.recreated_links.len(),
+                    report.recreated_elements,
+                    report.recreated_leases
+                );
+            }
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tabwriter::TabWriter;
 
+use crate::actors::netns::NetworkView;
 use crate::catalog::KernelRecord;
 use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::vm::VmView;
@@ -137,7 +138,8 @@ fn until(at: Timestamp) -> String {
 pub fn vms_table(vms: &[VmView], now: Timestamp) -> String {
     let mut rows = vec![
         [
-            "NAME", "ID", "STATE", "VMM", "PID", "VCPUS", "MEMORY", "KERNEL", "RESTARTS", "CREATED",
+            "NAME", "ID", "STATE", "VMM", "PID", "IP", "VCPUS", "MEMORY", "KERNEL", "RESTARTS",
+            "CREATED",
         ]
         .map(String::from)
         .to_vec(),
@@ -149,6 +151,7 @@ pub fn vms_table(vms: &[VmView], now: Timestamp) -> String {
             vm_state(vm),
             wire_name(&vm.vmm),
             vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            vm.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
             vm.vcpus.to_string(),
             format!("{} MiB", vm.memory_mib),
             vm.kernel.clone(),
@@ -180,6 +183,17 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
         vec!["memory:".into(), format!("{} MiB", vm.memory_mib)],
         vec!["kernel:".into(), vm.kernel.clone()],
         vec!["rootfs:".into(), vm.rootfs.display().to_string()],
+        vec![
+            "network:".into(),
+            match (&vm.network, vm.ip, &vm.mac) {
+                (Some(network), ip, mac) => format!(
+                    "{network}, ip {}, mac {}",
+                    ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+                    mac.as_deref().unwrap_or("-")
+                ),
+                (None, _, _) => "none".into(),
+            },
+        ],
         vec![
             "restart:".into(),
             format!(
@@ -254,6 +268,77 @@ fn vm_phase(phase: &Phase) -> String {
         Some(at) => format!("{name}{detail}, deadline {at} ({})", until(at)),
         None => format!("{name}{detail}"),
     }
+}
+
+pub fn networks_table(networks: &[NetworkView], now: Timestamp) -> String {
+    let mut rows = vec![
+        [
+            "NAME", "SUBNET", "GATEWAY", "BRIDGE", "NAT", "VMS", "CREATED",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for n in networks {
+        rows.push(vec![
+            n.record.name.clone(),
+            n.record.subnet.to_string(),
+            n.gateway.to_string(),
+            n.record.bridge.clone(),
+            if n.record.nat { "yes" } else { "no" }.into(),
+            format!("{}/{}", n.leases.len(), n.capacity),
+            ago(n.record.created_at, now),
+        ]);
+    }
+    table(&rows)
+}
+
+pub fn network_details(n: &NetworkView, now: Timestamp) -> String {
+    let mut rows = vec![
+        vec!["name:".into(), n.record.name.clone()],
+        vec!["subnet:".into(), n.record.subnet.to_string()],
+        vec!["gateway:".into(), n.gateway.to_string()],
+        vec!["bridge:".into(), n.record.bridge.clone()],
+        vec![
+            "nat:".into(),
+            if n.record.nat { "yes" } else { "no" }.into(),
+        ],
+        vec![
+            "host access:".into(),
+            if n.record.host_access {
+                "every host service"
+            } else {
+                "banger's services only"
+            }
+            .into(),
+        ],
+        vec![
+            "dns:".into(),
+            n.record
+                .dns
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "none".into()),
+        ],
+        vec!["mtu:".into(), n.record.mtu.to_string()],
+        vec![
+            "created:".into(),
+            format!(
+                "{} ({})",
+                n.record.created_at,
+                ago(n.record.created_at, now)
+            ),
+        ],
+        vec![
+            "leases:".into(),
+            format!("{} of {}", n.leases.len(), n.capacity),
+        ],
+    ];
+    for lease in &n.leases {
+        rows.push(vec![
+            String::new(),
+            format!("{} {}", lease.address, lease.vm_name),
+        ]);
+    }
+    table(&rows)
 }
 
 pub fn kernels_table(kernels: &[KernelRecord], now: Timestamp) -> String {

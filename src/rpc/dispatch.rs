@@ -1,5 +1,6 @@
 //! From a typed request to its domain's handlers (`rpc::{daemon, ops, vm,
-//! kernel}`), which receive only their own services and the transport's
+//! kernel,
+//! network}`), which receive only their own services and the transport's
 //! [`Wire`].
 
 use actix::Addr;
@@ -7,6 +8,7 @@ use serde_json::value::RawValue;
 
 use super::daemon::{self, DaemonServices};
 use super::kernel::{self, KernelServices};
+use super::network::{self, NetworkServices};
 use super::ops;
 use super::protocol::{ErrorCode, RpcError};
 use super::request::Request;
@@ -19,6 +21,7 @@ pub struct Services {
     pub daemon: DaemonServices,
     pub vm: VmServices,
     pub kernel: KernelServices,
+    pub network: NetworkServices,
     pub operations: Addr<OperationRegistry>,
 }
 
@@ -36,6 +39,7 @@ pub async fn handle(
         Request::Ops(request) => ops::handle(&wire, request).await,
         Request::Vm(request) => vm::handle(&services.vm, &wire, request).await,
         Request::Kernel(request) => kernel::handle(&services.kernel, &wire, request).await,
+        Request::Network(request) => network::handle(&services.network, &wire, request).await,
     }
 }
 

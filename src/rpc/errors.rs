@@ -4,6 +4,7 @@ use actix::MailboxError;
 
 use super::protocol::{ErrorCode, RpcError};
 use crate::actors::catalog::KernelError;
+use crate::actors::netns::NetworkError;
 use crate::actors::operation::OperationError;
 use crate::actors::vm::VmError;
 use crate::catalog::CatalogError;
@@ -106,10 +107,33 @@ impl From<KernelError> for RpcError {
     }
 }
 
+impl From<NetworkError> for RpcError {
+    fn from(e: NetworkError) -> RpcError {
+        match e {
+            NetworkError::Store(e) => e.into(),
+            NetworkError::Subnet(e) => RpcError::invalid_params("subnet", e),
+            e => {
+                let code = match &e {
+                    NetworkError::NotFound(_) => ErrorCode::NotFound,
+                    NetworkError::Exists(_) => ErrorCode::AlreadyExists,
+                    NetworkError::InUse { .. }
+                    | NetworkError::Default
+                    | NetworkError::Exhausted { .. }
+                    | NetworkError::NoLease { .. } => ErrorCode::Conflict,
+                    NetworkError::Off(_) | NetworkError::Unavailable(_) => ErrorCode::Unavailable,
+                    _ => ErrorCode::Internal,
+                };
+                RpcError::new(code, error_chain(&e))
+            }
+        }
+    }
+}
+
 impl From<VmError> for RpcError {
     fn from(e: VmError) -> RpcError {
         match e {
             VmError::Invalid(e) => e.into(),
+            VmError::Network(e) => e.into(),
             VmError::Catalog(e) => e.into(),
             VmError::Kernel(e) => e.into(),
             VmError::Store(e) => e.into(),

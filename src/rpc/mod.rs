@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod errors;
 pub mod kernel;
+pub mod network;
 pub mod ops;
 pub mod protocol;
 pub mod request;

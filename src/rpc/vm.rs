@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use super::protocol::{ErrorCode, Params, RpcError, check_wait, requests};
 use super::stream::LogFollow;
 use super::wire::Wire;
+use crate::actors::netns::{NetworkManager, Resolve};
 use crate::actors::vm::{
     AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ForgetVm, ListVms, VmCommand, VmManager,
     VmSettings,
@@ -97,11 +98,30 @@ pub struct VmCreateParams {
     pub restart_max_delay_secs: Option<f64>,
     #[serde(default)]
     pub vmm: Option<VmmKind>,
+    /// The network to join (default: `default`, when networking is on).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// No network at all.
+    #[serde(default)]
+    pub no_network: bool,
     #[serde(default)]
     pub start: bool,
 }
 
-impl Params for VmCreateParams {}
+impl Params for VmCreateParams {
+    fn validate(&self) -> Result<(), RpcError> {
+        if let Some(network) = &self.network {
+            validate_name("network", network)?;
+            if self.no_network {
+                return Err(RpcError::invalid_params(
+                    "no_network",
+                    "cannot be given with network",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,6 +277,10 @@ pub struct VmView {
     pub accel: Option<Accel>,
     /// Why a re-adopted VMM counts as degraded (alive, not answering).
     pub degraded: Option<String>,
+    /// The network the VM joins, its address there and its MAC.
+    pub network: Option<String>,
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub mac: Option<String>,
     /// The agent a running VM answers with (`vm inspect` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentView>,
@@ -317,6 +341,9 @@ impl From<&VmRecord> for VmView {
             error: vm.error.clone(),
             accel: vm.process.as_ref().and_then(|p| p.accel),
             degraded: vm.degraded.clone(),
+            network: vm.network.as_ref().map(|n| n.network.clone()),
+            ip: vm.network.as_ref().and_then(|n| n.address),
+            mac: vm.network.as_ref().map(|_| crate::network::mac_of(&vm.id)),
             agent: None,
         }
     }
@@ -340,6 +367,7 @@ pub struct LogsResult {
 /// What the VM handlers reach.
 pub struct VmServices {
     pub vms: Addr<VmManager>,
+    pub networks: Addr<NetworkManager>,
     pub settings: Arc<VmSettings>,
 }
 
@@ -508,10 +536,20 @@ async fn validate_create(
         }
         .into());
     }
+    // Resolved before anything is opened: a network that cannot be had
+    // fails the create at once, naming why.
+    let network = services
+        .networks
+        .send(Resolve {
+            network: params.network,
+            none: params.no_network,
+        })
+        .await??;
     let rootfs = wire
         .open_named("rootfs", &rootfs, services.settings.max_rootfs)
         .await?;
     Ok(CreateVm {
+        network,
         name,
         kernel: params.kernel,
         rootfs,

@@ -14,4 +14,9 @@ pub enum Resource {
     VmDirectory,
     /// `<state>/jail/firecracker/<id>/`: the jailer's chroot.
     Jail,
+    /// The VM's address on its network (a record of the `leases` table).
+    Lease,
+    /// The VM's tap and its nftables element: from its launch until it
+    /// stops for good (kept between a crash and its restart).
+    Tap,
 }

@@ -22,6 +22,7 @@ use jiff::{SignedDuration, Timestamp};
 use super::phase::{Intent, Phase, state_name};
 use super::restart::{self, Decision};
 use super::state::{self, Announcement, ExitKind, LastExit, StopIntent};
+use crate::vm::ledger::Resource;
 use crate::vm::record::{VmRecord, VmmProcess};
 
 /// How long a launch may take from spawn to a running guest before the VMM
@@ -65,6 +66,8 @@ pub struct Vm {
     pub spawning: bool,
     /// The record is deleted: every later event is refused or ignored.
     pub removed: bool,
+    /// An [`Effect::Detach`] is under way.
+    pub detaching: bool,
 }
 
 impl Vm {
@@ -75,6 +78,7 @@ impl Vm {
             announced: None,
             spawning: false,
             removed: false,
+            detaching: false,
         }
     }
 }
@@ -138,8 +142,11 @@ pub enum Event {
     Timer,
     /// Start-up (or an actor restart): the persisted phase meets the host.
     Recovered(HostView),
-    /// [`Effect::CloneDisk`] finished.
-    DiskCloned(Result<(), String>),
+    /// [`Effect::Provision`] finished: the disk is cloned and the address
+    /// (for a VM with a network) leased.
+    Provisioned(Result<Option<std::net::Ipv4Addr>, String>),
+    /// [`Effect::Detach`] finished.
+    Detached(Result<(), String>),
     /// [`Effect::RemoveFiles`] finished.
     FilesRemoved(Result<(), String>),
     /// A re-adopted VMM's control socket answered, or kept failing.
@@ -161,12 +168,17 @@ pub enum Effect {
     Persist,
     /// Delete the record (the VM's last write); later effects wait for it.
     Delete,
-    /// Clone this file as the VM's root disk, in the VM's directory (its
-    /// ledger already names the directory); answers [`Event::DiskCloned`].
-    CloneDisk(std::path::PathBuf),
-    /// Spawn the VMM (in its own session, holding the VM directory's lock);
-    /// answers [`Event::Spawned`] or [`Event::LaunchFailed`].
+    /// Lease the VM's address (when it has a network) and clone this file
+    /// as its root disk, in its directory (its ledger already names both);
+    /// answers [`Event::Provisioned`].
+    Provision(std::path::PathBuf),
+    /// Spawn the VMM (in its own session, holding the VM directory's lock),
+    /// its tap made first when its ledger names one; answers
+    /// [`Event::Spawned`] or [`Event::LaunchFailed`].
     Spawn,
+    /// Remove the tap of a VM that stopped for good; answers
+    /// [`Event::Detached`].
+    Detach,
     /// Configure the recorded VMM and boot the guest; answers
     /// [`Event::Ready`] or [`Event::LaunchFailed`].
     Configure,
@@ -183,8 +195,8 @@ pub enum Effect {
     ConnectAgent,
     /// Drop the agent link (the VMM is gone).
     DropAgent,
-    /// Release every resource of the VM's ledger (its directory, its
-    /// jail); answers [`Event::FilesRemoved`].
+    /// Release every resource of the VM's ledger (its tap, its lease, its
+    /// jail, its directory); answers [`Event::FilesRemoved`].
     RemoveFiles,
     Reply {
         request: RequestId,
@@ -221,6 +233,7 @@ pub fn step(vm: &Vm, event: Event, now: Timestamp) -> Result<(Vm, Vec<Effect>), 
         now,
     };
     t.apply(event)?;
+    t.detach_at_rest();
     Ok((next, effects))
 }
 
@@ -264,7 +277,19 @@ impl Transition<'_> {
         }
         match event {
             Event::Create { .. } => Err(conflict(self.vm, "it exists already")),
-            Event::DiskCloned(_) => Ok(()),
+            Event::Provisioned(_) => Ok(()),
+            // A failed detach is not retried at once (it would spin): the
+            // next launch, or the next recovery, tries again.
+            Event::Detached(result) => {
+                if result.is_ok() {
+                    self.vm.detaching = false;
+                    if phase.at_rest() && self.vm.record.resources.contains(&Resource::Tap) {
+                        self.vm.record.resources.retain(|r| *r != Resource::Tap);
+                        self.effects.push(Effect::Persist);
+                    }
+                }
+                Ok(())
+            }
             Event::Start { request } => self.start(phase, request),
             Event::Stop { request, timeout } => self.stop(phase, request, Intent::Stop, timeout),
             Event::Kill { request } => self.stop(phase, request, Intent::Kill, KILL_GRACE),
@@ -343,15 +368,18 @@ impl Transition<'_> {
         match event {
             Event::Create { request, source } => {
                 self.effects.push(Effect::Persist);
-                self.effects.push(Effect::CloneDisk(source));
+                self.effects.push(Effect::Provision(source));
                 self.wait(request, Until::Created);
             }
-            Event::DiskCloned(Ok(())) => {
+            Event::Provisioned(Ok(address)) => {
+                if let Some(network) = &mut self.vm.record.network {
+                    network.address = address;
+                }
                 self.vm.record.phase = Phase::Created;
                 self.effects.push(Effect::Persist);
                 self.reply_all(Until::Created, Outcome::Done);
             }
-            Event::DiskCloned(Err(error)) => {
+            Event::Provisioned(Err(error)) => {
                 self.undo_create();
                 self.reply_all(Until::Created, Outcome::Failed(error));
             }
@@ -373,9 +401,25 @@ impl Transition<'_> {
             | Event::Announced(_)
             | Event::Timer
             | Event::FilesRemoved(_)
+            | Event::Detached(_)
             | Event::Probed(_) => {}
         }
         Ok(())
+    }
+
+    /// A VM with a network that stopped for good gives its tap back (a
+    /// crash awaiting its restart keeps it).
+    fn detach_at_rest(&mut self) {
+        let record = &self.vm.record;
+        if record.phase.at_rest()
+            && record.process.is_none()
+            && !self.vm.spawning
+            && !self.vm.detaching
+            && record.resources.contains(&Resource::Tap)
+        {
+            self.vm.detaching = true;
+            self.effects.push(Effect::Detach);
+        }
     }
 
     /// An unfinished create: everything its ledger names goes, then the
@@ -406,8 +450,13 @@ impl Transition<'_> {
         }
     }
 
-    /// A fresh launch: persisted as `Launching` before the spawn.
+    /// A fresh launch: persisted as `Launching` before the spawn, its tap
+    /// (for a VM with a network) in the ledger before it is made.
     fn launch(&mut self, restart: bool) {
+        if self.vm.record.network.is_some() && !self.vm.record.resources.contains(&Resource::Tap) {
+            self.vm.record.resources.push(Resource::Tap);
+        }
+        self.vm.detaching = false;
         self.vm.record.phase = Phase::Launching {
             restart,
             retry: false,

@@ -72,6 +72,15 @@ impl Phase {
         }
     }
 
+    /// No VMM, and none coming: the VM stopped for good (a crash that
+    /// waits for its restart is not at rest).
+    pub fn at_rest(&self) -> bool {
+        matches!(
+            self,
+            Phase::Created | Phase::Stopped | Phase::Crashed | Phase::Failed
+        )
+    }
+
     /// The phase's deadline or next timer, as `vm inspect` shows it.
     pub fn deadline(&self) -> Option<Timestamp> {
         match *self {

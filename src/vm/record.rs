@@ -58,6 +58,30 @@ pub struct VmRecord {
     /// not answering. Cleared when it answers or exits.
     #[serde(default)]
     pub degraded: Option<String>,
+    /// The network the VM joins, and its address there once leased.
+    #[serde(default)]
+    pub network: Option<VmNetwork>,
+}
+
+/// A VM's place on its network. Its tap and MAC follow from its id
+/// (`network::tap_name`, `network::mac_of`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNetwork {
+    pub network: String,
+    /// Leased when the VM is created; kept until it is removed.
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
+}
+
+impl VmRecord {
+    /// The guest its network lets out: tap, MAC and leased address.
+    pub fn guest(&self) -> Option<(String, crate::network::Guest)> {
+        let network = self.network.as_ref()?;
+        Some((
+            network.network.clone(),
+            crate::network::Guest::of(&self.id, network.address?),
+        ))
+    }
 }
 
 /// A VMM process as recorded before the VM is reported running: enough to
@@ -160,6 +184,7 @@ pub(crate) fn sample() -> VmRecord {
         process: None,
         error: None,
         degraded: None,
+        network: None,
         resources: vec![Resource::VmDirectory],
     }
 }

@@ -80,6 +80,14 @@ pub struct Drive {
     pub is_read_only: bool,
 }
 
+/// A network interface backed by a host tap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    pub guest_mac: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ActionType {
     InstanceStart,
@@ -373,6 +381,10 @@ impl Vmm for Firecracker {
         BOOT_ARGS
     }
 
+    fn tap_owner(&self) -> Option<u32> {
+        self.jail.as_ref().map(|jail| jail.uid)
+    }
+
     fn prepare<'a>(
         &'a self,
         host: &'a Arc<dyn HostOps>,
@@ -504,6 +516,17 @@ impl Firecracker {
             },
         )
         .await?;
+        if let Some(nic) = &spec.nic {
+            api.put(
+                "/network-interfaces/eth0",
+                &NetworkInterface {
+                    iface_id: "eth0".into(),
+                    host_dev_name: nic.tap.clone(),
+                    guest_mac: nic.mac.clone(),
+                },
+            )
+            .await?;
+        }
         api.action(ActionType::InstanceStart).await?;
         let info = api.instance_info().await?;
         if info.state != "Running" {
@@ -533,6 +556,7 @@ mod tests {
 
     fn spec() -> LaunchSpec {
         LaunchSpec {
+            nic: None,
             id: "k3j9x2m4qa".into(),
             paths: VmPaths {
                 dir: "/var/lib/banger/vms/k3j9x2m4qa".into(),

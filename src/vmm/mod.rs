@@ -49,10 +49,19 @@ pub struct BootFiles {
     pub args: String,
 }
 
+/// A VM's network interface: the host's tap, and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub tap: String,
+    pub mac: String,
+}
+
 /// Everything a launch needs, whichever the backend.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
     pub id: String,
+    /// The network interface, for a VM with a network.
+    pub nic: Option<Nic>,
     pub paths: VmPaths,
     pub boot: BootFiles,
     pub rootfs: PathBuf,
@@ -97,6 +106,12 @@ pub enum VmmError {
 pub trait Vmm: Send + Sync {
     /// Kernel arguments for a kernel whose catalog entry sets none.
     fn default_boot_args(&self) -> &'static str;
+
+    /// The uid a VM's tap is given to, when the VMM opens it without
+    /// privileges (a jailed firecracker).
+    fn tap_owner(&self) -> Option<u32> {
+        None
+    }
 
     /// Makes the VMM's files ready (its jail; no stale sockets) and answers
     /// the command to spawn. Runs while the caller holds the VM directory's

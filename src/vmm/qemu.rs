@@ -158,6 +158,14 @@ impl Qemu {
         if let Some(initrd) = &spec.boot.initrd {
             args.extend(["-initrd".to_string(), initrd.display().to_string()]);
         }
+        if let Some(nic) = &spec.nic {
+            args.extend([
+                "-netdev".to_string(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", nic.tap),
+                "-device".to_string(),
+                format!("virtio-net-pci,netdev=net0,mac={}", nic.mac),
+            ]);
+        }
         (self.binary.clone(), args)
     }
 
@@ -342,6 +350,7 @@ mod tests {
 
     fn spec(initrd: bool) -> LaunchSpec {
         LaunchSpec {
+            nic: None,
             id: "k3j9x2m4qa".into(),
             paths: VmPaths {
                 dir: "/var/lib/banger/vms/k3j9x2m4qa".into(),

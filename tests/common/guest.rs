@@ -47,19 +47,8 @@ pub fn guest_fixtures(test: &str) -> Option<Guest> {
         );
         return None;
     };
-    for tool in ["qemu-system-x86_64", "mke2fs", "debugfs"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            skip(
-                test,
-                &format!("{tool} is not installed (scripts/test.sh installs it)"),
-            );
-            return None;
-        }
+    if !tools_installed(test, &["qemu-system-x86_64", "mke2fs", "debugfs"]) {
+        return None;
     }
     Some(Guest { kernel_deb, agent })
 }
@@ -67,6 +56,8 @@ pub fn guest_fixtures(test: &str) -> Option<Guest> {
 // Fields drop in order: the daemon before the reaper kills the VMMs it left.
 pub struct Fixture {
     pub daemon: Option<Daemon>,
+    /// The network namespace the daemon runs in (else one of its own).
+    pub netns: Option<PathBuf>,
     pub reaper: ProcessReaper,
     pub tmp: tempfile::TempDir,
     pub rootfs: PathBuf,
@@ -79,6 +70,15 @@ impl Fixture {
 
     /// A daemon whose VMs boot with the agent binary `agent`.
     pub fn with_agent(agent: &Path) -> Fixture {
+        Fixture::build(agent, None)
+    }
+
+    /// A daemon inside the network namespace `netns` (`/run/netns/NAME`).
+    pub fn in_netns(guest: &Guest, netns: PathBuf) -> Fixture {
+        Fixture::build(&guest.agent, Some(netns))
+    }
+
+    fn build(agent: &Path, netns: Option<PathBuf>) -> Fixture {
         let tmp = state_dir();
         let dir = tmp.path();
         write_config(dir, agent);
@@ -98,6 +98,7 @@ impl Fixture {
         let mut fixture = Fixture {
             reaper: ProcessReaper(dir.join("state")),
             daemon: None,
+            netns,
             rootfs,
             tmp,
         };
@@ -117,7 +118,14 @@ impl Fixture {
     pub fn start_daemon(&mut self) {
         let config = self.tmp.path().join("bangerd.toml");
         let args = ["--user", "--config", config.to_str().expect("utf-8 path")];
-        self.daemon = Some(Daemon::ready(Daemon::spawn_with(&self.state(), &args)));
+        let daemon = Daemon::spawn_in(
+            self.netns.as_deref(),
+            Path::new(BANGERD),
+            &self.state(),
+            &args,
+            &[],
+        );
+        self.daemon = Some(Daemon::ready(daemon));
     }
 
     pub fn run(&self, args: &[&str]) -> Output {

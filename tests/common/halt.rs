@@ -16,6 +16,8 @@ use super::*;
 // left (else it would restart them), and the directory goes last.
 pub struct Fixture {
     pub daemon: Option<Daemon>,
+    /// The network namespace the daemon runs in (else one of its own).
+    pub netns: Option<PathBuf>,
     pub reaper: ProcessReaper,
     pub tmp: tempfile::TempDir,
     pub rootfs: PathBuf,
@@ -76,6 +78,7 @@ impl Fixture {
         let mut fixture = Fixture {
             reaper: ProcessReaper(dir.join("state")),
             daemon: None,
+            netns: None,
             rootfs,
             jailed,
             tmp,
@@ -101,13 +104,26 @@ impl Fixture {
     }
 
     pub fn start_daemon_with(&mut self, env: &[(&str, &str)]) {
+        self.start(&[], env);
+    }
+
+    /// Starts the daemon through a program that then runs it (e.g.
+    /// `setpriv` dropping a capability); the one running goes first.
+    pub fn start_daemon_through(&mut self, wrapper: &[&str]) {
+        self.start(wrapper, &[]);
+    }
+
+    fn start(&mut self, wrapper: &[&str], env: &[(&str, &str)]) {
+        drop(self.daemon.take());
         let config = self.tmp.path().join("bangerd.toml");
-        let args = ["--user", "--config", config.to_str().expect("utf-8 path")];
-        self.daemon = Some(Daemon::ready(Daemon::spawn_with_env(
-            &self.state(),
-            &args,
-            env,
-        )));
+        let mut args: Vec<&str> = wrapper.iter().skip(1).copied().collect();
+        if !wrapper.is_empty() {
+            args.push(BANGERD);
+        }
+        args.extend(["--user", "--config", config.to_str().expect("utf-8 path")]);
+        let binary = wrapper.first().map(Path::new).unwrap_or(Path::new(BANGERD));
+        let daemon = Daemon::spawn_in(self.netns.as_deref(), binary, &self.state(), &args, env);
+        self.daemon = Some(Daemon::ready(daemon));
     }
 
     /// Waits until the VM's state satisfies `done`; answers its view.
@@ -169,6 +185,10 @@ impl Fixture {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("--json output")
     }
 
     pub fn create(&self, name: &str, extra: &[&str]) -> Value {

@@ -99,7 +99,33 @@ impl Daemon {
 
     /// Spawns another build of bangerd (a benchmark's baseline).
     pub fn spawn_binary(binary: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(binary)
+        Daemon::spawn_in(None, binary, dir, args, env)
+    }
+
+    /// Spawns bangerd in a network namespace: the named one (`/run/netns/
+    /// NAME`, a network test's world), or else a new one of its own, so
+    /// that no test's bridges, taps or rules ever reach the host's.
+    pub fn spawn_in(
+        netns: Option<&Path>,
+        binary: &Path,
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net={}", netns.display()));
+                command
+            }
+            None => {
+                let mut command = Command::new("unshare");
+                command.arg("--net");
+                command
+            }
+        };
+        let mut child = command
+            .arg(binary)
             .envs(env.iter().copied())
             .args(args)
             .arg("--state-dir")
@@ -247,6 +273,7 @@ pub fn vm_record(i: usize) -> banger::vm::record::VmRecord {
         process: None,
         error: None,
         degraded: None,
+        network: None,
         resources: vec![banger::vm::ledger::Resource::VmDirectory],
     }
 }
@@ -374,6 +401,26 @@ pub fn banger(dir: &Path, args: &[&str]) -> std::process::Output {
         .env_remove("BANGER_SOCKET")
         .output()
         .expect("run banger")
+}
+
+/// Whether every one of `tools` is on PATH; the first missing one skips
+/// `test`, saying so.
+pub fn tools_installed(test: &str, tools: &[&str]) -> bool {
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            skip(
+                test,
+                &format!("{tool} is not installed (scripts/test.sh installs it)"),
+            );
+            return false;
+        }
+    }
+    true
 }
 
 /// Where skipped tests leave their reasons; scripts/test.sh prints them

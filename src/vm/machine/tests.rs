@@ -166,7 +166,32 @@ fn phases() -> Vec<(&'static str, Vm)> {
             vm(Phase::Removing { deadline: later }, None, false),
         ),
         ("removed", removed),
+        ("stopped/tap", networked(Phase::Stopped, true)),
+        (
+            "backing-off/tap",
+            networked(
+                Phase::BackingOff {
+                    until: later,
+                    crash_loop: false,
+                },
+                true,
+            ),
+        ),
+        ("created/net", networked(Phase::Created, false)),
     ]
+}
+
+/// A VM with a network and a lease, its tap in the ledger or not.
+fn networked(phase: Phase, tap: bool) -> Vm {
+    let mut vm = vm(phase, None, false);
+    vm.record.network = Some(crate::vm::record::VmNetwork {
+        network: "default".into(),
+        address: Some(std::net::Ipv4Addr::new(172, 30, 0, 2)),
+    });
+    if tap {
+        vm.record.resources.push(Resource::Tap);
+    }
+    vm
 }
 
 /// One of every event; timers both before and at their deadline.
@@ -183,10 +208,10 @@ fn events() -> Vec<(&'static str, Event, Timestamp)> {
             },
             now,
         ),
-        ("disk-cloned", Event::DiskCloned(Ok(())), now),
+        ("provisioned", Event::Provisioned(Ok(None)), now),
         (
-            "clone-failed",
-            Event::DiskCloned(Err("no space".into())),
+            "provision-failed",
+            Event::Provisioned(Err("no space".into())),
             now,
         ),
         ("start", Event::Start { request: 1 }, now),
@@ -239,6 +264,8 @@ fn events() -> Vec<(&'static str, Event, Timestamp)> {
         ("recovered-gone", Event::Recovered(HostView::Gone), now),
         ("files-removed", Event::FilesRemoved(Ok(())), now),
         ("files-failed", Event::FilesRemoved(Err("busy".into())), now),
+        ("detached", Event::Detached(Ok(())), now),
+        ("detach-failed", Event::Detached(Err("busy".into())), now),
         ("probed", Event::Probed(Ok(())), now),
         ("probe-failing", Event::Probed(Err("no answer".into())), now),
     ]
@@ -271,19 +298,25 @@ fn phase_name(vm: &Vm) -> String {
         None => String::new(),
     };
     let spawning = if vm.spawning { "/spawning" } else { "" };
+    let tap = if vm.record.resources.contains(&Resource::Tap) {
+        "/tap"
+    } else {
+        ""
+    };
     let degraded = if vm.record.degraded.is_some() {
         "/degraded"
     } else {
         ""
     };
-    format!("{name}{process}{spawning}{degraded}")
+    format!("{name}{process}{spawning}{degraded}{tap}")
 }
 
 fn effect_name(effect: &Effect) -> String {
     match effect {
         Effect::Persist => "persist".into(),
         Effect::Delete => "delete".into(),
-        Effect::CloneDisk(_) => "clone-disk".into(),
+        Effect::Provision(_) => "provision".into(),
+        Effect::Detach => "detach".into(),
         Effect::Spawn => "spawn".into(),
         Effect::Configure => "configure".into(),
         Effect::Kill => "kill".into(),
@@ -376,7 +409,8 @@ fn the_persisted_phase_shows_as_the_stable_state() {
 /// What the host does with the effects, in the model.
 #[derive(Debug, Clone)]
 enum Pending {
-    CloneDisk,
+    Provision,
+    Detach,
     Spawn,
     Configure,
     RemoveFiles,
@@ -436,6 +470,10 @@ impl World {
     fn new() -> World {
         let creating = VmRecord {
             phase: Phase::Creating,
+            network: Some(crate::vm::record::VmNetwork {
+                network: "default".into(),
+                address: None,
+            }),
             ..record()
         };
         World {
@@ -482,6 +520,13 @@ impl World {
                     if self.stored.as_ref().map(|r| r.phase) != Some(self.vm.record.phase) {
                         return Err("a spawn before its launch was durable".into());
                     }
+                    if !self
+                        .stored
+                        .as_ref()
+                        .is_some_and(|r| r.resources.contains(&Resource::Tap))
+                    {
+                        return Err("a tap made before the ledger named it".into());
+                    }
                     self.pending.push(Pending::Spawn);
                 }
                 Effect::Configure => {
@@ -498,11 +543,17 @@ impl World {
                 }
                 Effect::KillUnrecorded => {}
                 Effect::RemoveFiles => self.pending.push(Pending::RemoveFiles),
-                Effect::CloneDisk(_) => {
+                Effect::Provision(_) => {
                     if self.stored.as_ref().map(|r| r.phase) != Some(Phase::Creating) {
                         return Err("a disk cloned before the ledger was durable".into());
                     }
-                    self.pending.push(Pending::CloneDisk);
+                    self.pending.push(Pending::Provision);
+                }
+                Effect::Detach => {
+                    if !self.vm.record.phase.at_rest() {
+                        return Err("a tap removed from a VM that is not at rest".into());
+                    }
+                    self.pending.push(Pending::Detach);
                 }
                 Effect::Reply { .. } => {
                     self.replies += 1;
@@ -582,10 +633,15 @@ impl World {
                     (Pending::Configure, false) => {
                         self.feed(Event::LaunchFailed("configure".into()))
                     }
-                    (Pending::CloneDisk, ok) => self.feed(Event::DiskCloned(if ok {
-                        Ok(())
+                    (Pending::Provision, ok) => self.feed(Event::Provisioned(if ok {
+                        Ok(Some(std::net::Ipv4Addr::new(172, 30, 0, 2)))
                     } else {
                         Err("no space".into())
+                    })),
+                    (Pending::Detach, ok) => self.feed(Event::Detached(if ok {
+                        Ok(())
+                    } else {
+                        Err("busy".into())
                     })),
                     (Pending::Exit(pid), _) => {
                         if !self.live.contains(&pid) {
@@ -652,10 +708,10 @@ proptest! {
         let mut world = World::new();
         let create = Event::Create { request: 0, source: PathBuf::from("/images/base.ext4") };
         let (vm, effects) = step(&world.vm, create, world.now).expect("create");
-        prop_assert_eq!(&effects[..2], &[Effect::Persist, Effect::CloneDisk(PathBuf::from("/images/base.ext4"))]);
+        prop_assert_eq!(&effects[..2], &[Effect::Persist, Effect::Provision(PathBuf::from("/images/base.ext4"))]);
         world.vm = vm;
         world.stored = Some(world.vm.record.clone());
-        world.pending.push(Pending::CloneDisk);
+        world.pending.push(Pending::Provision);
         for action in actions {
             let result = world.act(action.clone());
             prop_assert!(result.is_ok(), "{:?} after {:?}", result, action);

@@ -1,0 +1,562 @@
+//! Every change banger makes to the host's network: links and addresses
+//! through rtnetlink, taps through the tun driver's ioctls (the kernel
+//! refuses tun creation over rtnetlink), rules through `nft -f`, and IPv4
+//! forwarding through its sysctl. Never `ip`. Each bridge and tap joins
+//! banger's interface group, which is how banger knows its own and how it
+//! removes many at once (one request for the whole group). Changes are
+//! made one at a time ([`HostNetwork::exclusive`]), so a reconciliation
+//! never interleaves with an attach.
+
+use std::io::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+
+use futures_util::TryStreamExt;
+use ipnet::Ipv4Net;
+use nix::libc;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::Guest;
+use super::ipam::HostRoute;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostNetError {
+    #[error("netlink: cannot {action} {name}")]
+    Netlink {
+        action: &'static str,
+        name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot create the tap {name}")]
+    Tap {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "a link named {name} exists and is not banger's (not in interface group {group}); rename or remove it"
+    )]
+    Foreign { name: String, group: u32 },
+    #[error("nft refused banger's rules: {stderr}")]
+    Nft { stderr: String },
+    #[error("cannot run nft; install nftables (scripts/prerequisites.sh does)")]
+    NftMissing(#[source] io::Error),
+    #[error("cannot open the netlink socket")]
+    Connect(#[source] io::Error),
+    #[error("the blocking thread pool is gone")]
+    Pool,
+}
+
+/// One of the host's links as banger sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub group: u32,
+}
+
+fn link_of(message: LinkMessage) -> Link {
+    let mut link = Link {
+        index: message.header.index,
+        name: String::new(),
+        group: 0,
+    };
+    for attribute in message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => link.name = name,
+            LinkAttribute::Group(group) => link.group = group,
+            _ => {}
+        }
+    }
+    link
+}
+
+pub struct HostNetwork {
+    handle: Handle,
+    group: u32,
+    changes: Mutex<()>,
+}
+
+const EEXIST: i32 = libc::EEXIST;
+
+fn is_errno(error: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(error, rtnetlink::Error::NetlinkError(message)
+        if message.code.is_some_and(|code| code.get() == -errno))
+}
+
+impl HostNetwork {
+    /// A netlink connection, driven on the current runtime. Every link
+    /// banger makes joins `group`; strays are swept through `group + 1`.
+    pub fn connect(group: u32) -> Result<HostNetwork, HostNetError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(HostNetError::Connect)?;
+        tokio::spawn(connection);
+        Ok(HostNetwork {
+            handle,
+            group,
+            changes: Mutex::new(()),
+        })
+    }
+
+    pub fn group(&self) -> u32 {
+        self.group
+    }
+
+    /// Held for a change to the host: one at a time.
+    pub async fn exclusive(&self) -> MutexGuard<'_, ()> {
+        self.changes.lock().await
+    }
+
+    /// Every link of the host.
+    pub async fn links(&self) -> Result<Vec<Link>, HostNetError> {
+        let messages: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| HostNetError::Netlink {
+                action: "list",
+                name: "links".into(),
+                source,
+            })?;
+        Ok(messages.into_iter().map(link_of).collect())
+    }
+
+    /// The link named `name`, asked for by name: one message, however
+    /// many links the host has.
+    async fn find(&self, name: &str) -> Result<Option<Link>, HostNetError> {
+        let found = self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await;
+        match found {
+            Ok(message) => Ok(message.map(link_of)),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(source) => Err(HostNetError::Netlink {
+                action: "find",
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// banger's link named `name`, or none; one of that name outside
+    /// banger's group is an error, never touched.
+    async fn own(&self, name: &str) -> Result<Option<Link>, HostNetError> {
+        match self.find(name).await? {
+            Some(link) if link.group != self.group => Err(HostNetError::Foreign {
+                name: name.to_string(),
+                group: self.group,
+            }),
+            found => Ok(found),
+        }
+    }
+
+    async fn change(
+        &self,
+        action: &'static str,
+        name: &str,
+        message: LinkMessage,
+    ) -> Result<(), HostNetError> {
+        self.handle
+            .link()
+            .change(message)
+            .execute()
+            .await
+            .map_err(|source| HostNetError::Netlink {
+                action,
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    /// The bridge `name`, up, in banger's group, holding `gateway/prefix`.
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        gateway: Ipv4Addr,
+        prefix: u8,
+        mtu: u32,
+    ) -> Result<(), HostNetError> {
+        let link = match self.own(name).await? {
+            Some(link) => link,
+            None => {
+                let created = self
+                    .handle
+                    .link()
+                    .add(
+                        LinkBridge::new(name)
+                            .mtu(mtu)
+                            .link_group(self.group)
+                            .build(),
+                    )
+                    .execute()
+                    .await;
+                match created {
+                    Err(e) if !is_errno(&e, EEXIST) => {
+                        return Err(HostNetError::Netlink {
+                            action: "create the bridge",
+                            name: name.to_string(),
+                            source: e,
+                        });
+                    }
+                    _ => {}
+                }
+                self.own(name).await?.ok_or_else(|| HostNetError::Foreign {
+                    name: name.to_string(),
+                    group: self.group,
+                })?
+            }
+        };
+        let added = self
+            .handle
+            .address()
+            .add(link.index, IpAddr::V4(gateway), prefix)
+            .execute()
+            .await;
+        match added {
+            Err(e) if !is_errno(&e, EEXIST) => {
+                return Err(HostNetError::Netlink {
+                    action: "address",
+                    name: name.to_string(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+        self.change(
+            "raise",
+            name,
+            LinkUnspec::new_with_index(link.index).mtu(mtu).up().build(),
+        )
+        .await
+    }
+
+    /// The tap `name` on `bridge`, up, in banger's group; owned by `owner`
+    /// (a jailed VMM's uid, which then opens it without privileges).
+    pub async fn ensure_tap(
+        &self,
+        name: &str,
+        bridge: &str,
+        mtu: u32,
+        owner: Option<u32>,
+    ) -> Result<(), HostNetError> {
+        let bridge_index = self
+            .own(bridge)
+            .await?
+            .ok_or_else(|| HostNetError::Netlink {
+                action: "find the bridge",
+                name: bridge.to_string(),
+                source: rtnetlink::Error::RequestFailed,
+            })?
+            .index;
+        let index = match self.own(name).await? {
+            Some(link) => link.index,
+            None => {
+                let tap = name.to_string();
+                tokio::task::spawn_blocking(move || create_tap(&tap, owner))
+                    .await
+                    .map_err(|_| HostNetError::Pool)?
+                    .map_err(|source| HostNetError::Tap {
+                        name: name.to_string(),
+                        source,
+                    })?;
+                self.find(name)
+                    .await?
+                    .ok_or_else(|| HostNetError::Tap {
+                        name: name.to_string(),
+                        source: io::Error::other("the tap vanished after its creation"),
+                    })?
+                    .index
+            }
+        };
+        self.change(
+            "attach",
+            name,
+            LinkUnspec::new_with_index(index)
+                .controller(bridge_index)
+                .mtu(mtu)
+                .link_group(self.group)
+                .up()
+                .build(),
+        )
+        .await
+    }
+
+    /// Removes banger's link `name`; one already gone is fine.
+    pub async fn remove_link(&self, name: &str) -> Result<(), HostNetError> {
+        let Some(link) = self.own(name).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(link.index).execute().await {
+            Err(e) if !is_errno(&e, libc::ENODEV) => Err(HostNetError::Netlink {
+                action: "remove",
+                name: name.to_string(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes these links of banger's group in one request: each moves
+    /// into the sweep group (`group + 1`), then that group goes at once
+    /// (one request per link costs the kernel a synchronisation each).
+    pub async fn remove_links(&self, links: &[Link]) -> Result<(), HostNetError> {
+        if links.is_empty() {
+            return Ok(());
+        }
+        let sweep = self.group + 1;
+        for link in links {
+            self.change(
+                "sweep",
+                &link.name,
+                LinkUnspec::new_with_index(link.index)
+                    .link_group(sweep)
+                    .build(),
+            )
+            .await?;
+        }
+        let mut request = self.handle.link().del(0);
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::Group(sweep));
+        request
+            .execute()
+            .await
+            .map_err(|source| HostNetError::Netlink {
+                action: "remove the links of group",
+                name: sweep.to_string(),
+                source,
+            })
+    }
+
+    /// The host's IPv4 routes and addresses, except those on banger's
+    /// own links: what a new network must not overlap.
+    pub async fn routes(&self) -> Result<Vec<HostRoute>, HostNetError> {
+        let links = self.links().await?;
+        let name_of = |index: u32| links.iter().find(|l| l.index == index);
+        let ours = |index: u32| name_of(index).is_some_and(|l| l.group == self.group);
+        let device = |index: u32| name_of(index).map(|l| l.name.clone()).unwrap_or_default();
+        let mut found = Vec::new();
+        let routes: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| HostNetError::Netlink {
+                action: "list",
+                name: "routes".into(),
+                source,
+            })?;
+        for route in routes {
+            if route.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let mut destination = None;
+            let mut oif = 0;
+            for attribute in &route.attributes {
+                match attribute {
+                    RouteAttribute::Destination(RouteAddress::Inet(address)) => {
+                        destination = Some(*address)
+                    }
+                    RouteAttribute::Oif(index) => oif = *index,
+                    _ => {}
+                }
+            }
+            let Some(destination) = destination else {
+                continue;
+            };
+            if ours(oif) {
+                continue;
+            }
+            if let Ok(net) = Ipv4Net::new(destination, route.header.destination_prefix_length) {
+                found.push(HostRoute {
+                    destination: net.trunc(),
+                    device: device(oif),
+                    address: false,
+                });
+            }
+        }
+        let addresses: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| HostNetError::Netlink {
+                action: "list",
+                name: "addresses".into(),
+                source,
+            })?;
+        for address in addresses {
+            let index = address.header.index;
+            if ours(index) {
+                continue;
+            }
+            for attribute in &address.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = attribute
+                    && let Ok(net) = Ipv4Net::new(*ip, address.header.prefix_len)
+                {
+                    found.push(HostRoute {
+                        destination: net.trunc(),
+                        device: device(index),
+                        address: true,
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Runs an `nft -f` script: one transaction, all or nothing.
+pub async fn nft(script: String) -> Result<(), HostNetError> {
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(HostNetError::NftMissing)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(HostNetError::NftMissing)?;
+        }
+        let output = child.wait_with_output().map_err(HostNetError::NftMissing)?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(HostNetError::Nft {
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            })
+        }
+    })
+    .await
+    .map_err(|_| HostNetError::Pool)?
+}
+
+/// The guests `bridge banger` lets send (its `guests` set), as `nft -j`
+/// lists them; none when the table does not exist.
+pub async fn nft_guests() -> Result<Vec<Guest>, HostNetError> {
+    tokio::task::spawn_blocking(|| {
+        let output = Command::new("nft")
+            .args(["-j", "list", "set", "bridge", super::rules::TABLE, "guests"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(HostNetError::NftMissing)?;
+        if !output.status.success() {
+            return Ok(Vec::new());
+        }
+        let listing: serde_json::Value =
+            serde_json::from_slice(&output.stdout).map_err(|e| HostNetError::Nft {
+                stderr: format!("unreadable `nft -j` output: {e}"),
+            })?;
+        let mut guests = Vec::new();
+        let objects = listing["nftables"].as_array().into_iter().flatten();
+        for element in objects
+            .filter_map(|o| o["set"]["elem"].as_array())
+            .flatten()
+        {
+            let parts = element["concat"].as_array();
+            let text = |i: usize| parts.and_then(|p| p.get(i)).and_then(|v| v.as_str());
+            if let (Some(tap), Some(mac), Some(Ok(address))) =
+                (text(0), text(1), text(2).map(str::parse))
+            {
+                guests.push(Guest {
+                    tap: tap.to_string(),
+                    mac: mac.to_string(),
+                    address,
+                });
+            }
+        }
+        Ok(guests)
+    })
+    .await
+    .map_err(|_| HostNetError::Pool)?
+}
+
+/// Turns IPv4 forwarding on; answers whether it was off.
+pub fn enable_forwarding() -> io::Result<bool> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH)?.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(PATH, "1")?;
+    Ok(true)
+}
+
+/// Whether this process may change the host's network (CAP_NET_ADMIN in
+/// its effective set).
+pub fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+nix::ioctl_write_ptr_bad!(
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
+    libc::ifreq
+);
+nix::ioctl_write_int_bad!(
+    tun_set_persist,
+    nix::request_code_write!(b'T', 203, std::mem::size_of::<libc::c_int>())
+);
+nix::ioctl_write_int_bad!(
+    tun_set_owner,
+    nix::request_code_write!(b'T', 204, std::mem::size_of::<libc::c_int>())
+);
+
+/// A persistent tap named `name` (TUNSETIFF, TUNSETOWNER, TUNSETPERSIST on
+/// `/dev/net/tun`); the descriptor closes, the device stays. Blocking.
+fn create_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: all-zero is a valid ifreq (a C struct of integers and arrays).
+    #[allow(unsafe_code)]
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= request.ifr_name.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    let fd = tun.as_raw_fd();
+    // SAFETY: `fd` is an open tun descriptor and `request` a valid ifreq
+    // that outlives the calls; the other two take plain integers.
+    #[allow(unsafe_code)]
+    unsafe {
+        tun_set_iff(fd, &request)?;
+        if let Some(uid) = owner {
+            tun_set_owner(fd, uid as libc::c_int)?;
+        }
+        tun_set_persist(fd, 1)?;
+    }
+    Ok(())
+}
