@@ -116,6 +116,7 @@ fn network_settings(config: &Config) -> NetworkSettings {
         dns,
         mtu: network.mtu,
         group: network.group,
+        jailed_owner: config.jailer.as_ref().map(|jailer| jailer.uid),
     }
 }
 
@@ -239,10 +240,7 @@ impl SystemSupervisor {
                 networks: networks.clone(),
                 settings: vm_settings,
             },
-            network: NetworkServices {
-                networks,
-                vms: vms.clone(),
-            },
+            network: NetworkServices { networks },
             kernel: KernelServices {
                 catalog: catalog.clone(),
                 max_file: SizeCap {

@@ -541,3 +541,130 @@ fn without_cap_net_admin_vms_have_no_network_and_say_why() {
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(message.contains("CAP_NET_ADMIN"), "{message}");
 }
+
+#[test]
+fn a_jailed_firecracker_vm_gets_its_tap_and_mac_through_the_api() {
+    let test = "a_jailed_firecracker_vm_gets_its_tap_and_mac_through_the_api";
+    if !network_prerequisites(test) {
+        return;
+    }
+    let world = World::new("f");
+    let Some(mut f) = common::halt::Fixture::with_jailer(test, true) else {
+        return;
+    };
+    f.netns = Some(world.path());
+    f.start_daemon();
+    let vm = f.create("jailed", &["--start"]);
+    let id = vm["id"].as_str().expect("id");
+    let tap = format!("bt{id}");
+    let socket = f
+        .state()
+        .join("jail/firecracker")
+        .join(id)
+        .join("root/run/firecracker.socket");
+    let config: Value = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(banger::vmm::firecracker::ApiClient::new(&socket).get("/vm/config"))
+        .expect("the VMM's API answers");
+    let nic = &config["network-interfaces"][0];
+    assert_eq!(nic["host_dev_name"], tap.as_str(), "{config}");
+    assert_eq!(nic["guest_mac"], vm["mac"], "{config}");
+    let boot_args = config["boot-source"]["boot_args"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        boot_args.contains(&format!("banger.ip={}/24", vm["ip"].as_str().expect("ip"))),
+        "{boot_args}"
+    );
+    assert!(
+        !boot_args.contains(" ip="),
+        "no kernel autoconfiguration: {boot_args}"
+    );
+    // The jailer's uid owns the tap, so the jailed VMM opens it unprivileged.
+    let owner = Command::new("ip")
+        .args(["netns", "exec", &world.daemon, "cat"])
+        .arg(format!("/sys/class/net/{tap}/owner"))
+        .output()
+        .expect("read the tap's owner");
+    assert_eq!(
+        String::from_utf8_lossy(&owner.stdout).trim(),
+        "65534",
+        "the tap's owner"
+    );
+    // A VM that stops for good gives its tap back (after the stop is
+    // recorded and answered).
+    f.ok(&["vm", "stop", "jailed", "--timeout", "0.2"]);
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    while world.links().contains(&tap) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a stopped VM kept its tap"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    f.ok(&["vm", "rm", "jailed"]);
+}
+
+#[test]
+fn host_access_opens_host_services_to_that_network_only() {
+    let test = "host_access_opens_host_services_to_that_network_only";
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    if !network_prerequisites(test) {
+        return;
+    }
+    let mut world = World::new("h");
+    let host = world.listen(&world.daemon.clone(), "0.0.0.0", HOST_PORT);
+    let f = Fixture::in_netns(&guest, world.path());
+    import_kernel(&f, &guest.kernel_deb);
+    f.ok(&[
+        "network",
+        "create",
+        "open",
+        "--subnet",
+        "10.78.0.0/24",
+        "--host-access",
+    ]);
+    start_vm(&f, "guest", "debian", &["--network", "open"]);
+    let hello = exec_ok(
+        &f,
+        "guest",
+        &format!("nc -w 5 10.78.0.1 {HOST_PORT} </dev/null"),
+    );
+    assert_eq!(hello.trim(), "hello");
+    assert_eq!(
+        host.recv_timeout(EVENT_TIMEOUT).expect("a connection"),
+        "10.78.0.2"
+    );
+    f.ok(&["vm", "rm", "--force", "guest"]);
+}
+
+#[test]
+fn a_configured_default_subnet_that_clashes_is_refused_naming_the_route() {
+    let test = "a_configured_default_subnet_that_clashes_is_refused_naming_the_route";
+    if !network_prerequisites(test) {
+        return;
+    }
+    let world = World::new("c");
+    let tmp = common::state_dir();
+    let config = tmp.path().join("bangerd.toml");
+    std::fs::write(&config, "[network]\ndefault_subnet = \"198.18.0.0/24\"\n").expect("config");
+    let state = tmp.path().join("state");
+    let daemon = common::Daemon::spawn_in(
+        Some(&world.path()),
+        std::path::Path::new(common::BANGERD),
+        &state,
+        &["--user", "--config", config.to_str().expect("utf-8")],
+        &[],
+    );
+    let (status, stderr) = daemon.wait_output();
+    assert!(!status.success(), "the daemon started: {stderr}");
+    assert!(
+        stderr.contains("198.18.0.0/24") && stderr.contains("198.18.0.0/30 on vout"),
+        "{stderr}"
+    );
+    assert!(!world.links().contains("banger0"), "{}", world.links());
+}

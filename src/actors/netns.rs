@@ -28,7 +28,9 @@ use crate::network::rules::{self, Change, NetworkRules};
 use crate::network::{
     DEFAULT_NETWORK, Guest, GuestConfig, LeaseRecord, NetworkRecord, bridge_name,
 };
-use crate::store::StoreError;
+use crate::store::{Listing, StoreError};
+use crate::vm::ledger::Resource;
+use crate::vm::record::{VmRecord, VmmKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -77,6 +79,9 @@ pub struct NetworkSettings {
     pub dns: Option<Ipv4Addr>,
     pub mtu: u32,
     pub group: u32,
+    /// Who a Firecracker VM's tap belongs to (the jailer's uid, when VMs
+    /// run jailed).
+    pub jailed_owner: Option<u32>,
 }
 
 /// A network with its leases, as `network ls` and `network inspect` show it.
@@ -317,14 +322,17 @@ impl Handler<Describe> for NetworkActor {
     }
 }
 
-/// Reconciliation of the leases: those no VM record claims go; a VM
-/// record's address whose lease is missing is leased again. Answers how
-/// many of each.
+/// Reconciliation of the leases: those no VM record claims go (unless
+/// taken after the records were read); a VM record's address whose lease
+/// is missing is leased again, unless another VM holds it. Answers how many
+/// of each.
 struct ReconcileLeases {
     /// VM id -> (name, address) of every VM record on this network.
     claimed: HashMap<String, (String, Option<Ipv4Addr>)>,
     /// VM ids whose records do not decode: their leases stay.
     quarantined: HashSet<String>,
+    /// When the VM records were read.
+    as_of: Timestamp,
 }
 
 impl Message for ReconcileLeases {
@@ -339,6 +347,7 @@ impl Handler<ReconcileLeases> for NetworkActor {
             .leases
             .values()
             .filter(|l| !msg.claimed.contains_key(&l.vm) && !msg.quarantined.contains(&l.vm))
+            .filter(|l| l.created_at < msg.as_of)
             .cloned()
             .collect();
         for lease in &stray {
@@ -346,19 +355,28 @@ impl Handler<ReconcileLeases> for NetworkActor {
         }
         let mut missing = Vec::new();
         for (vm, (vm_name, address)) in msg.claimed {
-            if let Some(address) = address
-                && !self.leases.contains_key(&vm)
-            {
-                let lease = LeaseRecord {
-                    vm: vm.clone(),
-                    vm_name,
-                    network: self.record.name.clone(),
-                    address,
-                    created_at: Timestamp::now(),
-                };
-                self.leases.insert(vm, lease.clone());
-                missing.push(lease);
+            let Some(address) = address else { continue };
+            if self.leases.contains_key(&vm) {
+                continue;
             }
+            let holder = self.leases.values().find(|l| l.address == address);
+            if let Some(holder) = holder {
+                warn!(network = %self.record.name, vm = %vm_name, address = %address, holder = %holder.vm_name, "a VM's address is leased to another VM; not leasing it twice");
+                continue;
+            }
+            if !self.record.subnet.contains(&address) || address == self.record.gateway() {
+                warn!(network = %self.record.name, vm = %vm_name, address = %address, "a VM's address is not one of its network's; not leasing it");
+                continue;
+            }
+            let lease = LeaseRecord {
+                vm: vm.clone(),
+                vm_name,
+                network: self.record.name.clone(),
+                address,
+                created_at: Timestamp::now(),
+            };
+            self.leases.insert(vm, lease.clone());
+            missing.push(lease);
         }
         let store = self.store.clone();
         Box::pin(async move {
@@ -387,6 +405,8 @@ pub struct NetworkManager {
     settings: NetworkSettings,
     host: Option<Arc<HostNetwork>>,
     networks: BTreeMap<String, (NetworkRecord, Addr<NetworkActor>)>,
+    /// Networks whose records do not decode: their bridges are left alone.
+    quarantined: Vec<String>,
 }
 
 impl NetworkManager {
@@ -396,6 +416,7 @@ impl NetworkManager {
             settings,
             host: None,
             networks: BTreeMap::new(),
+            quarantined: Vec::new(),
         }
     }
 
@@ -551,8 +572,25 @@ impl Handler<LoadNetworks> for NetworkManager {
                 for bad in networks.undecodable.iter().chain(&leases.undecodable) {
                     warn!(table = %bad.table, key = %bad.key, reason = %bad.reason, "a network record does not decode; it is left alone");
                 }
+                let quarantined: Vec<String> =
+                    networks.undecodable.iter().map(|b| b.key.clone()).collect();
                 let mut records = networks.records;
-                if !records.iter().any(|n| n.name == DEFAULT_NETWORK) {
+                // Leases of networks that are gone (and not merely
+                // unreadable) are nobody's.
+                for lease in &leases.records {
+                    let known = records.iter().any(|n| n.name == lease.network)
+                        || quarantined.contains(&lease.network);
+                    if !known {
+                        store
+                            .send(Delete::<LeaseRecord>::new(lease.vm.clone()))
+                            .await
+                            .map_err(|_| NetworkError::Unavailable("store"))??;
+                        info!(network = %lease.network, vm = %lease.vm_name, "removed a lease of a network that does not exist");
+                    }
+                }
+                if quarantined.iter().any(|name| name == DEFAULT_NETWORK) {
+                    warn!("the default network's record does not decode; it is not made again");
+                } else if !records.iter().any(|n| n.name == DEFAULT_NETWORK) {
                     let existing: Vec<_> =
                         records.iter().map(|n| (n.name.clone(), n.subnet)).collect();
                     let request = CreateNetwork {
@@ -570,11 +608,12 @@ impl Handler<LoadNetworks> for NetworkManager {
                     info!(network = %record.name, subnet = %record.subnet, bridge = %record.bridge, "created the default network");
                     records.push(record);
                 }
-                Ok::<_, NetworkError>((host, records, leases.records))
+                Ok::<_, NetworkError>((host, records, leases.records, quarantined))
             }
             .into_actor(self)
             .map(|loaded, manager, _| {
-                let (host, records, leases) = loaded?;
+                let (host, records, leases, quarantined) = loaded?;
+                manager.quarantined = quarantined;
                 for record in records {
                     let own = leases
                         .iter()
@@ -805,13 +844,40 @@ impl Handler<RemoveNetwork> for NetworkManager {
 
 /// What the VM records claim of the host's network objects.
 #[derive(Debug, Clone, Default)]
-pub struct Claims {
+struct Claims {
     /// Every VM with a network: id -> (network, name, address).
-    pub vms: HashMap<String, (String, String, Option<Ipv4Addr>)>,
+    vms: HashMap<String, (String, String, Option<Ipv4Addr>)>,
     /// The VMs whose ledger names a tap: its network, guest and owner.
-    pub taps: Vec<(String, Guest, Option<u32>)>,
+    taps: Vec<(String, Guest, Option<u32>)>,
     /// VM ids whose records do not decode: their taps and leases stay.
-    pub quarantined: HashSet<String>,
+    quarantined: HashSet<String>,
+}
+
+impl Claims {
+    /// From the VM records; `owner` is who a VM's tap belongs to.
+    fn of(listing: &Listing<VmRecord>, owner: impl Fn(VmmKind) -> Option<u32>) -> Claims {
+        let mut claims = Claims::default();
+        for record in &listing.records {
+            let Some(network) = &record.network else {
+                continue;
+            };
+            claims.vms.insert(
+                record.id.clone(),
+                (
+                    network.network.clone(),
+                    record.name.clone(),
+                    network.address,
+                ),
+            );
+            if let Some((network, guest)) = record.guest()
+                && record.resources.contains(&Resource::Tap)
+            {
+                claims.taps.push((network, guest, owner(record.vmm)));
+            }
+        }
+        claims.quarantined = listing.undecodable.iter().map(|b| b.key.clone()).collect();
+        claims
+    }
 }
 
 /// What a reconciliation did.
@@ -823,15 +889,24 @@ pub struct ReconcileReport {
     pub recreated_elements: usize,
     pub removed_leases: usize,
     pub recreated_leases: usize,
+    /// What could not be done, each with its reason.
+    pub failed: Vec<String>,
 }
 
-/// Holds the host against the records (start-up and `network
-/// reconcile`): banger's links that no record claims are removed in one
-/// request, bridges and claimed taps that are missing are made again, the
-/// nftables tables are rebuilt whole from the records (one transaction),
-/// and leases follow the VM records. Nothing outside banger's interface
-/// group and tables is touched.
-pub struct ReconcileNetworks(pub Claims);
+fn note_failure(report: &mut ReconcileReport, what: String, e: &dyn std::error::Error) {
+    warn!(what = %what, error = %error_chain(e), "reconciliation could not do this");
+    report.failed.push(format!("{what}: {}", error_chain(e)));
+}
+
+/// Holds the host against the records (start-up, before any VM actor
+/// starts, and `network reconcile`). With the host held (no attach or
+/// detach in between), the VM records are read, then: banger's links that
+/// no record claims are removed in one request, bridges and claimed taps
+/// that are missing are made again, the nftables tables are rebuilt whole
+/// from the records (one transaction), and leases follow the VM records.
+/// Nothing outside banger's interface group and tables is touched; a
+/// failure is reported and the rest still done.
+pub struct ReconcileNetworks;
 
 impl Message for ReconcileNetworks {
     type Result = Result<ReconcileReport, NetworkError>;
@@ -840,7 +915,7 @@ impl Message for ReconcileNetworks {
 impl Handler<ReconcileNetworks> for NetworkManager {
     type Result = AtomicResponse<Self, Result<ReconcileReport, NetworkError>>;
 
-    fn handle(&mut self, msg: ReconcileNetworks, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: ReconcileNetworks, _: &mut Context<Self>) -> Self::Result {
         let host = match self.host() {
             Ok(host) => host,
             Err(NetworkError::Off(_)) => return ready(Ok(Default::default())),
@@ -848,89 +923,123 @@ impl Handler<ReconcileNetworks> for NetworkManager {
         };
         let networks: Vec<(NetworkRecord, Addr<NetworkActor>)> =
             self.networks.values().cloned().collect();
-        let claims = msg.0;
+        let (store, owner) = (self.store.clone(), self.settings.jailed_owner);
+        let quarantined_networks = self.quarantined.clone();
         AtomicResponse::new(Box::pin(
             async move {
                 let started = std::time::Instant::now();
                 let mut report = ReconcileReport::default();
                 let records: Vec<&NetworkRecord> = networks.iter().map(|(r, _)| r).collect();
-                {
-                    let _exclusive = host.exclusive().await;
-                    let all = "(reconciliation)";
-                    // Strays first: a claimed tap may need a stray's name.
-                    let bridges: HashSet<&str> = records.iter().map(|r| r.bridge.as_str()).collect();
-                    let taps: HashSet<String> = claims
-                        .taps
-                        .iter()
-                        .map(|(_, guest, _)| guest.tap.clone())
-                        .chain(claims.quarantined.iter().map(|id| crate::network::tap_name(id)))
-                        .collect();
-                    let links = host.links().await.map_err(host_error(all))?;
-                    let strays: Vec<_> = links
-                        .into_iter()
-                        .filter(|l| l.group == host.group())
-                        .filter(|l| !bridges.contains(l.name.as_str()) && !taps.contains(&l.name))
-                        .collect();
-                    host.remove_links(&strays).await.map_err(host_error(all))?;
-                    for link in &strays {
-                        info!(link = %link.name, "removed a link no record claims");
-                    }
-                    report.removed_links = strays.into_iter().map(|l| l.name).collect();
-                    let present: HashSet<String> = host
-                        .links()
-                        .await
-                        .map_err(host_error(all))?
-                        .into_iter()
-                        .map(|l| l.name)
-                        .collect();
-                    for record in &records {
-                        if !present.contains(&record.bridge) {
-                            info!(network = %record.name, bridge = %record.bridge, "making a missing bridge");
-                            report.recreated_links.push(record.bridge.clone());
+                let exclusive = host.exclusive().await;
+                let as_of = Timestamp::now();
+                let listing = store
+                    .send(List::<VmRecord>::new())
+                    .await
+                    .map_err(|_| NetworkError::Unavailable("store"))??;
+                let claims = Claims::of(&listing, |vmm| (vmm == VmmKind::Firecracker).then_some(owner).flatten());
+                let all = "(reconciliation)";
+                // Strays first: a claimed tap may need a stray's name. A
+                // network whose record does not decode keeps every bridge.
+                let bridges: HashSet<&str> = records.iter().map(|r| r.bridge.as_str()).collect();
+                let taps: HashSet<String> = claims
+                    .taps
+                    .iter()
+                    .map(|(_, guest, _)| guest.tap.clone())
+                    .chain(claims.quarantined.iter().map(|id| crate::network::tap_name(id)))
+                    .collect();
+                let is_bridge = |name: &str| name == crate::network::DEFAULT_BRIDGE || name.starts_with("bn");
+                let links = host.links().await.map_err(host_error(all))?;
+                // Whatever a crash left in the sweep group goes too (a
+                // claimed tap among them is made again below).
+                let strays: Vec<_> = links
+                    .into_iter()
+                    .filter(|l| {
+                        l.group == host.sweep_group()
+                            || (l.group == host.group()
+                                && !bridges.contains(l.name.as_str())
+                                && !taps.contains(&l.name)
+                                && (quarantined_networks.is_empty() || !is_bridge(&l.name)))
+                    })
+                    .collect();
+                match host.remove_links(&strays).await {
+                    Ok(()) => {
+                        for link in &strays {
+                            info!(link = %link.name, "removed a link no record claims");
                         }
-                        host.ensure_bridge(
+                        report.removed_links = strays.into_iter().map(|l| l.name).collect();
+                    }
+                    Err(e) => note_failure(&mut report, "remove stray links".into(), &e),
+                }
+                let present: HashSet<String> = host
+                    .links()
+                    .await
+                    .map_err(host_error(all))?
+                    .into_iter()
+                    .map(|l| l.name)
+                    .collect();
+                for record in &records {
+                    if !present.contains(&record.bridge) {
+                        info!(network = %record.name, bridge = %record.bridge, "making a missing bridge");
+                        report.recreated_links.push(record.bridge.clone());
+                    }
+                    let made = host
+                        .ensure_bridge(
                             &record.bridge,
                             record.gateway(),
                             record.subnet.prefix_len(),
                             record.mtu,
                         )
-                        .await
-                        .map_err(host_error(&record.name))?;
-                    }
-                    for (network, guest, owner) in &claims.taps {
-                        let Some(record) = records.iter().find(|r| &r.name == network) else {
-                            warn!(network = %network, tap = %guest.tap, "a VM's tap names a network that does not exist");
-                            continue;
-                        };
-                        if !present.contains(&guest.tap) {
-                            info!(tap = %guest.tap, network = %network, "recreating a missing tap");
-                            report.recreated_links.push(guest.tap.clone());
-                        }
-                        host.ensure_tap(&guest.tap, &record.bridge, record.mtu, *owner)
-                            .await
-                            .map_err(host_error(network))?;
-                    }
-                    let wanted: BTreeSet<Guest> =
-                        claims.taps.iter().map(|(_, guest, _)| guest.clone()).collect();
-                    let found: BTreeSet<Guest> =
-                        host::nft_guests().await.map_err(host_error(all))?.into_iter().collect();
-                    for stray in found.difference(&wanted) {
-                        info!(tap = %stray.tap, address = %stray.address, "removing an nft element no record claims");
-                    }
-                    for missing in wanted.difference(&found) {
-                        info!(tap = %missing.tap, address = %missing.address, "recreating a VM's missing nft element");
-                    }
-                    report.removed_elements = found.difference(&wanted).count();
-                    report.recreated_elements = wanted.difference(&found).count();
-                    let rules: Vec<NetworkRules> = records.iter().map(|r| rules_of(r)).collect();
-                    let guests: Vec<Guest> = wanted.into_iter().collect();
-                    host::nft(rules::tables(&rules, &guests))
-                        .await
-                        .map_err(host_error(all))?;
-                    if records.iter().any(|r| r.nat) {
-                        enable_forwarding();
+                        .await;
+                    if let Err(e) = made {
+                        note_failure(&mut report, format!("network {}'s bridge {}", record.name, record.bridge), &e);
                     }
                 }
+                let mut wanted = BTreeSet::new();
+                for (network, guest, owner) in &claims.taps {
+                    let Some(record) = records.iter().find(|r| &r.name == network) else {
+                        warn!(network = %network, tap = %guest.tap, "a VM's tap names a network that does not exist");
+                        continue;
+                    };
+                    if !present.contains(&guest.tap) {
+                        info!(tap = %guest.tap, network = %network, "recreating a missing tap");
+                        report.recreated_links.push(guest.tap.clone());
+                    }
+                    match host.ensure_tap(&guest.tap, &record.bridge, record.mtu, *owner).await {
+                        Ok(()) => {
+                            wanted.insert(guest.clone());
+                        }
+                        Err(e) => note_failure(&mut report, format!("tap {}", guest.tap), &e),
+                    }
+                }
+                let found: BTreeSet<Guest> = match host::nft_guests().await {
+                    Ok(found) => found.into_iter().collect(),
+                    Err(e) => {
+                        note_failure(&mut report, "list banger's nft elements".into(), &e);
+                        BTreeSet::new()
+                    }
+                };
+                for stray in found.difference(&wanted) {
+                    info!(tap = %stray.tap, address = %stray.address, "removing an nft element no record claims");
+                }
+                for missing in wanted.difference(&found) {
+                    info!(tap = %missing.tap, address = %missing.address, "recreating a VM's missing nft element");
+                }
+                report.removed_elements = found.difference(&wanted).count();
+                report.recreated_elements = wanted.difference(&found).count();
+                let rules: Vec<NetworkRules> = records.iter().map(|r| rules_of(r)).collect();
+                let guests: Vec<Guest> = wanted.into_iter().collect();
+                let blocked: Vec<String> = claims
+                    .quarantined
+                    .iter()
+                    .map(|id| crate::network::tap_name(id))
+                    .collect();
+                if let Err(e) = host::nft(rules::tables(&rules, &guests, &blocked)).await {
+                    note_failure(&mut report, "rebuild banger's nftables tables".into(), &e);
+                }
+                if records.iter().any(|r| r.nat) {
+                    enable_forwarding();
+                }
+                drop(exclusive);
                 for (record, actor) in &networks {
                     let claimed = claims
                         .vms
@@ -938,15 +1047,21 @@ impl Handler<ReconcileNetworks> for NetworkManager {
                         .filter(|(_, (network, _, _))| network == &record.name)
                         .map(|(id, (_, name, address))| (id.clone(), (name.clone(), *address)))
                         .collect();
-                    let (removed, recreated) = actor
+                    let leases = actor
                         .send(ReconcileLeases {
                             claimed,
                             quarantined: claims.quarantined.clone(),
+                            as_of,
                         })
                         .await
-                        .map_err(|_| NetworkError::Unavailable("network actor"))??;
-                    report.removed_leases += removed;
-                    report.recreated_leases += recreated;
+                        .map_err(|_| NetworkError::Unavailable("network actor"))?;
+                    match leases {
+                        Ok((removed, recreated)) => {
+                            report.removed_leases += removed;
+                            report.recreated_leases += recreated;
+                        }
+                        Err(e) => note_failure(&mut report, format!("network {}'s leases", record.name), &e),
+                    }
                 }
                 info!(
                     networks = networks.len(),
@@ -954,6 +1069,7 @@ impl Handler<ReconcileNetworks> for NetworkManager {
                     recreated_links = report.recreated_links.len(),
                     removed_elements = report.removed_elements,
                     removed_leases = report.removed_leases,
+                    failed = report.failed.len(),
                     ms = started.elapsed().as_secs_f64() * 1000.0,
                     "networks reconciled"
                 );

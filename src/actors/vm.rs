@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::actors::catalog::{CatalogActor, KernelError, PrepareBoot, Reserve, Unreserve};
 use crate::actors::netns::{
-    Attach, Claims, Detach, Lease, NetworkError, NetworkManager, ReconcileNetworks, Release,
+    Attach, Detach, Lease, NetworkError, NetworkManager, ReconcileNetworks, Release,
 };
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
 use crate::caller::{CallerFile, SizeCap};
@@ -1172,33 +1172,33 @@ impl Handler<VmCommand> for VmActor {
     }
 }
 
-/// Releases a VM's ledger, last acquired first: its tap and its lease
-/// (through its network), its jail (through the host) and its directory.
+/// Releases a VM's ledger: its tap (through its network), its jail
+/// (through the host) and its directory, then its lease, last, so that its
+/// address is free only once nothing of the VM is left. A network that is
+/// gone, or networking turned off, holds nothing of the VM any more.
 async fn release_resources(
     settings: Arc<VmSettings>,
     networks: Addr<NetworkManager>,
     record: VmRecord,
 ) -> Result<(), VmError> {
-    let unavailable = |_| VmError::Unavailable("network manager");
-    if let Some(network) = &record.network {
-        if let Some((network, guest)) = record.guest()
-            && record.resources.contains(&Resource::Tap)
-        {
-            networks
-                .send(Detach { network, guest })
-                .await
-                .map_err(unavailable)??;
-        }
-        if record.resources.contains(&Resource::Lease) {
-            networks
-                .send(Release {
-                    network: network.network.clone(),
-                    vm: record.id.clone(),
-                })
-                .await
-                .map_err(unavailable)??;
-        }
+    let released = |result: Result<Result<(), NetworkError>, MailboxError>| match result {
+        Err(_) => Err(VmError::Unavailable("network manager")),
+        Ok(Err(NetworkError::NotFound(_) | NetworkError::Off(_))) | Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(VmError::Network(e)),
+    };
+    if let Some((network, guest)) = record.guest()
+        && record.resources.contains(&Resource::Tap)
+    {
+        released(networks.send(Detach { network, guest }).await)?;
     }
+    let lease = record
+        .network
+        .as_ref()
+        .filter(|_| record.resources.contains(&Resource::Lease))
+        .map(|network| Release {
+            network: network.network.clone(),
+            vm: record.id.clone(),
+        });
     tokio::task::spawn_blocking(move || {
         for resource in record.resources.iter().rev() {
             let Some(path) = settings.path_of(&record, *resource) else {
@@ -1215,10 +1215,14 @@ async fn release_resources(
                 source,
             })?;
         }
-        Ok(())
+        Ok::<_, VmError>(())
     })
     .await
-    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+    .map_err(|_| VmError::Unavailable("blocking thread pool"))??;
+    if let Some(lease) = lease {
+        released(networks.send(lease).await)?;
+    }
+    Ok(())
 }
 
 /// The VM's own copy of the root disk, read through the descriptor opened
@@ -1445,10 +1449,17 @@ impl Handler<LoadVms> for VmManager {
                     ms = started.elapsed().as_secs_f64() * 1000.0,
                     "VM ledgers reconciled"
                 );
-                networks
-                    .send(ReconcileNetworks(network_claims(&settings, &listing)))
-                    .await
-                    .map_err(|_| VmError::Unavailable("network manager"))??;
+                // Before any VM actor starts: nothing attaches meanwhile. A
+                // host that cannot be reconciled is reported, and the VMs
+                // still start (a VM whose tap cannot be made fails its own
+                // launch, saying why).
+                match networks.send(ReconcileNetworks).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        error!(error = %error_chain(&e), "the networks could not be reconciled")
+                    }
+                    Err(_) => return Err(VmError::Unavailable("network manager")),
+                }
                 Ok::<_, VmError>(listing)
             }
             .into_actor(self)
@@ -1492,63 +1503,6 @@ fn ledger_claims(
         jails.insert(settings.jail_dir(&bad.key));
     }
     (vms, jails)
-}
-
-/// What the VM records claim of the host's network: every VM's lease,
-/// the taps their ledgers name, and all a quarantined id could own.
-fn network_claims(settings: &VmSettings, listing: &Listing<VmRecord>) -> Claims {
-    let mut claims = Claims::default();
-    for record in &listing.records {
-        let Some(network) = &record.network else {
-            continue;
-        };
-        claims.vms.insert(
-            record.id.clone(),
-            (
-                network.network.clone(),
-                record.name.clone(),
-                network.address,
-            ),
-        );
-        if let Some((network, guest)) = record.guest()
-            && record.resources.contains(&Resource::Tap)
-        {
-            let owner = settings.backend(record.vmm).tap_owner();
-            claims.taps.push((network, guest, owner));
-        }
-    }
-    claims.quarantined = listing.undecodable.iter().map(|b| b.key.clone()).collect();
-    claims
-}
-
-/// `network reconcile`: the host's network held against the VM records
-/// as they stand.
-pub struct ReconcileNetwork;
-
-impl Message for ReconcileNetwork {
-    type Result = Result<crate::actors::netns::ReconcileReport, VmError>;
-}
-
-impl Handler<ReconcileNetwork> for VmManager {
-    type Result = ResponseFuture<Result<crate::actors::netns::ReconcileReport, VmError>>;
-
-    fn handle(&mut self, _: ReconcileNetwork, _: &mut Context<Self>) -> Self::Result {
-        let (store, settings, networks) = (
-            self.store.clone(),
-            self.settings.clone(),
-            self.networks.clone(),
-        );
-        Box::pin(async move {
-            let listing = store
-                .send(List::<VmRecord>::new())
-                .await
-                .map_err(|_| VmError::Unavailable("store"))??;
-            Ok(networks
-                .send(ReconcileNetworks(network_claims(&settings, &listing)))
-                .await
-                .map_err(|_| VmError::Unavailable("network manager"))??)
-        })
-    }
 }
 
 /// A command for the VM named `name`.

@@ -971,6 +971,9 @@ fn network(client: &mut Client, command: NetworkCommand, now: Timestamp) -> Resu
                 .call::<ReconcileResult>("network.reconcile", json!({}))?
                 .result
                 .reconciled;
+            for failure in &report.failed {
+                eprintln!("could not reconcile {failure}");
+            }
             if json {
                 println!("{}", output::json(&report));
             } else {

@@ -261,44 +261,56 @@ impl HostNetwork {
                 source: rtnetlink::Error::RequestFailed,
             })?
             .index;
-        let index = match self.own(name).await? {
-            Some(link) => link.index,
-            None => {
-                let tap = name.to_string();
-                tokio::task::spawn_blocking(move || create_tap(&tap, owner))
-                    .await
-                    .map_err(|_| HostNetError::Pool)?
-                    .map_err(|source| HostNetError::Tap {
-                        name: name.to_string(),
-                        source,
-                    })?;
-                self.find(name)
-                    .await?
-                    .ok_or_else(|| HostNetError::Tap {
-                        name: name.to_string(),
-                        source: io::Error::other("the tap vanished after its creation"),
-                    })?
-                    .index
-            }
-        };
-        self.change(
-            "attach",
-            name,
+        let attach = |index| {
             LinkUnspec::new_with_index(index)
                 .controller(bridge_index)
                 .mtu(mtu)
                 .link_group(self.group)
                 .up()
-                .build(),
-        )
-        .await
+                .build()
+        };
+        if let Some(link) = self.own(name).await? {
+            return self.change("attach", name, attach(link.index)).await;
+        }
+        // A new tap lives only while its descriptor is open until it is in
+        // banger's group and on the bridge; only then is it made
+        // persistent. A crash or a failure before leaves nothing behind.
+        let tap_error = |source| HostNetError::Tap {
+            name: name.to_string(),
+            source,
+        };
+        let tap = name.to_string();
+        let fd = tokio::task::spawn_blocking(move || open_tap(&tap, owner))
+            .await
+            .map_err(|_| HostNetError::Pool)?
+            .map_err(tap_error)?;
+        let index = self
+            .find(name)
+            .await?
+            .ok_or_else(|| tap_error(io::Error::other("the tap vanished after its creation")))?
+            .index;
+        self.change("attach", name, attach(index)).await?;
+        tokio::task::spawn_blocking(move || persist_tap(&fd))
+            .await
+            .map_err(|_| HostNetError::Pool)?
+            .map_err(tap_error)
+    }
+
+    /// The group strays pass through on their way out (`group + 1`).
+    pub fn sweep_group(&self) -> u32 {
+        self.group + 1
     }
 
     /// Removes banger's link `name`; one already gone is fine.
     pub async fn remove_link(&self, name: &str) -> Result<(), HostNetError> {
-        let Some(link) = self.own(name).await? else {
-            return Ok(());
-        };
+        match self.own(name).await? {
+            Some(link) => self.remove_index(&link).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn remove_index(&self, link: &Link) -> Result<(), HostNetError> {
+        let name = &link.name;
         match self.handle.link().del(link.index).execute().await {
             Err(e) if !is_errno(&e, libc::ENODEV) => Err(HostNetError::Netlink {
                 action: "remove",
@@ -316,8 +328,8 @@ impl HostNetwork {
         if links.is_empty() {
             return Ok(());
         }
-        let sweep = self.group + 1;
-        for link in links {
+        let sweep = self.sweep_group();
+        for link in links.iter().filter(|l| l.group != sweep) {
             self.change(
                 "sweep",
                 &link.name,
@@ -326,6 +338,21 @@ impl HostNetwork {
                     .build(),
             )
             .await?;
+        }
+        // The group request only when the sweep group holds exactly these
+        // links; else one request each, so nothing else is ever removed.
+        let moved: std::collections::HashSet<u32> = links.iter().map(|l| l.index).collect();
+        let in_sweep: Vec<Link> = self
+            .links()
+            .await?
+            .into_iter()
+            .filter(|l| l.group == sweep)
+            .collect();
+        if in_sweep.iter().any(|l| !moved.contains(&l.index)) {
+            for link in links {
+                self.remove_index(link).await?;
+            }
+            return Ok(());
         }
         let mut request = self.handle.link().del(0);
         request
@@ -529,9 +556,9 @@ nix::ioctl_write_int_bad!(
     nix::request_code_write!(b'T', 204, std::mem::size_of::<libc::c_int>())
 );
 
-/// A persistent tap named `name` (TUNSETIFF, TUNSETOWNER, TUNSETPERSIST on
-/// `/dev/net/tun`); the descriptor closes, the device stays. Blocking.
-fn create_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
+/// A tap named `name` (TUNSETIFF and TUNSETOWNER on `/dev/net/tun`); it
+/// lives as long as the answered descriptor until [`persist_tap`]. Blocking.
+fn open_tap(name: &str, owner: Option<u32>) -> io::Result<std::fs::File> {
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -549,14 +576,24 @@ fn create_tap(name: &str, owner: Option<u32>) -> io::Result<()> {
     request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
     let fd = tun.as_raw_fd();
     // SAFETY: `fd` is an open tun descriptor and `request` a valid ifreq
-    // that outlives the calls; the other two take plain integers.
+    // that outlives the call; TUNSETOWNER takes a plain integer.
     #[allow(unsafe_code)]
     unsafe {
         tun_set_iff(fd, &request)?;
         if let Some(uid) = owner {
             tun_set_owner(fd, uid as libc::c_int)?;
         }
-        tun_set_persist(fd, 1)?;
+    }
+    Ok(tun)
+}
+
+/// Makes the tap behind `tun` outlive its descriptor (TUNSETPERSIST).
+fn persist_tap(tun: &std::fs::File) -> io::Result<()> {
+    // SAFETY: `tun` is an open tun descriptor attached to a device;
+    // TUNSETPERSIST takes a plain integer.
+    #[allow(unsafe_code)]
+    unsafe {
+        tun_set_persist(tun.as_raw_fd(), 1)?;
     }
     Ok(())
 }

@@ -33,8 +33,10 @@ pub enum Change {
 
 /// The fixed part of both tables, with the elements they start with.
 /// Applied as one transaction: the old tables (if any) are replaced
-/// atomically, so no packet meets a half-built ruleset.
-pub fn tables(networks: &[NetworkRules], guests: &[Guest]) -> String {
+/// atomically, so no packet meets a half-built ruleset. `blocked` taps are
+/// policed with no address allowed (a VM whose record does not decode:
+/// its tap stays, its guest sends nothing).
+pub fn tables(networks: &[NetworkRules], guests: &[Guest], blocked: &[String]) -> String {
     let mut script = String::new();
     // `add` then `delete`: the table goes whether or not it existed.
     for family in ["inet", "bridge"] {
@@ -90,6 +92,15 @@ table bridge {TABLE} {{
     }
     for guest in guests {
         script.push_str(&guest_elements(Change::Add, guest));
+    }
+    for tap in blocked {
+        elements(
+            &mut script,
+            Change::Add,
+            "bridge",
+            "taps",
+            &format!("\"{tap}\""),
+        );
     }
     script
 }
@@ -187,9 +198,11 @@ mod tests {
 
     #[test]
     fn the_tables_are_replaced_whole() {
-        let script = tables(&[network(true, false)], &[]);
+        let script = tables(&[network(true, false)], &[], &["btquarantin".into()]);
         assert!(script.starts_with("add table inet banger\ndelete table inet banger\n"));
         assert!(script.contains("table bridge banger {"));
         assert!(script.contains("nat_subnets { 172.30.0.0/24 }"));
+        assert!(script.contains("add element bridge banger taps { \"btquarantin\" }"));
+        assert!(!script.contains("guests { \"btquarantin\""));
     }
 }

@@ -1,6 +1,5 @@
 //! The `network.*` methods: create, list, inspect, remove, reconcile. They
-//! ask the network manager (reconcile goes through the VM manager, which
-//! knows what the VM records claim).
+//! ask the network manager.
 
 use actix::Addr;
 use serde::{Deserialize, Serialize};
@@ -9,9 +8,9 @@ use serde_json::value::RawValue;
 use super::protocol::{ErrorCode, Params, RpcError, requests};
 use super::wire::Wire;
 use crate::actors::netns::{
-    CreateNetwork, ListNetworks, NetworkManager, NetworkView, ReconcileReport, RemoveNetwork,
+    CreateNetwork, ListNetworks, NetworkManager, NetworkView, ReconcileNetworks, ReconcileReport,
+    RemoveNetwork,
 };
-use crate::actors::vm::{ReconcileNetwork, VmManager};
 use crate::network::NetworkRecord;
 use crate::network::ipam::parse_subnet;
 use crate::vm::validate_name;
@@ -88,7 +87,6 @@ pub struct ReconcileResult {
 /// What the network handlers reach.
 pub struct NetworkServices {
     pub networks: Addr<NetworkManager>,
-    pub vms: Addr<VmManager>,
 }
 
 pub async fn handle(
@@ -141,7 +139,7 @@ pub async fn handle(
         Request::Reconcile => {
             let reconciled = wire
                 .operation("network.reconcile", "networks", async {
-                    Ok(services.vms.send(ReconcileNetwork).await??)
+                    Ok(networks.send(ReconcileNetworks).await??)
                 })
                 .await?;
             wire.answer(ReconcileResult { reconciled })

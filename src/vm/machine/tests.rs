@@ -797,3 +797,44 @@ fn a_second_start_shares_the_launch_and_its_failure() {
         .collect();
     assert_eq!(failed.len(), 2, "{effects:?}");
 }
+
+#[test]
+fn a_crash_keeps_the_tap_for_its_restart_and_a_stop_gives_it_back() {
+    let mut running = networked(Phase::Running, true);
+    running.record.process = Some(process(7));
+    let (backing_off, effects) =
+        step(&running, Event::Exited(Exit::default()), at(100)).expect("crash");
+    assert!(matches!(backing_off.record.phase, Phase::BackingOff { .. }));
+    assert!(backing_off.record.resources.contains(&Resource::Tap));
+    assert!(!effects.contains(&Effect::Detach), "{effects:?}");
+
+    let (stopped, effects) = step(
+        &backing_off,
+        Event::Stop {
+            request: 1,
+            timeout: Duration::from_secs(1),
+        },
+        at(101),
+    )
+    .expect("stop");
+    assert_eq!(stopped.record.phase, Phase::Stopped);
+    // The stop is durable before the tap goes.
+    assert_eq!(effects.first(), Some(&Effect::Persist));
+    assert_eq!(effects.last(), Some(&Effect::Detach));
+    let (detached, effects) = step(&stopped, Event::Detached(Ok(())), at(102)).expect("detached");
+    assert!(!detached.record.resources.contains(&Resource::Tap));
+    assert_eq!(effects, [Effect::Persist]);
+    // The lease stays until the VM is removed.
+    assert_eq!(
+        detached.record.network.as_ref().and_then(|n| n.address),
+        Some(std::net::Ipv4Addr::new(172, 30, 0, 2))
+    );
+
+    // A launch names the tap in its ledger before it spawns.
+    let (launching, effects) =
+        step(&detached, Event::Start { request: 2 }, at(103)).expect("start");
+    assert!(launching.record.resources.contains(&Resource::Tap));
+    let persist = effects.iter().position(|e| *e == Effect::Persist);
+    let spawn = effects.iter().position(|e| *e == Effect::Spawn);
+    assert!(persist < spawn, "{effects:?}");
+}
