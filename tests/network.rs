@@ -668,3 +668,55 @@ fn a_configured_default_subnet_that_clashes_is_refused_naming_the_route() {
     );
     assert!(!world.links().contains("banger0"), "{}", world.links());
 }
+
+#[test]
+fn a_foreign_forward_chain_that_drops_does_not_break_nat() {
+    let test = "a_foreign_forward_chain_that_drops_does_not_break_nat";
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    if !network_prerequisites(test) {
+        return;
+    }
+    let mut world = World::new("d");
+    // What Docker leaves on a host: iptables-nft's FORWARD chain, policy drop.
+    let made = Command::new("ip")
+        .args(["netns", "exec", &world.daemon, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().expect("stdin").write_all(
+                b"table ip filter {\n chain FORWARD { type filter hook forward priority filter; policy drop; }\n}\n",
+            )?;
+            child.wait()
+        })
+        .expect("nft");
+    assert!(made.success());
+    let outside = world.listen(&world.outside.clone(), OUTSIDE, OUTSIDE_PORT);
+    let f = Fixture::in_netns(&guest, world.path());
+    import_kernel(&f, &guest.kernel_deb);
+    start_vm(&f, "guest", "debian", &[]);
+    let hello = exec_ok(
+        &f,
+        "guest",
+        &format!("nc -w 5 {OUTSIDE} {OUTSIDE_PORT} </dev/null"),
+    );
+    assert_eq!(hello.trim(), "hello");
+    assert_eq!(
+        outside.recv_timeout(EVENT_TIMEOUT).expect("a connection"),
+        "198.18.0.1"
+    );
+    // Banger's accepts there are two per NAT network, however often it
+    // reconciles, and name its bridges only.
+    f.ok(&["network", "reconcile"]);
+    f.ok(&["network", "create", "lab", "--subnet", "10.79.0.0/24"]);
+    let chain = world.nft(&["list", "chain", "ip", "filter", "FORWARD"]);
+    assert_eq!(chain.matches("comment \"banger\"").count(), 4, "{chain}");
+    assert!(chain.contains("iifname \"banger0\" accept"), "{chain}");
+    f.ok(&["vm", "rm", "--force", "guest"]);
+    f.ok(&["network", "rm", "lab"]);
+    let chain = world.nft(&["list", "chain", "ip", "filter", "FORWARD"]);
+    assert_eq!(chain.matches("comment \"banger\"").count(), 2, "{chain}");
+    assert!(chain.contains("policy drop"), "{chain}");
+}

@@ -528,6 +528,22 @@ async fn build_network(host: &HostNetwork, record: &NetworkRecord) -> Result<(),
     Ok(())
 }
 
+/// Opens every other table's dropping forward chain (Docker's, firewalld's)
+/// to banger's NAT networks, replacing what banger opened before: without
+/// it their policy would drop the guests' traffic whatever banger's own
+/// table accepts. Answers how many such chains there are.
+async fn open_foreign_forwards(networks: &[NetworkRules]) -> Result<usize, HostNetError> {
+    let chains = host::nft_foreign_forwards().await?;
+    if chains.is_empty() {
+        return Ok(0);
+    }
+    for chain in chains.iter().filter(|c| c.ours.is_empty()) {
+        info!(family = %chain.family, table = %chain.table, chain = %chain.chain, "a forward chain of another table drops by default; banger accepts its NAT networks' traffic there");
+    }
+    host::nft(rules::foreign_accepts(&chains, networks)).await?;
+    Ok(chains.len())
+}
+
 fn enable_forwarding() {
     match host::enable_forwarding() {
         Ok(true) => info!("enabled IPv4 forwarding for banger's NAT networks"),
@@ -707,6 +723,7 @@ impl Handler<CreateNetwork> for NetworkManager {
             .values()
             .map(|(r, _)| (r.name.clone(), r.subnet))
             .collect();
+        let others: Vec<NetworkRules> = self.networks.values().map(|(r, _)| rules_of(r)).collect();
         let (store, settings) = (self.store.clone(), self.settings.clone());
         let building = async move {
             // Checked before anything changes: a refused network leaves
@@ -726,6 +743,14 @@ impl Handler<CreateNetwork> for NetworkManager {
                 let _ =
                     host::nft(rules::network_elements(Change::Remove, &rules_of(&record))).await;
                 return Err(e);
+            }
+            let mut all = others;
+            all.push(rules_of(&record));
+            {
+                let _exclusive = host.exclusive().await;
+                if let Err(e) = open_foreign_forwards(&all).await {
+                    warn!(network = %record.name, error = %error_chain(&e), "cannot open other tables' forward chains");
+                }
             }
             info!(network = %record.name, subnet = %record.subnet, bridge = %record.bridge, nat = record.nat, "network created");
             Ok((record, host))
@@ -800,6 +825,12 @@ impl Handler<RemoveNetwork> for NetworkManager {
             (Ok(actor), Ok(host)) => (actor, host),
             (Err(e), _) | (_, Err(e)) => return ready(Err(e)),
         };
+        let others: Vec<NetworkRules> = self
+            .networks
+            .values()
+            .filter(|(r, _)| r.name != msg.name)
+            .map(|(r, _)| rules_of(r))
+            .collect();
         let store = self.store.clone();
         let name = msg.name.clone();
         let removing = async move {
@@ -822,6 +853,9 @@ impl Handler<RemoveNetwork> for NetworkManager {
                 host.remove_link(&record.bridge)
                     .await
                     .map_err(host_error(&record.name))?;
+                if let Err(e) = open_foreign_forwards(&others).await {
+                    warn!(network = %record.name, error = %error_chain(&e), "cannot update other tables' forward chains");
+                }
             }
             store
                 .send(Delete::<NetworkRecord>::new(record.name.clone()))
@@ -1035,6 +1069,9 @@ impl Handler<ReconcileNetworks> for NetworkManager {
                     .collect();
                 if let Err(e) = host::nft(rules::tables(&rules, &guests, &blocked)).await {
                     note_failure(&mut report, "rebuild banger's nftables tables".into(), &e);
+                }
+                if let Err(e) = open_foreign_forwards(&rules).await {
+                    note_failure(&mut report, "open other tables' forward chains".into(), &e);
                 }
                 if records.iter().any(|r| r.nat) {
                     enable_forwarding();

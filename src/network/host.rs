@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use super::Guest;
 use super::ipam::HostRoute;
+use super::rules::ForeignForward;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostNetError {
@@ -514,6 +515,69 @@ pub async fn nft_guests() -> Result<Vec<Guest>, HostNetError> {
             }
         }
         Ok(guests)
+    })
+    .await
+    .map_err(|_| HostNetError::Pool)?
+}
+
+/// Other tables' IPv4 forward chains whose policy drops, with the rules
+/// banger put in them ([`super::rules::foreign_accepts`]).
+pub async fn nft_foreign_forwards() -> Result<Vec<ForeignForward>, HostNetError> {
+    tokio::task::spawn_blocking(|| {
+        let output = Command::new("nft")
+            .args(["-j", "list", "ruleset"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(HostNetError::NftMissing)?;
+        if !output.status.success() {
+            return Err(HostNetError::Nft {
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        let listing: serde_json::Value =
+            serde_json::from_slice(&output.stdout).map_err(|e| HostNetError::Nft {
+                stderr: format!("unreadable `nft -j` output: {e}"),
+            })?;
+        let objects: Vec<&serde_json::Value> = listing["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect();
+        let text =
+            |v: &serde_json::Value, key: &str| v[key].as_str().unwrap_or_default().to_string();
+        let mut chains: Vec<ForeignForward> = objects
+            .iter()
+            .filter_map(|o| o.get("chain"))
+            .filter(|c| c["hook"] == "forward" && c["policy"] == "drop")
+            .filter(|c| {
+                c["table"] != super::rules::TABLE
+                    && matches!(c["family"].as_str(), Some("ip" | "inet"))
+            })
+            .map(|c| ForeignForward {
+                family: text(c, "family"),
+                table: text(c, "table"),
+                chain: text(c, "name"),
+                ours: Vec::new(),
+            })
+            .collect();
+        for rule in objects.iter().filter_map(|o| o.get("rule")) {
+            if rule["comment"] != super::rules::FOREIGN_COMMENT {
+                continue;
+            }
+            let place = (
+                text(rule, "family"),
+                text(rule, "table"),
+                text(rule, "chain"),
+            );
+            if let Some(chain) = chains
+                .iter_mut()
+                .find(|c| (c.family.clone(), c.table.clone(), c.chain.clone()) == place)
+                && let Some(handle) = rule["handle"].as_u64()
+            {
+                chain.ours.push(handle);
+            }
+        }
+        Ok(chains)
     })
     .await
     .map_err(|_| HostNetError::Pool)?

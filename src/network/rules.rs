@@ -155,6 +155,46 @@ pub fn guest_elements(change: Change, guest: &Guest) -> String {
     script
 }
 
+/// Another table's forward chain whose policy drops: what banger must
+/// open in it for its NAT networks, and what it opened there before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignForward {
+    pub family: String,
+    pub table: String,
+    pub chain: String,
+    /// Handles of the rules banger put there (comment `banger`).
+    pub ours: Vec<u64>,
+}
+
+/// The comment that marks banger's rules in other tables' chains.
+pub const FOREIGN_COMMENT: &str = "banger";
+
+/// Replaces banger's accepts in other tables' dropping forward chains (a
+/// Docker or firewalld host): for each NAT network, its guests' traffic
+/// out and the answers back in, matched by bridge name, first in the
+/// chain; nothing else. One transaction.
+pub fn foreign_accepts(chains: &[ForeignForward], networks: &[NetworkRules]) -> String {
+    let mut script = String::new();
+    for chain in chains {
+        let at = format!("{} {} {}", chain.family, chain.table, chain.chain);
+        for handle in &chain.ours {
+            let _ = writeln!(script, "delete rule {at} handle {handle}");
+        }
+        for network in networks.iter().filter(|n| n.nat) {
+            let bridge = &network.bridge;
+            let _ = writeln!(
+                script,
+                "insert rule {at} oifname \"{bridge}\" ct state established,related accept comment \"{FOREIGN_COMMENT}\""
+            );
+            let _ = writeln!(
+                script,
+                "insert rule {at} iifname \"{bridge}\" accept comment \"{FOREIGN_COMMENT}\""
+            );
+        }
+    }
+    script
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +234,27 @@ mod tests {
         assert!(lines[2].starts_with("add element bridge banger guests { \"btabcdefghjk\" . 02:"));
         assert!(lines[3].starts_with("delete element bridge banger guests"));
         assert!(lines[3].ends_with(". 172.30.0.2 }"));
+    }
+
+    #[test]
+    fn foreign_dropping_chains_get_narrow_accepts_for_nat_networks_only() {
+        let chain = ForeignForward {
+            family: "ip".into(),
+            table: "filter".into(),
+            chain: "FORWARD".into(),
+            ours: vec![7],
+        };
+        let mut isolated = network(false, false);
+        isolated.bridge = "bnisolated".into();
+        let script = foreign_accepts(&[chain], &[network(true, false), isolated]);
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines[0], "delete rule ip filter FORWARD handle 7");
+        assert_eq!(
+            lines[2],
+            "insert rule ip filter FORWARD iifname \"banger0\" accept comment \"banger\""
+        );
+        assert!(lines[1].contains("oifname \"banger0\" ct state established,related accept"));
+        assert_eq!(lines.len(), 3, "{script}");
     }
 
     #[test]
