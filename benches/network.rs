@@ -159,7 +159,7 @@ fn main() -> anyhow::Result<()> {
 
     // 100 VMs with networking and without, interleaved rounds.
     let (mut with, mut without) = (Vec::new(), Vec::new());
-    for round in 0..2 {
+    for round in 0..ROUNDS {
         for networked in [true, false] {
             let started = Instant::now();
             for i in 0..SCALE {

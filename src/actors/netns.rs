@@ -267,12 +267,13 @@ impl Handler<Attach> for NetworkActor {
         Box::pin(async move {
             let started = std::time::Instant::now();
             let _exclusive = host.exclusive().await;
-            host.ensure_tap(&msg.guest.tap, &bridge, mtu, msg.owner)
-                .await
-                .map_err(host_error(&name))?;
-            host::nft(rules::guest_elements(Change::Add, &msg.guest))
-                .await
-                .map_err(host_error(&name))?;
+            // The element names the tap and needs nothing of it: both at
+            // once (a failure of either fails the attach; detach undoes both).
+            let (tapped, allowed) = tokio::join!(
+                host.ensure_tap(&msg.guest.tap, &bridge, mtu, msg.owner),
+                host::nft(rules::guest_elements(Change::Add, &msg.guest)),
+            );
+            tapped.and(allowed).map_err(host_error(&name))?;
             let us = started.elapsed().as_micros() as u64;
             info!(network = %name, tap = %msg.guest.tap, address = %msg.guest.address, us, "VM attached");
             Ok(config)
