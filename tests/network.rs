@@ -455,6 +455,11 @@ fn bad_network_input_is_refused_naming_the_field_and_changes_nothing() {
     refused(&create("bad", "10.1.0.1/24"), &["subnet", "10.1.0.0/24"]);
     refused(&create("Bad_Name", "10.1.0.0/24"), &["name"]);
 
+    // Without --subnet: the first /24 free of the host and the others.
+    let auto = f.json(&["network", "create", "auto", "--json"]);
+    assert_eq!(auto["subnet"], "172.31.0.0/24", "{auto}");
+    f.ok(&["network", "rm", "auto"]);
+
     // An exhausted pool: a /30 holds one VM.
     f.ok(&["network", "create", "one", "--subnet", "10.66.0.0/30"]);
     let rootfs = f.rootfs.to_str().expect("utf-8");

@@ -478,23 +478,13 @@ async fn new_network(
     settings: &NetworkSettings,
 ) -> Result<NetworkRecord, NetworkError> {
     let routes = host.routes().await.map_err(host_error(&request.name))?;
-    let subnet = match request.subnet {
-        Some(subnet) => subnet,
-        None if request.name == DEFAULT_NETWORK => match settings.default_subnet {
-            Some(subnet) => subnet,
-            None => ipam::choose_default(&routes)?,
-        },
-        None => {
-            return Err(NetworkError::Subnet(SubnetError::Syntax {
-                text: "(none given: --subnet is required)".into(),
-            }));
-        }
+    let others = existing.iter().map(|(name, net)| (name.as_str(), *net));
+    let subnet = match (request.subnet, settings.default_subnet) {
+        (Some(subnet), _) => subnet,
+        (None, Some(subnet)) if request.name == DEFAULT_NETWORK => subnet,
+        (None, _) => ipam::choose(&routes, others.clone())?,
     };
-    ipam::clash(
-        subnet,
-        &routes,
-        existing.iter().map(|(name, net)| (name.as_str(), *net)),
-    )?;
+    ipam::clash(subnet, &routes, others)?;
     let id = crate::vm::new_vm_id()[2..].to_string();
     Ok(NetworkRecord {
         bridge: bridge_name(&request.name, &id),

@@ -260,9 +260,10 @@ enum NetworkCommand {
     /// address), leases for VMs, and NAT to the outside.
     Create {
         name: String,
-        /// An IPv4 network for its VMs, e.g. 10.10.0.0/24.
+        /// An IPv4 network for its VMs, e.g. 10.10.0.0/24 [default: the
+        /// first free /24 that clashes with nothing on the host].
         #[arg(long)]
-        subnet: String,
+        subnet: Option<String>,
         /// Guests reach only each other (and the gateway's DNS), not the outside.
         #[arg(long)]
         no_nat: bool,

@@ -96,13 +96,18 @@ pub fn clash<'a>(
     Ok(())
 }
 
-/// The default network's subnet: the first candidate that clashes with
-/// nothing, or the reason none fits.
-pub fn choose_default(routes: &[HostRoute]) -> Result<Ipv4Net, SubnetError> {
+/// A subnet for a network created without one: the first of the default
+/// candidates, then of 10.100.0.0/24 to 10.254.0.0/24, that clashes with
+/// nothing on the host and no other network; or the reason none fits.
+pub fn choose<'a>(
+    routes: &[HostRoute],
+    networks: impl IntoIterator<Item = (&'a str, Ipv4Net)> + Clone,
+) -> Result<Ipv4Net, SubnetError> {
+    let fixed = DEFAULT_CANDIDATES.iter().filter_map(|c| c.parse().ok());
+    let more = (100..=254u8).map(|n| Ipv4Net::new(Ipv4Addr::new(10, n, 0, 0), 24));
     let mut last = None;
-    for candidate in DEFAULT_CANDIDATES {
-        let subnet = parse_subnet(candidate)?;
-        match clash(subnet, routes, []) {
+    for subnet in fixed.chain(more.filter_map(Result::ok)) {
+        match clash(subnet, routes, networks.clone()) {
             Ok(()) => return Ok(subnet),
             Err(e) => last = Some(e),
         }
@@ -205,9 +210,9 @@ mod tests {
             device: "eth0".into(),
             address: true,
         };
-        assert_eq!(choose_default(&[]), Ok(net("172.30.0.0/24")));
+        assert_eq!(choose(&[], []), Ok(net("172.30.0.0/24")));
         assert_eq!(
-            choose_default(&[taken("172.16.0.0/12")]),
+            choose(&[taken("172.16.0.0/12")], []),
             Ok(net("10.222.0.0/24"))
         );
         let everything = [
@@ -215,7 +220,15 @@ mod tests {
             taken("10.0.0.0/8"),
             taken("192.168.0.0/16"),
         ];
-        assert!(choose_default(&everything).is_err());
+        assert!(choose(&everything, []).is_err());
+        let mut most = everything.to_vec();
+        most[1] = taken("10.0.0.0/9");
+        assert_eq!(choose(&most, []), Ok(net("10.222.0.0/24")));
+        // Other networks count as taken too.
+        assert_eq!(
+            choose(&[], [("default", net("172.30.0.0/24"))]),
+            Ok(net("172.31.0.0/24"))
+        );
     }
 
     #[test]

@@ -32,8 +32,10 @@ requests! {
 #[serde(deny_unknown_fields)]
 pub struct NetworkCreateParams {
     pub name: String,
-    /// An IPv4 network, e.g. `10.10.0.0/24`.
-    pub subnet: String,
+    /// An IPv4 network, e.g. `10.10.0.0/24`; when absent, the first free
+    /// /24 that clashes with nothing.
+    #[serde(default)]
+    pub subnet: Option<String>,
     #[serde(default)]
     pub no_nat: bool,
     /// Guests reach every service of the host, not only banger's.
@@ -47,7 +49,9 @@ pub struct NetworkCreateParams {
 impl Params for NetworkCreateParams {
     fn validate(&self) -> Result<(), RpcError> {
         validate_name("name", &self.name)?;
-        parse_subnet(&self.subnet).map_err(|e| RpcError::invalid_params("subnet", e))?;
+        if let Some(subnet) = &self.subnet {
+            parse_subnet(subnet).map_err(|e| RpcError::invalid_params("subnet", e))?;
+        }
         if let Some(dns) = &self.dns {
             dns.parse::<std::net::Ipv4Addr>()
                 .map_err(|_| RpcError::invalid_params("dns", "is not an IPv4 address"))?;
@@ -99,10 +103,12 @@ pub async fn handle(
         Request::Create(params) => {
             let name = params.name.clone();
             let create = CreateNetwork {
-                subnet: Some(
-                    parse_subnet(&params.subnet)
-                        .map_err(|e| RpcError::invalid_params("subnet", e))?,
-                ),
+                subnet: params
+                    .subnet
+                    .as_deref()
+                    .map(parse_subnet)
+                    .transpose()
+                    .map_err(|e| RpcError::invalid_params("subnet", e))?,
                 name: params.name,
                 nat: !params.no_nat,
                 host_access: params.host_access,
