@@ -725,3 +725,54 @@ fn a_foreign_forward_chain_that_drops_does_not_break_nat() {
     assert_eq!(chain.matches("comment \"banger\"").count(), 2, "{chain}");
     assert!(chain.contains("policy drop"), "{chain}");
 }
+
+#[test]
+fn a_daemon_killed_around_attach_or_detach_leaves_no_tap_behind() {
+    let test = "a_daemon_killed_around_attach_or_detach_leaves_no_tap_behind";
+    if !network_prerequisites(test) {
+        return;
+    }
+    let world = World::new("x");
+    let Some(mut f) = common::halt::Fixture::new(test) else {
+        return;
+    };
+    f.netns = Some(world.path());
+    f.start_daemon();
+    let vm = f.create("web", &[]);
+    let tap = format!("bt{}", vm["id"].as_str().expect("id"));
+    let address = vm["ip"].as_str().expect("ip").to_string();
+
+    // Killed with the tap made and no VMM yet: the next daemon keeps the
+    // tap its ledger names and launches again.
+    common::halt::kill_daemon_during(&mut f, "attached:1", |f| {
+        drop(f.run(&["vm", "start", "web"]));
+    });
+    f.wait_for("web", "running", |v| v["state"] == "running");
+    assert_eq!(world.links().matches(&tap).count(), 1, "{}", world.links());
+    let guests = world.nft(&["list", "set", "bridge", "banger", "guests"]);
+    assert!(guests.contains(&address), "{guests}");
+
+    // Killed with the stop recorded and the tap not yet removed: the next
+    // daemon removes it.
+    common::halt::kill_daemon_during(&mut f, "detach:1", |f| {
+        drop(f.run(&["vm", "stop", "web", "--timeout", "0.2"]));
+    });
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    while world.links().contains(&tap) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tap outlived its VM's stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(f.vm("web")["state"], "stopped");
+    let guests = world.nft(&["list", "set", "bridge", "banger", "guests"]);
+    assert!(!guests.contains(&address), "{guests}");
+    f.ok(&["vm", "rm", "web"]);
+    let network = f.json(&["network", "inspect", "default", "--json"]);
+    assert_eq!(
+        network["leases"].as_array().map(Vec::len),
+        Some(0),
+        "{network}"
+    );
+}

@@ -570,6 +570,7 @@ impl VmActor {
                 ),
                 _ => None,
             };
+            fault::boundary("attached");
             let spec = settings.launch_spec(&record, &kernel, network);
             let launch = |source| VmError::Launch {
                 name: record.name.clone(),
