@@ -326,7 +326,21 @@ fn a_daemon_killed_at_random_moments_of_a_qemu_start_leaves_one_vmm_or_none() {
             _ => assert!(live.is_empty(), "round {round} ({delay:?}): {live:?} {vm}"),
         }
         f.ok(&["vm", "kill", "guest"]);
-        assert!(qemus(&f).is_empty(), "round {round}: no qemu after a kill");
+        let left: Vec<String> = qemus(&f)
+            .into_iter()
+            .map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                format!(
+                    "{pid}: {stat} {}",
+                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                )
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "round {round}: no qemu after a kill, found {left:?}"
+        );
     }
     f.ok(&["vm", "rm", "guest"]);
 }
