@@ -1,11 +1,11 @@
-//! Network benchmarks, on the release build, the CLI and RPC, real
+//! Network benchmarks, on the release build and the CLI, real
 //! firecracker halt-kernel VMs on real ext4 disks, inside a network
 //! namespace of the daemon's own (nothing leaves it):
 //! - attach (the tap made and raised on the bridge, the VM's nftables
 //!   element) as the bridge fills: VMs created and started one after
 //!   another up to 500; each attach's time is the daemon's own log line;
-//! - 100 VMs created and started with networking against the same without
-//!   (`no_network`), rounds interleaved;
+//! - 100 VMs created and started (`banger vm create --start`) with
+//!   networking against the same `--no-network`, rounds interleaved;
 //! - reconciliation of 1,000 stray taps in banger's interface group and
 //!   1,000 stray nftables elements by `banger network reconcile`, against
 //!   the bare limit (`ip link delete group` of 1,000 taps: one request),
@@ -147,14 +147,26 @@ fn main() -> anyhow::Result<()> {
         json!({"name": "fill", "subnet": "10.200.0.0/16"}),
     ));
     let mut report = String::new();
-    let mut id = 10u64;
-    let mut create = |conn: &mut common::Conn, name: &str, network: Value| {
-        id += 1;
-        let mut params = json!({"name": name, "kernel": "halt", "rootfs": rootfs, "memory": 128, "vmm": "firecracker", "start": true});
-        if let (Some(params), Some(extra)) = (params.as_object_mut(), network.as_object()) {
-            params.extend(extra.clone());
-        }
-        ok(conn.call(id, "vm.create", params));
+    let rootfs = rootfs.to_str().expect("utf-8 path").to_string();
+    // Through the CLI, as users create VMs.
+    let create = |name: &str, network: &[&str]| {
+        let mut args = vec![
+            "vm",
+            "create",
+            name,
+            "--kernel",
+            "halt",
+            "--rootfs",
+            &rootfs,
+            "--memory",
+            "128",
+            "--vmm",
+            "firecracker",
+            "--start",
+        ];
+        args.extend(network);
+        let out = common::banger(&state, &args);
+        assert!(out.status.success(), "vm create {name}: {out:?}");
     };
 
     // 100 VMs with networking and without, interleaved rounds.
@@ -163,12 +175,12 @@ fn main() -> anyhow::Result<()> {
         for networked in [true, false] {
             let started = Instant::now();
             for i in 0..SCALE {
-                let network = if networked {
-                    json!({"network": "fill"})
+                let network: &[&str] = if networked {
+                    &["--network", "fill"]
                 } else {
-                    json!({"no_network": true})
+                    &["--no-network"]
                 };
-                create(&mut conn, &format!("r{round}{networked}{i}"), network);
+                create(&format!("r{round}{networked}{i}"), network);
             }
             let took = started.elapsed();
             if networked { &mut with } else { &mut without }.push(took);
@@ -180,7 +192,7 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = writeln!(
         report,
-        "{SCALE} halt-kernel firecracker VMs created and started, one after another over RPC:\n  with networking    {}\n  without networking {}",
+        "{SCALE} halt-kernel firecracker VMs created and started, one after another through the CLI:\n  with networking    {}\n  without networking {}",
         spread(&with),
         spread(&without)
     );
@@ -188,7 +200,7 @@ fn main() -> anyhow::Result<()> {
     // Attach as the bridge fills, from the daemon's own measure.
     let mut attach = Vec::new();
     for i in 0..FILL {
-        create(&mut conn, &format!("f{i:03}"), json!({"network": "fill"}));
+        create(&format!("f{i:03}"), &["--network", "fill"]);
         let line = daemon
             .wait_for_line("VM attached")
             .expect("the daemon logs each attach");

@@ -275,7 +275,7 @@ fn main() -> anyhow::Result<()> {
     let bare_median = median(&bare);
     writeln!(
         report,
-        "start, bare firecracker + API calls (same kernel, boot image, ext4 disk): {}",
+        "start, bare firecracker + API calls (same kernel, boot image, ext4 disk; no network on either side): {}",
         spread(&bare)
     )?;
     for (path, samples) in [

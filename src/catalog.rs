@@ -368,10 +368,6 @@ fn new_entry<T>(
     Ok((target, filled))
 }
 
-/// The largest vmlinux whose symbols an import reads (kernels are tens of
-/// MiB).
-const MAX_SYMBOL_SCAN: u64 = 512 << 20;
-
 /// Functions a kernel has only if what needs them is built in: with no
 /// initrd of its own it boots from banger's archive, which has no modules.
 const BUILT_IN_NEEDS: &[(&str, &str)] = &[
@@ -382,8 +378,9 @@ const BUILT_IN_NEEDS: &[(&str, &str)] = &[
 
 /// Why a kernel booting from banger's archive alone may not find its root
 /// disk: what its symbol table lacks, or that it has none; None when all
-/// is built in. Pure: `vmlinux` is the ELF's bytes.
-pub fn agent_only_note(vmlinux: &[u8]) -> Option<String> {
+/// is built in. `vmlinux` is the ELF, in memory or read as needed
+/// (`object::ReadCache`: only its headers and symbol table).
+pub fn agent_only_note<'a>(vmlinux: impl object::ReadRef<'a>) -> Option<String> {
     use object::{Object, ObjectSymbol};
     const BOOTS_ALONE: &str = "it boots with only banger's agent in its initramfs; import it with --initrd carrying its modules if they are modules";
     let mut found = [false; BUILT_IN_NEEDS.len()];
@@ -424,27 +421,22 @@ pub fn import_kernel(
     initrd: Option<&CallerFile>,
 ) -> Result<ImportedKernel, CatalogError> {
     check_elf(vmlinux)?;
-    let (target, (vmlinux_sha256, initrd_sha256, note)) = new_entry(
-        kernels_dir,
-        name,
-        |staging| {
+    let (target, (vmlinux_sha256, initrd_sha256, note)) =
+        new_entry(kernels_dir, name, |staging| {
             let copy = staging.join("vmlinux");
             let vmlinux_sha256 = copy_hashed(vmlinux, &copy)?;
             let initrd_sha256 = initrd
                 .map(|initrd| copy_hashed(initrd, &staging.join("initrd")))
                 .transpose()?;
-            // Read whole only when it is of a kernel's size.
             let note = match initrd {
                 Some(_) => None,
-                None if vmlinux.len > MAX_SYMBOL_SCAN => Some(format!(
-                    "banger cannot tell whether virtio block and ext4 are built into this kernel (its vmlinux is over {} MiB); it boots with only banger's agent in its initramfs",
-                    MAX_SYMBOL_SCAN >> 20
-                )),
-                None => agent_only_note(&fs::read(&copy).map_err(io_err("read", &copy))?),
+                None => {
+                    let file = fs::File::open(&copy).map_err(io_err("read", &copy))?;
+                    agent_only_note(&object::ReadCache::new(file))
+                }
             };
             Ok((vmlinux_sha256, initrd_sha256, note))
-        },
-    )?;
+        })?;
     let vmlinux = target.join("vmlinux");
     Ok(ImportedKernel {
         vmlinux,
@@ -526,11 +518,11 @@ mod tests {
 
     #[test]
     fn a_kernel_alone_is_noted_unless_its_symbols_show_the_drivers() {
-        let unknown = agent_only_note(b"\x7fELF stripped").expect("a note");
+        let unknown = agent_only_note(&b"\x7fELF stripped"[..]).expect("a note");
         assert!(unknown.contains("cannot tell"), "{unknown}");
         // This test binary has a symbol table, and no virtio drivers.
         let own = std::fs::read("/proc/self/exe").expect("own binary");
-        let missing = agent_only_note(&own).expect("a note");
+        let missing = agent_only_note(own.as_slice()).expect("a note");
         assert!(
             missing.contains("does not have virtio block (virtio_blk), ext4, virtio PCI"),
             "{missing}"

@@ -129,6 +129,15 @@ impl World {
         )
     }
 
+    /// Waits (with a deadline) for the link `name` to go.
+    fn wait_gone(&self, name: &str, why: &str) {
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while self.links().contains(name) {
+            assert!(std::time::Instant::now() < deadline, "{why}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     fn links(&self) -> String {
         String::from_utf8_lossy(&ip(&["-n", &self.daemon, "-d", "link"]).stdout).into_owned()
     }
@@ -601,14 +610,7 @@ fn a_jailed_firecracker_vm_gets_its_tap_and_mac_through_the_api() {
     // A VM that stops for good gives its tap back (after the stop is
     // recorded and answered).
     f.ok(&["vm", "stop", "jailed", "--timeout", "0.2"]);
-    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
-    while world.links().contains(&tap) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a stopped VM kept its tap"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    world.wait_gone(&tap, "a stopped VM kept its tap");
     f.ok(&["vm", "rm", "jailed"]);
 }
 
@@ -757,14 +759,7 @@ fn a_daemon_killed_around_attach_or_detach_leaves_no_tap_behind() {
     common::halt::kill_daemon_during(&mut f, "detach:1", |f| {
         drop(f.run(&["vm", "stop", "web", "--timeout", "0.2"]));
     });
-    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
-    while world.links().contains(&tap) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the tap outlived its VM's stop"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    world.wait_gone(&tap, "the tap outlived its VM's stop");
     assert_eq!(f.vm("web")["state"], "stopped");
     let guests = world.nft(&["list", "set", "bridge", "banger", "guests"]);
     assert!(!guests.contains(&address), "{guests}");

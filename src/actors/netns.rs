@@ -974,6 +974,7 @@ impl Handler<ReconcileNetworks> for NetworkManager {
                     .collect();
                 let is_bridge = |name: &str| name == crate::network::DEFAULT_BRIDGE || name.starts_with("bn");
                 let links = host.links().await.map_err(host_error(all))?;
+                let mut present: HashSet<String> = links.iter().map(|l| l.name.clone()).collect();
                 // Whatever a crash left in the sweep group goes too (a
                 // claimed tap among them is made again below).
                 let strays: Vec<_> = links
@@ -990,18 +991,12 @@ impl Handler<ReconcileNetworks> for NetworkManager {
                     Ok(()) => {
                         for link in &strays {
                             info!(link = %link.name, "removed a link no record claims");
+                            present.remove(&link.name);
                         }
                         report.removed_links = strays.into_iter().map(|l| l.name).collect();
                     }
                     Err(e) => note_failure(&mut report, "remove stray links".into(), &e),
                 }
-                let present: HashSet<String> = host
-                    .links()
-                    .await
-                    .map_err(host_error(all))?
-                    .into_iter()
-                    .map(|l| l.name)
-                    .collect();
                 for record in &records {
                     if !present.contains(&record.bridge) {
                         info!(network = %record.name, bridge = %record.bridge, "making a missing bridge");

@@ -91,6 +91,24 @@ fn is_errno(error: &rtnetlink::Error, errno: i32) -> bool {
         if message.code.is_some_and(|code| code.get() == -errno))
 }
 
+/// A request whose one harmless failure (`errno`: it exists already, it is
+/// gone already) counts as done.
+fn allowing(
+    errno: i32,
+    result: Result<(), rtnetlink::Error>,
+    action: &'static str,
+    name: &str,
+) -> Result<(), HostNetError> {
+    match result {
+        Err(e) if !is_errno(&e, errno) => Err(HostNetError::Netlink {
+            action,
+            name: name.to_string(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl HostNetwork {
     /// A netlink connection, driven on the current runtime. Every link
     /// banger makes joins `group`; strays are swept through `group + 1`.
@@ -204,16 +222,7 @@ impl HostNetwork {
                     )
                     .execute()
                     .await;
-                match created {
-                    Err(e) if !is_errno(&e, EEXIST) => {
-                        return Err(HostNetError::Netlink {
-                            action: "create the bridge",
-                            name: name.to_string(),
-                            source: e,
-                        });
-                    }
-                    _ => {}
-                }
+                allowing(EEXIST, created, "create the bridge", name)?;
                 self.own(name).await?.ok_or_else(|| HostNetError::Foreign {
                     name: name.to_string(),
                     group: self.group,
@@ -226,16 +235,7 @@ impl HostNetwork {
             .add(link.index, IpAddr::V4(gateway), prefix)
             .execute()
             .await;
-        match added {
-            Err(e) if !is_errno(&e, EEXIST) => {
-                return Err(HostNetError::Netlink {
-                    action: "address",
-                    name: name.to_string(),
-                    source: e,
-                });
-            }
-            _ => {}
-        }
+        allowing(EEXIST, added, "address", name)?;
         self.change(
             "raise",
             name,
@@ -311,15 +311,8 @@ impl HostNetwork {
     }
 
     async fn remove_index(&self, link: &Link) -> Result<(), HostNetError> {
-        let name = &link.name;
-        match self.handle.link().del(link.index).execute().await {
-            Err(e) if !is_errno(&e, libc::ENODEV) => Err(HostNetError::Netlink {
-                action: "remove",
-                name: name.to_string(),
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        let removed = self.handle.link().del(link.index).execute().await;
+        allowing(libc::ENODEV, removed, "remove", &link.name)
     }
 
     /// Removes these links of banger's group in one request: each moves

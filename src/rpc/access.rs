@@ -14,14 +14,13 @@ pub struct AccessPolicy {
 }
 
 impl AccessPolicy {
-    /// Decides for a peer; `groups` lists the peer's supplementary groups
-    /// and is only consulted when the answer depends on them.
-    pub fn admits(&self, uid: Uid, gid: Gid, groups: impl FnOnce() -> Vec<Gid>) -> bool {
+    /// Decides for a peer; `groups` are its supplementary groups.
+    pub fn admits(&self, uid: Uid, gid: Gid, groups: &[Gid]) -> bool {
         if uid.is_root() || uid == self.owner {
             return true;
         }
         match self.group {
-            Some(group) => gid == group || groups().contains(&group),
+            Some(group) => gid == group || groups.contains(&group),
             None => false,
         }
     }
@@ -81,7 +80,7 @@ mod tests {
 
     fn admits(policy: &AccessPolicy, uid: u32, gid: u32, groups: &[u32]) -> bool {
         let groups: Vec<Gid> = groups.iter().copied().map(Gid::from_raw).collect();
-        policy.admits(Uid::from_raw(uid), Gid::from_raw(gid), || groups)
+        policy.admits(Uid::from_raw(uid), Gid::from_raw(gid), &groups)
     }
 
     #[test]

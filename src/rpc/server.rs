@@ -246,7 +246,7 @@ async fn session(
         warn!(uid = peer.uid(), error = %e, "cannot read a client's groups; taking none");
         Vec::new()
     });
-    if !access.admits(uid, gid, || groups.clone()) {
+    if !access.admits(uid, gid, &groups) {
         warn!(uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), "refused a client that is not root, the owner or in the socket group");
         let message = format!(
             "uid {} may not use this daemon; ask an administrator to add you to the banger group",
