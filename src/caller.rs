@@ -102,7 +102,38 @@ impl Caller {
         path: &Path,
         cap: SizeCap,
     ) -> Result<CallerFile, CallerFileError> {
-        let (caller, named) = (self.clone(), path.to_path_buf());
+        let named = path.to_path_buf();
+        self.on_own_thread(path, move |caller, answer| {
+            let _ = answer.send(open_as(caller, &named, cap));
+        })
+        .await
+    }
+
+    /// Opens `path` as the caller: a regular file of at most `cap` bytes,
+    /// or a directory whose files are then opened beneath it, each as the
+    /// caller too (see [`CallerDir`]).
+    pub async fn open_file_or_dir(
+        &self,
+        path: &Path,
+        cap: SizeCap,
+    ) -> Result<CallerPath, CallerFileError> {
+        let named = path.to_path_buf();
+        self.on_own_thread(path, move |caller, answer| {
+            serve_path(caller, &named, cap, answer)
+        })
+        .await
+    }
+
+    /// Runs `open` on a thread of its own (which takes the caller's
+    /// credentials and ends with it) and waits for its first answer.
+    async fn on_own_thread<T: Send + 'static>(
+        &self,
+        path: &Path,
+        open: impl FnOnce(Caller, tokio::sync::oneshot::Sender<Result<T, CallerFileError>>)
+        + Send
+        + 'static,
+    ) -> Result<T, CallerFileError> {
+        let caller = self.clone();
         let (answer, answered) = tokio::sync::oneshot::channel();
         if WAITING_OPENS.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_OPENS {
             WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
@@ -113,9 +144,9 @@ impl Caller {
         let spawned = std::thread::Builder::new()
             .name("open-as-caller".into())
             .spawn(move || {
-                let opened = open_as(caller, &named, cap);
-                WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
-                let _ = answer.send(opened);
+                let waiting = Waiting;
+                open(caller, answer);
+                drop(waiting);
             });
         if let Err(source) = spawned {
             WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
@@ -139,15 +170,134 @@ impl Caller {
     }
 }
 
+/// A thread's place among the waiting opens, given back when it ends.
+struct Waiting;
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What [`Caller::open_file_or_dir`] opened.
+#[derive(Debug)]
+pub enum CallerPath {
+    File(CallerFile),
+    Dir(CallerDir),
+}
+
+/// A directory the caller may read, open on a thread that holds the
+/// caller's credentials for as long as this lives: every file opened in
+/// it is opened there, beneath the directory (`RESOLVE_BENEATH`: no `..`,
+/// absolute name or symlink leads out of it), so the kernel checks each as
+/// it would for the caller. Blocking; the thread ends when this is dropped.
+#[derive(Debug, Clone)]
+pub struct CallerDir {
+    pub path: PathBuf,
+    requests: crossbeam_channel::Sender<(String, crossbeam_channel::Sender<io::Result<File>>)>,
+}
+
+impl CallerDir {
+    /// Opens the regular file `name` inside the directory, as the caller.
+    pub fn open(&self, name: &str) -> io::Result<File> {
+        let (answer, answered) = crossbeam_channel::bounded(1);
+        self.requests
+            .send((name.to_string(), answer))
+            .map_err(|_| io::Error::other("the caller's opening thread has ended"))?;
+        match answered.recv_timeout(OPEN_TIMEOUT) {
+            Ok(opened) => opened,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "opening {name} in {} did not finish within {}s",
+                    self.path.display(),
+                    OPEN_TIMEOUT.as_secs()
+                ),
+            )),
+        }
+    }
+}
+
+/// The thread behind [`Caller::open_file_or_dir`]: the caller's
+/// credentials, the open, and for a directory the opens beneath it.
+fn serve_path(
+    caller: Caller,
+    path: &Path,
+    cap: SizeCap,
+    answer: tokio::sync::oneshot::Sender<Result<CallerPath, CallerFileError>>,
+) {
+    let opened = take_as(&caller, path).and_then(|()| {
+        let (file, metadata) = open_checked(&caller, AT_FDCWD, path, ResolveFlag::empty())?;
+        Ok((file, metadata))
+    });
+    let (file, metadata) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = answer.send(Err(e));
+            return;
+        }
+    };
+    if !metadata.is_dir() {
+        let _ = answer
+            .send(regular(file, &metadata, path, cap, caller.uid.as_raw()).map(CallerPath::File));
+        return;
+    }
+    let (requests, incoming) = crossbeam_channel::bounded(1);
+    let dir = CallerDir {
+        path: path.to_path_buf(),
+        requests,
+    };
+    if answer.send(Ok(CallerPath::Dir(dir))).is_err() {
+        return;
+    }
+    // The directory stays open here until every CallerDir is dropped.
+    for (name, reply) in incoming {
+        let opened = open_checked(
+            &caller,
+            std::os::fd::AsFd::as_fd(&file),
+            Path::new(&name),
+            ResolveFlag::RESOLVE_BENEATH,
+        )
+        .map_err(|e| io::Error::other(crate::error_chain(&e)))
+        .and_then(|(opened, metadata)| {
+            if metadata.is_file() {
+                fcntl(&opened, FcntlArg::F_SETFL(OFlag::empty()))?;
+                Ok(opened)
+            } else {
+                Err(io::Error::other(format!("{name} is not a regular file")))
+            }
+        });
+        let _ = reply.send(opened);
+    }
+}
+
 /// On the thread it ends with: the caller's credentials, then the open.
 fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, CallerFileError> {
+    take_as(&caller, path)?;
+    let (file, metadata) = open_checked(&caller, AT_FDCWD, path, ResolveFlag::empty())?;
+    regular(file, &metadata, path, cap, caller.uid.as_raw())
+}
+
+/// This thread takes the caller's credentials (when the daemon is root).
+fn take_as(caller: &Caller, path: &Path) -> Result<(), CallerFileError> {
     if nix::unistd::geteuid().is_root() {
-        take_credentials(&caller).map_err(|source| CallerFileError::Credentials {
+        take_credentials(caller).map_err(|source| CallerFileError::Credentials {
             path: path.to_path_buf(),
             uid: caller.uid.as_raw(),
             source,
         })?;
     }
+    Ok(())
+}
+
+/// Opens `path` (relative to `at`) without following magic links or
+/// blocking on a FIFO, refusing procfs and sysfs.
+fn open_checked<Fd: std::os::fd::AsFd>(
+    caller: &Caller,
+    at: Fd,
+    path: &Path,
+    resolve: ResolveFlag,
+) -> Result<(File, std::fs::Metadata), CallerFileError> {
     let open_err = |source| CallerFileError::Open {
         path: path.to_path_buf(),
         uid: caller.uid.as_raw(),
@@ -156,8 +306,8 @@ fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, Call
     // Non-blocking, so a FIFO neither hangs the open nor passes as a file.
     let how = OpenHow::new()
         .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let file = File::from(openat2(AT_FDCWD, path, how).map_err(|e| open_err(e.into()))?);
+        .resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS | resolve);
+    let file = File::from(openat2(at, path, how).map_err(|e| open_err(e.into()))?);
     let on = fstatfs(&file)
         .map_err(|e| open_err(e.into()))?
         .filesystem_type();
@@ -167,8 +317,18 @@ fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, Call
         });
     }
     let metadata = file.metadata().map_err(open_err)?;
-    let kind = metadata.file_type();
-    if !kind.is_file() {
+    Ok((file, metadata))
+}
+
+/// A regular file of at most `cap` bytes, made blocking again.
+fn regular(
+    file: File,
+    metadata: &std::fs::Metadata,
+    path: &Path,
+    cap: SizeCap,
+    uid: u32,
+) -> Result<CallerFile, CallerFileError> {
+    if !metadata.file_type().is_file() {
         return Err(CallerFileError::NotRegular {
             path: path.to_path_buf(),
         });
@@ -181,7 +341,11 @@ fn open_as(caller: Caller, path: &Path, cap: SizeCap) -> Result<CallerFile, Call
             setting: cap.setting,
         });
     }
-    fcntl(&file, FcntlArg::F_SETFL(OFlag::empty())).map_err(|e| open_err(e.into()))?;
+    fcntl(&file, FcntlArg::F_SETFL(OFlag::empty())).map_err(|e| CallerFileError::Open {
+        path: path.to_path_buf(),
+        uid,
+        source: e.into(),
+    })?;
     Ok(CallerFile {
         path: path.to_path_buf(),
         file,

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod fault;
 pub mod guest;
 pub mod host;
+pub mod image;
 pub mod kernel;
 pub mod network;
 pub mod operations;

@@ -1,0 +1,784 @@
+//! Layers into one tree, pure: entries come in as the layer reader parsed
+//! them from tar headers (data stays where the reader put it, named by a
+//! [`DataRef`]); a resolved tree comes out, which the ext4 writer writes
+//! without any file of the image ever being created on the host.
+//!
+//! Layers are given top-down (as a manifest lists them, reversed) and
+//! applied bottom-up on an in-memory tree, as an applier that extracts
+//! each layer onto the one below would, so the result is the tree a guest
+//! sees. The rules:
+//! - names are cleaned lexically (`a/../b` is `b`; a leading `/` is the
+//!   image's root); a `..` that climbs above the root is refused;
+//! - within one layer a later entry for a path replaces an earlier one, as
+//!   in tar; a directory over a directory keeps the children;
+//! - `.wh.NAME` hides NAME of lower layers only, `.wh..wh..opq` hides all
+//!   of a directory's lower content; a whiteout and an entry for the same
+//!   path in one layer are refused, as are whiteouts of the root;
+//! - a symlink among an entry's ancestors is resolved inside the tree, as
+//!   the guest kernel would under this root (`..` stops at the root, an
+//!   absolute target starts from it), never on the host;
+//! - a hardlink's target must be a non-directory the tree holds.
+
+use std::collections::{BTreeMap, VecDeque};
+
+/// Where the layer reader keeps an entry's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataRef {
+    /// The layer's spool, by its index in the list given to [`flatten`].
+    pub layer: usize,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits with setuid, setgid and sticky (0o7777).
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds and nanoseconds since the epoch.
+    pub mtime: (i64, u32),
+    /// Full names (`user.x`, `security.capability`) and values.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    File { size: u64, data: DataRef },
+    Dir,
+    Symlink(String),
+    Hardlink(String),
+    Char { major: u32, minor: u32 },
+    Block { major: u32, minor: u32 },
+    Fifo,
+}
+
+/// One tar entry, as the layer reader parsed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub path: String,
+    pub kind: EntryKind,
+    pub meta: Meta,
+}
+
+/// One layer's entries, in tar order.
+#[derive(Debug, Clone, Default)]
+pub struct Layer {
+    /// For messages: the layer's digest.
+    pub name: String,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("layer {layer}, entry {entry:?}: {reason}")]
+pub struct FlattenError {
+    pub layer: String,
+    pub entry: String,
+    pub reason: Refusal,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("its name climbs above the image's root")]
+    AboveRoot,
+    #[error("it would replace the root directory with a non-directory")]
+    ReplacesRoot,
+    #[error("it whites out the root")]
+    WhiteoutOfRoot,
+    #[error("it whites out a path this layer also has an entry for")]
+    WhiteoutAndEntry,
+    #[error("its parent {0:?} is not a directory")]
+    ParentNotDirectory(String),
+    #[error("resolving it meets more than {MAX_SYMLINK_HOPS} symlinks")]
+    SymlinkLoop,
+    #[error("its hardlink target {0:?} is not in the image")]
+    HardlinkTargetMissing(String),
+    #[error("its hardlink target {0:?} is a directory")]
+    HardlinkToDirectory(String),
+    #[error("a name component is longer than {MAX_NAME} bytes")]
+    NameTooLong,
+}
+
+/// As the kernel's limit on symlinks followed in one lookup.
+pub const MAX_SYMLINK_HOPS: u32 = 40;
+/// ext4's longest name.
+pub const MAX_NAME: usize = 255;
+
+pub type NodeId = usize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeKind {
+    Dir(BTreeMap<String, Child>),
+    File { size: u64, data: DataRef },
+    Symlink(String),
+    Char { major: u32, minor: u32 },
+    Block { major: u32, minor: u32 },
+    Fifo,
+}
+
+/// A directory's entry: the inode it names and the layer that named it
+/// last (what a whiteout or an opaque directory of a higher layer hides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Child {
+    pub node: NodeId,
+    layer: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub kind: NodeKind,
+    pub meta: Meta,
+}
+
+/// The flattened image: `nodes[ROOT]` is the root directory; a node named
+/// by several directory entries is one inode with hardlinks. Nodes no
+/// entry names any more stay in the arena, unreachable.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    pub nodes: Vec<Node>,
+}
+
+pub const ROOT: NodeId = 0;
+
+/// What the writer needs to size the image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Inodes reachable from the root.
+    pub inodes: u64,
+    pub files: u64,
+    pub file_bytes: u64,
+    pub dirs: u64,
+    /// Directory entries, with the bytes of their names.
+    pub dir_entries: u64,
+    pub name_bytes: u64,
+    /// Symlinks too long to live in their inode, and inodes with xattrs:
+    /// a block each.
+    pub extra_blocks: u64,
+}
+
+impl Tree {
+    pub fn children(&self, dir: NodeId) -> Option<&BTreeMap<String, Child>> {
+        match &self.nodes[dir].kind {
+            NodeKind::Dir(children) => Some(children),
+            _ => None,
+        }
+    }
+
+    /// Each reachable inode once.
+    pub fn census(&self) -> Census {
+        let mut census = Census::default();
+        let mut seen = vec![false; self.nodes.len()];
+        let mut stack = vec![ROOT];
+        seen[ROOT] = true;
+        while let Some(id) = stack.pop() {
+            let node = &self.nodes[id];
+            census.inodes += 1;
+            if !node.meta.xattrs.is_empty() {
+                census.extra_blocks += 1;
+            }
+            match &node.kind {
+                NodeKind::Dir(children) => {
+                    census.dirs += 1;
+                    for (name, child) in children {
+                        census.dir_entries += 1;
+                        census.name_bytes += name.len() as u64;
+                        if !seen[child.node] {
+                            seen[child.node] = true;
+                            stack.push(child.node);
+                        }
+                    }
+                }
+                NodeKind::File { size, .. } => {
+                    census.files += 1;
+                    census.file_bytes += size;
+                }
+                NodeKind::Symlink(target) if target.len() >= 60 => census.extra_blocks += 1,
+                _ => {}
+            }
+        }
+        census
+    }
+
+    /// The node at `path`, symlinks not followed (for tests and tools).
+    pub fn lookup(&self, path: &str) -> Option<NodeId> {
+        let mut at = ROOT;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            at = self.children(at)?.get(part)?.node;
+        }
+        Some(at)
+    }
+}
+
+/// Applies `top_down` (the top layer first) bottom-up.
+pub fn flatten(top_down: &[Layer]) -> Result<Tree, FlattenError> {
+    let mut tree = Tree {
+        nodes: vec![Node {
+            kind: NodeKind::Dir(BTreeMap::new()),
+            meta: Meta {
+                mode: 0o755,
+                ..Meta::default()
+            },
+        }],
+    };
+    // Layer numbers count up from the bottom, so "lower" is "smaller".
+    for (depth, layer) in top_down.iter().rev().enumerate() {
+        let level = depth + 1;
+        for entry in &layer.entries {
+            apply(&mut tree, level, entry).map_err(|reason| FlattenError {
+                layer: layer.name.clone(),
+                entry: entry.path.clone(),
+                reason,
+            })?;
+        }
+    }
+    Ok(tree)
+}
+
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// `path` cleaned lexically: empty and `.` parts dropped, `..` taking the
+/// one before it.
+fn clean(path: &str) -> Result<Vec<&str>, Refusal> {
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop().ok_or(Refusal::AboveRoot)?;
+            }
+            name if name.len() > MAX_NAME => return Err(Refusal::NameTooLong),
+            name => parts.push(name),
+        }
+    }
+    Ok(parts)
+}
+
+fn apply(tree: &mut Tree, level: usize, entry: &Entry) -> Result<(), Refusal> {
+    let parts = clean(&entry.path)?;
+    let Some((&name, parents)) = parts.split_last() else {
+        // The root itself: its metadata, if it stays a directory.
+        return match entry.kind {
+            EntryKind::Dir => {
+                tree.nodes[ROOT].meta = entry.meta.clone();
+                Ok(())
+            }
+            _ => Err(Refusal::ReplacesRoot),
+        };
+    };
+    if name == OPAQUE {
+        if let Some(dir) = resolve_dir(tree, parents, level, false)? {
+            prune_lower(tree, dir, level);
+        }
+        return Ok(());
+    }
+    if let Some(hidden) = name.strip_prefix(WHITEOUT) {
+        if matches!(hidden, "" | "." | "..") {
+            return Err(Refusal::WhiteoutOfRoot);
+        }
+        let Some(dir) = resolve_dir(tree, parents, level, false)? else {
+            return Ok(()); // Nothing there to hide.
+        };
+        let children = dir_children(tree, dir);
+        match children.get(hidden) {
+            Some(child) if child.layer == level => return Err(Refusal::WhiteoutAndEntry),
+            Some(_) => {
+                children.remove(hidden);
+            }
+            None => {}
+        }
+        return Ok(());
+    }
+    let dir = resolve_dir(tree, parents, level, true)?.ok_or(Refusal::AboveRoot)?;
+    let kind = match &entry.kind {
+        EntryKind::Hardlink(target) => {
+            let node = hardlink_target(tree, target, level)?;
+            set_child(tree, dir, name, Child { node, layer: level });
+            return Ok(());
+        }
+        EntryKind::Dir => {
+            let existing = tree.children(dir).and_then(|c| c.get(name)).map(|c| c.node);
+            if let Some(node) = existing
+                && matches!(tree.nodes[node].kind, NodeKind::Dir(_))
+            {
+                tree.nodes[node].meta = entry.meta.clone();
+                set_child(tree, dir, name, Child { node, layer: level });
+                return Ok(());
+            }
+            NodeKind::Dir(BTreeMap::new())
+        }
+        EntryKind::File { size, data } => NodeKind::File {
+            size: *size,
+            data: *data,
+        },
+        EntryKind::Symlink(target) => NodeKind::Symlink(target.clone()),
+        EntryKind::Char { major, minor } => NodeKind::Char {
+            major: *major,
+            minor: *minor,
+        },
+        EntryKind::Block { major, minor } => NodeKind::Block {
+            major: *major,
+            minor: *minor,
+        },
+        EntryKind::Fifo => NodeKind::Fifo,
+    };
+    let node = tree.nodes.len();
+    tree.nodes.push(Node {
+        kind,
+        meta: entry.meta.clone(),
+    });
+    set_child(tree, dir, name, Child { node, layer: level });
+    Ok(())
+}
+
+fn dir_children(tree: &mut Tree, dir: NodeId) -> &mut BTreeMap<String, Child> {
+    match &mut tree.nodes[dir].kind {
+        NodeKind::Dir(children) => children,
+        // resolve_dir answers directories only.
+        _ => unreachable!("resolve_dir answered a non-directory"),
+    }
+}
+
+fn set_child(tree: &mut Tree, dir: NodeId, name: &str, child: Child) {
+    dir_children(tree, dir).insert(name.to_string(), child);
+}
+
+/// Removes what lower layers put under `dir`, keeping this layer's
+/// entries (and the directories on the way to them).
+fn prune_lower(tree: &mut Tree, dir: NodeId, level: usize) {
+    let names: Vec<(String, Child)> = tree
+        .children(dir)
+        .map(|c| c.iter().map(|(n, c)| (n.clone(), *c)).collect())
+        .unwrap_or_default();
+    for (name, child) in names {
+        let is_dir = matches!(tree.nodes[child.node].kind, NodeKind::Dir(_));
+        if is_dir && child.node != dir {
+            prune_lower(tree, child.node, level);
+        }
+        let emptied = is_dir && tree.children(child.node).is_some_and(|c| c.is_empty());
+        if child.layer < level && (!is_dir || emptied) {
+            dir_children(tree, dir).remove(&name);
+        }
+    }
+}
+
+/// The directory `parts` names from the root, following symlinks inside
+/// the tree. With `create`, missing directories are made (as an applier
+/// makes an entry's parents); without, a missing one answers `None`.
+fn resolve_dir(
+    tree: &mut Tree,
+    parts: &[&str],
+    level: usize,
+    create: bool,
+) -> Result<Option<NodeId>, Refusal> {
+    let mut stack = vec![ROOT];
+    let mut todo: VecDeque<String> = parts.iter().map(|p| p.to_string()).collect();
+    let mut hops = 0;
+    let mut walked = String::new();
+    while let Some(part) = todo.pop_front() {
+        let at = *stack.last().unwrap_or(&ROOT);
+        match part.as_str() {
+            "" | "." => continue,
+            ".." => {
+                if stack.len() > 1 {
+                    stack.pop();
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if part.len() > MAX_NAME {
+            return Err(Refusal::NameTooLong);
+        }
+        walked.push('/');
+        walked.push_str(&part);
+        let found = tree.children(at).and_then(|c| c.get(&part)).copied();
+        let Some(child) = found else {
+            if !create {
+                return Ok(None);
+            }
+            let node = tree.nodes.len();
+            tree.nodes.push(Node {
+                kind: NodeKind::Dir(BTreeMap::new()),
+                meta: Meta {
+                    mode: 0o755,
+                    ..Meta::default()
+                },
+            });
+            set_child(tree, at, &part, Child { node, layer: level });
+            stack.push(node);
+            continue;
+        };
+        match &tree.nodes[child.node].kind {
+            NodeKind::Dir(_) => stack.push(child.node),
+            NodeKind::Symlink(target) => {
+                hops += 1;
+                if hops > MAX_SYMLINK_HOPS {
+                    return Err(Refusal::SymlinkLoop);
+                }
+                if target.starts_with('/') {
+                    stack.truncate(1);
+                }
+                for piece in target.split('/').rev() {
+                    todo.push_front(piece.to_string());
+                }
+            }
+            _ => return Err(Refusal::ParentNotDirectory(walked)),
+        }
+    }
+    Ok(stack.last().copied())
+}
+
+/// A hardlink's target: its parents resolved inside the tree, its last
+/// component not followed (a link to a symlink links the symlink).
+fn hardlink_target(tree: &mut Tree, target: &str, level: usize) -> Result<NodeId, Refusal> {
+    let missing = || Refusal::HardlinkTargetMissing(target.to_string());
+    let parts = clean(target)?;
+    let (&name, parents) = parts.split_last().ok_or_else(missing)?;
+    let dir = resolve_dir(tree, parents, level, false)?.ok_or_else(missing)?;
+    let node = tree
+        .children(dir)
+        .and_then(|c| c.get(name))
+        .ok_or_else(missing)?
+        .node;
+    match tree.nodes[node].kind {
+        NodeKind::Dir(_) => Err(Refusal::HardlinkToDirectory(target.to_string())),
+        _ => Ok(node),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(mode: u16) -> Meta {
+        Meta {
+            mode,
+            ..Meta::default()
+        }
+    }
+
+    fn file(path: &str, offset: u64) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::File {
+                size: 1,
+                data: DataRef { layer: 0, offset },
+            },
+            meta: meta(0o644),
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::Dir,
+            meta: meta(0o755),
+        }
+    }
+
+    fn symlink(path: &str, target: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::Symlink(target.into()),
+            meta: meta(0o777),
+        }
+    }
+
+    fn link(path: &str, target: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::Hardlink(target.into()),
+            meta: meta(0o644),
+        }
+    }
+
+    fn layer(entries: Vec<Entry>) -> Layer {
+        Layer {
+            name: "sha256:test".into(),
+            entries,
+        }
+    }
+
+    /// Layers given bottom-up, as tests read best.
+    fn bottom_up(layers: Vec<Vec<Entry>>) -> Result<Tree, FlattenError> {
+        let mut layers: Vec<Layer> = layers.into_iter().map(layer).collect();
+        layers.reverse();
+        flatten(&layers)
+    }
+
+    fn offset(tree: &Tree, path: &str) -> Option<u64> {
+        match tree.nodes[tree.lookup(path)?].kind {
+            NodeKind::File { data, .. } => Some(data.offset),
+            _ => None,
+        }
+    }
+
+    fn refusal(result: Result<Tree, FlattenError>) -> Refusal {
+        result.expect_err("refused").reason
+    }
+
+    #[test]
+    fn whiteouts_hide_lower_layers_and_later_entries_win() {
+        let tree = bottom_up(vec![
+            vec![dir("etc"), file("etc/motd", 1), file("etc/passwd", 2)],
+            vec![
+                file("etc/.wh.motd", 0),
+                file("etc/passwd", 3),
+                file("etc/passwd", 4),
+            ],
+        ])
+        .expect("flatten");
+        assert_eq!(tree.lookup("etc/motd"), None);
+        assert_eq!(offset(&tree, "etc/passwd"), Some(4));
+        assert!(tree.lookup("etc/.wh.motd").is_none());
+    }
+
+    #[test]
+    fn an_opaque_directory_hides_lower_content_but_keeps_its_own() {
+        let tree = bottom_up(vec![
+            vec![
+                dir("d"),
+                file("d/old", 1),
+                dir("d/sub"),
+                file("d/sub/deep", 2),
+            ],
+            vec![
+                file("d/new", 3),
+                file("d/.wh..wh..opq", 0),
+                file("d/sub/fresh", 4),
+            ],
+        ])
+        .expect("flatten");
+        assert_eq!(tree.lookup("d/old"), None);
+        assert_eq!(tree.lookup("d/sub/deep"), None);
+        assert_eq!(offset(&tree, "d/new"), Some(3));
+        assert_eq!(offset(&tree, "d/sub/fresh"), Some(4));
+    }
+
+    #[test]
+    fn a_file_replaced_by_a_directory_and_back() {
+        let tree = bottom_up(vec![
+            vec![file("x", 1)],
+            vec![dir("x"), file("x/inner", 2)],
+            vec![file("x", 3)],
+        ])
+        .expect("flatten");
+        assert_eq!(offset(&tree, "x"), Some(3));
+        let tree = bottom_up(vec![vec![file("x", 1)], vec![dir("x"), file("x/inner", 2)]])
+            .expect("flatten");
+        assert_eq!(offset(&tree, "x/inner"), Some(2));
+    }
+
+    #[test]
+    fn a_whiteout_and_an_entry_for_one_path_in_one_layer_are_refused() {
+        let refused = refusal(bottom_up(vec![vec![file("a", 1), file(".wh.a", 0)]]));
+        assert_eq!(refused, Refusal::WhiteoutAndEntry);
+    }
+
+    #[test]
+    fn hardlinks_share_an_inode_and_need_their_target() {
+        let tree = bottom_up(vec![vec![file("a", 1)], vec![link("b", "/a")]]).expect("flatten");
+        assert_eq!(tree.lookup("a"), tree.lookup("b"));
+        assert_eq!(tree.census().inodes, 2); // the root and the file
+        assert_eq!(
+            refusal(bottom_up(vec![vec![link("b", "nowhere")]])),
+            Refusal::HardlinkTargetMissing("nowhere".into())
+        );
+        assert_eq!(
+            refusal(bottom_up(vec![vec![dir("d"), link("b", "d")]])),
+            Refusal::HardlinkToDirectory("d".into())
+        );
+    }
+
+    #[test]
+    fn names_that_climb_above_the_root_are_refused_and_absolute_names_stay_inside() {
+        assert_eq!(
+            refusal(bottom_up(vec![vec![file("../escape", 1)]])),
+            Refusal::AboveRoot
+        );
+        assert_eq!(
+            refusal(bottom_up(vec![vec![file("a/../../escape", 1)]])),
+            Refusal::AboveRoot
+        );
+        let tree = bottom_up(vec![vec![file("/etc/passwd", 1), file("a/../b", 2)]]).expect("ok");
+        assert_eq!(offset(&tree, "etc/passwd"), Some(1));
+        assert_eq!(offset(&tree, "b"), Some(2));
+    }
+
+    #[test]
+    fn whiteouts_of_the_root_are_refused() {
+        for name in [".wh..", ".wh...", "etc/.wh..", "etc/.wh..."] {
+            assert_eq!(
+                refusal(bottom_up(vec![vec![dir("etc")], vec![file(name, 0)]])),
+                Refusal::WhiteoutOfRoot,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            refusal(bottom_up(vec![vec![file("/", 1)]])),
+            Refusal::ReplacesRoot
+        );
+    }
+
+    // containerd's breakout cases (archive/tar_test.go), each contained.
+
+    #[test]
+    fn symlink_absolute_and_up_and_out_resolve_inside_the_image() {
+        // SymlinkAbsolute: `localetc -> /etc`, then `localetc/emptied`.
+        let tree = bottom_up(vec![vec![
+            dir("etc"),
+            symlink("localetc", "/etc"),
+            file("localetc/emptied", 1),
+        ]])
+        .expect("flatten");
+        assert_eq!(offset(&tree, "etc/emptied"), Some(1));
+        // SymlinkUpAndOut: `localetc -> ../../../../../etc`.
+        let tree = bottom_up(vec![vec![
+            dir("etc"),
+            symlink("localetc", "../../../../../etc"),
+            file("localetc/emptied", 1),
+        ]])
+        .expect("flatten");
+        assert_eq!(offset(&tree, "etc/emptied"), Some(1));
+    }
+
+    #[test]
+    fn symlink_parent_directory_and_a_dead_symlink_make_the_target_inside() {
+        // SymlinkParentDirectory: `etc/localetc -> ../etc`.
+        let tree = bottom_up(vec![vec![
+            dir("etc"),
+            symlink("etc/localetc", "../etc"),
+            file("etc/localetc/x", 1),
+        ]])
+        .expect("flatten");
+        assert_eq!(offset(&tree, "etc/x"), Some(1));
+        let tree =
+            bottom_up(vec![vec![symlink("l", "/dne/deeper"), file("l/x", 2)]]).expect("flatten");
+        assert_eq!(offset(&tree, "dne/deeper/x"), Some(2));
+    }
+
+    #[test]
+    fn hardlinks_relative_absolute_and_through_symlinks_stay_inside() {
+        // HardlinkRelative / HardlinkAbsolute: targets name the image's root.
+        let tree = bottom_up(vec![vec![
+            dir("etc"),
+            file("/etc/passwd", 1),
+            link("localpasswd", "../../../../../etc/passwd"),
+        ]]);
+        assert_eq!(
+            refusal(tree),
+            Refusal::AboveRoot,
+            "a relative target that climbs is refused"
+        );
+        let tree = bottom_up(vec![vec![
+            dir("etc"),
+            file("/etc/passwd", 1),
+            link("localpasswd", "/etc/passwd"),
+        ]])
+        .expect("flatten");
+        assert_eq!(tree.lookup("localpasswd"), tree.lookup("etc/passwd"));
+        // HardlinkSymlinkChmod: a link to a symlink pointing outside links
+        // the symlink itself; nothing outside is named or changed.
+        let tree = bottom_up(vec![vec![
+            symlink("/tmp/also-exists-outside-root", "/tmp/perm400"),
+            link("/tmp/perm400-link", "/tmp/also-exists-outside-root"),
+        ]])
+        .expect("flatten");
+        let linked = tree.lookup("tmp/perm400-link").expect("link");
+        assert_eq!(
+            tree.nodes[linked].kind,
+            NodeKind::Symlink("/tmp/perm400".into())
+        );
+    }
+
+    #[test]
+    fn a_directory_over_a_symlink_replaces_the_symlink() {
+        // DirectoryOverrideSymlink: an explicit directory entry replaces
+        // the symlink; its children stay under it, not under the target.
+        let tree = bottom_up(vec![vec![
+            dir("etc"),
+            symlink("localetc", "/etc"),
+            dir("localetc"),
+            file("localetc/x", 1),
+        ]])
+        .expect("flatten");
+        assert_eq!(offset(&tree, "localetc/x"), Some(1));
+        assert_eq!(tree.lookup("etc/x"), None);
+    }
+
+    #[test]
+    fn whiteouts_through_symlinks_resolve_inside_the_image() {
+        let lower = || {
+            vec![
+                dir("etc"),
+                file("etc/passwd", 1),
+                file("etc/whitedout", 2),
+                symlink("localetc", "/etc"),
+                symlink("deadetc", "/dne"),
+            ]
+        };
+        // WhiteoutSymlinkPath
+        let tree =
+            bottom_up(vec![lower(), vec![file("localetc/.wh.whitedout", 0)]]).expect("flatten");
+        assert_eq!(tree.lookup("etc/whitedout"), None);
+        assert_eq!(offset(&tree, "etc/passwd"), Some(1));
+        // WhiteoutDeadSymlinkParent: nothing to hide.
+        let tree = bottom_up(vec![lower(), vec![file("deadetc/.wh.etc", 0)]]).expect("flatten");
+        assert_eq!(offset(&tree, "etc/passwd"), Some(1));
+        // WhiteoutRelativePath: `dne/../.wh.etc` is `.wh.etc`.
+        let tree = bottom_up(vec![lower(), vec![file("dne/../.wh.etc", 0)]]).expect("flatten");
+        assert_eq!(tree.lookup("etc"), None);
+        // WhiteoutSymlink hides the symlink, not its target.
+        let tree = bottom_up(vec![lower(), vec![file(".wh.localetc", 0)]]).expect("flatten");
+        assert_eq!(tree.lookup("localetc"), None);
+        assert_eq!(offset(&tree, "etc/passwd"), Some(1));
+    }
+
+    #[test]
+    fn umocis_symlink_named_dot_is_an_ordinary_name_inside() {
+        // A symlink entry named `.` is the root entry: refused, never
+        // followed; one named `a/.` is `a` itself.
+        assert_eq!(
+            refusal(bottom_up(vec![vec![symlink(".", "/etc")]])),
+            Refusal::ReplacesRoot
+        );
+        let tree = bottom_up(vec![
+            vec![dir("a"), symlink("a/.", "/")],
+            vec![file("a/x", 1)],
+        ])
+        .expect("flatten");
+        assert_eq!(offset(&tree, "x"), Some(1), "a is a symlink to / now");
+    }
+
+    #[test]
+    fn symlink_loops_and_files_as_parents_are_refused() {
+        assert_eq!(
+            refusal(bottom_up(vec![vec![
+                symlink("a", "b"),
+                symlink("b", "a"),
+                file("a/x", 1)
+            ]])),
+            Refusal::SymlinkLoop
+        );
+        assert_eq!(
+            refusal(bottom_up(vec![vec![file("f", 1), file("f/x", 2)]])),
+            Refusal::ParentNotDirectory("/f".into())
+        );
+    }
+
+    #[test]
+    fn the_census_counts_each_inode_once() {
+        let tree = bottom_up(vec![vec![
+            dir("d"),
+            file("d/a", 1),
+            link("d/b", "d/a"),
+            symlink("s", &"x".repeat(80)),
+        ]])
+        .expect("flatten");
+        let census = tree.census();
+        assert_eq!(census.inodes, 4);
+        assert_eq!(census.files, 1);
+        assert_eq!(census.dir_entries, 4);
+        assert_eq!(census.extra_blocks, 1);
+    }
+}

@@ -1,0 +1,143 @@
+//! Images: OCI image layouts and archives written straight into ext4.
+//!
+//! An import reads its source with the caller's authority
+//! ([`source`]), copies each layer blob into `<state-dir>/blobs/sha256/`
+//! (size-bounded, stored only once its digest matches), inflates each
+//! layer once into a spool while parsing its tar headers ([`layer`]),
+//! resolves the layers into one tree in memory ([`flatten`]), and writes
+//! that tree into `<state-dir>/images/<config-hex>.ext4` ([`ext4`]). No
+//! file of the image is ever created on the host, so no layer name can
+//! reach outside the image. One ext4 per image digest (the config's
+//! sha256): a second name for the same image shares it.
+
+pub mod ext4;
+pub mod flatten;
+pub mod import;
+pub mod layer;
+pub mod source;
+
+use std::path::PathBuf;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::store::Record;
+pub use source::Format;
+
+/// An image in the catalog (table `images`, v2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    /// `sha256:<hex>` of the image config: the image's identity.
+    pub digest: String,
+    #[serde(default)]
+    pub manifest_digest: Option<String>,
+    pub format: Format,
+    /// The image's ext4, shared read-only by every name of the digest.
+    pub disk: PathBuf,
+    /// Its apparent size.
+    pub disk_bytes: u64,
+    /// Bottom first.
+    pub layers: Vec<LayerRecord>,
+    pub config: RunConfig,
+    /// The image's own creation time, as its config states it.
+    #[serde(default)]
+    pub created: Option<String>,
+    pub imported_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// The stored blob's digest.
+    pub digest: String,
+    /// Its uncompressed digest, as the config lists it.
+    pub diff_id: String,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// What the image's config says to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunConfig {
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+impl Record for ImageRecord {
+    const TABLE: &'static str = "images";
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// images v1 -> v2: v1 was created empty and no release wrote a record
+/// into it, so any record found there is refused by name.
+pub fn images_v2_from_v1(_: serde_json::Value) -> Result<serde_json::Value, String> {
+    Err("images v1 held no records in any release; this one was not written by banger".into())
+}
+
+/// `<state-dir>/blobs/sha256/<hex>`.
+pub fn blob_path(blobs: &std::path::Path, digest: &str) -> Option<PathBuf> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| blobs.join("sha256").join(hex))
+}
+
+/// Image names: what users type, and what registries call images
+/// (`busybox`, `debian:bookworm`, `library/alpine:3.20`).
+pub fn validate_image_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b'.' | b'_' | b'-' | b':' | b'/')
+        })
+        && !name.starts_with("sha256:");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not an image name: 1 to 128 of a-z, 0-9, '.', '_', '-', ':', '/', starting with a letter or digit, not a digest"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names_are_what_registries_call_images() {
+        for good in ["busybox", "debian:bookworm", "library/alpine:3.20", "a"] {
+            assert!(validate_image_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Busybox", "-x", "a b", "sha256:abc", &"a".repeat(129)] {
+            assert!(validate_image_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn blob_paths_take_sha256_digests_only() {
+        let hex = "a".repeat(64);
+        let blobs = std::path::Path::new("/s/blobs");
+        assert_eq!(
+            blob_path(blobs, &format!("sha256:{hex}")),
+            Some(blobs.join("sha256").join(&hex))
+        );
+        assert_eq!(blob_path(blobs, "sha256:../../etc"), None);
+        assert_eq!(blob_path(blobs, &format!("sha512:{hex}")), None);
+    }
+}
