@@ -68,6 +68,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub kernel: KernelSection,
     #[serde(default)]
+    pub image: ImageSection,
+    #[serde(default)]
     pub vm: VmSection,
     #[serde(default)]
     pub rpc: RpcSection,
@@ -120,6 +122,69 @@ pub struct RpcSection {
     pub max_in_flight: Option<usize>,
     pub first_request_secs: Option<f64>,
     pub heartbeat_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSection {
+    pub max_entries: Option<u64>,
+    pub max_unpacked_mib: Option<u64>,
+    pub max_path_bytes: Option<usize>,
+    pub headroom_mib: Option<u64>,
+}
+
+/// `image.headroom_mib` when unset: room for a guest's first writes.
+pub const DEFAULT_IMAGE_HEADROOM_MIB: u64 = 128;
+
+/// The bounds of an image import and the free room in its ext4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageConfig {
+    pub limits: crate::image::layer::Limits,
+    pub headroom: u64,
+}
+
+fn image_config(section: &ImageSection) -> Result<ImageConfig, ConfigError> {
+    let defaults = crate::image::layer::Limits::DEFAULT;
+    let within = |key: &'static str, value: Option<u64>, default: u64, max: u64| match value {
+        None => Ok(default),
+        Some(v @ 1..) if v <= max => Ok(v),
+        Some(v) => Err(ConfigError::Invalid {
+            key,
+            reason: format!("{v} is outside 1 to {max}"),
+        }),
+    };
+    Ok(ImageConfig {
+        limits: crate::image::layer::Limits {
+            max_entries: within(
+                "image.max_entries",
+                section.max_entries,
+                defaults.max_entries,
+                100_000_000,
+            )?,
+            max_unpacked_bytes: within(
+                "image.max_unpacked_mib",
+                section.max_unpacked_mib,
+                defaults.max_unpacked_bytes >> 20,
+                1 << 24,
+            )? << 20,
+            max_path_bytes: within(
+                "image.max_path_bytes",
+                section.max_path_bytes.map(|b| b as u64),
+                defaults.max_path_bytes as u64,
+                65_536,
+            )? as usize,
+        },
+        headroom: match section.headroom_mib {
+            None => DEFAULT_IMAGE_HEADROOM_MIB << 20,
+            Some(mib @ 0..=1_048_576) => mib << 20,
+            Some(mib) => {
+                return Err(ConfigError::Invalid {
+                    key: "image.headroom_mib",
+                    reason: format!("{mib} is outside 0 to 1048576"),
+                });
+            }
+        },
+    })
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -213,6 +278,7 @@ pub struct Config {
     pub unpack_limit: UnpackLimit,
     /// The most a root disk a request names may hold, in bytes.
     pub max_rootfs_bytes: u64,
+    pub image: ImageConfig,
     /// How many clients and requests the socket takes at once.
     pub rpc_limits: RpcLimits,
     pub network: NetworkConfig,
@@ -368,6 +434,7 @@ pub fn resolve(
     };
     let rpc_limits = rpc_limits(&file.rpc)?;
     let network = network_config(&file.network)?;
+    let image = image_config(&file.image)?;
     require_absolute("state_dir", &state_dir)?;
     if let Some(agent) = &file.agent.binary {
         require_absolute("agent.binary", agent)?;
@@ -397,6 +464,7 @@ pub fn resolve(
         log_level,
         retention,
         network,
+        image,
         jailer: file
             .firecracker
             .jailer

@@ -27,6 +27,7 @@ use crate::host::LocalHost;
 use crate::rpc::access::AccessPolicy;
 use crate::rpc::daemon::{DaemonInfo, DaemonServices};
 use crate::rpc::dispatch::Services;
+use crate::rpc::image::ImageServices;
 use crate::rpc::kernel::KernelServices;
 use crate::rpc::network::NetworkServices;
 use crate::rpc::server::{RpcServer, StopAccepting};
@@ -196,7 +197,13 @@ impl SystemSupervisor {
             let (store, dir) = (store.clone(), kernels_dir.clone());
             let agent = config.agent.clone().unwrap_or_else(agent_beside_daemon);
             let limit = config.unpack_limit;
-            Supervisor::start(move |_| CatalogActor::new(store, dir, agent, limit))
+            let images = crate::image::import::Store {
+                blobs: config.state_dir.join("blobs"),
+                images: config.state_dir.join("images"),
+                limits: config.image.limits,
+                headroom: config.image.headroom,
+            };
+            Supervisor::start(move |_| CatalogActor::new(store, dir, agent, limit, images.clone()))
         };
         let kernels = catalog
             .send(LoadCatalog)
@@ -246,6 +253,13 @@ impl SystemSupervisor {
                 max_file: SizeCap {
                     bytes: config.unpack_limit.0,
                     setting: "kernel.max_unpacked_mib",
+                },
+            },
+            image: ImageServices {
+                catalog: catalog.clone(),
+                max_file: SizeCap {
+                    bytes: config.image.limits.max_unpacked_bytes,
+                    setting: "image.max_unpacked_mib",
                 },
             },
             operations: operations.clone(),

@@ -3,14 +3,15 @@
 //! record type and its migrations; the store only persists them.
 
 use crate::catalog::KernelRecord;
+use crate::image::{ImageRecord, images_v2_from_v1};
 use crate::operations::OperationRecord;
 use crate::store::Record;
 use crate::store::schema::{Migration, Schema, TableSpec};
 use crate::vm::record::{VmRecord, vms_v2_from_v1};
 
 impl Schema {
-    /// The daemon's tables. `images`, `networks`, `leases` and `host_keys`
-    /// are created now (empty, v1) for the domains that will fill them.
+    /// The daemon's tables. `leases` and `host_keys` are created now
+    /// (empty, v1) for the domains that will fill them.
     pub fn production() -> Schema {
         let v1 = |name| TableSpec { name, version: 1 };
         Schema {
@@ -19,21 +20,34 @@ impl Schema {
                     name: VmRecord::TABLE,
                     version: 2,
                 },
-                v1("images"),
+                TableSpec {
+                    name: ImageRecord::TABLE,
+                    version: 2,
+                },
                 v1(KernelRecord::TABLE),
                 v1("networks"),
                 v1("leases"),
                 v1(OperationRecord::TABLE),
                 v1("host_keys"),
             ],
-            migrations: vec![Migration {
-                id: "vms-2-phase",
-                table: VmRecord::TABLE,
-                renamed_from: None,
-                from: 1,
-                to: 2,
-                transform: vms_v2_from_v1,
-            }],
+            migrations: vec![
+                Migration {
+                    id: "vms-2-phase",
+                    table: VmRecord::TABLE,
+                    renamed_from: None,
+                    from: 1,
+                    to: 2,
+                    transform: vms_v2_from_v1,
+                },
+                Migration {
+                    id: "images-2-import",
+                    table: ImageRecord::TABLE,
+                    renamed_from: None,
+                    from: 1,
+                    to: 2,
+                    transform: images_v2_from_v1,
+                },
+            ],
         }
     }
 }

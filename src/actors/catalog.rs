@@ -1,4 +1,4 @@
-//! `CatalogActor`: the owner of the kernel catalog (images later). It is
+//! `CatalogActor`: the owner of the kernel and image catalogs. It is
 //! the one place that decides whether an entry may go: VMs hold a
 //! reservation on a kernel from the moment `vm create` chooses it until
 //! their record names it, and `kernel rm` is refused while any VM record or
@@ -10,6 +10,11 @@
 //! into a staging directory renamed into place; the record follows. At
 //! start-up, anything under `kernels/` that no record names (a staging
 //! directory, an entry whose record was never written) is removed.
+//!
+//! Image imports (`crate::image::import`) run one at a time (they share
+//! blobs) on a blocking thread; the record is stored after the ext4 is in
+//! place. At start-up, files under `images/` and `blobs/sha256/` that no
+//! image record claims (an import a killed daemon left) are removed.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -22,6 +27,9 @@ use tracing::{info, warn};
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
 use crate::caller::CallerFile;
 use crate::catalog::{self, Agent, CatalogError, KernelRecord};
+use crate::image::import::{self as image_import, ImportError};
+use crate::image::source::Source;
+use crate::image::{ImageRecord, blob_path};
 use crate::kernel::UnpackLimit;
 use crate::reconcile;
 use crate::store::{StoreError, Undecodable};
@@ -39,6 +47,20 @@ pub enum KernelError {
     Importing(String),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the {0} is not answering")]
+    Unavailable(&'static str),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("no image named {0}; `banger image ls` lists them and `banger image import` adds one")]
+    NotFound(String),
+    #[error("an image named {name} exists already ({digest}); import under another --name")]
+    Exists { name: String, digest: String },
+    #[error(transparent)]
+    Import(#[from] ImportError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the {0} is not answering")]
@@ -77,6 +99,10 @@ pub struct CatalogActor {
     /// Kernels whose boot image is built for `boot_agent`, as VMs boot
     /// them: a start reads nothing but this.
     bootable: HashMap<String, KernelRecord>,
+    /// Where images and blobs live, and the bounds of an import.
+    images: image_import::Store,
+    /// Held by the import under way: imports share blobs.
+    importing_image: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl CatalogActor {
@@ -85,6 +111,7 @@ impl CatalogActor {
         kernels_dir: PathBuf,
         agent: PathBuf,
         unpack_limit: UnpackLimit,
+        images: image_import::Store,
     ) -> CatalogActor {
         CatalogActor {
             store,
@@ -96,6 +123,8 @@ impl CatalogActor {
             quarantined: Vec::new(),
             boot_agent: None,
             bootable: HashMap::new(),
+            images,
+            importing_image: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 }
@@ -127,10 +156,15 @@ impl Handler<LoadCatalog> for CatalogActor {
 
     fn handle(&mut self, _: LoadCatalog, _: &mut Context<Self>) -> Self::Result {
         let (store, dir) = (self.store.clone(), self.kernels_dir.clone());
+        let images = self.images.clone();
         Box::pin(
             async move {
                 let listing = store
                     .send(List::<KernelRecord>::new())
+                    .await
+                    .map_err(store_gone)??;
+                let image_listing = store
+                    .send(List::<ImageRecord>::new())
                     .await
                     .map_err(store_gone)??;
                 let claimed: HashSet<PathBuf> = listing
@@ -140,8 +174,10 @@ impl Handler<LoadCatalog> for CatalogActor {
                     .chain(listing.undecodable.iter().map(|bad| bad.key.as_str()))
                     .map(|name| catalog::kernel_dir(&dir, name))
                     .collect();
+                let image_listing = image_listing;
                 tokio::task::spawn_blocking(move || {
-                    reconcile::sweep(&dir, &claimed, reconcile::remove_any)
+                    reconcile::sweep(&dir, &claimed, reconcile::remove_any);
+                    sweep_images(&images, &image_listing);
                 })
                 .await
                 .map_err(|_| KernelError::Unavailable("blocking thread pool"))?;
@@ -549,5 +585,148 @@ fn import_files(
                 created_at,
             })
         }
+    }
+}
+
+/// Files under `images/` and `blobs/sha256/` that no image record claims
+/// are an interrupted import's: removed. With a record that does not
+/// decode, nothing is (its claims are unknown).
+fn sweep_images(images: &image_import::Store, listing: &crate::store::Listing<ImageRecord>) {
+    if !listing.undecodable.is_empty() {
+        for bad in &listing.undecodable {
+            warn!(table = %bad.table, key = %bad.key, reason = %bad.reason, "an image record does not decode; images and blobs are not swept");
+        }
+        return;
+    }
+    let disks: HashSet<PathBuf> = listing.records.iter().map(|i| i.disk.clone()).collect();
+    reconcile::sweep(&images.images, &disks, reconcile::remove_any);
+    let blobs: HashSet<PathBuf> = listing
+        .records
+        .iter()
+        .flat_map(|i| {
+            i.layers
+                .iter()
+                .map(|l| l.digest.as_str())
+                .chain(std::iter::once(i.digest.as_str()))
+        })
+        .filter_map(|digest| blob_path(&images.blobs, digest))
+        .collect();
+    reconcile::sweep(&images.blobs.join("sha256"), &blobs, reconcile::remove_any);
+}
+
+/// Hears an image import's progress (phase, done, total), from its
+/// blocking thread.
+pub type ImageProgress = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+/// `image import`: one at a time; the record is stored once the ext4 is
+/// in place. A name that exists is refused unless it is the same image.
+pub struct ImportImage {
+    pub source: Source,
+    pub archive: bool,
+    pub name: Option<String>,
+    pub cancel: tokio_util::sync::CancellationToken,
+    pub progress: ImageProgress,
+}
+
+impl Message for ImportImage {
+    type Result = Result<ImageRecord, ImageError>;
+}
+
+impl Handler<ImportImage> for CatalogActor {
+    type Result = ResponseFuture<Result<ImageRecord, ImageError>>;
+
+    fn handle(&mut self, msg: ImportImage, _: &mut Context<Self>) -> Self::Result {
+        let (store, images, lock) = (
+            self.store.clone(),
+            self.images.clone(),
+            self.importing_image.clone(),
+        );
+        let gone = |_| ImageError::Unavailable("store");
+        Box::pin(async move {
+            let _one_at_a_time = lock.lock().await;
+            if let Some(name) = &msg.name
+                && let Some(existing) = store
+                    .send(Get::<ImageRecord>::new(name.clone()))
+                    .await
+                    .map_err(gone)??
+            {
+                return Err(ImageError::Exists {
+                    name: name.clone(),
+                    digest: existing.digest,
+                });
+            }
+            let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let watch = {
+                let (cancel, cancelled) = (msg.cancel.clone(), cancelled.clone());
+                tokio::spawn(async move {
+                    cancel.cancelled().await;
+                    cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+                })
+            };
+            let work_images = images.clone();
+            let (source, archive, name, progress) =
+                (msg.source, msg.archive, msg.name, msg.progress);
+            let imported = tokio::task::spawn_blocking(move || {
+                image_import::import(
+                    &work_images,
+                    image_import::Request {
+                        source,
+                        archive,
+                        name,
+                        cancelled: &cancelled,
+                        progress: &*progress,
+                    },
+                )
+            })
+            .await;
+            watch.abort();
+            let record =
+                imported.map_err(|_| ImageError::Unavailable("blocking thread pool"))??;
+            let listing = store
+                .send(List::<ImageRecord>::new())
+                .await
+                .map_err(gone)??;
+            if let Some(existing) = listing.records.iter().find(|i| i.name == record.name) {
+                if existing.digest == record.digest {
+                    return Ok(existing.clone());
+                }
+                if !listing.records.iter().any(|i| i.disk == record.disk) {
+                    let disk = record.disk.clone();
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(disk)).await;
+                }
+                return Err(ImageError::Exists {
+                    name: record.name,
+                    digest: existing.digest.clone(),
+                });
+            }
+            crate::fault::boundary("image-staged");
+            store.send(Put(record.clone())).await.map_err(gone)??;
+            info!(image = %record.name, digest = %record.digest, "image imported");
+            Ok(record)
+        })
+    }
+}
+
+/// Every image, by name.
+pub struct ListImages;
+
+impl Message for ListImages {
+    type Result = Result<Vec<ImageRecord>, ImageError>;
+}
+
+impl Handler<ListImages> for CatalogActor {
+    type Result = ResponseFuture<Result<Vec<ImageRecord>, ImageError>>;
+
+    fn handle(&mut self, _: ListImages, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        Box::pin(async move {
+            let mut images = store
+                .send(List::<ImageRecord>::new())
+                .await
+                .map_err(|_| ImageError::Unavailable("store"))??
+                .records;
+            images.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(images)
+        })
     }
 }

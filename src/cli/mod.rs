@@ -23,6 +23,7 @@ use crate::daemon::VERSION;
 use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::client::{Client, ClientError, Stream};
 use crate::rpc::daemon::{BackupResult, MethodsResult, StatusResult};
+use crate::rpc::image::{ImageResult, ImagesResult};
 use crate::rpc::kernel::{KernelResult, KernelsResult};
 use crate::rpc::network::{NetworkResult, NetworksResult, ReconcileResult, RemovedResult};
 use crate::rpc::ops::{OperationResult, OperationsResult};
@@ -62,6 +63,9 @@ enum Command {
     /// The kernel catalog.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// The image catalog: OCI images as ext4 root disks.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Networks: bridges, leases and NAT for VMs.
     #[command(subcommand)]
     Network(NetworkCommand),
@@ -211,6 +215,32 @@ enum VmCommand {
         /// Keep printing new output until interrupted.
         #[arg(long, short)]
         follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import an OCI image layout directory, an OCI archive or a
+    /// docker-archive tarball (`docker save`) as an ext4 image.
+    Import {
+        path: PathBuf,
+        /// [default: the image's own ref name or repo tag]
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every image in the catalog.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One image in detail, by name or digest: its config and layers.
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -497,6 +527,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }) => exec(client, &name, &env, workdir, wait, command)?,
         Command::Vm(command) => vm(&mut client, command, now)?,
         Command::Kernel(command) => kernel(&mut client, command, now)?,
+        Command::Image(command) => image(&mut client, command, now)?,
         Command::Network(command) => network(&mut client, command, now)?,
         Command::Completions { .. } => {}
     }
@@ -845,6 +876,61 @@ fn follow_logs(client: Client, name: &str, tail: Option<usize>) -> Result<(), Fa
             Some(_) => {}
         }
     }
+}
+
+fn image(client: &mut Client, command: ImageCommand, now: Timestamp) -> Result<(), Failure> {
+    match command {
+        ImageCommand::Import { path, name, json } => {
+            let params = json!({"path": absolute(&path)?, "name": name});
+            let mut stderr = std::io::stderr();
+            let mut shown = String::new();
+            let image = client.call_with_progress::<ImageResult>("image.import", params, |p| {
+                // One line per phase and tenth, not per notification.
+                let line = output::progress(&p.phase, p.current, p.total);
+                let tenth = match (p.current, p.total) {
+                    (Some(c), Some(t)) if t > 0 => c * 10 / t,
+                    _ => 0,
+                };
+                let key = format!("{} {tenth}", p.phase);
+                if key != shown {
+                    let _ = writeln!(stderr, "{line}");
+                    shown = key;
+                }
+            })?;
+            let image = image.result.image;
+            if json {
+                println!("{}", output::json(&image));
+            } else {
+                println!(
+                    "{} {} ({} layers, {})",
+                    image.name,
+                    output::short_digest(&image.digest),
+                    image.layers.len(),
+                    output::mib(image.disk_bytes)
+                );
+            }
+        }
+        ImageCommand::Ls { json } => {
+            let images = client.call::<ImagesResult>("image.list", json!({}))?;
+            if json {
+                println!("{}", output::json(&images.result.images));
+            } else {
+                print!("{}", output::images_table(&images.result.images, now));
+            }
+        }
+        ImageCommand::Inspect { name, json } => {
+            let image = client
+                .call::<ImageResult>("image.inspect", json!({"name": name}))?
+                .result
+                .image;
+            if json {
+                println!("{}", output::json(&image));
+            } else {
+                print!("{}", output::image_details(&image, now));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result<(), Failure> {

@@ -9,6 +9,7 @@ use tabwriter::TabWriter;
 
 use crate::actors::netns::NetworkView;
 use crate::catalog::KernelRecord;
+use crate::image::ImageRecord;
 use crate::operations::{OperationOutcome, OperationRecord};
 use crate::rpc::vm::VmView;
 use crate::vm::phase::{Intent, Phase};
@@ -339,6 +340,79 @@ pub fn network_details(n: &NetworkView, now: Timestamp) -> String {
         ]);
     }
     table(&rows)
+}
+
+/// `sha256:` and the first 12 hex digits.
+pub fn short_digest(digest: &str) -> String {
+    let hex = digest.trim_start_matches("sha256:");
+    format!("sha256:{}", &hex[..hex.len().min(12)])
+}
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+pub fn images_table(images: &[ImageRecord], now: Timestamp) -> String {
+    let mut rows = vec![
+        ["NAME", "DIGEST", "SIZE", "LAYERS", "CREATED", "IMPORTED"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for i in images {
+        rows.push(vec![
+            i.name.clone(),
+            short_digest(&i.digest),
+            mib(i.disk_bytes),
+            i.layers.len().to_string(),
+            i.created.clone().unwrap_or_else(|| "-".into()),
+            ago(i.imported_at, now),
+        ]);
+    }
+    table(&rows)
+}
+
+pub fn image_details(i: &ImageRecord, now: Timestamp) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            serde_json::to_string(v).unwrap_or_default()
+        }
+    };
+    let mut rows = vec![
+        ("name", i.name.clone()),
+        ("digest", i.digest.clone()),
+        (
+            "manifest",
+            i.manifest_digest.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("format", crate::wire_name(&i.format)),
+        (
+            "disk",
+            format!("{} ({})", i.disk.display(), mib(i.disk_bytes)),
+        ),
+        ("created", i.created.clone().unwrap_or_else(|| "-".into())),
+        ("imported", ago(i.imported_at, now)),
+        ("entrypoint", list(&i.config.entrypoint)),
+        ("cmd", list(&i.config.cmd)),
+        (
+            "workdir",
+            i.config.working_dir.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("user", i.config.user.clone().unwrap_or_else(|| "-".into())),
+    ];
+    for env in &i.config.env {
+        rows.push(("env", env.clone()));
+    }
+    for layer in &i.layers {
+        rows.push((
+            "layer",
+            format!("{} ({})", short_digest(&layer.digest), mib(layer.size)),
+        ));
+    }
+    rows.iter()
+        .map(|(key, value)| format!("{key}: {value}\n"))
+        .collect()
 }
 
 pub fn kernels_table(kernels: &[KernelRecord], now: Timestamp) -> String {

@@ -7,6 +7,7 @@ use actix::Addr;
 use serde_json::value::RawValue;
 
 use super::daemon::{self, DaemonServices};
+use super::image::{self, ImageServices};
 use super::kernel::{self, KernelServices};
 use super::network::{self, NetworkServices};
 use super::ops;
@@ -21,6 +22,7 @@ pub struct Services {
     pub daemon: DaemonServices,
     pub vm: VmServices,
     pub kernel: KernelServices,
+    pub image: ImageServices,
     pub network: NetworkServices,
     pub operations: Addr<OperationRegistry>,
 }
@@ -39,6 +41,7 @@ pub async fn handle(
         Request::Ops(request) => ops::handle(&wire, request).await,
         Request::Vm(request) => vm::handle(&services.vm, &wire, request).await,
         Request::Kernel(request) => kernel::handle(&services.kernel, &wire, request).await,
+        Request::Image(request) => image::handle(&services.image, &wire, request).await,
         Request::Network(request) => network::handle(&services.network, &wire, request).await,
     }
 }

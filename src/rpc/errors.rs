@@ -3,13 +3,14 @@
 use actix::MailboxError;
 
 use super::protocol::{ErrorCode, RpcError};
-use crate::actors::catalog::KernelError;
+use crate::actors::catalog::{ImageError, KernelError};
 use crate::actors::netns::NetworkError;
 use crate::actors::operation::OperationError;
 use crate::actors::vm::VmError;
 use crate::catalog::CatalogError;
 use crate::error_chain;
 use crate::guest::link::AgentError;
+use crate::image::import::ImportError;
 use crate::store::StoreError;
 use crate::store::backup::BackupError;
 use crate::vm::InvalidVm;
@@ -104,6 +105,36 @@ impl From<KernelError> for RpcError {
                 RpcError::new(code, error_chain(&e))
             }
         }
+    }
+}
+
+impl From<ImageError> for RpcError {
+    fn from(e: ImageError) -> RpcError {
+        let e = match e {
+            ImageError::Store(e) => return e.into(),
+            e => e,
+        };
+        let code = match &e {
+            ImageError::Store(_) => ErrorCode::Internal,
+            ImageError::NotFound(_) => ErrorCode::NotFound,
+            ImageError::Exists { .. } => ErrorCode::AlreadyExists,
+            ImageError::Unavailable(_) => ErrorCode::Unavailable,
+            ImageError::Import(ImportError::Cancelled)
+            | ImageError::Import(ImportError::Layer(crate::image::layer::LayerError::Cancelled))
+            | ImageError::Import(ImportError::Ext4(crate::image::ext4::Ext4Error::Cancelled)) => {
+                ErrorCode::Cancelled
+            }
+            ImageError::Import(ImportError::Name(_) | ImportError::Unnamed) => {
+                return RpcError::invalid_params("name", error_chain(&e));
+            }
+            ImageError::Import(ImportError::Io { .. }) => ErrorCode::Internal,
+            ImageError::Import(ImportError::NoSpace { .. }) => ErrorCode::Unavailable,
+            // What the image holds is the request's to answer for.
+            ImageError::Import(_) => {
+                return RpcError::invalid_params("path", error_chain(&e));
+            }
+        };
+        RpcError::new(code, error_chain(&e))
     }
 }
 

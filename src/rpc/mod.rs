@@ -11,6 +11,7 @@ pub mod client;
 pub mod daemon;
 pub mod dispatch;
 pub mod errors;
+pub mod image;
 pub mod kernel;
 pub mod network;
 pub mod ops;

@@ -1,12 +1,12 @@
 //! The daemon's requests: one closed enum per domain (`daemon`, `ops`,
-//! `vm`, `kernel`, `network`), routed by the method's prefix. Every listed method is
+//! `vm`, `kernel`, `image`, `network`), routed by the method's prefix. Every listed method is
 //! a variant of its domain's enum and back: both come from one
 //! `requests!` table per domain.
 
 use serde_json::Value;
 
 use super::protocol::{Envelope, MethodInfo, RpcError, parse_envelope, unknown_method};
-use super::{daemon, kernel, network, ops, vm};
+use super::{daemon, image, kernel, network, ops, vm};
 
 /// Every request the daemon serves, by domain.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +15,7 @@ pub enum Request {
     Ops(ops::Request),
     Vm(vm::Request),
     Kernel(kernel::Request),
+    Image(image::Request),
     Network(network::Request),
 }
 
@@ -30,6 +31,8 @@ impl Request {
             Ok(Request::Vm(vm::Request::parse(method, params)?))
         } else if method.starts_with("kernel.") {
             Ok(Request::Kernel(kernel::Request::parse(method, params)?))
+        } else if method.starts_with("image.") {
+            Ok(Request::Image(image::Request::parse(method, params)?))
         } else if method.starts_with("network.") {
             Ok(Request::Network(network::Request::parse(method, params)?))
         } else {
@@ -43,6 +46,7 @@ impl Request {
             Request::Ops(request) => request.method(),
             Request::Vm(request) => request.method(),
             Request::Kernel(request) => request.method(),
+            Request::Image(request) => request.method(),
             Request::Network(request) => request.method(),
         }
     }
@@ -60,6 +64,7 @@ pub fn methods() -> impl Iterator<Item = &'static MethodInfo> {
         .chain(ops::Request::METHODS)
         .chain(vm::Request::METHODS)
         .chain(kernel::Request::METHODS)
+        .chain(image::Request::METHODS)
         .chain(network::Request::METHODS)
 }
 
@@ -193,12 +198,14 @@ mod tests {
                 "vm.exec" => serde_json::json!({"name": "a", "argv": ["uname", "-r"]}),
                 "kernel.import_deb" => serde_json::json!({"name": "k", "path": "/k.deb"}),
                 "network.create" => serde_json::json!({"name": "lab", "subnet": "10.9.0.0/24"}),
-                "vm.list" | "kernel.list" | "network.list" | "network.reconcile" => {
+                "image.import" => serde_json::json!({"path": "/layout"}),
+                "vm.list" | "kernel.list" | "image.list" | "network.list" | "network.reconcile" => {
                     serde_json::json!({})
                 }
                 "vm.forget" => serde_json::json!({"id": "abcdefghij"}),
                 n if n.starts_with("vm.")
                     || n.starts_with("kernel.")
+                    || n.starts_with("image.")
                     || n.starts_with("network.") =>
                 {
                     serde_json::json!({"name": "a"})

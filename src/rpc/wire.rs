@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::protocol::{ErrorCode, Notification, Progress, RpcError, WithOpId};
 use crate::actors::operation::{Begin, OperationHandle, OperationRegistry};
-use crate::caller::{Caller, CallerFile, CallerFileError, SizeCap};
+use crate::caller::{Caller, CallerFile, CallerFileError, CallerPath, SizeCap};
 use crate::operations::{OperationOutcome, OperationRecord};
 
 /// One request's view of its connection: who sent it, where its lines
@@ -56,15 +56,22 @@ impl Wire<'_> {
             .caller
             .open_file(path, cap)
             .await
-            .map_err(|e| match e {
-                CallerFileError::TimedOut { .. } | CallerFileError::Busy { .. } => {
-                    RpcError::new(ErrorCode::Unavailable, crate::error_chain(&e))
-                }
-                CallerFileError::Credentials { .. } => {
-                    RpcError::new(ErrorCode::Internal, crate::error_chain(&e))
-                }
-                e => RpcError::invalid_params(field, crate::error_chain(&e)),
-            })
+            .map_err(|e| open_error(field, e))
+    }
+
+    /// Opens `path` as the caller: a regular file of at most `cap` bytes,
+    /// or a directory whose files are opened beneath it.
+    pub async fn open_file_or_dir(
+        &self,
+        field: &'static str,
+        path: &std::path::Path,
+        cap: SizeCap,
+    ) -> Result<CallerPath, RpcError> {
+        self.reply
+            .caller
+            .open_file_or_dir(path, cap)
+            .await
+            .map_err(|e| open_error(field, e))
     }
 
     /// The result, with the request's `op_id` beside its fields.
@@ -173,4 +180,17 @@ async fn finish<T>(op: OperationHandle, result: Result<T, RpcError>) -> Result<T
     };
     let finished = op.finish(outcome, error).await;
     result.and_then(|value| finished.map(|_| value).map_err(RpcError::from))
+}
+
+/// How a refused open reads on the wire.
+fn open_error(field: &'static str, e: CallerFileError) -> RpcError {
+    match e {
+        CallerFileError::TimedOut { .. } | CallerFileError::Busy { .. } => {
+            RpcError::new(ErrorCode::Unavailable, crate::error_chain(&e))
+        }
+        CallerFileError::Credentials { .. } => {
+            RpcError::new(ErrorCode::Internal, crate::error_chain(&e))
+        }
+        e => RpcError::invalid_params(field, crate::error_chain(&e)),
+    }
 }

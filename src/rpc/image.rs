@@ -1,0 +1,173 @@
+//! The `image.*` methods: import (an OCI layout directory, an OCI archive
+//! or a docker archive, opened with the caller's authority; with progress
+//! and cancel), list, inspect. They ask only the catalog.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::Addr;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::protocol::{ErrorCode, Params, RpcError, requests};
+use super::wire::Wire;
+use crate::actors::catalog::{CatalogActor, ImageProgress, ImportImage, ListImages};
+use crate::caller::{CallerPath, SizeCap};
+use crate::image::source::Source;
+use crate::image::{ImageRecord, validate_image_name};
+
+requests! {
+    /// Requests about the image catalog.
+    pub enum Request {
+        Import(ImageImportParams) => "image.import",
+            "Import an OCI image layout directory, OCI archive or docker archive into an ext4 image; with progress and cancel.";
+        List => "image.list", "Every image in the catalog.";
+        Inspect(ImageRef) => "image.inspect", "One image, by name or digest.";
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImportParams {
+    /// The layout directory or archive, an absolute path.
+    pub path: PathBuf,
+    /// Default: the name the image gives itself.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl Params for ImageImportParams {
+    fn validate(&self) -> Result<(), RpcError> {
+        if !self.path.is_absolute() {
+            return Err(RpcError::invalid_params("path", "must be an absolute path"));
+        }
+        if let Some(name) = &self.name {
+            validate_image_name(name).map_err(|e| RpcError::invalid_params("name", e))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    /// A name, a digest (`sha256:<hex>`) or a unique prefix of one.
+    pub name: String,
+}
+
+impl Params for ImageRef {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageResult {
+    pub image: ImageRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImagesResult {
+    pub images: Vec<ImageRecord>,
+}
+
+/// What the image handlers reach.
+pub struct ImageServices {
+    pub catalog: Addr<CatalogActor>,
+    /// The most an archive a request names may hold.
+    pub max_file: SizeCap,
+}
+
+pub async fn handle(
+    services: &ImageServices,
+    wire: &Wire<'_>,
+    request: Request,
+) -> Result<Box<RawValue>, RpcError> {
+    let catalog = &services.catalog;
+    match request {
+        Request::Import(params) => {
+            let opened = wire
+                .open_file_or_dir("path", &params.path, services.max_file)
+                .await?;
+            let target = params
+                .name
+                .clone()
+                .unwrap_or_else(|| params.path.display().to_string());
+            let (source, archive) = match opened {
+                CallerPath::Dir(dir) => (
+                    Source::Dir(Box::new(move |name: &str| dir.open(name))),
+                    false,
+                ),
+                // Indexing reads headers only, on a blocking thread.
+                CallerPath::File(file) => {
+                    let indexed = tokio::task::spawn_blocking(move || Source::archive(file.file))
+                        .await
+                        .map_err(|_| RpcError::new(ErrorCode::Unavailable, "blocking pool gone"))?
+                        .map_err(|e| RpcError::invalid_params("path", crate::error_chain(&e)))?;
+                    (indexed, true)
+                }
+            };
+            let image = wire
+                .with_progress(
+                    "image.import",
+                    &target,
+                    true,
+                    true,
+                    |report, cancel| async move {
+                        let report = std::sync::Mutex::new(report);
+                        let progress: ImageProgress = Arc::new(move |phase, done, total| {
+                            if let Ok(report) = report.lock() {
+                                report(phase, Some(done), Some(total));
+                            }
+                        });
+                        let import = ImportImage {
+                            source,
+                            archive,
+                            name: params.name,
+                            cancel,
+                            progress,
+                        };
+                        Ok(catalog.send(import).await??)
+                    },
+                )
+                .await?;
+            wire.answer(ImageResult { image })
+        }
+        Request::List => {
+            let images = catalog.send(ListImages).await??;
+            wire.answer(ImagesResult { images })
+        }
+        Request::Inspect(ImageRef { name }) => {
+            let images = catalog.send(ListImages).await??;
+            let image = find(images, &name)?;
+            wire.answer(ImageResult { image })
+        }
+    }
+}
+
+/// By name, else by digest or a unique digest prefix (with or without
+/// `sha256:`).
+fn find(images: Vec<ImageRecord>, wanted: &str) -> Result<ImageRecord, RpcError> {
+    if let Some(found) = images.iter().find(|i| i.name == wanted) {
+        return Ok(found.clone());
+    }
+    let hex = wanted.strip_prefix("sha256:").unwrap_or(wanted);
+    let mut matching: Vec<&ImageRecord> = if hex.len() >= 4 {
+        images
+            .iter()
+            .filter(|i| i.digest.trim_start_matches("sha256:").starts_with(hex))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    matching.dedup_by(|a, b| a.digest == b.digest);
+    match matching[..] {
+        [one] => Ok(one.clone()),
+        [] => Err(RpcError::new(
+            ErrorCode::NotFound,
+            format!(
+                "no image named {wanted}; `banger image ls` lists them and `banger image import` adds one"
+            ),
+        )),
+        _ => Err(RpcError::invalid_params(
+            "name",
+            format!("{wanted} is the prefix of more than one image's digest"),
+        )),
+    }
+}
