@@ -10,6 +10,7 @@ banger_programs=(
     "qemu-system-x86_64 qemu-system-x86" # QEMU backend; tests/vm_qemu.rs, benches/guest.rs, run.sh
     "mke2fs             e2fsprogs"       # root disks: busybox-rootfs.sh, tests, benches
     "debugfs            e2fsprogs"       # tests, guest bench: the previous release's agent on its disk
+    "e2fsck             e2fsprogs"       # image tests: every written ext4 is checked
     "depmod             kmod"            # tests/initramfs.rs: a user's initrd with its modules.dep
     "busybox            busybox-static"  # busybox-rootfs.sh: the demo and test root disk
     "cpio               cpio"            # tests/kernel_deb.rs: the initramfs as cpio reads it
@@ -32,6 +33,11 @@ banger_programs=(
     "groupdel           passwd"          # tests/access.rs
     "sh                 dash"            # tests: `command -v`
     "git                git"             # previous-agent.sh: the protocol-1 agent from history
+    "debootstrap        debootstrap"     # benches/image.rs: the Debian root filesystem layer
+    "gzip               gzip"            # benches/image.rs: the inflate limit
+    "du                 coreutils"       # benches/image.rs: sizes of the fixtures
+    "umoci              umoci"           # image tests and bench: layouts built and the oracle unpack
+    "skopeo             skopeo"          # image tests: OCI layout to docker-archive and OCI archive
 )
 banger_missing=()
 banger_lookup() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null; }

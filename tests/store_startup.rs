@@ -109,6 +109,52 @@ fn an_older_store_is_backed_up_migrated_and_keeps_its_data() {
     );
 }
 
+#[test]
+fn a_store_of_the_landed_format_migrates_its_images_table_to_v2() {
+    let tmp = state_dir();
+    let dir = tmp.path();
+    // The landed release: images v1 (empty), and no images migration.
+    let mut landed = Schema::production();
+    for table in &mut landed.tables {
+        if table.name == "images" {
+            table.version = 1;
+        }
+    }
+    landed.migrations.retain(|m| m.table != "images");
+    {
+        let opened = store::open(dir, landed).expect("create the landed store");
+        for i in 0..3 {
+            opened.store.put(&vm_record(i)).expect("put");
+        }
+    }
+    assert_eq!(
+        probe(dir),
+        (
+            1,
+            "migrations needed: pending [images-2-import]".to_string()
+        )
+    );
+    let daemon = Daemon::start(dir);
+    assert!(daemon.stop().success());
+    assert_eq!(probe(dir), (0, "compatible".to_string()));
+    let observed = observe_file(&db_path(dir)).expect("observe");
+    assert_eq!(observed.tables.get("images"), Some(&2));
+    let opened = store::open(dir, Schema::production()).expect("reopen");
+    assert!(opened.applied.is_empty());
+    assert_eq!(
+        opened.store.list::<VmRecord>().expect("vms").records.len(),
+        3
+    );
+    assert!(
+        opened
+            .store
+            .list::<banger::image::ImageRecord>()
+            .expect("images")
+            .records
+            .is_empty()
+    );
+}
+
 /// Writes a store as a newer banger would, then checks that neither the
 /// daemon nor the probe touches it and both exit 2 with `expect` in their words.
 fn assert_refused(future: Schema, expect: &str) {

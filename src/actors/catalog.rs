@@ -174,7 +174,6 @@ impl Handler<LoadCatalog> for CatalogActor {
                     .chain(listing.undecodable.iter().map(|bad| bad.key.as_str()))
                     .map(|name| catalog::kernel_dir(&dir, name))
                     .collect();
-                let image_listing = image_listing;
                 tokio::task::spawn_blocking(move || {
                     reconcile::sweep(&dir, &claimed, reconcile::remove_any);
                     sweep_images(&images, &image_listing);

@@ -418,11 +418,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Daemon(DaemonCommand::Status { json }) => {
             let status = client.call::<StatusResult>("daemon.status", json!({}))?;
-            if json {
-                println!("{}", output::json(&status));
-            } else {
-                print!("{}", status_view(&status.result));
-            }
+            show(json, &status, |s| status_view(&s.result));
         }
         Command::Daemon(DaemonCommand::Backup {
             path,
@@ -472,20 +468,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ops(OpsCommand::Ls { all, json }) => {
             let ops =
                 client.call::<OperationsResult>("daemon.operations.list", json!({"all": all}))?;
-            if json {
-                println!("{}", output::json(&ops.result.operations));
-            } else {
-                print!("{}", output::operations_table(&ops.result.operations, now));
-            }
+            show(json, &ops.result.operations, |v| {
+                output::operations_table(v, now)
+            });
         }
         Command::Ops(OpsCommand::Show { op_id, json }) => {
             let op =
                 client.call::<OperationResult>("daemon.operations.get", json!({"op_id": op_id}))?;
-            if json {
-                println!("{}", output::json(&op.result.operation));
-            } else {
-                print!("{}", output::operation_details(&op.result.operation, now));
-            }
+            show(json, &op.result.operation, |v| {
+                output::operation_details(v, now)
+            });
         }
         Command::Ops(OpsCommand::Cancel { op_id }) => {
             client.call::<OperationResult>("daemon.operations.cancel", json!({"op_id": op_id}))?;
@@ -612,11 +604,7 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
         }
         VmCommand::Inspect { name, json } => {
             let vm = client.call::<VmResult>("vm.get", json!({"name": name}))?;
-            if json {
-                println!("{}", output::json(&vm.result.vm));
-            } else {
-                print!("{}", output::vm_details(&vm.result.vm, now));
-            }
+            show(json, &vm.result.vm, |v| output::vm_details(v, now));
         }
         // Taken by `run`: it needs the connection to itself.
         VmCommand::Exec { .. } => {}
@@ -878,6 +866,15 @@ fn follow_logs(client: Client, name: &str, tail: Option<usize>) -> Result<(), Fa
     }
 }
 
+/// Prints `value` as JSON with `--json`, else as `human` renders it.
+fn show<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) {
+    if json {
+        println!("{}", output::json(value));
+    } else {
+        print!("{}", human(value));
+    }
+}
+
 fn image(client: &mut Client, command: ImageCommand, now: Timestamp) -> Result<(), Failure> {
     match command {
         ImageCommand::Import { path, name, json } => {
@@ -912,22 +909,16 @@ fn image(client: &mut Client, command: ImageCommand, now: Timestamp) -> Result<(
         }
         ImageCommand::Ls { json } => {
             let images = client.call::<ImagesResult>("image.list", json!({}))?;
-            if json {
-                println!("{}", output::json(&images.result.images));
-            } else {
-                print!("{}", output::images_table(&images.result.images, now));
-            }
+            show(json, &images.result.images, |v| {
+                output::images_table(v, now)
+            });
         }
         ImageCommand::Inspect { name, json } => {
             let image = client
                 .call::<ImageResult>("image.inspect", json!({"name": name}))?
                 .result
                 .image;
-            if json {
-                println!("{}", output::json(&image));
-            } else {
-                print!("{}", output::image_details(&image, now));
-            }
+            show(json, &image, |v| output::image_details(v, now));
         }
     }
     Ok(())
@@ -973,11 +964,9 @@ fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result
         }
         KernelCommand::Ls { json } => {
             let kernels = client.call::<KernelsResult>("kernel.list", json!({}))?;
-            if json {
-                println!("{}", output::json(&kernels.result.kernels));
-            } else {
-                print!("{}", output::kernels_table(&kernels.result.kernels, now));
-            }
+            show(json, &kernels.result.kernels, |v| {
+                output::kernels_table(v, now)
+            });
         }
         KernelCommand::Inspect { name, json } => {
             let kernels = client.call::<KernelsResult>("kernel.list", json!({}))?;
@@ -986,11 +975,7 @@ fn kernel(client: &mut Client, command: KernelCommand, now: Timestamp) -> Result
                     "no kernel named {name}; `banger kernel ls` lists them"
                 )));
             };
-            if json {
-                println!("{}", output::json(&kernel));
-            } else {
-                print!("{}", output::kernel_details(&kernel, now));
-            }
+            show(json, &kernel, |v| output::kernel_details(v, now));
         }
         KernelCommand::Rm { name } => {
             client.call::<KernelResult>("kernel.remove", json!({"name": name}))?;
@@ -1032,22 +1017,16 @@ fn network(client: &mut Client, command: NetworkCommand, now: Timestamp) -> Resu
         }
         NetworkCommand::Ls { json } => {
             let networks = client.call::<NetworksResult>("network.list", json!({}))?;
-            if json {
-                println!("{}", output::json(&networks.result.networks));
-            } else {
-                print!("{}", output::networks_table(&networks.result.networks, now));
-            }
+            show(json, &networks.result.networks, |v| {
+                output::networks_table(v, now)
+            });
         }
         NetworkCommand::Inspect { name, json } => {
             let network = client
                 .call::<NetworkResult>("network.get", json!({"name": name}))?
                 .result
                 .network;
-            if json {
-                println!("{}", output::json(&network));
-            } else {
-                print!("{}", output::network_details(&network, now));
-            }
+            show(json, &network, |v| output::network_details(v, now));
         }
         NetworkCommand::Rm { name } => {
             client.call::<RemovedResult>("network.remove", json!({"name": name}))?;

@@ -8,13 +8,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use mkext4::{FsBuilder, InodeCount, InodeHandle, Meta, Options, SpecialKind};
 
+use super::Section;
 use super::flatten::{self, Census, NodeId, NodeKind, Tree};
 
 const BLOCK: u64 = 4096;
@@ -35,6 +35,8 @@ pub enum Ext4Error {
     Fill { path: String, reason: String },
     #[error("the import was cancelled")]
     Cancelled,
+    #[error("the ext4 writer thread panicked (a bug in banger)")]
+    WriterPanicked,
 }
 
 /// An image's size and inode count for `census`, with `headroom` bytes
@@ -131,11 +133,7 @@ pub fn write(
             path: name.clone(),
             reason: format!("no spool for layer {}", data.layer),
         })?;
-        let mut from = Spooled {
-            file: spool,
-            offset: data.offset,
-            left: size,
-        };
+        let mut from = Section::new(spool, data.offset, size);
         writer
             .fill(*handle, &mut from)
             .map_err(|e| Ext4Error::Fill {
@@ -255,33 +253,6 @@ fn set_xattrs(
         builder.set_xattr(handle, name, value)?;
     }
     Ok(())
-}
-
-/// One file's bytes in a spool, read with positioned reads (the spool is
-/// shared by every file of its layer).
-struct Spooled<'a> {
-    file: &'a File,
-    offset: u64,
-    left: u64,
-}
-
-impl Read for Spooled<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = buf.len().min(self.left as usize);
-        if want == 0 {
-            return Ok(0);
-        }
-        let n = self.file.read_at(&mut buf[..want], self.offset)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the spool ended early",
-            ));
-        }
-        self.offset += n as u64;
-        self.left -= n as u64;
-        Ok(n)
-    }
 }
 
 #[cfg(test)]

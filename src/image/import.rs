@@ -113,6 +113,7 @@ pub fn import(store: &Store, request: Request<'_>) -> Result<ImageRecord, Import
     };
     let mut made = Made::default();
     let blobs = store_blobs(store, &request, &resolved, &mut made)?;
+    crate::fault::boundary("image-blobs-stored");
     let hex = resolved.config_digest.trim_start_matches("sha256:");
     let disk = store.images.join(format!("{hex}.ext4"));
     let layers = blobs
@@ -345,7 +346,7 @@ fn build_disk(
             (request.progress)("writing ext4", files, census.files);
             std::thread::park_timeout(Duration::from_millis(200));
         }
-        work.join().unwrap_or_else(|_| Err(Ext4Error::Cancelled))
+        work.join().unwrap_or(Err(Ext4Error::WriterPanicked))
     });
     wrote?;
     if request.cancelled.load(Ordering::Relaxed) {

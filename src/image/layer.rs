@@ -201,7 +201,6 @@ pub fn read_layer(
         };
         entries.push(Entry { path, kind, meta });
     }
-    drop(archive);
     // Whatever follows the archive's end belongs to its digest too.
     io::copy(&mut hashed, &mut io::sink()).map_err(read_err)?;
     let spool = spool

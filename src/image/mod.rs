@@ -115,6 +115,45 @@ pub fn validate_image_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A range of a file read with positioned reads, so one descriptor serves
+/// many readers (an archive's members, a spool's files).
+pub struct Section<'a> {
+    file: &'a std::fs::File,
+    offset: u64,
+    left: u64,
+}
+
+impl<'a> Section<'a> {
+    pub fn new(file: &'a std::fs::File, offset: u64, len: u64) -> Section<'a> {
+        Section {
+            file,
+            offset,
+            left: len,
+        }
+    }
+}
+
+impl std::io::Read for Section<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = std::os::unix::fs::FileExt::read_at(self.file, &mut buf[..want], self.offset)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file ended inside the range",
+            ));
+        }
+        self.offset += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

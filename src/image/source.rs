@@ -12,11 +12,12 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 
 use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, Os};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use super::Section;
 
 /// The most an index, manifest, config or docker `manifest.json` may hold.
 pub const MAX_METADATA: u64 = 4 << 20;
@@ -144,14 +145,7 @@ impl Source {
                 let &(offset, len) = members
                     .get(name)
                     .ok_or_else(|| SourceError::Missing(name.to_string()))?;
-                Ok((
-                    Box::new(Member {
-                        file,
-                        offset,
-                        left: len,
-                    }),
-                    len,
-                ))
+                Ok((Box::new(Section::new(file, offset, len)), len))
             }
         }
     }
@@ -196,32 +190,6 @@ impl Source {
             });
         }
         Ok((digest, bytes))
-    }
-}
-
-/// What an archive member's bytes are, read in place.
-struct Member<'a> {
-    file: &'a File,
-    offset: u64,
-    left: u64,
-}
-
-impl Read for Member<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = buf.len().min(self.left as usize);
-        if want == 0 {
-            return Ok(0);
-        }
-        let n = self.file.read_at(&mut buf[..want], self.offset)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the archive ended inside a member",
-            ));
-        }
-        self.offset += n as u64;
-        self.left -= n as u64;
-        Ok(n)
     }
 }
 

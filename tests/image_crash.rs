@@ -1,0 +1,128 @@
+//! A daemon killed in the middle of `image import` (after the blobs are
+//! stored; after the ext4 is in place but before its record) leaves
+//! nothing behind once it starts again, and the same import then
+//! succeeds. The layout is built with umoci, as users build them.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().expect(program);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A one-layer OCI layout (`LAYOUT:crash`) with a few hundred files.
+fn layout(dir: &Path) -> std::path::PathBuf {
+    let layout = dir.join("layout");
+    let bundle = dir.join("bundle");
+    let image = format!("{}:crash", layout.display());
+    run("umoci", &["init", "--layout", &layout.to_string_lossy()]);
+    run("umoci", &["new", "--image", &image]);
+    run(
+        "umoci",
+        &["unpack", "--image", &image, &bundle.to_string_lossy()],
+    );
+    let etc = bundle.join("rootfs/etc");
+    std::fs::create_dir_all(&etc).expect("etc");
+    for i in 0..300 {
+        std::fs::write(etc.join(format!("file-{i}")), format!("{i}\n")).expect("file");
+    }
+    run(
+        "umoci",
+        &["repack", "--image", &image, &bundle.to_string_lossy()],
+    );
+    layout
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn spawn(state: &Path, env: &[(&str, &str)]) -> Daemon {
+    let config = state.join("bangerd.toml");
+    std::fs::write(&config, "[network]\nenabled = false\n").expect("config");
+    Daemon::ready(Daemon::spawn_with_env(
+        state,
+        &["--config", &config.to_string_lossy()],
+        env,
+    ))
+}
+
+#[test]
+fn a_daemon_killed_during_an_import_leaves_nothing_and_the_import_then_succeeds() {
+    if !tools_installed("a_daemon_killed_during_an_import", &["umoci", "e2fsck"]) {
+        return;
+    }
+    let work = state_dir();
+    let layout = layout(work.path());
+    for boundary in ["image-blobs-stored:1", "image-staged:1"] {
+        let tmp = state_dir();
+        let state = tmp.path();
+        let mut daemon = spawn(state, &[("BANGER_FAULT_KILL", boundary)]);
+        let out = banger(state, &["image", "import", &layout.to_string_lossy()]);
+        assert!(
+            !out.status.success(),
+            "{boundary}: the import outlived its daemon"
+        );
+        assert!(
+            daemon
+                .wait_for_line("fault injection: killing the daemon")
+                .is_some(),
+            "{boundary} was never reached"
+        );
+        daemon.wait_exit();
+        let left = entries(&state.join("blobs/sha256"));
+        assert!(
+            !left.is_empty() || boundary.starts_with("image-staged"),
+            "{boundary}: {left:?}"
+        );
+
+        let daemon = spawn(state, &[]);
+        assert_eq!(
+            entries(&state.join("images")),
+            Vec::<String>::new(),
+            "{boundary}"
+        );
+        assert_eq!(
+            entries(&state.join("blobs/sha256")),
+            Vec::<String>::new(),
+            "{boundary}"
+        );
+        let out = banger(
+            state,
+            &["image", "import", &layout.to_string_lossy(), "--json"],
+        );
+        assert!(
+            out.status.success(),
+            "{boundary}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let image: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(image["name"], "crash");
+        let disk = image["disk"].as_str().expect("disk");
+        let fsck = Command::new("e2fsck")
+            .args(["-fn", disk])
+            .output()
+            .expect("e2fsck");
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        assert_eq!(entries(&state.join("images")).len(), 1);
+        assert!(daemon.stop().success());
+    }
+}
