@@ -68,6 +68,9 @@ pub struct Vm {
     pub removed: bool,
     /// An [`Effect::Detach`] is under way.
     pub detaching: bool,
+    /// Why the create failed: its client hears it once the undo is done,
+    /// so a failed create never shows a half-made VM.
+    pub create_failure: Option<String>,
 }
 
 impl Vm {
@@ -79,6 +82,7 @@ impl Vm {
             spawning: false,
             removed: false,
             detaching: false,
+            create_failure: None,
         }
     }
 }
@@ -348,13 +352,27 @@ impl Transition<'_> {
                 if let Phase::Removing { .. } = phase
                     && !has_process
                 {
+                    let create_failure = self.vm.create_failure.take();
                     match result {
                         Ok(()) => {
                             self.vm.removed = true;
                             self.effects.push(Effect::Delete);
                             self.reply_all(Until::Removed, Outcome::Done);
+                            if let Some(failure) = create_failure {
+                                self.reply_all(Until::Created, Outcome::Failed(failure));
+                            }
                         }
-                        Err(error) => self.reply_all(Until::Removed, Outcome::Failed(error)),
+                        Err(error) => {
+                            if let Some(failure) = create_failure {
+                                self.reply_all(
+                                    Until::Created,
+                                    Outcome::Failed(format!(
+                                        "{failure}; undoing the create failed too: {error}"
+                                    )),
+                                );
+                            }
+                            self.reply_all(Until::Removed, Outcome::Failed(error));
+                        }
                     }
                 }
                 Ok(())
@@ -380,8 +398,8 @@ impl Transition<'_> {
                 self.reply_all(Until::Created, Outcome::Done);
             }
             Event::Provisioned(Err(error)) => {
+                self.vm.create_failure = Some(error);
                 self.undo_create();
-                self.reply_all(Until::Created, Outcome::Failed(error));
             }
             Event::Recovered(_) => {
                 self.vm.waiters.clear();

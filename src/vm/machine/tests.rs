@@ -838,3 +838,29 @@ fn a_crash_keeps_the_tap_for_its_restart_and_a_stop_gives_it_back() {
     let spawn = effects.iter().position(|e| *e == Effect::Spawn);
     assert!(persist < spawn, "{effects:?}");
 }
+
+#[test]
+fn a_failed_create_answers_once_its_undo_is_done() {
+    let creating = vm(Phase::Creating, None, false);
+    let source = PathBuf::from("/images/base.ext4");
+    let (waiting, _) =
+        step(&creating, Event::Create { request: 1, source }, at(0)).expect("create");
+    let (undoing, effects) = step(
+        &waiting,
+        Event::Provisioned(Err("no address".into())),
+        at(1),
+    )
+    .expect("fail");
+    assert_eq!(effects, [Effect::Persist, Effect::RemoveFiles]);
+    let (_, effects) = step(&undoing, Event::FilesRemoved(Ok(())), at(2)).expect("undone");
+    assert_eq!(
+        effects,
+        [
+            Effect::Delete,
+            Effect::Reply {
+                request: 1,
+                outcome: Outcome::Failed("no address".into()),
+            }
+        ]
+    );
+}
