@@ -37,6 +37,8 @@ banger_programs=(
     "gzip               gzip"            # benches/image.rs: the inflate limit
     "du                 coreutils"       # benches/image.rs: sizes of the fixtures
     "umoci              umoci"           # image tests and bench: layouts built and the oracle unpack
+    "mount              mount"           # tests/image_import.rs: the image's ext4, read-only
+    "umount             mount"           # tests/image_import.rs
     "skopeo             skopeo"          # image tests: OCI layout to docker-archive and OCI archive
 )
 banger_missing=()

@@ -328,6 +328,27 @@ fn a_member_names_only_files_it_may_read_and_backups_stay_in_the_daemon_director
         &secret,
     );
     refused(&["kernel", "import-deb", "k3", &s(&secret)], &secret);
+    // An image layout in root's directory, and the member's own layout
+    // whose index is a link to /etc/shadow.
+    let root_layout = private.join("layout");
+    std::fs::create_dir(&root_layout).expect("mkdir");
+    refused(&["image", "import", &s(&root_layout)], &root_layout);
+    let own_layout = own.join("layout");
+    std::fs::create_dir(&own_layout).expect("mkdir");
+    std::fs::write(
+        own_layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("oci-layout");
+    std::os::unix::fs::symlink("/etc/shadow", own_layout.join("index.json")).expect("symlink");
+    for path in [&own_layout, &own_layout.join("oci-layout")] {
+        ids(path);
+    }
+    let stderr = refused(
+        &["image", "import", &s(&own_layout)],
+        Path::new("index.json"),
+    );
+    assert!(stderr.contains(&format!("as uid {uid}")), "{stderr}");
     let outside = PathBuf::from(format!("/etc/banger-test-{tag}"));
     refused(&["daemon", "backup", &s(&outside)], &outside);
     assert!(
@@ -341,6 +362,8 @@ fn a_member_names_only_files_it_may_read_and_backups_stay_in_the_daemon_director
         "[]",
         "no VM was created"
     );
+    let images = banger(&state, &["image", "ls", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&images.stdout).trim(), "[]");
     let kernels = banger(&state, &["kernel", "ls", "--json"]);
     let kernels: serde_json::Value = serde_json::from_slice(&kernels.stdout).expect("json");
     assert_eq!(

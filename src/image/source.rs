@@ -152,7 +152,10 @@ impl Source {
 
     fn exists(&self, name: &str) -> bool {
         match self {
-            Source::Dir(_) => self.open(name).is_ok(),
+            // Only an absent file is absent: one that cannot be opened
+            // (a link out of the layout, no permission) is reported by
+            // the read that follows, with its reason.
+            Source::Dir(dir) => !matches!(dir(name), Err(e) if e.kind() == io::ErrorKind::NotFound),
             Source::Archive { members, .. } => members.contains_key(name),
         }
     }
