@@ -6,27 +6,17 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().expect(program);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A one-layer OCI layout (`LAYOUT:crash`) with a few hundred files.
 fn layout(dir: &Path) -> std::path::PathBuf {
     let layout = dir.join("layout");
     let bundle = dir.join("bundle");
     let image = format!("{}:crash", layout.display());
-    run("umoci", &["init", "--layout", &layout.to_string_lossy()]);
-    run("umoci", &["new", "--image", &image]);
-    run(
+    run_ok("umoci", &["init", "--layout", &layout.to_string_lossy()]);
+    run_ok("umoci", &["new", "--image", &image]);
+    run_ok(
         "umoci",
         &["unpack", "--image", &image, &bundle.to_string_lossy()],
     );
@@ -35,30 +25,11 @@ fn layout(dir: &Path) -> std::path::PathBuf {
     for i in 0..300 {
         std::fs::write(etc.join(format!("file-{i}")), format!("{i}\n")).expect("file");
     }
-    run(
+    run_ok(
         "umoci",
         &["repack", "--image", &image, &bundle.to_string_lossy()],
     );
     layout
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn spawn(state: &Path, env: &[(&str, &str)]) -> Daemon {
-    let config = state.join("bangerd.toml");
-    std::fs::write(&config, "[network]\nenabled = false\n").expect("config");
-    Daemon::ready(Daemon::spawn_with_env(
-        state,
-        &["--config", &config.to_string_lossy()],
-        env,
-    ))
 }
 
 #[test]
@@ -71,7 +42,7 @@ fn a_daemon_killed_during_an_import_leaves_nothing_and_the_import_then_succeeds(
     for boundary in ["image-blobs-stored:1", "image-staged:1"] {
         let tmp = state_dir();
         let state = tmp.path();
-        let mut daemon = spawn(state, &[("BANGER_FAULT_KILL", boundary)]);
+        let mut daemon = image_daemon(state, "", &[("BANGER_FAULT_KILL", boundary)]);
         let out = banger(state, &["image", "import", &layout.to_string_lossy()]);
         assert!(
             !out.status.success(),
@@ -90,7 +61,7 @@ fn a_daemon_killed_during_an_import_leaves_nothing_and_the_import_then_succeeds(
             "{boundary}: {left:?}"
         );
 
-        let daemon = spawn(state, &[]);
+        let daemon = image_daemon(state, "", &[]);
         assert_eq!(
             entries(&state.join("images")),
             Vec::<String>::new(),
@@ -113,15 +84,7 @@ fn a_daemon_killed_during_an_import_leaves_nothing_and_the_import_then_succeeds(
         let image: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(image["name"], "crash");
         let disk = image["disk"].as_str().expect("disk");
-        let fsck = Command::new("e2fsck")
-            .args(["-fn", disk])
-            .output()
-            .expect("e2fsck");
-        assert!(
-            fsck.status.success(),
-            "{}",
-            String::from_utf8_lossy(&fsck.stdout)
-        );
+        assert_fsck_clean(Path::new(disk), boundary);
         assert_eq!(entries(&state.join("images")).len(), 1);
         assert!(daemon.stop().success());
     }

@@ -18,17 +18,6 @@ use common::*;
 
 const TOOLS: &[&str] = &["umoci", "skopeo", "e2fsck", "debugfs", "mount", "umount"];
 
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().expect(program);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 // ---- layers, written entry by entry ----
 
 struct Spec<'a> {
@@ -223,19 +212,6 @@ fn layout(dir: &Path, name: &str, layers: &[Vec<u8>], compression: Compression) 
 
 // ---- the daemon ----
 
-fn daemon(state: &Path, image: &str) -> Daemon {
-    let config = state.join("bangerd.toml");
-    std::fs::write(
-        &config,
-        format!("[network]\nenabled = false\n[image]\n{image}"),
-    )
-    .expect("config");
-    Daemon::ready(Daemon::spawn_with(
-        state,
-        &["--config", &config.to_string_lossy()],
-    ))
-}
-
 /// Imports `source` as `name`: the image's ext4, checked by e2fsck.
 fn import(state: &Path, source: &Path, name: &str) -> PathBuf {
     let out = banger(
@@ -256,16 +232,7 @@ fn import(state: &Path, source: &Path, name: &str) -> PathBuf {
     );
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let disk = PathBuf::from(record["disk"].as_str().expect("disk"));
-    let fsck = Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(&disk)
-        .output()
-        .expect("e2fsck");
-    assert!(
-        fsck.status.success(),
-        "e2fsck -fn {name}: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert_fsck_clean(&disk, name);
     disk
 }
 
@@ -377,7 +344,7 @@ struct Mounted(tempfile::TempDir);
 impl Mounted {
     fn new(disk: &Path) -> Mounted {
         let dir = tempfile::tempdir().expect("mount point");
-        run(
+        run_ok(
             "mount",
             &[
                 "-o",
@@ -406,7 +373,7 @@ fn umoci_tree(layout: &Path, work: &Path) -> Snapshot {
         "bundle-{}",
         layout.file_name().expect("name").to_string_lossy()
     ));
-    run(
+    run_ok(
         "umoci",
         &[
             "unpack",
@@ -516,7 +483,7 @@ fn a_three_layer_image_matches_umoci_and_its_zstd_and_archive_twins() {
     assert_eq!(oracle.nodes["/swap/thing"].kind, "file", "umoci's view");
 
     let state = state_dir();
-    let daemon = daemon(state.path(), "");
+    let daemon = image_daemon(state.path(), "", &[]);
     let disk = import(state.path(), &gzip, "three");
     let ours = ext4_tree(&disk);
     assert_same(&ours, &oracle, "gzip layout");
@@ -535,7 +502,7 @@ fn a_three_layer_image_matches_umoci_and_its_zstd_and_archive_twins() {
         ("docker-archive", "dockerarchive"),
     ] {
         let archive = work.path().join(format!("{name}.tar"));
-        run(
+        run_ok(
             "skopeo",
             &[
                 "copy",
@@ -553,7 +520,7 @@ fn a_three_layer_image_matches_umoci_and_its_zstd_and_archive_twins() {
     // compared with the gzip image, imported by a daemon of its own so
     // nothing is shared.
     let state = state_dir();
-    let daemon = self::daemon(state.path(), "");
+    let daemon = image_daemon(state.path(), "", &[]);
     let disk = import(state.path(), &zstd, "three");
     assert_same(&ext4_tree(&disk), &ours, "zstd twin");
     assert!(daemon.stop().success());
@@ -567,9 +534,9 @@ fn a_busybox_tree_and_twenty_thousand_files_in_one_directory_match_umoci() {
     ) {
         return;
     }
-    let busybox_path = run("sh", &["-c", "command -v busybox"]);
+    let busybox_path = run_ok("sh", &["-c", "command -v busybox"]);
     let busybox = std::fs::read(busybox_path.trim()).expect("busybox");
-    let applets = run(busybox_path.trim(), &["--list"]);
+    let applets = run_ok(busybox_path.trim(), &["--list"]);
     let mut tree = Layer::default();
     tree.dir("bin", 0o755).file("bin/busybox", 0o755, &busybox);
     for applet in applets.lines().filter(|a| *a != "busybox") {
@@ -593,13 +560,13 @@ fn a_busybox_tree_and_twenty_thousand_files_in_one_directory_match_umoci() {
     );
     let oracle = umoci_tree(&gzip, work.path());
     let state = state_dir();
-    let daemon = daemon(state.path(), "");
+    let daemon = image_daemon(state.path(), "", &[]);
     let disk = import(state.path(), &gzip, "big");
     let ours = ext4_tree(&disk);
     assert_eq!(ours.nodes.len(), oracle.nodes.len());
     assert_same(&ours, &oracle, "busybox and 20,000 files");
     // The large directory is hash-indexed, for lookups in the guest.
-    let htree = run("debugfs", &["-R", "htree /many", &disk.to_string_lossy()]);
+    let htree = run_ok("debugfs", &["-R", "htree /many", &disk.to_string_lossy()]);
     assert!(htree.contains("Root node dump"), "{htree}");
     assert!(daemon.stop().success());
 }
@@ -619,7 +586,7 @@ fn a_malicious_corpus_is_refused_or_contained_and_touches_nothing_outside() {
     let before = fingerprint(&sentinel.path().join("keep"));
     let work = state_dir();
     let state = state_dir();
-    let daemon = daemon(state.path(), "");
+    let daemon = image_daemon(state.path(), "", &[]);
 
     // (name, layers, Ok(paths the image holds, as files) or Err(words of the refusal))
     type Case = (
@@ -805,7 +772,11 @@ fn bombs_and_lying_blobs_fail_naming_the_cap_and_leave_nothing() {
     }
     let work = state_dir();
     let state = state_dir();
-    let daemon = daemon(state.path(), "max_unpacked_mib = 16\nmax_entries = 10000\n");
+    let daemon = image_daemon(
+        state.path(),
+        "max_unpacked_mib = 16\nmax_entries = 10000\n",
+        &[],
+    );
 
     // A GNU sparse entry claiming 1 TiB with no data.
     let mut sparse = Layer::default();
@@ -887,9 +858,7 @@ fn bombs_and_lying_blobs_fail_naming_the_cap_and_leave_nothing() {
     let ls = banger(state.path(), &["image", "ls", "--json"]);
     assert_eq!(String::from_utf8_lossy(&ls.stdout).trim(), "[]");
     for dir in ["images", "blobs/sha256"] {
-        let left: Vec<_> = std::fs::read_dir(state.path().join(dir))
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
-            .unwrap_or_default();
+        let left = entries(&state.path().join(dir));
         assert!(left.is_empty(), "{dir}: {left:?}");
     }
     assert!(daemon.stop().success());

@@ -652,3 +652,54 @@ pub fn reset_peak_rss(pid: impl std::fmt::Display + Copy) -> u64 {
         .unwrap_or_else(|e| panic!("reset the peak RSS of {pid}: {e}"));
     process_kib(pid, "VmRSS")
 }
+
+/// Runs `program`, which must succeed; its standard output.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().expect(program);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The names in `dir`; none if it does not exist.
+pub fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `e2fsck -fn` finds nothing to fix in `disk`.
+pub fn assert_fsck_clean(disk: &Path, what: &str) {
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(disk)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn {what}: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+/// A daemon for image tests: no networking, `image` under `[image]`.
+pub fn image_daemon(state: &Path, image: &str, env: &[(&str, &str)]) -> Daemon {
+    let config = state.join("bangerd.toml");
+    std::fs::write(
+        &config,
+        format!("[network]\nenabled = false\n[image]\n{image}"),
+    )
+    .expect("config");
+    Daemon::ready(Daemon::spawn_with_env(
+        state,
+        &["--config", &config.to_string_lossy()],
+        env,
+    ))
+}
