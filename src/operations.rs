@@ -35,6 +35,11 @@ pub struct OperationRecord {
     pub outcome: OperationOutcome,
     #[serde(default)]
     pub phase: Option<String>,
+    /// Every phase it entered, in order (at most [`MAX_PHASES`]): progress
+    /// forwarding reads the latest record only, and a short phase must
+    /// still reach the client.
+    #[serde(default)]
+    pub phases: Vec<String>,
     #[serde(default)]
     pub current: Option<u64>,
     #[serde(default)]
@@ -101,6 +106,30 @@ impl Retention {
     }
 }
 
+/// The most phases an operation's history keeps; later ones still show
+/// as its current phase.
+pub const MAX_PHASES: usize = 32;
+
+impl OperationRecord {
+    /// A progress report: the current phase and count, and a phase not
+    /// entered just before joins the history.
+    pub fn report(&mut self, phase: String, current: Option<u64>, total: Option<u64>) {
+        if self.phase.as_deref() != Some(phase.as_str()) && self.phases.len() < MAX_PHASES {
+            self.phases.push(phase.clone());
+        }
+        self.phase = Some(phase);
+        self.current = current;
+        self.total = total;
+    }
+
+    /// The phases entered after the first `seen` of the history and
+    /// before the current one: what a reader of the latest record missed.
+    pub fn phases_between(&self, seen: usize) -> &[String] {
+        let before_current = self.phases.len().saturating_sub(1);
+        self.phases.get(seen..before_current).unwrap_or(&[])
+    }
+}
+
 /// An operation found in flight at start-up: the daemon that ran it died.
 pub fn interrupted(mut record: OperationRecord, now: Timestamp) -> OperationRecord {
     record.outcome = OperationOutcome::Interrupted;
@@ -134,6 +163,7 @@ mod tests {
             target: Some("/backups/b.redb".into()),
             outcome,
             phase: None,
+            phases: Vec::new(),
             current: None,
             total: None,
             cancellable: true,
@@ -141,6 +171,25 @@ mod tests {
             finished_at: (outcome != OperationOutcome::Running).then_some(at),
             error: None,
         }
+    }
+
+    #[test]
+    fn phases_are_recorded_once_each_and_bounded() {
+        let mut record = op(1, OperationOutcome::Running, 0, Timestamp::now());
+        record.report("reading".into(), None, None);
+        record.report("copying".into(), Some(1), Some(4));
+        record.report("copying".into(), Some(2), Some(4));
+        record.report("writing".into(), None, None);
+        assert_eq!(record.phases, ["reading", "copying", "writing"]);
+        // A reader that saw only "reading" missed "copying".
+        assert_eq!(record.phases_between(1), ["copying"]);
+        assert!(record.phases_between(3).is_empty());
+        for n in 0..100 {
+            record.report(format!("phase {n}"), None, None);
+        }
+        assert_eq!(record.phases.len(), MAX_PHASES);
+        assert_eq!(record.phase.as_deref(), Some("phase 99"));
+        assert!(record.phases_between(MAX_PHASES).is_empty());
     }
 
     #[test]

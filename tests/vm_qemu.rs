@@ -247,12 +247,18 @@ fn a_debian_guest_on_firecracker_answers_its_agent() {
     assert_eq!(stopped["last_exit"]["kind"], "clean", "{stopped}");
 }
 
-/// The live qemu processes of this fixture (the daemon's own command line
-/// names the state directory too).
+/// The live qemu processes of this fixture. The daemon's own command line
+/// names the state directory too, and so does a child it forked that has
+/// not exec'd yet (an `nft` of a detach that runs after `vm kill`
+/// answered): only processes running qemu count.
 fn qemus(f: &Fixture) -> Vec<i32> {
-    let daemon = f.daemon.as_ref().map(|d| d.pid().as_raw());
     let mut pids = f.reaper.pids();
-    pids.retain(|&pid| Some(pid) != daemon);
+    pids.retain(|&pid| {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+            exe.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("qemu-system"))
+        })
+    });
     pids
 }
 

@@ -127,15 +127,30 @@ pub struct OperationHandle {
 
 impl OperationHandle {
     /// A cheap, cloneable progress reporter, usable from blocking threads.
-    /// Reports are best-effort: a full mailbox drops one, the next wins.
+    /// Counts are best-effort (a full mailbox drops one, the next wins);
+    /// a change of phase is always delivered, and phases are few.
     pub fn reporter(&self) -> impl Fn(&str, Option<u64>, Option<u64>) + Send + Clone + 'static {
         let addr = self.addr.clone();
+        let last_phase = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         move |phase, current, total| {
-            let _ = addr.try_send(Report {
+            let report = Report {
                 phase: phase.to_string(),
                 current,
                 total,
-            });
+            };
+            let changed = match last_phase.lock() {
+                Ok(mut last) if *last != phase => {
+                    *last = phase.to_string();
+                    true
+                }
+                Ok(_) => false,
+                Err(_) => true,
+            };
+            if changed {
+                addr.do_send(report);
+            } else {
+                let _ = addr.try_send(report);
+            }
         }
     }
 
@@ -186,6 +201,7 @@ impl Handler<Begin> for OperationRegistry {
             target: msg.target,
             outcome: OperationOutcome::Running,
             phase: Some("starting".into()),
+            phases: vec!["starting".into()],
             current: None,
             total: None,
             cancellable: msg.cancellable,
@@ -520,9 +536,7 @@ impl Handler<Report> for Operation {
     type Result = ();
 
     fn handle(&mut self, msg: Report, _: &mut Context<Self>) {
-        self.record.phase = Some(msg.phase);
-        self.record.current = msg.current;
-        self.record.total = msg.total;
+        self.record.report(msg.phase, msg.current, msg.total);
         self.status.send_replace(self.record.clone());
     }
 }

@@ -140,26 +140,41 @@ impl Wire<'_> {
 
     /// Sends the operation's status as `progress` notifications, now and at
     /// every change, until it ends or the client goes away.
+    /// A phase that began and ended between two reads is sent too.
     pub async fn forward_progress(&self, mut status: watch::Receiver<OperationRecord>) {
+        let mut seen = 0;
         loop {
             let record = status.borrow_and_update().clone();
             if record.outcome == OperationOutcome::Running {
-                let progress = Progress {
-                    id: self.reply.id.clone(),
-                    op_id: record.op_id,
-                    phase: record.phase.unwrap_or_default(),
-                    current: record.current,
-                    total: record.total,
-                };
-                if self
-                    .reply
-                    .out
-                    .send(line(&Notification::progress(&progress)))
-                    .await
-                    .is_err()
-                {
-                    return;
+                let missed = record
+                    .phases_between(seen)
+                    .iter()
+                    .map(|phase| (phase, None, None));
+                let none = String::new();
+                let current = (
+                    record.phase.as_ref().unwrap_or(&none),
+                    record.current,
+                    record.total,
+                );
+                for (phase, current, total) in missed.chain(std::iter::once(current)) {
+                    let progress = Progress {
+                        id: self.reply.id.clone(),
+                        op_id: record.op_id.clone(),
+                        phase: phase.clone(),
+                        current,
+                        total,
+                    };
+                    if self
+                        .reply
+                        .out
+                        .send(line(&Notification::progress(&progress)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
+                seen = record.phases.len();
             }
             tokio::select! {
                 changed = status.changed() => if changed.is_err() { return },
