@@ -11,6 +11,9 @@ banger_programs=(
     "mke2fs             e2fsprogs"       # root disks: busybox-rootfs.sh, tests, benches
     "debugfs            e2fsprogs"       # tests, guest bench: the previous release's agent on its disk
     "e2fsck             e2fsprogs"       # image tests: every written ext4 is checked
+    "resize2fs          e2fsprogs"       # bangerd: vm create --disk grows the clone's filesystem
+    "filefrag           e2fsprogs"       # tests/vm_image.rs: clones share the image's extents
+    "mkfs.xfs           xfsprogs"        # tests/vm_image.rs, benches: a reflink-capable state dir
     "depmod             kmod"            # tests/initramfs.rs: a user's initrd with its modules.dep
     "busybox            busybox-static"  # busybox-rootfs.sh: the demo and test root disk
     "cpio               cpio"            # tests/kernel_deb.rs: the initramfs as cpio reads it

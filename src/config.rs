@@ -108,6 +108,7 @@ pub const DEFAULT_INTERFACE_GROUP: u32 = 2894;
 #[serde(deny_unknown_fields)]
 pub struct VmSection {
     pub max_rootfs_gib: Option<u64>,
+    pub default_kernel: Option<String>,
 }
 
 /// `vm.max_rootfs_gib` when unset: far above any root disk, yet a bound.
@@ -278,6 +279,8 @@ pub struct Config {
     pub unpack_limit: UnpackLimit,
     /// The most a root disk a request names may hold, in bytes.
     pub max_rootfs_bytes: u64,
+    /// The kernel of a VM created without `--kernel`.
+    pub default_kernel: Option<String>,
     pub image: ImageConfig,
     /// How many clients and requests the socket takes at once.
     pub rpc_limits: RpcLimits,
@@ -432,6 +435,14 @@ pub fn resolve(
             });
         }
     };
+    if let Some(kernel) = &file.vm.default_kernel {
+        crate::vm::validate_name("vm.default_kernel", kernel).map_err(|e| {
+            ConfigError::Invalid {
+                key: "vm.default_kernel",
+                reason: e.reason,
+            }
+        })?;
+    }
     let rpc_limits = rpc_limits(&file.rpc)?;
     let network = network_config(&file.network)?;
     let image = image_config(&file.image)?;
@@ -490,6 +501,7 @@ pub fn resolve(
         agent: file.agent.binary,
         unpack_limit,
         max_rootfs_bytes,
+        default_kernel: file.vm.default_kernel.clone(),
         rpc_limits,
         restart_delay_ms,
         restart_max_delay_ms,

@@ -177,6 +177,7 @@ impl SystemSupervisor {
                 accel,
             },
             default_vmm,
+            default_kernel: config.default_kernel.clone(),
             host: Arc::new(LocalHost),
             max_rootfs: SizeCap {
                 bytes: config.max_rootfs_bytes,
@@ -245,6 +246,7 @@ impl SystemSupervisor {
             vm: VmServices {
                 vms: vms.clone(),
                 networks: networks.clone(),
+                catalog: catalog.clone(),
                 settings: vm_settings,
             },
             network: NetworkServices { networks },

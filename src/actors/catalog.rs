@@ -29,7 +29,7 @@ use crate::caller::CallerFile;
 use crate::catalog::{self, Agent, CatalogError, KernelRecord};
 use crate::image::import::{self as image_import, ImportError};
 use crate::image::source::Source;
-use crate::image::{ImageRecord, blob_path};
+use crate::image::{ImageRecord, Lookup, blob_path};
 use crate::kernel::UnpackLimit;
 use crate::reconcile;
 use crate::store::{StoreError, Undecodable};
@@ -45,6 +45,11 @@ pub enum KernelError {
     InUse { kernel: String, vms: Vec<String> },
     #[error("a kernel named {0} is being imported")]
     Importing(String),
+    #[error(
+        "no kernel given and no default: {}; give --kernel NAME or set vm.default_kernel",
+        if .0.is_empty() { "the catalog holds none (`banger kernel import` adds one)".to_string() } else { format!("the catalog holds {}", .0.join(", ")) }
+    )]
+    Unchosen(Vec<String>),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
@@ -55,8 +60,15 @@ pub enum KernelError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("no image named {0}; `banger image ls` lists them and `banger image import` adds one")]
-    NotFound(String),
+    #[error(transparent)]
+    Lookup(#[from] Lookup),
+    #[error(
+        "image {image} is held by VM {vms}; remove the VM first, or give --force (the VMs keep their own disks)",
+        vms = vms.join(", VM ")
+    )]
+    InUse { image: String, vms: Vec<String> },
+    #[error("image records {} do not decode; no image is removed while their claims are unknown", .0.join(", "))]
+    Quarantined(Vec<String>),
     #[error("an image named {name} exists already ({digest}); import under another --name")]
     Exists { name: String, digest: String },
     #[error(transparent)]
@@ -91,6 +103,8 @@ pub struct CatalogActor {
     unpack_limit: UnpackLimit,
     /// Kernels chosen by VMs whose records do not name them yet.
     reservations: HashMap<String, HashSet<String>>,
+    /// Images (by digest) chosen by VMs whose records do not name them yet.
+    image_reservations: HashMap<String, HashSet<String>>,
     importing: HashSet<String>,
     /// Kernel records that do not decode: their files are left alone.
     quarantined: Vec<Undecodable>,
@@ -119,6 +133,7 @@ impl CatalogActor {
             agent,
             unpack_limit,
             reservations: HashMap::new(),
+            image_reservations: HashMap::new(),
             importing: HashSet::new(),
             quarantined: Vec::new(),
             boot_agent: None,
@@ -227,30 +242,67 @@ impl Handler<Quarantined> for CatalogActor {
     }
 }
 
-/// The VM `vm` chose `kernel`: it may not go until the VM's record names
-/// it (then the record holds it) and [`Unreserve`] ends the reservation.
+/// The VM `vm` chose `kernel` (and the image of digest `image`): they may
+/// not go until the VM's record names them (then the record holds them)
+/// and [`Unreserve`] ends the reservation.
 pub struct Reserve {
     pub kernel: String,
+    pub image: Option<String>,
     pub vm: String,
 }
 
 impl Message for Reserve {
-    type Result = Result<(), KernelError>;
+    type Result = Result<(), VmReserveError>;
+}
+
+/// Why a VM cannot have what it chose.
+#[derive(Debug, thiserror::Error)]
+pub enum VmReserveError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+impl From<Gone> for VmReserveError {
+    fn from(gone: Gone) -> VmReserveError {
+        VmReserveError::Kernel(gone.into())
+    }
 }
 
 impl Handler<Reserve> for CatalogActor {
-    type Result = ResponseFuture<Result<(), KernelError>>;
+    type Result = ResponseFuture<Result<(), VmReserveError>>;
 
     fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
-        let get = self
-            .store
-            .send(Get::<KernelRecord>::new(msg.kernel.clone()));
+        let store = self.store.clone();
+        let kernel = msg.kernel.clone();
+        let looked = async move {
+            let found = store
+                .send(Get::<KernelRecord>::new(kernel))
+                .await
+                .map_err(store_gone)?
+                .map_err(KernelError::from)?;
+            let images = store
+                .send(List::<ImageRecord>::new())
+                .await
+                .map_err(|_| ImageError::Unavailable("store"))?
+                .map_err(ImageError::from)?;
+            Ok::<_, VmReserveError>((found, images.records))
+        };
         in_one_turn(
             ctx,
-            get.into_actor(self).map(move |found, act, _| {
-                found
-                    .map_err(store_gone)??
-                    .ok_or(KernelError::NotFound(msg.kernel.clone()))?;
+            looked.into_actor(self).map(move |looked, act, _| {
+                let (kernel, images) = looked?;
+                kernel.ok_or(KernelError::NotFound(msg.kernel.clone()))?;
+                if let Some(digest) = &msg.image {
+                    if !images.iter().any(|i| &i.digest == digest) {
+                        return Err(ImageError::Lookup(Lookup::NotFound(digest.clone())).into());
+                    }
+                    act.image_reservations
+                        .entry(digest.clone())
+                        .or_default()
+                        .insert(msg.vm.clone());
+                }
                 act.reservations
                     .entry(msg.kernel)
                     .or_default()
@@ -264,23 +316,35 @@ impl Handler<Reserve> for CatalogActor {
 /// Runs `work` with the catalog's mailbox held (`ctx.wait`), so that no
 /// other message interleaves between a check and what relies on it, and
 /// answers its result.
-fn in_one_turn<T: Send + 'static>(
+fn in_one_turn<T: Send + 'static, E: Send + From<Gone> + 'static>(
     ctx: &mut Context<CatalogActor>,
-    work: impl ActorFuture<CatalogActor, Output = Result<T, KernelError>> + 'static,
-) -> ResponseFuture<Result<T, KernelError>> {
+    work: impl ActorFuture<CatalogActor, Output = Result<T, E>> + 'static,
+) -> ResponseFuture<Result<T, E>> {
     let (answer, answered) = tokio::sync::oneshot::channel();
     ctx.wait(work.map(|result, _, _| {
         let _ = answer.send(result);
     }));
-    Box::pin(async move {
-        answered
-            .await
-            .unwrap_or(Err(KernelError::Unavailable("catalog")))
-    })
+    Box::pin(async move { answered.await.unwrap_or(Err(E::from(Gone("catalog")))) })
+}
+
+/// A part of the daemon that stopped answering.
+pub struct Gone(&'static str);
+
+impl From<Gone> for KernelError {
+    fn from(gone: Gone) -> KernelError {
+        KernelError::Unavailable(gone.0)
+    }
+}
+
+impl From<Gone> for ImageError {
+    fn from(gone: Gone) -> ImageError {
+        ImageError::Unavailable(gone.0)
+    }
 }
 
 pub struct Unreserve {
     pub kernel: String,
+    pub image: Option<String>,
     pub vm: String,
 }
 
@@ -292,11 +356,17 @@ impl Handler<Unreserve> for CatalogActor {
     type Result = ();
 
     fn handle(&mut self, msg: Unreserve, _: &mut Context<Self>) {
-        if let Some(vms) = self.reservations.get_mut(&msg.kernel) {
-            vms.remove(&msg.vm);
-            if vms.is_empty() {
-                self.reservations.remove(&msg.kernel);
+        let unreserve = |reservations: &mut HashMap<String, HashSet<String>>, key: &str| {
+            if let Some(vms) = reservations.get_mut(key) {
+                vms.remove(&msg.vm);
+                if vms.is_empty() {
+                    reservations.remove(key);
+                }
             }
+        };
+        unreserve(&mut self.reservations, &msg.kernel);
+        if let Some(digest) = &msg.image {
+            unreserve(&mut self.image_reservations, digest);
         }
     }
 }
@@ -588,17 +658,17 @@ fn import_files(
 }
 
 /// Files under `images/` and `blobs/sha256/` that no image record claims
-/// are an interrupted import's: removed. With a record that does not
-/// decode, nothing is (its claims are unknown).
-fn sweep_images(images: &image_import::Store, listing: &crate::store::Listing<ImageRecord>) {
+/// (an interrupted import's, or a removed image's) are removed; answers
+/// the bytes they held. With a record that does not decode, nothing is
+/// (its claims are unknown). No import may be under way.
+fn sweep_images(images: &image_import::Store, listing: &crate::store::Listing<ImageRecord>) -> u64 {
     if !listing.undecodable.is_empty() {
         for bad in &listing.undecodable {
             warn!(table = %bad.table, key = %bad.key, reason = %bad.reason, "an image record does not decode; images and blobs are not swept");
         }
-        return;
+        return 0;
     }
     let disks: HashSet<PathBuf> = listing.records.iter().map(|i| i.disk.clone()).collect();
-    reconcile::sweep(&images.images, &disks, reconcile::remove_any);
     let blobs: HashSet<PathBuf> = listing
         .records
         .iter()
@@ -610,7 +680,17 @@ fn sweep_images(images: &image_import::Store, listing: &crate::store::Listing<Im
         })
         .filter_map(|digest| blob_path(&images.blobs, digest))
         .collect();
-    reconcile::sweep(&images.blobs.join("sha256"), &blobs, reconcile::remove_any);
+    let freed = std::cell::Cell::new(0u64);
+    let remove = |path: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt as _;
+        let bytes = std::fs::symlink_metadata(path).map_or(0, |m| m.blocks() * 512);
+        reconcile::remove_any(path)?;
+        freed.set(freed.get() + bytes);
+        Ok(())
+    };
+    reconcile::sweep(&images.images, &disks, remove);
+    reconcile::sweep(&images.blobs.join("sha256"), &blobs, remove);
+    freed.get()
 }
 
 /// Hears an image import's progress (phase, done, total), from its
@@ -727,5 +807,275 @@ impl Handler<ListImages> for CatalogActor {
             images.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(images)
         })
+    }
+}
+
+/// The kernel a `vm create` without `--kernel` boots: `preferred` (the
+/// configured `vm.default_kernel`), else the only kernel there is.
+pub struct ChooseKernel {
+    pub preferred: Option<String>,
+}
+
+impl Message for ChooseKernel {
+    type Result = Result<String, KernelError>;
+}
+
+impl Handler<ChooseKernel> for CatalogActor {
+    type Result = ResponseFuture<Result<String, KernelError>>;
+
+    fn handle(&mut self, msg: ChooseKernel, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        Box::pin(async move {
+            if let Some(preferred) = msg.preferred {
+                return Ok(preferred);
+            }
+            let kernels = store
+                .send(List::<KernelRecord>::new())
+                .await
+                .map_err(store_gone)??
+                .records;
+            let mut names: Vec<String> = kernels.into_iter().map(|k| k.name).collect();
+            names.sort();
+            match &names[..] {
+                [one] => Ok(one.clone()),
+                _ => Err(KernelError::Unchosen(names)),
+            }
+        })
+    }
+}
+
+/// One image by name, digest or unique digest prefix.
+pub struct FindImage(pub String);
+
+impl Message for FindImage {
+    type Result = Result<ImageRecord, ImageError>;
+}
+
+impl Handler<FindImage> for CatalogActor {
+    type Result = ResponseFuture<Result<ImageRecord, ImageError>>;
+
+    fn handle(&mut self, msg: FindImage, _: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        Box::pin(async move {
+            let images = store
+                .send(List::<ImageRecord>::new())
+                .await
+                .map_err(|_| ImageError::Unavailable("store"))??
+                .records;
+            Ok(crate::image::find(&images, &msg.0)?.clone())
+        })
+    }
+}
+
+/// What an image removal or a prune did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImagesRemoved {
+    /// The image records removed.
+    pub images: Vec<ImageRecord>,
+    /// Bytes of disks and blobs freed (allocated, not apparent).
+    pub freed_bytes: u64,
+    /// VMs that held a removed image (`--force`): they keep their disks.
+    #[serde(default)]
+    pub held_by: Vec<String>,
+}
+
+/// `image rm`: refused while a VM holds the image (its record or a
+/// reservation), unless `force`.
+pub struct RemoveImage {
+    pub name: String,
+    pub force: bool,
+}
+
+impl Message for RemoveImage {
+    type Result = Result<ImagesRemoved, ImageError>;
+}
+
+/// `image prune`: every image no VM holds goes, and every disk and blob
+/// no image left claims.
+pub struct PruneImages;
+
+impl Message for PruneImages {
+    type Result = Result<ImagesRemoved, ImageError>;
+}
+
+/// The VMs holding the image of `digest`: records whose ledger names it,
+/// VMs that chose it and are being created, and any VM record that does
+/// not decode (it may hold any image until it is forgotten).
+fn image_holders(
+    vms: &crate::store::Listing<VmRecord>,
+    reserved: Option<&HashSet<String>>,
+    digest: &str,
+) -> Vec<String> {
+    let mut holders: Vec<String> = vms
+        .records
+        .iter()
+        .filter(|vm| {
+            vm.resources.contains(&crate::vm::ledger::Resource::Image)
+                && vm.image.as_ref().is_some_and(|i| i.digest == digest)
+        })
+        .map(|vm| vm.name.clone())
+        .chain(reserved.into_iter().flatten().cloned())
+        .chain(vms.undecodable.iter().map(|bad| {
+            format!(
+                "{} (quarantined; `banger vm forget {}` removes it)",
+                bad.key, bad.key
+            )
+        }))
+        .collect();
+    holders.sort();
+    holders.dedup();
+    holders
+}
+
+/// Picks the images to remove from the listing, given the VMs holding a
+/// digest; answers them and the VMs that held them.
+type ChooseImages = Box<
+    dyn FnOnce(
+            &[ImageRecord],
+            &dyn Fn(&str) -> Vec<String>,
+        ) -> Result<(Vec<ImageRecord>, Vec<String>), ImageError>
+        + Send,
+>;
+
+/// Removes the image records `choose` picks, then every file no record
+/// left claims; sent with imports excluded (the guard), run with the
+/// mailbox held.
+struct RemoveChosen {
+    choose: ChooseImages,
+    _imports: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Message for RemoveChosen {
+    type Result = Result<ImagesRemoved, ImageError>;
+}
+
+impl Handler<RemoveChosen> for CatalogActor {
+    type Result = ResponseFuture<Result<ImagesRemoved, ImageError>>;
+
+    fn handle(&mut self, msg: RemoveChosen, ctx: &mut Context<Self>) -> Self::Result {
+        let store = self.store.clone();
+        let looked = async move {
+            let images = store
+                .send(List::<ImageRecord>::new())
+                .await
+                .map_err(gone_store)??;
+            let vms = store
+                .send(List::<VmRecord>::new())
+                .await
+                .map_err(gone_store)??;
+            Ok::<_, ImageError>((store, images, vms))
+        };
+        let images_dir = self.images.clone();
+        let RemoveChosen { choose, _imports } = msg;
+        let work = looked.into_actor(self).then(move |looked, act, _| {
+            let chosen = looked.and_then(|(store, images, vms)| {
+                if !images.undecodable.is_empty() {
+                    return Err(ImageError::Quarantined(
+                        images.undecodable.iter().map(|b| b.key.clone()).collect(),
+                    ));
+                }
+                let holders =
+                    |digest: &str| image_holders(&vms, act.image_reservations.get(digest), digest);
+                let (gone, held_by) = choose(&images.records, &holders)?;
+                Ok((store, images.records, gone, held_by))
+            });
+            async move {
+                let _imports = _imports;
+                let (store, all, gone, held_by) = chosen?;
+                for image in &gone {
+                    store
+                        .send(Delete::<ImageRecord>::new(image.name.clone()))
+                        .await
+                        .map_err(gone_store)??;
+                    info!(image = %image.name, digest = %image.digest, "image removed");
+                }
+                let left = crate::store::Listing {
+                    records: all.into_iter().filter(|i| !gone.contains(i)).collect(),
+                    undecodable: Vec::new(),
+                };
+                let freed_bytes =
+                    tokio::task::spawn_blocking(move || sweep_images(&images_dir, &left))
+                        .await
+                        .map_err(|_| ImageError::Unavailable("blocking thread pool"))?;
+                Ok(ImagesRemoved {
+                    images: gone,
+                    freed_bytes,
+                    held_by,
+                })
+            }
+            .into_actor(act)
+        });
+        in_one_turn(ctx, work)
+    }
+}
+
+impl CatalogActor {
+    /// Waits for the import under way (outside the mailbox), then removes
+    /// what `choose` picks.
+    fn remove_images(
+        &self,
+        ctx: &Context<Self>,
+        choose: ChooseImages,
+    ) -> ResponseFuture<Result<ImagesRemoved, ImageError>> {
+        let (lock, me) = (self.importing_image.clone(), ctx.address());
+        Box::pin(async move {
+            let imports = lock.lock_owned().await;
+            me.send(RemoveChosen {
+                choose,
+                _imports: imports,
+            })
+            .await
+            .map_err(|_| ImageError::Unavailable("catalog"))?
+        })
+    }
+}
+
+fn gone_store<T>(_: T) -> ImageError {
+    ImageError::Unavailable("store")
+}
+
+impl Handler<RemoveImage> for CatalogActor {
+    type Result = ResponseFuture<Result<ImagesRemoved, ImageError>>;
+
+    fn handle(&mut self, msg: RemoveImage, ctx: &mut Context<Self>) -> Self::Result {
+        self.remove_images(
+            ctx,
+            Box::new(move |images, holders| {
+                let image = crate::image::find(images, &msg.name)?.clone();
+                // Holders of the digest hold every name of it only when it is
+                // the last name: another name keeps the disk.
+                let last_name = images.iter().filter(|i| i.digest == image.digest).count() == 1;
+                let held_by = if last_name {
+                    holders(&image.digest)
+                } else {
+                    Vec::new()
+                };
+                if !held_by.is_empty() && !msg.force {
+                    return Err(ImageError::InUse {
+                        image: image.name,
+                        vms: held_by,
+                    });
+                }
+                Ok((vec![image], held_by))
+            }),
+        )
+    }
+}
+
+impl Handler<PruneImages> for CatalogActor {
+    type Result = ResponseFuture<Result<ImagesRemoved, ImageError>>;
+
+    fn handle(&mut self, _: PruneImages, ctx: &mut Context<Self>) -> Self::Result {
+        self.remove_images(
+            ctx,
+            Box::new(|images, holders| {
+                let gone = images
+                    .iter()
+                    .filter(|i| holders(&i.digest).is_empty())
+                    .cloned()
+                    .collect();
+                Ok((gone, Vec::new()))
+            }),
+        )
     }
 }

@@ -29,12 +29,14 @@ use rustix::process::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::actors::catalog::{CatalogActor, KernelError, PrepareBoot, Reserve, Unreserve};
+use crate::actors::catalog::{
+    CatalogActor, ImageError, KernelError, PrepareBoot, Reserve, Unreserve, VmReserveError,
+};
 use crate::actors::netns::{
     Attach, Detach, Lease, NetworkError, NetworkManager, ReconcileNetworks, Release,
 };
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
-use crate::caller::{CallerFile, SizeCap};
+use crate::caller::SizeCap;
 use crate::catalog::CatalogError;
 use crate::catalog::KernelRecord;
 use crate::error_chain;
@@ -45,10 +47,11 @@ use crate::network::GuestConfig;
 use crate::reconcile;
 use crate::store::{Listing, StoreError, Undecodable};
 use crate::vm::InvalidVm;
+use crate::vm::disk::{self, DiskError, DiskSource};
 use crate::vm::ledger::Resource;
 use crate::vm::machine::{self, Conflict, Effect, Event, Exit, HostView, Outcome, RequestId, Vm};
 use crate::vm::phase::Phase;
-use crate::vm::record::{VmNetwork, VmRecord, VmmKind};
+use crate::vm::record::{VmImage, VmNetwork, VmRecord, VmmKind};
 use crate::vm::restart::{self, RestartPolicy};
 use crate::vm::state::Announcement;
 use crate::vmm::console;
@@ -82,6 +85,8 @@ pub struct VmSettings {
     pub qemu: Qemu,
     /// The backend of a VM created without `--vmm`.
     pub default_vmm: VmmKind,
+    /// The kernel of a VM created without `--kernel` (else the only one).
+    pub default_kernel: Option<String>,
     pub vms_dir: PathBuf,
     /// Where jails live (also where orphaned jailed VMMs are recognised).
     pub jail_base: PathBuf,
@@ -121,7 +126,7 @@ impl VmSettings {
                 (record.vmm == VmmKind::Firecracker).then(|| self.jail_dir(&record.id))
             }
             // Not files: the network actors release them.
-            Resource::Lease | Resource::Tap => None,
+            Resource::Lease | Resource::Tap | Resource::Image => None,
         }
     }
 
@@ -172,6 +177,8 @@ pub enum VmError {
     NoKernel(String),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
     #[error("no quarantined VM record has the id {0}; `banger daemon status` lists them")]
     NotQuarantined(String),
     #[error(transparent)]
@@ -196,11 +203,22 @@ pub enum VmError {
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
     Network(#[from] NetworkError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the {0} is not answering")]
     Unavailable(&'static str),
+}
+
+impl From<VmReserveError> for VmError {
+    fn from(e: VmReserveError) -> VmError {
+        match e {
+            VmReserveError::Kernel(e) => e.into(),
+            VmReserveError::Image(e) => e.into(),
+        }
+    }
 }
 
 type Reply = oneshot::Sender<Result<VmRecord, VmError>>;
@@ -239,7 +257,7 @@ pub struct VmActor {
     agent_connect: Option<SpawnHandle>,
     agent_waiters: Vec<oneshot::Sender<AgentLink>>,
     /// A new VM's root disk as the caller opened it, until it is cloned.
-    source: Option<CallerFile>,
+    source: Option<DiskSource>,
     /// Told when the VM is gone, however its removal ended.
     manager: Recipient<VmRemoved>,
 }
@@ -426,8 +444,12 @@ impl VmActor {
                 }
                 Effect::ConnectAgent => self.connect_agent(ctx),
                 Effect::DropAgent => self.drop_agent(ctx),
-                Effect::Provision(named) => {
-                    let (source, target) = (self.source.take(), self.vm.record.rootfs.clone());
+                Effect::Provision(_) => {
+                    let (source, size, target) = (
+                        self.source.take(),
+                        self.vm.record.disk_bytes,
+                        self.vm.record.rootfs.clone(),
+                    );
                     let lease = self.vm.record.network.as_ref().map(|n| Lease {
                         network: n.network.clone(),
                         vm: self.vm.record.id.clone(),
@@ -444,7 +466,7 @@ impl VmActor {
                             ),
                             None => None,
                         };
-                        clone_rootfs(source, named, target).await?;
+                        clone_rootfs(source, size, target).await?;
                         Ok::<_, VmError>(address)
                     };
                     ctx.spawn(provisioned.into_actor(self).map(|provisioned, act, ctx| {
@@ -1110,7 +1132,7 @@ pub enum VmCommand {
     Get,
     /// The first command of a new VM: its disk cloned from `source`.
     Create {
-        source: CallerFile,
+        source: DiskSource,
     },
     Start,
     Stop {
@@ -1146,7 +1168,7 @@ impl Handler<VmCommand> for VmActor {
                 return Box::pin(async move { found });
             }
             VmCommand::Create { source } => {
-                let path = source.path.clone();
+                let path = source.named.clone();
                 self.source = Some(source);
                 Event::Create {
                     request,
@@ -1208,7 +1230,7 @@ async fn release_resources(
             let released = match resource {
                 Resource::Jail => settings.host.remove_jail(&path),
                 Resource::VmDirectory => reconcile::remove_any(&path),
-                Resource::Lease | Resource::Tap => continue,
+                Resource::Lease | Resource::Tap | Resource::Image => continue,
             };
             released.map_err(|source| VmError::Io {
                 action: "remove",
@@ -1226,24 +1248,21 @@ async fn release_resources(
     Ok(())
 }
 
-/// The VM's own copy of the root disk, read through the descriptor opened
-/// with the caller's authority (`named` is its path, for messages): a
-/// reflink where the filesystem allows, a copy otherwise. The user's file
-/// is never written.
+/// The VM's own copy of the root disk (`vm::disk`), read through the
+/// descriptor opened with the caller's authority (or the daemon's, for an
+/// image's disk) and grown to `size`. The source is never written.
 async fn clone_rootfs(
-    source: Option<CallerFile>,
-    named: PathBuf,
+    source: Option<DiskSource>,
+    size: Option<u64>,
     target: PathBuf,
 ) -> Result<(), VmError> {
     tokio::task::spawn_blocking(move || {
-        let copy_err = |source| VmError::Io {
-            action: "copy the root filesystem",
-            path: named.clone(),
-            source,
-        };
-        use std::io::Read as _;
         let Some(source) = source else {
-            return Err(copy_err(std::io::Error::other("the opened file was lost")));
+            return Err(VmError::Io {
+                action: "copy the root filesystem",
+                path: target,
+                source: std::io::Error::other("the opened file was lost"),
+            });
         };
         if let Some(dir) = target.parent() {
             std::fs::create_dir_all(dir).map_err(|e| VmError::Io {
@@ -1252,19 +1271,10 @@ async fn clone_rootfs(
                 source: e,
             })?;
         }
-        let mut copy = std::fs::File::create(&target).map_err(|e| VmError::Io {
-            action: "create",
-            path: target.clone(),
-            source: e,
+        let cloned = disk::clone_disk(&source, &target, size, || {
+            fault::boundary("disk-cloning")
         })?;
-        // As much as the file held when the caller opened it: a file that
-        // grows since cannot grow the copy past the checked size.
-        if reflink_copy::reflink_file(&source.file, &copy).is_ok() {
-            copy.set_len(source.len).map_err(copy_err)?;
-        } else {
-            std::io::copy(&mut (&source.file).take(source.len), &mut copy).map_err(copy_err)?;
-        }
-        copy.sync_all().map_err(copy_err)?;
+        info!(disk = %target.display(), from = %source.named.display(), ?cloned, "root disk cloned");
         fault::boundary("disk-cloned");
         Ok(())
     })
@@ -1276,7 +1286,12 @@ async fn clone_rootfs(
 pub struct CreateVm {
     pub name: String,
     pub kernel: String,
-    pub rootfs: CallerFile,
+    /// The root disk's source: a user's file, or an image's disk.
+    pub rootfs: DiskSource,
+    /// The image it comes from, which the VM then holds.
+    pub image: Option<VmImage>,
+    /// The size the root disk is grown to, when larger than its source.
+    pub disk_bytes: Option<u64>,
     pub vcpus: u8,
     pub memory_mib: u32,
     /// The daemon's default backend when not given.
@@ -1494,7 +1509,7 @@ fn ledger_claims(
                 match resource {
                     Resource::VmDirectory => vms.insert(path),
                     Resource::Jail => jails.insert(path),
-                    Resource::Lease | Resource::Tap => false,
+                    Resource::Lease | Resource::Tap | Resource::Image => false,
                 };
             }
         }
@@ -1695,6 +1710,9 @@ impl Handler<CreateVm> for VmManager {
         if msg.network.is_some() {
             resources.push(Resource::Lease);
         }
+        if msg.image.is_some() {
+            resources.push(Resource::Image);
+        }
         let record = VmRecord {
             rootfs: self.settings.paths(&id).dir.join("rootfs.ext4"),
             id,
@@ -1718,12 +1736,15 @@ impl Handler<CreateVm> for VmManager {
                 network,
                 address: None,
             }),
+            image: msg.image.clone(),
+            disk_bytes: msg.disk_bytes,
         };
         // The name is taken from here on; a failed create gives it back.
         let actor = self.start_actor(record.clone(), true, ctx);
         self.vms.insert(msg.name.clone(), actor.clone());
         let catalog = self.catalog.clone();
         let (kernel, name) = (msg.kernel.clone(), msg.name.clone());
+        let image = msg.image.as_ref().map(|i| i.digest.clone());
         let (source, start) = (msg.rootfs, msg.start);
         // Err(true, _): refused before the actor took the create, so the
         // name is free again; Err(false, _): the VM's own record decides.
@@ -1731,6 +1752,7 @@ impl Handler<CreateVm> for VmManager {
             catalog
                 .send(Reserve {
                     kernel: kernel.clone(),
+                    image: image.clone(),
                     vm: name.clone(),
                 })
                 .await
@@ -1741,10 +1763,11 @@ impl Handler<CreateVm> for VmManager {
                 .send(VmCommand::Create { source })
                 .await
                 .map_err(|_| VmError::Unavailable("VM actor"));
-            // The record (if any) names the kernel now: it holds it.
+            // The record (if any) names the kernel and image now: it holds them.
             let _ = catalog
                 .send(Unreserve {
                     kernel,
+                    image,
                     vm: name.clone(),
                 })
                 .await;

@@ -18,6 +18,7 @@ use jiff::Timestamp;
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::json;
 
+use crate::actors::catalog::ImagesRemoved;
 use crate::config::{self, Mode, Overrides};
 use crate::daemon::VERSION;
 use crate::operations::{OperationOutcome, OperationRecord};
@@ -104,12 +105,23 @@ enum VmCommand {
     Create {
         /// Generated (adjective-noun) when absent.
         name: Option<String>,
-        /// A kernel from the catalog (`banger kernel ls`).
+        /// A kernel from the catalog (`banger kernel ls`) [default:
+        /// vm.default_kernel, else the only kernel there is].
         #[arg(long)]
-        kernel: String,
-        /// An ext4 image; the VM gets its own copy, the file is never changed.
+        kernel: Option<String>,
+        /// An ext4 file as the root disk; the VM gets its own copy, the file
+        /// is never changed.
+        #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+        rootfs: Option<PathBuf>,
+        /// An image from the catalog (name or digest, `banger image ls`):
+        /// the VM's root disk is a copy-on-write clone of its disk.
         #[arg(long)]
-        rootfs: PathBuf,
+        image: Option<String>,
+        /// The root disk's size, such as 1G or 512M: the clone is grown
+        /// (file and filesystem) before the first boot [default: as its
+        /// source].
+        #[arg(long, value_name = "SIZE")]
+        disk: Option<String>,
         /// Virtual CPUs, 1 to 32.
         #[arg(long, default_value_t = 1)]
         vcpus: u8,
@@ -239,6 +251,23 @@ enum ImageCommand {
     /// One image in detail, by name or digest: its config and layers.
     Inspect {
         name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image (by name or digest), its disk and the blobs no other
+    /// image uses. Refused while a VM holds it.
+    #[command(alias = "remove")]
+    Rm {
+        name: String,
+        /// Remove it even while VMs hold it: they keep their own disks.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every image no VM holds, with the disks and blobs no image
+    /// left uses; prints what it freed.
+    Prune {
         #[arg(long)]
         json: bool,
     },
@@ -543,6 +572,8 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
             name,
             kernel,
             rootfs,
+            image,
+            disk,
             vcpus,
             memory,
             restart,
@@ -555,7 +586,8 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
             json,
         } => {
             let params = json!({
-                "name": name, "kernel": kernel, "rootfs": absolute(&rootfs)?, "vcpus": vcpus, "memory": memory,
+                "name": name, "kernel": kernel, "rootfs": rootfs.as_deref().map(absolute).transpose()?,
+                "image": image, "disk": disk, "vcpus": vcpus, "memory": memory,
                 "restart": restart, "restart_delay_secs": restart_delay, "restart_max_delay_secs": restart_max_delay,
                 "vmm": vmm, "network": network, "no_network": no_network, "start": start,
             });
@@ -919,6 +951,18 @@ fn image(client: &mut Client, command: ImageCommand, now: Timestamp) -> Result<(
                 .result
                 .image;
             show(json, &image, |v| output::image_details(v, now));
+        }
+        ImageCommand::Rm { name, force, json } => {
+            let removed = client
+                .call::<ImagesRemoved>("image.remove", json!({"name": name, "force": force}))?
+                .result;
+            show(json, &removed, output::images_removed);
+        }
+        ImageCommand::Prune { json } => {
+            let pruned = client
+                .call::<ImagesRemoved>("image.prune", json!({}))?
+                .result;
+            show(json, &pruned, output::images_removed);
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tabwriter::TabWriter;
 
+use crate::actors::catalog::ImagesRemoved;
 use crate::actors::netns::NetworkView;
 use crate::catalog::KernelRecord;
 use crate::image::ImageRecord;
@@ -184,6 +185,20 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
         vec!["memory:".into(), format!("{} MiB", vm.memory_mib)],
         vec!["kernel:".into(), vm.kernel.clone()],
         vec!["rootfs:".into(), vm.rootfs.display().to_string()],
+        vec![
+            "image:".into(),
+            match &vm.image {
+                Some(image) => format!("{} ({})", image.name, image.digest),
+                None => "-".into(),
+            },
+        ],
+        vec![
+            "disk:".into(),
+            match vm.disk_bytes {
+                Some(bytes) => format!("{} MiB (grown at create)", bytes >> 20),
+                None => "as its source".into(),
+            },
+        ],
         vec![
             "network:".into(),
             match (&vm.network, vm.ip, &vm.mac) {
@@ -475,6 +490,29 @@ pub fn kernel_details(k: &KernelRecord, now: Timestamp) -> String {
 
 pub fn json(value: &impl Serialize) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// What `image rm` and `image prune` removed and freed.
+pub fn images_removed(removed: &ImagesRemoved) -> String {
+    let mut out = String::new();
+    for image in &removed.images {
+        out.push_str(&format!(
+            "removed {} {}\n",
+            image.name,
+            short_digest(&image.digest)
+        ));
+    }
+    if !removed.held_by.is_empty() {
+        out.push_str(&format!(
+            "VM {} keep their own disks\n",
+            removed.held_by.join(", VM ")
+        ));
+    }
+    out.push_str(&format!(
+        "freed {:.1} MiB\n",
+        removed.freed_bytes as f64 / f64::from(1 << 20)
+    ));
+    out
 }
 
 #[cfg(test)]

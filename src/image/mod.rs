@@ -115,6 +115,39 @@ pub fn validate_image_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Why no one image answers to a name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Lookup {
+    #[error("no image named {0}; `banger image ls` lists them and `banger image import` adds one")]
+    NotFound(String),
+    #[error("{0} is the prefix of more than one image's digest; give more of it")]
+    Ambiguous(String),
+}
+
+/// The image `wanted` names: by name, else by digest or a unique prefix of
+/// one (at least 4 hex digits, with or without `sha256:`).
+pub fn find<'a>(images: &'a [ImageRecord], wanted: &str) -> Result<&'a ImageRecord, Lookup> {
+    if let Some(found) = images.iter().find(|i| i.name == wanted) {
+        return Ok(found);
+    }
+    let hex = wanted.strip_prefix("sha256:").unwrap_or(wanted);
+    let mut matching: Vec<&ImageRecord> = if hex.len() >= 4 {
+        images
+            .iter()
+            .filter(|i| i.digest.trim_start_matches("sha256:").starts_with(hex))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    matching.sort_by(|a, b| a.digest.cmp(&b.digest));
+    matching.dedup_by(|a, b| a.digest == b.digest);
+    match matching[..] {
+        [one] => Ok(one),
+        [] => Err(Lookup::NotFound(wanted.to_string())),
+        _ => Err(Lookup::Ambiguous(wanted.to_string())),
+    }
+}
+
 /// A range of a file read with positioned reads, so one descriptor serves
 /// many readers (an archive's members, a spool's files).
 pub struct Section<'a> {

@@ -10,6 +10,7 @@ use crate::actors::vm::VmError;
 use crate::catalog::CatalogError;
 use crate::error_chain;
 use crate::guest::link::AgentError;
+use crate::image::Lookup;
 use crate::image::import::ImportError;
 use crate::store::StoreError;
 use crate::store::backup::BackupError;
@@ -100,6 +101,9 @@ impl From<KernelError> for RpcError {
                 let code = match &e {
                     KernelError::NotFound(_) => ErrorCode::NotFound,
                     KernelError::InUse { .. } | KernelError::Importing(_) => ErrorCode::Conflict,
+                    KernelError::Unchosen(_) => {
+                        return RpcError::invalid_params("kernel", error_chain(&e));
+                    }
                     _ => ErrorCode::Unavailable,
                 };
                 RpcError::new(code, error_chain(&e))
@@ -116,7 +120,11 @@ impl From<ImageError> for RpcError {
         };
         let code = match &e {
             ImageError::Store(_) => ErrorCode::Internal,
-            ImageError::NotFound(_) => ErrorCode::NotFound,
+            ImageError::Lookup(Lookup::NotFound(_)) => ErrorCode::NotFound,
+            ImageError::Lookup(Lookup::Ambiguous(_)) => {
+                return RpcError::invalid_params("name", error_chain(&e));
+            }
+            ImageError::InUse { .. } | ImageError::Quarantined(_) => ErrorCode::Conflict,
             ImageError::Exists { .. } => ErrorCode::AlreadyExists,
             ImageError::Unavailable(_) => ErrorCode::Unavailable,
             ImageError::Import(ImportError::Cancelled)
@@ -167,6 +175,7 @@ impl From<VmError> for RpcError {
             VmError::Network(e) => e.into(),
             VmError::Catalog(e) => e.into(),
             VmError::Kernel(e) => e.into(),
+            VmError::Image(e) => e.into(),
             VmError::Store(e) => e.into(),
             e => {
                 let code = match &e {
@@ -176,6 +185,9 @@ impl From<VmError> for RpcError {
                     VmError::Exists(_) => ErrorCode::AlreadyExists,
                     VmError::Conflict { .. } => ErrorCode::Conflict,
                     VmError::Unavailable(_) | VmError::Agent { .. } => ErrorCode::Unavailable,
+                    VmError::Disk(crate::vm::disk::DiskError::NoSpace { .. }) => {
+                        ErrorCode::Unavailable
+                    }
                     _ => ErrorCode::Internal,
                 };
                 RpcError::new(code, error_chain(&e))

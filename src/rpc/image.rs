@@ -1,6 +1,6 @@
 //! The `image.*` methods: import (an OCI layout directory, an OCI archive
 //! or a docker archive, opened with the caller's authority; with progress
-//! and cancel), list, inspect. They ask only the catalog.
+//! and cancel), list, inspect, remove, prune. They ask only the catalog.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +11,9 @@ use serde_json::value::RawValue;
 
 use super::protocol::{ErrorCode, Params, RpcError, requests};
 use super::wire::Wire;
-use crate::actors::catalog::{CatalogActor, ImageProgress, ImportImage, ListImages};
+use crate::actors::catalog::{
+    CatalogActor, FindImage, ImageProgress, ImportImage, ListImages, PruneImages, RemoveImage,
+};
 use crate::caller::{CallerPath, SizeCap};
 use crate::image::source::Source;
 use crate::image::{ImageRecord, validate_image_name};
@@ -23,6 +25,9 @@ requests! {
             "Import an OCI image layout directory, OCI archive or docker archive into an ext4 image; with progress and cancel.";
         List => "image.list", "Every image in the catalog.";
         Inspect(ImageRef) => "image.inspect", "One image, by name or digest.";
+        Remove(ImageRemoveParams) => "image.remove",
+            "Remove an image; refused while a VM holds it unless forced (the VMs keep their own disks).";
+        Prune => "image.prune", "Remove every image no VM holds, with its disk and blobs; says what it freed.";
     }
 }
 
@@ -56,6 +61,18 @@ pub struct ImageRef {
 }
 
 impl Params for ImageRef {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRemoveParams {
+    /// A name, a digest or a unique prefix of one.
+    pub name: String,
+    /// Remove it even while VMs hold it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl Params for ImageRemoveParams {}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageResult {
@@ -134,40 +151,16 @@ pub async fn handle(
             wire.answer(ImagesResult { images })
         }
         Request::Inspect(ImageRef { name }) => {
-            let images = catalog.send(ListImages).await??;
-            let image = find(images, &name)?;
+            let image = catalog.send(FindImage(name)).await??;
             wire.answer(ImageResult { image })
         }
-    }
-}
-
-/// By name, else by digest or a unique digest prefix (with or without
-/// `sha256:`).
-fn find(images: Vec<ImageRecord>, wanted: &str) -> Result<ImageRecord, RpcError> {
-    if let Some(found) = images.iter().find(|i| i.name == wanted) {
-        return Ok(found.clone());
-    }
-    let hex = wanted.strip_prefix("sha256:").unwrap_or(wanted);
-    let mut matching: Vec<&ImageRecord> = if hex.len() >= 4 {
-        images
-            .iter()
-            .filter(|i| i.digest.trim_start_matches("sha256:").starts_with(hex))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    matching.dedup_by(|a, b| a.digest == b.digest);
-    match matching[..] {
-        [one] => Ok(one.clone()),
-        [] => Err(RpcError::new(
-            ErrorCode::NotFound,
-            format!(
-                "no image named {wanted}; `banger image ls` lists them and `banger image import` adds one"
-            ),
-        )),
-        _ => Err(RpcError::invalid_params(
-            "name",
-            format!("{wanted} is the prefix of more than one image's digest"),
-        )),
+        Request::Remove(ImageRemoveParams { name, force }) => {
+            let removed = catalog.send(RemoveImage { name, force }).await??;
+            wire.answer(removed)
+        }
+        Request::Prune => {
+            let pruned = catalog.send(PruneImages).await??;
+            wire.answer(pruned)
+        }
     }
 }

@@ -199,7 +199,8 @@ mod tests {
                 "kernel.import_deb" => serde_json::json!({"name": "k", "path": "/k.deb"}),
                 "network.create" => serde_json::json!({"name": "lab", "subnet": "10.9.0.0/24"}),
                 "image.import" => serde_json::json!({"path": "/layout"}),
-                "vm.list" | "kernel.list" | "image.list" | "network.list" | "network.reconcile" => {
+                "vm.list" | "kernel.list" | "image.list" | "image.prune" | "network.list"
+                | "network.reconcile" => {
                     serde_json::json!({})
                 }
                 "vm.forget" => serde_json::json!({"id": "abcdefghij"}),

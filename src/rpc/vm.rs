@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use super::protocol::{ErrorCode, Params, RpcError, check_wait, requests};
 use super::stream::LogFollow;
 use super::wire::Wire;
+use crate::actors::catalog::{CatalogActor, ChooseKernel, FindImage};
 use crate::actors::netns::{NetworkManager, Resolve};
 use crate::actors::vm::{
     AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ForgetVm, ListVms, VmCommand, VmManager,
@@ -23,13 +24,15 @@ use crate::actors::vm::{
 use crate::error_chain;
 use crate::guest::link::{AgentLink, ExecSession};
 use crate::store::Undecodable;
+use crate::vm::disk::DiskSource;
 use crate::vm::phase::Phase;
 use crate::vm::phase::VmState;
-use crate::vm::record::{Accel, VmRecord, VmmKind};
+use crate::vm::record::{Accel, VmImage, VmRecord, VmmKind};
 use crate::vm::restart::RestartMode;
 use crate::vm::state::LastExit;
 use crate::vm::{
-    InvalidVm, generate_name, parse_memory_mib, validate_name, validate_rootfs, validate_vcpus,
+    InvalidVm, generate_name, parse_disk_bytes, parse_memory_mib, validate_name, validate_rootfs,
+    validate_vcpus,
 };
 use banger_agent::protocol::{ExecRequest, PROTOCOL_VERSION};
 
@@ -40,7 +43,7 @@ requests! {
     /// Requests about VMs.
     pub enum Request {
         Create(VmCreateParams) => "vm.create",
-            "Create a VM from a kernel and a root filesystem (cloned), optionally starting it.";
+            "Create a VM from a kernel and a root disk (a clone of an ext4 file or of an image's disk), optionally starting it.";
         Start(VmRef) => "vm.start", "Start a VM; a no-op when it is running.";
         Stop(VmStopParams) => "vm.stop",
             "Stop a VM gracefully, SIGKILL after the timeout; a no-op when stopped.";
@@ -84,8 +87,18 @@ pub struct VmCreateParams {
     /// Generated (`adjective-noun`) when absent.
     #[serde(default)]
     pub name: Option<String>,
-    pub kernel: String,
-    pub rootfs: PathBuf,
+    /// Default: `vm.default_kernel`, else the only kernel in the catalog.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// The root disk: a user's ext4 file, or an image (one of the two).
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
+    /// An image's name, digest or unique digest prefix.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The root disk's size (`1G`, `512M`): grown before the first boot.
+    #[serde(default)]
+    pub disk: Option<String>,
     #[serde(default)]
     pub vcpus: Option<u8>,
     #[serde(default)]
@@ -110,6 +123,21 @@ pub struct VmCreateParams {
 
 impl Params for VmCreateParams {
     fn validate(&self) -> Result<(), RpcError> {
+        match (&self.rootfs, &self.image) {
+            (Some(_), Some(_)) => {
+                return Err(RpcError::invalid_params(
+                    "image",
+                    "cannot be given with rootfs: the root disk is one or the other",
+                ));
+            }
+            (None, None) => {
+                return Err(RpcError::invalid_params(
+                    "rootfs",
+                    "give a root disk: rootfs (an ext4 file) or image (an imported image)",
+                ));
+            }
+            _ => {}
+        }
         if let Some(network) = &self.network {
             validate_name("network", network)?;
             if self.no_network {
@@ -263,6 +291,12 @@ pub struct VmView {
     pub memory_mib: u32,
     pub kernel: String,
     pub rootfs: PathBuf,
+    /// The image its root disk was cloned from.
+    #[serde(default)]
+    pub image: Option<VmImage>,
+    /// The size its root disk was grown to at create.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
     pub restart_policy: RestartMode,
     pub restart_delay_secs: f64,
     pub restart_max_delay_secs: f64,
@@ -327,6 +361,8 @@ impl From<&VmRecord> for VmView {
             memory_mib: vm.memory_mib,
             kernel: vm.kernel.clone(),
             rootfs: vm.rootfs.clone(),
+            image: vm.image.clone(),
+            disk_bytes: vm.disk_bytes,
             restart_policy: vm.restart_policy.mode,
             restart_delay_secs: vm.restart_policy.delay_ms as f64 / 1000.0,
             restart_max_delay_secs: vm.restart_policy.max_delay_ms as f64 / 1000.0,
@@ -368,6 +404,8 @@ pub struct LogsResult {
 pub struct VmServices {
     pub vms: Addr<VmManager>,
     pub networks: Addr<NetworkManager>,
+    /// Kernels and images a create chooses.
+    pub catalog: Addr<CatalogActor>,
     pub settings: Arc<VmSettings>,
 }
 
@@ -505,8 +543,23 @@ async fn validate_create(
 ) -> Result<CreateVm, RpcError> {
     let name = params.name.unwrap_or_else(generate_name);
     validate_name("name", &name)?;
-    validate_name("kernel", &params.kernel)?;
-    let rootfs = validate_rootfs(&params.rootfs)?;
+    if let Some(kernel) = &params.kernel {
+        validate_name("kernel", kernel)?;
+    }
+    let rootfs = params.rootfs.as_deref().map(validate_rootfs).transpose()?;
+    let disk_bytes = params.disk.as_deref().map(parse_disk_bytes).transpose()?;
+    if let Some(bytes) = disk_bytes
+        && bytes > services.settings.max_rootfs.bytes
+    {
+        return Err(InvalidVm {
+            field: "disk",
+            reason: format!(
+                "{bytes} bytes is more than the {} allowed ({})",
+                services.settings.max_rootfs.bytes, services.settings.max_rootfs.setting
+            ),
+        }
+        .into());
+    }
     let vcpus = validate_vcpus(params.vcpus.unwrap_or(1))?;
     let memory_mib = match params.memory {
         None => 512,
@@ -545,14 +598,81 @@ async fn validate_create(
             none: params.no_network,
         })
         .await??;
-    let rootfs = wire
-        .open_named("rootfs", &rootfs, services.settings.max_rootfs)
-        .await?;
+    let kernel = match params.kernel {
+        Some(kernel) => kernel,
+        None => services
+            .catalog
+            .send(ChooseKernel {
+                preferred: services.settings.default_kernel.clone(),
+            })
+            .await
+            .map_err(|_| RpcError::new(ErrorCode::Unavailable, "the catalog is not answering"))??,
+    };
+    // Opened last, so a refused request opens nothing: the user's file
+    // with the caller's authority, an image's disk (the daemon's own,
+    // never written) by the daemon.
+    let (rootfs, image) = match (rootfs, params.image) {
+        (Some(rootfs), _) => {
+            let opened = wire
+                .open_named("rootfs", &rootfs, services.settings.max_rootfs)
+                .await?;
+            (DiskSource::from(opened), None)
+        }
+        (None, Some(wanted)) => {
+            let image = services
+                .catalog
+                .send(FindImage(wanted))
+                .await
+                .map_err(|_| {
+                    RpcError::new(ErrorCode::Unavailable, "the catalog is not answering")
+                })??;
+            let disk = image.disk.clone();
+            let file = tokio::task::spawn_blocking(move || std::fs::File::open(&disk))
+                .await
+                .map_err(|_| RpcError::new(ErrorCode::Unavailable, "blocking pool gone"))?
+                .map_err(|e| {
+                    RpcError::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "cannot open image {}'s disk {}: {e}",
+                            image.name,
+                            image.disk.display()
+                        ),
+                    )
+                })?;
+            let source = DiskSource {
+                named: image.disk.clone(),
+                file,
+                len: image.disk_bytes,
+            };
+            let held = VmImage {
+                name: image.name,
+                digest: image.digest,
+            };
+            (source, Some(held))
+        }
+        (None, None) => return Err(RpcError::invalid_params("rootfs", "no root disk given")),
+    };
+    if let Some(bytes) = disk_bytes
+        && bytes < rootfs.len
+    {
+        return Err(InvalidVm {
+            field: "disk",
+            reason: format!(
+                "{bytes} bytes is smaller than the {} of {}: a root disk can grow, not shrink",
+                rootfs.len,
+                rootfs.named.display()
+            ),
+        }
+        .into());
+    }
     Ok(CreateVm {
         network,
         name,
-        kernel: params.kernel,
+        kernel,
         rootfs,
+        image,
+        disk_bytes,
         vcpus,
         memory_mib,
         vmm: params.vmm,

@@ -19,4 +19,8 @@ pub enum Resource {
     /// The VM's tap and its nftables element: from its launch until it
     /// stops for good (kept between a crash and its restart).
     Tap,
+    /// A hold on the image the VM's disk was cloned from (`VmRecord::image`):
+    /// the image may not be removed while a ledger names it. Nothing of the
+    /// host to release: the hold ends with the record.
+    Image,
 }

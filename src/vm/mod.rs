@@ -2,6 +2,7 @@
 //! its identity (name and short id), its states, and its restart policy.
 //! `actors::vm` applies them.
 
+pub mod disk;
 pub mod ledger;
 pub mod machine;
 pub mod phase;
@@ -89,6 +90,36 @@ pub fn parse_memory_mib(text: &str) -> Result<u32, InvalidVm> {
     validate_memory(mib)
 }
 
+/// `--disk`: a root disk's size, such as "1G" or "512M" (MiB when no unit
+/// is given), in bytes.
+pub fn parse_disk_bytes(text: &str) -> Result<u64, InvalidVm> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let number: u64 = digits.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+        invalid(
+            "disk",
+            format!("{text:?} is not a size like 512M, 4G or 1T"),
+        )
+    })?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(invalid(
+                "disk",
+                format!("unknown unit {other:?}; use M, G or T"),
+            ));
+        }
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| invalid("disk", format!("{text:?} is too large")))
+}
+
 fn validate_memory(mib: u64) -> Result<u32, InvalidVm> {
     match u32::try_from(mib) {
         Ok(mib) if (1..=MAX_MEMORY_MIB).contains(&mib) => Ok(mib),
@@ -157,6 +188,16 @@ mod tests {
         assert_eq!(parse_memory_mib("1GiB"), Ok(1024));
         for bad in ["0", "", "G", "12T", "-5", "99999999999"] {
             assert_eq!(parse_memory_mib(bad).expect_err(bad).field, "memory");
+        }
+    }
+
+    #[test]
+    fn disk_sizes_take_units_and_mib_by_default() {
+        assert_eq!(parse_disk_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_disk_bytes("512"), Ok(512 << 20));
+        assert_eq!(parse_disk_bytes("2TiB"), Ok(2 << 40));
+        for bad in ["0", "", "G", "1P", "-5", "99999999999999999T"] {
+            assert_eq!(parse_disk_bytes(bad).expect_err(bad).field, "disk");
         }
     }
 

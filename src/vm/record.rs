@@ -61,6 +61,19 @@ pub struct VmRecord {
     /// The network the VM joins, and its address there once leased.
     #[serde(default)]
     pub network: Option<VmNetwork>,
+    /// The image its root disk was cloned from.
+    #[serde(default)]
+    pub image: Option<VmImage>,
+    /// The size its root disk was grown to at create, when asked.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+}
+
+/// The image a VM came from, as it was named when the VM was created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmImage {
+    pub name: String,
+    pub digest: String,
 }
 
 /// A VM's place on its network. Its tap and MAC follow from its id
@@ -185,6 +198,8 @@ pub(crate) fn sample() -> VmRecord {
         error: None,
         degraded: None,
         network: None,
+        image: None,
+        disk_bytes: None,
         resources: vec![Resource::VmDirectory],
     }
 }

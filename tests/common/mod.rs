@@ -5,6 +5,7 @@
 
 pub mod guest;
 pub mod halt;
+pub mod oci;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -274,6 +275,8 @@ pub fn vm_record(i: usize) -> banger::vm::record::VmRecord {
         error: None,
         degraded: None,
         network: None,
+        image: None,
+        disk_bytes: None,
         resources: vec![banger::vm::ledger::Resource::VmDirectory],
     }
 }

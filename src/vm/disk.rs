@@ -1,0 +1,311 @@
+//! A VM's own root disk: a copy-on-write clone of an image's ext4 or of a
+//! user's file, made before the VM's first boot. A reflink (FICLONE)
+//! shares every extent where the filesystem allows; elsewhere a sparse
+//! copy moves only the data extents (SEEK_DATA/SEEK_HOLE), so an image's
+//! holes stay holes. A disk asked to be larger is grown before its first
+//! boot: the file extended, then its filesystem by `resize2fs`.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use rustix::fs::SeekFrom;
+
+/// An open source of a VM's root disk: `len` bytes of `file`, as much as
+/// it held when it was opened (a file that grows since cannot grow the
+/// copy). `named` is its path, for messages.
+#[derive(Debug)]
+pub struct DiskSource {
+    pub named: PathBuf,
+    pub file: File,
+    pub len: u64,
+}
+
+impl From<crate::caller::CallerFile> for DiskSource {
+    fn from(file: crate::caller::CallerFile) -> DiskSource {
+        DiskSource {
+            named: file.path,
+            file: file.file,
+            len: file.len,
+        }
+    }
+}
+
+/// How a clone was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloned {
+    Reflink,
+    /// A sparse copy of this many data bytes.
+    Sparse {
+        copied: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cloning {named} needs {needed} bytes free under {dir}, which has {available}; free space there or remove VMs and images (`banger image prune`)"
+    )]
+    NoSpace {
+        named: PathBuf,
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("cannot grow the filesystem of {path} to {bytes} bytes: {reason}")]
+    Grow {
+        path: PathBuf,
+        bytes: u64,
+        reason: String,
+    },
+}
+
+/// Clones `source` into the new file `target` (its parent exists), grown
+/// to `size` bytes when that is larger. The target is synced before this
+/// returns; on an error it may be left behind for the caller's ledger.
+pub fn clone_disk(
+    source: &DiskSource,
+    target: &Path,
+    size: Option<u64>,
+    mid_copy: impl Fn(),
+) -> Result<Cloned, DiskError> {
+    let io_err = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DiskError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    // Read and write: resize2fs is handed this descriptor.
+    let copy = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(target)
+        .map_err(io_err("create", target))?;
+    let cloned = if reflink_copy::reflink_file(&source.file, &copy).is_ok() {
+        copy.set_len(source.len).map_err(io_err("size", target))?;
+        Cloned::Reflink
+    } else {
+        let needed = allocated(&source.file).map_err(io_err("stat", &source.named))?;
+        let dir = target.parent().unwrap_or(target);
+        let available = available(&copy).map_err(io_err("statvfs", dir))?;
+        if needed > available {
+            return Err(DiskError::NoSpace {
+                named: source.named.clone(),
+                dir: dir.to_path_buf(),
+                needed,
+                available,
+            });
+        }
+        let copied = sparse_copy(&source.file, &copy, source.len, mid_copy)
+            .map_err(io_err("copy", &source.named))?;
+        Cloned::Sparse { copied }
+    };
+    if let Some(size) = size.filter(|&size| size > source.len) {
+        copy.set_len(size).map_err(io_err("extend", target))?;
+        copy.sync_all().map_err(io_err("sync", target))?;
+        grow_filesystem(&copy, target, size)?;
+    }
+    copy.sync_all().map_err(io_err("sync", target))?;
+    Ok(cloned)
+}
+
+/// Bytes the file's blocks take on its filesystem.
+fn allocated(file: &File) -> io::Result<u64> {
+    Ok(file.metadata()?.blocks() * 512)
+}
+
+/// Bytes an unprivileged writer may still allocate where `file` lives.
+fn available(file: &File) -> io::Result<u64> {
+    let stat = rustix::fs::fstatvfs(file)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Copies the first `len` bytes of `source` into the empty `target`,
+/// data extents only: a hole of the source stays a hole. Returns the data
+/// bytes copied. `mid_copy` runs after the first extent (a crash test's
+/// boundary).
+fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> io::Result<u64> {
+    let mut copied = 0;
+    let mut offset = 0;
+    while offset < len {
+        let data = match rustix::fs::seek(source, SeekFrom::Data(offset)) {
+            Ok(data) => data,
+            // No data after `offset`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if data >= len {
+            break;
+        }
+        let hole = rustix::fs::seek(source, SeekFrom::Hole(data))?.min(len);
+        let (mut from, mut to) = (data, data);
+        while from < hole {
+            let want = usize::try_from(hole - from).unwrap_or(usize::MAX);
+            let n =
+                rustix::fs::copy_file_range(source, Some(&mut from), target, Some(&mut to), want)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the source ended inside a data extent",
+                ));
+            }
+            copied += n as u64;
+        }
+        if copied > 0 {
+            mid_copy();
+        }
+        offset = hole;
+    }
+    target.set_len(len)?;
+    Ok(copied)
+}
+
+/// Grows the ext4 in `file` (already `size` bytes long) to fill it. The
+/// disk was never booted; resize2fs still runs with the least authority
+/// that can write it: as root, it drops to `nobody` and reaches the file
+/// only through its inherited descriptor (`/dev/stdin`), the file lent to
+/// `nobody` meanwhile.
+fn grow_filesystem(file: &File, path: &Path, size: u64) -> Result<(), DiskError> {
+    let grow_err = |reason: String| DiskError::Grow {
+        path: path.to_path_buf(),
+        bytes: size,
+        reason,
+    };
+    let lent = file
+        .try_clone()
+        .map_err(|e| grow_err(format!("cannot lend the disk's descriptor: {e}")))?;
+    let mut command = Command::new("resize2fs");
+    command
+        .arg("/dev/stdin")
+        .stdin(Stdio::from(lent))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let root = rustix::process::geteuid().is_root();
+    if root {
+        std::os::unix::fs::fchown(file, Some(NOBODY), Some(NOBODY))
+            .map_err(|e| grow_err(format!("cannot lend the disk to nobody: {e}")))?;
+        std::os::unix::process::CommandExt::uid(&mut command, NOBODY);
+        std::os::unix::process::CommandExt::gid(&mut command, NOBODY);
+    }
+    let output = command.output();
+    if root {
+        std::os::unix::fs::fchown(file, Some(0), Some(0))
+            .map_err(|e| grow_err(format!("cannot take the disk back from nobody: {e}")))?;
+    }
+    let output = output.map_err(|e| grow_err(format!("cannot run resize2fs: {e}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(grow_err(format!(
+            "resize2fs {}: {}",
+            output.status,
+            stderr.trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The uid and gid of `nobody`.
+const NOBODY: u32 = 65534;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn source(dir: &Path, len: u64, data_at: &[u64]) -> DiskSource {
+        let path = dir.join("source");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .expect("create");
+        file.set_len(len).expect("size");
+        for &at in data_at {
+            file.write_all_at(&[0xab; 8192], at).expect("write");
+        }
+        file.sync_all().expect("sync");
+        DiskSource {
+            named: path.clone(),
+            file: File::open(&path).expect("open"),
+            len,
+        }
+    }
+
+    #[test]
+    fn a_sparse_copy_keeps_holes_and_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 1 << 30;
+        let at = [0, 256 << 20, len - 8192];
+        let source = source(dir.path(), len, &at);
+        let target = dir.path().join("copy");
+        let copy = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&target)
+            .expect("create");
+        let extents = std::cell::Cell::new(0);
+        let copied =
+            sparse_copy(&source.file, &copy, len, || extents.set(extents.get() + 1)).expect("copy");
+        let copy = File::open(&target).expect("open");
+        assert_eq!(copy.metadata().expect("stat").len(), len);
+        // Only the written blocks moved (a filesystem may round them up),
+        // not the gigabyte of holes around them.
+        assert!((3 * 8192..8 << 20).contains(&copied), "{copied}");
+        assert!(allocated(&copy).expect("blocks") < 8 << 20);
+        assert!(extents.get() >= 1);
+        for &at in &at {
+            let mut buf = [0; 8192];
+            copy.read_exact_at(&mut buf, at).expect("read");
+            assert!(buf.iter().all(|&b| b == 0xab), "data at {at}");
+        }
+        let mut buf = [0xff; 4096];
+        copy.read_exact_at(&mut buf, 512 << 20).expect("read");
+        assert!(buf.iter().all(|&b| b == 0), "a hole reads as zeros");
+    }
+
+    #[test]
+    fn a_source_of_holes_only_copies_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = source(dir.path(), 64 << 20, &[]);
+        let target = dir.path().join("copy");
+        let cloned = clone_disk(&source, &target, None, || {}).expect("clone");
+        assert!(matches!(
+            cloned,
+            Cloned::Reflink | Cloned::Sparse { copied: 0 }
+        ));
+        assert_eq!(std::fs::metadata(&target).expect("stat").len(), 64 << 20);
+    }
+
+    #[test]
+    fn a_clone_never_replaces_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = source(dir.path(), 4096, &[0]);
+        let target = dir.path().join("copy");
+        std::fs::write(&target, b"mine").expect("write");
+        let err = clone_disk(&source, &target, None, || {}).expect_err("exists");
+        assert!(
+            matches!(
+                err,
+                DiskError::Io {
+                    action: "create",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&target).expect("read"), b"mine");
+    }
+}

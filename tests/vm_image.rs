@@ -1,0 +1,431 @@
+//! VMs from images: a real qemu guest boots from an imported busybox
+//! image (its files, modes and owners seen through `vm exec`, its disk
+//! grown by `--disk`); clones share the image's extents on a reflink
+//! filesystem and keep its holes elsewhere; an image a VM holds cannot be
+//! removed, and a prune frees what no VM holds; a daemon killed during a
+//! clone leaves nothing.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::guest::*;
+use common::oci::*;
+use common::*;
+use serde_json::Value;
+
+/// A busybox image with files of several modes and owners, as an OCI
+/// layout under `dir`.
+fn busybox_layout(dir: &Path) -> PathBuf {
+    let mut base = busybox_tree();
+    for mount in ["proc", "sys", "dev", "run", "tmp", "root", "etc"] {
+        base.dir(mount, 0o755);
+    }
+    base.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
+    let mut data = Layer::default();
+    data.add(Spec {
+        owner: (1000, 100),
+        ..spec("srv", tar::EntryType::Directory, 0o750)
+    });
+    data.add(Spec {
+        owner: (1000, 100),
+        data: b"from the image\n",
+        ..spec("srv/hello.txt", tar::EntryType::Regular, 0o640)
+    });
+    data.add(Spec {
+        data: b"#!/bin/sh\necho tool\n",
+        ..spec("bin/tool", tar::EntryType::Regular, 0o4755)
+    });
+    layout(
+        dir,
+        "busybox-layout",
+        &[base.finish(), data.finish()],
+        Compression::Gzip,
+    )
+}
+
+fn json_of(out: &std::process::Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json output")
+}
+
+/// Bytes the file's blocks take.
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+#[test]
+fn a_qemu_guest_boots_from_a_busybox_image_on_a_grown_disk_that_holds_the_image() {
+    let test = "a_qemu_guest_boots_from_a_busybox_image_on_a_grown_disk_that_holds_the_image";
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    if !tools_installed(test, &["busybox", "resize2fs"]) {
+        return;
+    }
+    let f = Fixture::new(&guest);
+    import_kernel(&f, &guest.kernel_deb);
+    let layout = busybox_layout(f.tmp.path());
+    let image = f.json(&[
+        "image",
+        "import",
+        layout.to_str().expect("utf-8"),
+        "--name",
+        "busybox",
+        "--json",
+    ]);
+    let digest = image["digest"].as_str().expect("digest").to_string();
+    // No --kernel: the catalog's only kernel.
+    let vm = f.json(&[
+        "vm", "create", "box", "--image", "busybox", "--disk", "1G", "--vmm", "qemu", "--memory",
+        "256M", "--start", "--json",
+    ]);
+    assert_eq!(vm["kernel"], "debian", "{vm}");
+    assert_eq!(vm["image"]["name"], "busybox", "{vm}");
+    assert_eq!(vm["image"]["digest"], digest.as_str(), "{vm}");
+    f.json(&["vm", "ping", "box", "--wait", "60", "--json"]);
+    let exec = |args: &[&str]| {
+        let mut argv = vec!["vm", "exec", "box", "--"];
+        argv.extend_from_slice(args);
+        f.ok(&argv)
+    };
+    assert_eq!(
+        exec(&[
+            "stat",
+            "-c",
+            "%a %u:%g %n",
+            "/srv",
+            "/srv/hello.txt",
+            "/bin/tool"
+        ]),
+        "750 1000:100 /srv\n640 1000:100 /srv/hello.txt\n4755 0:0 /bin/tool\n"
+    );
+    assert_eq!(exec(&["cat", "/srv/hello.txt"]), "from the image\n");
+    // The root filesystem is the size asked, give or take its metadata.
+    let df = exec(&["df", "-k", "/"]);
+    let kib: u64 = df
+        .lines()
+        .nth(1)
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("df: {df}"));
+    assert!((900 << 10..=1 << 20).contains(&kib), "{kib} KiB: {df}");
+    let shown = f.ok(&["vm", "inspect", "box"]);
+    assert!(
+        shown.contains(&format!("busybox ({digest})")),
+        "vm inspect shows the image: {shown}"
+    );
+
+    // Held: refused, naming the VM; after the VM goes, a prune frees the
+    // image's disk and its blobs.
+    let refused = f.run(&["image", "rm", "busybox"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("VM box"),
+        "{stderr}"
+    );
+    f.ok(&["vm", "kill", "box"]);
+    f.ok(&["vm", "rm", "box"]);
+    let pruned = f.json(&["image", "prune", "--json"]);
+    assert_eq!(pruned["images"][0]["name"], "busybox", "{pruned}");
+    assert!(
+        pruned["freed_bytes"].as_u64().expect("freed") > 1 << 20,
+        "{pruned}"
+    );
+    assert_eq!(entries(&f.state().join("images")), Vec::<String>::new());
+    assert_eq!(
+        entries(&f.state().join("blobs/sha256")),
+        Vec::<String>::new()
+    );
+    assert_eq!(f.json(&["image", "ls", "--json"]), Value::Array(vec![]));
+}
+
+/// A daemon without networking whose images carry `headroom_mib` of
+/// holes, with the halt kernel imported (VMs are created, not booted).
+fn clone_daemon(work: &Path, state: &Path, env: &[(&str, &str)]) -> Daemon {
+    let daemon = image_daemon(state, "headroom_mib = 256\n", env);
+    let halt = work.join("halt.elf");
+    if !halt.exists() {
+        halt_kernel(&halt);
+    }
+    if !state.join("kernels/halt").exists() {
+        let out = banger(
+            state,
+            &[
+                "kernel",
+                "import",
+                "halt",
+                "--vmlinux",
+                halt.to_str().expect("utf-8"),
+            ],
+        );
+        assert!(out.status.success(), "kernel import: {out:?}");
+    }
+    daemon
+}
+
+/// Imports the busybox layout into `state` as `busybox`: its record.
+fn import_busybox(work: &Path, state: &Path) -> Value {
+    let layout = work.join("busybox-layout");
+    let layout = if layout.exists() {
+        layout
+    } else {
+        busybox_layout(work)
+    };
+    json_of(
+        &banger(
+            state,
+            &[
+                "image",
+                "import",
+                layout.to_str().expect("utf-8"),
+                "--name",
+                "busybox",
+                "--json",
+            ],
+        ),
+        "image import",
+    )
+}
+
+fn create(state: &Path, name: &str) -> Value {
+    json_of(
+        &banger(
+            state,
+            &[
+                "vm", "create", name, "--image", "busybox", "--vmm", "qemu", "--json",
+            ],
+        ),
+        "vm create",
+    )
+}
+
+/// Twenty clones on `state`: their disks, and the free bytes of the
+/// filesystem before and after.
+fn twenty_clones(state: &Path) -> (Vec<PathBuf>, u64, u64) {
+    let free = || nix::sys::statvfs::statvfs(state).map(|s| s.blocks_free() * s.fragment_size());
+    let before = free().expect("statvfs");
+    let disks: Vec<PathBuf> = (0..20)
+        .map(|i| {
+            let vm = create(state, &format!("clone-{i}"));
+            PathBuf::from(vm["rootfs"].as_str().expect("rootfs"))
+        })
+        .collect();
+    (disks, before, free().expect("statvfs"))
+}
+
+/// An XFS (reflinks on) on a loop device, mounted at `at`; unmounted on
+/// drop.
+struct LoopXfs(PathBuf);
+
+impl LoopXfs {
+    fn mount(file: &Path, at: &Path) -> LoopXfs {
+        let backing = std::fs::File::create(file).expect("backing file");
+        backing.set_len(4 << 30).expect("size");
+        run_ok(
+            "mkfs.xfs",
+            &["-q", "-m", "reflink=1", file.to_str().expect("utf-8")],
+        );
+        std::fs::create_dir_all(at).expect("mount point");
+        run_ok(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                file.to_str().expect("utf-8"),
+                at.to_str().expect("utf-8"),
+            ],
+        );
+        LoopXfs(at.to_path_buf())
+    }
+}
+
+impl Drop for LoopXfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn twenty_clones_share_the_image_s_extents_on_xfs_and_keep_its_holes_on_ext4() {
+    let test = "twenty_clones_share_the_image_s_extents_on_xfs_and_keep_its_holes_on_ext4";
+    if !tools_installed(
+        test,
+        &["busybox", "mkfs.xfs", "filefrag", "mount", "umount"],
+    ) {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        skip(test, "mounting a loop XFS needs root");
+        return;
+    }
+    let work = state_dir();
+
+    // ext4 (the test's own directory): sparse copies.
+    let ext4 = work.path().join("on-ext4");
+    std::fs::create_dir_all(&ext4).expect("state");
+    let daemon = clone_daemon(work.path(), &ext4, &[]);
+    let image = import_busybox(work.path(), &ext4);
+    let image_disk = PathBuf::from(image["disk"].as_str().expect("disk"));
+    let apparent = image["disk_bytes"].as_u64().expect("disk_bytes");
+    assert!(
+        allocated(&image_disk) * 4 < apparent,
+        "the image has holes to keep"
+    );
+    let (disks, before, after) = twenty_clones(&ext4);
+    for disk in &disks {
+        assert_eq!(std::fs::metadata(disk).expect("stat").len(), apparent);
+        assert!(
+            allocated(disk) <= allocated(&image_disk) + (1 << 20),
+            "{}: {} allocated of {apparent}, the image {}",
+            disk.display(),
+            allocated(disk),
+            allocated(&image_disk)
+        );
+        assert_fsck_clean(disk, "a sparse clone");
+    }
+    let used = before.saturating_sub(after);
+    eprintln!(
+        "ext4: 20 clones took {used} bytes; the image {} allocated of {apparent}",
+        allocated(&image_disk)
+    );
+    assert!(
+        used < 21 * allocated(&image_disk) + (64 << 20),
+        "20 sparse clones took {used} bytes"
+    );
+    drop(daemon);
+
+    // XFS with reflinks: the clones share the image's extents.
+    let xfs_dir = work.path().join("xfs");
+    let _xfs = LoopXfs::mount(&work.path().join("xfs.img"), &xfs_dir);
+    let on_xfs = xfs_dir.join("state");
+    std::fs::create_dir_all(&on_xfs).expect("state");
+    let daemon = clone_daemon(work.path(), &on_xfs, &[]);
+    let image = import_busybox(work.path(), &on_xfs);
+    let image_disk = PathBuf::from(image["disk"].as_str().expect("disk"));
+    let (disks, before, after) = twenty_clones(&on_xfs);
+    let used = before.saturating_sub(after);
+    eprintln!(
+        "xfs: 20 clones took {used} bytes; the image {} allocated of {}",
+        allocated(&image_disk),
+        image["disk_bytes"]
+    );
+    assert!(
+        used < allocated(&image_disk) + (16 << 20),
+        "20 reflinked clones took {used} bytes, the image holds {}",
+        allocated(&image_disk)
+    );
+    for disk in &disks {
+        let frag = run_ok("filefrag", &["-v", disk.to_str().expect("utf-8")]);
+        assert!(frag.contains("shared"), "{}: {frag}", disk.display());
+    }
+    assert_fsck_clean(&disks[0], "a reflinked clone");
+    drop(daemon);
+}
+
+#[test]
+fn vm_create_from_an_image_refuses_bad_input_naming_the_field() {
+    let test = "vm_create_from_an_image_refuses_bad_input_naming_the_field";
+    if !tools_installed(test, &["busybox"]) {
+        return;
+    }
+    let work = state_dir();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let _daemon = clone_daemon(work.path(), &state, &[]);
+    import_busybox(work.path(), &state);
+    let refused = |args: &[&str], needle: &str| {
+        let out = banger(&state, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
+    };
+    refused(
+        &["vm", "create", "a", "--image", "nosuch"],
+        "no image named nosuch",
+    );
+    refused(
+        &["vm", "create", "a", "--image", "busybox", "--disk", "1M"],
+        "disk",
+    );
+    refused(
+        &["vm", "create", "a", "--image", "busybox", "--disk", "5Q"],
+        "disk",
+    );
+    refused(&["vm", "create", "a"], "--rootfs");
+    // Two kernels and no default: the create names them.
+    let halt = work.path().join("halt.elf");
+    let out = banger(
+        &state,
+        &[
+            "kernel",
+            "import",
+            "halt2",
+            "--vmlinux",
+            halt.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "second kernel: {out:?}");
+    refused(
+        &["vm", "create", "a", "--image", "busybox", "--vmm", "qemu"],
+        "halt, halt2",
+    );
+    // Nothing of the refused creates is left.
+    assert_eq!(entries(&state.join("vms")), Vec::<String>::new());
+    let out = banger(&state, &["vm", "ls", "--json"]);
+    assert_eq!(json_of(&out, "vm ls"), Value::Array(vec![]));
+}
+
+#[test]
+fn a_daemon_killed_during_a_clone_leaves_nothing_and_the_create_then_succeeds() {
+    let test = "a_daemon_killed_during_a_clone_leaves_nothing_and_the_create_then_succeeds";
+    if !tools_installed(test, &["busybox"]) {
+        return;
+    }
+    let work = state_dir();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    drop(clone_daemon(work.path(), &state, &[]));
+    // Killed in the middle of the copy (the state dir is ext4 here, so the
+    // clone is a sparse copy, extent by extent), and after it.
+    for boundary in ["disk-cloning:1", "disk-cloned:1"] {
+        let mut daemon = clone_daemon(work.path(), &state, &[("BANGER_FAULT_KILL", boundary)]);
+        if !state.join("images").exists() || entries(&state.join("images")).is_empty() {
+            import_busybox(work.path(), &state);
+        }
+        let out = banger(
+            &state,
+            &["vm", "create", "web", "--image", "busybox", "--vmm", "qemu"],
+        );
+        assert!(!out.status.success(), "{boundary}: the daemon died");
+        daemon.wait_exit();
+        let daemon = clone_daemon(work.path(), &state, &[]);
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !entries(&state.join("vms")).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{boundary}: left {:?}",
+                entries(&state.join("vms"))
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let listed = json_of(&banger(&state, &["vm", "ls", "--json"]), "vm ls");
+        assert_eq!(listed, Value::Array(vec![]), "{boundary}");
+        let vm = create(&state, "web");
+        assert_fsck_clean(
+            Path::new(vm["rootfs"].as_str().expect("rootfs")),
+            "the clone after a kill",
+        );
+        let removed = banger(&state, &["vm", "rm", "web"]);
+        assert!(removed.status.success(), "vm rm: {removed:?}");
+        drop(daemon);
+    }
+}
