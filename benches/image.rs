@@ -234,19 +234,6 @@ fn inflate(blobs: &[PathBuf]) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-fn spread(mut samples: Vec<f64>) -> (f64, String) {
-    samples.sort_by(f64::total_cmp);
-    let median = samples[samples.len() / 2];
-    (
-        median,
-        format!(
-            "median {median:.2} s (min {:.2}, max {:.2})",
-            samples[0],
-            samples[samples.len() - 1]
-        ),
-    )
-}
-
 fn main() -> anyhow::Result<()> {
     let layout = layout()?;
     let blobs = layer_blobs(&layout)?;
@@ -260,9 +247,9 @@ fn main() -> anyhow::Result<()> {
             ours[round], theirs[round], limit[round]
         );
     }
-    let (ours_m, ours_s) = spread(ours);
-    let (theirs_m, theirs_s) = spread(theirs);
-    let (limit_m, limit_s) = spread(limit);
+    let (ours_m, ours_s) = common::spread(ours);
+    let (theirs_m, theirs_s) = common::spread(theirs);
+    let (limit_m, limit_s) = common::spread(limit);
     let mut report = String::new();
     writeln!(
         report,

@@ -7,9 +7,7 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::guest::*;
 use common::oci::*;
@@ -19,6 +17,13 @@ use serde_json::Value;
 /// A busybox image with files of several modes and owners, as an OCI
 /// layout under `dir`.
 fn busybox_layout(dir: &Path) -> PathBuf {
+    let run = serde_json::json!({ "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/" });
+    busybox_layout_running(dir, "busybox-layout", run)
+}
+
+/// As [`busybox_layout`], named `name`, running `run` (the config's
+/// Env, Cmd, WorkingDir, User).
+fn busybox_layout_running(dir: &Path, name: &str, run: Value) -> PathBuf {
     let mut base = busybox_tree();
     for mount in ["proc", "sys", "dev", "run", "tmp", "root", "etc"] {
         base.dir(mount, 0o755);
@@ -38,11 +43,12 @@ fn busybox_layout(dir: &Path) -> PathBuf {
         data: b"#!/bin/sh\necho tool\n",
         ..spec("bin/tool", tar::EntryType::Regular, 0o4755)
     });
-    layout(
+    layout_running(
         dir,
-        "busybox-layout",
+        name,
         &[base.finish(), data.finish()],
         Compression::Gzip,
+        run,
     )
 }
 
@@ -53,11 +59,6 @@ fn json_of(out: &std::process::Output, what: &str) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("--json output")
-}
-
-/// Bytes the file's blocks take.
-fn allocated(path: &Path) -> u64 {
-    std::fs::metadata(path).expect("stat").blocks() * 512
 }
 
 #[test]
@@ -146,6 +147,85 @@ fn a_qemu_guest_boots_from_a_busybox_image_on_a_grown_disk_that_holds_the_image(
     assert_eq!(f.json(&["image", "ls", "--json"]), Value::Array(vec![]));
 }
 
+#[test]
+fn the_image_s_command_runs_as_the_vm_s_main_process_and_its_exit_is_the_vm_s() {
+    let test = "the_image_s_command_runs_as_the_vm_s_main_process_and_its_exit_is_the_vm_s";
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    if !tools_installed(test, &["busybox"]) {
+        return;
+    }
+    let f = Fixture::new(&guest);
+    import_kernel(&f, &guest.kernel_deb);
+    // Env, WorkingDir and User reach the process; it exits 3.
+    let run = serde_json::json!({
+        "Env": ["PATH=/bin", "GREETING=hi"],
+        "Entrypoint": ["/bin/sh", "-c"],
+        "Cmd": ["echo $GREETING from $(pwd) as $(id -u):$(id -g); exit 3"],
+        "WorkingDir": "/srv",
+        "User": "1000:100",
+    });
+    let layout = busybox_layout_running(f.tmp.path(), "job-layout", run);
+    f.json(&[
+        "image",
+        "import",
+        layout.to_str().expect("utf-8"),
+        "--name",
+        "job",
+        "--json",
+    ]);
+    f.json(&[
+        "vm",
+        "create",
+        "job",
+        "--image",
+        "job",
+        "--run-image-cmd",
+        "--restart",
+        "on-failure",
+        "--vmm",
+        "qemu",
+        "--memory",
+        "256M",
+        "--start",
+        "--json",
+    ]);
+    // Its exit stops the VM with its code; on-failure starts it again.
+    let deadline = std::time::Instant::now() + 2 * EVENT_TIMEOUT;
+    let vm = loop {
+        let vm = f.json(&["vm", "inspect", "job", "--json"]);
+        if vm["restart_count"].as_u64() >= Some(1) && !vm["last_exit"].is_null() {
+            break vm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the main process never ended the VM: {vm}\n{}",
+            f.console()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(vm["last_exit"]["code"], 3, "{vm}");
+    assert_eq!(vm["last_exit"]["kind"], "crash", "{vm}");
+    let listed = f.ok(&["vm", "ls"]);
+    let row = listed
+        .lines()
+        .find(|line| line.starts_with("job "))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(
+        row.split_whitespace().nth(3),
+        Some("3"),
+        "vm ls shows the exit code: {listed}"
+    );
+    let logs = f.ok(&["vm", "logs", "job"]);
+    assert!(
+        logs.contains("hi from /srv as 1000:100"),
+        "vm logs has the main process's output: {logs}"
+    );
+    f.ok(&["vm", "kill", "job"]);
+    f.ok(&["vm", "rm", "job"]);
+}
+
 /// A daemon without networking whose images carry `headroom_mib` of
 /// holes, with the halt kernel imported (VMs are created, not booted).
 fn clone_daemon(work: &Path, state: &Path, env: &[(&str, &str)]) -> Daemon {
@@ -168,6 +248,17 @@ fn clone_daemon(work: &Path, state: &Path, env: &[(&str, &str)]) -> Daemon {
         assert!(out.status.success(), "kernel import: {out:?}");
     }
     daemon
+}
+
+/// A work directory and a state directory in it, unless `test` must skip.
+fn clone_world(test: &str) -> Option<(tempfile::TempDir, PathBuf)> {
+    if !tools_installed(test, &["busybox"]) {
+        return None;
+    }
+    let work = state_dir();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    Some((work, state))
 }
 
 /// Imports the busybox layout into `state` as `busybox`: its record.
@@ -220,38 +311,6 @@ fn twenty_clones(state: &Path) -> (Vec<PathBuf>, u64, u64) {
     (disks, before, free().expect("statvfs"))
 }
 
-/// An XFS (reflinks on) on a loop device, mounted at `at`; unmounted on
-/// drop.
-struct LoopXfs(PathBuf);
-
-impl LoopXfs {
-    fn mount(file: &Path, at: &Path) -> LoopXfs {
-        let backing = std::fs::File::create(file).expect("backing file");
-        backing.set_len(4 << 30).expect("size");
-        run_ok(
-            "mkfs.xfs",
-            &["-q", "-m", "reflink=1", file.to_str().expect("utf-8")],
-        );
-        std::fs::create_dir_all(at).expect("mount point");
-        run_ok(
-            "mount",
-            &[
-                "-o",
-                "loop",
-                file.to_str().expect("utf-8"),
-                at.to_str().expect("utf-8"),
-            ],
-        );
-        LoopXfs(at.to_path_buf())
-    }
-}
-
-impl Drop for LoopXfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn twenty_clones_share_the_image_s_extents_on_xfs_and_keep_its_holes_on_ext4() {
     let test = "twenty_clones_share_the_image_s_extents_on_xfs_and_keep_its_holes_on_ext4";
@@ -302,9 +361,8 @@ fn twenty_clones_share_the_image_s_extents_on_xfs_and_keep_its_holes_on_ext4() {
     drop(daemon);
 
     // XFS with reflinks: the clones share the image's extents.
-    let xfs_dir = work.path().join("xfs");
-    let _xfs = LoopXfs::mount(&work.path().join("xfs.img"), &xfs_dir);
-    let on_xfs = xfs_dir.join("state");
+    let xfs = LoopXfs::mount(work.path(), 4 << 30);
+    let on_xfs = xfs.0.join("state");
     std::fs::create_dir_all(&on_xfs).expect("state");
     let daemon = clone_daemon(work.path(), &on_xfs, &[]);
     let image = import_busybox(work.path(), &on_xfs);
@@ -332,12 +390,9 @@ fn twenty_clones_share_the_image_s_extents_on_xfs_and_keep_its_holes_on_ext4() {
 #[test]
 fn vm_create_from_an_image_refuses_bad_input_naming_the_field() {
     let test = "vm_create_from_an_image_refuses_bad_input_naming_the_field";
-    if !tools_installed(test, &["busybox"]) {
+    let Some((work, state)) = clone_world(test) else {
         return;
-    }
-    let work = state_dir();
-    let state = work.path().join("state");
-    std::fs::create_dir_all(&state).expect("state");
+    };
     let _daemon = clone_daemon(work.path(), &state, &[]);
     import_busybox(work.path(), &state);
     let refused = |args: &[&str], needle: &str| {
@@ -378,21 +433,59 @@ fn vm_create_from_an_image_refuses_bad_input_naming_the_field() {
         &["vm", "create", "a", "--image", "busybox", "--vmm", "qemu"],
         "halt, halt2",
     );
+    refused(
+        &[
+            "vm",
+            "create",
+            "a",
+            "--rootfs",
+            "/nonexistent",
+            "--run-image-cmd",
+        ],
+        "run_image_cmd: needs image",
+    );
     // Nothing of the refused creates is left.
     assert_eq!(entries(&state.join("vms")), Vec::<String>::new());
     let out = banger(&state, &["vm", "ls", "--json"]);
     assert_eq!(json_of(&out, "vm ls"), Value::Array(vec![]));
+
+    // A held image: refused, then forced; the VM keeps its own disk.
+    let vm = json_of(
+        &banger(
+            &state,
+            &[
+                "vm", "create", "held", "--image", "busybox", "--kernel", "halt", "--vmm", "qemu",
+                "--json",
+            ],
+        ),
+        "vm create",
+    );
+    refused(&["image", "rm", "busybox"], "VM held");
+    let removed = json_of(
+        &banger(&state, &["image", "rm", "busybox", "--force", "--json"]),
+        "image rm --force",
+    );
+    assert_eq!(removed["held_by"], serde_json::json!(["held"]), "{removed}");
+    assert!(
+        removed["freed_bytes"].as_u64().expect("freed") > 0,
+        "{removed}"
+    );
+    assert_eq!(entries(&state.join("images")), Vec::<String>::new());
+    let disk = PathBuf::from(vm["rootfs"].as_str().expect("rootfs"));
+    assert_fsck_clean(&disk, "the disk of a VM whose image was removed");
+    let inspected = json_of(
+        &banger(&state, &["vm", "inspect", "held", "--json"]),
+        "inspect",
+    );
+    assert_eq!(inspected["image"]["name"], "busybox", "{inspected}");
 }
 
 #[test]
 fn a_daemon_killed_during_a_clone_leaves_nothing_and_the_create_then_succeeds() {
     let test = "a_daemon_killed_during_a_clone_leaves_nothing_and_the_create_then_succeeds";
-    if !tools_installed(test, &["busybox"]) {
+    let Some((work, state)) = clone_world(test) else {
         return;
-    }
-    let work = state_dir();
-    let state = work.path().join("state");
-    std::fs::create_dir_all(&state).expect("state");
+    };
     drop(clone_daemon(work.path(), &state, &[]));
     // Killed in the middle of the copy (the state dir is ext4 here, so the
     // clone is a sparse copy, extent by extent), and after it.

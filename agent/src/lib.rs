@@ -9,6 +9,7 @@ pub mod cmdline;
 pub mod flow;
 pub mod init;
 pub mod log;
+pub mod main_process;
 pub mod network;
 pub mod protocol;
 pub mod server;

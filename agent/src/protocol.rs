@@ -263,12 +263,19 @@ pub fn write_parts(
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     Ping,
     Exec(ExecRequest),
+    /// Start the VM's main process (the image's command), once per boot:
+    /// its output goes to the console, and its exit powers the guest off.
+    RunMain(MainRequest),
     Ports,
     HostKeys,
-    Shutdown { action: ShutdownAction },
+    Shutdown {
+        action: ShutdownAction,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,6 +287,21 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     #[serde(default)]
     pub pty: bool,
+}
+
+/// The main process, as an OCI image config describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MainRequest {
+    /// Entrypoint then Cmd.
+    pub argv: Vec<String>,
+    /// `KEY=value` entries; PATH is the agent's default when none sets it.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`, resolved in the guest.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -352,7 +374,12 @@ pub enum ShutdownAction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    Shutdown { action: ShutdownAction },
+    Shutdown {
+        action: ShutdownAction,
+        /// How the main process ended, when its exit is why.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        main_exit: Option<ExitStatus>,
+    },
     ShutdownAck,
 }
 

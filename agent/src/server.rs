@@ -35,7 +35,7 @@ use crate::protocol::{
 use crate::{children, spawn_thread, system};
 
 /// PATH for commands when the request sets none (PID 1 starts with none).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Facts the hello reports, fixed once the agent serves.
 pub struct Identity {
@@ -327,6 +327,15 @@ fn answer_request(
         }
         Request::Shutdown { .. } => Response::Error {
             message: "not PID 1: this agent cannot shut the guest down".into(),
+        },
+        Request::RunMain(main) if identity.init => match crate::main_process::run(main) {
+            Ok(pid) => Response::Started { pid },
+            Err(e) => Response::Error {
+                message: format!("cannot start the main process: {e}"),
+            },
+        },
+        Request::RunMain(_) => Response::Error {
+            message: "not PID 1: this agent runs no main process".into(),
         },
         // A started session answers itself, ahead of its first output.
         Request::Exec(exec) => match start(exec, session, writer, sessions) {
@@ -716,7 +725,11 @@ pub fn announce_shutdown(action: ShutdownAction, timeout: Duration) {
     if writers.is_empty() {
         return;
     }
-    let frame = Frame::json(FrameKind::Event, EVENT_SESSION, &Event::Shutdown { action });
+    let event = Event::Shutdown {
+        action,
+        main_exit: crate::main_process::exit_status(),
+    };
+    let frame = Frame::json(FrameKind::Event, EVENT_SESSION, &event);
     // A write blocked on a port with no host must not hold the reset.
     for writer in writers {
         let frame = frame.clone();

@@ -53,7 +53,7 @@ use crate::vm::machine::{self, Conflict, Effect, Event, Exit, HostView, Outcome,
 use crate::vm::phase::Phase;
 use crate::vm::record::{VmImage, VmNetwork, VmRecord, VmmKind};
 use crate::vm::restart::{self, RestartPolicy};
-use crate::vm::state::Announcement;
+use crate::vm::state::{Announcement, ShutdownAction};
 use crate::vmm::console;
 use crate::vmm::firecracker::Firecracker;
 use crate::vmm::orphans::Layout;
@@ -734,11 +734,12 @@ impl VmActor {
         let name = self.vm.record.name.clone();
         ctx.spawn(fut::wrap_future(async move {
             let asked = match agent {
-                Some(agent) => {
-                    tokio::time::timeout(AGENT_STOP_TIMEOUT, agent.shutdown(Announcement::Poweroff))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                }
+                Some(agent) => tokio::time::timeout(
+                    AGENT_STOP_TIMEOUT,
+                    agent.shutdown(ShutdownAction::Poweroff),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok()),
                 None => false,
             };
             if !asked {
@@ -913,6 +914,17 @@ impl VmActor {
             let _ = waiter.send(link.clone());
         }
         self.agent = Some(link.clone());
+        if let Some(main) = &self.vm.record.main {
+            // Idempotent in the guest: a reconnect hears the same pid.
+            let (request, name, agent) =
+                (main.main_request(), self.name().to_string(), link.clone());
+            actix::spawn(async move {
+                match agent.run_main(request).await {
+                    Ok(pid) => info!(vm = %name, pid, "main process running"),
+                    Err(e) => warn!(vm = %name, error = %e, "cannot start the main process"),
+                }
+            });
+        }
         // When the connection ends while the VMM runs, connect again.
         ctx.spawn(
             async move { link.closed().await }
@@ -1292,6 +1304,8 @@ pub struct CreateVm {
     pub image: Option<VmImage>,
     /// The size the root disk is grown to, when larger than its source.
     pub disk_bytes: Option<u64>,
+    /// The image's command as the VM's main process.
+    pub main: Option<crate::image::RunConfig>,
     pub vcpus: u8,
     pub memory_mib: u32,
     /// The daemon's default backend when not given.
@@ -1738,6 +1752,7 @@ impl Handler<CreateVm> for VmManager {
             }),
             image: msg.image.clone(),
             disk_bytes: msg.disk_bytes,
+            main: msg.main.clone(),
         };
         // The name is taken from here on; a failed create gives it back.
         let actor = self.start_actor(record.clone(), true, ctx);

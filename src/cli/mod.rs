@@ -122,6 +122,11 @@ enum VmCommand {
         /// source].
         #[arg(long, value_name = "SIZE")]
         disk: Option<String>,
+        /// Run the image's Entrypoint and Cmd (with its Env, WorkingDir and
+        /// User) as the VM's main process: its exit is the VM's, with its
+        /// code, and the restart policy applies. Its output is in `vm logs`.
+        #[arg(long)]
+        run_image_cmd: bool,
         /// Virtual CPUs, 1 to 32.
         #[arg(long, default_value_t = 1)]
         vcpus: u8,
@@ -574,6 +579,7 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
             rootfs,
             image,
             disk,
+            run_image_cmd,
             vcpus,
             memory,
             restart,
@@ -587,7 +593,7 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
         } => {
             let params = json!({
                 "name": name, "kernel": kernel, "rootfs": rootfs.as_deref().map(absolute).transpose()?,
-                "image": image, "disk": disk, "vcpus": vcpus, "memory": memory,
+                "image": image, "disk": disk, "run_image_cmd": run_image_cmd, "vcpus": vcpus, "memory": memory,
                 "restart": restart, "restart_delay_secs": restart_delay, "restart_max_delay_secs": restart_max_delay,
                 "vmm": vmm, "network": network, "no_network": no_network, "start": start,
             });

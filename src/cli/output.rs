@@ -140,8 +140,8 @@ fn until(at: Timestamp) -> String {
 pub fn vms_table(vms: &[VmView], now: Timestamp) -> String {
     let mut rows = vec![
         [
-            "NAME", "ID", "STATE", "VMM", "PID", "IP", "VCPUS", "MEMORY", "KERNEL", "RESTARTS",
-            "CREATED",
+            "NAME", "ID", "STATE", "EXIT", "VMM", "PID", "IP", "VCPUS", "MEMORY", "KERNEL",
+            "RESTARTS", "CREATED",
         ]
         .map(String::from)
         .to_vec(),
@@ -151,6 +151,11 @@ pub fn vms_table(vms: &[VmView], now: Timestamp) -> String {
             vm.name.clone(),
             vm.id.clone(),
             vm_state(vm),
+            match vm.last_exit.map(|e| (e.code, e.signal)) {
+                Some((Some(code), _)) => code.to_string(),
+                Some((_, Some(signal))) => format!("signal {signal}"),
+                _ => "-".into(),
+            },
             wire_name(&vm.vmm),
             vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             vm.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),

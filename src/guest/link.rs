@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use banger_agent::protocol::{
     self, EVENT_SESSION, Event, ExecRequest, Frame, FrameKind, HEADER_LEN, MAX_PAYLOAD,
-    OLDEST_VERSION, PROTOCOL_VERSION, ProtocolError, Request, Response, ShutdownAction, WINDOW,
-    cost,
+    MainRequest, OLDEST_VERSION, PROTOCOL_VERSION, ProtocolError, Request, Response,
+    ShutdownAction, WINDOW, cost,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -126,7 +126,7 @@ impl Flow {
 type Sessions = Mutex<HashMap<u32, Route>>;
 
 /// Where the guest's shutdown announcements go: one slot, the latest.
-pub type Announcements = watch::Sender<Option<ShutdownAction>>;
+pub type Announcements = watch::Sender<Option<crate::vm::state::Announcement>>;
 
 struct Inner {
     writer: mpsc::Sender<Vec<u8>>,
@@ -386,6 +386,15 @@ impl AgentLink {
         let started = Instant::now();
         match self.request(&Request::Ping).await? {
             Response::Pong => Ok(started.elapsed()),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts the VM's main process (or hears the pid of the one this boot
+    /// started); answers its pid.
+    pub async fn run_main(&self, main: MainRequest) -> Result<u32, AgentError> {
+        match self.request(&Request::RunMain(main)).await? {
+            Response::Started { pid } => Ok(pid),
             other => Err(AgentError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -735,10 +744,10 @@ async fn read_frames(
 
 async fn route(frame: Frame, inner: &Inner, events: &Announcements) {
     if frame.session == EVENT_SESSION {
-        if let Ok(Event::Shutdown { action }) = frame.parse::<Event>() {
+        if let Ok(Event::Shutdown { action, main_exit }) = frame.parse::<Event>() {
             // Coalesced: a guest that floods announcements overwrites one
             // slot, and the VM's actor sees the latest.
-            events.send_replace(Some(action));
+            events.send_replace(Some(crate::vm::state::Announcement { action, main_exit }));
         }
         return;
     }

@@ -71,6 +71,18 @@ pub struct RunConfig {
     pub user: Option<String>,
 }
 
+impl RunConfig {
+    /// What the agent runs: Entrypoint then Cmd, with the rest as given.
+    pub fn main_request(&self) -> banger_agent::protocol::MainRequest {
+        banger_agent::protocol::MainRequest {
+            argv: self.entrypoint.iter().chain(&self.cmd).cloned().collect(),
+            env: self.env.clone(),
+            cwd: self.working_dir.clone(),
+            user: self.user.clone(),
+        }
+    }
+}
+
 impl Record for ImageRecord {
     const TABLE: &'static str = "images";
     fn key(&self) -> String {

@@ -99,6 +99,9 @@ pub struct VmCreateParams {
     /// The root disk's size (`1G`, `512M`): grown before the first boot.
     #[serde(default)]
     pub disk: Option<String>,
+    /// Run the image's Entrypoint and Cmd as the VM's main process.
+    #[serde(default)]
+    pub run_image_cmd: bool,
     #[serde(default)]
     pub vcpus: Option<u8>,
     #[serde(default)]
@@ -137,6 +140,12 @@ impl Params for VmCreateParams {
                 ));
             }
             _ => {}
+        }
+        if self.run_image_cmd && self.image.is_none() {
+            return Err(RpcError::invalid_params(
+                "run_image_cmd",
+                "needs image: a root disk file has no command to run",
+            ));
         }
         if let Some(network) = &self.network {
             validate_name("network", network)?;
@@ -611,12 +620,12 @@ async fn validate_create(
     // Opened last, so a refused request opens nothing: the user's file
     // with the caller's authority, an image's disk (the daemon's own,
     // never written) by the daemon.
-    let (rootfs, image) = match (rootfs, params.image) {
+    let (rootfs, image, main) = match (rootfs, params.image) {
         (Some(rootfs), _) => {
             let opened = wire
                 .open_named("rootfs", &rootfs, services.settings.max_rootfs)
                 .await?;
-            (DiskSource::from(opened), None)
+            (DiskSource::from(opened), None, None)
         }
         (None, Some(wanted)) => {
             let image = services
@@ -645,11 +654,21 @@ async fn validate_create(
                 file,
                 len: image.disk_bytes,
             };
+            let main = match params.run_image_cmd {
+                true if image.config.entrypoint.is_empty() && image.config.cmd.is_empty() => {
+                    return Err(RpcError::invalid_params(
+                        "run_image_cmd",
+                        format!("image {} sets no Entrypoint or Cmd", image.name),
+                    ));
+                }
+                true => Some(image.config.clone()),
+                false => None,
+            };
             let held = VmImage {
                 name: image.name,
                 digest: image.digest,
             };
-            (source, Some(held))
+            (source, Some(held), main)
         }
         (None, None) => return Err(RpcError::invalid_params("rootfs", "no root disk given")),
     };
@@ -673,6 +692,7 @@ async fn validate_create(
         rootfs,
         image,
         disk_bytes,
+        main,
         vcpus,
         memory_mib,
         vmm: params.vmm,

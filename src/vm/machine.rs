@@ -839,6 +839,14 @@ impl Transition<'_> {
                         )
                     })
                     .unwrap_or_default();
+                // The main process's exit is the VM's.
+                let exit = match announced.and_then(|a| a.main_exit) {
+                    Some(main) => Exit {
+                        code: main.code,
+                        signal: main.signal,
+                    },
+                    None => exit,
+                };
                 self.record_exit(kind, exit);
                 self.crashed(kind, ran_for);
             }

@@ -66,18 +66,13 @@ pub fn new_vm_id() -> String {
 /// `--memory`: MiB as a plain integer, or a size with a suffix (`512M`,
 /// `512MiB`, `2G`, `2GiB`).
 pub fn parse_memory_mib(text: &str) -> Result<u32, InvalidVm> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, suffix) = text.split_at(split);
-    let number: u64 = digits.parse().map_err(|_| {
+    let (number, suffix) = split_size(text).ok_or_else(|| {
         invalid(
             "memory",
-            format!("{text:?} is not a size like 512, 512M or 2G"),
+            format!("{:?} is not a size like 512, 512M or 2G", text.trim()),
         )
     })?;
-    let mib = match suffix.to_ascii_lowercase().as_str() {
+    let mib = match suffix.as_str() {
         "" | "m" | "mb" | "mib" => number,
         "g" | "gb" | "gib" => number.saturating_mul(1024),
         other => {
@@ -90,21 +85,27 @@ pub fn parse_memory_mib(text: &str) -> Result<u32, InvalidVm> {
     validate_memory(mib)
 }
 
-/// `--disk`: a root disk's size, such as "1G" or "512M" (MiB when no unit
-/// is given), in bytes.
-pub fn parse_disk_bytes(text: &str) -> Result<u64, InvalidVm> {
+/// A size's number and its unit, lowercased (`"2G"` is 2 and `"g"`).
+fn split_size(text: &str) -> Option<(u64, String)> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, suffix) = text.split_at(split);
-    let number: u64 = digits.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+    Some((digits.parse().ok()?, suffix.to_ascii_lowercase()))
+}
+
+/// `--disk`: a root disk's size, such as "1G" or "512M" (MiB when no unit
+/// is given), in bytes.
+pub fn parse_disk_bytes(text: &str) -> Result<u64, InvalidVm> {
+    let text = text.trim();
+    let (number, suffix) = split_size(text).filter(|&(n, _)| n > 0).ok_or_else(|| {
         invalid(
             "disk",
             format!("{text:?} is not a size like 512M, 4G or 1T"),
         )
     })?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
+    let shift = match suffix.as_str() {
         "" | "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,

@@ -67,6 +67,10 @@ pub struct VmRecord {
     /// The size its root disk was grown to at create, when asked.
     #[serde(default)]
     pub disk_bytes: Option<u64>,
+    /// The image's command, run as the VM's main process (`--run-image-cmd`):
+    /// its exit is the VM's.
+    #[serde(default)]
+    pub main: Option<crate::image::RunConfig>,
 }
 
 /// The image a VM came from, as it was named when the VM was created.
@@ -200,6 +204,7 @@ pub(crate) fn sample() -> VmRecord {
         network: None,
         image: None,
         disk_bytes: None,
+        main: None,
         resources: vec![Resource::VmDirectory],
     }
 }

@@ -37,15 +37,37 @@ pub enum StopIntent {
     Kill,
 }
 
-/// What the guest agent announced before the exit: its own shutdown action.
-pub use banger_agent::protocol::ShutdownAction as Announcement;
+pub use banger_agent::protocol::{ExitStatus as MainExit, ShutdownAction};
 
+/// What the guest agent announced before the exit: its shutdown action,
+/// and the main process's exit when that is why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announcement {
+    pub action: ShutdownAction,
+    pub main_exit: Option<MainExit>,
+}
+
+impl Announcement {
+    pub fn poweroff() -> Announcement {
+        Announcement {
+            action: ShutdownAction::Poweroff,
+            main_exit: None,
+        }
+    }
+}
+
+/// A main process that failed makes its poweroff a failure, as a crash is.
 pub fn classify(intent: StopIntent, announced: Option<Announcement>) -> ExitKind {
-    match (intent, announced) {
+    match (intent, announced.map(|a| (a.action, a.main_exit))) {
         (StopIntent::Kill | StopIntent::StopEscalated, _) => ExitKind::Killed,
         (StopIntent::Stop, _) => ExitKind::Clean,
-        (StopIntent::None, Some(Announcement::Poweroff)) => ExitKind::Clean,
-        (StopIntent::None, Some(Announcement::Reboot)) => ExitKind::Reboot,
+        (StopIntent::None, Some((ShutdownAction::Poweroff, Some(main))))
+            if main.code != Some(0) =>
+        {
+            ExitKind::Crash
+        }
+        (StopIntent::None, Some((ShutdownAction::Poweroff, _))) => ExitKind::Clean,
+        (StopIntent::None, Some((ShutdownAction::Reboot, _))) => ExitKind::Reboot,
         (StopIntent::None, None) => ExitKind::Crash,
     }
 }
@@ -54,23 +76,47 @@ pub fn classify(intent: StopIntent, announced: Option<Announcement>) -> ExitKind
 mod tests {
     use super::*;
 
+    fn announced(action: ShutdownAction, code: Option<i32>) -> Option<Announcement> {
+        Some(Announcement {
+            action,
+            main_exit: code.map(|code| MainExit {
+                code: Some(code),
+                signal: None,
+            }),
+        })
+    }
+
     #[test]
     fn exits_are_classified_by_intent_then_announcement() {
+        use ShutdownAction::{Poweroff, Reboot};
         assert_eq!(classify(StopIntent::Kill, None), ExitKind::Killed);
         assert_eq!(classify(StopIntent::StopEscalated, None), ExitKind::Killed);
         assert_eq!(classify(StopIntent::Stop, None), ExitKind::Clean);
         assert_eq!(
-            classify(StopIntent::Stop, Some(Announcement::Reboot)),
+            classify(StopIntent::Stop, announced(Reboot, None)),
             ExitKind::Clean
         );
         assert_eq!(
-            classify(StopIntent::None, Some(Announcement::Poweroff)),
+            classify(StopIntent::None, announced(Poweroff, None)),
             ExitKind::Clean
         );
         assert_eq!(
-            classify(StopIntent::None, Some(Announcement::Reboot)),
+            classify(StopIntent::None, announced(Reboot, None)),
             ExitKind::Reboot
         );
         assert_eq!(classify(StopIntent::None, None), ExitKind::Crash);
+        // The main process's exit decides its poweroff.
+        assert_eq!(
+            classify(StopIntent::None, announced(Poweroff, Some(0))),
+            ExitKind::Clean
+        );
+        assert_eq!(
+            classify(StopIntent::None, announced(Poweroff, Some(3))),
+            ExitKind::Crash
+        );
+        assert_eq!(
+            classify(StopIntent::Kill, announced(Poweroff, Some(3))),
+            ExitKind::Killed
+        );
     }
 }

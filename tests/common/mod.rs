@@ -277,6 +277,7 @@ pub fn vm_record(i: usize) -> banger::vm::record::VmRecord {
         network: None,
         image: None,
         disk_bytes: None,
+        main: None,
         resources: vec![banger::vm::ledger::Resource::VmDirectory],
     }
 }
@@ -632,6 +633,21 @@ pub fn summary(name: &str, samples: &[Duration]) -> String {
     )
 }
 
+/// Seconds as the benchmarks report them: the median, and the line
+/// "median M s (min A, max B)".
+pub fn spread(mut samples: Vec<f64>) -> (f64, String) {
+    samples.sort_by(f64::total_cmp);
+    let median = samples[samples.len() / 2];
+    (
+        median,
+        format!(
+            "median {median:.3} s (min {:.3}, max {:.3})",
+            samples[0],
+            samples[samples.len() - 1]
+        ),
+    )
+}
+
 /// A field of a /proc status text (`VmRSS`, `VmHWM`), in KiB.
 pub fn status_kib(status: &str, field: &str) -> u64 {
     status
@@ -690,6 +706,36 @@ pub fn assert_fsck_clean(disk: &Path, what: &str) {
         "e2fsck -fn {what}: {}",
         String::from_utf8_lossy(&fsck.stdout)
     );
+}
+
+/// Bytes the file's blocks take.
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// An XFS with reflinks on a loop device of `bytes` (a sparse file under
+/// `dir`), mounted at `dir/xfs`; unmounted on drop. Needs root.
+pub struct LoopXfs(pub PathBuf);
+
+impl LoopXfs {
+    pub fn mount(dir: &Path, bytes: u64) -> LoopXfs {
+        let file = dir.join("xfs.img");
+        let backing = std::fs::File::create(&file).expect("backing file");
+        backing.set_len(bytes).expect("size");
+        let file = file.to_str().expect("utf-8");
+        run_ok("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", file]);
+        let at = dir.join("xfs");
+        std::fs::create_dir_all(&at).expect("mount point");
+        run_ok("mount", &["-o", "loop", file, at.to_str().expect("utf-8")]);
+        LoopXfs(at)
+    }
+}
+
+impl Drop for LoopXfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }
 
 /// A daemon for image tests: no networking, `image` under `[image]`.

@@ -252,7 +252,7 @@ fn events() -> Vec<(&'static str, Event, Timestamp)> {
         ("ready", Event::Ready, now),
         ("launch-failed", Event::LaunchFailed("boom".into()), now),
         ("exited", Event::Exited(Exit::default()), now),
-        ("announced", Event::Announced(Announcement::Poweroff), now),
+        ("announced", Event::Announced(Announcement::poweroff()), now),
         ("timer-early", Event::Timer, now),
         ("timer-due", Event::Timer, due),
         (
@@ -669,7 +669,7 @@ impl World {
                 }
                 Ok(())
             }
-            Action::Announce => self.feed(Event::Announced(Announcement::Poweroff)),
+            Action::Announce => self.feed(Event::Announced(Announcement::poweroff())),
             Action::Advance(seconds) => {
                 self.now = after(self.now, Duration::from_secs(seconds.into()));
                 self.feed(Event::Timer)
