@@ -206,6 +206,7 @@ fn the_image_s_command_runs_as_the_vm_s_main_process_and_its_exit_is_the_vm_s() 
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert_eq!(vm["last_exit"]["code"], 3, "{vm}");
+    assert_eq!(vm["main"][0], "/bin/sh", "{vm}");
     assert_eq!(vm["last_exit"]["kind"], "crash", "{vm}");
     let listed = f.ok(&["vm", "ls"]);
     let row = listed
@@ -521,4 +522,70 @@ fn a_daemon_killed_during_a_clone_leaves_nothing_and_the_create_then_succeeds() 
         assert!(removed.status.success(), "vm rm: {removed:?}");
         drop(daemon);
     }
+}
+
+/// A tmpfs mounted at `at` (no reflinks there); unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing() {
+    let test = "a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing";
+    if !tools_installed(test, &["busybox", "mount", "umount"]) {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        skip(test, "mounting a tmpfs needs root");
+        return;
+    }
+    let work = state_dir();
+    let state = work.path().join("small");
+    std::fs::create_dir_all(&state).expect("mount point");
+    run_ok(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=40m",
+            "tmpfs",
+            state.to_str().expect("utf-8"),
+        ],
+    );
+    let _tmpfs = Tmpfs(state.clone());
+    let _daemon = clone_daemon(work.path(), &state, &[]);
+    import_busybox(work.path(), &state);
+    // Each sparse clone takes the image's data (about 2 MiB): the tmpfs
+    // runs out within a few, and the one that does not fit is refused
+    // before it copies anything.
+    let mut made = 0;
+    let refused = loop {
+        let out = banger(
+            &state,
+            &[
+                "vm",
+                "create",
+                &format!("v{made}"),
+                "--image",
+                "busybox",
+                "--vmm",
+                "qemu",
+            ],
+        );
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        made += 1;
+        assert!(made < 30, "40 MiB took {made} clones");
+    };
+    assert!(
+        refused.contains("bytes free") && refused.contains("image prune"),
+        "{refused}"
+    );
+    assert_eq!(entries(&state.join("vms")).len(), made, "{refused}");
 }

@@ -198,6 +198,13 @@ pub fn vm_details(vm: &VmView, now: Timestamp) -> String {
             },
         ],
         vec![
+            "main:".into(),
+            match &vm.main {
+                Some(argv) => argv.join(" "),
+                None => "-".into(),
+            },
+        ],
+        vec![
             "disk:".into(),
             match vm.disk_bytes {
                 Some(bytes) => format!("{} MiB (grown at create)", bytes >> 20),

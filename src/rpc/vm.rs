@@ -306,6 +306,9 @@ pub struct VmView {
     /// The size its root disk was grown to at create.
     #[serde(default)]
     pub disk_bytes: Option<u64>,
+    /// The main process's command (`--run-image-cmd`): Entrypoint then Cmd.
+    #[serde(default)]
+    pub main: Option<Vec<String>>,
     pub restart_policy: RestartMode,
     pub restart_delay_secs: f64,
     pub restart_max_delay_secs: f64,
@@ -372,6 +375,7 @@ impl From<&VmRecord> for VmView {
             rootfs: vm.rootfs.clone(),
             image: vm.image.clone(),
             disk_bytes: vm.disk_bytes,
+            main: vm.main.as_ref().map(|main| main.main_request().argv),
             restart_policy: vm.restart_policy.mode,
             restart_delay_secs: vm.restart_policy.delay_ms as f64 / 1000.0,
             restart_max_delay_secs: vm.restart_policy.max_delay_ms as f64 / 1000.0,

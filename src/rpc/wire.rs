@@ -140,9 +140,10 @@ impl Wire<'_> {
 
     /// Sends the operation's status as `progress` notifications, now and at
     /// every change, until it ends or the client goes away.
-    /// A phase that began and ended between two reads is sent too.
+    /// From the current phase on, a phase that began and ended between two
+    /// reads is sent too (a late watcher does not hear the earlier ones).
     pub async fn forward_progress(&self, mut status: watch::Receiver<OperationRecord>) {
-        let mut seen = 0;
+        let mut seen = status.borrow().phases.len();
         loop {
             let record = status.borrow_and_update().clone();
             if record.outcome == OperationOutcome::Running {
