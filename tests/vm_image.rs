@@ -251,6 +251,19 @@ fn clone_daemon(work: &Path, state: &Path, env: &[(&str, &str)]) -> Daemon {
     daemon
 }
 
+/// Whether `test` may mount a filesystem of its own (root, with busybox,
+/// mount, umount and `tools`); else it skips, saying why.
+fn may_mount(test: &str, tools: &[&str]) -> bool {
+    if !tools_installed(test, &[&["busybox", "mount", "umount"], tools].concat()) {
+        return false;
+    }
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        skip(test, "mounting a filesystem needs root");
+    }
+    root
+}
+
 /// A work directory and a state directory in it, unless `test` must skip.
 fn clone_world(test: &str) -> Option<(tempfile::TempDir, PathBuf)> {
     if !tools_installed(test, &["busybox"]) {
@@ -315,14 +328,7 @@ fn twenty_clones(state: &Path) -> (Vec<PathBuf>, u64, u64) {
 #[test]
 fn twenty_clones_share_the_image_s_extents_on_xfs_and_keep_its_holes_on_ext4() {
     let test = "twenty_clones_share_the_image_s_extents_on_xfs_and_keep_its_holes_on_ext4";
-    if !tools_installed(
-        test,
-        &["busybox", "mkfs.xfs", "filefrag", "mount", "umount"],
-    ) {
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        skip(test, "mounting a loop XFS needs root");
+    if !may_mount(test, &["mkfs.xfs", "filefrag"]) {
         return;
     }
     let work = state_dir();
@@ -536,11 +542,7 @@ impl Drop for Tmpfs {
 #[test]
 fn a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing() {
     let test = "a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing";
-    if !tools_installed(test, &["busybox", "mount", "umount"]) {
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        skip(test, "mounting a tmpfs needs root");
+    if !may_mount(test, &[]) {
         return;
     }
     let work = state_dir();
