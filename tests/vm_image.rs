@@ -236,19 +236,23 @@ fn clone_daemon(work: &Path, state: &Path, env: &[(&str, &str)]) -> Daemon {
         halt_kernel(&halt);
     }
     if !state.join("kernels/halt").exists() {
-        let out = banger(
-            state,
-            &[
-                "kernel",
-                "import",
-                "halt",
-                "--vmlinux",
-                halt.to_str().expect("utf-8"),
-            ],
-        );
+        let out = import_vmlinux(state, "halt", &halt);
         assert!(out.status.success(), "kernel import: {out:?}");
     }
     daemon
+}
+
+fn import_vmlinux(state: &Path, name: &str, vmlinux: &Path) -> std::process::Output {
+    banger(
+        state,
+        &[
+            "kernel",
+            "import",
+            name,
+            "--vmlinux",
+            vmlinux.to_str().expect("utf-8"),
+        ],
+    )
 }
 
 /// Whether `test` may mount a filesystem of its own (root, with busybox,
@@ -425,16 +429,7 @@ fn vm_create_from_an_image_refuses_bad_input_naming_the_field() {
     refused(&["vm", "create", "a"], "--rootfs");
     // Two kernels and no default: the create names them.
     let halt = work.path().join("halt.elf");
-    let out = banger(
-        &state,
-        &[
-            "kernel",
-            "import",
-            "halt2",
-            "--vmlinux",
-            halt.to_str().expect("utf-8"),
-        ],
-    );
+    let out = import_vmlinux(&state, "halt2", &halt);
     assert!(out.status.success(), "second kernel: {out:?}");
     refused(
         &["vm", "create", "a", "--image", "busybox", "--vmm", "qemu"],
