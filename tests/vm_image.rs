@@ -586,3 +586,75 @@ fn a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing() {
     );
     assert_eq!(entries(&state.join("vms")).len(), made, "{refused}");
 }
+
+#[test]
+fn image_rm_of_a_name_removes_that_name_and_of_a_digest_every_name_of_it() {
+    let test = "image_rm_of_a_name_removes_that_name_and_of_a_digest_every_name_of_it";
+    let Some((work, state)) = clone_world(test) else {
+        return;
+    };
+    let _daemon = clone_daemon(work.path(), &state, &[]);
+    let image = import_busybox(work.path(), &state);
+    let digest = image["digest"].as_str().expect("digest");
+    let layout = work.path().join("busybox-layout");
+    let import_as = |name: &str| {
+        json_of(
+            &banger(
+                &state,
+                &[
+                    "image",
+                    "import",
+                    layout.to_str().expect("utf-8"),
+                    "--name",
+                    name,
+                    "--json",
+                ],
+            ),
+            "image import",
+        )
+    };
+    import_as("busybox:two");
+    let names = || {
+        let listed = json_of(&banger(&state, &["image", "ls", "--json"]), "image ls");
+        let mut names: Vec<String> = listed
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|i| i["name"].as_str().expect("name").to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    create(&state, "held");
+
+    // A name goes alone; the other name keeps the disk, so the VM's hold
+    // does not stop it.
+    let removed = json_of(
+        &banger(&state, &["image", "rm", "busybox", "--json"]),
+        "image rm busybox",
+    );
+    assert_eq!(removed["images"].as_array().map(Vec::len), Some(1));
+    assert_eq!(removed["freed_bytes"], 0, "{removed}");
+    assert_eq!(names(), ["busybox:two"]);
+
+    // A digest names the image: every name of it goes, so the VM holding
+    // it refuses until it is removed.
+    import_as("busybox");
+    let prefix = &digest["sha256:".len().."sha256:".len() + 12];
+    let out = banger(&state, &["image", "rm", prefix]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("held"),
+        "image rm {prefix} while held: {stderr}"
+    );
+    assert_eq!(names(), ["busybox", "busybox:two"]);
+    assert!(banger(&state, &["vm", "rm", "held"]).status.success());
+    let removed = json_of(
+        &banger(&state, &["image", "rm", prefix, "--json"]),
+        "image rm by digest",
+    );
+    assert_eq!(removed["images"].as_array().map(Vec::len), Some(2));
+    assert!(removed["freed_bytes"].as_u64().expect("freed") > 0);
+    assert_eq!(names(), Vec::<String>::new());
+    assert_eq!(entries(&state.join("images")), Vec::<String>::new());
+}

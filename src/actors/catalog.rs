@@ -1041,22 +1041,21 @@ impl Handler<RemoveImage> for CatalogActor {
         self.remove_images(
             ctx,
             Box::new(move |images, holders| {
-                let image = crate::image::find(images, &msg.name)?.clone();
-                // Holders of the digest hold every name of it only when it is
-                // the last name: another name keeps the disk.
-                let last_name = images.iter().filter(|i| i.digest == image.digest).count() == 1;
-                let held_by = if last_name {
-                    holders(&image.digest)
+                let removal = crate::image::removal(images, &msg.name)?;
+                // The VMs holding the digest lose it only with its last
+                // name: another name keeps the disk.
+                let held_by = if removal.last {
+                    holders(&removal.digest)
                 } else {
                     Vec::new()
                 };
                 if !held_by.is_empty() && !msg.force {
                     return Err(ImageError::InUse {
-                        image: image.name,
+                        image: msg.name,
                         vms: held_by,
                     });
                 }
-                Ok((vec![image], held_by))
+                Ok((removal.records, held_by))
             }),
         )
     }

@@ -160,6 +160,31 @@ pub fn find<'a>(images: &'a [ImageRecord], wanted: &str) -> Result<&'a ImageReco
     }
 }
 
+/// What `image rm wanted` removes: a name removes that name, a digest (or
+/// a unique prefix of one) every name of the image.
+pub struct Removal {
+    pub records: Vec<ImageRecord>,
+    pub digest: String,
+    /// No name of the image is left afterwards, so the VMs holding its
+    /// digest would lose it.
+    pub last: bool,
+}
+
+pub fn removal(images: &[ImageRecord], wanted: &str) -> Result<Removal, Lookup> {
+    let found = find(images, wanted)?;
+    let names = images.iter().filter(|i| i.digest == found.digest);
+    let records: Vec<ImageRecord> = if found.name == wanted {
+        vec![found.clone()]
+    } else {
+        names.clone().cloned().collect()
+    };
+    Ok(Removal {
+        last: names.count() == records.len(),
+        digest: found.digest.clone(),
+        records,
+    })
+}
+
 /// A range of a file read with positioned reads, so one descriptor serves
 /// many readers (an archive's members, a spool's files).
 pub struct Section<'a> {
@@ -211,6 +236,45 @@ mod tests {
         for bad in ["", "Busybox", "-x", "a b", "sha256:abc", &"a".repeat(129)] {
             assert!(validate_image_name(bad).is_err(), "{bad}");
         }
+    }
+
+    fn image(name: &str, digest: &str) -> ImageRecord {
+        ImageRecord {
+            name: name.to_string(),
+            digest: format!("sha256:{digest}"),
+            manifest_digest: None,
+            format: Format::OciLayout,
+            disk: PathBuf::from(format!("/s/images/{digest}.ext4")),
+            disk_bytes: 1 << 20,
+            layers: Vec::new(),
+            config: RunConfig::default(),
+            created: None,
+            imported_at: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn rm_by_name_removes_the_name_and_by_digest_every_name_of_it() {
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let images = [image("web", &a), image("web:v1", &a), image("db", &b)];
+        let names = |r: &Removal| r.records.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+
+        let by_name = removal(&images, "web").expect("web");
+        assert_eq!(names(&by_name), ["web"]);
+        assert!(!by_name.last, "web:v1 still names the image");
+
+        let by_digest = removal(&images, "aaaa").expect("prefix");
+        assert_eq!(names(&by_digest), ["web", "web:v1"]);
+        assert_eq!(by_digest.digest, format!("sha256:{a}"));
+        assert!(by_digest.last);
+
+        let only = removal(&images, "db").expect("db");
+        assert_eq!(names(&only), ["db"]);
+        assert!(only.last);
+        assert_eq!(
+            removal(&images, "cccc").err(),
+            Some(Lookup::NotFound("cccc".to_string()))
+        );
     }
 
     #[test]
