@@ -10,7 +10,7 @@ banger_programs=(
     "qemu-system-x86_64 qemu-system-x86" # QEMU backend; tests/vm_qemu.rs, benches/guest.rs, run.sh
     "mke2fs             e2fsprogs"       # root disks: busybox-rootfs.sh, tests, benches
     "debugfs            e2fsprogs"       # tests, guest bench: the previous release's agent on its disk
-    "e2fsck             e2fsprogs"       # image tests: every written ext4 is checked
+    "e2fsck             e2fsprogs"       # bangerd: vm create --disk checks the clone before growing it; image tests check every written ext4
     "resize2fs          e2fsprogs"       # bangerd: vm create --disk grows the clone's filesystem
     "filefrag           e2fsprogs"       # tests/vm_image.rs: clones share the image's extents
     "mkfs.xfs           xfsprogs"        # tests/vm_image.rs, benches: a reflink-capable state dir

@@ -525,10 +525,10 @@ fn a_daemon_killed_during_a_clone_leaves_nothing_and_the_create_then_succeeds() 
     }
 }
 
-/// A tmpfs mounted at `at` (no reflinks there); unmounted on drop.
-struct Tmpfs(PathBuf);
+/// A filesystem mounted at `.0` by a test; unmounted on drop.
+struct Mounted(PathBuf);
 
-impl Drop for Tmpfs {
+impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
@@ -554,7 +554,7 @@ fn a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing() {
             state.to_str().expect("utf-8"),
         ],
     );
-    let _tmpfs = Tmpfs(state.clone());
+    let _tmpfs = Mounted(state.clone());
     let _daemon = clone_daemon(work.path(), &state, &[]);
     import_busybox(work.path(), &state);
     // Each sparse clone takes the image's data (about 2 MiB): the tmpfs
@@ -657,4 +657,55 @@ fn image_rm_of_a_name_removes_that_name_and_of_a_digest_every_name_of_it() {
     assert!(removed["freed_bytes"].as_u64().expect("freed") > 0);
     assert_eq!(names(), Vec::<String>::new());
     assert_eq!(entries(&state.join("images")), Vec::<String>::new());
+}
+
+#[test]
+fn a_rootfs_mounted_since_its_last_check_is_checked_then_grown() {
+    let test = "a_rootfs_mounted_since_its_last_check_is_checked_then_grown";
+    if !may_mount(test, &["mke2fs", "debugfs"]) {
+        return;
+    }
+    let work = state_dir();
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let _daemon = clone_daemon(work.path(), &state, &[]);
+    // A hand-made rootfs: made, its last check well before its mount, as
+    // when files are put in later; resize2fs alone refuses it.
+    let rootfs = work.path().join("hand-made.ext4");
+    std::fs::File::create(&rootfs)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("rootfs file");
+    let path = rootfs.to_str().expect("utf-8");
+    run_ok("mke2fs", &["-q", "-t", "ext4", path]);
+    run_ok("debugfs", &["-w", "-R", "ssv lastcheck 1", path]);
+    let at = work.path().join("mnt");
+    std::fs::create_dir_all(&at).expect("mount point");
+    run_ok("mount", &["-o", "loop", path, at.to_str().expect("utf-8")]);
+    let mounted = Mounted(at.clone());
+    std::fs::write(at.join("kept"), "kept\n").expect("write into the rootfs");
+    drop(mounted);
+
+    let vm = json_of(
+        &banger(
+            &state,
+            &[
+                "vm", "create", "grown", "--rootfs", path, "--disk", "256M", "--vmm", "qemu",
+                "--json",
+            ],
+        ),
+        "vm create --rootfs --disk",
+    );
+    let disk = PathBuf::from(vm["rootfs"].as_str().expect("rootfs"));
+    assert_fsck_clean(&disk, "a grown hand-made rootfs");
+    let disk = disk.to_str().expect("utf-8");
+    let stats = run_ok("debugfs", &["-R", "stats", disk]);
+    let field = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    };
+    assert_eq!(field("Block count:") * field("Block size:"), 256 << 20);
+    assert_eq!(run_ok("debugfs", &["-R", "cat /kept", disk]), "kept\n");
 }

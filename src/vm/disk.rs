@@ -172,48 +172,69 @@ fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> i
     Ok(copied)
 }
 
-/// Grows the ext4 in `file` (already `size` bytes long) to fill it. The
-/// disk was never booted; resize2fs still runs with the least authority
-/// that can write it: as root, it drops to `nobody` and reaches the file
-/// only through its inherited descriptor (`/dev/stdin`), the file lent to
-/// `nobody` meanwhile.
+/// Grows the ext4 in `file` (already `size` bytes long) to fill it. It is
+/// checked first (`e2fsck -fp`, which also replays a journal): resize2fs
+/// refuses a filesystem mounted since its last check, as a hand-made
+/// `--rootfs` usually is. The disk was never booted; both tools still run
+/// with the least authority that can write it: as root, they drop to
+/// `nobody` and reach the file only through its inherited descriptor
+/// (`/dev/stdin`), the file lent to `nobody` meanwhile.
 fn grow_filesystem(file: &File, path: &Path, size: u64) -> Result<(), DiskError> {
     let grow_err = |reason: String| DiskError::Grow {
         path: path.to_path_buf(),
         bytes: size,
         reason,
     };
-    let lent = file
-        .try_clone()
-        .map_err(|e| grow_err(format!("cannot lend the disk's descriptor: {e}")))?;
-    let mut command = Command::new("resize2fs");
-    command
-        .arg("/dev/stdin")
-        .stdin(Stdio::from(lent))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
     let root = rustix::process::geteuid().is_root();
     if root {
         std::os::unix::fs::fchown(file, Some(NOBODY), Some(NOBODY))
             .map_err(|e| grow_err(format!("cannot lend the disk to nobody: {e}")))?;
-        std::os::unix::process::CommandExt::uid(&mut command, NOBODY);
-        std::os::unix::process::CommandExt::gid(&mut command, NOBODY);
     }
-    let output = command.output();
+    let mut check = Command::new("e2fsck");
+    check.arg("-fp");
+    // e2fsck: 0 is clean, 1 is errors corrected.
+    let grown = run_on_disk(file, check, 1, root)
+        .and_then(|()| run_on_disk(file, Command::new("resize2fs"), 0, root));
     if root {
         std::os::unix::fs::fchown(file, Some(0), Some(0))
             .map_err(|e| grow_err(format!("cannot take the disk back from nobody: {e}")))?;
     }
-    let output = output.map_err(|e| grow_err(format!("cannot run resize2fs: {e}")))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(grow_err(format!(
-            "resize2fs {}: {}",
-            output.status,
-            stderr.trim()
-        )));
+    grown.map_err(grow_err)
+}
+
+/// Runs `command` on the disk in `file` as its `/dev/stdin` (as `nobody`
+/// when `as_nobody`); exit codes up to `ok_up_to` are success.
+fn run_on_disk(
+    file: &File,
+    mut command: Command,
+    ok_up_to: i32,
+    as_nobody: bool,
+) -> Result<(), String> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let lent = file
+        .try_clone()
+        .map_err(|e| format!("cannot lend the disk's descriptor to {program}: {e}"))?;
+    command
+        .arg("/dev/stdin")
+        .stdin(Stdio::from(lent))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if as_nobody {
+        std::os::unix::process::CommandExt::uid(&mut command, NOBODY);
+        std::os::unix::process::CommandExt::gid(&mut command, NOBODY);
     }
-    Ok(())
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    match output.status.code() {
+        Some(code) if (0..=ok_up_to).contains(&code) => Ok(()),
+        _ => Err(format!(
+            "{program} {}: {} {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
+    }
 }
 
 /// The uid and gid of `nobody`.
