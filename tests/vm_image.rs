@@ -227,6 +227,84 @@ fn the_image_s_command_runs_as_the_vm_s_main_process_and_its_exit_is_the_vm_s() 
     f.ok(&["vm", "rm", "job"]);
 }
 
+#[test]
+fn a_poweroff_ends_a_running_main_process_cleanly_and_one_that_cannot_start_exits_127() {
+    let test = "a_poweroff_ends_a_running_main_process_cleanly_and_one_that_cannot_start_exits_127";
+    let Some(guest) = guest_fixtures(test) else {
+        return;
+    };
+    if !tools_installed(test, &["busybox"]) {
+        return;
+    }
+    let mut f = Fixture::new(&guest);
+    import_kernel(&f, &guest.kernel_deb);
+    for (name, cmd) in [("serve", "/bin/sleep"), ("broken", "/bin/no-such-program")] {
+        let run = serde_json::json!({ "Env": ["PATH=/bin"], "Cmd": [cmd, "1000"] });
+        let layout = busybox_layout_running(f.tmp.path(), &format!("{name}-layout"), run);
+        let layout = layout.to_str().expect("utf-8");
+        f.json(&["image", "import", layout, "--name", name, "--json"]);
+    }
+    fn create<'a>(name: &'a str, restart: &'a str) -> [&'a str; 14] {
+        [
+            "vm",
+            "create",
+            name,
+            "--image",
+            name,
+            "--run-image-cmd",
+            "--restart",
+            restart,
+            "--vmm",
+            "qemu",
+            "--memory",
+            "256M",
+            "--start",
+            "--json",
+        ]
+    }
+
+    // A poweroff inside the guest ends the main process too: the VM's exit
+    // is the poweroff's (clean), so on-failure leaves it down.
+    let mark = f.daemon.as_mut().expect("daemon").mark();
+    f.json(&create("serve", "on-failure"));
+    f.daemon
+        .as_mut()
+        .expect("daemon")
+        .wait_for_line_from(&["main process running"], mark)
+        .expect("the main process starts");
+    let mark = f.daemon.as_mut().expect("daemon").mark();
+    let _ = f.run(&["vm", "exec", "serve", "--", "poweroff"]);
+    f.daemon
+        .as_mut()
+        .expect("daemon")
+        .wait_for_line_from(&["VMM exited"], mark)
+        .expect("the guest powers off");
+    let off = f.json(&["vm", "inspect", "serve", "--json"]);
+    assert_eq!(off["state"], "stopped", "{off}");
+    assert_eq!(off["last_exit"]["kind"], "clean", "{off}");
+    assert_eq!(off["restart_count"], 0, "{off}");
+    f.ok(&["vm", "rm", "serve"]);
+
+    // A command the image does not have: the VM stops as if it had exited
+    // 127, and its log says why.
+    let mark = f.daemon.as_mut().expect("daemon").mark();
+    f.json(&create("broken", "no"));
+    f.daemon
+        .as_mut()
+        .expect("daemon")
+        .wait_for_line_from(&["VMM exited"], mark)
+        .expect("the guest powers off");
+    let broken = f.json(&["vm", "inspect", "broken", "--json"]);
+    assert_eq!(broken["last_exit"]["kind"], "crash", "{broken}");
+    assert_eq!(broken["last_exit"]["code"], 127, "{broken}");
+    let logs = f.ok(&["vm", "logs", "broken"]);
+    assert!(
+        logs.contains("main process cannot start"),
+        "vm logs says why: {logs}"
+    );
+    f.ok(&["vm", "rm", "broken"]);
+}
+
 /// A daemon without networking whose images carry `headroom_mib` of
 /// holes, with the halt kernel imported (VMs are created, not booted).
 fn clone_daemon(work: &Path, state: &Path, env: &[(&str, &str)]) -> Daemon {
@@ -660,14 +738,23 @@ fn image_rm_of_a_name_removes_that_name_and_of_a_digest_every_name_of_it() {
 }
 
 #[test]
-fn a_rootfs_mounted_since_its_last_check_is_checked_then_grown() {
-    let test = "a_rootfs_mounted_since_its_last_check_is_checked_then_grown";
+fn a_rootfs_from_another_filesystem_mounted_since_its_last_check_is_copied_checked_and_grown() {
+    let test =
+        "a_rootfs_from_another_filesystem_mounted_since_its_last_check_is_copied_checked_and_grown";
     if !may_mount(test, &["mke2fs", "debugfs"]) {
         return;
     }
     let work = state_dir();
+    // The state dir on a tmpfs of its own: the kernel copies nothing
+    // across filesystems (copy_file_range answers EXDEV).
     let state = work.path().join("state");
     std::fs::create_dir_all(&state).expect("state");
+    let state_path = state.to_str().expect("utf-8");
+    run_ok(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=512m", "tmpfs", state_path],
+    );
+    let _tmpfs = Mounted(state.clone());
     let _daemon = clone_daemon(work.path(), &state, &[]);
     // A hand-made rootfs: made, its last check well before its mount, as
     // when files are put in later; resize2fs alone refuses it.

@@ -304,6 +304,9 @@ pub fn start_sshd() {
 /// no ACPI poweroff, and QEMU runs with -no-reboot): the host tells the two
 /// apart by the announcement.
 pub fn shutdown(action: ShutdownAction) -> ! {
+    // Taken before every process is stopped: a main process still running
+    // now is ended by the shutdown, not its cause.
+    let main_exit = crate::main_process::exit_status();
     crate::log!("{action:?}: stopping every process");
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -320,7 +323,7 @@ pub fn shutdown(action: ShutdownAction) -> ! {
         MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
         None::<&str>,
     );
-    server::announce_shutdown(action, Duration::from_secs(2));
+    server::announce_shutdown(action, main_exit, Duration::from_secs(2));
     let _ = reboot(RebootMode::RB_AUTOBOOT);
     fatal("reboot(2) returned")
 }

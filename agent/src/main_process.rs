@@ -20,6 +20,8 @@ enum State {
     NotStarted,
     Running(u32),
     Exited(u32, ExitStatus),
+    /// It could not start; the guest powers off as if it had exited so.
+    Failed(ExitStatus),
 }
 
 static MAIN: Mutex<State> = Mutex::new(State::NotStarted);
@@ -27,21 +29,61 @@ static MAIN: Mutex<State> = Mutex::new(State::NotStarted);
 /// How the main process ended, once it has.
 pub fn exit_status() -> Option<ExitStatus> {
     match *MAIN.lock().ok()? {
-        State::Exited(_, status) => Some(status),
+        State::Exited(_, status) | State::Failed(status) => Some(status),
         _ => None,
     }
 }
 
 /// Starts the main process, or answers the pid of the one this boot
-/// started already (a host that reconnects asks again).
+/// started already (a host that reconnects asks again). One that cannot
+/// start ends the guest as an exit would, with a shell's status for it.
 pub fn run(main: MainRequest) -> io::Result<u32> {
     let mut state = MAIN
         .lock()
         .map_err(|_| io::Error::other("main process state poisoned"))?;
     match *state {
         State::Running(pid) | State::Exited(pid, _) => return Ok(pid),
+        State::Failed(_) => {
+            return Err(io::Error::other(
+                "the main process could not start; the guest is powering off",
+            ));
+        }
         State::NotStarted => {}
     }
+    let (pid, exited) = match start(&main) {
+        Ok(started) => started,
+        Err(e) => {
+            crate::log!("main process cannot start: {e}: powering off");
+            *state = State::Failed(start_failure(&e));
+            // PID 1's signal loop runs the poweroff.
+            let _ = kill(Pid::this(), Signal::SIGUSR2);
+            return Err(e);
+        }
+    };
+    *state = State::Running(pid);
+    let program = main.argv.first().map(String::as_str).unwrap_or_default();
+    crate::log!("main process {program} started (pid {pid})");
+    crate::spawn_thread("main", move || {
+        let status = exited.recv().unwrap_or(ExitStatus {
+            code: None,
+            signal: None,
+        });
+        crate::log!(
+            "main process exited (code {:?}, signal {:?})",
+            status.code,
+            status.signal
+        );
+        if let Ok(mut state) = MAIN.lock() {
+            *state = State::Exited(pid, status);
+        }
+        let _ = kill(Pid::this(), Signal::SIGUSR2);
+    })?;
+    Ok(pid)
+}
+
+/// Spawns the image's command as its user, in its directory, with its
+/// environment: its pid and where its exit status arrives.
+fn start(main: &MainRequest) -> io::Result<(u32, std::sync::mpsc::Receiver<ExitStatus>)> {
     let Some((program, args)) = main.argv.split_first() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -66,27 +108,21 @@ pub fn run(main: MainRequest) -> io::Result<u32> {
         std::os::unix::process::CommandExt::gid(&mut command, gid);
     }
     let (child, exited) = children::spawn(&mut command)?;
-    let pid = child.id();
-    drop(child);
-    *state = State::Running(pid);
-    crate::log!("main process {program} started (pid {pid})");
-    crate::spawn_thread("main", move || {
-        let status = exited.recv().unwrap_or(ExitStatus {
-            code: None,
-            signal: None,
-        });
-        crate::log!(
-            "main process exited (code {:?}, signal {:?}): powering off",
-            status.code,
-            status.signal
-        );
-        if let Ok(mut state) = MAIN.lock() {
-            *state = State::Exited(pid, status);
-        }
-        // PID 1's signal loop runs the poweroff.
-        let _ = kill(Pid::this(), Signal::SIGUSR2);
-    })?;
-    Ok(pid)
+    Ok((child.id(), exited))
+}
+
+/// The exit status of a main process that could not start, as a shell
+/// gives it: 127 when something it names is not there, else 126.
+fn start_failure(error: &io::Error) -> ExitStatus {
+    let code = if error.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    };
+    ExitStatus {
+        code: Some(code),
+        signal: None,
+    }
 }
 
 /// The image's `KEY=value` entries, with PATH defaulted.
@@ -171,6 +207,16 @@ mod tests {
         assert_eq!(resolve("root"), Some((0, 0)));
         assert_eq!(resolve("nobody"), None);
         assert_eq!(resolve("web:wheel"), None);
+    }
+
+    #[test]
+    fn a_main_process_that_cannot_start_exits_as_a_shell_says() {
+        let missing = io::Error::from(io::ErrorKind::NotFound);
+        assert_eq!(start_failure(&missing).code, Some(127));
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert_eq!(start_failure(&denied).code, Some(126));
+        let unknown_user = resolve_user("nobody", PASSWD, GROUP).expect_err("no nobody");
+        assert_eq!(start_failure(&unknown_user).code, Some(127));
     }
 
     #[test]

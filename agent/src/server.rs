@@ -715,9 +715,10 @@ fn waiting_bytes(pipe: &File) -> io::Result<usize> {
     Ok(usize::try_from(count).unwrap_or(0))
 }
 
-/// Tells every connected host the guest is going down and waits, up to
-/// `timeout`, for one of them to acknowledge.
-pub fn announce_shutdown(action: ShutdownAction, timeout: Duration) {
+/// Tells every connected host the guest is going down (and how its main
+/// process ended, when that is why) and waits, up to `timeout`, for one of
+/// them to acknowledge.
+pub fn announce_shutdown(action: ShutdownAction, main_exit: Option<ExitStatus>, timeout: Duration) {
     let writers: Vec<Writer> = CONNECTIONS
         .lock()
         .map(|c| c.iter().map(|(_, w)| w.clone()).collect())
@@ -725,10 +726,7 @@ pub fn announce_shutdown(action: ShutdownAction, timeout: Duration) {
     if writers.is_empty() {
         return;
     }
-    let event = Event::Shutdown {
-        action,
-        main_exit: crate::main_process::exit_status(),
-    };
+    let event = Event::Shutdown { action, main_exit };
     let frame = Frame::json(FrameKind::Event, EVENT_SESSION, &event);
     // A write blocked on a port with no host must not hold the reset.
     for writer in writers {

@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -134,11 +134,12 @@ fn available(file: &File) -> io::Result<u64> {
 
 /// Copies the first `len` bytes of `source` into the empty `target`,
 /// data extents only: a hole of the source stays a hole. Returns the data
-/// bytes copied. `mid_copy` runs after the first extent (a crash test's
+/// bytes copied. `mid_copy` runs after each extent (a crash test's
 /// boundary).
 fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> io::Result<u64> {
     let mut copied = 0;
     let mut offset = 0;
+    let mut in_kernel = true;
     while offset < len {
         let data = match rustix::fs::seek(source, SeekFrom::Data(offset)) {
             Ok(data) => data,
@@ -150,26 +151,62 @@ fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> i
             break;
         }
         let hole = rustix::fs::seek(source, SeekFrom::Hole(data))?.min(len);
-        let (mut from, mut to) = (data, data);
-        while from < hole {
-            let want = usize::try_from(hole - from).unwrap_or(usize::MAX);
-            let n =
-                rustix::fs::copy_file_range(source, Some(&mut from), target, Some(&mut to), want)?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the source ended inside a data extent",
-                ));
-            }
-            copied += n as u64;
-        }
-        if copied > 0 {
-            mid_copy();
-        }
+        copy_extent(source, target, data, hole, &mut in_kernel)?;
+        copied += hole - data;
+        mid_copy();
         offset = hole;
     }
     target.set_len(len)?;
     Ok(copied)
+}
+
+/// Copies bytes `start..end` of `source` to the same offsets of `target`:
+/// in the kernel (`copy_file_range`) while it can, else by reads and
+/// writes, as for a source on another filesystem (EXDEV); `in_kernel`
+/// remembers which.
+fn copy_extent(
+    source: &File,
+    target: &File,
+    start: u64,
+    end: u64,
+    in_kernel: &mut bool,
+) -> io::Result<()> {
+    const BUFFER: usize = 1 << 20;
+    let mut buffer = Vec::new();
+    let mut at = start;
+    while at < end {
+        let want = usize::try_from(end - at).unwrap_or(usize::MAX);
+        let n = if *in_kernel {
+            let (mut from, mut to) = (at, at);
+            match rustix::fs::copy_file_range(source, Some(&mut from), target, Some(&mut to), want)
+            {
+                Ok(n) => n,
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL,
+                ) => {
+                    *in_kernel = false;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            buffer.resize(want.min(BUFFER), 0);
+            let n = source.read_at(&mut buffer, at)?;
+            target.write_all_at(&buffer[..n], at)?;
+            n
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the source ended inside a data extent",
+            ));
+        }
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Grows the ext4 in `file` (already `size` bytes long) to fill it. It is
@@ -243,7 +280,6 @@ const NOBODY: u32 = 65534;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
 
     fn source(dir: &Path, len: u64, data_at: &[u64]) -> DiskSource {
         let path = dir.join("source");
@@ -263,6 +299,26 @@ mod tests {
             file: File::open(&path).expect("open"),
             len,
         }
+    }
+
+    #[test]
+    fn an_extent_is_copied_by_reads_and_writes_where_the_kernel_cannot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = 1 << 20;
+        let source = source(dir.path(), 4 << 20, &[at]);
+        let copy = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("copy"))
+            .expect("create");
+        let mut in_kernel = false;
+        copy_extent(&source.file, &copy, at, at + 8192, &mut in_kernel).expect("copy");
+        assert!(!in_kernel);
+        let mut buf = [0; 8192];
+        copy.read_exact_at(&mut buf, at).expect("read");
+        assert!(buf.iter().all(|&b| b == 0xab));
+        assert_eq!(copy.metadata().expect("stat").len(), at + 8192);
     }
 
     #[test]
