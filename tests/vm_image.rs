@@ -52,6 +52,39 @@ fn busybox_layout_running(dir: &Path, name: &str, run: Value) -> PathBuf {
     )
 }
 
+/// A guest fixture with the Debian kernel imported, unless `test` must
+/// skip (it needs `tools` as well as busybox).
+fn image_guest(test: &str, tools: &[&str]) -> Option<Fixture> {
+    let guest = guest_fixtures(test)?;
+    if !tools_installed(test, &[&["busybox"], tools].concat()) {
+        return None;
+    }
+    let f = Fixture::new(&guest);
+    import_kernel(&f, &guest.kernel_deb);
+    Some(f)
+}
+
+/// `vm create NAME --image NAME --run-image-cmd --restart RESTART`,
+/// started on qemu.
+fn create_running<'a>(name: &'a str, restart: &'a str) -> [&'a str; 14] {
+    [
+        "vm",
+        "create",
+        name,
+        "--image",
+        name,
+        "--run-image-cmd",
+        "--restart",
+        restart,
+        "--vmm",
+        "qemu",
+        "--memory",
+        "256M",
+        "--start",
+        "--json",
+    ]
+}
+
 fn json_of(out: &std::process::Output, what: &str) -> Value {
     assert!(
         out.status.success(),
@@ -64,14 +97,9 @@ fn json_of(out: &std::process::Output, what: &str) -> Value {
 #[test]
 fn a_qemu_guest_boots_from_a_busybox_image_on_a_grown_disk_that_holds_the_image() {
     let test = "a_qemu_guest_boots_from_a_busybox_image_on_a_grown_disk_that_holds_the_image";
-    let Some(guest) = guest_fixtures(test) else {
+    let Some(f) = image_guest(test, &["resize2fs"]) else {
         return;
     };
-    if !tools_installed(test, &["busybox", "resize2fs"]) {
-        return;
-    }
-    let f = Fixture::new(&guest);
-    import_kernel(&f, &guest.kernel_deb);
     let layout = busybox_layout(f.tmp.path());
     let image = f.json(&[
         "image",
@@ -150,14 +178,9 @@ fn a_qemu_guest_boots_from_a_busybox_image_on_a_grown_disk_that_holds_the_image(
 #[test]
 fn the_image_s_command_runs_as_the_vm_s_main_process_and_its_exit_is_the_vm_s() {
     let test = "the_image_s_command_runs_as_the_vm_s_main_process_and_its_exit_is_the_vm_s";
-    let Some(guest) = guest_fixtures(test) else {
+    let Some(f) = image_guest(test, &[]) else {
         return;
     };
-    if !tools_installed(test, &["busybox"]) {
-        return;
-    }
-    let f = Fixture::new(&guest);
-    import_kernel(&f, &guest.kernel_deb);
     // Env, WorkingDir and User reach the process; it exits 3.
     let run = serde_json::json!({
         "Env": ["PATH=/bin", "GREETING=hi"],
@@ -175,22 +198,7 @@ fn the_image_s_command_runs_as_the_vm_s_main_process_and_its_exit_is_the_vm_s() 
         "job",
         "--json",
     ]);
-    f.json(&[
-        "vm",
-        "create",
-        "job",
-        "--image",
-        "job",
-        "--run-image-cmd",
-        "--restart",
-        "on-failure",
-        "--vmm",
-        "qemu",
-        "--memory",
-        "256M",
-        "--start",
-        "--json",
-    ]);
+    f.json(&create_running("job", "on-failure"));
     // Its exit stops the VM with its code; on-failure starts it again.
     let deadline = std::time::Instant::now() + 2 * EVENT_TIMEOUT;
     let vm = loop {
@@ -230,43 +238,20 @@ fn the_image_s_command_runs_as_the_vm_s_main_process_and_its_exit_is_the_vm_s() 
 #[test]
 fn a_poweroff_ends_a_running_main_process_cleanly_and_one_that_cannot_start_exits_127() {
     let test = "a_poweroff_ends_a_running_main_process_cleanly_and_one_that_cannot_start_exits_127";
-    let Some(guest) = guest_fixtures(test) else {
+    let Some(mut f) = image_guest(test, &[]) else {
         return;
     };
-    if !tools_installed(test, &["busybox"]) {
-        return;
-    }
-    let mut f = Fixture::new(&guest);
-    import_kernel(&f, &guest.kernel_deb);
     for (name, cmd) in [("serve", "/bin/sleep"), ("broken", "/bin/no-such-program")] {
         let run = serde_json::json!({ "Env": ["PATH=/bin"], "Cmd": [cmd, "1000"] });
         let layout = busybox_layout_running(f.tmp.path(), &format!("{name}-layout"), run);
         let layout = layout.to_str().expect("utf-8");
         f.json(&["image", "import", layout, "--name", name, "--json"]);
     }
-    fn create<'a>(name: &'a str, restart: &'a str) -> [&'a str; 14] {
-        [
-            "vm",
-            "create",
-            name,
-            "--image",
-            name,
-            "--run-image-cmd",
-            "--restart",
-            restart,
-            "--vmm",
-            "qemu",
-            "--memory",
-            "256M",
-            "--start",
-            "--json",
-        ]
-    }
 
     // A poweroff inside the guest ends the main process too: the VM's exit
     // is the poweroff's (clean), so on-failure leaves it down.
     let mark = f.daemon.as_mut().expect("daemon").mark();
-    f.json(&create("serve", "on-failure"));
+    f.json(&create_running("serve", "on-failure"));
     f.daemon
         .as_mut()
         .expect("daemon")
@@ -288,7 +273,7 @@ fn a_poweroff_ends_a_running_main_process_cleanly_and_one_that_cannot_start_exit
     // A command the image does not have: the VM stops as if it had exited
     // 127, and its log says why.
     let mark = f.daemon.as_mut().expect("daemon").mark();
-    f.json(&create("broken", "no"));
+    f.json(&create_running("broken", "no"));
     f.daemon
         .as_mut()
         .expect("daemon")
