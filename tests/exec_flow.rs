@@ -100,7 +100,7 @@ fn unread_output_and_a_stdin_flood_hold_only_their_own_session() {
     let mut f = Fixture::new(&guest);
     boot(&f, &guest);
     let before = incarnation(&f);
-    let log_mark = f.daemon.as_mut().expect("daemon").mark();
+    let log_mark = f.log_mark();
     let usual = median((0..5).map(|_| round_trip(&f)).collect());
     f.exec_ok(&["sh", "-c", "echo 5 > /proc/1/clear_refs"]);
     let pid = daemon_pid(&f);
@@ -172,7 +172,7 @@ fn unread_output_and_a_stdin_flood_hold_only_their_own_session() {
         "exec round trip while stdin floods"
     );
     assert_eq!(incarnation(&f), before, "the guest was restarted");
-    let logged = f.daemon.as_mut().expect("daemon").mark() - log_mark;
+    let logged = f.log_mark() - log_mark;
     eprintln!("figure: {logged} daemon log lines during both floods");
     assert!(logged <= LOG_BOUND, "the daemon logged {logged} lines");
     let agent_peak = agent_kib(&f, "VmHWM");

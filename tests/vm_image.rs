@@ -250,20 +250,12 @@ fn a_poweroff_ends_a_running_main_process_cleanly_and_one_that_cannot_start_exit
 
     // A poweroff inside the guest ends the main process too: the VM's exit
     // is the poweroff's (clean), so on-failure leaves it down.
-    let mark = f.daemon.as_mut().expect("daemon").mark();
+    let mark = f.log_mark();
     f.json(&create_running("serve", "on-failure"));
-    f.daemon
-        .as_mut()
-        .expect("daemon")
-        .wait_for_line_from(&["main process running"], mark)
-        .expect("the main process starts");
-    let mark = f.daemon.as_mut().expect("daemon").mark();
+    f.wait_for_log(&["main process running"], mark, "the main process starts");
+    let mark = f.log_mark();
     let _ = f.run(&["vm", "exec", "serve", "--", "poweroff"]);
-    f.daemon
-        .as_mut()
-        .expect("daemon")
-        .wait_for_line_from(&["VMM exited"], mark)
-        .expect("the guest powers off");
+    f.wait_for_log(&["VMM exited"], mark, "the guest powers off");
     let off = f.json(&["vm", "inspect", "serve", "--json"]);
     assert_eq!(off["state"], "stopped", "{off}");
     assert_eq!(off["last_exit"]["kind"], "clean", "{off}");
@@ -272,13 +264,9 @@ fn a_poweroff_ends_a_running_main_process_cleanly_and_one_that_cannot_start_exit
 
     // A command the image does not have: the VM stops as if it had exited
     // 127, and its log says why.
-    let mark = f.daemon.as_mut().expect("daemon").mark();
+    let mark = f.log_mark();
     f.json(&create_running("broken", "no"));
-    f.daemon
-        .as_mut()
-        .expect("daemon")
-        .wait_for_line_from(&["VMM exited"], mark)
-        .expect("the guest powers off");
+    f.wait_for_log(&["VMM exited"], mark, "the guest powers off");
     let broken = f.json(&["vm", "inspect", "broken", "--json"]);
     assert_eq!(broken["last_exit"]["kind"], "crash", "{broken}");
     assert_eq!(broken["last_exit"]["code"], 127, "{broken}");

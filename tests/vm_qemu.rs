@@ -74,13 +74,13 @@ fn a_debian_guest_on_qemu_boots_runs_commands_survives_restarts_and_stops_cleanl
     );
 
     // The VMM SIGKILLed: the VM is restarted and its agent answers again.
-    let mark = f.daemon.as_mut().expect("daemon").mark();
+    let mark = f.log_mark();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL qemu");
-    f.daemon
-        .as_mut()
-        .expect("daemon")
-        .wait_for_line_from(&["agent ready"], mark)
-        .expect("the restarted guest's agent comes up");
+    f.wait_for_log(
+        &["agent ready"],
+        mark,
+        "the restarted guest's agent comes up",
+    );
     let restarted = f.json(&["vm", "inspect", "guest", "--json"]);
     assert_eq!(restarted["state"], "running");
     assert_ne!(restarted["pid"].as_i64(), Some(pid));
@@ -119,26 +119,21 @@ fn a_poweroff_inside_the_guest_is_a_clean_stop_and_a_reboot_starts_it_again() {
     let pid = f.pid();
 
     // busybox `reboot` signals PID 1, which announces the reboot.
-    let daemon = f.daemon.as_mut().expect("daemon");
-    let mark = daemon.mark();
+    let mark = f.log_mark();
     let _ = f.exec(&["reboot"], b"");
-    let daemon = f.daemon.as_mut().expect("daemon");
-    daemon
-        .wait_for_line_from(&["agent ready"], mark)
-        .expect("the rebooted guest's agent comes up");
+    f.wait_for_log(
+        &["agent ready"],
+        mark,
+        "the rebooted guest's agent comes up",
+    );
     let rebooted = f.json(&["vm", "inspect", "guest", "--json"]);
     assert_eq!(rebooted["last_exit"]["kind"], "reboot", "{rebooted}");
     assert_ne!(rebooted["pid"].as_i64(), Some(pid));
 
     // busybox `poweroff`: announced, so the exit is clean and it stays down.
-    let daemon = f.daemon.as_mut().expect("daemon");
-    let mark = daemon.mark();
+    let mark = f.log_mark();
     let _ = f.exec(&["poweroff"], b"");
-    f.daemon
-        .as_mut()
-        .expect("daemon")
-        .wait_for_line_from(&["VMM exited"], mark)
-        .expect("the guest powers off");
+    f.wait_for_log(&["VMM exited"], mark, "the guest powers off");
     let off = f.json(&["vm", "inspect", "guest", "--json"]);
     assert_eq!(off["state"], "stopped", "{off}");
     assert_eq!(off["last_exit"]["kind"], "clean", "{off}");
@@ -151,14 +146,9 @@ fn a_poweroff_inside_the_guest_is_a_clean_stop_and_a_reboot_starts_it_again() {
         .as_str()
         .expect("id")
         .to_string();
-    let daemon = f.daemon.as_mut().expect("daemon");
-    let mark = daemon.mark();
+    let mark = f.log_mark();
     ctrl_alt_del(&f.state().join("vms").join(id).join("qmp.sock"));
-    f.daemon
-        .as_mut()
-        .expect("daemon")
-        .wait_for_line_from(&["VMM exited"], mark)
-        .expect("the guest powers off");
+    f.wait_for_log(&["VMM exited"], mark, "the guest powers off");
     let off = f.json(&["vm", "inspect", "guest", "--json"]);
     assert_eq!(off["last_exit"]["kind"], "clean", "{off}");
 }

@@ -139,7 +139,7 @@ fn available(file: &File) -> io::Result<u64> {
 fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> io::Result<u64> {
     let mut copied = 0;
     let mut offset = 0;
-    let mut in_kernel = true;
+    let mut fallback = None;
     while offset < len {
         let data = match rustix::fs::seek(source, SeekFrom::Data(offset)) {
             Ok(data) => data,
@@ -151,7 +151,7 @@ fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> i
             break;
         }
         let hole = rustix::fs::seek(source, SeekFrom::Hole(data))?.min(len);
-        copy_extent(source, target, data, hole, &mut in_kernel)?;
+        copy_extent(source, target, data, hole, &mut fallback)?;
         copied += hole - data;
         mid_copy();
         offset = hole;
@@ -161,42 +161,48 @@ fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> i
 }
 
 /// Copies bytes `start..end` of `source` to the same offsets of `target`:
-/// in the kernel (`copy_file_range`) while it can, else by reads and
-/// writes, as for a source on another filesystem (EXDEV); `in_kernel`
-/// remembers which.
+/// in the kernel (`copy_file_range`) until it refuses, as for a source on
+/// another filesystem (EXDEV), then by reads and writes through
+/// `fallback`, which is set then and kept for the next extents.
 fn copy_extent(
     source: &File,
     target: &File,
     start: u64,
     end: u64,
-    in_kernel: &mut bool,
+    fallback: &mut Option<Vec<u8>>,
 ) -> io::Result<()> {
-    const BUFFER: usize = 1 << 20;
-    let mut buffer = Vec::new();
     let mut at = start;
     while at < end {
         let want = usize::try_from(end - at).unwrap_or(usize::MAX);
-        let n = if *in_kernel {
-            let (mut from, mut to) = (at, at);
-            match rustix::fs::copy_file_range(source, Some(&mut from), target, Some(&mut to), want)
-            {
-                Ok(n) => n,
-                Err(
-                    rustix::io::Errno::XDEV
-                    | rustix::io::Errno::NOSYS
-                    | rustix::io::Errno::OPNOTSUPP
-                    | rustix::io::Errno::INVAL,
-                ) => {
-                    *in_kernel = false;
-                    continue;
+        let n = match fallback {
+            None => {
+                let (mut from, mut to) = (at, at);
+                match rustix::fs::copy_file_range(
+                    source,
+                    Some(&mut from),
+                    target,
+                    Some(&mut to),
+                    want,
+                ) {
+                    Ok(n) => n,
+                    Err(
+                        rustix::io::Errno::XDEV
+                        | rustix::io::Errno::NOSYS
+                        | rustix::io::Errno::OPNOTSUPP
+                        | rustix::io::Errno::INVAL,
+                    ) => {
+                        *fallback = Some(vec![0; 1 << 20]);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
             }
-        } else {
-            buffer.resize(want.min(BUFFER), 0);
-            let n = source.read_at(&mut buffer, at)?;
-            target.write_all_at(&buffer[..n], at)?;
-            n
+            Some(buffer) => {
+                let len = want.min(buffer.len());
+                let n = source.read_at(&mut buffer[..len], at)?;
+                target.write_all_at(&buffer[..n], at)?;
+                n
+            }
         };
         if n == 0 {
             return Err(io::Error::new(
@@ -240,7 +246,9 @@ fn grow_filesystem(file: &File, path: &Path, size: u64) -> Result<(), DiskError>
 }
 
 /// Runs `command` on the disk in `file` as its `/dev/stdin` (as `nobody`
-/// when `as_nobody`); exit codes up to `ok_up_to` are success.
+/// when `as_nobody`); exit codes up to `ok_up_to` are success. Of its
+/// output (stdout and stderr, one pipe) only the end is kept for the
+/// error: a damaged user disk can make e2fsck print a line per inode.
 fn run_on_disk(
     file: &File,
     mut command: Command,
@@ -248,30 +256,57 @@ fn run_on_disk(
     as_nobody: bool,
 ) -> Result<(), String> {
     let program = command.get_program().to_string_lossy().into_owned();
+    let cannot = |what: &str, e: io::Error| format!("cannot {what} {program}: {e}");
     let lent = file
         .try_clone()
-        .map_err(|e| format!("cannot lend the disk's descriptor to {program}: {e}"))?;
+        .map_err(|e| cannot("lend the disk's descriptor to", e))?;
+    let (mut output, writer) = io::pipe().map_err(|e| cannot("make a pipe for", e))?;
+    let writer_too = writer
+        .try_clone()
+        .map_err(|e| cannot("make a pipe for", e))?;
     command
         .arg("/dev/stdin")
         .stdin(Stdio::from(lent))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(writer)
+        .stderr(writer_too);
     if as_nobody {
         std::os::unix::process::CommandExt::uid(&mut command, NOBODY);
         std::os::unix::process::CommandExt::gid(&mut command, NOBODY);
     }
-    let output = command
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    match output.status.code() {
+    let mut child = command.spawn().map_err(|e| cannot("run", e))?;
+    // The command holds the pipe's write ends too: the read ends only
+    // once they are closed.
+    drop(command);
+    let said = output_tail(&mut output, OUTPUT_TAIL);
+    let status = child.wait().map_err(|e| cannot("wait for", e))?;
+    match status.code() {
         Some(code) if (0..=ok_up_to).contains(&code) => Ok(()),
-        _ => Err(format!(
-            "{program} {}: {} {}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout).trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )),
+        _ => Err(format!("{program} {status}: {said}")),
     }
+}
+
+/// Bytes of a tool's output kept for its error: the end, where e2fsck
+/// and resize2fs say why they stopped.
+const OUTPUT_TAIL: usize = 4096;
+
+/// The last `keep` bytes `reader` gives before its end, as text.
+fn output_tail(reader: &mut impl io::Read, keep: usize) -> String {
+    let mut tail = Vec::with_capacity(2 * keep);
+    let mut chunk = [0; 4096];
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&chunk[..n]);
+                if tail.len() > keep {
+                    tail.drain(..tail.len() - keep);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&tail).trim().to_string()
 }
 
 /// The uid and gid of `nobody`.
@@ -312,13 +347,33 @@ mod tests {
             .create_new(true)
             .open(dir.path().join("copy"))
             .expect("create");
-        let mut in_kernel = false;
-        copy_extent(&source.file, &copy, at, at + 8192, &mut in_kernel).expect("copy");
-        assert!(!in_kernel);
+        let mut fallback = Some(vec![0; 4096]);
+        copy_extent(&source.file, &copy, at, at + 8192, &mut fallback).expect("copy");
+        assert!(fallback.is_some());
         let mut buf = [0; 8192];
         copy.read_exact_at(&mut buf, at).expect("read");
         assert!(buf.iter().all(|&b| b == 0xab));
         assert_eq!(copy.metadata().expect("stat").len(), at + 8192);
+    }
+
+    #[test]
+    fn a_disk_that_is_no_filesystem_fails_its_check_saying_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = source(dir.path(), 4 << 20, &[]).file;
+        let mut check = Command::new("e2fsck");
+        check.arg("-fp");
+        let err = run_on_disk(&disk, check, 1, false).expect_err("zeros are no ext4");
+        assert!(err.starts_with("e2fsck exit status: 8"), "{err}");
+        assert!(err.contains("superblock"), "{err}");
+    }
+
+    #[test]
+    fn a_tool_s_output_is_kept_only_to_its_end() {
+        let mut said = "line\n".repeat(100_000).into_bytes();
+        said.extend_from_slice(b"UNEXPECTED INCONSISTENCY\n");
+        let tail = output_tail(&mut said.as_slice(), 64);
+        assert!(tail.len() <= 64, "{tail}");
+        assert!(tail.ends_with("UNEXPECTED INCONSISTENCY"), "{tail}");
     }
 
     #[test]

@@ -147,6 +147,21 @@ impl Fixture {
         serde_json::from_str(&self.ok(args)).expect("--json output")
     }
 
+    /// Where the daemon's log stands: a mark for [`Fixture::wait_for_log`].
+    pub fn log_mark(&mut self) -> usize {
+        self.daemon.as_mut().expect("daemon").mark()
+    }
+
+    /// Waits for a daemon log line after `mark` holding every one of
+    /// `needles`; `what` says what it shows, for the failure.
+    pub fn wait_for_log(&mut self, needles: &[&str], mark: usize, what: &str) {
+        self.daemon
+            .as_mut()
+            .expect("daemon")
+            .wait_for_line_from(needles, mark)
+            .unwrap_or_else(|| panic!("{what}: the daemon exited first"));
+    }
+
     pub fn console(&self) -> String {
         let out = self.run(&["vm", "logs", "guest", "--tail", "40"]);
         format!(
