@@ -132,6 +132,7 @@ impl SystemSupervisor {
     pub async fn start(config: &Config, store: Store) -> Result<SystemSupervisor, DaemonError> {
         let store_path = store.path().to_path_buf();
         let schema = store.observe().map_err(DaemonError::Store)?;
+        let store_health = store.health();
         let (store, store_closed) = StoreActor::start(store, STORE_THREADS);
         let operations = {
             let (store, retention) = (store.clone(), config.retention);
@@ -185,6 +186,7 @@ impl SystemSupervisor {
             },
             jail_base,
             vms_dir: config.state_dir.join("vms"),
+            store_health: store_health.clone(),
             restart_defaults: RestartPolicy {
                 delay_ms: config.restart_delay_ms,
                 max_delay_ms: config.restart_max_delay_ms,
@@ -270,6 +272,7 @@ impl SystemSupervisor {
                 store,
                 vms,
                 catalog,
+                store_health,
                 info: DaemonInfo {
                     version: VERSION.to_string(),
                     pid: std::process::id(),

@@ -3,44 +3,105 @@
 //! makes the daemon SIGKILL itself just before the N-th time it reaches the
 //! boundary NAME (an effect of a VM's lifecycle, e.g. `persist`, `spawn`,
 //! `configure`, `reply`, or `spawned`: right after a VMM is spawned,
-//! before the machine has heard of it). Without the feature this is empty.
+//! before the machine has heard of it); `BANGER_FAULT_FILL=NAME:N:PATH`
+//! fills PATH's filesystem there instead; and it fails store writes on
+//! demand ([`store_write`]). Without the feature this is empty.
 
 #[cfg(feature = "fault-injection")]
 pub fn boundary(name: &str) {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
 
-    static PLAN: OnceLock<Vec<(String, u32)>> = OnceLock::new();
-    static SEEN: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
-    let plan = PLAN.get_or_init(|| {
-        std::env::var("BANGER_FAULT_KILL")
+    /// `NAME:N` entries of a variable, with what follows `N` (if anything).
+    fn plan(var: &str) -> Vec<(String, u32, String)> {
+        std::env::var(var)
             .unwrap_or_default()
             .split(',')
             .filter_map(|entry| {
-                let (name, n) = entry.split_once(':')?;
-                Some((name.to_string(), n.parse().ok()?))
+                let mut parts = entry.splitn(3, ':');
+                let name = parts.next()?.to_string();
+                let n = parts.next()?.parse().ok()?;
+                Some((name, n, parts.next().unwrap_or_default().to_string()))
             })
             .collect()
-    });
-    if plan.is_empty() {
+    }
+    static KILLS: OnceLock<Vec<(String, u32, String)>> = OnceLock::new();
+    static FILLS: OnceLock<Vec<(String, u32, String)>> = OnceLock::new();
+    static SEEN: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    let kills = KILLS.get_or_init(|| plan("BANGER_FAULT_KILL"));
+    let fills = FILLS.get_or_init(|| plan("BANGER_FAULT_FILL"));
+    if kills.is_empty() && fills.is_empty() {
         return;
     }
-    let mut seen = SEEN
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let count = seen.entry(name.to_string()).or_default();
-    *count += 1;
-    if plan.iter().any(|(n, at)| n == name && at == count) {
+    let count = {
+        let mut seen = SEEN
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let count = seen.entry(name.to_string()).or_default();
+        *count += 1;
+        *count
+    };
+    for (_, _, path) in fills.iter().filter(|(n, at, _)| n == name && *at == count) {
+        fill(std::path::Path::new(path));
+    }
+    if kills.iter().any(|(n, at, _)| n == name && *at == count) {
         tracing::warn!(
             boundary = name,
-            count = *count,
+            count,
             "fault injection: killing the daemon"
         );
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
+/// Writes `path` until its filesystem is full: a disk that fills up at
+/// this instant (`BANGER_FAULT_FILL=NAME:N:PATH`).
+#[cfg(feature = "fault-injection")]
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        tracing::warn!(path = %path.display(), "fault injection: cannot create the filler");
+        return;
+    };
+    let mut chunk = 1 << 20;
+    let zeros = vec![0u8; chunk];
+    while chunk >= 512 {
+        if file.write_all(&zeros[..chunk]).is_err() {
+            chunk /= 2;
+        }
+    }
+    tracing::warn!(path = %path.display(), "fault injection: filled the disk");
+}
+
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn boundary(_: &str) {}
+
+/// With `BANGER_FAULT_STORE_FAIL=FILE`: while FILE holds a number N > 0,
+/// the next store write fails as on a full disk and N goes down by one.
+/// A test writes the file to fail the next N writes of a running daemon.
+#[cfg(feature = "fault-injection")]
+pub fn store_write() -> Option<std::io::Error> {
+    static TAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let path = std::env::var_os("BANGER_FAULT_STORE_FAIL")?;
+    // One store thread at a time reads and rewrites the count.
+    let _taking = TAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let left: u32 = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+    if left == 0 {
+        return None;
+    }
+    let _ = std::fs::write(&path, (left - 1).to_string());
+    tracing::warn!(left = left - 1, "fault injection: failing a store write");
+    Some(std::io::Error::from_raw_os_error(nix::libc::ENOSPC))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn store_write() -> Option<std::io::Error> {
+    None
+}

@@ -576,15 +576,6 @@ fn a_daemon_killed_during_a_clone_leaves_nothing_and_the_create_then_succeeds() 
     }
 }
 
-/// A filesystem mounted at `.0` by a test; unmounted on drop.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing() {
     let test = "a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing";
@@ -593,19 +584,7 @@ fn a_clone_that_does_not_fit_is_refused_naming_the_sizes_and_leaves_nothing() {
     }
     let work = state_dir();
     let state = work.path().join("small");
-    std::fs::create_dir_all(&state).expect("mount point");
-    run_ok(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=40m",
-            "tmpfs",
-            state.to_str().expect("utf-8"),
-        ],
-    );
-    let _tmpfs = Mounted(state.clone());
+    let _tmpfs = Mounted::tmpfs(&state, "40m");
     let _daemon = clone_daemon(work.path(), &state, &[]);
     import_busybox(work.path(), &state);
     // Each sparse clone takes the image's data (about 2 MiB): the tmpfs
@@ -721,13 +700,7 @@ fn a_rootfs_from_another_filesystem_mounted_since_its_last_check_is_copied_check
     // The state dir on a tmpfs of its own: the kernel copies nothing
     // across filesystems (copy_file_range answers EXDEV).
     let state = work.path().join("state");
-    std::fs::create_dir_all(&state).expect("state");
-    let state_path = state.to_str().expect("utf-8");
-    run_ok(
-        "mount",
-        &["-t", "tmpfs", "-o", "size=512m", "tmpfs", state_path],
-    );
-    let _tmpfs = Mounted(state.clone());
+    let _tmpfs = Mounted::tmpfs(&state, "512m");
     let _daemon = clone_daemon(work.path(), &state, &[]);
     // A hand-made rootfs: made, its last check well before its mount, as
     // when files are put in later; resize2fs alone refuses it.

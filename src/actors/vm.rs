@@ -10,12 +10,21 @@
 //! client is answered ahead of the store; writes reach the store in order
 //! through one writer task per VM.
 //!
-//! VmActors run under an actix `Supervisor`. A write that fails stops the
-//! actor; `restarting()` discards what it held in memory and the next
-//! `started()` reads the record again and re-derives the VM through
-//! `Event::Recovered`, as at daemon start. A removed VM is a tombstone: it
-//! does nothing, answers nothing but conflicts, and ends when the manager
-//! drops its address.
+//! A write the store refuses (a full disk: see `store::health`) is not a
+//! restart. When it carried out a user command, the VM goes back to its
+//! durable record and the client hears that nothing changed; otherwise (a
+//! process fact, a timer: something that happened) the actor holds the
+//! write and the effects behind it, defers later facts, refuses commands,
+//! and carries on once the store says it writes again. Clients waiting on
+//! the VM are answered at once either way.
+//!
+//! VmActors run under an actix `Supervisor`. Any other failed write (the
+//! store gone) stops the actor; `restarting()` discards what it held in
+//! memory and the next `started()` reads the record again and re-derives
+//! the VM through `Event::Recovered`, as at daemon start; meanwhile
+//! commands are refused and reads see the last durable record. A removed
+//! VM is a tombstone: it does nothing, answers nothing but conflicts, and
+//! ends when the manager drops its address.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -45,7 +54,7 @@ use crate::guest::link::AgentLink;
 use crate::host::HostOps;
 use crate::network::GuestConfig;
 use crate::reconcile;
-use crate::store::{Listing, StoreError, Undecodable};
+use crate::store::{Listing, StoreError, StoreHealth, Undecodable, Unwritable};
 use crate::vm::InvalidVm;
 use crate::vm::disk::{self, DiskError, DiskSource};
 use crate::vm::ledger::Resource;
@@ -94,6 +103,9 @@ pub struct VmSettings {
     pub host: Arc<dyn HostOps>,
     /// The most a root disk a request names may hold.
     pub max_rootfs: SizeCap,
+    /// Whether the store writes: commands are refused while it does not,
+    /// and held work goes on when it does again.
+    pub store_health: watch::Receiver<StoreHealth>,
 }
 
 impl VmSettings {
@@ -210,6 +222,14 @@ pub enum VmError {
     Store(#[from] StoreError),
     #[error("the {0} is not answering")]
     Unavailable(&'static str),
+    #[error("VM {name}: {what}: {down}")]
+    NotRecorded {
+        name: String,
+        what: &'static str,
+        down: Unwritable,
+    },
+    #[error("VM {0} is being read again from the store; try again in a moment")]
+    Reloading(String),
 }
 
 impl From<VmReserveError> for VmError {
@@ -229,7 +249,7 @@ pub struct VmActor {
     store: Addr<StoreActor>,
     catalog: Addr<CatalogActor>,
     networks: Addr<NetworkManager>,
-    writes: mpsc::UnboundedSender<(Write, oneshot::Sender<bool>)>,
+    writes: mpsc::UnboundedSender<(Write, oneshot::Sender<Written>)>,
     /// The recorded VMM's pidfd, while it lives.
     process: Option<Rc<ProcessHandle>>,
     /// A spawned VMM the machine did not record (`Effect::KillUnrecorded`).
@@ -242,9 +262,22 @@ pub struct VmActor {
     next_request: RequestId,
     /// What the next `started()` does first.
     on_start: OnStart,
-    /// The VMM pid the store holds, as of the last durable write: a
-    /// process the actor holds beyond it is killed if the actor restarts.
-    durable_pid: Option<i32>,
+    /// The record as of the last durable write (none before the first):
+    /// what reads see while the actor reloads, and a process the actor
+    /// holds beyond its pid is killed if the actor restarts.
+    durable: Option<VmRecord>,
+    /// The user command being applied, with the VM as it was: its first
+    /// write, if refused, puts that VM back and answers the command.
+    command: Option<(Vm, RequestId)>,
+    /// A write the store refused while carrying out a fact, and the effects
+    /// behind it, until the store writes again.
+    held: Option<(Write, VecDeque<Effect>)>,
+    /// Facts that came while a write was held, applied in order after it.
+    /// Bounded by nature: each is the answer of one piece of work, and no
+    /// new work starts while a write is held.
+    deferred: VecDeque<Event>,
+    /// A write is on its way to the store.
+    writing: bool,
     /// Restarts since the last durable write, for the reload's backoff.
     restarts: u32,
     /// The store holds the record: false for a VM being created until its
@@ -285,16 +318,27 @@ enum OnStart {
 }
 
 /// A change to a VM's record.
+#[derive(Clone)]
 enum Write {
     Put(VmRecord),
     Delete(VmRecord),
 }
 
+/// How a write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Durable,
+    /// The store refuses writes for now (see `store::health`).
+    Refused,
+    /// Anything else: the store is gone, or the record did not encode.
+    Lost,
+}
+
 /// Applies one VM's writes in the order they were queued, answering each
-/// with whether it is durable.
+/// with how it ended.
 async fn write_in_order(
     store: Addr<StoreActor>,
-    mut writes: mpsc::UnboundedReceiver<(Write, oneshot::Sender<bool>)>,
+    mut writes: mpsc::UnboundedReceiver<(Write, oneshot::Sender<Written>)>,
 ) {
     while let Some((write, durable)) = writes.recv().await {
         let (record, result) = match write {
@@ -310,18 +354,22 @@ async fn write_in_order(
                 (record, result)
             }
         };
-        let ok = match result {
-            Ok(Ok(())) => true,
+        let written = match result {
+            Ok(Ok(())) => Written::Durable,
+            Ok(Err(e @ StoreError::Unwritable(_))) => {
+                warn!(vm = %record.name, error = %error_chain(&e), "cannot record the VM's state");
+                Written::Refused
+            }
             Ok(Err(e)) => {
                 error!(vm = %record.name, error = %error_chain(&e), "cannot record the VM's state");
-                false
+                Written::Lost
             }
             Err(_) => {
                 error!(vm = %record.name, "the store is not answering; the VM's state is not recorded");
-                false
+                Written::Lost
             }
         };
-        let _ = durable.send(ok);
+        let _ = durable.send(written);
     }
 }
 
@@ -338,7 +386,7 @@ impl VmActor {
         // for each write to be durable (ctx.wait) before it goes on.
         let (writes, queue) = mpsc::unbounded_channel();
         actix::spawn(write_in_order(store.clone(), queue));
-        let record_for_pid = record.clone();
+        let durable = Some(record.clone());
         VmActor {
             vm: Vm::new(record),
             settings,
@@ -353,7 +401,11 @@ impl VmActor {
             console_check: None,
             replies: HashMap::new(),
             next_request: 0,
-            durable_pid: record_pid(&record_for_pid),
+            durable,
+            command: None,
+            held: None,
+            deferred: VecDeque::new(),
+            writing: false,
             restarts: 0,
             in_store: true,
             on_start: OnStart::Recover,
@@ -369,21 +421,147 @@ impl VmActor {
         &self.vm.record.name
     }
 
-    /// Feeds one event through the machine and carries out its effects.
+    /// Feeds one event through the machine and carries out its effects. A
+    /// fact that comes while a write is held waits behind it.
     fn apply(&mut self, event: Event, ctx: &mut Context<Self>) -> Result<(), Conflict> {
+        if self.held.is_some() {
+            self.deferred.push_back(event);
+            return Ok(());
+        }
+        let spawned = match &event {
+            Event::Spawned(process) => Some(process.pid),
+            _ => None,
+        };
         let (vm, effects) = machine::step(&self.vm, event, Timestamp::now())?;
         let before = self.vm.record.phase;
+        let command = self.command.take();
+        self.command = command.filter(|_| machine::undoable(&effects));
         self.vm = vm;
         if self.vm.record.phase != before {
             info!(vm = %self.vm.record.name, id = %self.vm.record.id, phase = ?self.vm.record.phase, "VM phase");
         }
         self.run(effects.into(), ctx);
+        self.command = None;
+        // A spawned VMM the machine recorded is watched from now on.
+        if let Some(pid) = spawned
+            && record_pid(&self.vm.record) == Some(pid)
+            && let Some(process) = self.unrecorded.take_if(|p| p.pid() == pid)
+        {
+            self.watch(Rc::new(process), ctx);
+        }
         Ok(())
     }
 
+    /// Writes the record, then carries out the effects behind the write.
+    fn persist(&mut self, write: Write, effects: VecDeque<Effect>, ctx: &mut Context<Self>) {
+        let undo = self.command.take();
+        self.writing = true;
+        let durable = self.write(write.clone());
+        ctx.wait(durable.into_actor(self).map(move |written, act, ctx| {
+            act.writing = false;
+            match written.unwrap_or(Written::Lost) {
+                Written::Durable => {
+                    act.in_store = true;
+                    act.durable = match write {
+                        Write::Put(record) => Some(record),
+                        Write::Delete(_) => None,
+                    };
+                    act.restarts = 0;
+                    act.run(effects, ctx);
+                    act.replay_deferred(ctx);
+                }
+                Written::Refused => match undo {
+                    Some((before, request)) => act.undo_command(before, request, ctx),
+                    None => act.hold(write, effects, ctx),
+                },
+                Written::Lost => {
+                    error!(vm = %act.name(), "a write failed; rebuilding the VM from the store");
+                    ctx.stop();
+                }
+            }
+        }));
+    }
+
+    /// The store refused a command's write: the VM is as it was, and the
+    /// client hears that nothing changed. A VM whose create was refused
+    /// never existed: its name is free again.
+    fn undo_command(&mut self, before: Vm, request: RequestId, ctx: &mut Context<Self>) {
+        self.vm = before;
+        let refused = self.not_recorded("nothing was changed");
+        if let Some(reply) = self.replies.remove(&request) {
+            let _ = reply.send(Err(refused));
+        }
+        if !self.in_store {
+            self.source = None;
+            self.vm.removed = true;
+            self.become_tombstone(ctx);
+        }
+    }
+
+    /// The store refused the write of a fact: it and the effects behind it
+    /// wait until the store writes again; clients waiting on the VM are
+    /// told now instead of hanging.
+    fn hold(&mut self, write: Write, effects: VecDeque<Effect>, ctx: &mut Context<Self>) {
+        warn!(vm = %self.name(), phase = ?self.vm.record.phase, "holding the VM's next steps until the store writes again");
+        let what =
+            "its state cannot be recorded yet; banger carries on once the store writes again";
+        let (name, down) = (self.vm.record.name.clone(), self.store_down());
+        for (_, reply) in self.replies.drain() {
+            let _ = reply.send(Err(VmError::NotRecorded {
+                name: name.clone(),
+                what,
+                down: down.clone(),
+            }));
+        }
+        self.held = Some((write, effects));
+        let mut health = self.settings.store_health.clone();
+        ctx.spawn(
+            async move {
+                let _ = health.wait_for(|h| *h == StoreHealth::Writable).await;
+            }
+            .into_actor(self)
+            .map(|(), act, ctx| {
+                if let Some((write, effects)) = act.held.take() {
+                    info!(vm = %act.name(), "the store writes again; carrying on");
+                    act.persist(write, effects, ctx);
+                }
+            }),
+        );
+    }
+
+    /// Facts deferred behind a held write, one at a time: each may write.
+    fn replay_deferred(&mut self, ctx: &mut Context<Self>) {
+        while self.held.is_none() && !self.writing {
+            let Some(event) = self.deferred.pop_front() else {
+                return;
+            };
+            let _ = self.apply(event, ctx);
+        }
+    }
+
+    /// Why the store cannot write now (as it last said).
+    fn store_down(&self) -> Unwritable {
+        match &*self.settings.store_health.borrow() {
+            StoreHealth::Unwritable(down) => down.clone(),
+            StoreHealth::Writable => Unwritable {
+                since: Timestamp::now(),
+                reason: "the store refused the write".into(),
+                dir: self.settings.vms_dir.clone(),
+                free_bytes: None,
+            },
+        }
+    }
+
+    fn not_recorded(&self, what: &'static str) -> VmError {
+        VmError::NotRecorded {
+            name: self.vm.record.name.clone(),
+            what,
+            down: self.store_down(),
+        }
+    }
+
     /// Carries out effects in order; whatever follows a write waits until
-    /// the write is durable. A write that fails stops the actor, which
-    /// then rebuilds from the store.
+    /// the write is durable (see [`VmActor::persist`]).
     fn run(&mut self, mut effects: VecDeque<Effect>, ctx: &mut Context<Self>) {
         while let Some(effect) = effects.pop_front() {
             fault::boundary(effect_name(&effect));
@@ -394,19 +572,7 @@ impl VmActor {
                         Effect::Delete => Write::Delete(record),
                         _ => Write::Put(record),
                     };
-                    let written_pid = record_pid(&self.vm.record);
-                    let durable = self.write(write);
-                    ctx.wait(durable.into_actor(self).map(move |ok, act, ctx| {
-                        if ok.unwrap_or(false) {
-                            act.in_store = true;
-                            act.durable_pid = written_pid;
-                            act.restarts = 0;
-                            act.run(effects, ctx);
-                        } else {
-                            error!(vm = %act.name(), "a write failed; rebuilding the VM from the store");
-                            ctx.stop();
-                        }
-                    }));
+                    self.persist(write, effects, ctx);
                     return;
                 }
                 Effect::Spawn => self.spawn_vmm(ctx),
@@ -530,7 +696,7 @@ impl VmActor {
         }
     }
 
-    fn write(&mut self, write: Write) -> oneshot::Receiver<bool> {
+    fn write(&mut self, write: Write) -> oneshot::Receiver<Written> {
         let (durable, done) = oneshot::channel();
         if self.writes.send((write, durable)).is_err() {
             error!(vm = %self.name(), "the VM's writer is gone; its state is not recorded");
@@ -620,10 +786,6 @@ impl VmActor {
                         act.launch = Some(spec);
                         act.unrecorded = Some(process);
                         let _ = act.apply(Event::Spawned(recorded), ctx);
-                        if let Some(process) = act.unrecorded.take() {
-                            // Recorded: watched from now on.
-                            act.watch(Rc::new(process), ctx);
-                        }
                     }
                     Err(e) => {
                         warn!(vm = %act.name(), error = %error_chain(&e), "VM failed to start");
@@ -1059,7 +1221,7 @@ impl Supervised for VmActor {
         .into_iter()
         .flatten()
         {
-            if Some(process.pid()) != self.durable_pid {
+            if Some(process.pid()) != self.durable.as_ref().and_then(record_pid) {
                 warn!(vm = %self.name(), pid = process.pid(), "killing a VMM the store may not name");
                 let _ = process.signal(Signal::KILL);
                 actix::spawn(async move {
@@ -1071,6 +1233,10 @@ impl Supervised for VmActor {
         self.timer = None;
         self.console_check = None;
         self.replies.clear();
+        self.command = None;
+        self.held = None;
+        self.deferred.clear();
+        self.writing = false;
         self.agent = None;
         self.agent_connect = None;
         self.agent_waiters.clear();
@@ -1169,15 +1335,37 @@ impl Handler<VmCommand> for VmActor {
     fn handle(&mut self, command: VmCommand, ctx: &mut Context<Self>) -> Self::Result {
         let request = self.next_request;
         self.next_request += 1;
+        let reloading = self.on_start == OnStart::Reload;
         let event = match command {
             VmCommand::Get => {
-                let record = self.vm.record.clone();
+                // Reloading, memory is not to be trusted: the last durable
+                // record is. A held write's record is the host's truth.
+                let record = match (&self.durable, reloading) {
+                    (Some(durable), true) => durable.clone(),
+                    _ => self.vm.record.clone(),
+                };
                 let found = if self.vm.removed || !self.in_store {
                     Err(VmError::NotFound(record.name))
                 } else {
                     Ok(record)
                 };
                 return Box::pin(async move { found });
+            }
+            _ if reloading => {
+                let refused = VmError::Reloading(self.name().to_string());
+                return Box::pin(async move { Err(refused) });
+            }
+            // Nothing is started that could not be recorded.
+            _ if self.held.is_some()
+                || self.settings.store_health.borrow().unwritable().is_some() =>
+            {
+                let refused = self.not_recorded("nothing was changed");
+                // A create refused before its first write: the VM never was.
+                if !self.in_store {
+                    self.vm.removed = true;
+                    self.become_tombstone(ctx);
+                }
+                return Box::pin(async move { Err(refused) });
             }
             VmCommand::Create { source } => {
                 let path = source.named.clone();
@@ -1195,7 +1383,9 @@ impl Handler<VmCommand> for VmActor {
         };
         let (reply, answer) = oneshot::channel();
         self.replies.insert(request, reply);
+        self.command = Some((self.vm.clone(), request));
         if let Err(conflict) = self.apply(event, ctx) {
+            self.command = None;
             self.replies.remove(&request);
             return Box::pin(async move { Err(conflict.into()) });
         }
@@ -1609,14 +1799,28 @@ impl Message for ListVms {
 impl Handler<ListVms> for VmManager {
     type Result = ResponseFuture<Result<Vec<VmRecord>, VmError>>;
 
+    /// From the store; while it cannot write, from each VM actor's memory
+    /// (a held write's record is what the host shows, not yet stored).
     fn handle(&mut self, _: ListVms, _: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
+        let from_memory = self.settings.store_health.borrow().unwritable().is_some();
+        let actors: Vec<Addr<VmActor>> = self.vms.values().cloned().collect();
         Box::pin(async move {
-            let mut vms = store
-                .send(List::<VmRecord>::new())
-                .await
-                .map_err(|_| VmError::Unavailable("store"))??
-                .records;
+            let mut vms = if from_memory {
+                let answers =
+                    futures_util::future::join_all(actors.iter().map(|vm| vm.send(VmCommand::Get)))
+                        .await;
+                answers
+                    .into_iter()
+                    .filter_map(|answer| answer.ok()?.ok())
+                    .collect()
+            } else {
+                store
+                    .send(List::<VmRecord>::new())
+                    .await
+                    .map_err(|_| VmError::Unavailable("store"))??
+                    .records
+            };
             vms.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(vms)
         })

@@ -638,10 +638,12 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
         }
         VmCommand::Ls { json: false } => {
             let vms = client.call::<VmsResult>("vm.list", json!({}))?;
+            warn_from_memory(vms.result.store_unavailable.as_deref());
             print!("{}", output::vms_table(&vms.result.vms, now));
         }
         VmCommand::Inspect { name, json } => {
             let vm = client.call::<VmResult>("vm.get", json!({"name": name}))?;
+            warn_from_memory(vm.result.store_unavailable.as_deref());
             show(json, &vm.result.vm, |v| output::vm_details(v, now));
         }
         // Taken by `run`: it needs the connection to itself.
@@ -1124,6 +1126,13 @@ fn ended(op: &OperationRecord) -> Result<(), Failure> {
     }
 }
 
+/// Says, on stderr, that what follows is the daemon's memory, not the store.
+fn warn_from_memory(unavailable: Option<&str>) {
+    if let Some(why) = unavailable {
+        eprintln!("warning: {why}; shown from the daemon's memory of the VMs");
+    }
+}
+
 fn status_view(status: &StatusResult) -> String {
     let list = |items: Vec<String>| items.join(", ");
     let mut rows = vec![
@@ -1141,6 +1150,14 @@ fn status_view(status: &StatusResult) -> String {
         vec!["state dir:".into(), status.state_dir.display().to_string()],
         vec!["socket:".into(), status.socket.display().to_string()],
         vec!["store:".into(), status.store.path.display().to_string()],
+        vec![
+            "writes:".into(),
+            status
+                .store
+                .unavailable
+                .clone()
+                .unwrap_or_else(|| "ok".into()),
+        ],
         vec![
             "schema:".into(),
             list(

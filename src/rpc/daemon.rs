@@ -97,8 +97,11 @@ pub struct StoreStatus {
     /// Table name to schema version.
     pub tables: BTreeMap<String, u32>,
     pub applied_migrations: Vec<String>,
-    /// Table name to record count.
+    /// Table name to record count (empty when the store cannot be read).
     pub records: BTreeMap<String, u64>,
+    /// Set while the store cannot write, saying why and since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,6 +170,8 @@ pub struct DaemonServices {
     pub store: Addr<StoreActor>,
     pub vms: Addr<VmManager>,
     pub catalog: Addr<CatalogActor>,
+    /// Whether the store writes (reported by `daemon.status`).
+    pub store_health: tokio::sync::watch::Receiver<crate::store::StoreHealth>,
     pub info: DaemonInfo,
 }
 
@@ -222,7 +227,18 @@ async fn status(services: &DaemonServices, wire: &Wire<'_>) -> Result<StatusResu
         services.vms.send(Quarantined),
         services.catalog.send(Quarantined),
     );
-    let (records, running) = (records??, running??);
+    let running = running??;
+    let unavailable = services
+        .store_health
+        .borrow()
+        .unwritable()
+        .map(ToString::to_string);
+    // A store that cannot be read still leaves a status to report.
+    let records = match records? {
+        Ok(records) => records,
+        Err(_) if unavailable.is_some() => BTreeMap::new(),
+        Err(e) => return Err(e.into()),
+    };
     let mut quarantined = vms?;
     quarantined.extend(kernels?);
     let info = &services.info;
@@ -243,6 +259,7 @@ async fn status(services: &DaemonServices, wire: &Wire<'_>) -> Result<StatusResu
             tables: info.schema.tables.clone(),
             applied_migrations: info.schema.applied.iter().cloned().collect(),
             records,
+            unavailable,
         },
         operations_running: running.len() as u64,
         quarantined,

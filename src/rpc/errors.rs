@@ -20,6 +20,7 @@ impl From<StoreError> for RpcError {
     fn from(e: StoreError) -> RpcError {
         let code = match e {
             StoreError::Conflict { .. } => ErrorCode::Conflict,
+            StoreError::Unwritable(_) => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         };
         RpcError::new(code, error_chain(&e))
@@ -184,7 +185,10 @@ impl From<VmError> for RpcError {
                     }
                     VmError::Exists(_) => ErrorCode::AlreadyExists,
                     VmError::Conflict { .. } => ErrorCode::Conflict,
-                    VmError::Unavailable(_) | VmError::Agent { .. } => ErrorCode::Unavailable,
+                    VmError::Unavailable(_)
+                    | VmError::Agent { .. }
+                    | VmError::NotRecorded { .. }
+                    | VmError::Reloading(_) => ErrorCode::Unavailable,
                     VmError::Disk(crate::vm::disk::DiskError::NoSpace { .. }) => {
                         ErrorCode::Unavailable
                     }

@@ -401,11 +401,18 @@ impl From<&VmRecord> for VmView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmResult {
     pub vm: VmView,
+    /// Set while the store cannot write: the VM is shown from the
+    /// daemon's memory, and this says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_unavailable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmsResult {
     pub vms: Vec<VmView>,
+    /// As in [`VmResult`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_unavailable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -438,6 +445,7 @@ pub async fn handle(
                 .await?;
             wire.answer(VmResult {
                 vm: VmView::from(&vm),
+                store_unavailable: None,
             })
         }
         Request::Start(VmRef { name }) => {
@@ -474,6 +482,7 @@ pub async fn handle(
             let vms = services.vms.send(ListVms).await??;
             wire.answer(VmsResult {
                 vms: vms.iter().map(VmView::from).collect(),
+                store_unavailable: store_unavailable(services),
             })
         }
         Request::Get(VmRef { name }) => {
@@ -488,7 +497,10 @@ pub async fn handle(
                 let link = agent_of(services, vm.name.clone(), Some(0.0)).await;
                 view.agent = link.ok().as_ref().map(AgentView::of);
             }
-            wire.answer(VmResult { vm: view })
+            wire.answer(VmResult {
+                vm: view,
+                store_unavailable: store_unavailable(services),
+            })
         }
         Request::Logs(params) => {
             let path = console_path(services, params.name).await?;
@@ -532,7 +544,14 @@ async fn command(
         .await?;
     wire.answer(VmResult {
         vm: VmView::from(&vm),
+        store_unavailable: None,
     })
+}
+
+/// Why the store cannot write, when it cannot.
+fn store_unavailable(services: &VmServices) -> Option<String> {
+    let health = services.settings.store_health.borrow();
+    health.unwritable().map(ToString::to_string)
 }
 
 fn stop_timeout(seconds: Option<f64>) -> Result<Duration, RpcError> {

@@ -31,7 +31,7 @@ pub fn database_path(state_dir: &Path) -> PathBuf {
 
 /// Every open of the live store uses one concurrency mode, so read-only
 /// probes share the file with the daemon.
-fn builder() -> redb::Builder {
+pub(super) fn builder() -> redb::Builder {
     let mut builder = redb::Builder::new();
     builder
         .set_concurrency_mode(ConcurrencyMode::SingleWriter)
@@ -125,7 +125,7 @@ pub fn open(state_dir: &Path, schema: Schema) -> Result<Opened, StoreError> {
     };
     let db = builder().open(&path).map_err(open_err(&path))?;
     Ok(Opened {
-        store: Store { db, schema, path },
+        store: Store::new(db, schema, path),
         created: !exists,
         applied,
         backup,

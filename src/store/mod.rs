@@ -10,6 +10,7 @@
 
 pub mod backup;
 mod codec;
+pub mod health;
 pub mod lifecycle;
 pub mod lock;
 pub mod plan;
@@ -19,12 +20,16 @@ pub mod schema;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+
+use crossbeam_channel::{Receiver, Sender};
 
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
     WriteTransaction,
 };
 
+pub use health::{StoreHealth, Unwritable};
 pub use lifecycle::{Opened, ProbeOutcome, open, probe};
 pub use plan::{Incompatible, Observed};
 pub use records::Record;
@@ -96,6 +101,32 @@ pub enum StoreError {
     UnknownTable(String),
     #[error("another bangerd ({holder}) holds the lock {path}; stop it first")]
     Locked { path: PathBuf, holder: String },
+    /// A write failed on I/O (a full disk): the store refuses writes at
+    /// once until its recovery commits one again.
+    #[error("{0}")]
+    Unwritable(Unwritable),
+}
+
+impl StoreError {
+    /// The I/O error underneath (its errno kept), when redb hit one;
+    /// `Some(None)`: redb refuses because an earlier write failed.
+    fn io(&self) -> Option<Option<io::Error>> {
+        match self {
+            StoreError::Db {
+                source: redb::Error::Io(e),
+                ..
+            } => Some(Some(
+                e.raw_os_error()
+                    .map(io::Error::from_raw_os_error)
+                    .unwrap_or_else(|| io::Error::new(e.kind(), e.to_string())),
+            )),
+            StoreError::Db {
+                source: redb::Error::PreviousIo,
+                ..
+            } => Some(None),
+            _ => None,
+        }
+    }
 }
 
 /// A table's records: those that decode, and those that do not.
@@ -121,15 +152,193 @@ fn db_err<E: Into<redb::Error>>(table: &str) -> impl FnOnce(E) -> StoreError + '
 }
 
 /// An open store. Cheap reads run concurrently; writes serialise inside redb.
+/// The database sits behind a lock so that recovery can re-open it after
+/// an I/O error (see [`health`]); it is `None` only while that re-open runs
+/// or fails.
 pub struct Store {
-    db: Database,
+    db: RwLock<Option<Database>>,
     schema: Schema,
     path: PathBuf,
+    health: health::Health,
+    /// Wakes the recovery thread; dropped with the store, which ends it.
+    recover: Sender<()>,
+    recoveries: Mutex<Option<Receiver<()>>>,
 }
 
 impl Store {
+    fn new(db: Database, schema: Schema, path: PathBuf) -> Store {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let (recover, recoveries) = crossbeam_channel::bounded(1);
+        Store {
+            db: RwLock::new(Some(db)),
+            schema,
+            path,
+            health: health::Health::new(dir),
+            recover,
+            recoveries: Mutex::new(Some(recoveries)),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells the subscriber each change of [`StoreHealth`].
+    pub fn health(&self) -> tokio::sync::watch::Receiver<StoreHealth> {
+        self.health.subscribe()
+    }
+
+    /// The recovery thread's wake-ups: taken once, by whoever runs
+    /// [`Store::run_recovery`].
+    pub fn take_recoveries(&self) -> Option<Receiver<()>> {
+        self.recoveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn unwritable(&self) -> Option<StoreError> {
+        self.health
+            .current()
+            .unwritable()
+            .map(|down| StoreError::Unwritable(down.clone()))
+    }
+
+    /// The open database, or why there is none.
+    fn database(&self) -> Result<DbGuard<'_>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            return Err(self.unwritable().unwrap_or_else(|| {
+                StoreError::Unwritable(Unwritable {
+                    since: jiff::Timestamp::now(),
+                    reason: "the store is being re-opened".into(),
+                    dir: self.health.dir().to_path_buf(),
+                    free_bytes: health::free_bytes(self.health.dir()),
+                })
+            }));
+        }
+        Ok(DbGuard(guard))
+    }
+
+    /// Runs a read. redb latches an I/O error for reads too: a read that
+    /// meets one re-opens the file (reads need no space) and runs again.
+    fn reading<T>(
+        &self,
+        read: impl Fn(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let first = {
+            let db = self.database()?;
+            read(db.get())
+        };
+        match first {
+            Err(e) if e.io().is_some() => {
+                let _ = self.noticed(Err::<T, _>(e));
+                if let Err(e) = self.reopen_file() {
+                    tracing::warn!(error = %e, "cannot re-open the store for reading");
+                }
+                let db = self.database()?;
+                let again = read(db.get());
+                self.noticed(again)
+            }
+            result => result,
+        }
+    }
+
+    /// Runs a write, refused at once while the store is unwritable.
+    fn writing<T>(
+        &self,
+        write: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if let Some(refused) = self.unwritable() {
+            return Err(refused);
+        }
+        if let Some(e) = crate::fault::store_write() {
+            return self.noticed(Err(StoreError::Db {
+                table: "fault".into(),
+                source: redb::Error::Io(e),
+            }));
+        }
+        // Noticed under the lock: a recovery cannot slip in between and
+        // be undone by this (older) failure.
+        let db = self.database()?;
+        let result = write(db.get());
+        self.noticed(result)
+    }
+
+    fn noticed<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        let Err(e) = &result else {
+            return result;
+        };
+        let Some(io) = e.io() else {
+            return result;
+        };
+        tracing::error!(error = %crate::error_chain(e), "a store write failed; the store refuses writes until one commits again");
+        if self.health.failed(io.as_ref()) {
+            let _ = self.recover.try_send(());
+        }
+        Err(self.unwritable().unwrap_or_else(|| {
+            StoreError::Unwritable(Unwritable {
+                since: jiff::Timestamp::now(),
+                reason: health::describe(io.as_ref()),
+                dir: self.health.dir().to_path_buf(),
+                free_bytes: None,
+            })
+        }))
+    }
+
+    /// The recovery thread's body: each wake-up (a write that failed on
+    /// I/O) re-opens the file until a write commits, then tells every
+    /// subscriber. Ends when the store is dropped.
+    pub fn run_recovery(store: std::sync::Weak<Store>, wakeups: Receiver<()>) {
+        while wakeups.recv().is_ok() {
+            let Some(dir) = store.upgrade().map(|s| s.health.dir().to_path_buf()) else {
+                return;
+            };
+            let recovered = health::recover(&dir, &wakeups, || match store.upgrade() {
+                Some(store) => store.reopen(),
+                None => Err(io::Error::other("the store is gone")),
+            });
+            match store.upgrade() {
+                Some(store) if recovered => {
+                    tracing::info!(path = %store.path.display(), "the store writes again");
+                    store.health.recovered();
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Re-opens the database (repairing it if redb asks) and commits one
+    /// real write: a re-open alone proves nothing about space.
+    fn reopen(&self) -> Result<(), io::Error> {
+        let db = self.reopen_locked()?;
+        let probed = crate::fault::store_write()
+            .map_or_else(|| db.as_ref().map_or(Ok(()), probe_write), Err);
+        // A failed probe latches the database again: open it once more, so
+        // that reads go on while the store cannot write.
+        if probed.is_err() {
+            drop(db);
+            self.reopen_file()?;
+        }
+        probed
+    }
+
+    fn reopen_file(&self) -> Result<(), io::Error> {
+        self.reopen_locked().map(drop)
+    }
+
+    /// The database opened afresh (its latched error gone), still locked.
+    fn reopen_locked(
+        &self,
+    ) -> Result<std::sync::RwLockWriteGuard<'_, Option<Database>>, io::Error> {
+        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        // The latched database first: its file lock goes with it.
+        *db = None;
+        let opened = lifecycle::builder()
+            .open(&self.path)
+            .map_err(|e| io::Error::other(format!("cannot re-open the store: {e}")))?;
+        *db = Some(opened);
+        Ok(db)
     }
 
     fn version_of<R: Record>(&self) -> Result<u32, StoreError> {
@@ -166,18 +375,24 @@ impl Store {
     }
 
     pub fn get<R: Record>(&self, key: &str) -> Result<Option<R>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err(R::TABLE))?;
-        let table = txn
-            .open_table(data_table(R::TABLE))
-            .map_err(db_err(R::TABLE))?;
-        let value = table.get(key).map_err(db_err(R::TABLE))?;
-        value.map(|v| self.decode(key, v.value())).transpose()
+        self.reading(|db| {
+            let txn = db.begin_read().map_err(db_err(R::TABLE))?;
+            let table = txn
+                .open_table(data_table(R::TABLE))
+                .map_err(db_err(R::TABLE))?;
+            let value = table.get(key).map_err(db_err(R::TABLE))?;
+            value.map(|v| self.decode(key, v.value())).transpose()
+        })
     }
 
     /// Every record of the table that decodes, and the keys of those that
     /// do not: one bad record never hides the others.
     pub fn list<R: Record>(&self) -> Result<Listing<R>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err(R::TABLE))?;
+        self.reading(|db| self.list_in(db))
+    }
+
+    fn list_in<R: Record>(&self, db: &Database) -> Result<Listing<R>, StoreError> {
+        let txn = db.begin_read().map_err(db_err(R::TABLE))?;
         let table = txn
             .open_table(data_table(R::TABLE))
             .map_err(db_err(R::TABLE))?;
@@ -230,7 +445,17 @@ impl Store {
         new: Option<&R>,
     ) -> Result<(), StoreError> {
         let new_bytes = new.map(|r| self.encode(r)).transpose()?;
-        let txn = self.db.begin_write().map_err(db_err(R::TABLE))?;
+        self.writing(|db| self.swap_in(db, key, expected, new_bytes.as_deref()))
+    }
+
+    fn swap_in<R: Record + PartialEq>(
+        &self,
+        db: &Database,
+        key: &str,
+        expected: Option<&R>,
+        new_bytes: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let txn = db.begin_write().map_err(db_err(R::TABLE))?;
         {
             let mut table = txn
                 .open_table(data_table(R::TABLE))
@@ -246,8 +471,8 @@ impl Store {
                     key: key.to_string(),
                 });
             }
-            match &new_bytes {
-                Some(bytes) => table.insert(key, bytes.as_slice()).map(drop),
+            match new_bytes {
+                Some(bytes) => table.insert(key, bytes).map(drop),
                 None => table.remove(key).map(drop),
             }
             .map_err(db_err(R::TABLE))?;
@@ -259,43 +484,83 @@ impl Store {
     where
         F: FnOnce(&mut redb::Table<&'static str, &'static [u8]>) -> Result<(), redb::StorageError>,
     {
-        let txn = self.db.begin_write().map_err(db_err(R::TABLE))?;
-        {
-            let mut table = txn
-                .open_table(data_table(R::TABLE))
-                .map_err(db_err(R::TABLE))?;
-            f(&mut table).map_err(db_err(R::TABLE))?;
-        }
-        txn.commit().map_err(db_err(R::TABLE))
+        self.writing(|db| {
+            let txn = db.begin_write().map_err(db_err(R::TABLE))?;
+            {
+                let mut table = txn
+                    .open_table(data_table(R::TABLE))
+                    .map_err(db_err(R::TABLE))?;
+                f(&mut table).map_err(db_err(R::TABLE))?;
+            }
+            txn.commit().map_err(db_err(R::TABLE))
+        })
     }
 
     /// A consistent view of every table, for a backup.
     pub fn snapshot(&self) -> Result<backup::Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err("meta_tables"))?;
-        Ok(backup::Snapshot { txn })
+        self.reading(|db| {
+            let txn = db.begin_read().map_err(db_err("meta_tables"))?;
+            Ok(backup::Snapshot { txn })
+        })
     }
 
     /// How many records each table of the schema holds.
     pub fn record_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err("meta_tables"))?;
-        let mut counts = BTreeMap::new();
-        for spec in &self.schema.tables {
-            let table = txn
-                .open_table(data_table(spec.name))
-                .map_err(db_err(spec.name))?;
-            counts.insert(
-                spec.name.to_string(),
-                table.len().map_err(db_err(spec.name))?,
-            );
-        }
-        Ok(counts)
+        self.reading(|db| {
+            let txn = db.begin_read().map_err(db_err("meta_tables"))?;
+            let mut counts = BTreeMap::new();
+            for spec in &self.schema.tables {
+                let table = txn
+                    .open_table(data_table(spec.name))
+                    .map_err(db_err(spec.name))?;
+                counts.insert(
+                    spec.name.to_string(),
+                    table.len().map_err(db_err(spec.name))?,
+                );
+            }
+            Ok(counts)
+        })
     }
 
     /// The table versions and applied migrations this store holds.
     pub fn observe(&self) -> Result<Observed, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err("meta_tables"))?;
-        observe_read(&txn)
+        self.reading(|db| {
+            let txn = db.begin_read().map_err(db_err("meta_tables"))?;
+            observe_read(&txn)
+        })
     }
+}
+
+/// The database under a read lock (never `None`: checked on taking it).
+struct DbGuard<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl DbGuard<'_> {
+    fn get(&self) -> &Database {
+        self.0.as_ref().expect("checked when the guard was taken")
+    }
+}
+
+/// One real commit (a meta entry written again as it is), which needs the
+/// space any write needs.
+fn probe_write(db: &Database) -> Result<(), io::Error> {
+    let failed = |e: redb::Error| match e {
+        redb::Error::Io(e) => e,
+        e => io::Error::other(e.to_string()),
+    };
+    let txn = db.begin_write().map_err(|e| failed(e.into()))?;
+    {
+        let mut versions = txn.open_table(META_TABLES).map_err(|e| failed(e.into()))?;
+        let first = versions
+            .first()
+            .map_err(|e| failed(e.into()))?
+            .map(|(name, version)| (name.value().to_string(), version.value()));
+        if let Some((name, version)) = first {
+            versions
+                .insert(name.as_str(), version)
+                .map_err(|e| failed(e.into()))?;
+        }
+    }
+    txn.commit().map_err(|e| failed(e.into()))
 }
 
 fn observe_read(txn: &redb::ReadTransaction) -> Result<Observed, StoreError> {

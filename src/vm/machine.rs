@@ -241,7 +241,17 @@ pub fn step(vm: &Vm, event: Event, now: Timestamp) -> Result<(Vm, Vec<Effect>), 
     Ok((next, effects))
 }
 
-fn request_of(event: &Event) -> Option<RequestId> {
+/// Whether a user command whose step gave `effects` can be undone when the
+/// store refuses its first write: only when that write comes first, so
+/// nothing of the command happened before it. The interpreter then puts
+/// the VM back as it was and fails the command; any other refused write is
+/// held until the store writes again.
+pub fn undoable(effects: &[Effect]) -> bool {
+    matches!(effects.first(), Some(Effect::Persist | Effect::Delete))
+}
+
+/// The client request an event carries, if it is a user command.
+pub fn request_of(event: &Event) -> Option<RequestId> {
     match *event {
         Event::Create { request, .. }
         | Event::Start { request }

@@ -19,6 +19,8 @@ pub struct Fixture {
     /// The network namespace the daemon runs in (else one of its own).
     pub netns: Option<PathBuf>,
     pub reaper: ProcessReaper,
+    /// A filesystem of its own under the state directory, if asked for.
+    pub mounted: Option<Mounted>,
     pub tmp: tempfile::TempDir,
     pub rootfs: PathBuf,
     pub jailed: bool,
@@ -31,6 +33,25 @@ impl Fixture {
 
     /// With `jailed`, firecracker runs under the real jailer (root only).
     pub fn with_jailer(test: &str, jailed: bool) -> Option<Fixture> {
+        Fixture::build(test, jailed, None, &[])
+    }
+
+    /// The state directory on a tmpfs of `size` (e.g. `64m`), the daemon
+    /// started with `env` (root only: it mounts).
+    pub fn on_tmpfs(test: &str, size: &str, env: &[(&str, &str)]) -> Option<Fixture> {
+        if !nix::unistd::geteuid().is_root() {
+            skip(test, "mounting a tmpfs needs root");
+            return None;
+        }
+        Fixture::build(test, false, Some(size), env)
+    }
+
+    fn build(
+        test: &str,
+        jailed: bool,
+        tmpfs: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Option<Fixture> {
         let firecracker = firecracker_fixture(test)?;
         let jailer = if jailed {
             if !nix::unistd::geteuid().is_root() {
@@ -75,15 +96,17 @@ impl Fixture {
         halt_kernel(&dir.join("halt.elf"));
         let rootfs = dir.join("rootfs.img");
         std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("write rootfs");
+        let mounted = tmpfs.map(|size| Mounted::tmpfs(&dir.join("state"), size));
         let mut fixture = Fixture {
             reaper: ProcessReaper(dir.join("state")),
             daemon: None,
             netns: None,
             rootfs,
             jailed,
+            mounted,
             tmp,
         };
-        fixture.start_daemon();
+        fixture.start_daemon_with(env);
         let kernel = dir.join("halt.elf");
         fixture.ok(&[
             "kernel",

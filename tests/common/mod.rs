@@ -18,6 +18,49 @@ use nix::unistd::Pid;
 
 pub const BANGERD: &str = env!("CARGO_BIN_EXE_bangerd");
 
+/// A filesystem mounted at `.0` by a test; unmounted on drop.
+pub struct Mounted(pub PathBuf);
+
+impl Mounted {
+    /// A tmpfs of `size` (e.g. `64m`) at `dir`, made if missing.
+    pub fn tmpfs(dir: &Path, size: &str) -> Mounted {
+        std::fs::create_dir_all(dir).expect("mount point");
+        run_ok(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                dir.to_str().expect("utf-8"),
+            ],
+        );
+        Mounted(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Writes `path` until its filesystem is full; answers the bytes written.
+pub fn fill_disk(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("create the filler");
+    let zeros = vec![0u8; 1 << 20];
+    let (mut chunk, mut written) = (zeros.len(), 0u64);
+    while chunk >= 512 {
+        match file.write(&zeros[..chunk]) {
+            Ok(n) => written += n as u64,
+            Err(_) => chunk /= 2,
+        }
+    }
+    written
+}
+
 /// Upper bound on how long any single event is awaited; a test that hits
 /// it has found a hang.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -580,9 +623,15 @@ impl ProcessReaper {
                     .map(|c| String::from_utf8_lossy(&c).contains(&needle))
                     .unwrap_or(false);
                 // A jailed VMM's command line names only paths in its jail,
-                // which the source of its root mount reveals.
+                // which the source of its root mount reveals. Only the root
+                // mount: a filesystem mounted under the state directory is
+                // in every process's mountinfo.
                 let in_jail = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
-                    .map(|m| m.contains(&needle))
+                    .map(|m| {
+                        m.lines().any(|line| {
+                            line.split(' ').nth(4) == Some("/") && line.contains(&needle)
+                        })
+                    })
                     .unwrap_or(false);
                 in_cmdline || in_jail
             })

@@ -1,6 +1,7 @@
 //! Every (phase, event) pair against a table of outcomes, and properties
 //! over random event sequences run against a model of the host.
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -419,7 +420,12 @@ enum Pending {
 }
 
 /// The daemon and the host, modelled: the machine, the store's copy of the
-/// record, live VMM processes, work in flight, and the clock.
+/// record, live VMM processes, work in flight, and the clock; and the
+/// interpreter's rules for a store that refuses writes (`actors::vm`): a
+/// command whose first write is refused is undone and answered, any other
+/// refused write holds the effects behind it and defers later facts,
+/// commands are refused while the store is down or a write is held, and
+/// waiting clients are answered when a write is held.
 struct World {
     vm: Vm,
     stored: Option<VmRecord>,
@@ -429,7 +435,19 @@ struct World {
     now: Timestamp,
     /// A stop or kill was accepted and no start or restart since.
     stopped_by_user: bool,
-    replies: u32,
+    /// The store refuses every write.
+    store_down: bool,
+    /// A refused write and the effects behind it.
+    held: Option<VecDeque<Effect>>,
+    /// Facts that came while a write was held.
+    deferred: VecDeque<Event>,
+    next_request: RequestId,
+    /// Requests accepted and not yet answered.
+    open: BTreeSet<RequestId>,
+    /// How many answers each request got.
+    answered: BTreeMap<RequestId, u32>,
+    /// A spawned VMM the machine has not recorded yet.
+    unrecorded: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -448,6 +466,13 @@ enum Action {
     Advance(u8),
     /// The daemon is SIGKILLed and starts again.
     DaemonRestart,
+    /// The VM's actor stops on a fault other than a refused write and is
+    /// restarted by its supervisor, reading the store again.
+    ActorRestart,
+    /// The store starts refusing writes (a full disk).
+    StoreFails,
+    /// The store writes again.
+    StoreRecovers,
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -463,6 +488,9 @@ fn action() -> impl Strategy<Value = Action> {
         Just(Action::Announce),
         (1u8..120).prop_map(Action::Advance),
         Just(Action::DaemonRestart),
+        Just(Action::ActorRestart),
+        Just(Action::StoreFails),
+        Just(Action::StoreRecovers),
     ]
 }
 
@@ -485,28 +513,113 @@ impl World {
             next_pid: 100,
             now: at(0),
             stopped_by_user: false,
-            replies: 0,
+            store_down: false,
+            held: None,
+            deferred: VecDeque::new(),
+            next_request: 1,
+            open: BTreeSet::new(),
+            answered: BTreeMap::new(),
+            unrecorded: None,
         }
     }
 
-    fn feed(&mut self, event: Event) -> Result<(), String> {
+    /// A request's answer; a second answer is an error.
+    fn answer(&mut self, request: RequestId) -> Result<(), String> {
+        self.open.remove(&request);
+        let count = self.answered.entry(request).or_default();
+        *count += 1;
+        if *count > 1 {
+            return Err(format!("request {request} answered {count} times"));
+        }
+        Ok(())
+    }
+
+    /// The store keeps the record the VM shows (none: deleted).
+    fn agrees_with_store(&self, what: &str) -> Result<(), String> {
+        match &self.stored {
+            Some(stored) if stored != &self.vm.record => Err(format!(
+                "{what}: the answer shows {:?}, the store holds {:?}",
+                self.vm.record.phase, stored.phase
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Feeds one event as the interpreter would; answers whether it was a
+    /// user command that took effect.
+    fn feed(&mut self, event: Event) -> Result<bool, String> {
+        let request = request_of(&event);
+        if self.held.is_some() || (request.is_some() && self.store_down) {
+            match request {
+                // Refused at once: nothing could be recorded.
+                Some(request) => self.answer(request)?,
+                None => self.deferred.push_back(event),
+            }
+            return Ok(false);
+        }
         let (vm, effects) = match step(&self.vm, event.clone(), self.now) {
             Ok(answer) => answer,
-            Err(_) => return Ok(()),
+            Err(_) => {
+                if let Some(request) = request {
+                    self.answer(request)?;
+                }
+                return Ok(false);
+            }
         };
         if self.vm.removed && !effects.is_empty() {
             return Err(format!("a removed VM acted on {event:?}: {effects:?}"));
         }
+        let undo = request
+            .filter(|_| undoable(&effects))
+            .map(|request| (self.vm.clone(), request));
+        if let Some(request) = request {
+            self.open.insert(request);
+        }
         self.vm = vm;
-        for effect in effects {
+        let undone = self.run(effects.into(), undo)?;
+        Ok(request.is_some() && !undone)
+    }
+
+    fn fact(&mut self, event: Event) -> Result<(), String> {
+        self.feed(event).map(drop)
+    }
+
+    /// Carries out effects in order; answers whether a command was undone.
+    fn run(
+        &mut self,
+        mut effects: VecDeque<Effect>,
+        mut undo: Option<(Vm, RequestId)>,
+    ) -> Result<bool, String> {
+        while let Some(effect) = effects.pop_front() {
+            if matches!(effect, Effect::Persist | Effect::Delete) && self.store_down {
+                if let Some((before, request)) = undo.take() {
+                    self.vm = before;
+                    self.answer(request)?;
+                    self.agrees_with_store("an undone command")?;
+                    return Ok(true);
+                }
+                effects.push_front(effect);
+                self.held = Some(effects);
+                for request in std::mem::take(&mut self.open) {
+                    self.answer(request)?;
+                }
+                return Ok(false);
+            }
             match effect {
                 Effect::Persist => {
+                    undo = None;
+                    if self.vm.record.process.as_ref().map(|p| p.pid) == self.unrecorded {
+                        self.unrecorded = None;
+                    }
                     if self.stored.is_none() {
                         return Err("a record was written after its delete".into());
                     }
                     self.stored = Some(self.vm.record.clone());
                 }
-                Effect::Delete => self.stored = None,
+                Effect::Delete => {
+                    undo = None;
+                    self.stored = None;
+                }
                 Effect::Spawn => {
                     if !self.live.is_empty() || self.vm.record.process.is_some() {
                         return Err(format!(
@@ -541,7 +654,11 @@ impl World {
                         self.pending.push(Pending::Exit(p.pid));
                     }
                 }
-                Effect::KillUnrecorded => {}
+                Effect::KillUnrecorded => {
+                    if let Some(pid) = self.unrecorded.take() {
+                        self.live.retain(|&l| l != pid);
+                    }
+                }
                 Effect::RemoveFiles => self.pending.push(Pending::RemoveFiles),
                 Effect::Provision(_) => {
                     if self.stored.as_ref().map(|r| r.phase) != Some(Phase::Creating) {
@@ -555,8 +672,12 @@ impl World {
                     }
                     self.pending.push(Pending::Detach);
                 }
-                Effect::Reply { .. } => {
-                    self.replies += 1;
+                Effect::Reply { request, .. } => {
+                    // A request already answered (its client was told when
+                    // a write was held, or its actor restarted) hears no more.
+                    if self.open.contains(&request) {
+                        self.answer(request)?;
+                    }
                     let durable = match &self.stored {
                         Some(stored) => stored == &self.vm.record,
                         None => self.vm.removed,
@@ -575,38 +696,80 @@ impl World {
                 | Effect::DropAgent => {}
             }
         }
+        Ok(false)
+    }
+
+    /// The store writes again: the held write, then the deferred facts.
+    fn recover_store(&mut self) -> Result<(), String> {
+        self.store_down = false;
+        if let Some(held) = self.held.take() {
+            self.run(held, None)?;
+        }
+        while self.held.is_none() {
+            let Some(event) = self.deferred.pop_front() else {
+                break;
+            };
+            self.feed(event)?;
+        }
+        Ok(())
+    }
+
+    /// Everything settles: the store writes, work finishes, time passes.
+    /// Then every request has been answered, exactly once.
+    fn settle(&mut self) -> Result<(), String> {
+        self.recover_store()?;
+        for _ in 0..200 {
+            if !self.pending.is_empty() {
+                self.act(Action::Finish(0, true))?;
+            } else if !self.open.is_empty() {
+                self.act(Action::Advance(60))?;
+            } else {
+                break;
+            }
+        }
+        if !self.open.is_empty() {
+            return Err(format!(
+                "requests never answered: {:?} in {:?}",
+                self.open, self.vm.record.phase
+            ));
+        }
+        let issued: BTreeSet<RequestId> = (1..self.next_request).collect();
+        let answered: BTreeSet<RequestId> = self.answered.keys().copied().collect();
+        if issued != answered {
+            return Err(format!("issued {issued:?}, answered {answered:?}"));
+        }
         Ok(())
     }
 
     fn act(&mut self, action: Action) -> Result<(), String> {
         let timeout = Duration::from_secs(5);
         let user = |world: &mut World, event: Event, stops: Option<bool>| {
-            let accepted = step(&world.vm, event.clone(), world.now).is_ok();
-            if accepted && let Some(stops) = stops {
+            // Set before the effects run (a spawn checks it), taken back
+            // if the command did not take effect.
+            let before = world.stopped_by_user;
+            if let Some(stops) = stops
+                && step(&world.vm, event.clone(), world.now).is_ok()
+            {
                 world.stopped_by_user = stops;
             }
-            world.feed(event)
+            if !world.feed(event)? {
+                world.stopped_by_user = before;
+            }
+            Ok(())
         };
+        let request = self.next_request;
+        if matches!(
+            action,
+            Action::Start | Action::Restart | Action::Stop | Action::Kill | Action::Remove(_)
+        ) {
+            self.next_request += 1;
+        }
         match action {
-            Action::Start => user(self, Event::Start { request: 1 }, Some(false)),
-            Action::Restart => user(
-                self,
-                Event::Restart {
-                    request: 1,
-                    timeout,
-                },
-                Some(false),
-            ),
-            Action::Stop => user(
-                self,
-                Event::Stop {
-                    request: 1,
-                    timeout,
-                },
-                Some(true),
-            ),
-            Action::Kill => user(self, Event::Kill { request: 1 }, Some(true)),
-            Action::Remove(force) => user(self, Event::Remove { request: 1, force }, None),
+            Action::Start => user(self, Event::Start { request }, Some(false)),
+            Action::Restart => user(self, Event::Restart { request, timeout }, Some(false)),
+            Action::Stop => user(self, Event::Stop { request, timeout }, Some(true)),
+            Action::Kill => user(self, Event::Kill { request }, Some(true)),
+            Action::Remove(force) => user(self, Event::Remove { request, force }, None),
             Action::Finish(n, ok) => {
                 if self.pending.is_empty() {
                     return Ok(());
@@ -617,9 +780,15 @@ impl World {
                         let pid = self.next_pid;
                         self.next_pid += 1;
                         self.live.push(pid);
+                        self.unrecorded = Some(pid);
                         let before = self.vm.record.process.clone();
-                        self.feed(Event::Spawned(process(pid)))?;
+                        self.fact(Event::Spawned(process(pid)))?;
+                        // Deferred behind a held write: heard when it goes.
+                        if self.held.is_some() {
+                            return Ok(());
+                        }
                         if self.vm.record.process.as_ref().map(|p| p.pid) != Some(pid) {
+                            self.unrecorded = None;
                             // Killed unrecorded, or killed at once.
                             self.live.retain(|&l| l != pid);
                             if before.is_some() && self.vm.record.process != before {
@@ -628,17 +797,17 @@ impl World {
                         }
                         Ok(())
                     }
-                    (Pending::Spawn, false) => self.feed(Event::LaunchFailed("spawn".into())),
-                    (Pending::Configure, true) => self.feed(Event::Ready),
+                    (Pending::Spawn, false) => self.fact(Event::LaunchFailed("spawn".into())),
+                    (Pending::Configure, true) => self.fact(Event::Ready),
                     (Pending::Configure, false) => {
-                        self.feed(Event::LaunchFailed("configure".into()))
+                        self.fact(Event::LaunchFailed("configure".into()))
                     }
-                    (Pending::Provision, ok) => self.feed(Event::Provisioned(if ok {
+                    (Pending::Provision, ok) => self.fact(Event::Provisioned(if ok {
                         Ok(Some(std::net::Ipv4Addr::new(172, 30, 0, 2)))
                     } else {
                         Err("no space".into())
                     })),
-                    (Pending::Detach, ok) => self.feed(Event::Detached(if ok {
+                    (Pending::Detach, ok) => self.fact(Event::Detached(if ok {
                         Ok(())
                     } else {
                         Err("busy".into())
@@ -649,11 +818,11 @@ impl World {
                         }
                         self.live.retain(|&l| l != pid);
                         if self.vm.record.process.as_ref().map(|p| p.pid) == Some(pid) {
-                            return self.feed(Event::Exited(Exit::default()));
+                            return self.fact(Event::Exited(Exit::default()));
                         }
                         Ok(())
                     }
-                    (Pending::RemoveFiles, ok) => self.feed(Event::FilesRemoved(if ok {
+                    (Pending::RemoveFiles, ok) => self.fact(Event::FilesRemoved(if ok {
                         Ok(())
                     } else {
                         Err("busy".into())
@@ -665,16 +834,30 @@ impl World {
                     && self.live.contains(&p.pid)
                 {
                     self.live.retain(|&l| l != p.pid);
-                    return self.feed(Event::Exited(Exit::default()));
+                    return self.fact(Event::Exited(Exit::default()));
                 }
                 Ok(())
             }
-            Action::Announce => self.feed(Event::Announced(Announcement::poweroff())),
+            Action::Announce => self.fact(Event::Announced(Announcement::poweroff())),
             Action::Advance(seconds) => {
                 self.now = after(self.now, Duration::from_secs(seconds.into()));
-                self.feed(Event::Timer)
+                self.fact(Event::Timer)
             }
-            Action::DaemonRestart => {
+            Action::StoreFails => {
+                self.store_down = true;
+                Ok(())
+            }
+            Action::StoreRecovers => self.recover_store(),
+            // An actor restart is a daemon restart for one VM: its memory
+            // goes, its clients hear that it is unavailable, it reads the
+            // store, and what it held beyond the store is killed.
+            Action::DaemonRestart | Action::ActorRestart => {
+                for request in std::mem::take(&mut self.open) {
+                    self.answer(request)?;
+                }
+                self.held = None;
+                self.deferred.clear();
+                self.unrecorded = None;
                 let Some(stored) = self.stored.clone() else {
                     // Deleted: the next daemon has no such VM.
                     self.vm.removed = true;
@@ -691,7 +874,7 @@ impl World {
                 } else {
                     HostView::Gone
                 };
-                self.feed(Event::Recovered(view))
+                self.fact(Event::Recovered(view))
             }
         }
     }
@@ -701,8 +884,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     /// At most one VMM, durable before reply, a stop wins over a pending
-    /// restart, a removed VM never comes back: whatever happens, in
-    /// whatever order.
+    /// restart, a removed VM never comes back, every request answered
+    /// exactly once and in agreement with the store: whatever happens
+    /// (refused writes, actor and daemon restarts), in whatever order.
     #[test]
     fn invariants_hold_over_random_histories(actions in proptest::collection::vec(action(), 1..60)) {
         let mut world = World::new();
@@ -717,6 +901,8 @@ proptest! {
             prop_assert!(result.is_ok(), "{:?} after {:?}", result, action);
             prop_assert!(world.live.len() <= 1, "two VMMs: {:?}", world.live);
         }
+        let settled = world.settle();
+        prop_assert!(settled.is_ok(), "{:?}", settled);
     }
 }
 
