@@ -215,6 +215,7 @@ pub struct FirecrackerSection {
     pub jailer_binary: Option<PathBuf>,
     pub jailer_uid: Option<u32>,
     pub jailer_gid: Option<u32>,
+    pub jail_dir: Option<PathBuf>,
 }
 
 /// The jailer's settings, when VMs run jailed.
@@ -269,6 +270,8 @@ pub struct Config {
     /// The firecracker binary: a path, or a name looked up in PATH.
     pub firecracker: PathBuf,
     pub jailer: Option<JailerConfig>,
+    /// Where the jailer makes each VM's chroot (`[firecracker] jail_dir`).
+    pub jail_dir: PathBuf,
     /// The QEMU binary: a path, or a name looked up in PATH.
     pub qemu: PathBuf,
     pub qemu_accel: AccelChoice,
@@ -451,6 +454,12 @@ pub fn resolve(
         require_absolute("agent.binary", agent)?;
     }
     require_absolute("socket", &socket)?;
+    let jail_dir = file
+        .firecracker
+        .jail_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("jail"));
+    require_absolute("firecracker.jail_dir", &jail_dir)?;
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| ConfigError::Invalid {
         key: "log_level",
         reason: e.to_string(),
@@ -489,6 +498,7 @@ pub fn resolve(
                 uid: file.firecracker.jailer_uid.unwrap_or(65534),
                 gid: file.firecracker.jailer_gid.unwrap_or(65534),
             }),
+        jail_dir,
         firecracker: file
             .firecracker
             .binary

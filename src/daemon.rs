@@ -150,7 +150,7 @@ impl SystemSupervisor {
             );
         }
 
-        let jail_base = config.state_dir.join("jail");
+        let jail_base = config.jail_dir.clone();
         let (dev_kvm, sys_module) = (Path::new("/dev/kvm"), Path::new("/sys/module"));
         let accel = config.qemu_accel.resolve(dev_kvm, sys_module);
         // Whether KVM boots stock guests here, whatever QEMU is told to use.

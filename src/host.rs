@@ -10,9 +10,11 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// A file to place in a jail: linked (or copied across filesystems) from
-/// `source` to `name` under the jail's root, optionally owned by the jail's
-/// user (files the VMM writes).
+/// A file to place in a jail: hard-linked from `source` to `name` under the
+/// jail's root, else bind-mounted there (read-only unless `writable`),
+/// optionally owned by the jail's user (files the VMM writes). A copy is
+/// the last resort of a read-only file only: a copy of a writable disk
+/// would silently lose everything the guest writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailFile {
     pub source: PathBuf,
@@ -33,7 +35,9 @@ pub struct VmmCommand {
 
 pub trait HostOps: Send + Sync {
     /// Empties and re-creates the jail root `root` holding `files`, with
-    /// writable files and `log_files` owned by `uid:gid`.
+    /// writable files and `log_files` owned by `uid:gid`. Files bind-mounted
+    /// there stay mounted until [`HostOps::remove_jail`] or the next
+    /// preparation.
     fn prepare_jail(
         &self,
         root: &Path,
@@ -43,7 +47,8 @@ pub trait HostOps: Send + Sync {
         gid: u32,
     ) -> io::Result<()>;
 
-    /// Removes a jail directory and everything in it.
+    /// Removes a jail directory and everything in it, unmounting first
+    /// whatever is mounted under it.
     fn remove_jail(&self, dir: &Path) -> io::Result<()>;
 
     /// Starts a VMM in a session of its own, so that it outlives the daemon
@@ -53,6 +58,109 @@ pub trait HostOps: Send + Sync {
 }
 
 pub struct LocalHost;
+
+/// Puts a file the jail cannot link to (another filesystem) into it by a
+/// bind mount of that one file; a read-only file may be copied as the last
+/// resort, a writable one never.
+fn bind_into_jail(file: &JailFile, target: &Path, link: io::Error) -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(target)?;
+    let bound = mount(
+        Some(&file.source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .and_then(|()| {
+        if file.writable {
+            return Ok(());
+        }
+        let read_only = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(None::<&str>, target, None::<&str>, read_only, None::<&str>)
+    });
+    let Err(bind) = bound else {
+        tracing::info!(file = %file.source.display(), jail = %target.display(), "bind-mounted into the jail (another filesystem)");
+        return Ok(());
+    };
+    // A bind that half-worked (mounted, not made read-only) goes first.
+    let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+    if !file.writable {
+        tracing::warn!(file = %file.source.display(), jail = %target.display(), link = %link, bind = %bind, "copying a read-only file into the jail: neither a hard link nor a bind mount works");
+        fs::remove_file(target)?;
+        return fs::copy(&file.source, target).map(drop);
+    }
+    let _ = fs::remove_file(target);
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    Err(io::Error::other(format!(
+        "cannot put {} ({}) into the jail {} ({}): a hard link fails ({link}) and so does a bind mount ({bind}); set [firecracker] jail_dir to a directory on the filesystem of {}",
+        file.source.display(),
+        filesystem_of(&mountinfo, &file.source),
+        target.display(),
+        filesystem_of(&mountinfo, target),
+        file.source.parent().unwrap_or(&file.source).display(),
+    )))
+}
+
+/// A `/proc/self/mountinfo` line's mount point and filesystem type.
+fn mount_fields(line: &str) -> Option<(PathBuf, &str)> {
+    let mut fields = line.split(' ');
+    let point = fields.nth(4)?;
+    let fstype = fields.skip_while(|f| *f != "-").nth(1)?;
+    Some((PathBuf::from(unescape_mount_path(point)), fstype))
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mount_path(raw: &str) -> String {
+    let mut out = Vec::with_capacity(raw.len());
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount points under `dir`, deepest first (unmount order).
+fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(mount_fields)
+        .map(|(point, _)| point)
+        .filter(|point| point.starts_with(dir) && point != dir)
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    points.dedup();
+    points
+}
+
+/// Names the filesystem holding `path`: its mount point and type.
+fn filesystem_of(mountinfo: &str, path: &Path) -> String {
+    mountinfo
+        .lines()
+        .filter_map(mount_fields)
+        .filter(|(point, _)| path.starts_with(point))
+        .max_by_key(|(point, _)| point.components().count())
+        .map(|(point, fstype)| format!("{fstype} at {}", point.display()))
+        .unwrap_or_else(|| "an unknown filesystem".into())
+}
 
 fn append(path: &Path) -> io::Result<File> {
     fs::OpenOptions::new()
@@ -72,15 +180,12 @@ impl HostOps for LocalHost {
         gid: u32,
     ) -> io::Result<()> {
         // The jailer refuses a root left by an earlier run (device nodes exist).
-        match fs::remove_dir_all(root) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        self.remove_jail(root)?;
         fs::create_dir_all(root)?;
         for file in files {
             let target = root.join(&file.name);
-            if fs::hard_link(&file.source, &target).is_err() {
-                fs::copy(&file.source, &target)?;
+            if let Err(link) = fs::hard_link(&file.source, &target) {
+                bind_into_jail(file, &target, link)?;
             }
             if file.writable {
                 chown(&target, Some(uid), Some(gid))?;
@@ -99,6 +204,15 @@ impl HostOps for LocalHost {
     }
 
     fn remove_jail(&self, dir: &Path) -> io::Result<()> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        for point in mounts_under(&mountinfo, dir) {
+            nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("cannot unmount {} in the jail: {e}", point.display()),
+                )
+            })?;
+        }
         match fs::remove_dir_all(dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -122,5 +236,46 @@ impl HostOps for LocalHost {
         // The caller watches the child through a pidfd and reaps it there;
         // dropping the Child handle neither waits nor kills.
         Ok(command.spawn()?.id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+        90 22 0:50 / /var/lib/banger/jail rw,relatime - tmpfs tmpfs rw,size=65536k\n\
+        91 90 254:0 /var/lib/banger/vms/abc/rootfs.ext4 /var/lib/banger/jail/firecracker/abc/root/rootfs.ext4 rw - ext4 /dev/vda rw\n\
+        92 90 254:0 /k /var/lib/banger/jail/firecracker/abc/root/odd\\040name ro - ext4 /dev/vda rw\n\
+        93 22 0:51 / /var/lib/banger/jail-other rw - tmpfs tmpfs rw\n";
+
+    #[test]
+    fn the_mounts_under_a_jail_are_found_deepest_first_and_unescaped() {
+        let jail = Path::new("/var/lib/banger/jail/firecracker/abc");
+        let found = mounts_under(MOUNTINFO, jail);
+        assert_eq!(
+            found,
+            [
+                PathBuf::from("/var/lib/banger/jail/firecracker/abc/root/rootfs.ext4"),
+                PathBuf::from("/var/lib/banger/jail/firecracker/abc/root/odd name"),
+            ]
+        );
+        // A sibling whose name merely starts the same is not under it.
+        let base = Path::new("/var/lib/banger/jail");
+        assert_eq!(mounts_under(MOUNTINFO, base).len(), 2);
+        assert!(
+            !mounts_under(MOUNTINFO, base).contains(&PathBuf::from("/var/lib/banger/jail-other"))
+        );
+    }
+
+    #[test]
+    fn a_path_is_named_by_the_filesystem_that_holds_it() {
+        let vms = Path::new("/var/lib/banger/vms/abc/rootfs.ext4");
+        assert_eq!(filesystem_of(MOUNTINFO, vms), "ext4 at /");
+        let jail = Path::new("/var/lib/banger/jail/firecracker/abc/root");
+        assert_eq!(
+            filesystem_of(MOUNTINFO, jail),
+            "tmpfs at /var/lib/banger/jail"
+        );
     }
 }

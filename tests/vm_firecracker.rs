@@ -39,6 +39,78 @@ fn a_jailed_vm_runs_in_its_chroot_and_leaves_nothing_behind() {
     );
 }
 
+#[test]
+fn a_jail_on_another_filesystem_holds_the_vms_own_disk_not_a_copy() {
+    let test = "a_jail_on_another_filesystem_holds_the_vms_own_disk_not_a_copy";
+    let Some(f) = Fixture::jailed_on_tmpfs(test) else {
+        return;
+    };
+    let vm = f.create("web", &["--start"]);
+    let id = vm["id"].as_str().expect("id").to_string();
+    let disk = f.state().join("vms").join(&id).join("rootfs.ext4");
+    let jailed = f
+        .tmp
+        .path()
+        .join("jail/firecracker")
+        .join(&id)
+        .join("root/rootfs.ext4");
+    // The jail's disk is the VM's own inode, through a bind mount.
+    use std::os::unix::fs::MetadataExt;
+    let (own, seen) = (
+        std::fs::metadata(&disk).expect("disk"),
+        std::fs::metadata(&jailed).expect("jailed disk"),
+    );
+    assert_eq!(
+        (own.dev(), own.ino()),
+        (seen.dev(), seen.ino()),
+        "a copy in the jail"
+    );
+    // A guest's write, made through the VMM's own descriptor of its disk
+    // (stock guests do not boot on this machine's KVM).
+    let written = b"written by the guest";
+    let write_through_vmm = |pid: i64, at: u64| {
+        use std::os::unix::fs::FileExt;
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds");
+        let fd = fds
+            .filter_map(Result::ok)
+            .find(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|target| target.ends_with("rootfs.ext4"))
+            })
+            .expect("the VMM holds its root disk open");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(fd.path())
+            .expect("open the VMM's descriptor");
+        file.write_all_at(written, at).expect("write");
+        file.sync_all().expect("sync");
+    };
+    let read_disk = |at: u64| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; written.len()];
+        let file = std::fs::File::open(&disk).expect("disk");
+        file.read_exact_at(&mut buf, at).expect("read");
+        buf
+    };
+    write_through_vmm(f.pid("web"), 4096);
+    f.ok(&["vm", "stop", "web", "--timeout", "0.1"]);
+    assert_eq!(
+        read_disk(4096),
+        written,
+        "the guest's write is on the VM's disk"
+    );
+    f.ok(&["vm", "start", "web"]);
+    assert_eq!(read_disk(4096), written, "the next start keeps the disk");
+    write_through_vmm(f.pid("web"), 8192);
+    f.ok(&["vm", "rm", "web", "--force"]);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let jail_base = f.tmp.path().join("jail/firecracker");
+    assert!(
+        !mountinfo.contains(jail_base.to_str().expect("utf-8")),
+        "a mount is left under the jail base: {mountinfo}"
+    );
+    assert_eq!(entries(&jail_base).len(), 0, "the chroot is removed");
+}
+
 fn lifecycle(f: &Fixture) {
     let before = fingerprint(&f.rootfs);
     let vm = f.create("web", &["--start"]);

@@ -43,13 +43,20 @@ impl Fixture {
             skip(test, "mounting a tmpfs needs root");
             return None;
         }
-        Fixture::build(test, false, Some(size), env)
+        Fixture::build(test, false, Some(("state", size)), env)
     }
 
+    /// Jailed, with the jail base (`[firecracker] jail_dir`) on a tmpfs of
+    /// its own: another filesystem than the VMs' directory.
+    pub fn jailed_on_tmpfs(test: &str) -> Option<Fixture> {
+        Fixture::build(test, true, Some(("jail", "256m")), &[])
+    }
+
+    /// `tmpfs`: a directory of the fixture (`state` or `jail`) and a size.
     fn build(
         test: &str,
         jailed: bool,
-        tmpfs: Option<&str>,
+        tmpfs: Option<(&str, &str)>,
         env: &[(&str, &str)],
     ) -> Option<Fixture> {
         let firecracker = firecracker_fixture(test)?;
@@ -83,6 +90,10 @@ impl Fixture {
             std::os::unix::fs::symlink(&firecracker, &link).expect("link firecracker");
             link
         };
+        let jailer = match tmpfs {
+            Some(("jail", _)) => format!("{jailer}jail_dir = \"{}\"\n", dir.join("jail").display()),
+            _ => jailer,
+        };
         let config = dir.join("bangerd.toml");
         std::fs::write(
             &config,
@@ -96,7 +107,7 @@ impl Fixture {
         halt_kernel(&dir.join("halt.elf"));
         let rootfs = dir.join("rootfs.img");
         std::fs::write(&rootfs, vec![0u8; 1 << 20]).expect("write rootfs");
-        let mounted = tmpfs.map(|size| Mounted::tmpfs(&dir.join("state"), size));
+        let mounted = tmpfs.map(|(under, size)| Mounted::tmpfs(&dir.join(under), size));
         let mut fixture = Fixture {
             reaper: ProcessReaper(dir.join("state")),
             daemon: None,

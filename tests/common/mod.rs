@@ -42,7 +42,7 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-R").arg(&self.0).status();
     }
 }
 
@@ -783,7 +783,7 @@ impl LoopXfs {
 
 impl Drop for LoopXfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-R").arg(&self.0).status();
     }
 }
 
