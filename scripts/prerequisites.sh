@@ -27,6 +27,9 @@ banger_programs=(
     "file               file"            # busybox-rootfs.sh
     "ip                 iproute2"        # network tests: namespaces, veths, stray taps
     "nft                nftables"        # bangerd: banger's nftables tables; network tests
+    "iptables-nft       iptables"        # bangerd: its accepts in iptables-nft's dropping FORWARD chains (Docker's); network tests
+    "iptables-nft-restore iptables"      # bangerd: those accepts, in one transaction
+    "iptables-nft-save  iptables"        # tests/network.rs: the chain stays saveable
     "unshare            util-linux"      # tests: every test daemon in a network namespace of its own
     "nsenter            util-linux"      # network tests: the daemon in the test's namespace
     "setpriv            util-linux"      # tests/access.rs: a real unprivileged client

@@ -46,6 +46,8 @@ pub enum HostNetError {
     Foreign { name: String, group: u32 },
     #[error("nft refused banger's rules: {stderr}")]
     Nft { stderr: String },
+    #[error("iptables-nft-restore refused banger's accepts: {stderr}")]
+    Iptables { stderr: String },
     #[error("cannot run nft; install nftables (scripts/prerequisites.sh does)")]
     NftMissing(#[source] io::Error),
     #[error("cannot open the netlink socket")]
@@ -571,6 +573,58 @@ pub async fn nft_foreign_forwards() -> Result<Vec<ForeignForward>, HostNetError>
             }
         }
         Ok(chains)
+    })
+    .await
+    .map_err(|_| HostNetError::Pool)?
+}
+
+/// A chain of a table iptables-nft manages, as `iptables-nft -S` lists it;
+/// none when iptables-nft is missing or cannot read the chain (a table
+/// nft made, or one holding rules iptables-nft does not know).
+pub async fn iptables_listing(table: &str, chain: &str) -> Option<String> {
+    let (table, chain) = (table.to_string(), chain.to_string());
+    tokio::task::spawn_blocking(move || {
+        let output = Command::new("iptables-nft")
+            .args(["-w", "-t", &table, "-S", &chain])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Applies an `iptables-nft-restore --noflush` script in one transaction.
+pub async fn iptables_restore(script: String) -> Result<(), HostNetError> {
+    tokio::task::spawn_blocking(move || {
+        let refused = |stderr: String| HostNetError::Iptables { stderr };
+        let mut child = Command::new("iptables-nft-restore")
+            .args(["-w", "--noflush"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| refused(e.to_string()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(|e| refused(e.to_string()))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|e| refused(e.to_string()))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(refused(
+                String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            ))
+        }
     })
     .await
     .map_err(|_| HostNetError::Pool)?

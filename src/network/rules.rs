@@ -195,6 +195,48 @@ pub fn foreign_accepts(chains: &[ForeignForward], networks: &[NetworkRules]) -> 
     script
 }
 
+/// The same accepts for a chain of a table that iptables-nft manages (an
+/// `ip` table: Docker's `filter`), as an `iptables-nft-restore --noflush`
+/// script, so that iptables-nft can still list and save the chain (it
+/// cannot read nft's native `ct state`). `ours`: banger's rules there now,
+/// as `iptables -S` prints them; they go in the same transaction.
+pub fn iptables_accepts(
+    table: &str,
+    chain: &str,
+    ours: &[String],
+    networks: &[NetworkRules],
+) -> String {
+    let mut script = format!("*{table}\n");
+    for rule in ours {
+        if let Some(spec) = rule.strip_prefix("-A ") {
+            let _ = writeln!(script, "-D {spec}");
+        }
+    }
+    for network in networks.iter().filter(|n| n.nat) {
+        let bridge = &network.bridge;
+        let _ = writeln!(
+            script,
+            "-I {chain} 1 -o {bridge} -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment {FOREIGN_COMMENT} -j ACCEPT"
+        );
+        let _ = writeln!(
+            script,
+            "-I {chain} 1 -i {bridge} -m comment --comment {FOREIGN_COMMENT} -j ACCEPT"
+        );
+    }
+    script.push_str("COMMIT\n");
+    script
+}
+
+/// banger's rules among a chain's `iptables -S` lines.
+pub fn iptables_ours(listing: &str) -> Vec<String> {
+    let marker = format!("-m comment --comment {FOREIGN_COMMENT} ");
+    listing
+        .lines()
+        .filter(|line| line.starts_with("-A ") && line.contains(&marker))
+        .map(str::to_string)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +276,43 @@ mod tests {
         assert!(lines[2].starts_with("add element bridge banger guests { \"btabcdefghjk\" . 02:"));
         assert!(lines[3].starts_with("delete element bridge banger guests"));
         assert!(lines[3].ends_with(". 172.30.0.2 }"));
+    }
+
+    #[test]
+    fn an_iptables_chain_gets_the_same_accepts_in_its_own_syntax_in_one_commit() {
+        let listing = "-P FORWARD DROP\n\
+            -A FORWARD -i banger0 -m comment --comment banger -j ACCEPT\n\
+            -A FORWARD -j DOCKER-USER\n\
+            -A FORWARD -i eth0 -m comment --comment bangers -j ACCEPT\n";
+        let ours = iptables_ours(listing);
+        assert_eq!(
+            ours,
+            ["-A FORWARD -i banger0 -m comment --comment banger -j ACCEPT"]
+        );
+        let mut isolated = network(false, false);
+        isolated.bridge = "banger1".into();
+        let script = iptables_accepts(
+            "filter",
+            "FORWARD",
+            &ours,
+            &[network(true, false), isolated],
+        );
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines.first(), Some(&"*filter"));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+        assert_eq!(
+            lines[1],
+            "-D FORWARD -i banger0 -m comment --comment banger -j ACCEPT"
+        );
+        assert!(
+            lines[2]
+                .starts_with("-I FORWARD 1 -o banger0 -m conntrack --ctstate RELATED,ESTABLISHED")
+        );
+        assert_eq!(
+            lines[3],
+            "-I FORWARD 1 -i banger0 -m comment --comment banger -j ACCEPT"
+        );
+        assert_eq!(lines.len(), 5, "{script}");
     }
 
     #[test]
