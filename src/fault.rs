@@ -4,8 +4,8 @@
 //! boundary NAME (an effect of a VM's lifecycle, e.g. `persist`, `spawn`,
 //! `configure`, `reply`, or `spawned`: right after a VMM is spawned,
 //! before the machine has heard of it); `BANGER_FAULT_FILL=NAME:N:PATH`
-//! fills PATH's filesystem there instead; and it fails store writes on
-//! demand ([`store_write`]). Without the feature this is empty.
+//! fills PATH's filesystem there instead; a request can be paused at a
+//! point ([`pause`]); and it fails store writes on demand ([`store_write`]). Without the feature this is empty.
 
 #[cfg(feature = "fault-injection")]
 pub fn boundary(name: &str) {
@@ -81,6 +81,44 @@ fn fill(path: &std::path::Path) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn boundary(_: &str) {}
+
+/// With `BANGER_FAULT_PAUSE=NAME:N:FILE`: the N-th time the request path
+/// reaches NAME it waits, logging so, until FILE exists; a test does what
+/// should race with it meanwhile.
+#[cfg(feature = "fault-injection")]
+pub async fn pause(name: &str) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    static SEEN: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+    let Ok(plan) = std::env::var("BANGER_FAULT_PAUSE") else {
+        return;
+    };
+    let count = {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        let count = seen
+            .get_or_insert_default()
+            .entry(name.to_string())
+            .or_default();
+        *count += 1;
+        *count
+    };
+    let wanted = format!("{name}:{count}:");
+    let Some(file) = plan
+        .split(',')
+        .find_map(|entry| entry.strip_prefix(&wanted))
+    else {
+        return;
+    };
+    tracing::warn!(boundary = name, count, "fault injection: paused");
+    while !std::path::Path::new(file).exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub async fn pause(_: &str) {}
 
 /// With `BANGER_FAULT_STORE_FAIL=FILE`: while FILE holds a number N > 0,
 /// the next store write fails as on a full disk and N goes down by one.

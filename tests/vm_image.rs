@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use common::guest::*;
 use common::oci::*;
@@ -741,4 +742,44 @@ fn a_rootfs_from_another_filesystem_mounted_since_its_last_check_is_copied_check
     };
     assert_eq!(field("Block count:") * field("Block size:"), 256 << 20);
     assert_eq!(run_ok("debugfs", &["-R", "cat /kept", disk]), "kept\n");
+}
+
+#[test]
+fn image_rm_winning_a_race_with_vm_create_fails_the_create_as_no_image() {
+    let test = "image_rm_winning_a_race_with_vm_create_fails_the_create_as_no_image";
+    let Some((work, state)) = clone_world(test) else {
+        return;
+    };
+    // Removed after the create found the image, and after it opened its
+    // disk: either way the create says the image is gone.
+    for boundary in ["image-found", "image-opened"] {
+        let go = work.path().join(format!("go-{boundary}"));
+        let pause = format!("{boundary}:1:{}", go.display());
+        let mut daemon = clone_daemon(work.path(), &state, &[("BANGER_FAULT_PAUSE", &pause)]);
+        import_busybox(work.path(), &state);
+        let create = Command::new(BANGER)
+            .arg("--socket")
+            .arg(socket_path(&state))
+            .args([
+                "vm", "create", "racer", "--image", "busybox", "--vmm", "qemu",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("banger vm create");
+        daemon
+            .wait_for_line("fault injection: paused")
+            .expect("the create reaches the pause");
+        let removed = banger(&state, &["image", "rm", "busybox"]);
+        assert!(removed.status.success(), "image rm: {removed:?}");
+        std::fs::write(&go, "").expect("release the create");
+        let out = output_within_timeout(create).expect("the create answers");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{boundary}: the create succeeded");
+        assert!(err.contains("no image named busybox"), "{boundary}: {err}");
+        let listed = json_of(&banger(&state, &["vm", "ls", "--json"]), "vm ls");
+        assert_eq!(listed, Value::Array(vec![]), "{boundary}");
+        assert_eq!(entries(&state.join("vms")).len(), 0, "{boundary}");
+        drop(daemon);
+    }
 }

@@ -33,7 +33,7 @@ use crate::image::{ImageRecord, Lookup, blob_path};
 use crate::kernel::UnpackLimit;
 use crate::reconcile;
 use crate::store::{StoreError, Undecodable};
-use crate::vm::record::VmRecord;
+use crate::vm::record::{VmImage, VmRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -247,7 +247,7 @@ impl Handler<Quarantined> for CatalogActor {
 /// and [`Unreserve`] ends the reservation.
 pub struct Reserve {
     pub kernel: String,
-    pub image: Option<String>,
+    pub image: Option<VmImage>,
     pub vm: String,
 }
 
@@ -294,12 +294,13 @@ impl Handler<Reserve> for CatalogActor {
             looked.into_actor(self).map(move |looked, act, _| {
                 let (kernel, images) = looked?;
                 kernel.ok_or(KernelError::NotFound(msg.kernel.clone()))?;
-                if let Some(digest) = &msg.image {
-                    if !images.iter().any(|i| &i.digest == digest) {
-                        return Err(ImageError::Lookup(Lookup::NotFound(digest.clone())).into());
+                if let Some(image) = &msg.image {
+                    // Removed since the create found it (`image rm` won).
+                    if !images.iter().any(|i| i.digest == image.digest) {
+                        return Err(ImageError::Lookup(Lookup::NotFound(image.name.clone())).into());
                     }
                     act.image_reservations
-                        .entry(digest.clone())
+                        .entry(image.digest.clone())
                         .or_default()
                         .insert(msg.vm.clone());
                 }

@@ -1963,6 +1963,7 @@ impl Handler<CreateVm> for VmManager {
         self.vms.insert(msg.name.clone(), actor.clone());
         let catalog = self.catalog.clone();
         let (kernel, name) = (msg.kernel.clone(), msg.name.clone());
+        let reserved_image = msg.image.clone();
         let image = msg.image.as_ref().map(|i| i.digest.clone());
         let (source, start) = (msg.rootfs, msg.start);
         // Err(true, _): refused before the actor took the create, so the
@@ -1971,7 +1972,7 @@ impl Handler<CreateVm> for VmManager {
             catalog
                 .send(Reserve {
                     kernel: kernel.clone(),
-                    image: image.clone(),
+                    image: reserved_image,
                     vm: name.clone(),
                 })
                 .await

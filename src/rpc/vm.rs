@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use super::protocol::{ErrorCode, Params, RpcError, check_wait, requests};
 use super::stream::LogFollow;
 use super::wire::Wire;
-use crate::actors::catalog::{CatalogActor, ChooseKernel, FindImage};
+use crate::actors::catalog::{CatalogActor, ChooseKernel, FindImage, ImageError};
 use crate::actors::netns::{NetworkManager, Resolve};
 use crate::actors::vm::{
     AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ForgetVm, ListVms, VmCommand, VmManager,
@@ -23,6 +23,7 @@ use crate::actors::vm::{
 };
 use crate::error_chain;
 use crate::guest::link::{AgentLink, ExecSession};
+use crate::image::Lookup;
 use crate::store::Undecodable;
 use crate::vm::disk::DiskSource;
 use crate::vm::phase::Phase;
@@ -658,20 +659,26 @@ async fn validate_create(
                 .map_err(|_| {
                     RpcError::new(ErrorCode::Unavailable, "the catalog is not answering")
                 })??;
+            crate::fault::pause("image-found").await;
             let disk = image.disk.clone();
             let file = tokio::task::spawn_blocking(move || std::fs::File::open(&disk))
                 .await
                 .map_err(|_| RpcError::new(ErrorCode::Unavailable, "blocking pool gone"))?
-                .map_err(|e| {
-                    RpcError::new(
+                .map_err(|e| match e.kind() {
+                    // `image rm` won the race since the image was found.
+                    std::io::ErrorKind::NotFound => {
+                        RpcError::from(ImageError::Lookup(Lookup::NotFound(image.name.clone())))
+                    }
+                    _ => RpcError::new(
                         ErrorCode::Internal,
                         format!(
                             "cannot open image {}'s disk {}: {e}",
                             image.name,
                             image.disk.display()
                         ),
-                    )
+                    ),
                 })?;
+            crate::fault::pause("image-opened").await;
             let source = DiskSource {
                 named: image.disk.clone(),
                 file,
