@@ -760,6 +760,7 @@ mod tests {
         assert_eq!(config.qemu, PathBuf::from("qemu-system-x86_64"));
         assert_eq!(config.qemu_accel, AccelChoice::Auto);
         assert_eq!(config.jailer, None);
+        assert_eq!(config.jail_dir, PathBuf::from("/var/lib/banger/jail"));
         assert!(config.network.enabled);
         assert_eq!(config.network.group, DEFAULT_INTERFACE_GROUP);
         assert_eq!(config.network.mtu, 1500);

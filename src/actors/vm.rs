@@ -85,6 +85,9 @@ const PROBE_ATTEMPTS: u32 = 3;
 const PROBE_DEGRADED: Duration = Duration::from_secs(5);
 /// How long start-up waits for an orphaned VMM to exit after SIGKILL.
 const ORPHAN_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `vm ls` waits for one VM actor's memory while the store
+/// cannot write.
+const MEMORY_ANSWER: Duration = Duration::from_secs(1);
 /// `vm stop` waits this long for the guest before SIGKILL.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -225,8 +228,8 @@ pub enum VmError {
     #[error("VM {name}: {what}: {down}")]
     NotRecorded {
         name: String,
-        what: &'static str,
-        down: Unwritable,
+        what: String,
+        down: Box<Unwritable>,
     },
     #[error("VM {0} is being read again from the store; try again in a moment")]
     Reloading(String),
@@ -262,8 +265,9 @@ pub struct VmActor {
     next_request: RequestId,
     /// What the next `started()` does first.
     on_start: OnStart,
-    /// The record as of the last durable write (none before the first):
-    /// what reads see while the actor reloads, and a process the actor
+    /// The record as of the last durable write (for a VM being created,
+    /// the record it is created with): what reads see while the actor
+    /// reloads, and a process the actor
     /// holds beyond its pid is killed if the actor restarts.
     durable: Option<VmRecord>,
     /// The user command being applied, with the VM as it was: its first
@@ -271,11 +275,14 @@ pub struct VmActor {
     command: Option<(Vm, RequestId)>,
     /// A write the store refused while carrying out a fact, and the effects
     /// behind it, until the store writes again.
-    held: Option<(Write, VecDeque<Effect>)>,
+    held: Option<Held>,
     /// Facts that came while a write was held, applied in order after it.
-    /// Bounded by nature: each is the answer of one piece of work, and no
-    /// new work starts while a write is held.
+    /// Bounded: each is the answer of one piece of work started before the
+    /// hold, and the repeating ones (probes, announcements) keep only their
+    /// latest; the timer is re-armed instead (see [`VmActor::hold`]).
     deferred: VecDeque<Event>,
+    /// When the armed timer fires.
+    timer_at: Option<Timestamp>,
     /// A write is on its way to the store.
     writing: bool,
     /// Restarts since the last durable write, for the reload's backoff.
@@ -324,12 +331,22 @@ enum Write {
     Delete(VmRecord),
 }
 
+/// A write the store refused, held with what waits behind it.
+struct Held {
+    write: Write,
+    effects: VecDeque<Effect>,
+    down: Unwritable,
+    since: std::time::Instant,
+    /// The timer that was armed when the hold began.
+    timer_at: Option<Timestamp>,
+}
+
 /// How a write ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Written {
     Durable,
     /// The store refuses writes for now (see `store::health`).
-    Refused,
+    Refused(Unwritable),
     /// Anything else: the store is gone, or the record did not encode.
     Lost,
 }
@@ -356,9 +373,9 @@ async fn write_in_order(
         };
         let written = match result {
             Ok(Ok(())) => Written::Durable,
-            Ok(Err(e @ StoreError::Unwritable(_))) => {
-                warn!(vm = %record.name, error = %error_chain(&e), "cannot record the VM's state");
-                Written::Refused
+            Ok(Err(StoreError::Unwritable(down))) => {
+                warn!(vm = %record.name, error = %down, "cannot record the VM's state");
+                Written::Refused(down)
             }
             Ok(Err(e)) => {
                 error!(vm = %record.name, error = %error_chain(&e), "cannot record the VM's state");
@@ -404,6 +421,7 @@ impl VmActor {
             durable,
             command: None,
             held: None,
+            timer_at: None,
             deferred: VecDeque::new(),
             writing: false,
             restarts: 0,
@@ -425,7 +443,16 @@ impl VmActor {
     /// fact that comes while a write is held waits behind it.
     fn apply(&mut self, event: Event, ctx: &mut Context<Self>) -> Result<(), Conflict> {
         if self.held.is_some() {
-            self.deferred.push_back(event);
+            match event {
+                // Re-armed when the hold ends, later by the hold's length.
+                Event::Timer => {}
+                Event::Probed(_) | Event::Announced(_) => {
+                    let same = std::mem::discriminant(&event);
+                    self.deferred.retain(|e| std::mem::discriminant(e) != same);
+                    self.deferred.push_back(event);
+                }
+                event => self.deferred.push_back(event),
+            }
             return Ok(());
         }
         let spawned = match &event {
@@ -470,9 +497,9 @@ impl VmActor {
                     act.run(effects, ctx);
                     act.replay_deferred(ctx);
                 }
-                Written::Refused => match undo {
-                    Some((before, request)) => act.undo_command(before, request, ctx),
-                    None => act.hold(write, effects, ctx),
+                Written::Refused(down) => match undo {
+                    Some((before, request)) => act.undo_command(before, request, down, ctx),
+                    None => act.hold(write, effects, down, ctx),
                 },
                 Written::Lost => {
                     error!(vm = %act.name(), "a write failed; rebuilding the VM from the store");
@@ -485,9 +512,15 @@ impl VmActor {
     /// The store refused a command's write: the VM is as it was, and the
     /// client hears that nothing changed. A VM whose create was refused
     /// never existed: its name is free again.
-    fn undo_command(&mut self, before: Vm, request: RequestId, ctx: &mut Context<Self>) {
+    fn undo_command(
+        &mut self,
+        before: Vm,
+        request: RequestId,
+        down: Unwritable,
+        ctx: &mut Context<Self>,
+    ) {
         self.vm = before;
-        let refused = self.not_recorded("nothing was changed");
+        let refused = self.not_recorded("nothing was changed".into(), down);
         if let Some(reply) = self.replies.remove(&request) {
             let _ = reply.send(Err(refused));
         }
@@ -500,20 +533,42 @@ impl VmActor {
 
     /// The store refused the write of a fact: it and the effects behind it
     /// wait until the store writes again; clients waiting on the VM are
-    /// told now instead of hanging.
-    fn hold(&mut self, write: Write, effects: VecDeque<Effect>, ctx: &mut Context<Self>) {
+    /// told now instead of hanging. The timer stops meanwhile: a launch or
+    /// stop deadline is not spent waiting for the store.
+    fn hold(
+        &mut self,
+        write: Write,
+        effects: VecDeque<Effect>,
+        down: Unwritable,
+        ctx: &mut Context<Self>,
+    ) {
         warn!(vm = %self.name(), phase = ?self.vm.record.phase, "holding the VM's next steps until the store writes again");
-        let what =
-            "its state cannot be recorded yet; banger carries on once the store writes again";
-        let (name, down) = (self.vm.record.name.clone(), self.store_down());
+        let what = match &self.vm.create_failure {
+            Some(failure) => format!(
+                "its create failed ({failure}); the undo is recorded once the store writes again"
+            ),
+            None => {
+                "its state cannot be recorded yet; banger carries on once the store writes again"
+                    .to_string()
+            }
+        };
         for (_, reply) in self.replies.drain() {
             let _ = reply.send(Err(VmError::NotRecorded {
-                name: name.clone(),
-                what,
-                down: down.clone(),
+                name: self.vm.record.name.clone(),
+                what: what.clone(),
+                down: Box::new(down.clone()),
             }));
         }
-        self.held = Some((write, effects));
+        if let Some(timer) = self.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        self.held = Some(Held {
+            write,
+            effects,
+            down,
+            since: std::time::Instant::now(),
+            timer_at: self.timer_at.take(),
+        });
         let mut health = self.settings.store_health.clone();
         ctx.spawn(
             async move {
@@ -521,10 +576,16 @@ impl VmActor {
             }
             .into_actor(self)
             .map(|(), act, ctx| {
-                if let Some((write, effects)) = act.held.take() {
-                    info!(vm = %act.name(), "the store writes again; carrying on");
-                    act.persist(write, effects, ctx);
+                let Some(held) = act.held.take() else {
+                    return;
+                };
+                info!(vm = %act.name(), "the store writes again; carrying on");
+                if let Some(at) = held.timer_at {
+                    let held_for = jiff::SignedDuration::try_from(held.since.elapsed())
+                        .unwrap_or(jiff::SignedDuration::ZERO);
+                    act.arm_timer(at.checked_add(held_for).unwrap_or(at), ctx);
                 }
+                act.persist(held.write, held.effects, ctx);
             }),
         );
     }
@@ -539,25 +600,39 @@ impl VmActor {
         }
     }
 
-    /// Why the store cannot write now (as it last said).
-    fn store_down(&self) -> Unwritable {
-        match &*self.settings.store_health.borrow() {
-            StoreHealth::Unwritable(down) => down.clone(),
-            StoreHealth::Writable => Unwritable {
-                since: Timestamp::now(),
-                reason: "the store refused the write".into(),
-                dir: self.settings.vms_dir.clone(),
-                free_bytes: None,
-            },
-        }
+    /// Why the store cannot write now: as it says, or as the held write heard.
+    fn store_down(&self) -> Option<Unwritable> {
+        let health = self.settings.store_health.borrow();
+        health
+            .unwritable()
+            .cloned()
+            .or_else(|| self.held.as_ref().map(|held| held.down.clone()))
     }
 
-    fn not_recorded(&self, what: &'static str) -> VmError {
+    fn not_recorded(&self, what: String, down: Unwritable) -> VmError {
         VmError::NotRecorded {
             name: self.vm.record.name.clone(),
             what,
-            down: self.store_down(),
+            down: Box::new(down),
         }
+    }
+
+    /// (Re)arms the VM's one timer; [`Event::Timer`] fires at `at`.
+    fn arm_timer(&mut self, at: Timestamp, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let wait = at.as_millisecond() - Timestamp::now().as_millisecond();
+        let wait = Duration::from_millis(wait.max(0) as u64);
+        self.timer_at = Some(at);
+        self.timer = Some(ctx.run_later(wait, |act, ctx| {
+            act.timer = None;
+            act.timer_at = None;
+            if let Phase::BackingOff { .. } = act.vm.record.phase {
+                info!(vm = %act.name(), "restarting after backoff");
+            }
+            let _ = act.apply(Event::Timer, ctx);
+        }));
     }
 
     /// Carries out effects in order; whatever follows a write waits until
@@ -594,20 +669,7 @@ impl VmActor {
                     }
                 }
                 Effect::AskPoweroff => self.ask_poweroff(ctx),
-                Effect::ArmTimer(at) => {
-                    if let Some(timer) = self.timer.take() {
-                        ctx.cancel_future(timer);
-                    }
-                    let wait = at.as_millisecond() - Timestamp::now().as_millisecond();
-                    let wait = Duration::from_millis(wait.max(0) as u64);
-                    self.timer = Some(ctx.run_later(wait, |act, ctx| {
-                        act.timer = None;
-                        if let Phase::BackingOff { .. } = act.vm.record.phase {
-                            info!(vm = %act.name(), "restarting after backoff");
-                        }
-                        let _ = act.apply(Event::Timer, ctx);
-                    }));
-                }
+                Effect::ArmTimer(at) => self.arm_timer(at, ctx),
                 Effect::ConnectAgent => self.connect_agent(ctx),
                 Effect::DropAgent => self.drop_agent(ctx),
                 Effect::Provision(_) => {
@@ -1231,6 +1293,7 @@ impl Supervised for VmActor {
         }
         self.launch = None;
         self.timer = None;
+        self.timer_at = None;
         self.console_check = None;
         self.replies.clear();
         self.command = None;
@@ -1355,11 +1418,12 @@ impl Handler<VmCommand> for VmActor {
                 let refused = VmError::Reloading(self.name().to_string());
                 return Box::pin(async move { Err(refused) });
             }
-            // Nothing is started that could not be recorded.
-            _ if self.held.is_some()
-                || self.settings.store_health.borrow().unwritable().is_some() =>
+            // Nothing is started that could not be recorded (a removed VM
+            // answers its conflict below).
+            _ if !self.vm.removed
+                && let Some(down) = self.store_down() =>
             {
-                let refused = self.not_recorded("nothing was changed");
+                let refused = self.not_recorded("nothing was changed".into(), down);
                 // A create refused before its first write: the VM never was.
                 if !self.in_store {
                     self.vm.removed = true;
@@ -1807,12 +1871,17 @@ impl Handler<ListVms> for VmManager {
         let actors: Vec<Addr<VmActor>> = self.vms.values().cloned().collect();
         Box::pin(async move {
             let mut vms = if from_memory {
-                let answers =
-                    futures_util::future::join_all(actors.iter().map(|vm| vm.send(VmCommand::Get)))
-                        .await;
+                // Bounded per VM: one actor busy reloading is left out, not
+                // waited for.
+                let answers = futures_util::future::join_all(
+                    actors
+                        .iter()
+                        .map(|vm| tokio::time::timeout(MEMORY_ANSWER, vm.send(VmCommand::Get))),
+                )
+                .await;
                 answers
                     .into_iter()
-                    .filter_map(|answer| answer.ok()?.ok())
+                    .filter_map(|answer| answer.ok()?.ok()?.ok())
                     .collect()
             } else {
                 store

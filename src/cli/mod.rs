@@ -630,10 +630,12 @@ fn vm(client: &mut Client, command: VmCommand, now: Timestamp) -> Result<(), Fai
             struct RawVms<'a> {
                 #[serde(borrow)]
                 vms: &'a serde_json::value::RawValue,
+                store_unavailable: Option<String>,
             }
             let raw = client.call_raw("vm.list", json!({}), |_| {})?;
             let vms: RawVms<'_> = serde_json::from_str(raw.get())
                 .map_err(|e| Failure::Daemon(format!("bangerd sent an unexpected answer: {e}")))?;
+            warn_from_memory(vms.store_unavailable.as_deref());
             println!("{}", vms.vms.get());
         }
         VmCommand::Ls { json: false } => {

@@ -21,6 +21,8 @@ const REPORT_EVERY: u64 = 64;
 /// A consistent read view of the whole store, usable from any thread.
 pub struct Snapshot {
     pub(super) txn: redb::ReadTransaction,
+    /// Keeps the store from re-opening its file under this snapshot.
+    pub(super) _open: std::sync::Arc<()>,
 }
 
 impl Snapshot {

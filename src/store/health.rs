@@ -20,6 +20,8 @@ use tokio::sync::watch;
 
 /// How often the recovery thread reads the directory's free space.
 const SPACE_CHECK: Duration = Duration::from_millis(100);
+/// Free space that grows by this much is worth a re-open at once.
+const SPACE_GREW: u64 = 1 << 20;
 /// The first and the longest wait between two re-open attempts.
 const REOPEN_FIRST: Duration = Duration::from_millis(100);
 const REOPEN_MAX: Duration = Duration::from_secs(2);
@@ -137,6 +139,20 @@ impl Health {
         was_writable
     }
 
+    /// An unwritable state made now, for a refusal the health does not
+    /// (or no longer) say.
+    pub fn unwritable_now(&self, cause: Option<&io::Error>) -> Unwritable {
+        Unwritable {
+            since: Timestamp::now(),
+            reason: match cause {
+                Some(_) => describe(cause),
+                None => "the store is being re-opened".into(),
+            },
+            dir: self.dir.clone(),
+            free_bytes: free_bytes(&self.dir),
+        }
+    }
+
     pub fn recovered(&self) {
         self.state.send_replace(StoreHealth::Writable);
     }
@@ -149,7 +165,7 @@ impl Health {
 /// Runs until `attempt` succeeds (the store is writable again) or `stop`
 /// is disconnected (the store is gone). `attempt` re-opens the file and commits a write.
 /// It is tried after doubling waits, and at once when the directory's free
-/// space grows past what it was at the last failed attempt.
+/// space grows by [`SPACE_GREW`] over what it was at the last failed attempt.
 pub fn recover(
     dir: &Path,
     stop: &Receiver<()>,
@@ -164,7 +180,10 @@ pub fn recover(
             // Another failed write meanwhile: this recovery serves it too.
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
         }
-        let grew = free_bytes(dir) > free_at_failure;
+        let grew = match (free_bytes(dir), free_at_failure) {
+            (Some(now), Some(then)) => now >= then.saturating_add(SPACE_GREW),
+            _ => false,
+        };
         if !grew && last.elapsed() < wait {
             continue;
         }

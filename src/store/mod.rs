@@ -20,7 +20,8 @@ pub mod schema;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -163,6 +164,10 @@ pub struct Store {
     /// Wakes the recovery thread; dropped with the store, which ends it.
     recover: Sender<()>,
     recoveries: Mutex<Option<Receiver<()>>>,
+    /// Bumped by each re-open: a reader re-opens only the database it saw fail.
+    generation: AtomicU64,
+    /// Held by every live snapshot (a backup): no re-open under one.
+    snapshots: Arc<()>,
 }
 
 impl Store {
@@ -176,6 +181,8 @@ impl Store {
             health: health::Health::new(dir),
             recover,
             recoveries: Mutex::new(Some(recoveries)),
+            generation: AtomicU64::new(0),
+            snapshots: Arc::new(()),
         }
     }
 
@@ -204,44 +211,46 @@ impl Store {
             .map(|down| StoreError::Unwritable(down.clone()))
     }
 
-    /// The open database, or why there is none.
+    /// The refusal to answer: the health's, else (a window where it was
+    /// not yet marked) one made now from `cause`.
+    fn refusal(&self, cause: Option<&io::Error>) -> StoreError {
+        self.unwritable()
+            .unwrap_or_else(|| StoreError::Unwritable(self.health.unwritable_now(cause)))
+    }
+
+    /// The open database, or why there is none (a re-open that failed).
     fn database(&self) -> Result<DbGuard<'_>, StoreError> {
         let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            return Err(self.unwritable().unwrap_or_else(|| {
-                StoreError::Unwritable(Unwritable {
-                    since: jiff::Timestamp::now(),
-                    reason: "the store is being re-opened".into(),
-                    dir: self.health.dir().to_path_buf(),
-                    free_bytes: health::free_bytes(self.health.dir()),
-                })
-            }));
+            return Err(self.refusal(None));
         }
         Ok(DbGuard(guard))
     }
 
     /// Runs a read. redb latches an I/O error for reads too: a read that
-    /// meets one re-opens the file (reads need no space) and runs again.
+    /// meets one re-opens the file (reads need no space), unless someone
+    /// re-opened it meanwhile, and runs again.
     fn reading<T>(
         &self,
         read: impl Fn(&Database) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let first = {
+        let seen = {
             let db = self.database()?;
-            read(db.get())
-        };
-        match first {
-            Err(e) if e.io().is_some() => {
-                let _ = self.noticed(Err::<T, _>(e));
-                if let Err(e) = self.reopen_file() {
-                    tracing::warn!(error = %e, "cannot re-open the store for reading");
+            let generation = self.generation.load(Ordering::Acquire);
+            match read(db.get()) {
+                Err(e) if e.io().is_some() => {
+                    let _ = self.noticed(Err::<T, _>(e));
+                    generation
                 }
-                let db = self.database()?;
-                let again = read(db.get());
-                self.noticed(again)
+                result => return result,
             }
-            result => result,
+        };
+        if let Err(e) = self.reopen(Some(seen)) {
+            tracing::warn!(error = %e, "cannot re-open the store for reading");
         }
+        let db = self.database()?;
+        let again = read(db.get());
+        self.noticed(again)
     }
 
     /// Runs a write, refused at once while the store is unwritable.
@@ -258,13 +267,14 @@ impl Store {
                 source: redb::Error::Io(e),
             }));
         }
-        // Noticed under the lock: a recovery cannot slip in between and
-        // be undone by this (older) failure.
         let db = self.database()?;
         let result = write(db.get());
         self.noticed(result)
     }
 
+    /// Marks the store unwritable after an I/O error. Called with the
+    /// database's read lock held, so no recovery (which takes the write
+    /// lock) slips in between the failure and this.
     fn noticed<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         let Err(e) = &result else {
             return result;
@@ -272,21 +282,14 @@ impl Store {
         let Some(io) = e.io() else {
             return result;
         };
-        tracing::error!(error = %crate::error_chain(e), "a store write failed; the store refuses writes until one commits again");
+        tracing::error!(error = %crate::error_chain(e), "a store access failed; the store refuses writes until one commits again");
         if self.health.failed(io.as_ref()) {
             let _ = self.recover.try_send(());
         }
-        Err(self.unwritable().unwrap_or_else(|| {
-            StoreError::Unwritable(Unwritable {
-                since: jiff::Timestamp::now(),
-                reason: health::describe(io.as_ref()),
-                dir: self.health.dir().to_path_buf(),
-                free_bytes: None,
-            })
-        }))
+        Err(self.refusal(io.as_ref()))
     }
 
-    /// The recovery thread's body: each wake-up (a write that failed on
+    /// The recovery thread's body: each wake-up (an access that failed on
     /// I/O) re-opens the file until a write commits, then tells every
     /// subscriber. Ends when the store is dropped.
     pub fn run_recovery(store: std::sync::Weak<Store>, wakeups: Receiver<()>) {
@@ -295,45 +298,55 @@ impl Store {
                 return;
             };
             let recovered = health::recover(&dir, &wakeups, || match store.upgrade() {
-                Some(store) => store.reopen(),
+                Some(store) => store.recover_once(),
                 None => Err(io::Error::other("the store is gone")),
             });
-            match store.upgrade() {
-                Some(store) if recovered => {
-                    tracing::info!(path = %store.path.display(), "the store writes again");
-                    store.health.recovered();
-                }
-                _ => return,
+            if !recovered {
+                return;
             }
         }
     }
 
     /// Re-opens the database (repairing it if redb asks) and commits one
-    /// real write: a re-open alone proves nothing about space.
-    fn reopen(&self) -> Result<(), io::Error> {
-        let db = self.reopen_locked()?;
+    /// real write, which a re-open alone does not prove possible; on
+    /// success the store is writable again, said before any access can
+    /// see the new database.
+    fn recover_once(&self) -> Result<(), io::Error> {
+        let db = self.reopen_locked(None)?;
         let probed = crate::fault::store_write()
             .map_or_else(|| db.as_ref().map_or(Ok(()), probe_write), Err);
-        // A failed probe latches the database again: open it once more, so
-        // that reads go on while the store cannot write.
-        if probed.is_err() {
-            drop(db);
-            self.reopen_file()?;
+        if probed.is_ok() {
+            tracing::info!(path = %self.path.display(), "the store writes again");
+            self.health.recovered();
         }
+        // A failed probe latched the new database: the next read re-opens.
         probed
     }
 
-    fn reopen_file(&self) -> Result<(), io::Error> {
-        self.reopen_locked().map(drop)
+    /// Re-opens the file unless it was re-opened since `seen` (a generation).
+    fn reopen(&self, seen: Option<u64>) -> Result<(), io::Error> {
+        self.reopen_locked(seen).map(drop)
     }
 
     /// The database opened afresh (its latched error gone), still locked.
+    /// Refused while a backup reads a snapshot: closing the database under
+    /// it would fail the backup.
     fn reopen_locked(
         &self,
+        seen: Option<u64>,
     ) -> Result<std::sync::RwLockWriteGuard<'_, Option<Database>>, io::Error> {
         let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if seen.is_some_and(|seen| seen != self.generation.load(Ordering::Acquire)) {
+            return Ok(db);
+        }
+        if Arc::strong_count(&self.snapshots) > 1 {
+            return Err(io::Error::other(
+                "a backup is reading the store; re-opening it after",
+            ));
+        }
         // The latched database first: its file lock goes with it.
         *db = None;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let opened = lifecycle::builder()
             .open(&self.path)
             .map_err(|e| io::Error::other(format!("cannot re-open the store: {e}")))?;
@@ -500,7 +513,10 @@ impl Store {
     pub fn snapshot(&self) -> Result<backup::Snapshot, StoreError> {
         self.reading(|db| {
             let txn = db.begin_read().map_err(db_err("meta_tables"))?;
-            Ok(backup::Snapshot { txn })
+            Ok(backup::Snapshot {
+                txn,
+                _open: Arc::clone(&self.snapshots),
+            })
         })
     }
 

@@ -251,7 +251,7 @@ pub fn undoable(effects: &[Effect]) -> bool {
 }
 
 /// The client request an event carries, if it is a user command.
-pub fn request_of(event: &Event) -> Option<RequestId> {
+fn request_of(event: &Event) -> Option<RequestId> {
     match *event {
         Event::Create { request, .. }
         | Event::Start { request }
