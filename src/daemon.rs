@@ -36,6 +36,8 @@ use crate::store::{Store, StoreError};
 use crate::vm::record::{Accel, VmmKind};
 use crate::vm::restart::RestartPolicy;
 use crate::vmm::firecracker::{Firecracker, JailSpec};
+use crate::vmm::orphans::{Layout, SPAWN_MARKER};
+use crate::vmm::process::{ProcessHandle, is_alive};
 use crate::vmm::qemu::{AccelChoice, Qemu};
 
 /// Store worker threads: reads run in parallel, writes serialise in redb.
@@ -119,6 +121,41 @@ fn network_settings(config: &Config) -> NetworkSettings {
         group: network.group,
         jailed_owner: config.jailer.as_ref().map(|jailer| jailer.uid),
     }
+}
+
+/// A launch's child between fork and exec is a copy of the daemon that
+/// holds the daemon's files (the state directory's lock among them) until
+/// it execs. One whose daemon is gone (SIGKILLed in a spawn) would keep the
+/// next daemon out, then exec a VMM no record claims: it is killed, and
+/// waited for. Answers how many there were.
+pub fn end_launch_children(config: &Config) -> usize {
+    let layout = Layout {
+        vms_dir: config.state_dir.join("vms"),
+        jail_base: config.jail_dir.clone(),
+    };
+    let children: Vec<_> = layout
+        .scan()
+        .into_iter()
+        .filter(|found| {
+            std::fs::read_to_string(format!("/proc/{}/comm", found.pid))
+                .is_ok_and(|comm| comm.trim_end() == SPAWN_MARKER)
+        })
+        .collect();
+    for found in &children {
+        let Ok(pidfd) = ProcessHandle::pidfd(found.pid) else {
+            continue;
+        };
+        if !is_alive(found.pid, found.start_time) {
+            continue;
+        }
+        warn!(pid = found.pid, vm = %found.id, "killing a VM launch whose daemon is gone before it exec'd");
+        let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while is_alive(found.pid, found.start_time) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    children.len()
 }
 
 pub struct SystemSupervisor {

@@ -120,6 +120,32 @@ pub async fn pause(name: &str) {
 #[inline(always)]
 pub async fn pause(_: &str) {}
 
+/// With `BANGER_FAULT_STOP_CHILD=N`: the N-th VMM the daemon spawns stops
+/// itself (SIGSTOP) between fork and exec, where a daemon killed then
+/// leaves it.
+#[cfg(feature = "fault-injection")]
+pub fn stop_before_exec() -> bool {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SPAWNED: AtomicU32 = AtomicU32::new(0);
+    let Some(at) = std::env::var("BANGER_FAULT_STOP_CHILD")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let stop = SPAWNED.fetch_add(1, Ordering::Relaxed) + 1 == at;
+    if stop {
+        tracing::warn!("fault injection: the VMM's child stops before exec");
+    }
+    stop
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn stop_before_exec() -> bool {
+    false
+}
+
 /// With `BANGER_FAULT_STORE_FAIL=FILE`: while FILE holds a number N > 0,
 /// the next store write fails as on a full disk and N goes down by one.
 /// A test writes the file to fail the next N writes of a running daemon.

@@ -59,6 +59,9 @@ pub trait HostOps: Send + Sync {
 
 pub struct LocalHost;
 
+/// [`crate::vmm::orphans::SPAWN_MARKER`], as the child's `prctl` takes it.
+const SPAWN_NAME: &std::ffi::CStr = c"banger-spawn";
+
 /// Puts a file the jail cannot link to (another filesystem) into it by a
 /// bind mount of that one file; a read-only file may be copied as the last
 /// resort, a writable one never.
@@ -228,10 +231,22 @@ impl HostOps for LocalHost {
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(append(&vmm.errors)?);
+        let stop_before_exec = crate::fault::stop_before_exec();
         #[allow(unsafe_code)]
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        // SAFETY: prctl, setsid and raise are async-signal-safe system calls
+        // and touch no memory of the parent.
         unsafe {
-            command.pre_exec(|| rustix::process::setsid().map(drop).map_err(io::Error::from));
+            command.pre_exec(move || {
+                // Until exec the child is a copy of the daemon: the name
+                // tells a start-up sweep what it is (`vmm::orphans`).
+                nix::sys::prctl::set_name(SPAWN_NAME).map_err(io::Error::from)?;
+                rustix::process::setsid().map_err(io::Error::from)?;
+                if stop_before_exec {
+                    nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP)
+                        .map_err(io::Error::from)?;
+                }
+                Ok(())
+            });
         }
         // The caller watches the child through a pidfd and reaps it there;
         // dropping the Child handle neither waits nor kills.
@@ -242,6 +257,14 @@ impl HostOps for LocalHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spawn_name_is_the_marker_the_sweep_looks_for() {
+        assert_eq!(
+            SPAWN_NAME.to_str().ok(),
+            Some(crate::vmm::orphans::SPAWN_MARKER)
+        );
+    }
 
     const MOUNTINFO: &str = "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
         90 22 0:50 / /var/lib/banger/jail rw,relatime - tmpfs tmpfs rw,size=65536k\n\

@@ -540,3 +540,119 @@ fn a_launch_the_daemon_did_not_see_end_is_adopted_when_its_guest_runs() {
         "adopted, not relaunched"
     );
 }
+
+/// A launch in the background, its client's answer not waited for (the
+/// daemon dies under it).
+fn start_in_background(f: &Fixture, name: &str) -> KillOnDrop {
+    KillOnDrop(
+        std::process::Command::new(BANGER)
+            .arg("--socket")
+            .arg(socket_path(&f.state()))
+            .args(["vm", "start", name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("banger vm start"),
+    )
+}
+
+/// Waits for a stopped process (state T) of the fixture whose command line
+/// or name says `what`; answers its pid.
+fn stopped_process(f: &Fixture, what: &str) -> i32 {
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let found = f.vmms().into_iter().find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            state == Some('T')
+                && (String::from_utf8_lossy(&cmdline).contains(what) || comm.trim_end() == what)
+        });
+        if let Some(pid) = found {
+            return pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no stopped {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn sigkill_daemon(f: &mut Fixture) {
+    let daemon = f.daemon.take().expect("daemon");
+    kill(daemon.pid(), Signal::SIGKILL).expect("SIGKILL the daemon");
+    drop(daemon);
+}
+
+#[test]
+fn a_daemon_killed_between_fork_and_exec_leaves_no_vmm_behind() {
+    let test = "a_daemon_killed_between_fork_and_exec_leaves_no_vmm_behind";
+    let Some(mut f) = Fixture::new(test) else {
+        return;
+    };
+    f.create("web", &[]);
+    f.start_daemon_with(&[("BANGER_FAULT_STOP_CHILD", "1")]);
+    let _client = start_in_background(&f, "web");
+    // The child is a copy of the daemon: it holds the daemon's lock.
+    let child = stopped_process(&f, "banger-spawn");
+    sigkill_daemon(&mut f);
+    // The next daemon takes the lock from it, and no VMM appears later.
+    f.start_daemon();
+    assert!(
+        !pid_alive(child.into()),
+        "the child outlived the next daemon's start"
+    );
+    check_one_vmm_or_none(&f, "web", "killed between fork and exec");
+}
+
+#[test]
+fn a_jailer_stopped_before_its_pivot_is_recognised_after_a_daemon_kill() {
+    let test = "a_jailer_stopped_before_its_pivot_is_recognised_after_a_daemon_kill";
+    let Some(mut f) = Fixture::with_jailer(test, true) else {
+        return;
+    };
+    f.create("web", &[]);
+    // The real jailer, run by a wrapper that stops first (no fault point
+    // inside a real binary): its argv is the jailer's.
+    let config = f.tmp.path().join("bangerd.toml");
+    let real = std::fs::read_to_string(&config).expect("config");
+    let jailer = std::env::var("BANGER_TEST_JAILER").expect("jailer");
+    let wrapper = f.tmp.path().join("stopping-jailer");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nkill -STOP $$\nexec {jailer} \"$@\"\n"),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let wrapped = real.replace(
+        &format!("\"{jailer}\""),
+        &format!("\"{}\"", wrapper.display()),
+    );
+    assert_ne!(wrapped, real, "the config names the jailer");
+    std::fs::write(&config, &wrapped).expect("config");
+    // Killed right after the spawn, before the machine heard of it: the
+    // stopped jailer is recorded nowhere.
+    f.start_daemon_with(&[("BANGER_FAULT_KILL", "spawned:1")]);
+    let _client = start_in_background(&f, "web");
+    f.daemon()
+        .wait_for_line("fault injection: killing the daemon")
+        .expect("the spawn is reached");
+    f.daemon().wait_exit();
+    f.daemon = None;
+    let stopped = stopped_process(&f, "stopping-jailer");
+    std::fs::write(&config, &real).expect("config");
+    f.start_daemon();
+    // Let it go: if the sweep missed it, it would exec a VMM nobody claims.
+    let _ = kill(nix::unistd::Pid::from_raw(stopped), Signal::SIGCONT);
+    assert!(
+        !pid_alive(stopped.into()),
+        "the stopped jailer outlived the sweep"
+    );
+    check_one_vmm_or_none(&f, "web", "a jailer stopped before its pivot");
+}

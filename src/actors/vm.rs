@@ -287,6 +287,12 @@ pub struct VmActor {
     writing: bool,
     /// Restarts since the last durable write, for the reload's backoff.
     restarts: u32,
+    /// Bumped by each restart: a spawn's answer finds who asked for it.
+    incarnation: u64,
+    /// Spawns whose answers have not arrived; they outlive restarts.
+    spawns_in_flight: u32,
+    /// A reload waits until they have arrived (and their VMMs are gone).
+    reload_waits: bool,
     /// The store holds the record: false for a VM being created until its
     /// first write is durable, so nobody is shown a VM the store lacks.
     in_store: bool,
@@ -300,6 +306,62 @@ pub struct VmActor {
     source: Option<DiskSource>,
     /// Told when the VM is gone, however its removal ended.
     manager: Recipient<VmRemoved>,
+}
+
+/// A spawn's answer, for the incarnation that asked.
+struct SpawnAnswered {
+    incarnation: u64,
+    result: Result<(LaunchSpec, ProcessHandle, crate::vm::record::VmmProcess), VmError>,
+}
+
+impl Message for SpawnAnswered {
+    type Result = ();
+}
+
+impl Handler<SpawnAnswered> for VmActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SpawnAnswered, ctx: &mut Context<Self>) {
+        self.spawns_in_flight = self.spawns_in_flight.saturating_sub(1);
+        if msg.incarnation == self.incarnation {
+            match msg.result {
+                Ok((spec, process, recorded)) => {
+                    self.launch = Some(spec);
+                    self.unrecorded = Some(process);
+                    let _ = self.apply(Event::Spawned(recorded), ctx);
+                }
+                Err(e) => {
+                    warn!(vm = %self.name(), error = %error_chain(&e), "VM failed to start");
+                    let _ = self.apply(Event::LaunchFailed(error_chain(&e)), ctx);
+                }
+            }
+            return;
+        }
+        // Asked for by an incarnation before a restart: no record names its
+        // VMM, which goes before this one reads the store and launches.
+        let exited = match msg.result {
+            Ok((_, process, _)) => {
+                warn!(vm = %self.name(), pid = process.pid(), "killing a VMM spawned before the actor restarted");
+                let _ = process.signal(Signal::KILL);
+                Some(process)
+            }
+            Err(_) => None,
+        };
+        ctx.wait(
+            async move {
+                if let Some(process) = exited {
+                    process.exited().await;
+                }
+            }
+            .into_actor(self)
+            .map(|(), act, ctx| {
+                if act.spawns_in_flight == 0 && act.reload_waits {
+                    act.reload_waits = false;
+                    act.reload(ctx);
+                }
+            }),
+        );
+    }
 }
 
 /// A VM's record is deleted: the manager forgets its name (if it still
@@ -425,6 +487,9 @@ impl VmActor {
             deferred: VecDeque::new(),
             writing: false,
             restarts: 0,
+            incarnation: 0,
+            spawns_in_flight: 0,
+            reload_waits: false,
             in_store: true,
             on_start: OnStart::Recover,
             agent: None,
@@ -840,21 +905,19 @@ impl VmActor {
             fault::boundary("spawned");
             Ok((spec, process, recorded))
         };
-        ctx.spawn(
-            spawned
-                .into_actor(self)
-                .map(|spawned, act, ctx| match spawned {
-                    Ok((spec, process, recorded)) => {
-                        act.launch = Some(spec);
-                        act.unrecorded = Some(process);
-                        let _ = act.apply(Event::Spawned(recorded), ctx);
-                    }
-                    Err(e) => {
-                        warn!(vm = %act.name(), error = %error_chain(&e), "VM failed to start");
-                        let _ = act.apply(Event::LaunchFailed(error_chain(&e)), ctx);
-                    }
-                }),
-        );
+        // Not the context's: a restart drops the context's futures, and a
+        // spawn must reach this actor (whichever incarnation) in any case,
+        // or its VMM would run unrecorded and unwatched.
+        let (actor, incarnation) = (ctx.address(), self.incarnation);
+        self.spawns_in_flight += 1;
+        actix::spawn(async move {
+            let result = spawned.await;
+            // Internal and small: it must arrive even when the mailbox is full.
+            actor.do_send(SpawnAnswered {
+                incarnation,
+                result,
+            });
+        });
     }
 
     /// `Effect::Configure`: answers `Ready` or `LaunchFailed`.
@@ -1248,6 +1311,13 @@ impl VmActor {
     }
 
     fn reload(&mut self, ctx: &mut Context<Self>) {
+        if self.spawns_in_flight > 0 {
+            // A spawn of the last incarnation is still out: its VMM would
+            // hold the console lock (and run unrecorded) if the launch
+            // were resumed first.
+            self.reload_waits = true;
+            return;
+        }
         self.on_start = OnStart::Recover;
         let get = self
             .store
@@ -1292,6 +1362,7 @@ impl Supervised for VmActor {
             }
         }
         self.launch = None;
+        self.incarnation += 1;
         self.timer = None;
         self.timer_at = None;
         self.console_check = None;

@@ -156,7 +156,17 @@ fn run(config: &Config) -> anyhow::Result<()> {
                 config.state_dir.display()
             )
         })?;
-    let lock = StateLock::acquire(&config.state_dir)?;
+    let lock = match StateLock::acquire(&config.state_dir) {
+        // The daemon that holds it is gone, yet its lock is held: by a
+        // launch's child it forked and that never exec'd.
+        Err(store::StoreError::Locked { pid, .. })
+            if !pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+                && banger::daemon::end_launch_children(config) > 0 =>
+        {
+            StateLock::acquire(&config.state_dir)?
+        }
+        lock => lock?,
+    };
     let opened = store::open(&config.state_dir, Schema::production())?;
     if opened.created {
         info!(path = %opened.store.path().display(), "created the store");

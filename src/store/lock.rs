@@ -52,7 +52,8 @@ impl StateLock {
                     "" => "pid unknown".to_string(),
                     pid => format!("pid {pid}"),
                 };
-                Err(StoreError::Locked { path, holder })
+                let pid = pid.trim().parse().ok();
+                Err(StoreError::Locked { path, holder, pid })
             }
             Err((_, errno)) => Err(io_err("lock", errno.into())),
         }

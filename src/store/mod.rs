@@ -101,7 +101,12 @@ pub enum StoreError {
     #[error("table {0} is not part of this store's schema")]
     UnknownTable(String),
     #[error("another bangerd ({holder}) holds the lock {path}; stop it first")]
-    Locked { path: PathBuf, holder: String },
+    Locked {
+        path: PathBuf,
+        holder: String,
+        /// The holder's pid as its lock file says.
+        pid: Option<i32>,
+    },
     /// A write failed on I/O (a full disk): the store refuses writes at
     /// once until its recovery commits one again.
     #[error("{0}")]

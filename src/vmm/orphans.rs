@@ -1,7 +1,10 @@
 //! VMM processes banger launched that no VM record claims (left by a
 //! daemon that died between launching a VMM and recording it, or by a
-//! store restored from a backup). They are found by their API socket path
-//! under `<state-dir>/vms/` or their chroot under `<state-dir>/jail/`.
+//! store restored from a backup). Every stage of a launch is recognised:
+//! the child between fork and exec (named [`SPAWN_MARKER`], working in
+//! `<state-dir>/vms/<id>`), the jailer before its pivot (`--id` under
+//! banger's `--chroot-base-dir`), and the VMM itself (its API socket
+//! under `<state-dir>/vms/`, or its chroot under the jail base).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +15,20 @@ pub struct FoundVmm {
     pub start_time: u64,
     /// The VM id its arguments or its jail name.
     pub id: String,
+}
+
+/// The name (`comm`) a launch's child takes between fork and exec, when it
+/// is still a copy of the daemon.
+pub const SPAWN_MARKER: &str = "banger-spawn";
+
+/// What `/proc` shows of a process, as far as recognising it goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub args: Vec<String>,
+    /// The source of its root mount.
+    pub root: Option<PathBuf>,
+    pub comm: String,
+    pub cwd: Option<PathBuf>,
 }
 
 /// Where banger's VMMs are recognised from.
@@ -28,7 +45,23 @@ impl Layout {
     /// root mount (the jailer pivots a jailed one into
     /// `<jail_base>/firecracker/<id>/root`; the source is relative to its
     /// filesystem, so it is matched as a suffix of the jail base).
-    pub fn vm_id(&self, args: &[String], root: Option<&Path>) -> Option<String> {
+    pub fn vm_id(&self, seen: &Seen) -> Option<String> {
+        let (args, root) = (&seen.args, seen.root.as_deref());
+        let flag = |name: &str| {
+            args.windows(2)
+                .find_map(|w| (w[0] == name).then(|| w[1].as_str()))
+        };
+        // A launch's child before exec: still the daemon, in the VM's directory.
+        let from_child = seen
+            .cwd
+            .as_deref()
+            .filter(|_| seen.comm == SPAWN_MARKER)
+            .and_then(|cwd| self.id_under(&self.vms_dir, cwd));
+        // A jailer before its pivot (or a program it runs through).
+        let from_jailer = flag("--chroot-base-dir")
+            .filter(|base| Path::new(base) == self.jail_base)
+            .and_then(|_| flag("--id"))
+            .map(str::to_string);
         let from_socket = args
             .windows(2)
             .find_map(|w| match w[0].as_str() {
@@ -39,17 +72,7 @@ impl Layout {
                     .and_then(|rest| rest.split(',').next()),
                 _ => None,
             })
-            .and_then(|socket| {
-                Path::new(socket)
-                    .strip_prefix(&self.vms_dir)
-                    .ok()
-                    .map(Path::to_path_buf)
-            })
-            .and_then(|rest| {
-                rest.components()
-                    .next()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            });
+            .and_then(|socket| self.id_under(&self.vms_dir, Path::new(socket)));
         let from_root = root.and_then(|root| {
             let mut parts: Vec<String> = root
                 .components()
@@ -63,7 +86,15 @@ impl Layout {
             let ours = last == "root" && exec == "firecracker" && !base.as_os_str().is_empty();
             (ours && self.jail_base.ends_with(&base)).then_some(id)
         });
-        from_socket.or(from_root)
+        from_child.or(from_jailer).or(from_socket).or(from_root)
+    }
+
+    /// The first component of `path` below `dir`: a VM id.
+    fn id_under(&self, dir: &Path, path: &Path) -> Option<String> {
+        let rest = path.strip_prefix(dir).ok()?;
+        rest.components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
     }
 
     /// Every live process on the host that is one of banger's VMMs, with
@@ -81,8 +112,15 @@ impl Layout {
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect();
                 let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok();
-                let root = mounts.as_deref().and_then(root_mount_source);
-                let id = self.vm_id(&args, root.as_deref())?;
+                let seen = Seen {
+                    args,
+                    root: mounts.as_deref().and_then(root_mount_source),
+                    comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|c| c.trim_end().to_string())
+                        .unwrap_or_default(),
+                    cwd: std::fs::read_link(format!("/proc/{pid}/cwd")).ok(),
+                };
+                let id = self.vm_id(&seen)?;
                 let stat = super::process::read_stat(pid).ok()??;
                 (!matches!(stat.state, 'Z' | 'X')).then_some(FoundVmm {
                     pid,
@@ -119,6 +157,84 @@ mod tests {
         list.iter().map(|s| s.to_string()).collect()
     }
 
+    fn seen(list: &[&str], root: Option<&Path>) -> Seen {
+        Seen {
+            args: args(list),
+            root: root.map(Path::to_path_buf),
+            ..Seen::default()
+        }
+    }
+
+    #[test]
+    fn a_launch_child_before_exec_is_known_by_its_name_and_directory() {
+        // A copy of the daemon: its argv says nothing of the VM.
+        let child = Seen {
+            args: args(&["bangerd", "--user"]),
+            comm: SPAWN_MARKER.into(),
+            cwd: Some("/var/lib/banger/vms/abc123".into()),
+            ..Seen::default()
+        };
+        assert_eq!(layout().vm_id(&child), Some("abc123".into()));
+        // The daemon itself, or another daemon's child, is not.
+        let daemon = Seen {
+            comm: "bangerd".into(),
+            ..child.clone()
+        };
+        assert_eq!(layout().vm_id(&daemon), None);
+        let elsewhere = Seen {
+            cwd: Some("/srv/other/vms/abc123".into()),
+            ..child
+        };
+        assert_eq!(layout().vm_id(&elsewhere), None);
+    }
+
+    #[test]
+    fn a_jailer_before_its_pivot_is_known_by_its_id_and_base() {
+        let jailer = args(&[
+            "/usr/bin/jailer",
+            "--id",
+            "abc123",
+            "--exec-file",
+            "/usr/bin/firecracker",
+            "--uid",
+            "65534",
+            "--chroot-base-dir",
+            "/var/lib/banger/jail",
+            "--",
+            "--api-sock",
+            "/run/firecracker.socket",
+        ]);
+        let root = Some(Path::new("/"));
+        let s = Seen {
+            args: jailer.clone(),
+            root: root.map(Path::to_path_buf),
+            ..Seen::default()
+        };
+        assert_eq!(layout().vm_id(&s), Some("abc123".into()));
+        // Through a wrapper that runs the real jailer: the same argv follows.
+        let mut wrapped = args(&["/bin/sh", "/tmp/wrapper"]);
+        wrapped.extend(jailer[1..].iter().cloned());
+        assert_eq!(
+            layout().vm_id(&Seen {
+                args: wrapped,
+                ..Seen::default()
+            }),
+            Some("abc123".into())
+        );
+        // Another jail base is another daemon's.
+        let other: Vec<String> = jailer
+            .iter()
+            .map(|a| a.replace("/var/lib/banger/jail", "/srv/jailer"))
+            .collect();
+        assert_eq!(
+            layout().vm_id(&Seen {
+                args: other,
+                ..Seen::default()
+            }),
+            None
+        );
+    }
+
     #[test]
     fn an_unjailed_vmm_is_known_by_its_socket() {
         let a = args(&[
@@ -129,24 +245,31 @@ mod tests {
             "abc123",
         ]);
         assert_eq!(
-            layout().vm_id(&a, Some(Path::new("/"))),
+            layout().vm_id(&Seen {
+                args: a,
+                root: Some("/".into()),
+                ..Seen::default()
+            }),
             Some("abc123".into())
         );
     }
 
     #[test]
     fn a_jailed_vmm_is_known_by_its_root_mount() {
-        let a = args(&["/firecracker", "--api-sock", "/run/firecracker.socket"]);
+        let a = &["/firecracker", "--api-sock", "/run/firecracker.socket"];
         let mountinfo = "67 44 254:0 /var/lib/banger/jail/firecracker/xyz789/root / rw,relatime - ext4 /dev/vda rw\n\
                          68 67 0:5 / /dev rw - devtmpfs udev rw";
         let root = root_mount_source(mountinfo).expect("root mount");
-        assert_eq!(layout().vm_id(&a, Some(&root)), Some("xyz789".into()));
+        assert_eq!(layout().vm_id(&seen(a, Some(&root))), Some("xyz789".into()));
         // The state dir on a filesystem of its own: the source is relative.
         let relative = Path::new("/banger/jail/firecracker/xyz789/root");
-        assert_eq!(layout().vm_id(&a, Some(relative)), Some("xyz789".into()));
+        assert_eq!(
+            layout().vm_id(&seen(a, Some(relative))),
+            Some("xyz789".into())
+        );
         let elsewhere = Path::new("/srv/jailer/firecracker/xyz789/root");
-        assert_eq!(layout().vm_id(&a, Some(elsewhere)), None);
-        assert_eq!(layout().vm_id(&a, Some(Path::new("/"))), None);
+        assert_eq!(layout().vm_id(&seen(a, Some(elsewhere))), None);
+        assert_eq!(layout().vm_id(&seen(a, Some(Path::new("/")))), None);
     }
 
     #[test]
@@ -163,13 +286,17 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        assert_eq!(layout.vm_id(&args, None), Some("k3j9x2m4qa".into()));
+        let seen = Seen {
+            args,
+            ..Seen::default()
+        };
+        assert_eq!(layout.vm_id(&seen), Some("k3j9x2m4qa".into()));
     }
 
     #[test]
     fn other_processes_are_not_banger_vmms() {
-        let a = args(&["firecracker", "--api-sock", "/tmp/other.sock"]);
-        assert_eq!(layout().vm_id(&a, Some(Path::new("/"))), None);
-        assert_eq!(layout().vm_id(&args(&["bash"]), None), None);
+        let a = &["firecracker", "--api-sock", "/tmp/other.sock"];
+        assert_eq!(layout().vm_id(&seen(a, Some(Path::new("/")))), None);
+        assert_eq!(layout().vm_id(&seen(&["bash"], None)), None);
     }
 }
