@@ -460,6 +460,16 @@ pub fn resolve(
         .clone()
         .unwrap_or_else(|| state_dir.join("jail"));
     require_absolute("firecracker.jail_dir", &jail_dir)?;
+    // The VMs' sweep would take the jails for strays, and the other way.
+    if jail_dir == state_dir || jail_dir.starts_with(state_dir.join("vms")) {
+        return Err(ConfigError::Invalid {
+            key: "firecracker.jail_dir",
+            reason: format!(
+                "{} is the state directory or inside its vms/; choose a directory of its own",
+                jail_dir.display()
+            ),
+        });
+    }
     tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| ConfigError::Invalid {
         key: "log_level",
         reason: e.to_string(),
@@ -675,6 +685,32 @@ mod tests {
             PathBuf::from("/run/user/1000/banger/bangerd.sock")
         );
         assert_eq!(config.log_level, "info");
+    }
+
+    #[test]
+    fn a_jail_dir_that_is_the_state_dir_or_inside_vms_is_refused() {
+        for jail_dir in ["/srv/banger", "/srv/banger/vms/jail"] {
+            let file = ConfigFile::parse(
+                &format!("[firecracker]\njail_dir = \"{jail_dir}\"\n"),
+                Path::new("bangerd.toml"),
+            )
+            .expect("parse");
+            let overrides = Overrides {
+                state_dir: Some("/srv/banger".into()),
+                ..Overrides::default()
+            };
+            let refused = resolve(Mode::User, &user_defaults(None), file, overrides);
+            assert!(
+                matches!(
+                    refused,
+                    Err(ConfigError::Invalid {
+                        key: "firecracker.jail_dir",
+                        ..
+                    })
+                ),
+                "{jail_dir}: {refused:?}"
+            );
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::store::{Store, StoreError};
 use crate::vm::record::{Accel, VmmKind};
 use crate::vm::restart::RestartPolicy;
 use crate::vmm::firecracker::{Firecracker, JailSpec};
-use crate::vmm::orphans::{Layout, SPAWN_MARKER};
+use crate::vmm::orphans::Layout;
 use crate::vmm::process::{ProcessHandle, is_alive};
 use crate::vmm::qemu::{AccelChoice, Qemu};
 
@@ -136,10 +136,9 @@ pub fn end_launch_children(config: &Config) -> usize {
     let children: Vec<_> = layout
         .scan()
         .into_iter()
-        .filter(|found| {
-            std::fs::read_to_string(format!("/proc/{}/comm", found.pid))
-                .is_ok_and(|comm| comm.trim_end() == SPAWN_MARKER)
-        })
+        // Only a launch's child whose daemon is gone (its parent is not a
+        // bangerd): a live daemon's launch is its own business.
+        .filter(|found| found.launch_child && !parent_is_bangerd(found.pid))
         .collect();
     for found in &children {
         let Ok(pidfd) = ProcessHandle::pidfd(found.pid) else {
@@ -156,6 +155,17 @@ pub fn end_launch_children(config: &Config) -> usize {
         }
     }
     children.len()
+}
+
+fn parent_is_bangerd(pid: i32) -> bool {
+    let parent = crate::vmm::process::read_stat(pid)
+        .ok()
+        .flatten()
+        .map(|stat| stat.ppid);
+    parent.is_some_and(|ppid| {
+        std::fs::read_to_string(format!("/proc/{ppid}/comm"))
+            .is_ok_and(|comm| comm.trim_end() == "bangerd")
+    })
 }
 
 pub struct SystemSupervisor {

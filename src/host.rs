@@ -59,8 +59,37 @@ pub trait HostOps: Send + Sync {
 
 pub struct LocalHost;
 
-/// [`crate::vmm::orphans::SPAWN_MARKER`], as the child's `prctl` takes it.
-const SPAWN_NAME: &std::ffi::CStr = c"banger-spawn";
+/// Rounds of unmounting a jail goes through before it gives up.
+const MAX_JAIL_MOUNTS: usize = 16;
+
+/// The files and log files of a jail's root (see [`HostOps::prepare_jail`]).
+fn fill_jail(
+    root: &Path,
+    files: &[JailFile],
+    log_files: &[&str],
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
+    for file in files {
+        let target = root.join(&file.name);
+        if let Err(link) = fs::hard_link(&file.source, &target) {
+            bind_into_jail(file, &target, link)?;
+        }
+        if file.writable {
+            chown(&target, Some(uid), Some(gid))?;
+        }
+    }
+    for name in log_files {
+        let path = root.join(name);
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
+        chown(&path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
 
 /// Puts a file the jail cannot link to (another filesystem) into it by a
 /// bind mount of that one file; a read-only file may be copied as the last
@@ -185,38 +214,46 @@ impl HostOps for LocalHost {
         // The jailer refuses a root left by an earlier run (device nodes exist).
         self.remove_jail(root)?;
         fs::create_dir_all(root)?;
-        for file in files {
-            let target = root.join(&file.name);
-            if let Err(link) = fs::hard_link(&file.source, &target) {
-                bind_into_jail(file, &target, link)?;
-            }
-            if file.writable {
-                chown(&target, Some(uid), Some(gid))?;
-            }
+        let filled = fill_jail(root, files, log_files, uid, gid);
+        if filled.is_err() {
+            // Nothing half-made stays mounted.
+            let _ = self.remove_jail(root);
         }
-        for name in log_files {
-            let path = root.join(name);
-            fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&path)?;
-            chown(&path, Some(uid), Some(gid))?;
-        }
-        Ok(())
+        filled
     }
 
     fn remove_jail(&self, dir: &Path) -> io::Result<()> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-        for point in mounts_under(&mountinfo, dir) {
-            nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-                io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("cannot unmount {} in the jail: {e}", point.display()),
-                )
-            })?;
+        // mountinfo names real paths: the parent's, resolved (the jail
+        // itself is never followed if it is a link).
+        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+            return Err(io::Error::other(format!("{} is not a jail", dir.display())));
+        };
+        let dir = match fs::canonicalize(parent) {
+            Ok(parent) => parent.join(name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Until none is left: mounts may be stacked on one point.
+        for _ in 0..MAX_JAIL_MOUNTS {
+            let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+            let points = mounts_under(&mountinfo, &dir);
+            if points.is_empty() {
+                break;
+            }
+            for point in points {
+                match nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
+                    // Gone meanwhile, or not a mount point any more.
+                    Ok(()) | Err(nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL) => {}
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            io::Error::from(e).kind(),
+                            format!("cannot unmount {} in the jail: {e}", point.display()),
+                        ));
+                    }
+                }
+            }
         }
-        match fs::remove_dir_all(dir) {
+        match fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -239,7 +276,8 @@ impl HostOps for LocalHost {
             command.pre_exec(move || {
                 // Until exec the child is a copy of the daemon: the name
                 // tells a start-up sweep what it is (`vmm::orphans`).
-                nix::sys::prctl::set_name(SPAWN_NAME).map_err(io::Error::from)?;
+                nix::sys::prctl::set_name(crate::vmm::orphans::SPAWN_MARKER)
+                    .map_err(io::Error::from)?;
                 rustix::process::setsid().map_err(io::Error::from)?;
                 if stop_before_exec {
                     nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP)
@@ -257,14 +295,6 @@ impl HostOps for LocalHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_spawn_name_is_the_marker_the_sweep_looks_for() {
-        assert_eq!(
-            SPAWN_NAME.to_str().ok(),
-            Some(crate::vmm::orphans::SPAWN_MARKER)
-        );
-    }
 
     const MOUNTINFO: &str = "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
         90 22 0:50 / /var/lib/banger/jail rw,relatime - tmpfs tmpfs rw,size=65536k\n\

@@ -549,7 +549,15 @@ async fn open_foreign_forwards(networks: &[NetworkRules]) -> Result<usize, HostN
             Some(listing) => {
                 let ours = rules::iptables_ours(&listing);
                 let script = rules::iptables_accepts(&chain.table, &chain.chain, &ours, networks);
-                host::iptables_restore(script).await?;
+                if let Err(e) = host::iptables_restore(script).await {
+                    // The guests' traffic must not stay dropped: native rules.
+                    warn!(table = %chain.table, chain = %chain.chain, error = %e, "iptables-nft refused banger's accepts; writing them with nft");
+                    let chain = ForeignForward {
+                        ours: Vec::new(),
+                        ..chain.clone()
+                    };
+                    host::nft(rules::foreign_accepts(&[chain], networks)).await?;
+                }
             }
             None => {
                 let chain = ForeignForward {

@@ -308,10 +308,31 @@ pub struct VmActor {
     manager: Recipient<VmRemoved>,
 }
 
+/// Sends a spawn's answer when dropped, so that one always arrives.
+struct SpawnAnswer {
+    actor: Addr<VmActor>,
+    incarnation: u64,
+    result: Option<SpawnResult>,
+}
+
+type SpawnResult = Result<(LaunchSpec, ProcessHandle, crate::vm::record::VmmProcess), VmError>;
+
+impl Drop for SpawnAnswer {
+    fn drop(&mut self) {
+        if let Some(result) = self.result.take() {
+            // Internal and small: it must arrive even when the mailbox is full.
+            self.actor.do_send(SpawnAnswered {
+                incarnation: self.incarnation,
+                result,
+            });
+        }
+    }
+}
+
 /// A spawn's answer, for the incarnation that asked.
 struct SpawnAnswered {
     incarnation: u64,
-    result: Result<(LaunchSpec, ProcessHandle, crate::vm::record::VmmProcess), VmError>,
+    result: SpawnResult,
 }
 
 impl Message for SpawnAnswered {
@@ -350,7 +371,7 @@ impl Handler<SpawnAnswered> for VmActor {
         ctx.wait(
             async move {
                 if let Some(process) = exited {
-                    process.exited().await;
+                    let _ = tokio::time::timeout(ORPHAN_EXIT_TIMEOUT, process.exited()).await;
                 }
             }
             .into_actor(self)
@@ -911,12 +932,13 @@ impl VmActor {
         let (actor, incarnation) = (ctx.address(), self.incarnation);
         self.spawns_in_flight += 1;
         actix::spawn(async move {
-            let result = spawned.await;
-            // Internal and small: it must arrive even when the mailbox is full.
-            actor.do_send(SpawnAnswered {
+            // Answers even if this task is dropped before the spawn ends.
+            let mut answer = SpawnAnswer {
+                actor,
                 incarnation,
-                result,
-            });
+                result: Some(Err(VmError::Unavailable("VMM spawn"))),
+            };
+            answer.result = Some(spawned.await);
         });
     }
 
@@ -1311,13 +1333,21 @@ impl VmActor {
     }
 
     fn reload(&mut self, ctx: &mut Context<Self>) {
-        if self.spawns_in_flight > 0 {
+        if self.spawns_in_flight > 0 && !self.reload_waits {
             // A spawn of the last incarnation is still out: its VMM would
             // hold the console lock (and run unrecorded) if the launch
-            // were resumed first.
+            // were resumed first. Bounded: a spawn stuck in fork/exec
+            // answers late, and its VMM is killed then.
             self.reload_waits = true;
+            ctx.run_later(machine::LAUNCH_TIMEOUT, |act, ctx| {
+                if act.reload_waits {
+                    warn!(vm = %act.name(), "a spawn of the previous actor has not answered; reloading anyway");
+                    act.reload(ctx);
+                }
+            });
             return;
         }
+        self.reload_waits = false;
         self.on_start = OnStart::Recover;
         let get = self
             .store

@@ -159,8 +159,8 @@ fn run(config: &Config) -> anyhow::Result<()> {
     let lock = match StateLock::acquire(&config.state_dir) {
         // The daemon that holds it is gone, yet its lock is held: by a
         // launch's child it forked and that never exec'd.
-        Err(store::StoreError::Locked { pid, .. })
-            if !pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        Err(store::StoreError::Locked { pid: Some(pid), .. })
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists()
                 && banger::daemon::end_launch_children(config) > 0 =>
         {
             StateLock::acquire(&config.state_dir)?

@@ -15,11 +15,17 @@ pub struct FoundVmm {
     pub start_time: u64,
     /// The VM id its arguments or its jail name.
     pub id: String,
+    /// A launch's child that has not exec'd yet.
+    pub launch_child: bool,
 }
 
 /// The name (`comm`) a launch's child takes between fork and exec, when it
 /// is still a copy of the daemon.
-pub const SPAWN_MARKER: &str = "banger-spawn";
+pub const SPAWN_MARKER: &std::ffi::CStr = c"banger-spawn";
+
+fn is_spawn_marker(comm: &str) -> bool {
+    comm.as_bytes() == SPAWN_MARKER.to_bytes()
+}
 
 /// What `/proc` shows of a process, as far as recognising it goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,7 +61,7 @@ impl Layout {
         let from_child = seen
             .cwd
             .as_deref()
-            .filter(|_| seen.comm == SPAWN_MARKER)
+            .filter(|_| is_spawn_marker(&seen.comm))
             .and_then(|cwd| self.id_under(&self.vms_dir, cwd));
         // A jailer before its pivot (or a program it runs through).
         let from_jailer = flag("--chroot-base-dir")
@@ -121,11 +127,13 @@ impl Layout {
                     cwd: std::fs::read_link(format!("/proc/{pid}/cwd")).ok(),
                 };
                 let id = self.vm_id(&seen)?;
+                let launch_child = is_spawn_marker(&seen.comm);
                 let stat = super::process::read_stat(pid).ok()??;
                 (!matches!(stat.state, 'Z' | 'X')).then_some(FoundVmm {
                     pid,
                     start_time: stat.start_time,
                     id,
+                    launch_child,
                 })
             })
             .collect()
@@ -170,7 +178,7 @@ mod tests {
         // A copy of the daemon: its argv says nothing of the VM.
         let child = Seen {
             args: args(&["bangerd", "--user"]),
-            comm: SPAWN_MARKER.into(),
+            comm: "banger-spawn".into(),
             cwd: Some("/var/lib/banger/vms/abc123".into()),
             ..Seen::default()
         };

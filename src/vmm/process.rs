@@ -18,6 +18,7 @@ pub struct ProcStat {
     pub state: char,
     /// Clock ticks after boot: with the pid, the process's identity.
     pub start_time: u64,
+    pub ppid: i32,
 }
 
 /// Parses a `/proc/<pid>/stat` line. The command name (field 2) may hold
@@ -25,10 +26,15 @@ pub struct ProcStat {
 pub fn parse_stat(line: &str) -> Option<ProcStat> {
     let after_name = &line[line.rfind(')')? + 1..];
     let mut fields = after_name.split_whitespace();
+    // After the name: state is field 3, ppid field 4, starttime field 22.
     let state = fields.next()?.chars().next()?;
-    // After the name: state is field 3, starttime field 22.
-    let start_time = fields.nth(22 - 4)?.parse().ok()?;
-    Some(ProcStat { state, start_time })
+    let ppid = fields.next()?.parse().ok()?;
+    let start_time = fields.nth(22 - 5)?.parse().ok()?;
+    Some(ProcStat {
+        state,
+        start_time,
+        ppid,
+    })
 }
 
 /// The process's stat, or None when there is no such process.
@@ -120,7 +126,8 @@ mod tests {
             parse_stat(line),
             Some(ProcStat {
                 state: 'S',
-                start_time: 987654
+                start_time: 987654,
+                ppid: 1,
             })
         );
         assert_eq!(parse_stat("garbage"), None);
