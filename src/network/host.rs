@@ -447,29 +447,32 @@ impl HostNetwork {
     }
 }
 
+/// Feeds `script` to `program args` on its stdin; answers its stderr when
+/// it refuses the script.
+fn feed_script(program: &str, args: &[&str], script: &str) -> io::Result<Result<(), String>> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    Ok(if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+    })
+}
+
 /// Runs an `nft -f` script: one transaction, all or nothing.
 pub async fn nft(script: String) -> Result<(), HostNetError> {
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(HostNetError::NftMissing)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(HostNetError::NftMissing)?;
-        }
-        let output = child.wait_with_output().map_err(HostNetError::NftMissing)?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(HostNetError::Nft {
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            })
-        }
+        feed_script("nft", &["-f", "-"], &script)
+            .map_err(HostNetError::NftMissing)?
+            .map_err(|stderr| HostNetError::Nft { stderr })
     })
     .await
     .map_err(|_| HostNetError::Pool)?
@@ -603,28 +606,9 @@ pub async fn iptables_listing(table: &str, chain: &str) -> Option<String> {
 pub async fn iptables_restore(script: String) -> Result<(), HostNetError> {
     tokio::task::spawn_blocking(move || {
         let refused = |stderr: String| HostNetError::Iptables { stderr };
-        let mut child = Command::new("iptables-nft-restore")
-            .args(["-w", "--noflush"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| refused(e.to_string()))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|e| refused(e.to_string()))?;
-        }
-        let output = child
-            .wait_with_output()
-            .map_err(|e| refused(e.to_string()))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(refused(
-                String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            ))
-        }
+        feed_script("iptables-nft-restore", &["-w", "--noflush"], &script)
+            .map_err(|e| refused(e.to_string()))?
+            .map_err(refused)
     })
     .await
     .map_err(|_| HostNetError::Pool)?
