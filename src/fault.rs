@@ -7,45 +7,65 @@
 //! fills PATH's filesystem there instead; a request can be paused at a
 //! point ([`pause`]); and it fails store writes on demand ([`store_write`]). Without the feature this is empty.
 
+/// `NAME:N[:ARG]` entries of a variable.
 #[cfg(feature = "fault-injection")]
-pub fn boundary(name: &str) {
+fn plan(var: &str) -> Vec<(String, u32, String)> {
+    std::env::var(var)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|entry| {
+            let mut parts = entry.splitn(3, ':');
+            let name = parts.next()?.to_string();
+            let n = parts.next()?.parse().ok()?;
+            Some((name, n, parts.next().unwrap_or_default().to_string()))
+        })
+        .collect()
+}
+
+/// How many times the point NAME has been reached, this one included.
+#[cfg(feature = "fault-injection")]
+fn reached(name: &str) -> u32 {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
 
-    /// `NAME:N` entries of a variable, with what follows `N` (if anything).
-    fn plan(var: &str) -> Vec<(String, u32, String)> {
-        std::env::var(var)
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|entry| {
-                let mut parts = entry.splitn(3, ':');
-                let name = parts.next()?.to_string();
-                let n = parts.next()?.parse().ok()?;
-                Some((name, n, parts.next().unwrap_or_default().to_string()))
-            })
-            .collect()
-    }
+    static SEEN: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let count = seen.entry(name.to_string()).or_default();
+    *count += 1;
+    *count
+}
+
+/// The ARGs of a plan's entries for the `count`-th time at NAME.
+#[cfg(feature = "fault-injection")]
+fn due<'a>(
+    plan: &'a [(String, u32, String)],
+    name: &'a str,
+    count: u32,
+) -> impl Iterator<Item = &'a str> {
+    plan.iter()
+        .filter(move |(n, at, _)| n == name && *at == count)
+        .map(|(_, _, arg)| arg.as_str())
+}
+
+#[cfg(feature = "fault-injection")]
+pub fn boundary(name: &str) {
+    use std::sync::OnceLock;
+
     static KILLS: OnceLock<Vec<(String, u32, String)>> = OnceLock::new();
     static FILLS: OnceLock<Vec<(String, u32, String)>> = OnceLock::new();
-    static SEEN: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
     let kills = KILLS.get_or_init(|| plan("BANGER_FAULT_KILL"));
     let fills = FILLS.get_or_init(|| plan("BANGER_FAULT_FILL"));
     if kills.is_empty() && fills.is_empty() {
         return;
     }
-    let count = {
-        let mut seen = SEEN
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let count = seen.entry(name.to_string()).or_default();
-        *count += 1;
-        *count
-    };
-    for (_, _, path) in fills.iter().filter(|(n, at, _)| n == name && *at == count) {
+    let count = reached(name);
+    for path in due(fills, name, count) {
         fill(std::path::Path::new(path));
     }
-    if kills.iter().any(|(n, at, _)| n == name && *at == count) {
+    if due(kills, name, count).next().is_some() {
         tracing::warn!(
             boundary = name,
             count,
@@ -87,27 +107,15 @@ pub fn boundary(_: &str) {}
 /// should race with it meanwhile.
 #[cfg(feature = "fault-injection")]
 pub async fn pause(name: &str) {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
+    use std::sync::OnceLock;
 
-    static SEEN: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
-    let Ok(plan) = std::env::var("BANGER_FAULT_PAUSE") else {
+    static PAUSES: OnceLock<Vec<(String, u32, String)>> = OnceLock::new();
+    let pauses = PAUSES.get_or_init(|| plan("BANGER_FAULT_PAUSE"));
+    if pauses.is_empty() {
         return;
-    };
-    let count = {
-        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        let count = seen
-            .get_or_insert_default()
-            .entry(name.to_string())
-            .or_default();
-        *count += 1;
-        *count
-    };
-    let wanted = format!("{name}:{count}:");
-    let Some(file) = plan
-        .split(',')
-        .find_map(|entry| entry.strip_prefix(&wanted))
-    else {
+    }
+    let count = reached(name);
+    let Some(file) = due(pauses, name, count).next() else {
         return;
     };
     tracing::warn!(boundary = name, count, "fault injection: paused");

@@ -138,12 +138,27 @@ fn bind_into_jail(file: &JailFile, target: &Path, link: io::Error) -> io::Result
     )))
 }
 
-/// A `/proc/self/mountinfo` line's mount point and filesystem type.
-fn mount_fields(line: &str) -> Option<(PathBuf, &str)> {
-    let mut fields = line.split(' ');
-    let point = fields.nth(4)?;
-    let fstype = fields.skip_while(|f| *f != "-").nth(1)?;
-    Some((PathBuf::from(unescape_mount_path(point)), fstype))
+/// One line of a `/proc/<pid>/mountinfo`.
+pub struct Mount<'a> {
+    /// The mounted path within its filesystem (a bind mount's source).
+    pub root: PathBuf,
+    pub point: PathBuf,
+    pub fstype: &'a str,
+}
+
+/// The mounts of a `/proc/<pid>/mountinfo`: fields are `id parent
+/// major:minor root mount-point options... - fstype source ...`.
+pub fn mounts(mountinfo: &str) -> impl Iterator<Item = Mount<'_>> {
+    mountinfo.lines().filter_map(|line| {
+        let mut fields = line.split(' ').skip(3);
+        let (root, point) = (fields.next()?, fields.next()?);
+        let fstype = fields.skip_while(|f| *f != "-").nth(1)?;
+        Some(Mount {
+            root: PathBuf::from(unescape_mount_path(root)),
+            point: PathBuf::from(unescape_mount_path(point)),
+            fstype,
+        })
+    })
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes.
@@ -172,10 +187,8 @@ fn unescape_mount_path(raw: &str) -> String {
 
 /// The mount points under `dir`, deepest first (unmount order).
 fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(mount_fields)
-        .map(|(point, _)| point)
+    let mut points: Vec<PathBuf> = mounts(mountinfo)
+        .map(|mount| mount.point)
         .filter(|point| point.starts_with(dir) && point != dir)
         .collect();
     points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
@@ -185,12 +198,10 @@ fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
 
 /// Names the filesystem holding `path`: its mount point and type.
 fn filesystem_of(mountinfo: &str, path: &Path) -> String {
-    mountinfo
-        .lines()
-        .filter_map(mount_fields)
-        .filter(|(point, _)| path.starts_with(point))
-        .max_by_key(|(point, _)| point.components().count())
-        .map(|(point, fstype)| format!("{fstype} at {}", point.display()))
+    mounts(mountinfo)
+        .filter(|mount| path.starts_with(&mount.point))
+        .max_by_key(|mount| mount.point.components().count())
+        .map(|mount| format!("{} at {}", mount.fstype, mount.point.display()))
         .unwrap_or_else(|| "an unknown filesystem".into())
 }
 

@@ -24,7 +24,7 @@ use crate::actors::store::{Delete, List, Put, StoreActor};
 use crate::error_chain;
 use crate::network::host::{self, HostNetError, HostNetwork};
 use crate::network::ipam::{self, SubnetError};
-use crate::network::rules::{self, Change, ForeignForward, NetworkRules};
+use crate::network::rules::{self, Change, NetworkRules};
 use crate::network::{
     DEFAULT_NETWORK, Guest, GuestConfig, LeaseRecord, NetworkRecord, bridge_name,
 };
@@ -532,45 +532,32 @@ async fn open_foreign_forwards(networks: &[NetworkRules]) -> Result<usize, HostN
         info!(family = %chain.family, table = %chain.table, chain = %chain.chain, "a forward chain of another table drops by default; banger accepts its NAT networks' traffic there");
     }
     for chain in &chains {
+        let mut chain = chain.clone();
         // A table of iptables-nft (Docker's `ip filter`) gets rules in its
         // own syntax: it cannot read nft's native `ct state`, and Docker
         // manages its rules through it. Native rules an older banger put
         // there go first, so that it can read the chain again.
-        let listing = match chain.family.as_str() {
-            "ip" => {
-                if !chain.ours.is_empty() {
-                    host::nft(rules::foreign_accepts(std::slice::from_ref(chain), &[])).await?;
-                }
-                host::iptables_listing(&chain.table, &chain.chain).await
+        let listing = if chain.family == "ip" {
+            if !chain.ours.is_empty() {
+                host::nft(rules::foreign_accepts(std::slice::from_ref(&chain), &[])).await?;
+                chain.ours.clear();
             }
-            _ => None,
+            host::iptables_listing(&chain.table, &chain.chain).await
+        } else {
+            None
         };
-        match listing {
-            Some(listing) => {
-                let ours = rules::iptables_ours(&listing);
-                let script = rules::iptables_accepts(&chain.table, &chain.chain, &ours, networks);
-                if let Err(e) = host::iptables_restore(script).await {
-                    // The guests' traffic must not stay dropped: native rules.
-                    warn!(table = %chain.table, chain = %chain.chain, error = %e, "iptables-nft refused banger's accepts; writing them with nft");
-                    let chain = ForeignForward {
-                        ours: Vec::new(),
-                        ..chain.clone()
-                    };
-                    host::nft(rules::foreign_accepts(&[chain], networks)).await?;
+        if let Some(listing) = listing {
+            let ours = rules::iptables_ours(&listing);
+            let script = rules::iptables_accepts(&chain.table, &chain.chain, &ours, networks);
+            match host::iptables_restore(script).await {
+                Ok(()) => continue,
+                // The guests' traffic must not stay dropped: native rules.
+                Err(e) => {
+                    warn!(table = %chain.table, chain = %chain.chain, error = %e, "iptables-nft refused banger's accepts; writing them with nft")
                 }
-            }
-            None => {
-                let chain = ForeignForward {
-                    ours: if chain.family == "ip" {
-                        Vec::new()
-                    } else {
-                        chain.ours.clone()
-                    },
-                    ..chain.clone()
-                };
-                host::nft(rules::foreign_accepts(&[chain], networks)).await?;
             }
         }
+        host::nft(rules::foreign_accepts(&[chain], networks)).await?;
     }
     Ok(chains.len())
 }

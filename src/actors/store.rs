@@ -45,14 +45,8 @@ impl StoreActor {
     /// Starts `threads` store workers; must run inside an actix `System`.
     pub fn start(store: Store, threads: usize) -> (Addr<StoreActor>, StoreClosed) {
         let store = Arc::new(store);
-        if let Some(wakeups) = store.take_recoveries() {
-            let weak = Arc::downgrade(&store);
-            let spawned = std::thread::Builder::new()
-                .name("store-recovery".into())
-                .spawn(move || Store::run_recovery(weak, wakeups));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start the store's recovery thread");
-            }
+        if let Err(e) = Store::spawn_recovery(&store) {
+            tracing::error!(error = %e, "cannot start the store's recovery thread");
         }
         let (alive, closed) = bounded(0);
         let addr = SyncArbiter::start(threads, move || StoreActor {

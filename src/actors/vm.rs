@@ -267,8 +267,8 @@ pub struct VmActor {
     on_start: OnStart,
     /// The record as of the last durable write (for a VM being created,
     /// the record it is created with): what reads see while the actor
-    /// reloads, and a process the actor
-    /// holds beyond its pid is killed if the actor restarts.
+    /// reloads; a process the actor holds beyond its pid is killed if the
+    /// actor restarts.
     durable: Option<VmRecord>,
     /// The user command being applied, with the VM as it was: its first
     /// write, if refused, puts that VM back and answers the command.

@@ -200,13 +200,22 @@ impl Store {
         self.health.subscribe()
     }
 
-    /// The recovery thread's wake-ups: taken once, by whoever runs
-    /// [`Store::run_recovery`].
-    pub fn take_recoveries(&self) -> Option<Receiver<()>> {
-        self.recoveries
+    /// Starts the recovery thread (once; later calls do nothing). It holds
+    /// the store only while an attempt runs, and ends with the store.
+    pub fn spawn_recovery(store: &Arc<Store>) -> io::Result<()> {
+        let wakeups = store
+            .recoveries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
+            .take();
+        let Some(wakeups) = wakeups else {
+            return Ok(());
+        };
+        let store = Arc::downgrade(store);
+        std::thread::Builder::new()
+            .name("store-recovery".into())
+            .spawn(move || Store::run_recovery(store, wakeups))
+            .map(drop)
     }
 
     fn unwritable(&self) -> Option<StoreError> {
@@ -297,7 +306,7 @@ impl Store {
     /// The recovery thread's body: each wake-up (an access that failed on
     /// I/O) re-opens the file until a write commits, then tells every
     /// subscriber. Ends when the store is dropped.
-    pub fn run_recovery(store: std::sync::Weak<Store>, wakeups: Receiver<()>) {
+    fn run_recovery(store: std::sync::Weak<Store>, wakeups: Receiver<()>) {
         while wakeups.recv().is_ok() {
             let Some(dir) = store.upgrade().map(|s| s.health.dir().to_path_buf()) else {
                 return;

@@ -140,14 +140,12 @@ impl Layout {
     }
 }
 
-/// The source of the mount at `/` in a `/proc/<pid>/mountinfo`: fields
-/// are `id parent major:minor root mount-point ...`.
+/// The source of the mount at `/` in a `/proc/<pid>/mountinfo` (its root
+/// within its filesystem).
 pub fn root_mount_source(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let mut fields = line.split(' ').skip(3);
-        let (root, point) = (fields.next()?, fields.next()?);
-        (point == "/").then(|| PathBuf::from(root))
-    })
+    crate::host::mounts(mountinfo)
+        .find(|mount| mount.point == Path::new("/"))
+        .map(|mount| mount.root)
 }
 
 #[cfg(test)]
