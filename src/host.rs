@@ -333,6 +333,11 @@ mod tests {
     }
 
     #[test]
+    fn an_escape_that_is_no_byte_stays_as_written() {
+        assert_eq!(unescape_mount_path("a\\040b\\777c\\"), "a b\\777c\\");
+    }
+
+    #[test]
     fn a_path_is_named_by_the_filesystem_that_holds_it() {
         let vms = Path::new("/var/lib/banger/vms/abc/rootfs.ext4");
         assert_eq!(filesystem_of(MOUNTINFO, vms), "ext4 at /");
