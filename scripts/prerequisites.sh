@@ -47,11 +47,22 @@ banger_programs=(
     "umount             mount"           # tests/image_import.rs
     "skopeo             skopeo"          # image tests: OCI layout to docker-archive and OCI archive
 )
+# Modules the tests import into Debian's own python3 (/usr/bin/python3: a
+# python3 earlier in PATH, such as pyenv's, does not see Debian's modules).
+#   module              package          who imports it
+banger_python_modules=(
+    "fusepy             python3-fusepy"  # tests/stalled_reads.rs: a FUSE file whose reads never return
+)
 banger_missing=()
 banger_lookup() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null; }
+banger_importable() { [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import $1" 2>/dev/null; }
 for entry in "${banger_programs[@]}"; do
     read -r program package <<<"$entry"
     banger_lookup "$program" || banger_missing+=("$package")
+done
+for entry in "${banger_python_modules[@]}"; do
+    read -r module package <<<"$entry"
+    banger_importable "$module" || banger_missing+=("$package")
 done
 if ((${#banger_missing[@]})); then
     as_root=()
@@ -65,4 +76,9 @@ for entry in "${banger_programs[@]}"; do
     read -r program package <<<"$entry"
     banger_lookup "$program" ||
         { echo "$program is still missing after installing $package" >&2; exit 1; }
+done
+for entry in "${banger_python_modules[@]}"; do
+    read -r module package <<<"$entry"
+    banger_importable "$module" ||
+        { echo "python module $module is still missing after installing $package" >&2; exit 1; }
 done

@@ -7,12 +7,13 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::caller::CallerFile;
+use crate::caller::{CallerFile, Watch};
 use crate::kernel::{GUEST_MODULES, KernelError, UnpackLimit, bzimage, deb, initramfs, modules};
 use crate::store::Record;
 
@@ -209,10 +210,17 @@ fn io_err<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(io::Error) ->
 
 /// A kernel must be an ELF image, which Firecracker needs; read at offset
 /// 0 of the caller's descriptor (its position stays).
-fn check_elf(vmlinux: &CallerFile) -> Result<(), CatalogError> {
+fn check_elf(vmlinux: &CallerFile, watch: &Watch) -> Result<(), CatalogError> {
     use std::os::unix::fs::FileExt;
     let mut magic = [0u8; 4];
-    if vmlinux.file.read_exact_at(&mut magic, 0).is_err() || &magic != b"\x7fELF" {
+    let named: Arc<Path> = Arc::from(vmlinux.path.as_path());
+    watch
+        .during(&named, || vmlinux.file.read_exact_at(&mut magic, 0))
+        .or_else(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => Ok(()),
+            _ => Err(io_err("read", &vmlinux.path)(e)),
+        })?;
+    if &magic != b"\x7fELF" {
         return Err(CatalogError::Invalid {
             field: "vmlinux",
             reason: format!(
@@ -226,9 +234,10 @@ fn check_elf(vmlinux: &CallerFile) -> Result<(), CatalogError> {
 
 /// Copies what the caller opened (as much as it held when opened) to `to`,
 /// returning the content's sha256 in hex.
-fn copy_hashed(from: &CallerFile, to: &Path) -> Result<String, CatalogError> {
+fn copy_hashed(from: &CallerFile, to: &Path, watch: &Watch) -> Result<String, CatalogError> {
     let mut dest = File::create(to).map_err(io_err("create", to))?;
-    let sha256 = copy_hashed_into(&mut (&from.file).take(from.len), &from.path, &mut dest)?;
+    let mut source = watch.reader(Arc::from(from.path.as_path()), (&*from.file).take(from.len));
+    let sha256 = copy_hashed_into(&mut source, &from.path, &mut dest)?;
     dest.sync_all().map_err(io_err("sync", to))?;
     Ok(sha256)
 }
@@ -283,12 +292,13 @@ fn write_hashed(path: &Path, bytes: &[u8]) -> Result<String, CatalogError> {
 /// Imports a Debian kernel package into `<kernels_dir>/<name>/`: the
 /// bzImage (QEMU), the vmlinux inside it (Firecracker), and an initramfs of
 /// the guest modules (the agent joins it at boot). All or nothing;
-/// `progress` hears each phase.
+/// `progress` hears each phase; the package is read in view of `watch`.
 pub fn import_package(
     kernels_dir: &Path,
     name: &str,
     package: &CallerFile,
     limit: UnpackLimit,
+    watch: &Watch,
     progress: impl Fn(&str, u64),
 ) -> Result<ImportedPackage, CatalogError> {
     let failed = |source: KernelError| CatalogError::Package {
@@ -296,7 +306,10 @@ pub fn import_package(
         source,
     };
     progress("reading the package", 1);
-    let file = (&package.file).take(package.len);
+    let file = watch.reader(
+        Arc::from(package.path.as_path()),
+        (&*package.file).take(package.len),
+    );
     fs::create_dir_all(kernels_dir).map_err(io_err("create", kernels_dir))?;
     // Unlinked, so nothing is left whatever happens.
     let spool = tempfile::tempfile_in(kernels_dir)
@@ -413,20 +426,22 @@ pub fn agent_only_note<'a>(vmlinux: impl object::ReadRef<'a>) -> Option<String> 
     })
 }
 
-/// Imports a kernel into `<kernels_dir>/<name>/`; all or nothing.
+/// Imports a kernel into `<kernels_dir>/<name>/`; all or nothing. The
+/// caller's files are read in view of `watch`.
 pub fn import_kernel(
     kernels_dir: &Path,
     name: &str,
     vmlinux: &CallerFile,
     initrd: Option<&CallerFile>,
+    watch: &Watch,
 ) -> Result<ImportedKernel, CatalogError> {
-    check_elf(vmlinux)?;
+    check_elf(vmlinux, watch)?;
     let (target, (vmlinux_sha256, initrd_sha256, note)) =
         new_entry(kernels_dir, name, |staging| {
             let copy = staging.join("vmlinux");
-            let vmlinux_sha256 = copy_hashed(vmlinux, &copy)?;
+            let vmlinux_sha256 = copy_hashed(vmlinux, &copy, watch)?;
             let initrd_sha256 = initrd
-                .map(|initrd| copy_hashed(initrd, &staging.join("initrd")))
+                .map(|initrd| copy_hashed(initrd, &staging.join("initrd"), watch))
                 .transpose()?;
             let note = match initrd {
                 Some(_) => None,
@@ -451,13 +466,17 @@ pub fn import_kernel(
 mod tests {
     use super::*;
 
+    fn watch() -> Watch {
+        Watch::new(std::time::Duration::from_secs(30))
+    }
+
     /// A file as the RPC layer hands it over, opened by its caller.
     fn opened(path: &Path) -> CallerFile {
         let file = File::open(path).expect("open");
         let len = file.metadata().expect("stat").len();
         CallerFile {
             path: path.to_path_buf(),
-            file,
+            file: file.into(),
             len,
         }
     }
@@ -468,14 +487,15 @@ mod tests {
         let vmlinux = dir.path().join("vmlinux");
         std::fs::write(&vmlinux, b"\x7fELF rest").expect("write");
         let kernels = dir.path().join("kernels");
-        let imported = import_kernel(&kernels, "k1", &opened(&vmlinux), None).expect("import");
+        let imported =
+            import_kernel(&kernels, "k1", &opened(&vmlinux), None, &watch()).expect("import");
         assert_eq!(
             std::fs::read(&imported.vmlinux).expect("read"),
             b"\x7fELF rest"
         );
         assert_eq!(imported.vmlinux_sha256.len(), 64);
         assert!(matches!(
-            import_kernel(&kernels, "k1", &opened(&vmlinux), None),
+            import_kernel(&kernels, "k1", &opened(&vmlinux), None, &watch()),
             Err(CatalogError::Exists(_))
         ));
     }
@@ -485,8 +505,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let bz = dir.path().join("bzImage");
         std::fs::write(&bz, b"MZ....").expect("write");
-        let err =
-            import_kernel(&dir.path().join("k"), "k1", &opened(&bz), None).expect_err("not ELF");
+        let err = import_kernel(&dir.path().join("k"), "k1", &opened(&bz), None, &watch())
+            .expect_err("not ELF");
         assert!(err.to_string().starts_with("invalid vmlinux: "), "{err}");
     }
 
@@ -502,6 +522,7 @@ mod tests {
             "k",
             &opened(&garbage),
             UnpackLimit::DEFAULT,
+            &watch(),
             |phase, _| phases.borrow_mut().push(phase.to_string()),
         )
         .expect_err("garbage");

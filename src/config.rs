@@ -75,6 +75,14 @@ pub struct ConfigFile {
     pub rpc: RpcSection,
     #[serde(default)]
     pub network: NetworkSection,
+    #[serde(default)]
+    pub caller: CallerSection,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CallerSection {
+    pub io_stall_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -291,6 +299,9 @@ pub struct Config {
     /// Backoff for VMs that do not set their own.
     pub restart_delay_ms: u64,
     pub restart_max_delay_ms: u64,
+    /// How long one read of a caller's file may wait before its request
+    /// fails (`[caller] io_stall_secs`).
+    pub io_stall: Duration,
 }
 
 fn network_config(section: &NetworkSection) -> Result<NetworkConfig, ConfigError> {
@@ -486,6 +497,10 @@ pub fn resolve(
             reason: "is shorter than restart.delay_secs".into(),
         });
     }
+    let io_stall = Duration::from_millis(seconds_to_ms(
+        "caller.io_stall_secs",
+        file.caller.io_stall_secs.unwrap_or(30.0),
+    )?);
     Ok(Config {
         mode,
         state_dir,
@@ -525,6 +540,7 @@ pub fn resolve(
         rpc_limits,
         restart_delay_ms,
         restart_max_delay_ms,
+        io_stall,
     })
 }
 
@@ -804,5 +820,6 @@ mod tests {
             (config.restart_delay_ms, config.restart_max_delay_ms),
             (1_000, 60_000)
         );
+        assert_eq!(config.io_stall, Duration::from_secs(30));
     }
 }

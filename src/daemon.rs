@@ -231,6 +231,7 @@ impl SystemSupervisor {
                 bytes: config.max_rootfs_bytes,
                 setting: "vm.max_rootfs_gib",
             },
+            io_stall: config.io_stall,
             jail_base,
             vms_dir: config.state_dir.join("vms"),
             store_health: store_health.clone(),
@@ -305,6 +306,7 @@ impl SystemSupervisor {
                     bytes: config.unpack_limit.0,
                     setting: "kernel.max_unpacked_mib",
                 },
+                io_stall: config.io_stall,
             },
             image: ImageServices {
                 catalog: catalog.clone(),
@@ -312,6 +314,7 @@ impl SystemSupervisor {
                     bytes: config.image.limits.max_unpacked_bytes,
                     setting: "image.max_unpacked_mib",
                 },
+                io_stall: config.io_stall,
             },
             operations: operations.clone(),
             daemon: DaemonServices {

@@ -25,7 +25,7 @@ use jiff::Timestamp;
 use tracing::{info, warn};
 
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
-use crate::caller::CallerFile;
+use crate::caller::{CallerFile, Stalled, Watch};
 use crate::catalog::{self, Agent, CatalogError, KernelRecord};
 use crate::image::import::{self as image_import, ImportError};
 use crate::image::source::Source;
@@ -56,6 +56,8 @@ pub enum KernelError {
     Store(#[from] StoreError),
     #[error("the {0} is not answering")]
     Unavailable(&'static str),
+    #[error(transparent)]
+    Stalled(#[from] Stalled),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,8 @@ pub enum ImageError {
     Store(#[from] StoreError),
     #[error("the {0} is not answering")]
     Unavailable(&'static str),
+    #[error(transparent)]
+    Stalled(#[from] Stalled),
 }
 
 /// Where an import's files come from.
@@ -544,6 +548,8 @@ pub struct ImportKernel {
     pub name: String,
     pub source: KernelSource,
     pub progress: ImportProgress,
+    /// Bounds the reads of the source's files.
+    pub watch: Watch,
 }
 
 impl Message for ImportKernel {
@@ -573,14 +579,19 @@ impl Handler<ImportKernel> for CatalogActor {
                 return Err(CatalogError::Exists(msg.name).into());
             }
             let (name, progress, staging) = (msg.name.clone(), msg.progress, dir.clone());
-            let record = tokio::task::spawn_blocking(move || {
+            let watch = msg.watch;
+            let watched = watch.clone();
+            let files = tokio::task::spawn_blocking(move || {
                 // No record, no import under way: files under this name
-                // are a failed removal's leftovers.
+                // are a failed removal's leftovers (a stalled import's
+                // thread fails at its next read, before its rename).
                 let _ = reconcile::remove_any(&catalog::kernel_dir(&staging, &name));
-                import_files(&staging, &name, msg.source, limit, progress)
-            })
-            .await
-            .map_err(|_| KernelError::Unavailable("blocking thread pool"))??;
+                import_files(&staging, &name, msg.source, limit, &watched, progress)
+            });
+            let record = watch
+                .bound(files)
+                .await?
+                .map_err(|_| KernelError::Unavailable("blocking thread pool"))??;
             crate::fault::boundary("kernel-staged");
             if let Err(e) = store.send(Put(record.clone())).await.map_err(store_gone)? {
                 // Its files go with it (or, if that fails, at the next start).
@@ -604,6 +615,7 @@ fn import_files(
     name: &str,
     source: KernelSource,
     limit: UnpackLimit,
+    watch: &Watch,
     progress: ImportProgress,
 ) -> Result<KernelRecord, CatalogError> {
     let created_at = Timestamp::now();
@@ -613,7 +625,7 @@ fn import_files(
             initrd,
             cmdline,
         } => {
-            let imported = catalog::import_kernel(dir, name, &vmlinux, initrd.as_ref())?;
+            let imported = catalog::import_kernel(dir, name, &vmlinux, initrd.as_ref(), watch)?;
             Ok(KernelRecord {
                 name: name.to_string(),
                 vmlinux: imported.vmlinux,
@@ -632,9 +644,10 @@ fn import_files(
             })
         }
         KernelSource::Package { package } => {
-            let imported = catalog::import_package(dir, name, &package, limit, |phase, step| {
-                progress(phase, step)
-            })?;
+            let imported =
+                catalog::import_package(dir, name, &package, limit, watch, |phase, step| {
+                    progress(phase, step)
+                })?;
             Ok(KernelRecord {
                 name: name.to_string(),
                 vmlinux: imported.vmlinux,
@@ -736,7 +749,7 @@ impl Handler<ImportImage> for CatalogActor {
                 });
             }
             let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let watch = {
+            let cancel_watch = {
                 let (cancel, cancelled) = (msg.cancel.clone(), cancelled.clone());
                 tokio::spawn(async move {
                     cancel.cancelled().await;
@@ -744,9 +757,10 @@ impl Handler<ImportImage> for CatalogActor {
                 })
             };
             let work_images = images.clone();
+            let watch = msg.source.watch().clone();
             let (source, archive, name, progress) =
                 (msg.source, msg.archive, msg.name, msg.progress);
-            let imported = tokio::task::spawn_blocking(move || {
+            let importing = tokio::task::spawn_blocking(move || {
                 image_import::import(
                     &work_images,
                     image_import::Request {
@@ -757,11 +771,11 @@ impl Handler<ImportImage> for CatalogActor {
                         progress: &*progress,
                     },
                 )
-            })
-            .await;
-            watch.abort();
+            });
+            let imported = watch.bound(importing).await;
+            cancel_watch.abort();
             let record =
-                imported.map_err(|_| ImageError::Unavailable("blocking thread pool"))??;
+                imported?.map_err(|_| ImageError::Unavailable("blocking thread pool"))??;
             let listing = store
                 .send(List::<ImageRecord>::new())
                 .await

@@ -45,7 +45,7 @@ use crate::actors::netns::{
     Attach, Detach, Lease, NetworkError, NetworkManager, ReconcileNetworks, Release,
 };
 use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
-use crate::caller::SizeCap;
+use crate::caller::{SizeCap, Stalled, Watch};
 use crate::catalog::CatalogError;
 use crate::catalog::KernelRecord;
 use crate::error_chain;
@@ -106,6 +106,8 @@ pub struct VmSettings {
     pub host: Arc<dyn HostOps>,
     /// The most a root disk a request names may hold.
     pub max_rootfs: SizeCap,
+    /// How long one read of a root disk's source may wait.
+    pub io_stall: Duration,
     /// Whether the store writes: commands are refused while it does not,
     /// and held work goes on when it does again.
     pub store_health: watch::Receiver<StoreHealth>,
@@ -233,6 +235,8 @@ pub enum VmError {
     },
     #[error("VM {0} is being read again from the store; try again in a moment")]
     Reloading(String),
+    #[error(transparent)]
+    Stalled(#[from] Stalled),
 }
 
 impl From<VmReserveError> for VmError {
@@ -770,6 +774,7 @@ impl VmActor {
                         vm_name: self.vm.record.name.clone(),
                     });
                     let networks = self.networks.clone();
+                    let io_stall = self.settings.io_stall;
                     let provisioned = async move {
                         let address = match lease {
                             Some(lease) => Some(
@@ -780,7 +785,7 @@ impl VmActor {
                             ),
                             None => None,
                         };
-                        clone_rootfs(source, size, target).await?;
+                        clone_rootfs(source, size, target, io_stall).await?;
                         Ok::<_, VmError>(address)
                     };
                     ctx.spawn(provisioned.into_actor(self).map(|provisioned, act, ctx| {
@@ -1617,13 +1622,18 @@ async fn release_resources(
 
 /// The VM's own copy of the root disk (`vm::disk`), read through the
 /// descriptor opened with the caller's authority (or the daemon's, for an
-/// image's disk) and grown to `size`. The source is never written.
+/// image's disk) and grown to `size`. The source is never written; a read
+/// of it that stalls for `io_stall` fails the copy.
 async fn clone_rootfs(
     source: Option<DiskSource>,
     size: Option<u64>,
     target: PathBuf,
+    io_stall: Duration,
 ) -> Result<(), VmError> {
-    tokio::task::spawn_blocking(move || {
+    let from_caller = source.as_ref().is_some_and(|s| s.from_caller);
+    let watch = Watch::new(io_stall);
+    let watched = from_caller.then(|| watch.clone());
+    let copy = tokio::task::spawn_blocking(move || {
         let Some(source) = source else {
             return Err(VmError::Io {
                 action: "copy the root filesystem",
@@ -1638,15 +1648,17 @@ async fn clone_rootfs(
                 source: e,
             })?;
         }
-        let cloned = disk::clone_disk(&source, &target, size, || {
+        let cloned = disk::clone_disk(&source, &target, size, watched.as_ref(), || {
             fault::boundary("disk-cloning")
         })?;
         info!(disk = %target.display(), from = %source.named.display(), ?cloned, "root disk cloned");
         fault::boundary("disk-cloned");
         Ok(())
-    })
-    .await
-    .map_err(|_| VmError::Unavailable("blocking thread pool"))?
+    });
+    watch
+        .bound(copy)
+        .await?
+        .map_err(|_| VmError::Unavailable("blocking thread pool"))?
 }
 
 /// A validated `vm create`, its root disk open with the caller's authority.

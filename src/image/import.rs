@@ -112,7 +112,14 @@ pub fn import(store: &Store, request: Request<'_>) -> Result<ImageRecord, Import
         None => return Err(ImportError::Unnamed),
     };
     let mut made = Made::default();
-    let blobs = store_blobs(store, &request, &resolved, &mut made)?;
+    let blobs = store_blobs(store, &request, &resolved, &mut made).inspect_err(|_| {
+        // Given up on after a stall, this import no longer holds the
+        // import lock: a later one may have found these verified blobs in
+        // place and kept them. Unclaimed, they go at the next start.
+        if request.source.watch().given_up() {
+            made.0.clear();
+        }
+    })?;
     crate::fault::boundary("image-blobs-stored");
     let hex = resolved.config_digest.trim_start_matches("sha256:");
     let disk = store.images.join(format!("{hex}.ext4"));

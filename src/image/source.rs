@@ -10,26 +10,37 @@
 //! index resolves to linux/amd64. Blocking.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, Read};
+use std::path::Path;
+use std::sync::Arc;
 
 use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, Os};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::Section;
+use crate::caller::{Fd, Watch};
 
 /// The most an index, manifest, config or docker `manifest.json` may hold.
 pub const MAX_METADATA: u64 = 4 << 20;
 
 /// Opens a name inside a directory (with the caller's authority).
-pub type Opener = Box<dyn Fn(&str) -> io::Result<File> + Send + Sync>;
+pub type Opener = Box<dyn Fn(&str) -> io::Result<Fd> + Send + Sync>;
 
-pub enum Source {
+/// An image the caller named, every operation on it in view of a watch
+/// (it may sit on a filesystem that stops answering).
+pub struct Source {
+    held: Held,
+    /// As the caller named it.
+    path: Arc<Path>,
+    watch: Watch,
+}
+
+enum Held {
     Dir(Opener),
     /// A tar file, and where each member's bytes lie in it.
     Archive {
-        file: File,
+        file: Fd,
         members: HashMap<String, (u64, u64)>,
     },
 }
@@ -100,15 +111,26 @@ pub struct Resolved {
 }
 
 impl Source {
-    /// An archive's members, from its headers alone.
-    pub fn archive(file: File) -> Result<Source, SourceError> {
+    /// A layout directory at `path`, its files opened by `open`.
+    pub fn dir(open: Opener, path: &Path, watch: Watch) -> Source {
+        Source {
+            held: Held::Dir(open),
+            path: Arc::from(path),
+            watch,
+        }
+    }
+
+    /// The archive `file` at `path`: its members, from its headers alone.
+    pub fn archive(file: Fd, path: &Path, watch: Watch) -> Result<Source, SourceError> {
         let read_err = |source| SourceError::Read {
             name: "the archive".into(),
             source,
         };
+        let path: Arc<Path> = Arc::from(path);
         let mut members = HashMap::new();
         {
-            let mut archive = tar::Archive::new(io::BufReader::new(&file));
+            let reader = watch.reader(path.clone(), io::BufReader::new(&*file));
+            let mut archive = tar::Archive::new(reader);
             for entry in archive.entries_with_seek().map_err(read_err)? {
                 let entry = entry.map_err(read_err)?;
                 if entry.header().entry_type().is_file() {
@@ -118,45 +140,63 @@ impl Source {
                 }
             }
         }
-        Ok(Source::Archive { file, members })
+        Ok(Source {
+            held: Held::Archive { file, members },
+            path,
+            watch,
+        })
+    }
+
+    /// What bounds the reads of this source.
+    pub fn watch(&self) -> &Watch {
+        &self.watch
     }
 
     /// `name`'s bytes and length.
     pub fn open(&self, name: &str) -> Result<(Box<dyn Read + Send + '_>, u64), SourceError> {
-        match self {
-            Source::Dir(open) => {
-                let file = open(name).map_err(|source| match source.kind() {
-                    io::ErrorKind::NotFound => SourceError::Missing(name.to_string()),
-                    _ => SourceError::Read {
-                        name: name.to_string(),
-                        source,
-                    },
-                })?;
-                let len = file
-                    .metadata()
+        match &self.held {
+            Held::Dir(open) => {
+                let named: Arc<Path> = Arc::from(self.path.join(name));
+                let file =
+                    self.watch.during(&named, || open(name)).map_err(|source| {
+                        match source.kind() {
+                            io::ErrorKind::NotFound => SourceError::Missing(name.to_string()),
+                            _ => SourceError::Read {
+                                name: name.to_string(),
+                                source,
+                            },
+                        }
+                    })?;
+                let len = self
+                    .watch
+                    .during(&named, || file.metadata())
                     .map_err(|source| SourceError::Read {
                         name: name.to_string(),
                         source,
                     })?
                     .len();
-                Ok((Box::new(file), len))
+                Ok((Box::new(self.watch.reader(named, file)), len))
             }
-            Source::Archive { file, members } => {
+            Held::Archive { file, members } => {
                 let &(offset, len) = members
                     .get(name)
                     .ok_or_else(|| SourceError::Missing(name.to_string()))?;
-                Ok((Box::new(Section::new(file, offset, len)), len))
+                let member = Section::new(file, offset, len);
+                Ok((Box::new(self.watch.reader(self.path.clone(), member)), len))
             }
         }
     }
 
     fn exists(&self, name: &str) -> bool {
-        match self {
+        match &self.held {
             // Only an absent file is absent: one that cannot be opened
             // (a link out of the layout, no permission) is reported by
             // the read that follows, with its reason.
-            Source::Dir(dir) => !matches!(dir(name), Err(e) if e.kind() == io::ErrorKind::NotFound),
-            Source::Archive { members, .. } => members.contains_key(name),
+            Held::Dir(dir) => {
+                let named: Arc<Path> = Arc::from(self.path.join(name));
+                !matches!(self.watch.during(&named, || dir(name)), Err(e) if e.kind() == io::ErrorKind::NotFound)
+            }
+            Held::Archive { members, .. } => members.contains_key(name),
         }
     }
 

@@ -127,7 +127,7 @@ impl From<ImageError> for RpcError {
             }
             ImageError::InUse { .. } | ImageError::Quarantined(_) => ErrorCode::Conflict,
             ImageError::Exists { .. } => ErrorCode::AlreadyExists,
-            ImageError::Unavailable(_) => ErrorCode::Unavailable,
+            ImageError::Unavailable(_) | ImageError::Stalled(_) => ErrorCode::Unavailable,
             ImageError::Import(ImportError::Cancelled)
             | ImageError::Import(ImportError::Layer(crate::image::layer::LayerError::Cancelled))
             | ImageError::Import(ImportError::Ext4(crate::image::ext4::Ext4Error::Cancelled)) => {
@@ -188,7 +188,8 @@ impl From<VmError> for RpcError {
                     VmError::Unavailable(_)
                     | VmError::Agent { .. }
                     | VmError::NotRecorded { .. }
-                    | VmError::Reloading(_) => ErrorCode::Unavailable,
+                    | VmError::Reloading(_)
+                    | VmError::Stalled(_) => ErrorCode::Unavailable,
                     VmError::Disk(crate::vm::disk::DiskError::NoSpace { .. }) => {
                         ErrorCode::Unavailable
                     }

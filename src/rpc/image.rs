@@ -12,9 +12,10 @@ use serde_json::value::RawValue;
 use super::protocol::{ErrorCode, Params, RpcError, requests};
 use super::wire::Wire;
 use crate::actors::catalog::{
-    CatalogActor, FindImage, ImageProgress, ImportImage, ListImages, PruneImages, RemoveImage,
+    CatalogActor, FindImage, ImageError, ImageProgress, ImportImage, ListImages, PruneImages,
+    RemoveImage,
 };
-use crate::caller::{CallerPath, SizeCap};
+use crate::caller::{CallerPath, SizeCap, Watch};
 use crate::image::source::Source;
 use crate::image::{ImageRecord, validate_image_name};
 
@@ -89,6 +90,8 @@ pub struct ImageServices {
     pub catalog: Addr<CatalogActor>,
     /// The most an archive a request names may hold.
     pub max_file: SizeCap,
+    /// How long one read of what a request names may wait.
+    pub io_stall: std::time::Duration,
 }
 
 pub async fn handle(
@@ -106,15 +109,26 @@ pub async fn handle(
                 .name
                 .clone()
                 .unwrap_or_else(|| params.path.display().to_string());
+            let watch = Watch::new(services.io_stall);
             let (source, archive) = match opened {
                 CallerPath::Dir(dir) => (
-                    Source::Dir(Box::new(move |name: &str| dir.open(name))),
+                    Source::dir(
+                        Box::new(move |name: &str| dir.open(name)),
+                        &params.path,
+                        watch,
+                    ),
                     false,
                 ),
                 // Indexing reads headers only, on a blocking thread.
                 CallerPath::File(file) => {
-                    let indexed = tokio::task::spawn_blocking(move || Source::archive(file.file))
+                    let (path, watched) = (params.path.clone(), watch.clone());
+                    let indexing = tokio::task::spawn_blocking(move || {
+                        Source::archive(file.file, &path, watched)
+                    });
+                    let indexed = watch
+                        .bound(indexing)
                         .await
+                        .map_err(ImageError::from)?
                         .map_err(|_| RpcError::new(ErrorCode::Unavailable, "blocking pool gone"))?
                         .map_err(|e| RpcError::invalid_params("path", crate::error_chain(&e)))?;
                     (indexed, true)

@@ -1,9 +1,10 @@
 //! The `kernel.*` methods: import (a vmlinux, or a Debian package with
 //! progress), list, remove. They ask only the catalog.
 
-use crate::caller::SizeCap;
+use crate::caller::{SizeCap, Watch};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Addr;
 use serde::{Deserialize, Serialize};
@@ -96,6 +97,8 @@ pub struct KernelServices {
     pub catalog: Addr<CatalogActor>,
     /// The most a kernel file a request names may hold.
     pub max_file: SizeCap,
+    /// How long one read of such a file may wait.
+    pub io_stall: Duration,
 }
 
 pub async fn handle(
@@ -122,6 +125,7 @@ pub async fn handle(
                     cmdline: params.cmdline,
                 },
                 progress: Arc::new(|_, _| {}),
+                watch: Watch::new(services.io_stall),
             };
             let kernel = wire
                 .operation("kernel.import", &name, async {
@@ -153,6 +157,7 @@ pub async fn handle(
                             name: params.name,
                             source: KernelSource::Package { package },
                             progress,
+                            watch: Watch::new(services.io_stall),
                         };
                         Ok(catalog.send(import).await??)
                     },

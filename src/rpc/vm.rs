@@ -681,8 +681,9 @@ async fn validate_create(
             crate::fault::pause("image-opened").await;
             let source = DiskSource {
                 named: image.disk.clone(),
-                file,
+                file: file.into(),
                 len: image.disk_bytes,
+                from_caller: false,
             };
             let main = match params.run_image_cmd {
                 true if image.config.entrypoint.is_empty() && image.config.cmd.is_empty() => {

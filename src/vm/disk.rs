@@ -10,8 +10,11 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use rustix::fs::SeekFrom;
+
+use crate::caller::{Fd, Watch};
 
 /// An open source of a VM's root disk: `len` bytes of `file`, as much as
 /// it held when it was opened (a file that grows since cannot grow the
@@ -19,8 +22,11 @@ use rustix::fs::SeekFrom;
 #[derive(Debug)]
 pub struct DiskSource {
     pub named: PathBuf,
-    pub file: File,
+    pub file: Fd,
     pub len: u64,
+    /// A caller's file (its reads are watched for stalls), not one of the
+    /// daemon's own images.
+    pub from_caller: bool,
 }
 
 impl From<crate::caller::CallerFile> for DiskSource {
@@ -29,6 +35,7 @@ impl From<crate::caller::CallerFile> for DiskSource {
             named: file.path,
             file: file.file,
             len: file.len,
+            from_caller: true,
         }
     }
 }
@@ -70,12 +77,15 @@ pub enum DiskError {
 }
 
 /// Clones `source` into the new file `target` (its parent exists), grown
-/// to `size` bytes when that is larger. The target is synced before this
-/// returns; on an error it may be left behind for the caller's ledger.
+/// to `size` bytes when that is larger. Every read of the source runs in
+/// view of `watch`, when given (a caller's file may sit on a filesystem
+/// that stops answering). The target is synced before this returns; on
+/// an error it may be left behind for the caller's ledger.
 pub fn clone_disk(
     source: &DiskSource,
     target: &Path,
     size: Option<u64>,
+    watch: Option<&Watch>,
     mid_copy: impl Fn(),
 ) -> Result<Cloned, DiskError> {
     let io_err = |action, path: &Path| {
@@ -93,11 +103,21 @@ pub fn clone_disk(
         .create_new(true)
         .open(target)
         .map_err(io_err("create", target))?;
+    let from = Source {
+        file: &source.file,
+        named: &Arc::from(source.named.as_path()),
+        watch,
+    };
+    // Unwatched: a reflink shares extents within one filesystem, the
+    // daemon's own (another answers EXDEV at once), and may rightly take
+    // long on a large, fragmented file.
     let cloned = if reflink_copy::reflink_file(&source.file, &copy).is_ok() {
         copy.set_len(source.len).map_err(io_err("size", target))?;
         Cloned::Reflink
     } else {
-        let needed = allocated(&source.file).map_err(io_err("stat", &source.named))?;
+        let needed = from
+            .during(allocated)
+            .map_err(io_err("stat", &source.named))?;
         let dir = target.parent().unwrap_or(target);
         let available = available(&copy).map_err(io_err("statvfs", dir))?;
         if needed > available {
@@ -108,7 +128,7 @@ pub fn clone_disk(
                 available,
             });
         }
-        let copied = sparse_copy(&source.file, &copy, source.len, mid_copy)
+        let copied = sparse_copy(&from, &copy, source.len, mid_copy)
             .map_err(io_err("copy", &source.named))?;
         Cloned::Sparse { copied }
     };
@@ -132,16 +152,37 @@ fn available(file: &File) -> io::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// The file a copy reads, each operation on it in view of a watch when
+/// there is one.
+struct Source<'a> {
+    file: &'a File,
+    named: &'a Arc<Path>,
+    watch: Option<&'a Watch>,
+}
+
+impl Source<'_> {
+    fn during<T>(&self, op: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
+        match self.watch {
+            Some(watch) => watch.during(self.named, || op(self.file)),
+            None => op(self.file),
+        }
+    }
+}
+
+/// The most one copy call moves: each is one operation a watch sees, so a
+/// source as slow as 1 MiB per stall bound still counts as progressing.
+const COPY_CHUNK: usize = 1 << 20;
+
 /// Copies the first `len` bytes of `source` into the empty `target`,
 /// data extents only: a hole of the source stays a hole. Returns the data
 /// bytes copied. `mid_copy` runs after each extent (a crash test's
 /// boundary).
-fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> io::Result<u64> {
+fn sparse_copy(source: &Source, target: &File, len: u64, mid_copy: impl Fn()) -> io::Result<u64> {
     let mut copied = 0;
     let mut offset = 0;
     let mut fallback = None;
     while offset < len {
-        let data = match rustix::fs::seek(source, SeekFrom::Data(offset)) {
+        let data = match source.during(|file| Ok(rustix::fs::seek(file, SeekFrom::Data(offset))))? {
             Ok(data) => data,
             // No data after `offset`: the rest is a hole.
             Err(rustix::io::Errno::NXIO) => break,
@@ -150,7 +191,9 @@ fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> i
         if data >= len {
             break;
         }
-        let hole = rustix::fs::seek(source, SeekFrom::Hole(data))?.min(len);
+        let hole = source
+            .during(|file| Ok(rustix::fs::seek(file, SeekFrom::Hole(data))?))?
+            .min(len);
         copy_extent(source, target, data, hole, &mut fallback)?;
         copied += hole - data;
         mid_copy();
@@ -165,7 +208,7 @@ fn sparse_copy(source: &File, target: &File, len: u64, mid_copy: impl Fn()) -> i
 /// another filesystem (EXDEV), then by reads and writes through
 /// `fallback`, which is set then and kept for the next extents.
 fn copy_extent(
-    source: &File,
+    source: &Source,
     target: &File,
     start: u64,
     end: u64,
@@ -173,17 +216,20 @@ fn copy_extent(
 ) -> io::Result<()> {
     let mut at = start;
     while at < end {
-        let want = usize::try_from(end - at).unwrap_or(usize::MAX);
+        let want = usize::try_from(end - at).map_or(COPY_CHUNK, |left| left.min(COPY_CHUNK));
         let n = match fallback {
             None => {
                 let (mut from, mut to) = (at, at);
-                match rustix::fs::copy_file_range(
-                    source,
-                    Some(&mut from),
-                    target,
-                    Some(&mut to),
-                    want,
-                ) {
+                let copied = source.during(|file| {
+                    Ok(rustix::fs::copy_file_range(
+                        file,
+                        Some(&mut from),
+                        target,
+                        Some(&mut to),
+                        want,
+                    ))
+                })?;
+                match copied {
                     Ok(n) => n,
                     Err(
                         rustix::io::Errno::XDEV
@@ -199,7 +245,7 @@ fn copy_extent(
             }
             Some(buffer) => {
                 let len = want.min(buffer.len());
-                let n = source.read_at(&mut buffer[..len], at)?;
+                let n = source.during(|file| file.read_at(&mut buffer[..len], at))?;
                 target.write_all_at(&buffer[..n], at)?;
                 n
             }
@@ -331,8 +377,24 @@ mod tests {
         file.sync_all().expect("sync");
         DiskSource {
             named: path.clone(),
-            file: File::open(&path).expect("open"),
+            file: Fd::from(File::open(&path).expect("open")),
             len,
+            from_caller: true,
+        }
+    }
+
+    fn watched(source: &DiskSource) -> (Arc<Path>, Watch) {
+        (
+            Arc::from(source.named.as_path()),
+            Watch::new(std::time::Duration::from_secs(30)),
+        )
+    }
+
+    fn reading<'a>(source: &'a DiskSource, named: &'a Arc<Path>, watch: &'a Watch) -> Source<'a> {
+        Source {
+            file: &source.file,
+            named,
+            watch: Some(watch),
         }
     }
 
@@ -348,7 +410,9 @@ mod tests {
             .open(dir.path().join("copy"))
             .expect("create");
         let mut fallback = Some(vec![0; 4096]);
-        copy_extent(&source.file, &copy, at, at + 8192, &mut fallback).expect("copy");
+        let (named, watch) = watched(&source);
+        let from = reading(&source, &named, &watch);
+        copy_extent(&from, &copy, at, at + 8192, &mut fallback).expect("copy");
         assert!(fallback.is_some());
         let mut buf = [0; 8192];
         copy.read_exact_at(&mut buf, at).expect("read");
@@ -389,8 +453,10 @@ mod tests {
             .open(&target)
             .expect("create");
         let extents = std::cell::Cell::new(0);
+        let (named, watch) = watched(&source);
+        let from = reading(&source, &named, &watch);
         let copied =
-            sparse_copy(&source.file, &copy, len, || extents.set(extents.get() + 1)).expect("copy");
+            sparse_copy(&from, &copy, len, || extents.set(extents.get() + 1)).expect("copy");
         let copy = File::open(&target).expect("open");
         assert_eq!(copy.metadata().expect("stat").len(), len);
         // Only the written blocks moved (a filesystem may round them up),
@@ -413,7 +479,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let source = source(dir.path(), 64 << 20, &[]);
         let target = dir.path().join("copy");
-        let cloned = clone_disk(&source, &target, None, || {}).expect("clone");
+        let cloned =
+            clone_disk(&source, &target, None, Some(&watched(&source).1), || {}).expect("clone");
         assert!(matches!(
             cloned,
             Cloned::Reflink | Cloned::Sparse { copied: 0 }
@@ -427,7 +494,8 @@ mod tests {
         let source = source(dir.path(), 4096, &[0]);
         let target = dir.path().join("copy");
         std::fs::write(&target, b"mine").expect("write");
-        let err = clone_disk(&source, &target, None, || {}).expect_err("exists");
+        let err = clone_disk(&source, &target, None, Some(&watched(&source).1), || {})
+            .expect_err("exists");
         assert!(
             matches!(
                 err,

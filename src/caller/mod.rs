@@ -21,6 +21,10 @@ use nix::fcntl::{AT_FDCWD, FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, openat2
 use nix::sys::statfs::{PROC_SUPER_MAGIC, SYSFS_MAGIC, fstatfs};
 use nix::unistd::{Gid, Uid};
 
+pub mod stall;
+
+pub use stall::{Stalled, Watch};
+
 /// How long an open may take: a hung network or FUSE filesystem fails the
 /// request, not the daemon (the thread stays behind until the kernel lets
 /// it go).
@@ -41,16 +45,109 @@ pub struct Caller {
 pub struct CallerFile {
     /// As the caller named it, for messages.
     pub path: PathBuf,
-    pub file: File,
+    pub file: Fd,
     pub len: u64,
 }
 
-/// Opens still waiting on their filesystems, at most: each holds a thread
-/// until the kernel lets it go, so a filesystem that never answers costs
-/// a bounded number of them.
-pub const MAX_WAITING_OPENS: usize = 32;
+/// A descriptor of a caller's file, closed on a thread of its own when
+/// dropped: a close can wait on the filesystem (FUSE's flush waits for
+/// its server), and neither a request nor the daemon's runtime waits
+/// with it. The closing thread counts among the waiting ones.
+#[derive(Debug)]
+pub struct Fd(Option<File>);
 
-static WAITING_OPENS: AtomicUsize = AtomicUsize::new(0);
+impl Fd {
+    fn file(&self) -> &File {
+        match &self.0 {
+            Some(file) => file,
+            None => unreachable!("only drop takes an Fd's file"),
+        }
+    }
+}
+
+impl From<File> for Fd {
+    fn from(file: File) -> Fd {
+        Fd(Some(file))
+    }
+}
+
+impl std::ops::Deref for Fd {
+    type Target = File;
+    fn deref(&self) -> &File {
+        self.file()
+    }
+}
+
+impl std::os::fd::AsFd for Fd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file().as_fd()
+    }
+}
+
+impl io::Read for Fd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file().read(buf)
+    }
+}
+
+impl io::Seek for Fd {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        self.file().seek(to)
+    }
+}
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        let Some(file) = self.0.take() else {
+            return;
+        };
+        let waiting = Waiting::force();
+        let closing = std::thread::Builder::new()
+            .name("close-caller-file".into())
+            .spawn(move || {
+                drop(file);
+                drop(waiting);
+            });
+        // No thread to be had: closed here, then.
+        drop(closing);
+    }
+}
+
+/// Threads waiting on callers' filesystems, at most: an open in flight,
+/// or a read the daemon gave up on ([`stall`]). Each is held until the
+/// kernel lets it go, so a filesystem that never answers costs a bounded
+/// number of them; beyond it, new opens are refused.
+pub const MAX_WAITING_THREADS: usize = 32;
+
+static WAITING_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread's place among the waiting ones, given back when dropped.
+#[derive(Debug)]
+struct Waiting(());
+
+impl Waiting {
+    /// A place, while fewer than [`MAX_WAITING_THREADS`] are taken.
+    fn take() -> Option<Waiting> {
+        if WAITING_THREADS.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_THREADS {
+            WAITING_THREADS.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Waiting(()))
+    }
+
+    /// A place even beyond the bound: a thread already stuck is counted
+    /// whatever the count, so that it holds new opens back.
+    fn force() -> Waiting {
+        WAITING_THREADS.fetch_add(1, Ordering::AcqRel);
+        Waiting(())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING_THREADS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallerFileError {
@@ -66,7 +163,7 @@ pub enum CallerFileError {
     #[error("{path} is a file of procfs or sysfs, which a request may not name")]
     Kernel { path: PathBuf },
     #[error(
-        "{MAX_WAITING_OPENS} opens are still waiting on their filesystems; refusing {path} until they end"
+        "{MAX_WAITING_THREADS} threads are still waiting on callers' filesystems (hung opens or reads); refusing {path} until they end"
     )]
     Busy { path: PathBuf },
     #[error("{path} holds {len} bytes, more than the {cap} allowed ({setting})")]
@@ -103,8 +200,9 @@ impl Caller {
         cap: SizeCap,
     ) -> Result<CallerFile, CallerFileError> {
         let named = path.to_path_buf();
-        self.on_own_thread(path, move |caller, answer| {
+        self.on_own_thread(path, move |caller, answer, waiting| {
             let _ = answer.send(open_as(caller, &named, cap));
+            drop(waiting);
         })
         .await
     }
@@ -118,38 +216,31 @@ impl Caller {
         cap: SizeCap,
     ) -> Result<CallerPath, CallerFileError> {
         let named = path.to_path_buf();
-        self.on_own_thread(path, move |caller, answer| {
-            serve_path(caller, &named, cap, answer)
+        self.on_own_thread(path, move |caller, answer, waiting| {
+            serve_path(caller, &named, cap, answer, waiting)
         })
         .await
     }
 
     /// Runs `open` on a thread of its own (which takes the caller's
-    /// credentials and ends with it) and waits for its first answer.
+    /// credentials and ends with it) and waits for its first answer. The
+    /// thread holds its place among the waiting ones until it drops it.
     async fn on_own_thread<T: Send + 'static>(
         &self,
         path: &Path,
-        open: impl FnOnce(Caller, tokio::sync::oneshot::Sender<Result<T, CallerFileError>>)
+        open: impl FnOnce(Caller, tokio::sync::oneshot::Sender<Result<T, CallerFileError>>, Waiting)
         + Send
         + 'static,
     ) -> Result<T, CallerFileError> {
         let caller = self.clone();
         let (answer, answered) = tokio::sync::oneshot::channel();
-        if WAITING_OPENS.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_OPENS {
-            WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
-            return Err(CallerFileError::Busy {
-                path: path.to_path_buf(),
-            });
-        }
+        let waiting = Waiting::take().ok_or_else(|| CallerFileError::Busy {
+            path: path.to_path_buf(),
+        })?;
         let spawned = std::thread::Builder::new()
             .name("open-as-caller".into())
-            .spawn(move || {
-                let waiting = Waiting;
-                open(caller, answer);
-                drop(waiting);
-            });
+            .spawn(move || open(caller, answer, waiting));
         if let Err(source) = spawned {
-            WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
             return Err(CallerFileError::Open {
                 path: path.to_path_buf(),
                 uid: self.uid.as_raw(),
@@ -167,15 +258,6 @@ impl Caller {
                 path: path.to_path_buf(),
             }),
         }
-    }
-}
-
-/// A thread's place among the waiting opens, given back when it ends.
-struct Waiting;
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        WAITING_OPENS.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -199,32 +281,44 @@ pub struct CallerDir {
 
 impl CallerDir {
     /// Opens the regular file `name` inside the directory, as the caller.
-    pub fn open(&self, name: &str) -> io::Result<File> {
-        let (answer, answered) = crossbeam_channel::bounded(1);
-        self.requests
-            .send((name.to_string(), answer))
-            .map_err(|_| io::Error::other("the caller's opening thread has ended"))?;
-        match answered.recv_timeout(OPEN_TIMEOUT) {
-            Ok(opened) => opened,
-            Err(_) => Err(io::Error::new(
+    pub fn open(&self, name: &str) -> io::Result<Fd> {
+        let timed_out = || {
+            io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
                     "opening {name} in {} did not finish within {}s",
                     self.path.display(),
                     OPEN_TIMEOUT.as_secs()
                 ),
-            )),
-        }
+            )
+        };
+        let (answer, answered) = crossbeam_channel::bounded(1);
+        // The thread may still be stuck in an earlier open.
+        self.requests
+            .send_timeout((name.to_string(), answer), OPEN_TIMEOUT)
+            .map_err(|e| match e {
+                crossbeam_channel::SendTimeoutError::Timeout(_) => timed_out(),
+                crossbeam_channel::SendTimeoutError::Disconnected(_) => {
+                    io::Error::other("the caller's opening thread has ended")
+                }
+            })?;
+        answered
+            .recv_timeout(OPEN_TIMEOUT)
+            .unwrap_or_else(|_| Err(timed_out()))
+            .map(Fd::from)
     }
 }
 
 /// The thread behind [`Caller::open_file_or_dir`]: the caller's
-/// credentials, the open, and for a directory the opens beneath it.
+/// credentials, the open, and for a directory the opens beneath it. A
+/// directory's thread lives as long as its import but is counted among
+/// the waiting ones only while an open is in flight.
 fn serve_path(
     caller: Caller,
     path: &Path,
     cap: SizeCap,
     answer: tokio::sync::oneshot::Sender<Result<CallerPath, CallerFileError>>,
+    waiting: Waiting,
 ) {
     let opened = take_as(&caller, path).and_then(|()| {
         let (file, metadata) = open_checked(&caller, AT_FDCWD, path, ResolveFlag::empty())?;
@@ -250,8 +344,15 @@ fn serve_path(
     if answer.send(Ok(CallerPath::Dir(dir))).is_err() {
         return;
     }
+    drop(waiting);
     // The directory stays open here until every CallerDir is dropped.
     for (name, reply) in incoming {
+        let Some(_waiting) = Waiting::take() else {
+            let _ = reply.send(Err(io::Error::other(format!(
+                "{MAX_WAITING_THREADS} threads are still waiting on callers' filesystems; refusing {name} until they end"
+            ))));
+            continue;
+        };
         let opened = open_checked(
             &caller,
             std::os::fd::AsFd::as_fd(&file),
@@ -348,7 +449,7 @@ fn regular(
     })?;
     Ok(CallerFile {
         path: path.to_path_buf(),
-        file,
+        file: Fd::from(file),
         len: metadata.len(),
     })
 }
@@ -454,6 +555,29 @@ mod tests {
             .await
             .expect_err("procfs");
         assert!(matches!(status, CallerFileError::Kernel { .. }), "{status}");
+    }
+
+    #[tokio::test]
+    async fn open_directories_hold_no_place_among_the_waiting_threads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("blob");
+        std::fs::write(&file, b"bytes").expect("write");
+        let mut held = Vec::new();
+        for _ in 0..MAX_WAITING_THREADS + 8 {
+            match me()
+                .open_file_or_dir(dir.path(), CAP)
+                .await
+                .expect("open dir")
+            {
+                CallerPath::Dir(dir) => held.push(dir),
+                CallerPath::File(_) => panic!("a directory opened as a file"),
+            }
+        }
+        // Every directory still opens its files, and other opens go on.
+        for dir in &held {
+            dir.open("blob").expect("open beneath");
+        }
+        me().open_file(&file, CAP).await.expect("open a file");
     }
 
     #[tokio::test]
