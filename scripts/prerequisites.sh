@@ -38,6 +38,7 @@ banger_programs=(
     "groupadd           passwd"          # tests/access.rs
     "groupdel           passwd"          # tests/access.rs
     "sh                 dash"            # tests: `command -v`
+    "true               coreutils"       # bangerd: ends what a disk tool run as [host] tool_uid left behind
     "git                git"             # previous-agent.sh: the protocol-1 agent from history
     "debootstrap        debootstrap"     # benches/image.rs: the Debian root filesystem layer
     "gzip               gzip"            # benches/image.rs: the inflate limit

@@ -77,7 +77,19 @@ pub struct ConfigFile {
     pub network: NetworkSection,
     #[serde(default)]
     pub caller: CallerSection,
+    #[serde(default)]
+    pub host: HostSection,
 }
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    pub tool_uid: Option<u32>,
+}
+
+/// `[host] tool_uid` when unset: high above the ranges distributions give
+/// users, services and containers' subordinate ids.
+pub const DEFAULT_TOOL_UID: u32 = 2_000_000_000;
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +151,10 @@ pub struct ImageSection {
     pub max_entries: Option<u64>,
     pub max_unpacked_mib: Option<u64>,
     pub max_path_bytes: Option<usize>,
+    pub max_nodes: Option<u64>,
+    pub max_memory_mib: Option<u64>,
+    pub max_metadata_kib: Option<u64>,
+    pub max_layers: Option<usize>,
     pub headroom_mib: Option<u64>,
 }
 
@@ -181,6 +197,30 @@ fn image_config(section: &ImageSection) -> Result<ImageConfig, ConfigError> {
                 section.max_path_bytes.map(|b| b as u64),
                 defaults.max_path_bytes as u64,
                 65_536,
+            )? as usize,
+            max_nodes: within(
+                "image.max_nodes",
+                section.max_nodes,
+                defaults.max_nodes,
+                1_000_000_000,
+            )?,
+            max_memory_bytes: within(
+                "image.max_memory_mib",
+                section.max_memory_mib,
+                defaults.max_memory_bytes >> 20,
+                1 << 24,
+            )? << 20,
+            max_metadata_bytes: within(
+                "image.max_metadata_kib",
+                section.max_metadata_kib,
+                defaults.max_metadata_bytes >> 10,
+                1 << 20,
+            )? << 10,
+            max_layers: within(
+                "image.max_layers",
+                section.max_layers.map(|l| l as u64),
+                defaults.max_layers as u64,
+                4096,
             )? as usize,
         },
         headroom: match section.headroom_mib {
@@ -302,6 +342,9 @@ pub struct Config {
     /// How long one read of a caller's file may wait before its request
     /// fails (`[caller] io_stall_secs`).
     pub io_stall: Duration,
+    /// The uid (and gid) e2fsck and resize2fs run as on a new root disk
+    /// (`[host] tool_uid`): banger's own, shared with no other process.
+    pub tool_uid: u32,
 }
 
 fn network_config(section: &NetworkSection) -> Result<NetworkConfig, ConfigError> {
@@ -497,6 +540,19 @@ pub fn resolve(
             reason: "is shorter than restart.delay_secs".into(),
         });
     }
+    let tool_uid = file.host.tool_uid.unwrap_or(DEFAULT_TOOL_UID);
+    let jailer_ids = [
+        file.firecracker.jailer_uid.unwrap_or(65534),
+        file.firecracker.jailer_gid.unwrap_or(65534),
+    ];
+    if tool_uid == 0 || tool_uid == u32::MAX || jailer_ids.contains(&tool_uid) {
+        return Err(ConfigError::Invalid {
+            key: "host.tool_uid",
+            reason: format!(
+                "{tool_uid} is root's, no one's or the jailer's; choose a uid of banger's own"
+            ),
+        });
+    }
     let io_stall = Duration::from_millis(seconds_to_ms(
         "caller.io_stall_secs",
         file.caller.io_stall_secs.unwrap_or(30.0),
@@ -541,6 +597,7 @@ pub fn resolve(
         restart_delay_ms,
         restart_max_delay_ms,
         io_stall,
+        tool_uid,
     })
 }
 
@@ -821,5 +878,6 @@ mod tests {
             (1_000, 60_000)
         );
         assert_eq!(config.io_stall, Duration::from_secs(30));
+        assert_eq!(config.tool_uid, DEFAULT_TOOL_UID);
     }
 }

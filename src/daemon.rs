@@ -5,6 +5,7 @@
 //! touches VMs: they outlive the daemon.
 
 use crate::caller::SizeCap;
+use crate::vmm::logs::LogCap;
 use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -60,6 +61,12 @@ pub const VERSION: &str = concat!(
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error(
+        "[host] tool_uid {uid} is already {holder}'s; choose a uid no user, group or process of this host has"
+    )]
+    ToolUid { uid: u32, holder: String },
+    #[error("cannot start watching the VMs' logs (inotify)")]
+    LogWatcher(#[source] io::Error),
     #[error("cannot {action} {path}")]
     Socket {
         action: &'static str,
@@ -120,6 +127,7 @@ fn network_settings(config: &Config) -> NetworkSettings {
         mtu: network.mtu,
         group: network.group,
         jailed_owner: config.jailer.as_ref().map(|jailer| jailer.uid),
+        forwarding_marker: config.state_dir.join("ipv4-forwarding.banger"),
     }
 }
 
@@ -177,6 +185,15 @@ pub struct SystemSupervisor {
 impl SystemSupervisor {
     /// Starts every actor; must run inside the actix `System`.
     pub async fn start(config: &Config, store: Store) -> Result<SystemSupervisor, DaemonError> {
+        // Only as root do the tools drop to it; then nobody else may have it.
+        if rustix::process::geteuid().is_root()
+            && let Some(holder) = crate::host::uid_taken(config.tool_uid)
+        {
+            return Err(DaemonError::ToolUid {
+                uid: config.tool_uid,
+                holder,
+            });
+        }
         let store_path = store.path().to_path_buf();
         let schema = store.observe().map_err(DaemonError::Store)?;
         let store_health = store.health();
@@ -232,6 +249,8 @@ impl SystemSupervisor {
                 setting: "vm.max_rootfs_gib",
             },
             io_stall: config.io_stall,
+            tool_uid: config.tool_uid,
+            log_cap: LogCap::start().map_err(DaemonError::LogWatcher)?,
             jail_base,
             vms_dir: config.state_dir.join("vms"),
             store_health: store_health.clone(),
@@ -314,6 +333,7 @@ impl SystemSupervisor {
                     bytes: config.image.limits.max_unpacked_bytes,
                     setting: "image.max_unpacked_mib",
                 },
+                limits: config.image.limits,
                 io_stall: config.io_stall,
             },
             operations: operations.clone(),

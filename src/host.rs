@@ -205,6 +205,88 @@ fn filesystem_of(mountinfo: &str, path: &Path) -> String {
         .unwrap_or_else(|| "an unknown filesystem".into())
 }
 
+/// Who on this host already has `id`: a user or a group of that id, a
+/// user given it as a subordinate id (`/etc/subuid`, `/etc/subgid`: it
+/// may map it in a user namespace at any time), or a running process
+/// holding it (any of its uids or gids, supplementary groups included).
+/// None when no one does.
+pub fn uid_taken(id: u32) -> Option<String> {
+    if let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id)) {
+        return Some(format!("user {}", user.name));
+    }
+    if let Ok(Some(group)) = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(id)) {
+        return Some(format!("group {}", group.name));
+    }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        if let Some(owner) = subordinate_owner(&fs::read_to_string(file).unwrap_or_default(), id) {
+            return Some(format!("{owner}'s subordinate id ({file})"));
+        }
+    }
+    let wanted = id.to_string();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
+            continue; // Gone meanwhile.
+        };
+        let holds = status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("Uid:")
+                    .or_else(|| l.strip_prefix("Gid:"))
+                    .or_else(|| l.strip_prefix("Groups:"))
+            })
+            .any(|ids| ids.split_whitespace().any(|i| i == wanted));
+        if holds {
+            let comm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Name:"))
+                .map_or("", str::trim);
+            return Some(format!("process {pid} ({comm})"));
+        }
+    }
+    None
+}
+
+/// Gives the heap's free memory back to the system when dropped: an
+/// image build frees hundreds of megabytes on whichever thread ran it,
+/// and glibc keeps a thread's freed memory in that thread's arena, so
+/// builds on different threads would each keep their peak.
+pub struct HeapTrim;
+
+impl Drop for HeapTrim {
+    fn drop(&mut self) {
+        #[cfg(target_env = "gnu")]
+        #[allow(unsafe_code)]
+        // SAFETY: malloc_trim takes a plain integer and only returns free
+        // pages of glibc's own heaps.
+        unsafe {
+            nix::libc::malloc_trim(0);
+        }
+    }
+}
+
+/// Who `/etc/subuid` (or `subgid`) text gives `id` to: `name:start:count`
+/// lines.
+fn subordinate_owner(text: &str, id: u32) -> Option<&str> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let (owner, start, count) = (fields.next()?, fields.next()?, fields.next()?);
+        let (start, count) = (
+            start.trim().parse::<u64>().ok()?,
+            count.trim().parse::<u64>().ok()?,
+        );
+        (start..start + count)
+            .contains(&u64::from(id))
+            .then_some(owner)
+    })
+}
+
 fn append(path: &Path) -> io::Result<File> {
     fs::OpenOptions::new()
         .create(true)
@@ -306,6 +388,16 @@ impl HostOps for LocalHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subordinate_ranges_name_their_owner() {
+        let text = "alice:100000:65536\nbob:165536:65536\nbroken\n";
+        assert_eq!(subordinate_owner(text, 100_000), Some("alice"));
+        assert_eq!(subordinate_owner(text, 165_535), Some("alice"));
+        assert_eq!(subordinate_owner(text, 165_536), Some("bob"));
+        assert_eq!(subordinate_owner(text, 231_072), None);
+        assert_eq!(subordinate_owner(text, 99_999), None);
+    }
 
     const MOUNTINFO: &str = "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
         90 22 0:50 / /var/lib/banger/jail rw,relatime - tmpfs tmpfs rw,size=65536k\n\

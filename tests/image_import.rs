@@ -664,3 +664,161 @@ fn bombs_and_lying_blobs_fail_naming_the_cap_and_leave_nothing() {
     }
     assert!(daemon.stop().success());
 }
+
+/// A symlink whose target is longer than a tar header holds (a PAX
+/// `linkpath` record).
+fn long_symlink(layer: &mut Layer, path: &str, target: &str) {
+    let pax = pax_record("linkpath", target.as_bytes());
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(tar::EntryType::XHeader);
+    header.set_size(pax.len() as u64);
+    header.set_cksum();
+    layer.append(&header, &pax);
+    layer.add(spec(path, tar::EntryType::Symlink, 0o777));
+}
+
+/// The largest resident set `pid` reaches while `during` runs, in MiB
+/// (the kernel's peak, reset first).
+fn peak_rss_mib(pid: i32, during: impl FnOnce()) -> u64 {
+    reset_peak_rss(pid);
+    during();
+    process_kib(pid, "VmHWM") >> 10
+}
+
+#[test]
+fn hostile_trees_are_refused_while_they_build_within_the_memory_bound() {
+    let work = state_dir();
+    let state = state_dir();
+    let max_memory_mib = 256;
+    let daemon = image_daemon(
+        state.path(),
+        &format!("max_memory_mib = {max_memory_mib}\n"),
+        &[],
+    );
+    let pid = daemon.pid().as_raw();
+    let chain = |depth: usize| vec!["a"; depth].join("/");
+
+    // 1,000 entries under unique 1,000-deep paths of missing parents: a
+    // million implied directories from a 30 KB blob.
+    let mut implied = Layer::default();
+    for i in 0..1_000 {
+        implied.file(&format!("d{i}/{}/f", chain(999)), 0o644, b"");
+    }
+    let implied = layout(
+        work.path(),
+        "implied",
+        &[implied.finish()],
+        Compression::Gzip,
+    );
+
+    // A symlink 20,000 components long with a file through it, and an
+    // upper layer that makes its chain's top opaque (once a stack
+    // overflow in the prune).
+    let mut lower = Layer::default();
+    long_symlink(&mut lower, "s", &chain(20_000));
+    lower.file("s/f", 0o644, b"");
+    let mut upper = Layer::default();
+    upper.file("a/.wh..wh..opq", 0o644, b"");
+    let deep = layout(
+        work.path(),
+        "deep",
+        &[lower.finish(), upper.finish()],
+        Compression::Gzip,
+    );
+
+    // A million nodes through short paths: 500 links of 2,000 components
+    // each, a file reached through every one.
+    let mut links = Layer::default();
+    for i in 0..500 {
+        long_symlink(
+            &mut links,
+            &format!("l{i}"),
+            &format!("t{i}/{}", chain(2_000)),
+        );
+        links.file(&format!("l{i}/f"), 0o644, b"");
+    }
+    let links = layout(work.path(), "links", &[links.finish()], Compression::Gzip);
+
+    let peak = peak_rss_mib(pid, || {
+        let error = refused_import(state.path(), &implied, "implied");
+        assert!(error.contains("image.max_memory_mib"), "{error}");
+        let error = refused_import(state.path(), &deep, "deep");
+        assert!(error.contains("4095"), "{error}");
+        // Whichever bound it meets first (here the memory's: a million
+        // directories take more than 256 MiB).
+        let error = refused_import(state.path(), &links, "links");
+        assert!(
+            error.contains("image.max_nodes") || error.contains("image.max_memory_mib"),
+            "{error}"
+        );
+        // Two at once: one builds at a time, within the same bound.
+        std::thread::scope(|scope| {
+            let both = [&implied, &implied]
+                .map(|source| scope.spawn(|| refused_import(state.path(), source, "twice")));
+            for refused in both {
+                let error = refused.join().expect("import");
+                assert!(error.contains("image.max_memory_mib"), "{error}");
+            }
+        });
+    });
+    eprintln!("the daemon's peak RSS: {peak} MiB (bound {max_memory_mib} MiB + 64)");
+    assert!(peak <= max_memory_mib + 64, "{peak} MiB");
+    banger(state.path(), &["daemon", "status"])
+        .status
+        .success()
+        .then_some(())
+        .expect("the daemon answers");
+    for dir in ["images", "blobs/sha256"] {
+        let left: Vec<_> = std::fs::read_dir(state.path().join(dir))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{dir} holds {left:?}");
+    }
+    drop(daemon);
+}
+
+#[test]
+fn an_image_s_metadata_layers_and_archive_members_are_bounded_naming_the_key() {
+    let work = state_dir();
+    let state = state_dir();
+    let _daemon = image_daemon(
+        state.path(),
+        "max_metadata_kib = 64\nmax_layers = 8\nmax_entries = 100\n",
+        &[],
+    );
+    let one = Layer::default().file("f", 0o644, b"x").finish();
+
+    // A config of 128 KiB (its Env), past max_metadata_kib.
+    let env: Vec<String> = (0..2_000)
+        .map(|i| format!("V{i}={}", "x".repeat(60)))
+        .collect();
+    let bloated = layout_running(
+        work.path(),
+        "bloated",
+        std::slice::from_ref(&one),
+        Compression::Gzip,
+        serde_json::json!({ "Env": env }),
+    );
+    let error = refused_import(state.path(), &bloated, "bloated");
+    assert!(error.contains("image.max_metadata_kib"), "{error}");
+
+    // Nine layers, past max_layers.
+    let many = layout(
+        work.path(),
+        "many",
+        &vec![one.clone(); 9],
+        Compression::Gzip,
+    );
+    let error = refused_import(state.path(), &many, "many");
+    assert!(error.contains("image.max_layers"), "{error}");
+
+    // An archive of 200 members, past max_entries, refused while indexed.
+    let mut members = Layer::default();
+    for i in 0..200 {
+        members.file(&format!("junk{i}"), 0o644, b"");
+    }
+    let archive = work.path().join("members.tar");
+    std::fs::write(&archive, members.finish()).expect("archive");
+    let error = refused_import(state.path(), &archive, "members");
+    assert!(error.contains("image.max_entries"), "{error}");
+}

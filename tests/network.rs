@@ -798,3 +798,73 @@ fn a_daemon_killed_around_attach_or_detach_leaves_no_tap_behind() {
         "{network}"
     );
 }
+
+/// The daemon namespace's IPv4 forwarding, as its sysctl says.
+fn forwarding(world: &World) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &world.daemon,
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ])
+        .output()
+        .expect("read ip_forward");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn ipv4_forwarding_is_given_back_when_banger_s_last_nat_network_goes() {
+    let test = "ipv4_forwarding_is_given_back_when_banger_s_last_nat_network_goes";
+    let Some((mut f, world)) = bad_input_fixture(test) else {
+        return;
+    };
+    let marker = f.state().join("ipv4-forwarding.banger");
+    // Off before: the default network turned it on, and said so first.
+    assert_eq!(forwarding(&world), "1");
+    assert!(marker.exists(), "the record that banger turned it on");
+    f.ok(&["network", "create", "extra", "--json"]);
+    f.ok(&["network", "rm", "default"]);
+    assert_eq!(forwarding(&world), "1", "a NAT network remains");
+    let refused = f.run(&[
+        "vm",
+        "create",
+        "nodefault",
+        "--kernel",
+        "halt",
+        "--rootfs",
+        f.rootfs.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("network create default"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    f.ok(&["network", "rm", "extra"]);
+    assert_eq!(forwarding(&world), "0", "banger's last NAT network is gone");
+    assert!(!marker.exists());
+
+    // On before: the next start makes the default network again, and its
+    // removal leaves forwarding as it found it.
+    let on = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &world.daemon,
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        ])
+        .status()
+        .expect("turn forwarding on");
+    assert!(on.success());
+    f.start_daemon();
+    assert!(f.ok(&["network", "ls"]).contains("default"));
+    assert!(
+        !marker.exists(),
+        "it was on: nothing of banger's to give back"
+    );
+    f.ok(&["network", "rm", "default"]);
+    assert_eq!(forwarding(&world), "1", "it was on before banger");
+}

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -38,14 +39,16 @@ pub enum NetworkError {
     Off(String),
     #[error("no network named {0}; `banger network ls` lists them")]
     NotFound(String),
+    #[error(
+        "the default network was removed; `banger network create default` makes it again (so does the daemon's next start), or give --network NAME or --no-network"
+    )]
+    NoDefault,
     #[error("a network named {0} already exists")]
     Exists(String),
     #[error(transparent)]
     Subnet(#[from] SubnetError),
     #[error("network {name} is used by VM {vms}; remove the VMs first", vms = vms.join(", VM "))]
     InUse { name: String, vms: Vec<String> },
-    #[error("the default network cannot be removed")]
-    Default,
     #[error(
         "network {name} has no free address ({leased} of {capacity} leased); remove a VM or use a network with a larger subnet"
     )]
@@ -82,6 +85,9 @@ pub struct NetworkSettings {
     /// Who a Firecracker VM's tap belongs to (the jailer's uid, when VMs
     /// run jailed).
     pub jailed_owner: Option<u32>,
+    /// Says that banger turned IPv4 forwarding on, for as long as it is
+    /// banger's to turn off again.
+    pub forwarding_marker: PathBuf,
 }
 
 /// A network with its leases, as `network ls` and `network inspect` show it.
@@ -500,7 +506,11 @@ async fn new_network(
 }
 
 /// Makes a network's bridge and rules.
-async fn build_network(host: &HostNetwork, record: &NetworkRecord) -> Result<(), NetworkError> {
+async fn build_network(
+    host: &HostNetwork,
+    record: &NetworkRecord,
+    forwarding_marker: &Path,
+) -> Result<(), NetworkError> {
     let _exclusive = host.exclusive().await;
     host.ensure_bridge(
         &record.bridge,
@@ -514,7 +524,7 @@ async fn build_network(host: &HostNetwork, record: &NetworkRecord) -> Result<(),
         .await
         .map_err(host_error(&record.name))?;
     if record.nat {
-        enable_forwarding();
+        enable_forwarding(forwarding_marker);
     }
     Ok(())
 }
@@ -562,12 +572,29 @@ async fn open_foreign_forwards(networks: &[NetworkRules]) -> Result<usize, HostN
     Ok(chains.len())
 }
 
-fn enable_forwarding() {
-    match host::enable_forwarding() {
-        Ok(true) => info!("enabled IPv4 forwarding for banger's NAT networks"),
+fn enable_forwarding(marker: &Path) {
+    match host::enable_forwarding(marker) {
+        Ok(true) => {
+            info!(record = %marker.display(), "enabled IPv4 forwarding for banger's NAT networks; it was off, and is turned off again when the last of them goes")
+        }
         Ok(false) => {}
         Err(e) => {
             error!(error = %e, "cannot enable IPv4 forwarding; NAT networks cannot reach the outside")
+        }
+    }
+}
+
+/// banger's last NAT network is gone: forwarding goes back to what it was.
+fn restore_forwarding(marker: &Path) {
+    match host::restore_forwarding(marker) {
+        Ok(true) => info!(
+            "turned IPv4 forwarding off again: banger turned it on, and its last NAT network is gone"
+        ),
+        Ok(false) => info!(
+            "IPv4 forwarding stays on: banger did not turn it on (it was on before, or the host has rebooted since)"
+        ),
+        Err(e) => {
+            error!(error = %e, "cannot turn IPv4 forwarding off again after banger's last NAT network")
         }
     }
 }
@@ -681,7 +708,11 @@ impl Handler<Resolve> for NetworkManager {
         match (msg.network, msg.none) {
             (_, true) => Ok(None),
             (Some(name), false) => self.actor(&name).map(|_| Some(name)),
-            (None, false) if self.host.is_some() => Ok(Some(DEFAULT_NETWORK.to_string())),
+            (None, false) if self.host.is_some() => match self.actor(DEFAULT_NETWORK) {
+                Ok(_) => Ok(Some(DEFAULT_NETWORK.to_string())),
+                Err(NetworkError::NotFound(_)) => Err(NetworkError::NoDefault),
+                Err(e) => Err(e),
+            },
             (None, false) => Ok(None),
         }
     }
@@ -751,7 +782,7 @@ impl Handler<CreateNetwork> for NetworkManager {
                 .send(Put(record.clone()))
                 .await
                 .map_err(|_| NetworkError::Unavailable("store"))??;
-            if let Err(e) = build_network(&host, &record).await {
+            if let Err(e) = build_network(&host, &record, &settings.forwarding_marker).await {
                 // Undone: the record, then whatever of the bridge exists.
                 let _ = store
                     .send(Delete::<NetworkRecord>::new(record.name.clone()))
@@ -836,9 +867,6 @@ impl Handler<RemoveNetwork> for NetworkManager {
     type Result = AtomicResponse<Self, Result<NetworkRecord, NetworkError>>;
 
     fn handle(&mut self, msg: RemoveNetwork, _: &mut Context<Self>) -> Self::Result {
-        if msg.name == DEFAULT_NETWORK {
-            return ready(Err(NetworkError::Default));
-        }
         let (actor, host) = match (self.actor(&msg.name), self.host()) {
             (Ok(actor), Ok(host)) => (actor, host),
             (Err(e), _) | (_, Err(e)) => return ready(Err(e)),
@@ -849,6 +877,9 @@ impl Handler<RemoveNetwork> for NetworkManager {
             .filter(|(r, _)| r.name != msg.name)
             .map(|(r, _)| rules_of(r))
             .collect();
+        // A quarantined network's bridge and rules may still forward.
+        let last_nat = others.iter().all(|n| !n.nat) && self.quarantined.is_empty();
+        let marker = self.settings.forwarding_marker.clone();
         let store = self.store.clone();
         let name = msg.name.clone();
         let removing = async move {
@@ -879,6 +910,9 @@ impl Handler<RemoveNetwork> for NetworkManager {
                 .send(Delete::<NetworkRecord>::new(record.name.clone()))
                 .await
                 .map_err(|_| NetworkError::Unavailable("store"))??;
+            if record.nat && last_nat {
+                restore_forwarding(&marker);
+            }
             info!(network = %record.name, bridge = %record.bridge, "network removed");
             Ok(record)
         };
@@ -976,6 +1010,7 @@ impl Handler<ReconcileNetworks> for NetworkManager {
         let networks: Vec<(NetworkRecord, Addr<NetworkActor>)> =
             self.networks.values().cloned().collect();
         let (store, owner) = (self.store.clone(), self.settings.jailed_owner);
+        let marker = self.settings.forwarding_marker.clone();
         let quarantined_networks = self.quarantined.clone();
         AtomicResponse::new(Box::pin(
             async move {
@@ -1087,7 +1122,7 @@ impl Handler<ReconcileNetworks> for NetworkManager {
                     note_failure(&mut report, "open other tables' forward chains".into(), &e);
                 }
                 if records.iter().any(|r| r.nat) {
-                    enable_forwarding();
+                    enable_forwarding(&marker);
                 }
                 drop(exclusive);
                 for (record, actor) in &networks {

@@ -63,8 +63,8 @@ use crate::vm::phase::Phase;
 use crate::vm::record::{VmImage, VmNetwork, VmRecord, VmmKind};
 use crate::vm::restart::{self, RestartPolicy};
 use crate::vm::state::{Announcement, ShutdownAction};
-use crate::vmm::console;
 use crate::vmm::firecracker::Firecracker;
+use crate::vmm::logs::{self, LogCap};
 use crate::vmm::orphans::Layout;
 use crate::vmm::process::{ProcessHandle, is_alive};
 use crate::vmm::qemu::Qemu;
@@ -108,6 +108,11 @@ pub struct VmSettings {
     pub max_rootfs: SizeCap,
     /// How long one read of a root disk's source may wait.
     pub io_stall: Duration,
+    /// Caps the VMs' logs as they grow.
+    pub log_cap: LogCap,
+    /// The uid (and gid) the tools run as that check and grow a new root
+    /// disk (`[host] tool_uid`).
+    pub tool_uid: u32,
     /// Whether the store writes: commands are refused while it does not,
     /// and held work goes on when it does again.
     pub store_health: watch::Receiver<StoreHealth>,
@@ -353,6 +358,7 @@ impl Handler<SpawnAnswered> for VmActor {
                 Ok((spec, process, recorded)) => {
                     self.launch = Some(spec);
                     self.unrecorded = Some(process);
+                    self.watch_logs();
                     let _ = self.apply(Event::Spawned(recorded), ctx);
                 }
                 Err(e) => {
@@ -774,7 +780,7 @@ impl VmActor {
                         vm_name: self.vm.record.name.clone(),
                     });
                     let networks = self.networks.clone();
-                    let io_stall = self.settings.io_stall;
+                    let (io_stall, tool_uid) = (self.settings.io_stall, self.settings.tool_uid);
                     let provisioned = async move {
                         let address = match lease {
                             Some(lease) => Some(
@@ -785,7 +791,7 @@ impl VmActor {
                             ),
                             None => None,
                         };
-                        clone_rootfs(source, size, target, io_stall).await?;
+                        clone_rootfs(source, size, target, io_stall, tool_uid).await?;
                         Ok::<_, VmError>(address)
                     };
                     ctx.spawn(provisioned.into_actor(self).map(|provisioned, act, ctx| {
@@ -860,6 +866,7 @@ impl VmActor {
     /// Removed: nothing left to do or to watch.
     fn become_tombstone(&mut self, ctx: &mut Context<Self>) {
         info!(vm = %self.name(), id = %self.vm.record.id, "VM removed");
+        self.settings.log_cap.unwatch(&self.log_dirs());
         for handle in [self.timer.take(), self.console_check.take()]
             .into_iter()
             .flatten()
@@ -1317,24 +1324,46 @@ impl Actor for VmActor {
 }
 
 impl VmActor {
-    /// Caps the console log by rotation, checked every [`CONSOLE_CHECK`].
+    /// Caps the VM's logs (`vmm::logs`): checked as they grow, and
+    /// every [`CONSOLE_CHECK`] (a jail's own log, a directory the watcher
+    /// could not watch).
     fn watch_console(&mut self, ctx: &mut Context<Self>) {
         if self.console_check.is_some() {
             return;
         }
+        self.watch_logs();
         self.console_check = Some(ctx.run_interval(CONSOLE_CHECK, |act, _| {
-            let path = act.settings.paths(&act.vm.record.id).console_log();
+            let dirs = act.log_dirs();
             let vm = act.vm.record.name.clone();
             actix::spawn(async move {
-                let rotated = tokio::task::spawn_blocking(move || {
-                    console::rotate_if_larger(&path, console::MAX_CONSOLE_BYTES)
+                let _ = tokio::task::spawn_blocking(move || {
+                    for name in logs::CAPPED {
+                        for dir in &dirs {
+                            let path = dir.join(name);
+                            if let Err(e) = logs::rotate_if_larger(&path, logs::MAX_LOG_BYTES) {
+                                warn!(vm = %vm, log = %path.display(), error = %e, "cannot rotate the log");
+                            }
+                        }
+                    }
                 })
                 .await;
-                if let Ok(Err(e)) = rotated {
-                    warn!(vm = %vm, error = %e, "cannot rotate the console log");
-                }
             });
         }));
+    }
+
+    /// The directories that hold the VM's logs: its own, its jail's root.
+    fn log_dirs(&self) -> [PathBuf; 2] {
+        let id = &self.vm.record.id;
+        [
+            self.settings.paths(id).dir,
+            self.settings.jail_dir(id).join("root"),
+        ]
+    }
+
+    /// Has the logs that exist now watched as they grow (again after each
+    /// launch, which makes them).
+    fn watch_logs(&self) {
+        self.settings.log_cap.watch(&self.log_dirs());
     }
 
     fn reload(&mut self, ctx: &mut Context<Self>) {
@@ -1629,6 +1658,7 @@ async fn clone_rootfs(
     size: Option<u64>,
     target: PathBuf,
     io_stall: Duration,
+    tool_uid: u32,
 ) -> Result<(), VmError> {
     let from_caller = source.as_ref().is_some_and(|s| s.from_caller);
     let watch = Watch::new(io_stall);
@@ -1648,7 +1678,7 @@ async fn clone_rootfs(
                 source: e,
             })?;
         }
-        let cloned = disk::clone_disk(&source, &target, size, watched.as_ref(), || {
+        let cloned = disk::clone_disk(&source, &target, size, tool_uid, watched.as_ref(), || {
             fault::boundary("disk-cloning")
         })?;
         info!(disk = %target.display(), from = %source.named.display(), ?cloned, "root disk cloned");

@@ -58,6 +58,22 @@ pub fn size_for(census: &Census, headroom: u64) -> (u64, u32) {
     (size, inodes as u32)
 }
 
+/// The memory building an image of `census` takes, by estimate, the tree
+/// itself aside: mkext4's declarations (a node, a name key and its entry
+/// per inode and directory entry), what sealing adds per inode (side
+/// tables, the inode table it keeps), a block held per directory, long
+/// symlink and spilled xattr block, bitmaps by the image's size, and
+/// this module's own maps. Errs large.
+pub fn build_memory(census: &Census) -> u64 {
+    let (size, _) = size_for(census, 0);
+    (8 << 20)
+        + census.inodes * 800
+        + census.dir_entries * 128
+        + census.name_bytes * 2
+        + (census.dirs + census.extra_blocks) * (BLOCK + 64)
+        + size / 8192
+}
+
 /// Progress of one write, read from another thread.
 #[derive(Debug, Default)]
 pub struct Written {
@@ -119,25 +135,25 @@ pub fn write(
         path: path.to_path_buf(),
         source: io::Error::other(e.to_string()),
     })?;
-    for (handle, node, name) in &files {
+    for &(handle, node) in &files {
         if progress.cancelled.load(Ordering::Relaxed) {
             return Err(Ext4Error::Cancelled);
         }
-        let NodeKind::File { size, data } = tree.nodes[*node].kind else {
+        let NodeKind::File { size, data } = tree.nodes[node].kind else {
             continue;
         };
         if size == 0 {
             continue;
         }
         let spool = spools.get(data.layer).ok_or_else(|| Ext4Error::Fill {
-            path: name.clone(),
+            path: path_of(tree, node),
             reason: format!("no spool for layer {}", data.layer),
         })?;
         let mut from = Section::new(spool, data.offset, size);
         writer
-            .fill(*handle, &mut from)
+            .fill(handle, &mut from)
             .map_err(|e| Ext4Error::Fill {
-                path: name.clone(),
+                path: path_of(tree, node),
                 reason: e.to_string(),
             })?;
         progress.files.fetch_add(1, Ordering::Relaxed);
@@ -154,41 +170,37 @@ pub fn write(
 }
 
 /// Declares every reachable inode, depth first in name order; answers
-/// the builder and each regular file's handle, node and path, in the
-/// order they were declared (the order their extents ascend).
+/// the builder and each regular file's handle and node, in the order they
+/// were declared (the order their extents ascend). Paths are made only
+/// for an error's message: a deep tree's would cost its depth squared.
 #[allow(clippy::type_complexity)]
 fn declare(
     tree: &Tree,
     options: Options,
-) -> Result<(FsBuilder, Vec<(InodeHandle, NodeId, String)>), Ext4Error> {
-    let fail = |path: &str, e: mkext4::Error| Ext4Error::Declare {
-        path: if path.is_empty() {
-            "/".into()
-        } else {
-            path.into()
-        },
+) -> Result<(FsBuilder, Vec<(InodeHandle, NodeId)>), Ext4Error> {
+    let fail = |node: NodeId, e: mkext4::Error| Ext4Error::Declare {
+        path: path_of(tree, node),
         reason: e.to_string(),
     };
-    let mut builder = FsBuilder::new(options).map_err(|e| fail("", e))?;
+    let mut builder = FsBuilder::new(options).map_err(|e| fail(flatten::ROOT, e))?;
     let root = &tree.nodes[flatten::ROOT];
     builder
         .set_meta(mkext4::ROOT, meta(&root.meta))
-        .map_err(|e| fail("", e))?;
-    set_xattrs(&mut builder, mkext4::ROOT, &root.meta, "").map_err(|e| fail("", e))?;
+        .map_err(|e| fail(flatten::ROOT, e))?;
+    set_xattrs(&mut builder, mkext4::ROOT, &root.meta).map_err(|e| fail(flatten::ROOT, e))?;
     let mut declared: HashMap<NodeId, InodeHandle> = HashMap::new();
     let mut files = Vec::new();
-    let mut stack = vec![(flatten::ROOT, mkext4::ROOT, String::new())];
-    while let Some((dir, handle, dir_path)) = stack.pop() {
+    let mut stack = vec![(flatten::ROOT, mkext4::ROOT)];
+    while let Some((dir, handle)) = stack.pop() {
         let Some(children) = tree.children(dir) else {
             continue;
         };
         let mut subdirs = Vec::new();
         for (name, child) in children {
-            let path = format!("{dir_path}/{name}");
             if let Some(&existing) = declared.get(&child.node) {
                 builder
                     .hardlink(handle, name, existing)
-                    .map_err(|e| fail(&path, e))?;
+                    .map_err(|e| fail(child.node, e))?;
                 continue;
             }
             let node = &tree.nodes[child.node];
@@ -197,14 +209,14 @@ fn declare(
                 NodeKind::Dir(_) => {
                     let made = builder.mkdir(handle, name, m);
                     if let Ok(made) = made {
-                        subdirs.push((child.node, made, path.clone()));
+                        subdirs.push((child.node, made));
                     }
                     made
                 }
                 NodeKind::File { size, .. } => {
                     let made = builder.file(handle, name, m, *size);
                     if let Ok(made) = made {
-                        files.push((made, child.node, path.clone()));
+                        files.push((made, child.node));
                     }
                     made
                 }
@@ -229,14 +241,40 @@ fn declare(
                 ),
                 NodeKind::Fifo => builder.mknod(handle, name, m, SpecialKind::Fifo),
             }
-            .map_err(|e| fail(&path, e))?;
-            set_xattrs(&mut builder, made, &node.meta, &path).map_err(|e| fail(&path, e))?;
+            .map_err(|e| fail(child.node, e))?;
+            set_xattrs(&mut builder, made, &node.meta).map_err(|e| fail(child.node, e))?;
             declared.insert(child.node, made);
         }
         // Popped in reverse, so directories are walked in name order.
         stack.extend(subdirs.into_iter().rev());
     }
     Ok((builder, files))
+}
+
+/// A path that names `node` in `tree`, for messages: found breadth first
+/// from the root (the shortest, for a node with hardlinks).
+fn path_of(tree: &Tree, node: NodeId) -> String {
+    let mut parents: HashMap<NodeId, (NodeId, &str)> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([flatten::ROOT]);
+    while let Some(dir) = queue.pop_front() {
+        if dir == node {
+            break;
+        }
+        for (name, child) in tree.children(dir).into_iter().flatten() {
+            if child.node != flatten::ROOT && !parents.contains_key(&child.node) {
+                parents.insert(child.node, (dir, name.as_str()));
+                queue.push_back(child.node);
+            }
+        }
+    }
+    let mut names = Vec::new();
+    let mut at = node;
+    while let Some(&(parent, name)) = parents.get(&at) {
+        names.push(name);
+        at = parent;
+    }
+    names.reverse();
+    format!("/{}", names.join("/"))
 }
 
 fn meta(m: &flatten::Meta) -> Meta {
@@ -247,7 +285,6 @@ fn set_xattrs(
     builder: &mut FsBuilder,
     handle: InodeHandle,
     m: &flatten::Meta,
-    _path: &str,
 ) -> mkext4::Result<()> {
     for (name, value) in &m.xattrs {
         builder.set_xattr(handle, name, value)?;

@@ -18,6 +18,12 @@
 //!   the guest kernel would under this root (`..` stops at the root, an
 //!   absolute target starts from it), never on the host;
 //! - a hardlink's target must be a non-directory the tree holds.
+//!
+//! What it builds is bounded while it builds ([`Bounds`]): every node made
+//! or walked (implied parents, components reached through symlinks,
+//! nodes an opaque directory prunes) and an estimate of the memory it
+//! holds, so an image is refused before the memory is spent. No walk
+//! recurses: the input chooses the depth.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -96,6 +102,76 @@ pub enum Refusal {
     HardlinkToDirectory(String),
     #[error("a name component is longer than {MAX_NAME} bytes")]
     NameTooLong,
+    #[error(
+        "the image makes or walks more than {0} nodes (implied directories and paths through symlinks included), the most allowed (image.max_nodes)"
+    )]
+    TooManyNodes(u64),
+    #[error(
+        "the image needs more than {} MiB to build, the most allowed (image.max_memory_mib)",
+        .0 >> 20
+    )]
+    TooMuchMemory(u64),
+}
+
+/// What a flatten may make and hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Nodes made or walked.
+    pub max_nodes: u64,
+    /// Bytes held, by estimate, the layers' entries included.
+    pub max_memory: u64,
+    /// Bytes the layers' entries hold already.
+    pub entries_memory: u64,
+}
+
+/// What one node costs, by estimate: the node (twice: the arena grows by
+/// doubling), its name's allocation and its share of its directory's
+/// B-tree; a directory adds a leaf of its own.
+pub const NODE_BYTES: u64 = 2 * std::mem::size_of::<Node>() as u64 + 64;
+pub const DIR_BYTES: u64 = 512;
+
+/// What a flatten has spent of its [`Bounds`].
+struct Spent {
+    bounds: Bounds,
+    nodes: u64,
+    memory: u64,
+}
+
+impl Spent {
+    fn nodes(&mut self, n: u64) -> Result<(), Refusal> {
+        self.nodes += n;
+        if self.nodes > self.bounds.max_nodes {
+            return Err(Refusal::TooManyNodes(self.bounds.max_nodes));
+        }
+        Ok(())
+    }
+
+    fn memory(&mut self, bytes: u64) -> Result<(), Refusal> {
+        self.memory += bytes;
+        if self.memory > self.bounds.max_memory {
+            return Err(Refusal::TooMuchMemory(self.bounds.max_memory));
+        }
+        Ok(())
+    }
+
+    /// A node made: counted, with what it holds beyond its estimate.
+    fn made(&mut self, kind: &NodeKind, meta: &Meta, name: &str) -> Result<(), Refusal> {
+        self.nodes(1)?;
+        let held = match kind {
+            NodeKind::Dir(_) => DIR_BYTES,
+            NodeKind::Symlink(target) => target.len() as u64,
+            _ => 0,
+        };
+        self.memory(NODE_BYTES + name.len() as u64 + held + xattr_bytes(meta))
+    }
+}
+
+/// Bytes a node's xattrs hold, with their allocations.
+pub fn xattr_bytes(meta: &Meta) -> u64 {
+    meta.xattrs
+        .iter()
+        .map(|(name, value)| (name.len() + value.len() + 64) as u64)
+        .sum()
 }
 
 /// As the kernel's limit on symlinks followed in one lookup.
@@ -135,6 +211,8 @@ pub struct Node {
 #[derive(Debug, Clone)]
 pub struct Tree {
     pub nodes: Vec<Node>,
+    /// Bytes it holds, by the estimate its bounds were held to.
+    pub memory: u64,
 }
 
 pub const ROOT: NodeId = 0;
@@ -208,8 +286,8 @@ impl Tree {
     }
 }
 
-/// Applies `top_down` (the top layer first) bottom-up.
-pub fn flatten(top_down: &[Layer]) -> Result<Tree, FlattenError> {
+/// Applies `top_down` (the top layer first) bottom-up, within `bounds`.
+pub fn flatten(top_down: &[Layer], bounds: Bounds) -> Result<Tree, FlattenError> {
     let mut tree = Tree {
         nodes: vec![Node {
             kind: NodeKind::Dir(BTreeMap::new()),
@@ -218,18 +296,25 @@ pub fn flatten(top_down: &[Layer]) -> Result<Tree, FlattenError> {
                 ..Meta::default()
             },
         }],
+        memory: 0,
+    };
+    let mut spent = Spent {
+        bounds,
+        nodes: 1,
+        memory: bounds.entries_memory + NODE_BYTES + DIR_BYTES,
     };
     // Layer numbers count up from the bottom, so "lower" is "smaller".
     for (depth, layer) in top_down.iter().rev().enumerate() {
         let level = depth + 1;
         for entry in &layer.entries {
-            apply(&mut tree, level, entry).map_err(|reason| FlattenError {
+            apply(&mut tree, &mut spent, level, entry).map_err(|reason| FlattenError {
                 layer: layer.name.clone(),
                 entry: entry.path.clone(),
                 reason,
             })?;
         }
     }
+    tree.memory = spent.memory - bounds.entries_memory;
     Ok(tree)
 }
 
@@ -253,12 +338,13 @@ fn clean(path: &str) -> Result<Vec<&str>, Refusal> {
     Ok(parts)
 }
 
-fn apply(tree: &mut Tree, level: usize, entry: &Entry) -> Result<(), Refusal> {
+fn apply(tree: &mut Tree, spent: &mut Spent, level: usize, entry: &Entry) -> Result<(), Refusal> {
     let parts = clean(&entry.path)?;
     let Some((&name, parents)) = parts.split_last() else {
         // The root itself: its metadata, if it stays a directory.
         return match entry.kind {
             EntryKind::Dir => {
+                spent.memory(xattr_bytes(&entry.meta))?;
                 tree.nodes[ROOT].meta = entry.meta.clone();
                 Ok(())
             }
@@ -266,8 +352,8 @@ fn apply(tree: &mut Tree, level: usize, entry: &Entry) -> Result<(), Refusal> {
         };
     };
     if name == OPAQUE {
-        if let Some(dir) = resolve_dir(tree, parents, level, false)? {
-            prune_lower(tree, dir, level);
+        if let Some(dir) = resolve_dir(tree, spent, parents, level, false)? {
+            prune_lower(tree, spent, dir, level)?;
         }
         return Ok(());
     }
@@ -275,7 +361,7 @@ fn apply(tree: &mut Tree, level: usize, entry: &Entry) -> Result<(), Refusal> {
         if matches!(hidden, "" | "." | "..") {
             return Err(Refusal::WhiteoutOfRoot);
         }
-        let Some(dir) = resolve_dir(tree, parents, level, false)? else {
+        let Some(dir) = resolve_dir(tree, spent, parents, level, false)? else {
             return Ok(()); // Nothing there to hide.
         };
         let children = dir_children(tree, dir);
@@ -288,10 +374,12 @@ fn apply(tree: &mut Tree, level: usize, entry: &Entry) -> Result<(), Refusal> {
         }
         return Ok(());
     }
-    let dir = resolve_dir(tree, parents, level, true)?.ok_or(Refusal::AboveRoot)?;
+    let dir = resolve_dir(tree, spent, parents, level, true)?.ok_or(Refusal::AboveRoot)?;
     let kind = match &entry.kind {
         EntryKind::Hardlink(target) => {
-            let node = hardlink_target(tree, target, level)?;
+            let node = hardlink_target(tree, spent, target, level)?;
+            spent.nodes(1)?;
+            spent.memory(NODE_BYTES + name.len() as u64)?;
             set_child(tree, dir, name, Child { node, layer: level });
             return Ok(());
         }
@@ -300,6 +388,7 @@ fn apply(tree: &mut Tree, level: usize, entry: &Entry) -> Result<(), Refusal> {
             if let Some(node) = existing
                 && matches!(tree.nodes[node].kind, NodeKind::Dir(_))
             {
+                spent.memory(xattr_bytes(&entry.meta))?;
                 tree.nodes[node].meta = entry.meta.clone();
                 set_child(tree, dir, name, Child { node, layer: level });
                 return Ok(());
@@ -321,6 +410,7 @@ fn apply(tree: &mut Tree, level: usize, entry: &Entry) -> Result<(), Refusal> {
         },
         EntryKind::Fifo => NodeKind::Fifo,
     };
+    spent.made(&kind, &entry.meta, name)?;
     let node = tree.nodes.len();
     tree.nodes.push(Node {
         kind,
@@ -343,22 +433,62 @@ fn set_child(tree: &mut Tree, dir: NodeId, name: &str, child: Child) {
 }
 
 /// Removes what lower layers put under `dir`, keeping this layer's
-/// entries (and the directories on the way to them).
-fn prune_lower(tree: &mut Tree, dir: NodeId, level: usize) {
-    let names: Vec<(String, Child)> = tree
-        .children(dir)
-        .map(|c| c.iter().map(|(n, c)| (n.clone(), *c)).collect())
-        .unwrap_or_default();
-    for (name, child) in names {
-        let is_dir = matches!(tree.nodes[child.node].kind, NodeKind::Dir(_));
-        if is_dir && child.node != dir {
-            prune_lower(tree, child.node, level);
+/// entries (and the directories on the way to them). Post-order, on a
+/// stack of its own: each directory is pruned before its parent decides
+/// whether the emptied directory goes too.
+fn prune_lower(
+    tree: &mut Tree,
+    spent: &mut Spent,
+    dir: NodeId,
+    level: usize,
+) -> Result<(), Refusal> {
+    // A directory on the stack, with its subdirectories still to prune.
+    let subdirs = |tree: &Tree, dir: NodeId| -> Vec<NodeId> {
+        tree.children(dir)
+            .map(|c| {
+                c.values()
+                    .map(|c| c.node)
+                    .filter(|&n| n != dir && matches!(tree.nodes[n].kind, NodeKind::Dir(_)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Every entry of every directory walked counts: an opaque marker
+    // repeated over a large directory is work, whatever it removes.
+    let walked = |tree: &Tree, dir: NodeId| tree.children(dir).map_or(0, |c| c.len() as u64);
+    spent.nodes(walked(tree, dir))?;
+    let mut stack = vec![(dir, subdirs(tree, dir))];
+    while let Some((at, pending)) = stack.last_mut() {
+        if let Some(next) = pending.pop() {
+            spent.nodes(walked(tree, next))?;
+            let below = subdirs(tree, next);
+            stack.push((next, below));
+            continue;
         }
-        let emptied = is_dir && tree.children(child.node).is_some_and(|c| c.is_empty());
-        if child.layer < level && (!is_dir || emptied) {
-            dir_children(tree, dir).remove(&name);
+        let at = *at;
+        stack.pop();
+        let children = dir_children(tree, at);
+        let lower: Vec<String> = children
+            .iter()
+            .filter(|(_, c)| c.layer < level)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in lower {
+            let Some(child) = tree.children(at).and_then(|c| c.get(&name)).copied() else {
+                continue;
+            };
+            let kept = match tree.children(child.node) {
+                // A directory of a lower layer stays if this layer put
+                // something in it.
+                Some(inside) => child.node != at && !inside.is_empty(),
+                None => false,
+            };
+            if !kept {
+                dir_children(tree, at).remove(&name);
+            }
         }
     }
+    Ok(())
 }
 
 /// The directory `parts` names from the root, following symlinks inside
@@ -366,6 +496,7 @@ fn prune_lower(tree: &mut Tree, dir: NodeId, level: usize) {
 /// makes an entry's parents); without, a missing one answers `None`.
 fn resolve_dir(
     tree: &mut Tree,
+    spent: &mut Spent,
     parts: &[&str],
     level: usize,
     create: bool,
@@ -396,14 +527,16 @@ fn resolve_dir(
             if !create {
                 return Ok(None);
             }
-            let node = tree.nodes.len();
-            tree.nodes.push(Node {
+            let implied = Node {
                 kind: NodeKind::Dir(BTreeMap::new()),
                 meta: Meta {
                     mode: 0o755,
                     ..Meta::default()
                 },
-            });
+            };
+            spent.made(&implied.kind, &implied.meta, &part)?;
+            let node = tree.nodes.len();
+            tree.nodes.push(implied);
             set_child(tree, at, &part, Child { node, layer: level });
             stack.push(node);
             continue;
@@ -418,7 +551,9 @@ fn resolve_dir(
                 if target.starts_with('/') {
                     stack.truncate(1);
                 }
-                for piece in target.split('/').rev() {
+                let pieces: Vec<&str> = target.split('/').collect();
+                spent.nodes(pieces.len() as u64)?;
+                for piece in pieces.into_iter().rev() {
                     todo.push_front(piece.to_string());
                 }
             }
@@ -430,11 +565,16 @@ fn resolve_dir(
 
 /// A hardlink's target: its parents resolved inside the tree, its last
 /// component not followed (a link to a symlink links the symlink).
-fn hardlink_target(tree: &mut Tree, target: &str, level: usize) -> Result<NodeId, Refusal> {
+fn hardlink_target(
+    tree: &mut Tree,
+    spent: &mut Spent,
+    target: &str,
+    level: usize,
+) -> Result<NodeId, Refusal> {
     let missing = || Refusal::HardlinkTargetMissing(target.to_string());
     let parts = clean(target)?;
     let (&name, parents) = parts.split_last().ok_or_else(missing)?;
-    let dir = resolve_dir(tree, parents, level, false)?.ok_or_else(missing)?;
+    let dir = resolve_dir(tree, spent, parents, level, false)?.ok_or_else(missing)?;
     let node = tree
         .children(dir)
         .and_then(|c| c.get(name))
@@ -499,11 +639,112 @@ mod tests {
         }
     }
 
+    const LOOSE: Bounds = Bounds {
+        max_nodes: u64::MAX,
+        max_memory: u64::MAX,
+        entries_memory: 0,
+    };
+
     /// Layers given bottom-up, as tests read best.
     fn bottom_up(layers: Vec<Vec<Entry>>) -> Result<Tree, FlattenError> {
+        bounded(layers, LOOSE)
+    }
+
+    fn bounded(layers: Vec<Vec<Entry>>, bounds: Bounds) -> Result<Tree, FlattenError> {
         let mut layers: Vec<Layer> = layers.into_iter().map(layer).collect();
         layers.reverse();
-        flatten(&layers)
+        flatten(&layers, bounds)
+    }
+
+    /// `a/a/.../a`, `depth` components.
+    fn chain(depth: usize) -> String {
+        vec!["a"; depth].join("/")
+    }
+
+    #[test]
+    fn an_opaque_directory_over_a_chain_deeper_than_any_stack_is_pruned() {
+        // A symlink into a deep chain, a file through it, then the chain's
+        // top made opaque: the prune walks 200,000 levels.
+        let depth = 200_000;
+        let tree = bottom_up(vec![
+            vec![symlink("s", &chain(depth)), file("s/f", 1)],
+            vec![file("a/.wh..wh..opq", 0), file("a/kept", 2)],
+        ])
+        .expect("flatten");
+        assert_eq!(offset(&tree, "a/kept"), Some(2));
+        assert_eq!(tree.lookup("a/a"), None, "the lower chain is gone");
+        assert!(tree.census().inodes < 10, "{:?}", tree.census());
+    }
+
+    #[test]
+    fn implied_directories_count_against_the_node_bound() {
+        // 1,000 entries under unique 1,000-deep paths: a million implied
+        // directories from a few thousand bytes of names.
+        let entries: Vec<Entry> = (0..1_000)
+            .map(|i| file(&format!("d{i}/{}/f", chain(999)), i))
+            .collect();
+        let bounds = Bounds {
+            max_nodes: 100_000,
+            ..LOOSE
+        };
+        let refused = refusal(bounded(vec![entries.clone()], bounds));
+        assert_eq!(refused, Refusal::TooManyNodes(100_000));
+        assert!(refused.to_string().contains("image.max_nodes"));
+        let bounds = Bounds {
+            max_memory: 64 << 20,
+            ..LOOSE
+        };
+        let refused = refusal(bounded(vec![entries], bounds));
+        assert_eq!(refused, Refusal::TooMuchMemory(64 << 20));
+        assert!(refused.to_string().contains("image.max_memory_mib"));
+    }
+
+    #[test]
+    fn paths_through_symlinks_count_against_the_node_bound() {
+        // Each entry walks a 2,000-component link 40 times: no node is
+        // made, and still the walk is bounded.
+        let mut entries = vec![dir("d"), symlink("l", &vec![".."; 2_000].join("/"))];
+        entries.extend((0..20).map(|i| file(&format!("{}/d/f{i}", vec!["l"; 40].join("/")), i)));
+        let bounds = Bounds {
+            max_nodes: 1_000_000,
+            ..LOOSE
+        };
+        assert_eq!(
+            refusal(bounded(vec![entries.clone()], bounds)),
+            Refusal::TooManyNodes(1_000_000)
+        );
+        let tree = bottom_up(vec![entries]).expect("unbounded");
+        assert_eq!(offset(&tree, "d/f19"), Some(19));
+    }
+
+    #[test]
+    fn opaque_markers_repeated_over_a_large_directory_count_their_walks() {
+        let mut entries: Vec<Entry> = (0..10_000).map(|i| file(&format!("d/f{i}"), i)).collect();
+        entries.extend((0..10_000).map(|_| file("d/.wh..wh..opq", 0)));
+        let bounds = Bounds {
+            max_nodes: 1_000_000,
+            ..LOOSE
+        };
+        assert_eq!(
+            refusal(bounded(vec![entries], bounds)),
+            Refusal::TooManyNodes(1_000_000)
+        );
+    }
+
+    #[test]
+    fn the_entries_memory_counts_and_the_tree_reports_its_own() {
+        let entries = vec![dir("etc"), file("etc/passwd", 1)];
+        let tree = bottom_up(vec![entries.clone()]).expect("flatten");
+        assert!(tree.memory >= 3 * NODE_BYTES, "{}", tree.memory);
+        let bounds = Bounds {
+            max_memory: 1 << 20,
+            entries_memory: 1 << 20,
+            ..LOOSE
+        };
+        assert_eq!(
+            refusal(bounded(vec![entries], bounds)),
+            Refusal::TooMuchMemory(1 << 20)
+        );
     }
 
     fn offset(tree: &Tree, path: &str) -> Option<u64> {

@@ -49,6 +49,10 @@ pub enum ImportError {
         dir.display()
     )]
     NoSpace { dir: PathBuf, need: u64, free: u64 },
+    #[error(
+        "the image needs about {need} MiB to build its ext4, more than the {cap} MiB allowed (image.max_memory_mib)"
+    )]
+    Memory { need: u64, cap: u64 },
     #[error("name: {0}")]
     Name(String),
     #[error(
@@ -202,10 +206,15 @@ fn store_blobs(
         }
         let (mut reader, len) = request.source.open(&blob.member)?;
         let cap = blob.size.unwrap_or(store.limits.max_unpacked_bytes);
+        let setting = match blob.size {
+            Some(_) => "bytes, the size its descriptor states",
+            None => "bytes; image.max_unpacked_mib",
+        };
         if len > cap {
             return Err(SourceError::TooLarge {
                 name: blob.member.clone(),
                 cap,
+                setting,
             }
             .into());
         }
@@ -229,6 +238,7 @@ fn store_blobs(
                 return Err(SourceError::TooLarge {
                     name: blob.member.clone(),
                     cap,
+                    setting,
                 }
                 .into());
             }
@@ -290,6 +300,8 @@ fn build_disk(
     layers: &[LayerRecord],
     disk: &Path,
 ) -> Result<(), ImportError> {
+    // Dropped last, after the tree and the entries.
+    let _give_back = crate::host::HeapTrim;
     fs::create_dir_all(&store.images).map_err(io_err("create", &store.images))?;
     let budget = Budget::default();
     let total: u64 = layers.iter().map(|l| l.size).sum();
@@ -306,9 +318,23 @@ fn build_disk(
     let (mut top_down, spools): (Vec<Layer>, Vec<File>) =
         read.into_iter().map(|r| (r.layer, r.spool)).unzip();
     top_down.reverse();
-    let tree = flatten::flatten(&top_down)?;
+    let limits = store.limits;
+    let bounds = flatten::Bounds {
+        max_nodes: limits.max_nodes,
+        max_memory: limits.max_memory_bytes,
+        entries_memory: budget.memory.load(Ordering::Relaxed),
+    };
+    let tree = flatten::flatten(&top_down, bounds)?;
     drop(top_down);
     let census = tree.census();
+    // The tree stays while the ext4 is built: both within the one bound.
+    let building = tree.memory + ext4::build_memory(&census);
+    if building > limits.max_memory_bytes {
+        return Err(ImportError::Memory {
+            need: building.div_ceil(1 << 20),
+            cap: limits.max_memory_bytes >> 20,
+        });
+    }
     let (size, _) = ext4::size_for(&census, 0);
     let free = free_bytes(&store.images)?;
     if free < size {
@@ -376,10 +402,17 @@ fn read_layers(
     request: &Request<'_>,
     total: u64,
 ) -> Result<Vec<layer::ReadLayer>, ImportError> {
+    // Each reading thread's buffers count against the memory bound: as
+    // many threads as cores, and as a quarter of the bound holds.
+    let affordable = (store.limits.max_memory_bytes / 4 / layer::LAYER_READ_BYTES).max(1);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(layers.len())
+        .min(usize::try_from(affordable).unwrap_or(usize::MAX))
         .max(1);
+    budget
+        .memory
+        .fetch_add(threads as u64 * layer::LAYER_READ_BYTES, Ordering::Relaxed);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let (done, results) = crossbeam_channel::bounded(layers.len().max(1));
     std::thread::scope(|scope| {

@@ -8,6 +8,7 @@
 //! checked before anything of an entry is read, and shared by all layers
 //! of one import.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use sha2::{Digest, Sha256};
 
 use super::flatten::{DataRef, Entry, EntryKind, Layer, Meta};
+use super::{MAX_HEADER_BYTES, Metered, Rearm};
 
 /// The bounds of one import, configurable (`image.*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +24,16 @@ pub struct Limits {
     pub max_entries: u64,
     pub max_unpacked_bytes: u64,
     pub max_path_bytes: usize,
+    /// Nodes the flatten makes or walks (`flatten::Bounds`).
+    pub max_nodes: u64,
+    /// Bytes the entries, the flatten and the ext4 build hold, by
+    /// estimate.
+    pub max_memory_bytes: u64,
+    /// The most an index, manifest or config may hold, and an archive's
+    /// members (`image.max_metadata_kib`; members by `max_entries`).
+    pub max_metadata_bytes: u64,
+    /// Layers of one image.
+    pub max_layers: usize,
 }
 
 impl Limits {
@@ -29,8 +41,22 @@ impl Limits {
         max_entries: 1_000_000,
         max_unpacked_bytes: 64 << 30,
         max_path_bytes: 4096,
+        max_nodes: 1_000_000,
+        max_memory_bytes: 2 << 30,
+        max_metadata_bytes: 4 << 20,
+        max_layers: 256,
     };
 }
+
+/// The longest symlink or hardlink target, as Linux's (PATH_MAX less
+/// its terminator).
+pub const MAX_LINK_TARGET: usize = 4095;
+
+/// The most extended attributes one entry may carry.
+pub const MAX_XATTRS: usize = 64;
+
+/// What an entry holds beyond its path and link target, by estimate.
+const ENTRY_BYTES: u64 = 2 * std::mem::size_of::<Entry>() as u64 + 64;
 
 /// What all layers of one import have used of its [`Limits`], and whether
 /// it was cancelled.
@@ -38,6 +64,8 @@ impl Limits {
 pub struct Budget {
     pub entries: AtomicU64,
     pub bytes: AtomicU64,
+    /// Bytes the entries read so far hold, by estimate.
+    pub memory: AtomicU64,
     /// Compressed bytes read, for progress.
     pub read: AtomicU64,
     pub cancelled: AtomicBool,
@@ -84,6 +112,13 @@ pub struct ReadLayer {
     pub diff_id: String,
 }
 
+/// The largest zstd window a layer may use: 16 MiB.
+const ZSTD_WINDOW_LOG: u32 = 24;
+
+/// What reading one layer holds besides its entries: its buffers (the
+/// blob's, the spool's, a PAX record's) and a zstd window.
+pub const LAYER_READ_BYTES: u64 = (3 << 20) + (1 << ZSTD_WINDOW_LOG);
+
 const GZIP: [u8; 2] = [0x1f, 0x8b];
 const ZSTD: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
@@ -112,7 +147,11 @@ pub fn read_layer(
     let plain: Box<dyn Read + '_> = if magic.starts_with(&GZIP) {
         Box::new(flate2::bufread::MultiGzDecoder::new(blob))
     } else if magic.starts_with(&ZSTD) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(blob).map_err(read_err)?)
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(blob).map_err(read_err)?;
+        // A frame may ask for a window of up to 128 MiB; layers need far
+        // less (zstd's default levels use at most 8 MiB).
+        decoder.window_log_max(ZSTD_WINDOW_LOG).map_err(read_err)?;
+        Box::new(decoder)
     } else {
         Box::new(blob)
     };
@@ -123,12 +162,33 @@ pub fn read_layer(
     let mut spool = BufWriter::with_capacity(1 << 20, spool);
     let mut spooled = 0u64;
     let mut entries = Vec::new();
-    let mut archive = tar::Archive::new(&mut hashed);
+    let header_room = Cell::new(MAX_HEADER_BYTES);
+    let mut archive = tar::Archive::new(Metered {
+        inner: &mut hashed,
+        left: &header_room,
+    });
     for entry in archive.entries().map_err(read_err)? {
         if budget.cancelled.load(Ordering::Relaxed) {
             return Err(LayerError::Cancelled);
         }
-        let mut entry = entry.map_err(read_err)?;
+        let mut entry = entry.map_err(|source| match header_room.get() {
+            0 => LayerError::TooLarge {
+                layer: name.to_string(),
+                what: "bytes of headers for one entry",
+                cap: MAX_HEADER_BYTES,
+                setting: "a fixed bound",
+            },
+            _ => read_err(source),
+        })?;
+        // Headers, PAX records included, are read within the bound; a
+        // file's data is bounded by the other limits and read with it
+        // lifted. It holds again from the end of this entry to the next.
+        let _rearm = Rearm(&header_room);
+        // Global PAX headers carry nothing banger keeps; their data is
+        // skipped within the bound.
+        if entry.header().entry_type() == tar::EntryType::XGlobalHeader {
+            continue;
+        }
         if budget.entries.fetch_add(1, Ordering::Relaxed) >= limits.max_entries {
             return Err(LayerError::TooLarge {
                 layer: name.to_string(),
@@ -166,6 +226,7 @@ pub fn read_layer(
                         setting: "image.max_unpacked_mib",
                     });
                 }
+                header_room.set(u64::MAX);
                 let copied = io::copy(&mut entry, &mut spool).map_err(|source| {
                     // Either end may fail; the layer's read names both.
                     LayerError::Spool {
@@ -195,10 +256,37 @@ pub fn read_layer(
                 EntryKind::Block { major, minor }
             }
             tar::EntryType::Fifo => EntryKind::Fifo,
-            // Global PAX headers carry nothing banger keeps.
-            tar::EntryType::XGlobalHeader => continue,
             other => return Err(refuse(format!("its type {other:?} is not supported"))),
         };
+        // Data a non-file entry carries is counted and skipped.
+        if !matches!(kind, EntryKind::File { .. }) && entry.size() > 0 {
+            let size = entry.size();
+            if budget.bytes.fetch_add(size, Ordering::Relaxed) + size > limits.max_unpacked_bytes {
+                return Err(LayerError::TooLarge {
+                    layer: name.to_string(),
+                    what: "bytes of files",
+                    cap: limits.max_unpacked_bytes,
+                    setting: "image.max_unpacked_mib",
+                });
+            }
+            header_room.set(u64::MAX);
+            io::copy(&mut entry, &mut io::sink()).map_err(read_err)?;
+        }
+        let held = ENTRY_BYTES
+            + path.len() as u64
+            + match &kind {
+                EntryKind::Symlink(target) | EntryKind::Hardlink(target) => target.len() as u64,
+                _ => 0,
+            }
+            + super::flatten::xattr_bytes(&meta);
+        if budget.memory.fetch_add(held, Ordering::Relaxed) + held > limits.max_memory_bytes {
+            return Err(LayerError::TooLarge {
+                layer: name.to_string(),
+                what: "bytes of memory to hold its entries",
+                cap: limits.max_memory_bytes,
+                setting: "image.max_memory_mib",
+            });
+        }
         entries.push(Entry { path, kind, meta });
     }
     // Whatever follows the archive's end belongs to its digest too.
@@ -228,6 +316,12 @@ pub fn read_layer(
 
 fn link_of<R: Read>(entry: &tar::Entry<R>) -> Result<String, String> {
     let target = entry.link_name_bytes().ok_or("it names no link target")?;
+    if target.len() > MAX_LINK_TARGET {
+        return Err(format!(
+            "its link target is {} bytes long, more than the {MAX_LINK_TARGET} Linux allows",
+            target.len()
+        ));
+    }
     String::from_utf8(target.into_owned()).map_err(|_| "its link target is not UTF-8".into())
 }
 
@@ -244,7 +338,10 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<R>) -> Result<Meta, String> {
         mode: (header.mode().map_err(|e| e.to_string())? & 0o7777) as u16,
         uid: header.uid().map_err(|e| e.to_string())? as u32,
         gid: header.gid().map_err(|e| e.to_string())? as u32,
-        mtime: (header.mtime().map_err(|e| e.to_string())? as i64, 0),
+        mtime: (
+            i64::try_from(header.mtime().map_err(|e| e.to_string())?).unwrap_or(i64::MAX),
+            0,
+        ),
         xattrs: Vec::new(),
     };
     if let Some(extensions) = entry.pax_extensions().map_err(|e| e.to_string())? {
@@ -268,6 +365,11 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<R>) -> Result<Meta, String> {
                 }
                 _ => {
                     if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                        if meta.xattrs.len() == MAX_XATTRS {
+                            return Err(format!(
+                                "it has more than {MAX_XATTRS} extended attributes"
+                            ));
+                        }
                         meta.xattrs
                             .push((name.to_string(), extension.value_bytes().to_vec()));
                     }
@@ -275,8 +377,14 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<R>) -> Result<Meta, String> {
             }
         }
     }
+    // ext4 holds 1901 to 2446 (34 bits of seconds from 1970 less 2^31).
+    meta.mtime.0 = meta.mtime.0.clamp(EXT4_TIME.0, EXT4_TIME.1);
+    meta.mtime.1 = meta.mtime.1.min(999_999_999);
     Ok(meta)
 }
+
+/// The seconds an ext4 inode's time can hold.
+const EXT4_TIME: (i64, i64) = (-(1 << 31), (1 << 34) - (1 << 31) - 1);
 
 /// A PAX time, `seconds[.fraction]`.
 fn pax_time(value: &str) -> Option<(i64, u32)> {
@@ -445,5 +553,49 @@ mod tests {
             refused.to_string().contains("image.max_path_bytes"),
             "{refused}"
         );
+        let tight = Limits {
+            max_memory_bytes: ENTRY_BYTES,
+            ..Limits::DEFAULT
+        };
+        let refused = read(&plain, tight).err().expect("memory");
+        assert!(
+            refused.to_string().contains("image.max_memory_mib"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn an_entry_s_headers_are_bounded_before_they_are_read_whole() {
+        let long = tar_of(|b| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(0);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            // A GNU long name of 2 MiB: the tar reader would hold it all.
+            b.append_data(&mut header, "x/".repeat(1 << 20), &b""[..])
+                .expect("append");
+        });
+        let refused = read(&long, Limits::DEFAULT).err().expect("too long");
+        assert!(
+            refused.to_string().contains("bytes of headers"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_link_target_longer_than_linux_allows_is_refused_at_its_header() {
+        let long = tar_of(|b| {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            header.set_mode(0o777);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            b.append_link(&mut header, "s", "a/".repeat(2_048))
+                .expect("append");
+        });
+        let refused = read(&long, Limits::DEFAULT).err().expect("too long");
+        assert!(refused.to_string().contains("4095"), "{refused}");
     }
 }

@@ -224,6 +224,48 @@ impl std::io::Read for Section<'_> {
     }
 }
 
+/// The most the tar reader may take into memory for one entry's headers
+/// (its GNU long name and link, its PAX records): it reads them whole.
+pub const MAX_HEADER_BYTES: u64 = 1 << 20;
+
+/// Reads at most `left` bytes (`u64::MAX`: no bound), then fails.
+pub(crate) struct Metered<'a, R> {
+    pub inner: R,
+    pub left: &'a std::cell::Cell<u64>,
+}
+
+impl<R: std::io::Read> std::io::Read for Metered<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left.get();
+        if left == 0 {
+            return Err(std::io::Error::other(format!(
+                "an entry's headers hold more than {MAX_HEADER_BYTES} bytes"
+            )));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if left != u64::MAX {
+            self.left.set(left - n as u64);
+        }
+        Ok(n)
+    }
+}
+
+/// Puts the bound on headers back when an entry is done with.
+pub(crate) struct Rearm<'a>(pub &'a std::cell::Cell<u64>);
+
+impl Drop for Rearm<'_> {
+    fn drop(&mut self) {
+        self.0.set(MAX_HEADER_BYTES);
+    }
+}
+
+impl<R: std::io::Seek> std::io::Seek for Metered<'_, R> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(to)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! checked against their digests before they are parsed; a multi-arch
 //! index resolves to linux/amd64. Blocking.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::Path;
@@ -18,11 +19,9 @@ use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageMan
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::Section;
+use super::layer::Limits;
+use super::{MAX_HEADER_BYTES, Metered, Rearm, Section};
 use crate::caller::{Fd, Watch};
-
-/// The most an index, manifest, config or docker `manifest.json` may hold.
-pub const MAX_METADATA: u64 = 4 << 20;
 
 /// Opens a name inside a directory (with the caller's authority).
 pub type Opener = Box<dyn Fn(&str) -> io::Result<Fd> + Send + Sync>;
@@ -34,6 +33,7 @@ pub struct Source {
     /// As the caller named it.
     path: Arc<Path>,
     watch: Watch,
+    limits: Limits,
 }
 
 enum Held {
@@ -55,8 +55,12 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
-    #[error("{name} holds more than {cap} bytes")]
-    TooLarge { name: String, cap: u64 },
+    #[error("{name} holds more than {cap} {setting}")]
+    TooLarge {
+        name: String,
+        cap: u64,
+        setting: &'static str,
+    },
     #[error("{name} does not match its digest: expected {expected}, found {found}")]
     Digest {
         name: String,
@@ -112,29 +116,66 @@ pub struct Resolved {
 
 impl Source {
     /// A layout directory at `path`, its files opened by `open`.
-    pub fn dir(open: Opener, path: &Path, watch: Watch) -> Source {
+    pub fn dir(open: Opener, path: &Path, watch: Watch, limits: Limits) -> Source {
         Source {
             held: Held::Dir(open),
             path: Arc::from(path),
             watch,
+            limits,
         }
     }
 
-    /// The archive `file` at `path`: its members, from its headers alone.
-    pub fn archive(file: Fd, path: &Path, watch: Watch) -> Result<Source, SourceError> {
+    /// The archive `file` at `path`: its members, from its headers alone
+    /// (at most `image.max_entries` of them).
+    pub fn archive(
+        file: Fd,
+        path: &Path,
+        watch: Watch,
+        limits: Limits,
+    ) -> Result<Source, SourceError> {
         let read_err = |source| SourceError::Read {
             name: "the archive".into(),
             source,
         };
         let path: Arc<Path> = Arc::from(path);
         let mut members = HashMap::new();
+        let (mut seen, mut name_bytes) = (0u64, 0u64);
         {
-            let reader = watch.reader(path.clone(), io::BufReader::new(&*file));
+            let header_room = Cell::new(MAX_HEADER_BYTES);
+            let reader = Metered {
+                inner: watch.reader(path.clone(), io::BufReader::new(&*file)),
+                left: &header_room,
+            };
             let mut archive = tar::Archive::new(reader);
             for entry in archive.entries_with_seek().map_err(read_err)? {
-                let entry = entry.map_err(read_err)?;
+                let entry = entry.map_err(|source| match header_room.get() {
+                    0 => SourceError::TooLarge {
+                        name: "one archive member's header".into(),
+                        cap: MAX_HEADER_BYTES,
+                        setting: "bytes (a fixed bound)",
+                    },
+                    _ => read_err(source),
+                })?;
+                let _rearm = Rearm(&header_room);
+                seen += 1;
+                if seen > limits.max_entries {
+                    return Err(SourceError::TooLarge {
+                        name: "the archive".into(),
+                        cap: limits.max_entries,
+                        setting: "members; image.max_entries",
+                    });
+                }
                 if entry.header().entry_type().is_file() {
                     let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+                    // Their names are held: bounded as metadata is.
+                    name_bytes += name.len() as u64;
+                    if name_bytes > limits.max_metadata_bytes {
+                        return Err(SourceError::TooLarge {
+                            name: "the archive's member names".into(),
+                            cap: limits.max_metadata_bytes,
+                            setting: "bytes; image.max_metadata_kib",
+                        });
+                    }
                     let name = name.trim_start_matches("./").to_string();
                     members.insert(name, (entry.raw_file_position(), entry.size()));
                 }
@@ -144,6 +185,7 @@ impl Source {
             held: Held::Archive { file, members },
             path,
             watch,
+            limits,
         })
     }
 
@@ -204,17 +246,19 @@ impl Source {
     fn read_small(&self, name: &str) -> Result<Vec<u8>, SourceError> {
         let (reader, _) = self.open(name)?;
         let mut bytes = Vec::new();
+        let cap = self.limits.max_metadata_bytes;
         reader
-            .take(MAX_METADATA + 1)
+            .take(cap + 1)
             .read_to_end(&mut bytes)
             .map_err(|source| SourceError::Read {
                 name: name.to_string(),
                 source,
             })?;
-        if bytes.len() as u64 > MAX_METADATA {
+        if bytes.len() as u64 > cap {
             return Err(SourceError::TooLarge {
                 name: name.to_string(),
-                cap: MAX_METADATA,
+                cap,
+                setting: "bytes; image.max_metadata_kib",
             });
         }
         Ok(bytes)
@@ -309,19 +353,22 @@ fn resolve_layout(source: &Source, archive: bool) -> Result<Resolved, SourceErro
                 })
             })
             .collect::<Result<Vec<_>, SourceError>>()?;
-        return checked(Resolved {
-            format: if archive {
-                Format::OciArchive
-            } else {
-                Format::OciLayout
+        return checked(
+            source.limits.max_layers,
+            Resolved {
+                format: if archive {
+                    Format::OciArchive
+                } else {
+                    Format::OciLayout
+                },
+                manifest_digest: Some(digest),
+                config_digest,
+                config_bytes,
+                config,
+                layers,
+                ref_name,
             },
-            manifest_digest: Some(digest),
-            config_digest,
-            config_bytes,
-            config,
-            layers,
-            ref_name,
-        });
+        );
     }
     Err(SourceError::Invalid {
         name: "index.json".into(),
@@ -397,23 +444,33 @@ fn resolve_docker(source: &Source) -> Result<Resolved, SourceError> {
             media_type: "application/vnd.docker.image.rootfs.diff.tar".into(),
         })
         .collect();
-    checked(Resolved {
-        format: Format::DockerArchive,
-        manifest_digest: None,
-        config_digest,
-        config_bytes,
-        config,
-        layers,
-        ref_name: manifest
-            .repo_tags
-            .as_ref()
-            .and_then(|tags| tags.first().cloned()),
-    })
+    checked(
+        source.limits.max_layers,
+        Resolved {
+            format: Format::DockerArchive,
+            manifest_digest: None,
+            config_digest,
+            config_bytes,
+            config,
+            layers,
+            ref_name: manifest
+                .repo_tags
+                .as_ref()
+                .and_then(|tags| tags.first().cloned()),
+        },
+    )
 }
 
 /// One diff_id per layer: each layer's uncompressed digest is held
-/// against it.
-fn checked(resolved: Resolved) -> Result<Resolved, SourceError> {
+/// against it; at most `max_layers` of them.
+fn checked(max_layers: usize, resolved: Resolved) -> Result<Resolved, SourceError> {
+    if resolved.layers.len() > max_layers {
+        return Err(SourceError::TooLarge {
+            name: "the image".into(),
+            cap: max_layers as u64,
+            setting: "layers; image.max_layers",
+        });
+    }
     let diff_ids = resolved.config.rootfs().diff_ids().len();
     if diff_ids != resolved.layers.len() {
         return Err(SourceError::Invalid {

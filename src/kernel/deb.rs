@@ -244,6 +244,39 @@ mod tests {
     }
 
     #[test]
+    fn a_package_whose_modules_chain_past_the_depth_bound_is_refused() {
+        // virtio_blk, a guest module, depends on m0, which depends on m1,
+        // ... on m9999: a package chooses how deep the walk goes.
+        let depth = 10_000;
+        let names: Vec<String> = (0..depth).map(|i| format!("m{i}")).collect();
+        let kos: Vec<(String, Vec<u8>)> = (0..depth)
+            .map(|i| {
+                let depends: Vec<&str> = names.get(i + 1).map(String::as_str).into_iter().collect();
+                (
+                    format!("lib/modules/6.1/kernel/m{i}.ko"),
+                    ko(&names[i], &depends),
+                )
+            })
+            .chain(std::iter::once((
+                "lib/modules/6.1/kernel/virtio_blk.ko".to_string(),
+                ko("virtio_blk", &["m0"]),
+            )))
+            .collect();
+        let mut files: Vec<(&str, &[u8])> = vec![
+            ("boot/vmlinuz-6.1", b"bz"),
+            ("lib/modules/6.1/modules.builtin", b""),
+        ];
+        files.extend(
+            kos.iter()
+                .map(|(path, bytes)| (path.as_str(), bytes.as_slice())),
+        );
+        let package = read_fresh(&deb_with(tar_with(&files))[..]).expect("read");
+        let refused = modules::load_order(&["virtio_blk"], &package.modules, &package.builtin)
+            .expect_err("too deep");
+        assert!(refused.to_string().contains("modules deep"), "{refused}");
+    }
+
+    #[test]
     fn modules_under_usr_lib_are_read_back_uncompressed_and_other_versions_ignored() {
         let ring = ko("virtio_ring", &[]);
         let mut blk_xz = liblzma::write::XzEncoder::new(Vec::new(), 1);

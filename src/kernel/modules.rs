@@ -86,60 +86,97 @@ pub fn builtin(text: &str) -> HashSet<String> {
     text.lines().filter_map(module_name).collect()
 }
 
+/// Dependency chains deeper than this are refused: a real kernel's are a
+/// few modules deep, and a package chooses the depth.
+pub const MAX_DEPENDENCY_DEPTH: usize = 64;
+
 /// The modules to load for `wanted`, dependencies first. A wanted module
 /// the kernel has built in is skipped; one neither built in nor shipped
-/// is an error, as is a dependency cycle.
+/// is an error, as is a dependency cycle or a chain deeper than
+/// [`MAX_DEPENDENCY_DEPTH`]. Depth-first on a stack of its own, not by
+/// recursion.
 pub fn load_order(
     wanted: &[&str],
     available: &HashMap<String, Module>,
     builtin: &HashSet<String>,
 ) -> Result<Vec<String>, KernelError> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        Visiting,
-        Done,
+    let mut walk = Walk {
+        available,
+        builtin,
+        marks: BTreeMap::new(),
+        stack: Vec::new(),
+    };
+    let mut order = Vec::new();
+    for name in wanted {
+        walk.enter(&canonical(name))?;
+        // The top module's next dependency, until it has none left.
+        while let Some((name, next)) = walk.stack.last_mut() {
+            let dependency = available
+                .get(name.as_str())
+                .and_then(|m| m.depends.get(*next))
+                .cloned();
+            *next += 1;
+            match dependency {
+                Some(dependency) => walk.enter(&dependency)?,
+                None => {
+                    if let Some((name, _)) = walk.stack.pop() {
+                        walk.marks.insert(name.clone(), Mark::Done);
+                        order.push(name);
+                    }
+                }
+            }
+        }
     }
-    fn visit(
-        name: &str,
-        available: &HashMap<String, Module>,
-        builtin: &HashSet<String>,
-        marks: &mut BTreeMap<String, Mark>,
-        order: &mut Vec<String>,
-    ) -> Result<(), KernelError> {
-        match marks.get(name) {
+    Ok(order)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mark {
+    Visiting,
+    Done,
+}
+
+/// A depth-first walk of module dependencies: the modules being visited,
+/// each with the index of its next dependency.
+struct Walk<'a> {
+    available: &'a HashMap<String, Module>,
+    builtin: &'a HashSet<String>,
+    marks: BTreeMap<String, Mark>,
+    stack: Vec<(String, usize)>,
+}
+
+impl Walk<'_> {
+    /// Starts visiting `name`, unless it is done or built in.
+    fn enter(&mut self, name: &str) -> Result<(), KernelError> {
+        let refuse = |reason: String| KernelError::Module {
+            module: name.to_string(),
+            reason,
+        };
+        match self.marks.get(name) {
             Some(Mark::Done) => return Ok(()),
             Some(Mark::Visiting) => {
-                return Err(KernelError::Module {
-                    module: name.to_string(),
-                    reason: "depends on itself through its dependencies".into(),
-                });
+                return Err(refuse("depends on itself through its dependencies".into()));
             }
             None => {}
         }
-        let Some(module) = available.get(name) else {
-            if builtin.contains(name) {
-                marks.insert(name.to_string(), Mark::Done);
+        if !self.available.contains_key(name) {
+            if self.builtin.contains(name) {
+                self.marks.insert(name.to_string(), Mark::Done);
                 return Ok(());
             }
-            return Err(KernelError::Module {
-                module: name.to_string(),
-                reason: "neither built into the kernel nor in the package".into(),
-            });
-        };
-        marks.insert(name.to_string(), Mark::Visiting);
-        for dependency in &module.depends {
-            visit(dependency, available, builtin, marks, order)?;
+            return Err(refuse(
+                "neither built into the kernel nor in the package".into(),
+            ));
         }
-        marks.insert(name.to_string(), Mark::Done);
-        order.push(name.to_string());
+        if self.stack.len() >= MAX_DEPENDENCY_DEPTH {
+            return Err(refuse(format!(
+                "its dependencies chain more than {MAX_DEPENDENCY_DEPTH} modules deep"
+            )));
+        }
+        self.marks.insert(name.to_string(), Mark::Visiting);
+        self.stack.push((name.to_string(), 0));
         Ok(())
     }
-    let mut marks = BTreeMap::new();
-    let mut order = Vec::new();
-    for name in wanted {
-        visit(&canonical(name), available, builtin, &mut marks, &mut order)?;
-    }
-    Ok(order)
 }
 
 #[cfg(test)]
@@ -261,6 +298,23 @@ pub(crate) mod tests {
         assert!(cycle.to_string().contains("depends on itself"), "{cycle}");
         let missing = load_order(&["c"], &available, &HashSet::new()).expect_err("missing");
         assert!(missing.to_string().contains("module gone"), "{missing}");
+    }
+
+    #[test]
+    fn a_chain_deeper_than_the_bound_is_refused_without_recursion() {
+        let depth = 100_000;
+        let available: HashMap<String, Module> = (0..depth)
+            .map(|i| {
+                let next = format!("m{}", i + 1);
+                let depends: &[&str] = if i + 1 < depth { &[next.as_str()] } else { &[] };
+                module(&format!("m{i}"), depends)
+            })
+            .collect();
+        let refused = load_order(&["m0"], &available, &HashSet::new()).expect_err("too deep");
+        assert!(refused.to_string().contains("modules deep"), "{refused}");
+        let shallow = load_order(&["m99960"], &available, &HashSet::new()).expect("40 deep");
+        assert_eq!(shallow.len(), 40);
+        assert_eq!(shallow.first().map(String::as_str), Some("m99999"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::io::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use futures_util::TryStreamExt;
@@ -614,14 +615,36 @@ pub async fn iptables_restore(script: String) -> Result<(), HostNetError> {
     .map_err(|_| HostNetError::Pool)?
 }
 
-/// Turns IPv4 forwarding on; answers whether it was off.
-pub fn enable_forwarding() -> io::Result<bool> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(PATH)?.trim() == "1" {
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// Turns IPv4 forwarding on; answers whether it was off. When it was,
+/// `marker` records so (with this boot's id) before it is turned on, and
+/// keeps the record until [`restore_forwarding`].
+pub fn enable_forwarding(marker: &Path) -> io::Result<bool> {
+    if std::fs::read_to_string(IP_FORWARD)?.trim() == "1" {
         return Ok(false);
     }
-    std::fs::write(PATH, "1")?;
+    std::fs::write(marker, std::fs::read_to_string(BOOT_ID)?)?;
+    std::fs::write(IP_FORWARD, "1")?;
     Ok(true)
+}
+
+/// Turns IPv4 forwarding off again if `marker` says banger turned it on
+/// in this boot (after a reboot, whatever turned it on is the host's);
+/// answers whether it did.
+pub fn restore_forwarding(marker: &Path) -> io::Result<bool> {
+    let recorded = match std::fs::read_to_string(marker) {
+        Ok(recorded) => recorded,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let ours = recorded.trim() == std::fs::read_to_string(BOOT_ID)?.trim();
+    if ours {
+        std::fs::write(IP_FORWARD, "0")?;
+    }
+    std::fs::remove_file(marker)?;
+    Ok(ours)
 }
 
 /// Whether this process may change the host's network (CAP_NET_ADMIN in

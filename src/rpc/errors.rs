@@ -154,10 +154,9 @@ impl From<NetworkError> for RpcError {
             NetworkError::Subnet(e) => RpcError::invalid_params("subnet", e),
             e => {
                 let code = match &e {
-                    NetworkError::NotFound(_) => ErrorCode::NotFound,
+                    NetworkError::NotFound(_) | NetworkError::NoDefault => ErrorCode::NotFound,
                     NetworkError::Exists(_) => ErrorCode::AlreadyExists,
                     NetworkError::InUse { .. }
-                    | NetworkError::Default
                     | NetworkError::Exhausted { .. }
                     | NetworkError::NoLease { .. } => ErrorCode::Conflict,
                     NetworkError::Off(_) | NetworkError::Unavailable(_) => ErrorCode::Unavailable,

@@ -90,6 +90,8 @@ pub struct ImageServices {
     pub catalog: Addr<CatalogActor>,
     /// The most an archive a request names may hold.
     pub max_file: SizeCap,
+    /// What an image may hold (`image.*`).
+    pub limits: crate::image::layer::Limits,
     /// How long one read of what a request names may wait.
     pub io_stall: std::time::Duration,
 }
@@ -109,13 +111,14 @@ pub async fn handle(
                 .name
                 .clone()
                 .unwrap_or_else(|| params.path.display().to_string());
-            let watch = Watch::new(services.io_stall);
+            let (watch, limits) = (Watch::new(services.io_stall), services.limits);
             let (source, archive) = match opened {
                 CallerPath::Dir(dir) => (
                     Source::dir(
                         Box::new(move |name: &str| dir.open(name)),
                         &params.path,
                         watch,
+                        limits,
                     ),
                     false,
                 ),
@@ -123,7 +126,7 @@ pub async fn handle(
                 CallerPath::File(file) => {
                     let (path, watched) = (params.path.clone(), watch.clone());
                     let indexing = tokio::task::spawn_blocking(move || {
-                        Source::archive(file.file, &path, watched)
+                        Source::archive(file.file, &path, watched, limits)
                     });
                     let indexed = watch
                         .bound(indexing)

@@ -3,6 +3,7 @@
 //! the VM settings for paths); `vm.logs` with `follow` and `vm.exec` turn
 //! their connection into a byte stream (`rpc::stream`).
 
+use crate::vmm::logs;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -794,55 +795,28 @@ pub async fn open_stream(services: &VmServices, request: Request) -> Result<Open
     }
 }
 
-/// Where the last `tail` lines of a log start (all of it without a tail).
+/// Where the last `tail` lines of a log start (its last
+/// [`logs::MAX_LOG_BYTES`] without a tail): read from its end.
 fn tail_offset(path: &Path, tail: Option<usize>) -> Result<u64, RpcError> {
-    let bytes = read_log(path)?;
-    Ok(tail.map_or(0, |n| tail_start(&bytes, n)) as u64)
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(log_error(path, e)),
+    };
+    let len = file.metadata().map_err(|e| log_error(path, e))?.len();
+    logs::tail_start(&file, len, tail, logs::MAX_LOG_BYTES).map_err(|e| log_error(path, e))
 }
 
-/// The console log, or its last `tail` lines.
+/// The console log's last `tail` lines (its last
+/// [`logs::MAX_LOG_BYTES`] without a tail), and nothing before them read.
 fn read_tail(path: &Path, tail: Option<usize>) -> Result<String, RpcError> {
-    let bytes = read_log(path)?;
-    let start = tail.map_or(0, |n| tail_start(&bytes, n));
-    Ok(String::from_utf8_lossy(&bytes[start..]).into_owned())
+    let bytes = logs::read_tail(path, tail, logs::MAX_LOG_BYTES).map_err(|e| log_error(path, e))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-fn read_log(path: &Path) -> Result<Vec<u8>, RpcError> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(RpcError::new(
-            ErrorCode::Internal,
-            format!("cannot read {}: {e}", path.display()),
-        )),
-    }
-}
-
-/// The byte offset where the last `n` lines of `text` begin.
-fn tail_start(text: &[u8], n: usize) -> usize {
-    if n == 0 {
-        return text.len();
-    }
-    let body = text.strip_suffix(b"\n").unwrap_or(text);
-    body.iter()
-        .enumerate()
-        .rev()
-        .filter(|(_, b)| **b == b'\n')
-        .nth(n - 1)
-        .map_or(0, |(i, _)| i + 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_tail_starts_after_the_nth_newline_from_the_end() {
-        let text = b"one\ntwo\nthree\n";
-        assert_eq!(&text[tail_start(text, 1)..], b"three\n");
-        assert_eq!(&text[tail_start(text, 2)..], b"two\nthree\n");
-        assert_eq!(tail_start(text, 9), 0);
-        assert_eq!(tail_start(text, 0), text.len());
-        assert_eq!(&b"a\nb"[tail_start(b"a\nb", 1)..], b"b");
-    }
+fn log_error(path: &Path, e: std::io::Error) -> RpcError {
+    RpcError::new(
+        ErrorCode::Internal,
+        format!("cannot read {}: {e}", path.display()),
+    )
 }

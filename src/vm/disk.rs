@@ -77,7 +77,8 @@ pub enum DiskError {
 }
 
 /// Clones `source` into the new file `target` (its parent exists), grown
-/// to `size` bytes when that is larger. Every read of the source runs in
+/// to `size` bytes when that is larger (as root, the tools that grow it
+/// run as `tool_uid`, banger's own). Every read of the source runs in
 /// view of `watch`, when given (a caller's file may sit on a filesystem
 /// that stops answering). The target is synced before this returns; on
 /// an error it may be left behind for the caller's ledger.
@@ -85,6 +86,7 @@ pub fn clone_disk(
     source: &DiskSource,
     target: &Path,
     size: Option<u64>,
+    tool_uid: u32,
     watch: Option<&Watch>,
     mid_copy: impl Fn(),
 ) -> Result<Cloned, DiskError> {
@@ -135,7 +137,7 @@ pub fn clone_disk(
     if let Some(size) = size.filter(|&size| size > source.len) {
         copy.set_len(size).map_err(io_err("extend", target))?;
         copy.sync_all().map_err(io_err("sync", target))?;
-        grow_filesystem(&copy, target, size)?;
+        grow_filesystem(&copy, target, size, tool_uid)?;
     }
     copy.sync_all().map_err(io_err("sync", target))?;
     Ok(cloned)
@@ -266,40 +268,45 @@ fn copy_extent(
 /// refuses a filesystem mounted since its last check, as a hand-made
 /// `--rootfs` usually is. The disk was never booted; both tools still run
 /// with the least authority that can write it: as root, they drop to
-/// `nobody` and reach the file only through its inherited descriptor
-/// (`/dev/stdin`), the file lent to `nobody` meanwhile.
-fn grow_filesystem(file: &File, path: &Path, size: u64) -> Result<(), DiskError> {
+/// `tool_uid` (banger's own, which no other process on the host shares:
+/// checked at start) and reach the file only through its inherited
+/// descriptor (`/dev/stdin`), the file lent to that uid meanwhile.
+fn grow_filesystem(file: &File, path: &Path, size: u64, tool_uid: u32) -> Result<(), DiskError> {
     let grow_err = |reason: String| DiskError::Grow {
         path: path.to_path_buf(),
         bytes: size,
         reason,
     };
-    let root = rustix::process::geteuid().is_root();
-    if root {
-        std::os::unix::fs::fchown(file, Some(NOBODY), Some(NOBODY))
-            .map_err(|e| grow_err(format!("cannot lend the disk to nobody: {e}")))?;
+    let as_uid = rustix::process::geteuid().is_root().then_some(tool_uid);
+    // One disk at a time lent to the uid: no tool sees another's disk.
+    let _one_at_a_time = GROWING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(uid) = as_uid {
+        std::os::unix::fs::fchown(file, Some(uid), Some(uid))
+            .map_err(|e| grow_err(format!("cannot lend the disk to uid {uid}: {e}")))?;
     }
     let mut check = Command::new("e2fsck");
     check.arg("-fp");
     // e2fsck: 0 is clean, 1 is errors corrected.
-    let grown = run_on_disk(file, check, 1, root)
-        .and_then(|()| run_on_disk(file, Command::new("resize2fs"), 0, root));
-    if root {
+    let grown = run_on_disk(file, check, 1, as_uid)
+        .and_then(|()| run_on_disk(file, Command::new("resize2fs"), 0, as_uid));
+    if as_uid.is_some() {
         std::os::unix::fs::fchown(file, Some(0), Some(0))
-            .map_err(|e| grow_err(format!("cannot take the disk back from nobody: {e}")))?;
+            .map_err(|e| grow_err(format!("cannot take the disk back: {e}")))?;
     }
     grown.map_err(grow_err)
 }
 
-/// Runs `command` on the disk in `file` as its `/dev/stdin` (as `nobody`
-/// when `as_nobody`); exit codes up to `ok_up_to` are success. Of its
+/// Runs `command` on the disk in `file` as its `/dev/stdin` (as `as_uid`,
+/// uid and gid, when given); exit codes up to `ok_up_to` are success. Of its
 /// output (stdout and stderr, one pipe) only the end is kept for the
 /// error: a damaged user disk can make e2fsck print a line per inode.
 fn run_on_disk(
     file: &File,
     mut command: Command,
     ok_up_to: i32,
-    as_nobody: bool,
+    as_uid: Option<u32>,
 ) -> Result<(), String> {
     let program = command.get_program().to_string_lossy().into_owned();
     let cannot = |what: &str, e: io::Error| format!("cannot {what} {program}: {e}");
@@ -315,20 +322,56 @@ fn run_on_disk(
         .stdin(Stdio::from(lent))
         .stdout(writer)
         .stderr(writer_too);
-    if as_nobody {
-        std::os::unix::process::CommandExt::uid(&mut command, NOBODY);
-        std::os::unix::process::CommandExt::gid(&mut command, NOBODY);
+    if let Some(uid) = as_uid {
+        std::os::unix::process::CommandExt::uid(&mut command, uid);
+        std::os::unix::process::CommandExt::gid(&mut command, uid);
+        // std drops the daemon's supplementary groups with the uid.
     }
     let mut child = command.spawn().map_err(|e| cannot("run", e))?;
     // The command holds the pipe's write ends too: the read ends only
-    // once they are closed.
+    // once they are closed, by the tool and by whatever it left running.
     drop(command);
-    let said = output_tail(&mut output, OUTPUT_TAIL);
-    let status = child.wait().map_err(|e| cannot("wait for", e))?;
+    let reader = std::thread::spawn(move || output_tail(&mut output, OUTPUT_TAIL));
+    let status = child.wait().map_err(|e| cannot("wait for", e));
+    if let Some(uid) = as_uid {
+        end_all_of(uid).map_err(|e| cannot("end what is left of", e))?;
+    }
+    let said = reader.join().unwrap_or_default();
+    let status = status?;
     match status.code() {
         Some(code) if (0..=ok_up_to).contains(&code) => Ok(()),
         _ => Err(format!("{program} {status}: {said}")),
     }
+}
+
+/// Held while a disk is lent to the tool uid.
+static GROWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Kills every process of `uid` (what a tool run as it may have left
+/// behind: nothing of it may outlive the disk it was lent), from a child
+/// that takes the uid itself, so that the kernel picks them: kill(-1)
+/// reaches exactly the processes of its sender's uid.
+fn end_all_of(uid: u32) -> io::Result<()> {
+    let mut sweep = Command::new("true");
+    std::os::unix::process::CommandExt::uid(&mut sweep, uid);
+    std::os::unix::process::CommandExt::gid(&mut sweep, uid);
+    #[allow(unsafe_code)]
+    // SAFETY: kill is an async-signal-safe system call; the closure runs
+    // after the child took `uid` and touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut sweep, || {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-1),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            Ok(())
+        });
+    }
+    sweep
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    sweep.status().map(|_| ())
 }
 
 /// Bytes of a tool's output kept for its error: the end, where e2fsck
@@ -354,9 +397,6 @@ fn output_tail(reader: &mut impl io::Read, keep: usize) -> String {
     }
     String::from_utf8_lossy(&tail).trim().to_string()
 }
-
-/// The uid and gid of `nobody`.
-const NOBODY: u32 = 65534;
 
 #[cfg(test)]
 mod tests {
@@ -426,9 +466,47 @@ mod tests {
         let disk = source(dir.path(), 4 << 20, &[]).file;
         let mut check = Command::new("e2fsck");
         check.arg("-fp");
-        let err = run_on_disk(&disk, check, 1, false).expect_err("zeros are no ext4");
+        let err = run_on_disk(&disk, check, 1, None).expect_err("zeros are no ext4");
         assert!(err.starts_with("e2fsck exit status: 8"), "{err}");
         assert!(err.contains("superblock"), "{err}");
+    }
+
+    #[test]
+    fn what_a_tool_leaves_running_as_its_uid_is_ended() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: taking another uid needs root");
+            return;
+        }
+        let uid = 3_987_654_322;
+        let mut left = Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "sleep",
+                "600",
+            ])
+            .spawn()
+            .expect("setpriv");
+        // Once it runs as the uid, the sweep reaches it.
+        let status = format!("/proc/{}/status", left.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !std::fs::read_to_string(&status)
+            .unwrap_or_default()
+            .contains(&uid.to_string())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "setpriv never took the uid"
+            );
+            std::thread::yield_now();
+        }
+        end_all_of(uid).expect("sweep");
+        let ended = left.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&ended),
+            Some(9)
+        );
     }
 
     #[test]
@@ -480,7 +558,7 @@ mod tests {
         let source = source(dir.path(), 64 << 20, &[]);
         let target = dir.path().join("copy");
         let cloned =
-            clone_disk(&source, &target, None, Some(&watched(&source).1), || {}).expect("clone");
+            clone_disk(&source, &target, None, 0, Some(&watched(&source).1), || {}).expect("clone");
         assert!(matches!(
             cloned,
             Cloned::Reflink | Cloned::Sparse { copied: 0 }
@@ -494,7 +572,7 @@ mod tests {
         let source = source(dir.path(), 4096, &[0]);
         let target = dir.path().join("copy");
         std::fs::write(&target, b"mine").expect("write");
-        let err = clone_disk(&source, &target, None, Some(&watched(&source).1), || {})
+        let err = clone_disk(&source, &target, None, 0, Some(&watched(&source).1), || {})
             .expect_err("exists");
         assert!(
             matches!(

@@ -2,8 +2,8 @@
 //! Firecracker is the default where KVM can boot a stock guest; QEMU runs
 //! everywhere else (TCG when KVM cannot be used).
 
-pub mod console;
 pub mod firecracker;
+pub mod logs;
 pub mod orphans;
 pub mod process;
 pub mod qemu;
