@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use banger::host::{HostOps, LocalHost};
 use banger::rpc::client::Client;
 use banger::rpc::protocol::WithOpId;
 use banger::rpc::vm::VmsResult;
 use banger::vmm::firecracker::Firecracker;
+use banger::vmm::host::{HostOps, LocalHost};
 use banger::vmm::{self, BootFiles, LaunchSpec, VmPaths, Vmm};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -24,7 +24,6 @@ use crate::actors::operation::{Drain, OperationError, OperationRegistry, Reconci
 use crate::actors::store::{StoreActor, StoreClosed};
 use crate::actors::vm::{LoadVms, VmError, VmManager, VmSettings};
 use crate::config::{Config, Mode};
-use crate::host::LocalHost;
 use crate::rpc::access::AccessPolicy;
 use crate::rpc::daemon::{DaemonInfo, DaemonServices};
 use crate::rpc::dispatch::Services;
@@ -37,6 +36,7 @@ use crate::store::{Store, StoreError};
 use crate::vm::record::{Accel, VmmKind};
 use crate::vm::restart::RestartPolicy;
 use crate::vmm::firecracker::{Firecracker, JailSpec};
+use crate::vmm::host::LocalHost;
 use crate::vmm::orphans::Layout;
 use crate::vmm::process::{ProcessHandle, is_alive};
 use crate::vmm::qemu::{AccelChoice, Qemu};
@@ -187,7 +187,7 @@ impl SystemSupervisor {
     pub async fn start(config: &Config, store: Store) -> Result<SystemSupervisor, DaemonError> {
         // Only as root do the tools drop to it; then nobody else may have it.
         if rustix::process::geteuid().is_root()
-            && let Some(holder) = crate::host::uid_taken(config.tool_uid)
+            && let Some(holder) = crate::disk::uid_taken(config.tool_uid)
         {
             return Err(DaemonError::ToolUid {
                 uid: config.tool_uid,

@@ -328,8 +328,8 @@ impl banger::store::Record for VmRecordV1 {
 
 #[test]
 fn a_store_from_the_previous_release_is_migrated_and_its_running_vm_adopted() {
-    use banger::host::{HostOps, LocalHost};
     use banger::vmm::firecracker::Firecracker;
+    use banger::vmm::host::{HostOps, LocalHost};
     use banger::vmm::process::{ProcessHandle, read_stat};
     use banger::vmm::{BootFiles, LaunchSpec, VmPaths, Vmm};
     use std::sync::Arc;

@@ -16,6 +16,10 @@ use nix::unistd::Pid;
 
 use crate::protocol::ExitStatus;
 
+/// PATH for the processes the agent starts when a request sets none
+/// (PID 1 starts with none).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 static WAITING: LazyLock<Mutex<HashMap<i32, Sender<ExitStatus>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 

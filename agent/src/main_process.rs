@@ -12,8 +12,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::children;
+use crate::children::DEFAULT_PATH;
 use crate::protocol::{ExitStatus, MainRequest};
-use crate::server::DEFAULT_PATH;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

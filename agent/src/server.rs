@@ -27,15 +27,13 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::children::DEFAULT_PATH;
 use crate::flow::{Credit, StdinQueue};
 use crate::protocol::{
     self, EVENT_SESSION, Event, ExecRequest, ExitStatus, Frame, FrameKind, HEADER_LEN, MAX_PAYLOAD,
     OLDEST_VERSION, PROTOCOL_VERSION, Request, Response, ShutdownAction, WINDOW, cost,
 };
 use crate::{children, spawn_thread, system};
-
-/// PATH for commands when the request sets none (PID 1 starts with none).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Facts the hello reports, fixed once the agent serves.
 pub struct Identity {

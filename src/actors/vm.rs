@@ -48,15 +48,14 @@ use crate::actors::store::{Delete, Get, List, Put, Quarantined, StoreActor};
 use crate::caller::{SizeCap, Stalled, Watch};
 use crate::catalog::CatalogError;
 use crate::catalog::KernelRecord;
+use crate::disk::{self, DiskError, DiskSource};
 use crate::error_chain;
 use crate::fault;
 use crate::guest::link::AgentLink;
-use crate::host::HostOps;
 use crate::network::GuestConfig;
 use crate::reconcile;
 use crate::store::{Listing, StoreError, StoreHealth, Undecodable, Unwritable};
 use crate::vm::InvalidVm;
-use crate::vm::disk::{self, DiskError, DiskSource};
 use crate::vm::ledger::Resource;
 use crate::vm::machine::{self, Conflict, Effect, Event, Exit, HostView, Outcome, RequestId, Vm};
 use crate::vm::phase::Phase;
@@ -64,6 +63,7 @@ use crate::vm::record::{VmImage, VmNetwork, VmRecord, VmmKind};
 use crate::vm::restart::{self, RestartPolicy};
 use crate::vm::state::{Announcement, ShutdownAction};
 use crate::vmm::firecracker::Firecracker;
+use crate::vmm::host::HostOps;
 use crate::vmm::logs::{self, LogCap};
 use crate::vmm::orphans::Layout;
 use crate::vmm::process::{ProcessHandle, is_alive};
@@ -1649,7 +1649,7 @@ async fn release_resources(
     Ok(())
 }
 
-/// The VM's own copy of the root disk (`vm::disk`), read through the
+/// The VM's own copy of the root disk (`crate::disk`), read through the
 /// descriptor opened with the caller's authority (or the daemon's, for an
 /// image's disk) and grown to `size`. The source is never written; a read
 /// of it that stalls for `io_stall` fails the copy.

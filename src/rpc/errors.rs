@@ -189,9 +189,7 @@ impl From<VmError> for RpcError {
                     | VmError::NotRecorded { .. }
                     | VmError::Reloading(_)
                     | VmError::Stalled(_) => ErrorCode::Unavailable,
-                    VmError::Disk(crate::vm::disk::DiskError::NoSpace { .. }) => {
-                        ErrorCode::Unavailable
-                    }
+                    VmError::Disk(crate::disk::DiskError::NoSpace { .. }) => ErrorCode::Unavailable,
                     _ => ErrorCode::Internal,
                 };
                 RpcError::new(code, error_chain(&e))

@@ -22,11 +22,11 @@ use crate::actors::vm::{
     AgentOf, CreateVm, DEFAULT_STOP_TIMEOUT, ForVm, ForgetVm, ListVms, VmCommand, VmManager,
     VmSettings,
 };
+use crate::disk::DiskSource;
 use crate::error_chain;
 use crate::guest::link::{AgentLink, ExecSession};
 use crate::image::Lookup;
 use crate::store::Undecodable;
-use crate::vm::disk::DiskSource;
 use crate::vm::phase::Phase;
 use crate::vm::phase::VmState;
 use crate::vm::record::{Accel, VmImage, VmRecord, VmmKind};

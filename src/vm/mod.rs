@@ -2,7 +2,6 @@
 //! its identity (name and short id), its states, and its restart policy.
 //! `actors::vm` applies them.
 
-pub mod disk;
 pub mod ledger;
 pub mod machine;
 pub mod phase;

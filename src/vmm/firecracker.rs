@@ -18,8 +18,8 @@ use futures_util::future::BoxFuture;
 
 use super::process::ProcessHandle;
 use super::{LaunchSpec, Prepared, SocketWait, Vmm, VmmError, wait_for_socket};
-use crate::host::{HostOps, JailFile, VmmCommand};
 use crate::vm::record::{AgentEndpoint, VmmProcess};
+use crate::vmm::host::{HostOps, JailFile, VmmCommand};
 
 /// How long one API call may take.
 const API_TIMEOUT: Duration = Duration::from_secs(5);

@@ -3,7 +3,9 @@
 //! everywhere else (TCG when KVM cannot be used).
 
 pub mod firecracker;
+pub mod host;
 pub mod logs;
+pub mod mounts;
 pub mod orphans;
 pub mod process;
 pub mod qemu;
@@ -19,8 +21,8 @@ use futures_util::future::BoxFuture;
 use rustix::fs::{FlockOperation, flock};
 use rustix::io::Errno;
 
-use crate::host::{HostOps, VmmCommand};
 use crate::vm::record::{Accel, AgentEndpoint, VmmProcess};
+use crate::vmm::host::{HostOps, VmmCommand};
 use process::{ProcessHandle, read_stat};
 
 /// Where a VM's VMM keeps its files: the VM's directory, named by its short

@@ -143,7 +143,7 @@ impl Layout {
 /// The source of the mount at `/` in a `/proc/<pid>/mountinfo` (its root
 /// within its filesystem).
 pub fn root_mount_source(mountinfo: &str) -> Option<PathBuf> {
-    crate::host::mounts(mountinfo)
+    crate::vmm::mounts::mounts(mountinfo)
         .find(|mount| mount.point == Path::new("/"))
         .map(|mount| mount.root)
 }

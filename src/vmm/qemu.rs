@@ -20,8 +20,8 @@ use tokio::net::UnixStream;
 
 use super::process::ProcessHandle;
 use super::{LaunchSpec, Prepared, SocketWait, Vmm, VmmError, wait_for_socket};
-use crate::host::{HostOps, VmmCommand};
 use crate::vm::record::{Accel, AgentEndpoint, VmmProcess};
+use crate::vmm::host::{HostOps, VmmCommand};
 
 /// How long QEMU may take to create its QMP socket, and one QMP exchange.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);

@@ -344,6 +344,72 @@ fn run_on_disk(
     }
 }
 
+/// Who on this host already has `id`: a user or a group of that id, a
+/// user given it as a subordinate id (`/etc/subuid`, `/etc/subgid`: it
+/// may map it in a user namespace at any time), or a running process
+/// holding it (any of its uids or gids, supplementary groups included).
+/// None when no one does.
+pub fn uid_taken(id: u32) -> Option<String> {
+    if let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id)) {
+        return Some(format!("user {}", user.name));
+    }
+    if let Ok(Some(group)) = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(id)) {
+        return Some(format!("group {}", group.name));
+    }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        if let Some(owner) =
+            subordinate_owner(&std::fs::read_to_string(file).unwrap_or_default(), id)
+        {
+            return Some(format!("{owner}'s subordinate id ({file})"));
+        }
+    }
+    let wanted = id.to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue; // Gone meanwhile.
+        };
+        let holds = status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("Uid:")
+                    .or_else(|| l.strip_prefix("Gid:"))
+                    .or_else(|| l.strip_prefix("Groups:"))
+            })
+            .any(|ids| ids.split_whitespace().any(|i| i == wanted));
+        if holds {
+            let comm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Name:"))
+                .map_or("", str::trim);
+            return Some(format!("process {pid} ({comm})"));
+        }
+    }
+    None
+}
+
+/// Who `/etc/subuid` (or `subgid`) text gives `id` to: `name:start:count`
+/// lines.
+fn subordinate_owner(text: &str, id: u32) -> Option<&str> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let (owner, start, count) = (fields.next()?, fields.next()?, fields.next()?);
+        let (start, count) = (
+            start.trim().parse::<u64>().ok()?,
+            count.trim().parse::<u64>().ok()?,
+        );
+        (start..start + count)
+            .contains(&u64::from(id))
+            .then_some(owner)
+    })
+}
+
 /// Held while a disk is lent to the tool uid.
 static GROWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -401,6 +467,16 @@ fn output_tail(reader: &mut impl io::Read, keep: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subordinate_ranges_name_their_owner() {
+        let text = "alice:100000:65536\nbob:165536:65536\nbroken\n";
+        assert_eq!(subordinate_owner(text, 100_000), Some("alice"));
+        assert_eq!(subordinate_owner(text, 165_535), Some("alice"));
+        assert_eq!(subordinate_owner(text, 165_536), Some("bob"));
+        assert_eq!(subordinate_owner(text, 231_072), None);
+        assert_eq!(subordinate_owner(text, 99_999), None);
+    }
 
     fn source(dir: &Path, len: u64, data_at: &[u64]) -> DiskSource {
         let path = dir.join("source");

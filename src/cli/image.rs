@@ -1,0 +1,111 @@
+//! `banger image`: import, list, inspect, remove and prune images.
+
+use super::*;
+
+#[derive(Subcommand)]
+pub(super) enum ImageCommand {
+    /// Import an OCI image layout directory, an OCI archive or a
+    /// docker-archive tarball (`docker save`) as an ext4 image.
+    Import {
+        path: PathBuf,
+        /// [default: the image's own ref name or repo tag]
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every image in the catalog.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One image in detail, by name or digest: its config and layers.
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image (by name or digest), its disk and the blobs no other
+    /// image uses. Refused while a VM holds it.
+    #[command(alias = "remove")]
+    Rm {
+        name: String,
+        /// Remove it even while VMs hold it: they keep their own disks.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every image no VM holds, with the disks and blobs no image
+    /// left uses; prints what it freed.
+    Prune {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(super) fn run(
+    client: &mut Client,
+    command: ImageCommand,
+    now: Timestamp,
+) -> Result<(), Failure> {
+    match command {
+        ImageCommand::Import { path, name, json } => {
+            let params = json!({"path": absolute(&path)?, "name": name});
+            let mut stderr = std::io::stderr();
+            let mut shown = String::new();
+            let image = client.call_with_progress::<ImageResult>("image.import", params, |p| {
+                // One line per phase and tenth, not per notification.
+                let line = output::progress(&p.phase, p.current, p.total);
+                let tenth = match (p.current, p.total) {
+                    (Some(c), Some(t)) if t > 0 => c * 10 / t,
+                    _ => 0,
+                };
+                let key = format!("{} {tenth}", p.phase);
+                if key != shown {
+                    let _ = writeln!(stderr, "{line}");
+                    shown = key;
+                }
+            })?;
+            let image = image.result.image;
+            if json {
+                println!("{}", output::json(&image));
+            } else {
+                println!(
+                    "{} {} ({} layers, {})",
+                    image.name,
+                    output::short_digest(&image.digest),
+                    image.layers.len(),
+                    output::mib(image.disk_bytes)
+                );
+            }
+        }
+        ImageCommand::Ls { json } => {
+            let images = client.call::<ImagesResult>("image.list", json!({}))?;
+            show(json, &images.result.images, |v| {
+                output::images_table(v, now)
+            });
+        }
+        ImageCommand::Inspect { name, json } => {
+            let image = client
+                .call::<ImageResult>("image.inspect", json!({"name": name}))?
+                .result
+                .image;
+            show(json, &image, |v| output::image_details(v, now));
+        }
+        ImageCommand::Rm { name, force, json } => {
+            let removed = client
+                .call::<ImagesRemoved>("image.remove", json!({"name": name, "force": force}))?
+                .result;
+            show(json, &removed, output::images_removed);
+        }
+        ImageCommand::Prune { json } => {
+            let pruned = client
+                .call::<ImagesRemoved>("image.prune", json!({}))?
+                .result;
+            show(json, &pruned, output::images_removed);
+        }
+    }
+    Ok(())
+}
