@@ -35,12 +35,20 @@ static ROTATING: Mutex<()> = Mutex::new(());
 /// `<path>.1` (written beside and renamed over it) and empties it.
 /// Answers whether it rotated.
 pub fn rotate_if_larger(path: &Path, max: u64) -> io::Result<bool> {
+    // Most checks find the log small: a stat, without the lock or an open.
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.blocks() * 512 <= max => return Ok(false),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
     let _one_at_a_time = ROTATING.lock().unwrap_or_else(PoisonError::into_inner);
     let file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
+    // Again under the lock: the other checker may have rotated it.
     let meta = file.metadata()?;
     if meta.blocks() * 512 <= max {
         return Ok(false);
