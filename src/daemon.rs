@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::actors::catalog::{CatalogActor, KernelError, LoadCatalog};
 use crate::actors::netns::{LoadNetworks, NetworkError, NetworkManager, NetworkSettings};
 use crate::actors::operation::{Drain, OperationError, OperationRegistry, Reconcile};
+use crate::actors::records::Records;
 use crate::actors::store::{StoreActor, StoreClosed};
 use crate::actors::vm::{LoadVms, VmError, VmManager, VmSettings};
 use crate::config::{Config, Mode};
@@ -339,10 +340,11 @@ impl SystemSupervisor {
             operations: operations.clone(),
             daemon: DaemonServices {
                 methods: crate::rpc::request::methods().collect(),
-                store,
-                vms,
-                catalog,
-                store_health,
+                records: Records::new(
+                    store,
+                    store_health,
+                    vec![vms.recipient(), catalog.recipient()],
+                ),
                 info: DaemonInfo {
                     version: VERSION.to_string(),
                     pid: std::process::id(),
@@ -353,7 +355,8 @@ impl SystemSupervisor {
                     socket: config.socket.clone(),
                     store_path,
                     heartbeat: config.rpc_limits.heartbeat,
-                    schema,
+                    tables: schema.tables,
+                    applied_migrations: schema.applied.into_iter().collect(),
                 },
             },
         };

@@ -2,11 +2,13 @@
 //! lifecycle (`src/vm/`) is sans-IO. No file under it uses actix, tokio,
 //! the filesystem, processes, sockets or a clock; time and the world come
 //! in as events, and effects go out to the actor that carries them out.
+//! And the wire (`src/rpc/`) never sees the store: it asks the domains,
+//! which map the store's records and errors to their own.
 
 use std::path::{Path, PathBuf};
 
 /// What a pure module may not name, and why.
-const FORBIDDEN: &[(&str, &str)] = &[
+const NOT_PURE: &[(&str, &str)] = &[
     ("actix", "an actor framework"),
     ("tokio", "an async runtime"),
     ("std::fs", "the filesystem"),
@@ -18,6 +20,15 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("Instant::now", "a clock"),
     ("SystemTime::now", "a clock"),
     ("Timestamp::now", "a clock"),
+];
+
+/// What the wire may not name, and why.
+const NOT_WIRE: &[(&str, &str)] = &[
+    ("store::", "the store or its actor, by any path"),
+    ("StoreActor", "the store's actor"),
+    ("StoreError", "the store's errors"),
+    ("StoreHealth", "the store's health"),
+    ("Undecodable", "the store's quarantine"),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -33,7 +44,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Each use of a forbidden name in the code (comments aside) of the files
 /// under `dir`: file, line and what it reaches.
-fn violations(dir: &Path) -> Vec<String> {
+fn violations(dir: &Path, forbidden: &[(&str, &str)]) -> Vec<String> {
     let mut files = Vec::new();
     rust_files(dir, &mut files);
     files.sort();
@@ -42,7 +53,7 @@ fn violations(dir: &Path) -> Vec<String> {
         let text = std::fs::read_to_string(file).expect("read source");
         for (number, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap_or_default();
-            for (name, what) in FORBIDDEN {
+            for (name, what) in forbidden {
                 if code.contains(name) {
                     found.push(format!(
                         "{}:{}: {name} ({what})",
@@ -59,10 +70,21 @@ fn violations(dir: &Path) -> Vec<String> {
 #[test]
 fn the_vm_lifecycle_does_no_io_and_reads_no_clock() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let found = violations(&root.join("src/vm"));
+    let found = violations(&root.join("src/vm"), NOT_PURE);
     assert!(
         found.is_empty(),
         "src/vm/ is sans-IO; move these to the actor that carries out its effects:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_wire_never_sees_the_store() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let found = violations(&root.join("src/rpc"), NOT_WIRE);
+    assert!(
+        found.is_empty(),
+        "src/rpc/ asks the domains, never the store; map these in the actors:\n{}",
         found.join("\n")
     );
 }
@@ -75,11 +97,24 @@ fn the_check_finds_what_it_looks_for() {
         "// std::fs in a comment is fine\nuse std::fs::File;\nfn f() { let _ = std::time::Instant::now(); }\n",
     )
     .expect("write");
-    let found = violations(dir.path());
+    let found = violations(dir.path(), NOT_PURE);
     assert_eq!(found.len(), 2, "{found:?}");
     assert!(
         found[0].ends_with("bad.rs:2: std::fs (the filesystem)"),
         "{found:?}"
     );
     assert!(found[1].contains("bad.rs:3: Instant::now"), "{found:?}");
+    std::fs::write(
+        dir.path().join("wire.rs"),
+        "use crate::actors::{store::Get, vm::VmManager};\n",
+    )
+    .expect("write");
+    let found = violations(dir.path(), NOT_WIRE);
+    assert!(
+        found.contains(&format!(
+            "{}:1: store:: (the store or its actor, by any path)",
+            dir.path().join("wire.rs").display()
+        )),
+        "{found:?}"
+    );
 }

@@ -4,5 +4,6 @@
 pub mod catalog;
 pub mod netns;
 pub mod operation;
+pub mod records;
 pub mod store;
 pub mod vm;

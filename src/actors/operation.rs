@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::actors::records::StoreFailure;
 use crate::actors::store::{Delete, Get, List, Put, StoreActor};
 use crate::operations::{self, Retention};
 use crate::operations::{OperationOutcome, OperationRecord};
@@ -41,7 +42,13 @@ pub enum OperationError {
     #[error("the {0} is not answering")]
     Unavailable(&'static str),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreFailure),
+}
+
+impl From<StoreError> for OperationError {
+    fn from(e: StoreError) -> OperationError {
+        OperationError::Store(e.into())
+    }
 }
 
 fn store_gone(_: MailboxError) -> OperationError {

@@ -4,16 +4,15 @@
 use std::fs::DirBuilder;
 use std::io::IsTerminal;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
+use banger::cli::args::{DaemonArgs, LogFormat};
 use banger::config::{self, Config, Mode, Overrides};
 use banger::daemon::SystemSupervisor;
 use banger::rpc::client::Client;
@@ -26,46 +25,8 @@ use banger::store::{self, Observed, Schema, StoreError};
 /// Exit code for a store this binary must not open (newer schema).
 const EXIT_INCOMPATIBLE: u8 = 2;
 
-#[derive(Parser)]
-#[command(
-    name = "bangerd",
-    version = banger::daemon::VERSION,
-    about = "The banger daemon: owns and supervises the microVMs of this host"
-)]
-struct Args {
-    /// Run in system mode (the default for root): /etc/banger, /var/lib/banger, /run/banger.
-    #[arg(long, conflicts_with = "user")]
-    system: bool,
-    /// Run in user mode (the default for other users): XDG directories.
-    #[arg(long)]
-    user: bool,
-    /// Configuration file [default: the mode's bangerd.toml].
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// State directory holding the store [default: from the configuration].
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Unix socket to serve [default: from the configuration].
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// Log lines on stderr as text or as JSON objects.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Dry run: say whether this binary can open the store, change nothing,
-    /// and exit 0 (compatible), 1 (migrations needed), 2 (incompatible) or 3
-    /// (cannot tell). Safe while a daemon is running.
-    #[arg(long)]
-    check_migrations: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: DaemonArgs = banger::cli::parse();
     let mode = Mode::select(args.system, args.user);
     let overrides = Overrides {
         config: args.config.clone(),

@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 the daemon reported an error; 2 usage error;
 //! 3 the daemon cannot be reached.
 
+pub mod args;
 pub mod output;
 
 mod daemon;
@@ -14,13 +15,10 @@ mod network;
 mod ops;
 mod vm;
 
-use daemon::DaemonCommand;
+use args::{
+    Cli, Command, DaemonCommand, ImageCommand, KernelCommand, NetworkCommand, OpsCommand, VmCommand,
+};
 use exec::EXEC_FAILED;
-use image::ImageCommand;
-use kernel::KernelCommand;
-use network::NetworkCommand;
-use ops::OpsCommand;
-use vm::VmCommand;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -28,8 +26,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Condvar, Mutex};
 
-use clap::{CommandFactory, Parser, Subcommand};
-use clap_complete::Shell;
+use clap::{CommandFactory, FromArgMatches};
 use jiff::Timestamp;
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::json;
@@ -49,46 +46,6 @@ use crate::rpc::stream;
 use crate::rpc::vm::{ForgetResult, LogsResult, PingResult, VmResult, VmsResult};
 use crate::vm::record::VmmKind;
 use crate::vm::restart::RestartMode;
-
-#[derive(Parser)]
-#[command(name = "banger", version = VERSION, about = "Run and supervise microVMs made from OCI images")]
-pub struct Cli {
-    /// The daemon's socket [default: the mode's, or the configuration's].
-    #[arg(long, global = true, env = "BANGER_SOCKET", value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// Talk to the system daemon (the default for root).
-    #[arg(long, global = true, conflicts_with = "user")]
-    system: bool,
-    /// Talk to your own user-mode daemon (the default for other users).
-    #[arg(long, global = true)]
-    user: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// The daemon itself: status, backups, methods.
-    #[command(subcommand)]
-    Daemon(DaemonCommand),
-    /// Operations: state-changing requests in flight or finished.
-    #[command(subcommand)]
-    Ops(OpsCommand),
-    /// Virtual machines.
-    #[command(subcommand)]
-    Vm(VmCommand),
-    /// The kernel catalog.
-    #[command(subcommand)]
-    Kernel(KernelCommand),
-    /// The image catalog: OCI images as ext4 root disks.
-    #[command(subcommand)]
-    Image(ImageCommand),
-    /// Networks: bridges, leases and NAT for VMs.
-    #[command(subcommand)]
-    Network(NetworkCommand),
-    /// Print a shell completion script.
-    Completions { shell: Shell },
-}
 
 /// What a command failed with, and the exit code that says so.
 enum Failure {
@@ -110,10 +67,18 @@ impl From<ClientError> for Failure {
     }
 }
 
+/// Parses the command line of a binary whose definition is `P`, with the
+/// version line stamped at build time.
+pub fn parse<P: FromArgMatches + CommandFactory>() -> P {
+    let matches = P::command().version(VERSION).get_matches();
+    P::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut P::command()).exit())
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = parse();
     if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
+        let mut command = Cli::command().version(VERSION);
+        clap_complete::generate(shell, &mut command, "banger", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
     // `vm exec` keeps 0-124 for the command's status.

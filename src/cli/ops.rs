@@ -2,32 +2,6 @@
 
 use super::*;
 
-#[derive(Subcommand)]
-pub(super) enum OpsCommand {
-    /// Operations in flight (with --all, finished ones too).
-    #[command(alias = "list")]
-    Ls {
-        #[arg(long)]
-        all: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// One operation in detail.
-    Show {
-        op_id: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Ask an operation in flight to stop.
-    Cancel { op_id: String },
-    /// Follow an operation's progress until it ends.
-    Watch {
-        op_id: String,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 pub(super) fn run(client: &mut Client, command: OpsCommand, now: Timestamp) -> Result<(), Failure> {
     match command {
         OpsCommand::Ls { all, json } => {

@@ -6,19 +6,15 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use actix::Addr;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::protocol::{ErrorCode, MethodInfo, PROTOCOL_VERSION, Params, RpcError, requests};
 use super::wire::Wire;
-use crate::actors::catalog::CatalogActor;
 use crate::actors::operation::ListOperations;
-use crate::actors::store::{CountRecords, Quarantined, StoreActor, TakeSnapshot};
-use crate::actors::vm::VmManager;
+use crate::actors::records::{QuarantinedRecord, Records};
 use crate::config::Mode;
-use crate::store::{Observed, Undecodable};
 
 requests! {
     /// The daemon's own requests.
@@ -118,7 +114,7 @@ pub struct StatusResult {
     pub operations_running: u64,
     /// Records that do not decode, left alone (with what they own) until
     /// `vm forget` removes them.
-    pub quarantined: Vec<Undecodable>,
+    pub quarantined: Vec<QuarantinedRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,21 +153,19 @@ pub struct DaemonInfo {
     pub store_path: PathBuf,
     /// How often heartbeats go to the clients that ask (`rpc.heartbeat_secs`).
     pub heartbeat: std::time::Duration,
-    /// The store's schema: fixed while the daemon runs, since migrations
-    /// happen only at start-up under the state directory's lock.
-    pub schema: Observed,
+    /// The store's table versions: fixed while the daemon runs, since
+    /// migrations happen only at start-up under the state directory's lock.
+    pub tables: BTreeMap<String, u32>,
+    /// The migrations applied to the store, fixed likewise.
+    pub applied_migrations: Vec<String>,
 }
 
-/// What the daemon's handlers reach: the store (counts, snapshots) and
-/// the owners of quarantined records.
+/// What the daemon's handlers reach: the records (counts, quarantine,
+/// backups) and the facts of the running daemon.
 pub struct DaemonServices {
     /// Every method of every domain (`rpc::request::methods`).
     pub methods: Vec<&'static MethodInfo>,
-    pub store: Addr<StoreActor>,
-    pub vms: Addr<VmManager>,
-    pub catalog: Addr<CatalogActor>,
-    /// Whether the store writes (reported by `daemon.status`).
-    pub store_health: tokio::sync::watch::Receiver<crate::store::StoreHealth>,
+    pub records: Records,
     pub info: DaemonInfo,
 }
 
@@ -194,8 +188,8 @@ pub async fn handle(
                 .collect(),
         }),
         Request::StoreSchema => wire.answer(StoreSchemaResult {
-            tables: services.info.schema.tables.clone(),
-            applied_migrations: services.info.schema.applied.iter().cloned().collect(),
+            tables: services.info.tables.clone(),
+            applied_migrations: services.info.applied_migrations.clone(),
         }),
         Request::Backup(params) => wire.answer(backup(services, wire, params).await?),
     }
@@ -221,26 +215,20 @@ fn hello(services: &DaemonServices, params: HelloParams) -> Result<HelloResult, 
 }
 
 async fn status(services: &DaemonServices, wire: &Wire<'_>) -> Result<StatusResult, RpcError> {
-    let (records, running, vms, kernels) = tokio::join!(
-        services.store.send(CountRecords),
+    let (records, running, quarantined) = tokio::join!(
+        services.records.counts(),
         wire.operations.send(ListOperations { all: false }),
-        services.vms.send(Quarantined),
-        services.catalog.send(Quarantined),
+        services.records.quarantined(),
     );
     let running = running??;
-    let unavailable = services
-        .store_health
-        .borrow()
-        .unwritable()
-        .map(ToString::to_string);
+    let unavailable = services.records.unwritable();
     // A store that cannot be read still leaves a status to report.
     let records = match records? {
         Ok(records) => records,
         Err(_) if unavailable.is_some() => BTreeMap::new(),
         Err(e) => return Err(e.into()),
     };
-    let mut quarantined = vms?;
-    quarantined.extend(kernels?);
+    let quarantined = quarantined?;
     let info = &services.info;
     Ok(StatusResult {
         version: info.version.clone(),
@@ -256,8 +244,8 @@ async fn status(services: &DaemonServices, wire: &Wire<'_>) -> Result<StatusResu
         socket: info.socket.clone(),
         store: StoreStatus {
             path: info.store_path.clone(),
-            tables: info.schema.tables.clone(),
-            applied_migrations: info.schema.applied.iter().cloned().collect(),
+            tables: info.tables.clone(),
+            applied_migrations: info.applied_migrations.clone(),
             records,
             unavailable,
         },
@@ -290,9 +278,9 @@ fn backup_target(dir: &Path, named: &Path) -> Result<PathBuf, RpcError> {
     Ok(dir.join(name))
 }
 
-/// A snapshot from the store's actor, copied on a blocking thread with
-/// progress; cancellable, and recorded intent-first so a killed daemon's
-/// partial file is found.
+/// A snapshot of the store, copied on a blocking thread with progress;
+/// cancellable, and recorded intent-first so a killed daemon's partial
+/// file is found.
 async fn backup(
     services: &DaemonServices,
     wire: &Wire<'_>,
@@ -319,20 +307,13 @@ async fn backup(
             true,
             true,
             |report, cancel| async move {
-                let snapshot = services.store.send(TakeSnapshot).await??;
-                tokio::task::spawn_blocking(move || {
-                    snapshot.write(&path, params.rate_limit, &cancel, |current, total| {
+                services
+                    .records
+                    .backup(path, params.rate_limit, cancel, move |current, total| {
                         report("copying", Some(current), Some(total))
                     })
-                })
-                .await
-                .map_err(|e| {
-                    RpcError::new(
-                        ErrorCode::Internal,
-                        format!("the backup thread failed: {e}"),
-                    )
-                })?
-                .map_err(RpcError::from)
+                    .await
+                    .map_err(RpcError::from)
             },
         )
         .await?;

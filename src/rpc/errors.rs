@@ -6,24 +6,25 @@ use super::protocol::{ErrorCode, RpcError};
 use crate::actors::catalog::{ImageError, KernelError};
 use crate::actors::netns::NetworkError;
 use crate::actors::operation::OperationError;
+use crate::actors::records::{FailureKind, StoreFailure};
 use crate::actors::vm::VmError;
 use crate::catalog::CatalogError;
 use crate::error_chain;
 use crate::guest::link::AgentError;
 use crate::image::Lookup;
 use crate::image::import::ImportError;
-use crate::store::StoreError;
-use crate::store::backup::BackupError;
 use crate::vm::InvalidVm;
 
-impl From<StoreError> for RpcError {
-    fn from(e: StoreError) -> RpcError {
-        let code = match e {
-            StoreError::Conflict { .. } => ErrorCode::Conflict,
-            StoreError::Unwritable(_) => ErrorCode::Unavailable,
-            _ => ErrorCode::Internal,
+impl From<StoreFailure> for RpcError {
+    fn from(e: StoreFailure) -> RpcError {
+        let code = match e.kind {
+            FailureKind::Conflict => ErrorCode::Conflict,
+            FailureKind::Unavailable => ErrorCode::Unavailable,
+            FailureKind::Cancelled => ErrorCode::Cancelled,
+            FailureKind::Exists => ErrorCode::AlreadyExists,
+            FailureKind::Internal => ErrorCode::Internal,
         };
-        RpcError::new(code, error_chain(&e))
+        RpcError::new(code, e.message)
     }
 }
 
@@ -39,22 +40,6 @@ impl From<OperationError> for RpcError {
         };
         match e {
             OperationError::Store(e) => e.into(),
-            e => RpcError::new(code, error_chain(&e)),
-        }
-    }
-}
-
-impl From<BackupError> for RpcError {
-    fn from(e: BackupError) -> RpcError {
-        let code = match &e {
-            BackupError::Cancelled => ErrorCode::Cancelled,
-            BackupError::Exists(_) => ErrorCode::AlreadyExists,
-            BackupError::InProgress(_) => ErrorCode::Conflict,
-            BackupError::Io { .. } => ErrorCode::Internal,
-            BackupError::Store(_) => ErrorCode::Internal,
-        };
-        match e {
-            BackupError::Store(e) => e.into(),
             e => RpcError::new(code, error_chain(&e)),
         }
     }

@@ -14,7 +14,7 @@ use crate::vm::phase::Phase;
 use crate::vm::restart::{RestartHistory, RestartPolicy};
 use crate::vm::state::LastExit;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmmKind {
     Firecracker,

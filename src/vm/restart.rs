@@ -14,7 +14,7 @@ pub const RESET_AFTER: Duration = Duration::from_secs(300);
 pub const LOOP_WINDOW: Duration = Duration::from_secs(300);
 pub const LOOP_RESTARTS: usize = 5;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartMode {
     /// Never restart.
